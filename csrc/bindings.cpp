@@ -1,0 +1,19 @@
+// pybind11 module spdkernels._C: the CPU backend. Every entry point releases the GIL.
+#include <pybind11/pybind11.h>
+
+#include "verify_greedy.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "spdkernels CPU backend (raw-pointer kernels; see spdkernels/_cpp.py for the calling side)";
+#ifdef SPD_HAVE_OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+  m.def("verify_greedy", &spd::verify_greedy, py::call_guard<py::gil_scoped_release>(),
+        py::arg("logits"), py::arg("logit_code"), py::arg("row_stride"), py::arg("V"), py::arg("draft_ids"),
+        py::arg("tok_code"), py::arg("cu_num_draft"), py::arg("parents"), py::arg("R"), py::arg("max_depth"),
+        py::arg("out_tokens"), py::arg("num_emitted"), py::arg("accepted_path"), py::arg("num_threads"));
+}

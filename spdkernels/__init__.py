@@ -1,0 +1,31 @@
+"""spdkernels: kernels and a thin runtime for speculative decoding.
+
+Ops (``torch.ops.spdkernels.*``, wrapped here with typed signatures): :func:`verify_greedy`.
+Backends: ``triton``, ``nki``, ``cpp``, ``torch`` (see :func:`available_backends`).
+"""
+
+from ._config import set_validation, validation, validation_enabled
+from ._registry import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    forced_backend,
+    set_backend,
+    use_backend,
+)
+from .ops import verify_greedy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "forced_backend",
+    "set_backend",
+    "set_validation",
+    "use_backend",
+    "validation",
+    "validation_enabled",
+    "verify_greedy",
+]

@@ -1,0 +1,185 @@
+"""One registry that picks a backend per op and device (DESIGN.md section 4).
+
+Backends, in order of preference: ``triton`` (CUDA/ROCm GPUs), ``nki`` (AWS Neuron), ``cpp`` (the C++
+extension, CPU), ``torch`` (the pure-torch reference: any device, always last).
+
+* Automatic choice: the first backend that can run on the tensors' device and implements the op. The
+  choice (and why better ones were skipped) is logged once per (op, device type).
+* ``SPDKERNELS_BACKEND=<name>`` or :func:`set_backend` forces one backend; if it cannot run the op on
+  that device the call raises :class:`BackendUnavailableError` instead of falling back.
+* The Triton interpreter (``TRITON_INTERPRET=1``) lets the ``triton`` backend run on CPU tensors. It is
+  never chosen automatically on CPU (it is orders of magnitude slower than ``cpp``); tests and
+  benchmarks force it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+log = logging.getLogger("spdkernels")
+
+BACKENDS: Tuple[str, ...] = ("triton", "nki", "cpp", "torch")
+
+# Automatic preference per device type. ROCm devices also report device.type == "cuda" in torch.
+_AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("triton", "torch"),
+    "xla": ("nki", "torch"),
+    "neuron": ("nki", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+_impls: Dict[str, Dict[str, Callable]] = {}
+_forced: Optional[str] = None
+_forced_set = False
+_logged: set = set()
+_lock = threading.Lock()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op on the given device."""
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn: Callable) -> Callable:
+        _impls.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"triton not importable ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def _device_ok(backend: str, device_type: str) -> Tuple[bool, str]:
+    """Can ``backend`` run on ``device_type`` in this process? (ok, reason if not)."""
+    if backend == "torch":
+        return True, ""
+    if backend == "cpp":
+        if device_type != "cpu":
+            return False, f"the C++ extension runs on cpu tensors, not {device_type}"
+        from spdkernels import _cpp
+
+        if _cpp.load() is None:
+            return False, f"C++ extension not loaded ({_cpp.load_error()})"
+        return True, ""
+    if backend == "triton":
+        ok, why = _triton_importable()
+        if not ok:
+            return False, why
+        if device_type == "cuda":
+            return True, ""
+        if device_type == "cpu" and _interpret():
+            return True, ""
+        return False, f"triton runs on cuda tensors (or cpu with TRITON_INTERPRET=1), not {device_type}"
+    if backend == "nki":
+        from spdkernels.nki_kernels import nki_available
+
+        ok, why = nki_available()
+        if not ok:
+            return False, why
+        if device_type not in ("xla", "neuron"):
+            return False, f"nki runs on Neuron (xla) tensors, not {device_type}"
+        return True, ""
+    return False, f"unknown backend {backend!r}"
+
+
+def available_backends(device: "torch.device | str | None" = None, op: Optional[str] = None) -> List[str]:
+    """Backends that can run here: on ``device`` (default: every device this process has), and
+    implementing ``op`` when given. Order is the preference order."""
+    if device is None:
+        types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        types = [torch.device(device).type]
+    out = []
+    for b in BACKENDS:
+        if op is not None and b not in _impls.get(op, {}):
+            continue
+        if any(_device_ok(b, t)[0] for t in types):
+            out.append(b)
+    return out
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force ``name`` for every op (``None`` restores the automatic choice and the env variable)."""
+    global _forced, _forced_set
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    with _lock:
+        _forced, _forced_set = name, name is not None
+
+
+def forced_backend() -> Optional[str]:
+    if _forced_set:
+        return _forced
+    env = os.environ.get("SPDKERNELS_BACKEND", "").strip()
+    if not env:
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"SPDKERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Context manager: force ``name`` inside the block (``None``: automatic)."""
+    global _forced, _forced_set
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    with _lock:
+        old = (_forced, _forced_set)
+        _forced, _forced_set = name, True
+    try:
+        yield
+    finally:
+        with _lock:
+            _forced, _forced_set = old
+
+
+def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
+    """The (backend name, implementation) that runs ``op`` for tensors on ``device``."""
+    impls = _impls.get(op, {})
+    dtype_ = device.type
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in impls:
+            raise BackendUnavailableError(f"backend {forced!r} (forced) does not implement {op}")
+        ok, why = _device_ok(forced, dtype_)
+        if not ok:
+            raise BackendUnavailableError(f"backend {forced!r} (forced) cannot run {op} on {dtype_}: {why}")
+        return forced, impls[forced]
+    skipped = []
+    for b in _AUTO_ORDER.get(dtype_, ("torch",)):
+        if b not in impls:
+            skipped.append(f"{b}: no implementation")
+            continue
+        ok, why = _device_ok(b, dtype_)
+        if ok:
+            key = (op, dtype_)
+            if key not in _logged:
+                _logged.add(key)
+                log.info("spdkernels: %s on %s uses backend %r%s", op, dtype_, b,
+                         f" (skipped {'; '.join(skipped)})" if skipped else "")
+            return b, impls[b]
+        skipped.append(f"{b}: {why}")
+    raise BackendUnavailableError(f"no backend can run {op} on {dtype_}: {'; '.join(skipped)}")

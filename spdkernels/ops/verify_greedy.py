@@ -1,0 +1,137 @@
+"""verify_greedy: batched greedy verification of draft chains and token trees.
+
+The torch op ``torch.ops.spdkernels.verify_greedy`` (schema below) validates its arguments and runs the
+backend the registry picks for the tensors' device. Its fake implementation gives the output shapes
+from ``cu_num_draft``'s length and ``max_depth`` alone, so it traces under torch.compile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from spdkernels import _config, _cpp, _registry
+from spdkernels import _validate as V
+from spdkernels import reference
+
+OP = "verify_greedy"
+
+
+def _outputs(R: int, max_depth: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty((R, max_depth + 1), dtype=torch.int32, device=device),
+            torch.empty((R,), dtype=torch.int32, device=device),
+            torch.empty((R, max_depth), dtype=torch.int32, device=device))
+
+
+def _check(target_logits, draft_token_ids, cu_num_draft, parents, max_depth) -> None:
+    V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+    if _config.validation_enabled():
+        V.check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+        if bool(torch.isnan(target_logits).any()):
+            V.fail("target_logits", "contains NaN")
+
+
+@torch.library.custom_op("spdkernels::verify_greedy", mutates_args=())
+def verify_greedy_op(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    cu_num_draft: torch.Tensor,
+    parents: Optional[torch.Tensor],
+    max_depth: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+    _, impl = _registry.resolve(OP, target_logits.device)
+    return impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+
+
+@verify_greedy_op.register_fake
+def _(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+    R, _, _ = V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+    return _outputs(R, max_depth, target_logits.device)
+
+
+# ---- backends --------------------------------------------------------------------------------------
+
+@_registry.register(OP, "torch")
+def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+    return reference.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+
+
+@_registry.register(OP, "cpp")
+def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+    C = _cpp.load()
+    if target_logits.stride(-1) != 1:
+        target_logits = target_logits.contiguous()
+    draft_token_ids = draft_token_ids.contiguous()
+    cu_num_draft = cu_num_draft.contiguous()
+    parents = parents.contiguous() if parents is not None else None
+    R = cu_num_draft.shape[0] - 1
+    out, num, path = _outputs(R, max_depth, target_logits.device)
+    if R > 0:
+        C.verify_greedy(target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
+                        target_logits.shape[1], draft_token_ids.data_ptr(), _cpp.INT_CODES[draft_token_ids.dtype],
+                        cu_num_draft.data_ptr(), parents.data_ptr() if parents is not None else 0, R, max_depth,
+                        out.data_ptr(), num.data_ptr(), path.data_ptr(), _cpp.num_threads())
+    return out, num, path
+
+
+@_registry.register(OP, "triton")
+def _triton_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+    from spdkernels.triton_kernels import verify_greedy as k
+
+    return k.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+
+
+# ---- public wrapper --------------------------------------------------------------------------------
+
+def verify_greedy(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    cu_num_draft: torch.Tensor,
+    parents: Optional[torch.Tensor] = None,
+    max_depth: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification of a ragged batch of draft chains or token trees.
+
+    Walk each request's tree from its root: among the children of the current node (in index order)
+    accept the first whose token equals the argmax of the current node's target row, and continue from
+    it; when none matches, emit that argmax and stop. Argmax ties go to the lowest token id.
+
+    Args:
+        target_logits: ``[N + R, V]`` fp32, bf16 or fp16. Request ``r`` owns the ``k_r + 1`` rows from
+            ``cu_num_draft[r] + r``: row 0 follows the committed prefix, row ``1 + i`` follows node ``i``.
+        draft_token_ids: ``[N]`` int32 or int64, in ``[0, V)``.
+        cu_num_draft: ``[R + 1]`` int32, ``cu_num_draft[0] == 0``, non-decreasing, last entry ``N``.
+            Requests with zero drafts are allowed (they emit one token).
+        parents: ``[N]`` int32 or ``None`` (a chain). ``parents[i]`` is the local index of node ``i``'s
+            parent within its request, ``-1`` for the root, and ``-1 <= parents[i] < i`` (local).
+        max_depth: the longest root-to-leaf path of the batch (draft nodes). If ``None`` it is computed
+            from ``cu_num_draft``/``parents``, which **costs a host sync**; pass it explicitly under
+            ``torch.compile`` or CUDA graphs. A value larger than needed only adds padding.
+
+    Returns:
+        ``(output_token_ids, num_emitted, accepted_path)``, all int32 on the input device:
+
+        * ``output_token_ids [R, max_depth + 1]``: accepted draft tokens, then one more token (the
+          argmax where the walk stopped), then ``-1`` padding.
+        * ``num_emitted [R]``: accepted draft tokens + 1.
+        * ``accepted_path [R, max_depth]``: local indices of the accepted nodes, ``-1`` padded.
+
+    Raises:
+        ValueError: naming the argument, for any breach of the contract. Checks that read values (a
+            host sync: monotone ``cu_num_draft``, ``parents`` order, token ids in range, NaN logits,
+            ``max_depth`` too small) run unless ``spdkernels.set_validation(False)``; with validation
+            off and ``max_depth`` too small, walks stop accepting at ``max_depth``.
+
+    Example:
+        >>> logits = torch.tensor([[0., 5., 1.], [9., 0., 0.], [0., 0., 3.]])  # R=1, k=2
+        >>> verify_greedy(logits, torch.tensor([1, 2]), torch.tensor([0, 2], dtype=torch.int32))
+        (tensor([[ 1,  0, -1]], dtype=torch.int32), tensor([2], dtype=torch.int32), tensor([[ 0, -1]], dtype=torch.int32))
+    """
+    # metadata checks before the call, so a wrong type is a ValueError rather than a schema error
+    V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,
+                               0 if max_depth is None else max_depth)
+    if max_depth is None:
+        max_depth = V.tree_max_depth(cu_num_draft, parents)
+    return torch.ops.spdkernels.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)

@@ -1,0 +1,121 @@
+"""The op framework: torch.library registration (opcheck, torch.compile) and the backend registry."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEVICE, backends_here
+
+import spdkernels
+from spdkernels import _registry
+from spdkernels.testing import random_draft_batch
+
+
+def sample_inputs():
+    """(op, args) for every public torch op, several shapes each (chains, trees, empty requests)."""
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for ks, tree, dtype in [([2, 0, 3], False, torch.float32), ([4, 1], True, torch.bfloat16),
+                            ([0], False, torch.float16)]:
+        b = random_draft_batch(ks, 37, tree=tree, dtype=dtype, gen=gen, device=DEVICE)
+        cases.append((torch.ops.spdkernels.verify_greedy.default, b.args()))
+    return cases
+
+
+ALL_OPS = {"verify_greedy"}
+
+
+def test_every_public_op_is_a_torch_op_and_covered():
+    ns = {name for name in dir(torch.ops.spdkernels) if not name.startswith("_")}
+    assert ALL_OPS <= ns
+    assert {op._schema.name.split("::")[1] for op, _ in sample_inputs()} == ALL_OPS
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_opcheck(backend):
+    with spdkernels.use_backend(backend):
+        for op, args in sample_inputs():
+            torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    def step(logits, toks, cu, parents):
+        # some ordinary torch work around the op, so the graph is not just the op
+        out, num, path = torch.ops.spdkernels.verify_greedy(logits * 2.0, toks, cu, parents, 3)
+        return out, num + 1, path
+
+    b = random_draft_batch([3, 0, 2], 64, tree=True, gen=torch.Generator().manual_seed(1), device=DEVICE)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    got = compiled(*b.args()[:4])
+    want = step(*b.args()[:4])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+def test_available_backends_here():
+    names = spdkernels.available_backends("cpu")
+    assert names[-1] == "torch"
+    if "cpp" in backends_here():
+        assert "cpp" in names
+    assert "nki" not in names  # no Neuron device or nki package on these machines
+    assert spdkernels.available_backends("cpu", op="no_such_op") == []
+
+
+def test_automatic_choice_on_cpu_is_cpp_and_logged_once(caplog):
+    if "cpp" not in backends_here():
+        pytest.skip("C++ extension deliberately not built (SPDKERNELS_SKIP_CPP)")
+    _registry._logged.clear()
+    with caplog.at_level(logging.INFO, logger="spdkernels"):
+        for _ in range(3):
+            name, _ = _registry.resolve("verify_greedy", torch.device("cpu"))
+            assert name == "cpp"
+    msgs = [r.getMessage() for r in caplog.records if "verify_greedy on cpu" in r.getMessage()]
+    assert len(msgs) == 1 and "'cpp'" in msgs[0]
+
+
+def test_forced_backend_that_cannot_run_raises():
+    with spdkernels.use_backend("nki"):
+        with pytest.raises(spdkernels.BackendUnavailableError, match="nki"):
+            spdkernels.verify_greedy(torch.zeros(1, 4), torch.zeros(0, dtype=torch.int64),
+                                     torch.zeros(2, dtype=torch.int32))
+    if DEVICE == "cpu":
+        with spdkernels.use_backend("cpp"):
+            with pytest.raises(spdkernels.BackendUnavailableError, match="cpp.*meta"):
+                _registry.resolve("verify_greedy", torch.device("meta"))
+
+
+def test_set_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="backend"):
+        spdkernels.set_backend("cuda")
+
+
+def test_env_variable_forces_backend():
+    code = ("import torch, spdkernels; from spdkernels import _registry;"
+            "print(spdkernels.forced_backend(), _registry.resolve('verify_greedy', torch.device('cpu'))[0])")
+    env = dict(os.environ, SPDKERNELS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "torch"]
+    env["SPDKERNELS_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "SPDKERNELS_BACKEND must be one of" in out.stderr
+
+
+def test_package_works_without_the_extension():
+    """If spdkernels._C cannot be imported the package still works (on torch) and says so once."""
+    code = ("import sys, logging; logging.basicConfig(level=logging.INFO);"
+            "sys.modules['spdkernels._C'] = None\n"
+            "import torch, spdkernels\n"
+            "print(spdkernels.available_backends('cpu'))\n"
+            "for _ in range(2):\n"
+            "    out = spdkernels.verify_greedy(torch.tensor([[0., 2.]]), torch.zeros(0, dtype=torch.int64),"
+            " torch.tensor([0, 0], dtype=torch.int32))\n"
+            "print(out[0].tolist())")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPDKERNELS_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split("\n")[:2] == ["['torch']", "[[1]]"]
+    assert out.stderr.count("C++ extension spdkernels._C unavailable") == 1
