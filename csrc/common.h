@@ -55,72 +55,123 @@ inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
-// Order-preserving integer key of a binary16 value (NaN excluded): comparing keys compares values, with
-// -0 mapped onto +0 so that equal values tie (and ties go to the lowest id, as in torch.argmax).
+// Order-preserving integer key of a binary16 value (NaN excluded): comparing keys compares values.
+// -0 (0x8000) maps to 0 like +0, so equal values tie (and ties go to the lowest id, as in torch.argmax).
 inline int32_t f16_key(uint16_t h) {
-  if (h == 0x8000u) h = 0;
-  int32_t v = static_cast<int32_t>(h & 0x7FFFu);
+  const int32_t v = static_cast<int32_t>(h & 0x7FFFu);
   return (h & 0x8000u) ? -v : v;
 }
 
-// Loaders give a value whose `>` and `==` order is the float order of the element.
-struct LoadF32 {
-  using key_t = float;
-  static constexpr float lowest() { return -__builtin_inff(); }
-  static float at(const void* row, int64_t i) { return static_cast<const float*>(row)[i]; }
-};
-struct LoadBF16 {
-  using key_t = float;
-  static constexpr float lowest() { return -__builtin_inff(); }
-  static float at(const void* row, int64_t i) { return bf16_to_f32(static_cast<const uint16_t*>(row)[i]); }
-};
-struct LoadF16Key {
-  using key_t = int32_t;
-  static constexpr int32_t lowest() { return -0x7C00; }  // key of -inf
-  static int32_t at(const void* row, int64_t i) { return f16_key(static_cast<const uint16_t*>(row)[i]); }
-};
-
-// Argmax of one row, ties to the lowest index. Kept lane-wise (kLanes running maxima with their
-// indices, strict `>` so each lane keeps its first maximum) so that GCC vectorises the loop into
-// compares and blends; one horizontal pass at the end picks the lowest index among the lanes that hold
-// the maximum. 16 lanes = four SSE / two AVX registers of floats.
+// ---- row argmax ------------------------------------------------------------------------------------
+// Ties go to the lowest index. The main loop keeps kLanes running maxima with their indices in GCC
+// vector registers (strict `>` so each lane keeps its first maximum): per 16 elements, two compares and
+// four blends, no branch. One horizontal pass at the end takes the lowest index among the lanes that
+// hold the maximum; the tail (< 16 elements, indices above every lane's) is scalar with strict `>`.
+// bf16 is widened to fp32 by a shift; fp16 is compared through the integer key above (exact, and
+// needs no F16C). Built for AVX2 and for baseline x86-64, picked at load time (target_clones), so the
+// binary runs on any x86-64 without -march=native.
 constexpr int kLanes = 16;
+typedef float f8v __attribute__((vector_size(32)));
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint16_t u8h __attribute__((vector_size(16)));
 
-template <typename L>
-inline int32_t row_argmax(const void* row, int64_t V) {
-  using K = typename L::key_t;
-  K best[kLanes];
-  int32_t idx[kLanes];
-  for (int l = 0; l < kLanes; ++l) { best[l] = L::lowest(); idx[l] = l; }
+template <int kCode>
+struct Row;
+template <>
+struct Row<kF32> {
+  using key_t = float;
+  using vec_t = f8v;
+  static constexpr float lowest() { return -__builtin_inff(); }
+  static float at(const void* r, int64_t i) { return static_cast<const float*>(r)[i]; }
+  static f8v load8(const void* r, int64_t i) {
+    f8v x;
+    std::memcpy(&x, static_cast<const float*>(r) + i, sizeof x);
+    return x;
+  }
+};
+template <>
+struct Row<kBF16> {
+  using key_t = float;
+  using vec_t = f8v;
+  static constexpr float lowest() { return -__builtin_inff(); }
+  static float at(const void* r, int64_t i) { return bf16_to_f32(static_cast<const uint16_t*>(r)[i]); }
+  static f8v load8(const void* r, int64_t i) {
+    u8h h;
+    std::memcpy(&h, static_cast<const uint16_t*>(r) + i, sizeof h);
+    i8v w = __builtin_convertvector(h, i8v) << 16;
+    return reinterpret_cast<f8v&>(w);
+  }
+};
+template <>
+struct Row<kF16> {
+  using key_t = int32_t;
+  using vec_t = i8v;
+  static constexpr int32_t lowest() { return -0x7C00; }  // key of -inf
+  static int32_t at(const void* r, int64_t i) { return f16_key(static_cast<const uint16_t*>(r)[i]); }
+  static i8v load8(const void* r, int64_t i) {
+    u8h h;
+    std::memcpy(&h, static_cast<const uint16_t*>(r) + i, sizeof h);
+    const i8v w = __builtin_convertvector(h, i8v);
+    const i8v v = w & 0x7FFF;
+    return (w & 0x8000) ? -v : v;
+  }
+};
+
+template <int kCode>
+__attribute__((always_inline)) inline int32_t row_argmax_impl(const void* row, int64_t V) {
+  using R = Row<kCode>;
+  using K = typename R::key_t;
+  using Vec = typename R::vec_t;
+  const Vec lo = Vec{} + R::lowest();
+  Vec b0 = lo, b1 = lo;
+  const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  i8v i0 = lane, i1 = lane + 8;
   const int64_t Vmain = V - V % kLanes;
   for (int64_t i = 0; i < Vmain; i += kLanes) {
+    const Vec x0 = R::load8(row, i), x1 = R::load8(row, i + 8);
+    const i8v u0 = x0 > b0, u1 = x1 > b1;
+    b0 = u0 ? x0 : b0;
+    b1 = u1 ? x1 : b1;
+    const i8v base = i8v{} + static_cast<int32_t>(i);
+    i0 = u0 ? base + lane : i0;
+    i1 = u1 ? base + lane + 8 : i1;
+  }
+  K best[kLanes];
+  int32_t idx[kLanes];
+  std::memcpy(best, &b0, sizeof b0);
+  std::memcpy(best + 8, &b1, sizeof b1);
+  std::memcpy(idx, &i0, sizeof i0);
+  std::memcpy(idx + 8, &i1, sizeof i1);
+  K m = R::lowest();
+  int32_t arg = 0;  // an all -inf row gives 0, as torch.argmax does
+  bool found = false;
+  if (Vmain > 0) {
     for (int l = 0; l < kLanes; ++l) {
-      const K x = L::at(row, i + l);
-      const bool up = x > best[l];
-      best[l] = up ? x : best[l];
-      idx[l] = up ? static_cast<int32_t>(i + l) : idx[l];
+      if (!found || best[l] > m || (best[l] == m && idx[l] < arg)) { m = best[l]; arg = idx[l]; found = true; }
     }
   }
-  K m = L::lowest();
-  int32_t arg = V > 0 ? 0 : -1;
-  bool found = false;
-  for (int l = 0; l < kLanes; ++l) {
-    if (idx[l] >= V) continue;
-    if (!found || best[l] > m || (best[l] == m && idx[l] < arg)) { m = best[l]; arg = idx[l]; found = true; }
-  }
-  for (int64_t i = Vmain; i < V; ++i) {  // tail: indices above every lane's, strict > keeps ties low
-    const K x = L::at(row, i);
+  for (int64_t i = Vmain; i < V; ++i) {
+    const K x = R::at(row, i);
     if (!found || x > m) { m = x; arg = static_cast<int32_t>(i); found = true; }
   }
-  // Rows that are all -inf keep index 0 (lane 0's initial index), as torch.argmax does.
   return arg;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SPD_CLONES
+#endif
+
+SPD_CLONES inline int32_t row_argmax_f32(const void* row, int64_t V) { return row_argmax_impl<kF32>(row, V); }
+SPD_CLONES inline int32_t row_argmax_bf16(const void* row, int64_t V) { return row_argmax_impl<kBF16>(row, V); }
+SPD_CLONES inline int32_t row_argmax_f16(const void* row, int64_t V) { return row_argmax_impl<kF16>(row, V); }
+
 inline int32_t row_argmax(const void* row, int64_t V, int code) {
   switch (code) {
-    case kF32: return row_argmax<LoadF32>(row, V);
-    case kBF16: return row_argmax<LoadBF16>(row, V);
-    case kF16: return row_argmax<LoadF16Key>(row, V);
+    case kF32: return row_argmax_f32(row, V);
+    case kBF16: return row_argmax_bf16(row, V);
+    case kF16: return row_argmax_f16(row, V);
     default: throw std::invalid_argument("unsupported float dtype code");
   }
 }

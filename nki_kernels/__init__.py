@@ -12,7 +12,7 @@ import functools
 from typing import Tuple
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nki_available() -> Tuple[bool, str]:
     try:
         import nki  # noqa: F401

@@ -36,6 +36,7 @@ _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
 }
 
 _impls: Dict[str, Dict[str, Callable]] = {}
+_resolved: Dict[Tuple[str, str, Optional[str]], Tuple[str, Callable]] = {}  # (op, device type, forced)
 _forced: Optional[str] = None
 _forced_set = False
 _logged: set = set()
@@ -53,16 +54,19 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
     def deco(fn: Callable) -> Callable:
         _impls.setdefault(op, {})[backend] = fn
+        _resolved.clear()
         return fn
 
     return deco
 
 
+@functools.cache
 def _interpret() -> bool:
+    """TRITON_INTERPRET is read once: Triton itself fixes the mode when the kernels are decorated."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401
@@ -104,7 +108,7 @@ def _device_ok(backend: str, device_type: str) -> Tuple[bool, str]:
     return False, f"unknown backend {backend!r}"
 
 
-def available_backends(device: "torch.device | str | None" = None, op: Optional[str] = None) -> List[str]:
+def available_backends(device: torch.device | str | None = None, op: Optional[str] = None) -> List[str]:
     """Backends that can run here: on ``device`` (default: every device this process has), and
     implementing ``op`` when given. Order is the preference order."""
     if device is None:
@@ -130,8 +134,14 @@ def set_backend(name: Optional[str]) -> None:
 
 
 def forced_backend() -> Optional[str]:
+    """The forced backend: set_backend/use_backend if set, else ``SPDKERNELS_BACKEND`` (read once)."""
     if _forced_set:
         return _forced
+    return _env_backend()
+
+
+@functools.cache
+def _env_backend() -> Optional[str]:
     env = os.environ.get("SPDKERNELS_BACKEND", "").strip()
     if not env:
         return None
@@ -157,10 +167,19 @@ def use_backend(name: Optional[str]):
 
 
 def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
-    """The (backend name, implementation) that runs ``op`` for tensors on ``device``."""
+    """The (backend name, implementation) that runs ``op`` for tensors on ``device``.
+
+    Cached per (op, device type, forced backend): availability is probed once, not on every call.
+    """
+    key = (op, device.type, forced_backend())
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolved[key] = _resolve(op, device.type, key[2])
+    return hit
+
+
+def _resolve(op: str, dtype_: str, forced: Optional[str]) -> Tuple[str, Callable]:
     impls = _impls.get(op, {})
-    dtype_ = device.type
-    forced = forced_backend()
     if forced is not None:
         if forced not in impls:
             raise BackendUnavailableError(f"backend {forced!r} (forced) does not implement {op}")

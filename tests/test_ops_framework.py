@@ -29,8 +29,11 @@ ALL_OPS = {"verify_greedy"}
 
 
 def test_every_public_op_is_a_torch_op_and_covered():
-    ns = {name for name in dir(torch.ops.spdkernels) if not name.startswith("_")}
-    assert ALL_OPS <= ns
+    from spdkernels._library import DEFINED
+
+    assert set(DEFINED) == ALL_OPS
+    for name in ALL_OPS:
+        assert isinstance(getattr(torch.ops.spdkernels, name).default, torch._ops.OpOverload)
     assert {op._schema.name.split("::")[1] for op, _ in sample_inputs()} == ALL_OPS
 
 
@@ -70,6 +73,7 @@ def test_automatic_choice_on_cpu_is_cpp_and_logged_once(caplog):
     if "cpp" not in backends_here():
         pytest.skip("C++ extension deliberately not built (SPDKERNELS_SKIP_CPP)")
     _registry._logged.clear()
+    _registry._resolved.clear()
     with caplog.at_level(logging.INFO, logger="spdkernels"):
         for _ in range(3):
             name, _ = _registry.resolve("verify_greedy", torch.device("cpu"))

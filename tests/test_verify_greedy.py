@@ -267,3 +267,12 @@ def test_device_mismatch_is_a_value_error():
     else:
         with pytest.raises(ValueError, match="device"):
             spdkernels.verify_greedy(**bad(target_logits=torch.zeros(7, 11, device="cuda")))
+
+
+def test_docstring_example_is_right():
+    import doctest
+    import importlib
+
+    mod = importlib.import_module("spdkernels.ops.verify_greedy")
+    res = doctest.testmod(mod, extraglobs={"torch": torch, "verify_greedy": spdkernels.verify_greedy})
+    assert res.attempted >= 2 and res.failed == 0

@@ -11,9 +11,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from spdkernels import _config, _cpp, _registry
+from spdkernels import _config, _cpp, _registry, reference
 from spdkernels import _validate as V
-from spdkernels import reference
+from spdkernels._library import define_op
 
 OP = "verify_greedy"
 
@@ -32,23 +32,19 @@ def _check(target_logits, draft_token_ids, cu_num_draft, parents, max_depth) -> 
             V.fail("target_logits", "contains NaN")
 
 
-@torch.library.custom_op("spdkernels::verify_greedy", mutates_args=())
-def verify_greedy_op(
-    target_logits: torch.Tensor,
-    draft_token_ids: torch.Tensor,
-    cu_num_draft: torch.Tensor,
-    parents: Optional[torch.Tensor],
-    max_depth: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kernel(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
     _check(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
     _, impl = _registry.resolve(OP, target_logits.device)
     return impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
 
 
-@verify_greedy_op.register_fake
-def _(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+def _fake(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
     R, _, _ = V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
     return _outputs(R, max_depth, target_logits.device)
+
+
+define_op("verify_greedy(Tensor target_logits, Tensor draft_token_ids, Tensor cu_num_draft, Tensor? parents, "
+          "SymInt max_depth) -> (Tensor, Tensor, Tensor)", _kernel, _fake)
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -127,7 +123,8 @@ def verify_greedy(
     Example:
         >>> logits = torch.tensor([[0., 5., 1.], [9., 0., 0.], [0., 0., 3.]])  # R=1, k=2
         >>> verify_greedy(logits, torch.tensor([1, 2]), torch.tensor([0, 2], dtype=torch.int32))
-        (tensor([[ 1,  0, -1]], dtype=torch.int32), tensor([2], dtype=torch.int32), tensor([[ 0, -1]], dtype=torch.int32))
+        (tensor([[ 1,  0, -1]], dtype=torch.int32), tensor([2], dtype=torch.int32),
+         tensor([[ 0, -1]], dtype=torch.int32))
     """
     # metadata checks before the call, so a wrong type is a ValueError rather than a schema error
     V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,

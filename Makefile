@@ -1,0 +1,34 @@
+# The two set-up commands of the README:
+#   make run   - the main job (today: the benchmark CLI on its default shape set)
+#   make test  - ruff + the test suite
+# Both create .venv and install what they need on first use; later runs reinstall only when the
+# packaging files or the C++ sources changed (the stamp file below), so a second run is fast.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.spdkernels-installed
+DEPS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
+# torch 2.13.0: on the CPU machines here pip takes a local CPU build; elsewhere PyPI's CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test bench install clean
+
+$(STAMP): $(DEPS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	SPDKERNELS_REQUIRE_CPP=$${SPDKERNELS_REQUIRE_CPP:-1} $(PY) -m pip install -q -e '.[triton,bench,test]'
+	@touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/spd-bench --json bench_results/main.json --plot bench_results/main.png
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info spdkernels/_C*.so bench_results

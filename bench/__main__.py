@@ -1,0 +1,3 @@
+from spdkernels.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Registry of benchmarked ops: each op module registers one :class:`OpBench`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List
+
+Case = Dict[str, Any]
+
+
+@dataclass
+class OpBench:
+    name: str
+    shape_sets: Dict[str, List[Case]]  # named sets of cases; "default" is required
+    make_inputs: Callable[[Case, str], Any]  # (case, device) -> inputs
+    run: Callable[[Any], Any]  # inputs -> outputs, through the public op (the registry picks the backend)
+    bytes_moved: Callable[[Case], int]  # compulsory HBM/DRAM traffic of one call
+    check: Callable[[Any, Any], str]  # (outputs, reference outputs) -> "" if equal, else what differs
+    label: Callable[[Case], str]  # readable id of a case, e.g. "R16-k4-V32000-fp32-chain"
+    baselines: Dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # extra non-backend rows
+    baseline_check: bool = True  # baselines give outputs comparable with `check`
+
+
+OPS: Dict[str, OpBench] = {}
+
+
+def register(bench: OpBench) -> OpBench:
+    OPS[bench.name] = bench
+    return bench
+
+
+def load_all() -> Dict[str, OpBench]:
+    from . import verify_greedy  # noqa: F401  (registers itself)
+
+    return OPS

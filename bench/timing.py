@@ -1,0 +1,133 @@
+"""Timers, the copy-bandwidth measurement and the facts each result row records."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+# An L3-sized write between CPU repeats evicts the inputs, so every repeat reads them from DRAM, as a
+# kernel reading fresh logits at serving time mostly would; 64 MiB is twice the 32 MiB L3 seen here.
+CPU_FLUSH_BYTES = 64 << 20
+# Copy-bandwidth buffers: far larger than any cache, so the figure is the DRAM/HBM limit.
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+
+
+def quantiles(samples: List[float]) -> Dict[str, float]:
+    s = sorted(samples)
+
+    def q(p):
+        return s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
+
+    return {"median": statistics.median(s), "p20": q(0.2), "p80": q(0.8), "n": len(s)}
+
+
+class CpuTimer:
+    def __init__(self, flush: bool = True):
+        self.flush_buf = torch.empty(CPU_FLUSH_BYTES // 4, dtype=torch.float32) if flush else None
+
+    def __call__(self, fn: Callable[[], object], warmup: int, repeats: int) -> Dict[str, float]:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            if self.flush_buf is not None:
+                self.flush_buf.fill_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return quantiles(samples)
+
+
+class GpuTimer:
+    """triton.testing.do_bench (L2 flushed between repeats); CUDA-graph replay when ``graph`` is set,
+    which removes launch overhead for microsecond kernels."""
+
+    def __call__(self, fn: Callable[[], object], warmup: int, repeats: int, graph: bool = False) -> Dict[str, float]:
+        import triton.testing as tt
+
+        qs = [0.5, 0.2, 0.8]
+        if graph:
+            try:
+                med, p20, p80 = tt.do_bench_cudagraph(fn, rep=max(20, repeats), quantiles=qs)
+                return {"median": med, "p20": p20, "p80": p80, "n": repeats, "cuda_graph": True}
+            except Exception:  # not capturable (a host sync in the path): fall back to plain events
+                pass
+        med, p20, p80 = tt.do_bench(fn, warmup=max(5, warmup), rep=max(20, repeats), quantiles=qs)
+        return {"median": med, "p20": p20, "p80": p80, "n": repeats, "cuda_graph": False}
+
+
+def copy_bandwidth(device: str, repeats: int = 10) -> float:
+    """GB/s of a device-to-device tensor copy, counting read + write bytes (a STREAM-copy figure)."""
+    nbytes = COPY_BYTES["cuda" if device.startswith("cuda") else "cpu"]
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    if device.startswith("cuda"):
+        import triton.testing as tt
+
+        ms = tt.do_bench(lambda: dst.copy_(src), warmup=5, rep=50)
+    else:
+        for _ in range(2):
+            dst.copy_(src)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(samples)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def versions() -> Dict[str, str]:
+    import spdkernels
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "spdkernels": spdkernels.__version__}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except Exception:
+        v["triton"] = "not installed"
+    if torch.cuda.is_available():
+        v["cuda"] = str(torch.version.cuda)
+    return v
+
+
+def environment(device: str) -> Dict[str, object]:
+    return {"device": device, "device_name": device_name(device), "versions": versions(), "git_commit": git_commit(),
+            "hostname": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
