@@ -275,4 +275,4 @@ def test_docstring_example_is_right():
 
     mod = importlib.import_module("spdkernels.ops.verify_greedy")
     res = doctest.testmod(mod, extraglobs={"torch": torch, "verify_greedy": spdkernels.verify_greedy})
-    assert res.attempted >= 2 and res.failed == 0
+    assert res.attempted >= 1 and res.failed == 0

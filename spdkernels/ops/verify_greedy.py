@@ -122,9 +122,9 @@ def verify_greedy(
 
     Example:
         >>> logits = torch.tensor([[0., 5., 1.], [9., 0., 0.], [0., 0., 3.]])  # R=1, k=2
-        >>> verify_greedy(logits, torch.tensor([1, 2]), torch.tensor([0, 2], dtype=torch.int32))
-        (tensor([[ 1,  0, -1]], dtype=torch.int32), tensor([2], dtype=torch.int32),
-         tensor([[ 0, -1]], dtype=torch.int32))
+        >>> out, num, path = verify_greedy(logits, torch.tensor([1, 2]), torch.tensor([0, 2], dtype=torch.int32))
+        >>> out.tolist(), num.tolist(), path.tolist()  # node 0 accepted (token 1), then the argmax 0
+        ([[1, 0, -1]], [2], [[0, -1]])
     """
     # metadata checks before the call, so a wrong type is a ValueError rather than a schema error
     V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,
