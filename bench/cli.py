@@ -163,7 +163,8 @@ def main(argv=None) -> int:
         results = []
         for b, fn in timed:
             bar.set_postfix_str(f"{ob.name} {ob.label(c)} {b}")
-            row = {"op": ob.name, "case": ob.label(c), "params": c, "backend": b, "bytes": ob.bytes_moved(c)}
+            nbytes = ob.bytes_from_ref(c, ref) if ob.bytes_from_ref else ob.bytes_moved(c)
+            row = {"op": ob.name, "case": ob.label(c), "params": c, "backend": b, "bytes": nbytes}
             try:
                 if fn is None:
                     call = lambda b=b, ob=ob, inputs=inputs: _with_backend(b, ob.run, inputs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 Case = Dict[str, Any]
 
@@ -19,6 +19,8 @@ class OpBench:
     label: Callable[[Case], str]  # readable id of a case, e.g. "R16-k4-V32000-fp32-chain"
     baselines: Dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # extra non-backend rows
     baseline_check: bool = True  # baselines give outputs comparable with `check`
+    # bytes that depend on the data (e.g. only the rows a walk visits): (case, reference outputs) -> bytes
+    bytes_from_ref: Optional[Callable[[Case, Any], int]] = None
 
 
 OPS: Dict[str, OpBench] = {}
@@ -30,6 +32,6 @@ def register(bench: OpBench) -> OpBench:
 
 
 def load_all() -> Dict[str, OpBench]:
-    from . import verify_greedy  # noqa: F401  (registers itself)
+    from . import rejection_sample, verify_greedy  # noqa: F401  (each registers itself)
 
     return OPS

@@ -3,6 +3,12 @@
 
 #include "verify_greedy.h"
 
+namespace spd {
+void rejection_sample(std::uintptr_t, int, int64_t, int64_t, std::uintptr_t, int, std::uintptr_t, std::uintptr_t,
+                      std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
+                      std::uintptr_t, int64_t, int64_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int);
+}
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -16,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("logit_code"), py::arg("row_stride"), py::arg("V"), py::arg("draft_ids"),
         py::arg("tok_code"), py::arg("cu_num_draft"), py::arg("parents"), py::arg("R"), py::arg("max_depth"),
         py::arg("out_tokens"), py::arg("num_emitted"), py::arg("accepted_path"), py::arg("num_threads"));
+  m.def("rejection_sample", &spd::rejection_sample, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,6 +1,6 @@
 """spdkernels: kernels and a thin runtime for speculative decoding.
 
-Ops (``torch.ops.spdkernels.*``, wrapped here with typed signatures): :func:`verify_greedy`.
+Ops (``torch.ops.spdkernels.*``, wrapped here with typed signatures): :func:`verify_greedy`, :func:`rejection_sample`.
 Backends: ``triton``, ``nki``, ``cpp``, ``torch`` (see :func:`available_backends`).
 """
 
@@ -13,7 +13,7 @@ from ._registry import (
     set_backend,
     use_backend,
 )
-from .ops import verify_greedy
+from .ops import rejection_sample, verify_greedy
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "set_validation",
     "use_backend",
     "validation",
+    "rejection_sample",
     "validation_enabled",
     "verify_greedy",
 ]

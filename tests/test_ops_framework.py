@@ -22,10 +22,19 @@ def sample_inputs():
                             ([0], False, torch.float16)]:
         b = random_draft_batch(ks, 37, tree=tree, dtype=dtype, gen=gen, device=DEVICE)
         cases.append((torch.ops.spdkernels.verify_greedy.default, b.args()))
+        R, N = b.R, b.N
+        rs = torch.ops.spdkernels.rejection_sample.default
+        T = torch.tensor([0.0, 0.8, 1.2][:R], device=DEVICE)
+        cases.append((rs, (*b.args()[:4], None, T, None, None, torch.full((N + R,), 0.5, device=DEVICE), None, None,
+                           b.max_depth)))
+        q = torch.softmax(torch.randn(N, 37, generator=gen), -1).to(DEVICE)
+        cases.append((rs, (*b.args()[:4], q, None, torch.full((R,), 5, dtype=torch.int32, device=DEVICE),
+                           torch.full((R,), 0.9, device=DEVICE), None, torch.arange(R, device=DEVICE),
+                           torch.ones(R, dtype=torch.int64, device=DEVICE), b.max_depth)))
     return cases
 
 
-ALL_OPS = {"verify_greedy"}
+ALL_OPS = {"verify_greedy", "rejection_sample"}
 
 
 def test_every_public_op_is_a_torch_op_and_covered():
@@ -41,14 +50,19 @@ def test_every_public_op_is_a_torch_op_and_covered():
 def test_opcheck(backend):
     with spdkernels.use_backend(backend):
         for op, args in sample_inputs():
-            torch.library.opcheck(op, args)
+            if backend in spdkernels.available_backends(DEVICE, op=op._schema.name.split("::")[1]):
+                torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph():
     def step(logits, toks, cu, parents):
         # some ordinary torch work around the op, so the graph is not just the op
         out, num, path = torch.ops.spdkernels.verify_greedy(logits * 2.0, toks, cu, parents, 3)
-        return out, num + 1, path
+        seed = torch.arange(cu.shape[0] - 1, device=cu.device)
+        temp = torch.full((cu.shape[0] - 1,), 0.7, device=cu.device)
+        out2, num2, _ = torch.ops.spdkernels.rejection_sample(logits, toks, cu, parents, None, temp, None, None, None,
+                                                              seed, None, 3)
+        return out, num + 1, path, out2, num2
 
     b = random_draft_batch([3, 0, 2], 64, tree=True, gen=torch.Generator().manual_seed(1), device=DEVICE)
     compiled = torch.compile(step, fullgraph=True, backend="inductor")

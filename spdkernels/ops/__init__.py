@@ -1,5 +1,6 @@
 """Public ops: typed wrappers over ``torch.ops.spdkernels.*`` custom ops, one module per op."""
 
+from .rejection_sample import rejection_sample
 from .verify_greedy import verify_greedy
 
-__all__ = ["verify_greedy"]
+__all__ = ["rejection_sample", "verify_greedy"]

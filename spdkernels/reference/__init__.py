@@ -4,6 +4,7 @@ They are the oracle of every test and the last-resort backend on any device. The
 and loop in Python: correct, not fast.
 """
 
+from .rejection_sample import coins_from_seed, philox_uniform, rejection_sample, target_weights
 from .verify_greedy import verify_greedy
 
-__all__ = ["verify_greedy"]
+__all__ = ["coins_from_seed", "philox_uniform", "rejection_sample", "target_weights", "verify_greedy"]

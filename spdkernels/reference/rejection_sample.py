@@ -1,0 +1,179 @@
+"""Reference lossless speculative sampling for chains and token trees (DESIGN.md section 3).
+
+Written to be read: the target distribution of a row is materialised (softmax, sort-based top-k and
+top-p), and each request is walked in Python exactly as the algorithm is stated:
+
+    at a node with target distribution p and children c_1..c_m (index order), for child c with token t
+    drawn from q: accept if p(t) > 0 and u_c * q(t) <= p(t); on acceptance move to c (p <- c's row);
+    on rejection p <- normalise(max(0, p - q)) (kept as it is if that has zero mass) and try the next
+    child. With no child accepted, emit one token from p by inverse CDF with the request's final coin.
+
+Precise definitions shared by every backend (the docstring of spdkernels.rejection_sample repeats them):
+
+* weights ``w_v = exp((x_v - max(x)) / T)`` in fp32; p = w restricted to the kept set, normalised;
+* top-k keeps every token whose logit is >= the k-th largest logit (ties at the boundary are kept);
+* top-p keeps every token whose logit is >= tau_p, the largest logit value whose upper set
+  ``{v : x_v >= tau_p}`` holds at least ``top_p`` of the mass left by top-k (ties kept);
+* inverse CDF: the smallest id v with ``cumsum(w)[v] > u * sum(w)`` over the current (unnormalised)
+  weights, so the sampled token always has positive mass;
+* coins from (seed, offset): Philox4x32-10 (:func:`philox_uniform`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .verify_greedy import children_of
+from .verify_greedy import verify_greedy as _verify_greedy
+
+# ---- counter-based coins ---------------------------------------------------------------------------
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK = 0xFFFFFFFF
+STREAM_ACCEPT, STREAM_FINAL = 0, 1
+
+
+def philox4x32(c0: int, c1: int, c2: int, c3: int, k0: int, k1: int, rounds: int = 10) -> int:
+    """First output word of Philox4x32-10 (Salmon et al., SC'11) for counter (c0..c3), key (k0, k1)."""
+    for i in range(rounds):
+        if i:
+            k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
+        p0, p1 = _M0 * c0, _M1 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK, p1 & _MASK, ((p0 >> 32) ^ c3 ^ k1) & _MASK, p0 & _MASK
+    return c0
+
+
+def philox_uniform(seed: int, offset: int, index: int, stream: int) -> float:
+    """The coin of draft node ``index`` (stream 0) or the final sample (stream 1, index 0) of a request
+    with this seed and offset: ``((x >> 8) + 0.5) / 2^24`` with x the Philox word, strictly in (0, 1)
+    and exactly representable in fp32, so every backend uses bit-identical coins."""
+    x = philox4x32(index & _MASK, stream, offset & _MASK, (offset >> 32) & _MASK, seed & _MASK, (seed >> 32) & _MASK)
+    return ((x >> 8) + 0.5) / 16777216.0
+
+
+def coins_from_seed(cu_num_draft: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """fp32 [N + R] uniforms in the layout of the explicit ``uniforms`` argument."""
+    cu = cu_num_draft.tolist()
+    R = len(cu) - 1
+    seeds, offs = seed.tolist(), offset.tolist()
+    acc: List[float] = []
+    fin: List[float] = []
+    for r in range(R):
+        acc.extend(philox_uniform(seeds[r], offs[r], i, STREAM_ACCEPT) for i in range(cu[r + 1] - cu[r]))
+        fin.append(philox_uniform(seeds[r], offs[r], 0, STREAM_FINAL))
+    return torch.tensor(acc + fin, dtype=torch.float32)
+
+
+# ---- target distribution ---------------------------------------------------------------------------
+
+def target_weights(x: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Unnormalised fp32 weights of the target distribution of one logit row (zero outside the kept
+    set). Greedy (temperature 0): the one-hot of the argmax (lowest id on ties)."""
+    x = x.float()
+    V = x.shape[0]
+    if temperature == 0:
+        w = torch.zeros(V)
+        w[int(x.argmax())] = 1.0
+        return w
+    w = torch.exp((x - x.max()) / torch.tensor(temperature, dtype=torch.float32))
+    keep = torch.ones(V, dtype=torch.bool)
+    if 0 < top_k < V:
+        kth = torch.sort(x, descending=True).values[top_k - 1]
+        keep &= x >= kth
+    if top_p < 1.0:
+        wk = torch.where(keep, w, torch.zeros_like(w))
+        order = torch.sort(x, descending=True, stable=True).indices
+        # masses in float64: an fp32 cumsum over 128k weights is off by ~1e-4 relative, enough to move
+        # the boundary; every backend accumulates these sums in double
+        csum = torch.cumsum(wk[order].double(), 0)
+        need = float(top_p) * float(wk.double().sum())
+        j = int((csum >= need).nonzero()[0, 0]) if bool((csum >= need).any()) else V - 1
+        keep &= x >= x[order[j]]
+    return torch.where(keep, w, torch.zeros_like(w))
+
+
+def normalise(w: torch.Tensor) -> torch.Tensor:
+    """w / sum(w): the sum accumulated in float64, rounded to fp32, then an fp32 division (as the
+    kernels do)."""
+    return w / torch.tensor(float(w.double().sum()), dtype=torch.float32)
+
+
+def sample_inverse_cdf(w: torch.Tensor, u: float) -> int:
+    """Smallest id v with cumsum(w)[v] > u * sum(w)."""
+    c = torch.cumsum(w.double(), 0)
+    return int((c > u * float(c[-1])).nonzero()[0, 0])
+
+
+# ---- the op ------------------------------------------------------------------------------------------
+
+def rejection_sample(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    cu_num_draft: torch.Tensor,
+    parents: Optional[torch.Tensor],
+    draft_probs: Optional[torch.Tensor],
+    temperature: Optional[torch.Tensor],
+    top_k: Optional[torch.Tensor],
+    top_p: Optional[torch.Tensor],
+    uniforms: torch.Tensor,
+    max_depth: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference walk with explicit ``uniforms [N + R]`` (see :func:`coins_from_seed`)."""
+    device = target_logits.device
+    R = cu_num_draft.shape[0] - 1
+    N = draft_token_ids.shape[0]
+    cu = cu_num_draft.tolist()
+    tokens = draft_token_ids.tolist()
+    par = parents.tolist() if parents is not None else None
+    temps = temperature.tolist() if temperature is not None else [1.0] * R
+    ks = top_k.tolist() if top_k is not None else [0] * R
+    ps = top_p.tolist() if top_p is not None else [1.0] * R
+    u = uniforms.float().tolist()
+    logits = target_logits.float().cpu()
+    q_all = draft_probs.float().cpu() if draft_probs is not None else None
+
+    greedy = _verify_greedy(logits, draft_token_ids.cpu(), cu_num_draft.cpu(),
+                            parents.cpu() if parents is not None else None, max_depth)
+    out = torch.full((R, max_depth + 1), -1, dtype=torch.int32)
+    path = torch.full((R, max_depth), -1, dtype=torch.int32)
+    num = torch.zeros(R, dtype=torch.int32)
+    for r in range(R):
+        if temps[r] == 0:  # greedy requests: exactly verify_greedy
+            out[r], num[r], path[r] = greedy[0][r], greedy[1][r], greedy[2][r]
+            continue
+        start, k = cu[r], cu[r + 1] - cu[r]
+        row0 = start + r
+        local_par = par[start:start + k] if par is not None else None
+        T_r, k_r, p_r = temps[r], ks[r], ps[r]
+        dist = lambda row, T_r=T_r, k_r=k_r, p_r=p_r: target_weights(logits[row], T_r, k_r, p_r)  # noqa: E731
+        p = normalise(dist(row0))
+        node, depth = -1, 0
+        while depth < max_depth:
+            accepted = None
+            for c in children_of(local_par, k, node):
+                t = tokens[start + c]
+                if q_all is not None:
+                    q = q_all[start + c]
+                else:
+                    q = torch.zeros_like(p)
+                    q[t] = 1.0
+                coin_times_q = float(torch.tensor(u[start + c], dtype=torch.float32) * q[t])  # fp32 product
+                if float(p[t]) > 0 and coin_times_q <= float(p[t]):
+                    accepted = c
+                    break
+                resid = torch.clamp(p - q, min=0)
+                if float(resid.double().sum()) > 0:
+                    p = normalise(resid)
+            if accepted is None:
+                break
+            out[r, depth] = tokens[start + accepted]
+            path[r, depth] = accepted
+            depth += 1
+            node = accepted
+            p = normalise(dist(row0 + 1 + node))
+        out[r, depth] = sample_inverse_cdf(p, u[N + r])
+        num[r] = depth + 1
+    return out.to(device), num.to(device), path.to(device)

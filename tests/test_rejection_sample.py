@@ -1,0 +1,395 @@
+"""rejection_sample: certain answers, structure, exact distribution, determinism, validation."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import backends_here
+from scipy.stats import chisquare
+from test_verify_greedy import check_structure
+
+import spdkernels
+from spdkernels import reference
+from spdkernels._validate import tree_max_depth
+from spdkernels.reference.rejection_sample import philox4x32
+from spdkernels.testing import random_draft_batch
+
+# rejection_sample has no Triton kernel yet: the backends here are torch and cpp
+BACKENDS = [b for b in backends_here() if b in spdkernels.available_backends("cpu", op="rejection_sample")]
+FAST = [b for b in BACKENDS if b != "torch"] or ["torch"]
+I32 = dict(dtype=torch.int32)
+
+
+def run(backend, batch, **kw):
+    with spdkernels.use_backend(backend):
+        return spdkernels.rejection_sample(*batch.args()[:3], parents=batch.parents, max_depth=batch.max_depth, **kw)
+
+
+def params(R, gen, greedy_every=4):
+    """Per-request sampling parameters, mixed in one batch: greedy, plain, top-k, top-p, both."""
+    T = torch.rand(R, generator=gen) * 1.5 + 0.3
+    T[::greedy_every] = 0.0
+    k = torch.randint(0, 12, (R,), generator=gen, **I32)
+    k[1::3] = 0
+    p = torch.rand(R, generator=gen) * 0.7 + 0.3
+    p[::2] = 1.0
+    return dict(temperature=T, top_k=k, top_p=p)
+
+
+# ---- coins ---------------------------------------------------------------------------------------
+
+def test_philox_known_answers():
+    """Random123's published philox4x32_10 test vectors (first output word)."""
+    assert philox4x32(0, 0, 0, 0, 0, 0) == 0x6627E8D5
+    assert philox4x32(*([0xFFFFFFFF] * 6)) == 0x408F276D
+    assert philox4x32(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0) == 0xD16CFE09
+
+
+def test_coins_are_uniform_and_open_interval():
+    u = np.array([reference.philox_uniform(7, 3, i, 0) for i in range(20000)])
+    assert (u > 0).all() and (u < 1).all()
+    hist = np.histogram(u, bins=20, range=(0, 1))[0]
+    assert chisquare(hist).pvalue > 1e-4
+
+
+# ---- all backends agree --------------------------------------------------------------------------
+
+SWEEP = list(itertools.product([1, 3, 17], [7, 1000], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("R,V,tree,with_q", SWEEP, ids=[f"R{R}-V{V}-{'tree' if t else 'chain'}-{'q' if q else 'pm'}"
+                                                        for R, V, t, q in SWEEP])
+def test_backends_match_reference_with_explicit_uniforms(backend, R, V, tree, with_q):
+    """Same uniforms -> same tokens on every backend. The thresholds and coins are exact; the only
+    possible differences are floating-point boundary cases (a coin within ~1e-7 of an acceptance
+    ratio or CDF step). None were seen here; the bound below allows 1 request in 200."""
+    gen = torch.Generator().manual_seed(R * 31 + V + 2 * tree + with_q)
+    mismatched = total = 0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ks = torch.randint(0, 9, (R,), generator=gen).tolist()
+        batch = random_draft_batch(ks, V, tree=tree, dtype=dtype, match_prob=0.6, gen=gen)
+        N = batch.N
+        kw = params(R, gen)
+        kw["uniforms"] = torch.rand(N + R, generator=gen).clamp(1e-6, 1 - 1e-6)
+        if with_q:
+            kw["draft_probs"] = torch.softmax(torch.randn(N, V, generator=gen) * 2, -1)
+        want = reference.rejection_sample(*batch.args()[:4], kw.get("draft_probs"), kw["temperature"], kw["top_k"],
+                                          kw["top_p"], kw["uniforms"], batch.max_depth)
+        check_structure(batch, *want)
+        got = run(backend, batch, **kw)
+        check_structure(batch, *got)
+        rows_equal = (got[0] == want[0]).all(1) & (got[1] == want[1]) & (got[2] == want[2]).all(1)
+        mismatched += int((~rows_equal).sum())
+        total += R
+    assert mismatched <= total / 200, f"{mismatched}/{total} requests differ from the reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_offset_path_equals_reference_coins(backend):
+    gen = torch.Generator().manual_seed(11)
+    batch = random_draft_batch([3, 0, 5, 2], 64, tree=True, gen=gen, match_prob=0.5)
+    seed = torch.tensor([1, 2**40 + 3, 5, 2**62], dtype=torch.int64)
+    offset = torch.tensor([0, 9, 2**33, 1], dtype=torch.int64)
+    got = run(backend, batch, seed=seed, offset=offset)
+    u = reference.coins_from_seed(batch.cu_num_draft, seed, offset)
+    want = run("torch", batch, uniforms=u)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+# ---- certain answers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_hot_target(backend):
+    """p is one-hot (all other logits -inf): the matching draft is accepted, a wrong one never is,
+    whatever the coins, and the correction is the one-hot token."""
+    V = 9
+    logits = torch.full((4, V), float("-inf"))
+    logits[0, 4] = 0.0   # root: token 4
+    logits[1, 2] = 1.0   # after node 0: token 2
+    logits[2:, 0] = 0.0
+    batch = random_draft_batch([3], V)
+    batch.target_logits = logits
+    batch.draft_token_ids = torch.tensor([4, 5, 0])  # node 0 right, node 1 wrong
+    for s in range(20):
+        out, num, path = run(backend, batch, seed=torch.tensor([s]))
+        assert out.tolist() == [[4, 2, -1, -1]] and num.tolist() == [2] and path.tolist() == [[0, -1, -1]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_draft_equal_to_target_accepts_everything(backend):
+    gen = torch.Generator().manual_seed(2)
+    R, k, V = 40, 5, 30
+    batch = random_draft_batch([k] * R, V, gen=gen)
+    T = torch.full((R,), 0.9)
+    q = torch.empty(R * k, V)
+    toks = []
+    for r in range(R):  # node i's q is the target row of its parent; its token is drawn from it
+        for i in range(k):
+            p = reference.target_weights(batch.target_logits[r * (k + 1) + i], 0.9, 0, 1.0)
+            q[r * k + i] = p / p.sum()
+            toks.append(int(torch.multinomial(q[r * k + i], 1, generator=gen)))
+    batch.draft_token_ids = torch.tensor(toks)
+    out, num, _ = run(backend, batch, draft_probs=q, temperature=T, seed=torch.arange(R))
+    assert (num == k + 1).all()
+    assert torch.equal(out[:, :k].reshape(-1), batch.draft_token_ids.int())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_requests_equal_verify_greedy(backend):
+    gen = torch.Generator().manual_seed(3)
+    for tree in (False, True):
+        batch = random_draft_batch([4, 0, 7, 2, 8], 500, tree=tree, gen=gen)
+        T = torch.tensor([0.0, 1.0, 0.0, 0.7, 0.0])
+        out, num, path = run(backend, batch, temperature=T, seed=torch.arange(5),
+                             draft_probs=torch.softmax(torch.randn(batch.N, 500, generator=gen), -1))
+        g = reference.verify_greedy(*batch.args())
+        for r in (0, 2, 4):
+            assert torch.equal(out[r], g[0][r]) and num[r] == g[1][r] and torch.equal(path[r], g[2][r])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_probability_tokens_are_never_emitted(backend):
+    """top-k = 3 with distinct logits: only the 3 largest can ever be emitted at the root."""
+    gen = torch.Generator().manual_seed(4)
+    R, V = 400, 20
+    batch = random_draft_batch([0] * R, V, gen=gen)
+    batch.target_logits[:] = torch.arange(V, dtype=torch.float32) / 4
+    out, _, _ = run(backend, batch, top_k=torch.full((R,), 3, **I32), seed=torch.arange(R))
+    assert set(out[:, 0].tolist()) == {17, 18, 19}
+
+
+# ---- distribution: the emitted tokens follow the target exactly -----------------------------------
+
+V_D = 10
+
+
+def dist_setup(R, with_q, tree, gen, T=0.8, top_k=7, top_p=0.85):
+    """R identical requests with different coins and (when drafts are stochastic) different drafts.
+    Tree: root -> m children; each child -> one grandchild. The row of a node is a function of its
+    token path only, as in a real model: root row L0, child with token t -> L1[t]."""
+    m = 3 if tree else 1
+    L0 = torch.randn(V_D, generator=gen) * 1.5
+    L1 = torch.randn(V_D, V_D, generator=gen) * 1.5
+    L2 = torch.randn(V_D, generator=gen)
+    q0 = torch.softmax(torch.randn(V_D, generator=gen), -1)
+    q1 = torch.softmax(torch.randn(V_D, generator=gen), -1)
+    k = 2 * m
+    parents = ([-1] * m + list(range(m))) if tree else [-1, 0]
+    toks, rows, qs = [], [], []
+    # point-mass drafts propose the target's likely tokens, as a real deterministic drafter would
+    fixed0 = torch.argsort(L0, descending=True)[[1, 0, 2][:m]].tolist()
+    fixed1 = 4
+    for _ in range(R):
+        t0 = torch.multinomial(q0, m, replacement=True, generator=gen).tolist() if with_q else fixed0
+        t1 = torch.multinomial(q1, m, replacement=True, generator=gen).tolist() if with_q else [fixed1] * m
+        toks += t0 + t1
+        rows += [L0] + [L1[t] for t in t0] + [L2] * m
+        qs += [q0] * m + [q1] * m
+    R_t = torch.full((R,), T)
+    kw = dict(temperature=R_t, top_k=torch.full((R,), top_k, **I32), top_p=torch.full((R,), top_p),
+              seed=torch.arange(R, dtype=torch.int64) * 7919 + 1)
+    if with_q:
+        kw["draft_probs"] = torch.stack(qs)
+    batch = random_draft_batch([k] * R, V_D, tree=tree, gen=gen)
+    batch.target_logits = torch.stack(rows)
+    batch.draft_token_ids = torch.tensor(toks)
+    batch.parents = torch.tensor(parents * R, **I32) if tree else None
+    batch.max_depth = 2
+    target = lambda x: (lambda w: w / w.sum())(reference.target_weights(x, T, top_k, top_p))  # noqa: E731
+    return batch, kw, target(L0), [target(L1[t]) for t in range(V_D)], (q0, fixed0)
+
+
+def chi2_pvalue(samples, p):
+    """Chi-square goodness of fit; a sample on a zero-probability token fails outright."""
+    p = np.asarray(p, dtype=np.float64)
+    counts = np.bincount(np.asarray(samples), minlength=len(p))
+    if counts[p == 0].sum() > 0:
+        return 0.0
+    keep = p > 0
+    return chisquare(counts[keep], counts[keep].sum() * p[keep] / p[keep].sum()).pvalue
+
+
+DIST = list(itertools.product([False, True], [False, True], [(0.8, 7, 0.85), (1.0, 0, 1.0), (1.7, 0, 0.6)]))
+R_DIST = {"torch": 3000, "cpp": 30000}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tree,with_q,cfg", DIST,
+                         ids=[f"{'tree' if t else 'chain'}-{'q' if q else 'pointmass'}-T{c[0]}-k{c[1]}-p{c[2]}"
+                              for t, q, c in DIST])
+def test_emitted_tokens_follow_the_target(backend, tree, with_q, cfg):
+    gen = torch.Generator().manual_seed(hash((tree, with_q, cfg)) % 2**31)
+    R = R_DIST.get(backend, 3000)
+    batch, kw, p0, p1, _ = dist_setup(R, with_q, tree, gen, *cfg)
+    out, num, _ = run(backend, batch, **kw)
+    first = out[:, 0].numpy()
+    assert chi2_pvalue(first, p0) > 1e-4
+    # the token after an accepted first node follows that node's row
+    acc = (num >= 2).numpy()
+    t_star = np.bincount(first[acc], minlength=V_D).argmax()
+    sel = acc & (first == t_star)
+    assert sel.sum() > 200
+    assert chi2_pvalue(out[:, 1].numpy()[sel], p1[t_star]) > 1e-4
+
+
+def wrong_first_tokens(variant, R, batch, kw, p0, q0, fixed0, tree):
+    """First emitted token under a subtly wrong algorithm, same drafts and coins."""
+    m = 3 if tree else 1
+    k = 2 * m
+    u = reference.coins_from_seed(batch.cu_num_draft, kw["seed"], torch.zeros(R, dtype=torch.int64)).numpy()
+    toks = batch.draft_token_ids.numpy().reshape(R, k)
+    N = R * k
+    p0 = p0.double().numpy()
+    q = q0.double().numpy() if "draft_probs" in kw else None
+    res = []
+    for r in range(R):
+        p = p0.copy()
+        emitted = None
+        for c in range(m):
+            t = toks[r, c]
+            qv = q if q is not None else np.eye(V_D)[t]
+            if p[t] > 0 and u[r * k + c] * qv[t] <= p[t]:
+                emitted = t
+                break
+            resid = np.maximum(0, p - qv)
+            if variant == "residual_not_renormalised":
+                p = resid
+            elif variant == "siblings_against_original_p":
+                p = p if c < m - 1 else resid / resid.sum()
+            elif resid.sum() > 0:  # the right rule
+                p = resid / resid.sum()
+        if emitted is None:
+            c = np.cumsum(p)
+            emitted = int(np.searchsorted(c, u[N + r] * c[-1], side="right"))
+        res.append(emitted)
+    return np.array(res)
+
+
+@pytest.mark.parametrize("variant", ["residual_not_renormalised", "siblings_against_original_p"])
+def test_distribution_test_catches_a_wrong_algorithm(variant):
+    """The distribution check above, applied to deliberately wrong variants, must fail: proof that it
+    has the power to tell a subtly wrong algorithm from the right one at these sample sizes."""
+    gen = torch.Generator().manual_seed(12)
+    R = 30000
+    batch, kw, p0, _, (q0, fixed0) = dist_setup(R, True, True, gen, 1.0, 0, 1.0)
+    wrong = wrong_first_tokens(variant, R, batch, kw, p0, q0, fixed0, True)
+    assert chi2_pvalue(wrong, p0) < 1e-6
+    # and the same walk written correctly passes, so the failure is the variant's, not the harness's
+    right = wrong_first_tokens("correct", R, batch, kw, p0, q0, fixed0, True)
+    assert chi2_pvalue(right, p0) > 1e-4
+
+
+# ---- determinism ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_tokens_whatever_the_batch(backend):
+    gen = torch.Generator().manual_seed(13)
+    big = random_draft_batch([4, 6, 3, 5], 200, tree=True, gen=gen, match_prob=0.5)
+    seed = torch.tensor([11, 22, 33, 44])
+    offset = torch.tensor([5, 6, 7, 8])
+    out, num, path = run(backend, big, seed=seed, offset=offset)
+    # request 2 alone, then in a batch with other requests in front of it
+    for sel in ([2], [1, 2], [3, 0, 2]):
+        sub = _subbatch(big, sel)
+        o, n, p = run(backend, sub, seed=seed[sel], offset=offset[sel])
+        j = sel.index(2)
+        D = min(big.max_depth, sub.max_depth)
+        assert n[j] == num[2] and torch.equal(o[j, : D + 1], out[2, : D + 1]) and torch.equal(p[j, :D], path[2, :D])
+    u_a = reference.coins_from_seed(big.cu_num_draft, seed, offset)
+    u_b = reference.coins_from_seed(big.cu_num_draft, seed, offset + 1)
+    assert not torch.equal(u_a, u_b)
+
+
+def _subbatch(b, sel):
+    cu = b.cu_num_draft.tolist()
+    logits, toks, parents, ks = [], [], [], []
+    for r in sel:
+        k = cu[r + 1] - cu[r]
+        logits.append(b.target_logits[cu[r] + r: cu[r + 1] + r + 1])
+        toks.append(b.draft_token_ids[cu[r]: cu[r + 1]])
+        parents.append(b.parents[cu[r]: cu[r + 1]])
+        ks.append(k)
+    new_cu = torch.tensor([0] + list(itertools.accumulate(ks)), **I32)
+    par = torch.cat(parents)
+    return type(b)(torch.cat(logits), torch.cat(toks), new_cu, par, tree_max_depth(new_cu, par))
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+def good():
+    gen = torch.Generator().manual_seed(9)
+    b = random_draft_batch([2, 3], 11, tree=True, gen=gen)
+    return dict(target_logits=b.target_logits, draft_token_ids=b.draft_token_ids, cu_num_draft=b.cu_num_draft,
+                parents=b.parents, max_depth=b.max_depth, seed=torch.tensor([1, 2]))
+
+
+def nan_at(shape, idx, value=float("nan")):
+    t = torch.zeros(shape)
+    t.view(-1)[idx] = value
+    return t
+
+
+INVALID = {
+    "logits-nan": (dict(target_logits=nan_at((7, 11), 5)), "target_logits: contains NaN"),
+    "logits-posinf": (dict(target_logits=nan_at((7, 11), 5, float("inf"))), r"target_logits: contains \+inf"),
+    "logits-row-all-neginf": (dict(target_logits=torch.zeros(7, 11).index_fill_(0, torch.tensor([2]),
+                                                                                 float("-inf"))), "row 2"),
+    "draft-probs-shape": (dict(draft_probs=torch.zeros(5, 10)), r"draft_probs.*\[N, V\]"),
+    "draft-probs-dtype": (dict(draft_probs=torch.zeros(5, 11, dtype=torch.float64)), "draft_probs"),
+    "draft-probs-nan": (dict(draft_probs=nan_at((5, 11), 3)), "draft_probs: contains NaN"),
+    "draft-probs-negative": (dict(draft_probs=nan_at((5, 11), 3, -0.1)), "draft_probs: contains negative"),
+    "temperature-negative": (dict(temperature=torch.tensor([1.0, -0.5])), "temperature"),
+    "temperature-nan": (dict(temperature=torch.tensor([1.0, float("nan")])), "temperature"),
+    "temperature-shape": (dict(temperature=torch.tensor([1.0])), r"temperature.*\[R\]"),
+    "top-k-negative": (dict(top_k=torch.tensor([1, -1], **I32)), "top_k"),
+    "top-k-dtype": (dict(top_k=torch.tensor([1, 1])), "top_k"),
+    "top-p-zero": (dict(top_p=torch.tensor([0.0, 0.5])), r"top_p.*\(0, 1\]"),
+    "top-p-above-one": (dict(top_p=torch.tensor([1.5, 0.5])), r"top_p.*\(0, 1\]"),
+    "uniforms-and-seed": (dict(uniforms=torch.full((7,), 0.5)), "uniforms.*not both"),
+    "uniforms-zero": (dict(uniforms=torch.tensor([0.5] * 6 + [0.0]), seed=None), r"uniforms.*\(0, 1\)"),
+    "uniforms-shape": (dict(uniforms=torch.full((6,), 0.5), seed=None), r"uniforms.*\[N \+ R\]"),
+    "seed-dtype": (dict(seed=torch.tensor([1, 2], **I32)), "seed"),
+    "offset-shape": (dict(offset=torch.tensor([1, 2, 3])), "offset"),
+    "tokens-out-of-range": (dict(draft_token_ids=torch.tensor([0, 1, 11, 2, 3])), "draft_token_ids"),
+    "parents-order": (dict(parents=torch.tensor([-1, 1, -1, 0, 1], **I32)), "parents"),
+    "cu-decreasing": (dict(cu_num_draft=torch.tensor([0, 6, 5], **I32)), "cu_num_draft"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID), ids=list(INVALID))
+def test_validation_errors(case):
+    kw = good()
+    changes, pattern = INVALID[case]
+    kw.update(changes)
+    with pytest.raises(ValueError, match=pattern):
+        spdkernels.rejection_sample(kw.pop("target_logits"), kw.pop("draft_token_ids"), kw.pop("cu_num_draft"), **kw)
+
+
+def test_op_needs_coins():
+    kw = good()
+    with pytest.raises(ValueError, match="seed"):
+        torch.ops.spdkernels.rejection_sample(kw["target_logits"], kw["draft_token_ids"], kw["cu_num_draft"],
+                                              kw["parents"], None, None, None, None, None, None, None, kw["max_depth"])
+
+
+def test_default_generator_path_is_seeded_by_torch():
+    kw = good()
+    kw.pop("seed")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(spdkernels.rejection_sample(kw["target_logits"], kw["draft_token_ids"], kw["cu_num_draft"],
+                                                parents=kw["parents"]))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_docstring_example_is_right():
+    import doctest
+    import importlib
+
+    mod = importlib.import_module("spdkernels.ops.rejection_sample")
+    res = doctest.testmod(mod, extraglobs={"torch": torch, "rejection_sample": spdkernels.rejection_sample})
+    assert res.attempted >= 1 and res.failed == 0
