@@ -101,7 +101,7 @@ const void* row_ptr(const Params& P, int64_t row) {
 
 // p <- target distribution of `row` (normalised fp32), using xs as scratch for the converted logits.
 void target_dist(const Params& P, int64_t row, float T, int64_t K, float top_p, std::vector<float>& p,
-                 std::vector<float>& xs, std::vector<std::pair<float, float>>& cand) {
+                 std::vector<float>& xs, std::vector<float>& sel, std::vector<std::pair<float, float>>& cand) {
   const int64_t V = P.V;
   const void* src = row_ptr(P, row);
   float mx = -__builtin_inff();
@@ -109,9 +109,9 @@ void target_dist(const Params& P, int64_t row, float T, int64_t K, float top_p, 
   for (int64_t v = 0; v < V; ++v) p[v] = std::exp((xs[v] - mx) / T);
   float tau = -__builtin_inff();
   if (K > 0 && K < V) {  // the K-th largest logit (selection, ties kept by the >= below)
-    std::vector<float> tmp(xs.begin(), xs.begin() + V);
-    std::nth_element(tmp.begin(), tmp.begin() + (K - 1), tmp.end(), std::greater<float>());
-    tau = tmp[K - 1];
+    sel.assign(xs.begin(), xs.begin() + V);  // per-thread scratch: no allocation after the first row
+    std::nth_element(sel.begin(), sel.begin() + (K - 1), sel.end(), std::greater<float>());
+    tau = sel[K - 1];
   }
   if (top_p < 1.0f) {
     cand.clear();
@@ -175,7 +175,7 @@ void greedy_request(const Params& P, int64_t r) {
 }
 
 void sampled_request(const Params& P, int64_t r, std::vector<float>& p, std::vector<float>& xs,
-                     std::vector<std::pair<float, float>>& cand) {
+                     std::vector<float>& sel, std::vector<std::pair<float, float>>& cand) {
   const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = start + r, V = P.V;
   const float T = P.temperature ? P.temperature[r] : 1.0f;
   const int64_t K = P.top_k ? P.top_k[r] : 0;
@@ -186,7 +186,7 @@ void sampled_request(const Params& P, int64_t r, std::vector<float>& p, std::vec
   int32_t* out = P.out + r * (P.max_depth + 1);
   int32_t* path = P.path + r * P.max_depth;
   int64_t node = -1, depth = 0;
-  target_dist(P, row0, T, K, TP, p, xs, cand);
+  target_dist(P, row0, T, K, TP, p, xs, sel, cand);
   while (depth < P.max_depth) {
     int64_t accepted = -1;
     for (int64_t c = next_child(P, start, k, node, 0); c >= 0; c = next_child(P, start, k, node, c + 1)) {
@@ -209,7 +209,7 @@ void sampled_request(const Params& P, int64_t r, std::vector<float>& p, std::vec
     out[depth] = static_cast<int32_t>(load_index(P.draft_ids, P.tok_code, start + accepted));
     path[depth++] = static_cast<int32_t>(accepted);
     node = accepted;
-    target_dist(P, row0 + 1 + node, T, K, TP, p, xs, cand);
+    target_dist(P, row0 + 1 + node, T, K, TP, p, xs, sel, cand);
   }
   const float u = P.uniforms ? P.uniforms[P.N + r] : philox_uniform(P.seed[r], P.offset[r], 0, 1);
   out[depth] = sample_inverse_cdf(p, V, u);
@@ -236,7 +236,7 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
 #pragma omp parallel num_threads(num_threads) if (R > 1)
 #endif
   {
-    std::vector<float> p, xs;
+    std::vector<float> p, xs, sel;
     std::vector<std::pair<float, float>> cand;
 #ifdef SPD_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -247,7 +247,7 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
         greedy_request(P, r);
       } else {
         if (p.empty()) { p.resize(V); xs.resize(V); }
-        sampled_request(P, r, p, xs, cand);
+        sampled_request(P, r, p, xs, sel, cand);
       }
     }
   }

@@ -14,14 +14,9 @@ import torch
 from spdkernels import _config, _cpp, _registry, reference
 from spdkernels import _validate as V
 from spdkernels._library import define_op
+from spdkernels.ops._common import verify_outputs as _outputs
 
 OP = "rejection_sample"
-
-
-def _outputs(R: int, max_depth: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.empty((R, max_depth + 1), dtype=torch.int32, device=device),
-            torch.empty((R,), dtype=torch.int32, device=device),
-            torch.empty((R, max_depth), dtype=torch.int32, device=device))
 
 
 def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,

@@ -135,13 +135,15 @@ def rejection_sample(
     logits = target_logits.float().cpu()
     q_all = draft_probs.float().cpu() if draft_probs is not None else None
 
-    greedy = _verify_greedy(logits, draft_token_ids.cpu(), cu_num_draft.cpu(),
-                            parents.cpu() if parents is not None else None, max_depth)
+    greedy = None  # the greedy walk of the whole batch, computed only if some request is greedy
     out = torch.full((R, max_depth + 1), -1, dtype=torch.int32)
     path = torch.full((R, max_depth), -1, dtype=torch.int32)
     num = torch.zeros(R, dtype=torch.int32)
     for r in range(R):
         if temps[r] == 0:  # greedy requests: exactly verify_greedy
+            if greedy is None:
+                greedy = _verify_greedy(logits, draft_token_ids.cpu(), cu_num_draft.cpu(),
+                                        parents.cpu() if parents is not None else None, max_depth)
             out[r], num[r], path[r] = greedy[0][r], greedy[1][r], greedy[2][r]
             continue
         start, k = cu[r], cu[r + 1] - cu[r]
