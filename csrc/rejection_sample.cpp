@@ -1,13 +1,14 @@
 // rejection_sample on the CPU: lossless speculative sampling of chains and token trees
 // (DESIGN.md section 3; the reference is spdkernels/reference/rejection_sample.py).
 //
-// Parallel over requests. A sampled request walks its tree; at each visited node the row's target
-// distribution is built once in a per-thread scratch row (one read of the logits): weights
-// exp((x - max) / T), the top-k threshold by selection (std::nth_element: the k-th largest logit), the
-// top-p threshold by a mass-weighted quickselect (expected O(V); no sort of the vocabulary), then
-// normalised. Rejections update the scratch row in place (p <- normalise(max(0, p - q))); the final
-// token is drawn by inverse CDF over ids with the request's final coin. Greedy requests reuse the
-// greedy walk (argmax of the visited rows only). Coins: explicit uniforms or Philox4x32-10.
+// Parallel over requests (dynamic schedule). A sampled request walks its tree; each visited row costs
+// two vectorised passes (load + convert + max into a per-thread fp32 row; exp((x - max) / T) + fp64 sum)
+// and, with top-k / top-p, a selection (std::nth_element for the K-th largest logit; a mass-weighted
+// quickselect for the top-p boundary: expected O(V), no sort). The distribution stays unnormalised with
+// its mass, so a point-mass rejection is O(1) and a rejection against draft_probs one pass. The final
+// token is drawn by inverse CDF over ids with the request's final coin (stops at the hit). Greedy
+// requests reuse the greedy walk (argmax of the visited rows only). Coins: explicit uniforms or
+// Philox4x32-10 (the same bits as the reference and the Triton kernel).
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -33,12 +34,13 @@ inline uint32_t philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
   return c0;
 }
 
-// Same mapping as spdkernels.reference.philox_uniform: ((x >> 8) + 0.5) / 2^24, in (0, 1), exact in fp32.
+// Same mapping as spdkernels.reference.philox_uniform: ((x >> 9) + 0.5) / 2^23: 24 significant bits,
+// so exact in fp32, and strictly inside (0, 1) (between 2^-24 and 1 - 2^-24).
 inline float philox_uniform(int64_t seed, int64_t offset, uint32_t index, uint32_t stream) {
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
   const uint32_t x = philox4x32_10(index, stream, static_cast<uint32_t>(o), static_cast<uint32_t>(o >> 32),
                                    static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
-  return (static_cast<float>(x >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
 inline float load_f(const void* row, int64_t i, int code) {
@@ -99,14 +101,142 @@ const void* row_ptr(const Params& P, int64_t row) {
   return reinterpret_cast<const char*>(P.logits) + row * P.row_stride * element_size(P.code);
 }
 
-// p <- target distribution of `row` (normalised fp32), using xs as scratch for the converted logits.
-void target_dist(const Params& P, int64_t row, float T, int64_t K, float top_p, std::vector<float>& p,
-                 std::vector<float>& xs, std::vector<float>& sel, std::vector<std::pair<float, float>>& cand) {
+// ---- vectorised row passes ---------------------------------------------------------------------------
+// Same GCC vector-extension style as the argmax in common.h, cloned for AVX2 and baseline x86-64.
+
+// binary16 -> binary32 for 8 lanes, exact: the magnitude bits shifted into place and scaled by 2^112
+// turn normals and subnormals into the right value in one multiply; inf/NaN get the all-ones exponent.
+inline f8v f16x8_to_f32(u8h h) {
+  const i8v w = __builtin_convertvector(h, i8v);
+  const i8v mag = (w & 0x7FFF) << 13;
+  f8v f = reinterpret_cast<const f8v&>(mag) * 5.192296858534828e+33f;  // 2^112
+  i8v bits = reinterpret_cast<i8v&>(f);
+  bits = ((w & 0x7C00) == 0x7C00) ? (mag | 0x7F800000) : bits;
+  bits |= (w & 0x8000) << 16;
+  return reinterpret_cast<f8v&>(bits);
+}
+
+template <int kCode>
+__attribute__((always_inline)) inline f8v load8f(const void* row, int64_t i) {
+  if constexpr (kCode == kF16) {
+    u8h h;
+    std::memcpy(&h, static_cast<const uint16_t*>(row) + i, sizeof h);
+    return f16x8_to_f32(h);
+  } else {
+    return Row<kCode>::load8(row, i);
+  }
+}
+
+// xs <- the row as fp32; returns its max.
+template <int kCode>
+__attribute__((always_inline)) inline float load_max_impl(const void* row, int64_t V, float* xs) {
+  f8v m0 = f8v{} - __builtin_inff(), m1 = m0;
+  const int64_t Vm = V - V % 16;
+  for (int64_t i = 0; i < Vm; i += 16) {
+    const f8v a = load8f<kCode>(row, i), b = load8f<kCode>(row, i + 8);
+    std::memcpy(xs + i, &a, sizeof a);
+    std::memcpy(xs + i + 8, &b, sizeof b);
+    m0 = a > m0 ? a : m0;
+    m1 = b > m1 ? b : m1;
+  }
+  float m = -__builtin_inff();
+  for (int l = 0; l < 8; ++l) m = std::max(m, std::max(m0[l], m1[l]));
+  for (int64_t i = Vm; i < V; ++i) {
+    xs[i] = load_f(row, i, kCode);
+    m = std::max(m, xs[i]);
+  }
+  return m;
+}
+SPD_CLONES float load_max_f32(const void* r, int64_t V, float* xs) { return load_max_impl<kF32>(r, V, xs); }
+SPD_CLONES float load_max_bf16(const void* r, int64_t V, float* xs) { return load_max_impl<kBF16>(r, V, xs); }
+SPD_CLONES float load_max_f16(const void* r, int64_t V, float* xs) { return load_max_impl<kF16>(r, V, xs); }
+
+float load_max(const void* row, int64_t V, int code, float* xs) {
+  switch (code) {
+    case kF32: return load_max_f32(row, V, xs);
+    case kBF16: return load_max_bf16(row, V, xs);
+    default: return load_max_f16(row, V, xs);
+  }
+}
+
+// 2^y for 8 lanes, y <= 0: y = n + f with n = round(y), |f| <= 1/2; 2^f by its Taylor polynomial of
+// degree 7 in f * ln 2 (truncation below 2^-27 relative: ~1 ulp overall); 2^n by two exponent-field
+// scalings so that subnormal results are right. y < -151 (and -inf) gives 0.
+inline f8v exp2_8_nonpos(f8v y) {
+  y = y < -151.0f ? f8v{} - 151.0f : y;
+  const f8v t = y + 0.5f;
+  i8v n = __builtin_convertvector(t, i8v);  // truncation: floor for t >= 0, ceil for t < 0
+  n = (__builtin_convertvector(n, f8v) > t) ? n - 1 : n;
+  const f8v g = (y - __builtin_convertvector(n, f8v)) * 0.693147180559945309f;
+  f8v p = g * 1.98412698412698413e-4f + 1.38888888888888889e-3f;
+  p = p * g + 8.33333333333333333e-3f;
+  p = p * g + 4.16666666666666667e-2f;
+  p = p * g + 1.66666666666666667e-1f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  const i8v h = n >> 1;
+  const i8v s1 = (h + 127) << 23, s2 = (n - h + 127) << 23;
+  return p * reinterpret_cast<const f8v&>(s1) * reinterpret_cast<const f8v&>(s2);
+}
+
+// w <- exp((xs - m) / T), computed as 2^((xs - m) * (log2 e / T)); returns the sum in double. The
+// polynomial is latency-bound without FMA: an x86-64-v3 clone contracts it into FMAs (results may
+// differ from the default clone in the last bit, which only moves floating-point boundary cases).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#endif
+double exp_weights(const float* xs, int64_t V, float m, float T, float* w) {
+  typedef double d4v __attribute__((vector_size(32)));
+  typedef float f4v __attribute__((vector_size(16)));
+  const float scale = 1.44269504088896341f / T;
+  d4v s0{}, s1{};
+  const int64_t Vm = V - V % 8;
+  for (int64_t i = 0; i < Vm; i += 8) {
+    f8v x;
+    std::memcpy(&x, xs + i, sizeof x);
+    const f8v e = exp2_8_nonpos((x - m) * scale);
+    std::memcpy(w + i, &e, sizeof e);
+    const f4v lo = {e[0], e[1], e[2], e[3]}, hi = {e[4], e[5], e[6], e[7]};
+    s0 += __builtin_convertvector(lo, d4v);
+    s1 += __builtin_convertvector(hi, d4v);
+  }
+  double s = (s0[0] + s0[1]) + (s0[2] + s0[3]) + (s1[0] + s1[1]) + (s1[2] + s1[3]);
+  if (Vm < V) {
+    f8v x = f8v{} - __builtin_inff();
+    std::memcpy(&x, xs + Vm, (V - Vm) * sizeof(float));
+    const f8v e = exp2_8_nonpos((x - m) * scale);
+    for (int64_t i = Vm; i < V; ++i) {
+      w[i] = e[i - Vm];
+      s += w[i];
+    }
+  }
+  return s;
+}
+
+// Sum of w[0:n] in double, 8 lanes at a time.
+SPD_CLONES double block_sum(const float* w, int64_t n) {
+  typedef double d4v __attribute__((vector_size(32)));
+  typedef float f4v __attribute__((vector_size(16)));
+  d4v s0{};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    f4v x;
+    std::memcpy(&x, w + i, sizeof x);
+    s0 += __builtin_convertvector(x, d4v);
+  }
+  double s = (s0[0] + s0[1]) + (s0[2] + s0[3]);
+  for (; i < n; ++i) s += w[i];
+  return s;
+}
+
+// ---- the target distribution of one row ----------------------------------------------------------------
+// p <- unnormalised kept weights; returns their mass (double). xs holds the row as fp32 afterwards.
+double target_weights(const Params& P, int64_t row, float T, int64_t K, float top_p, std::vector<float>& p,
+                      std::vector<float>& xs, std::vector<float>& sel, std::vector<std::pair<float, float>>& cand) {
   const int64_t V = P.V;
-  const void* src = row_ptr(P, row);
-  float mx = -__builtin_inff();
-  for (int64_t v = 0; v < V; ++v) { xs[v] = load_f(src, v, P.code); mx = std::max(mx, xs[v]); }
-  for (int64_t v = 0; v < V; ++v) p[v] = std::exp((xs[v] - mx) / T);
+  const float mx = load_max(row_ptr(P, row), V, P.code, xs.data());
+  double mass = exp_weights(xs.data(), V, mx, T, p.data());
   float tau = -__builtin_inff();
   if (K > 0 && K < V) {  // the K-th largest logit (selection, ties kept by the >= below)
     sel.assign(xs.begin(), xs.begin() + V);  // per-thread scratch: no allocation after the first row
@@ -120,27 +250,36 @@ void target_dist(const Params& P, int64_t row, float T, int64_t K, float top_p, 
       if (xs[v] >= tau) { cand.emplace_back(xs[v], p[v]); mk += p[v]; }
     tau = std::max(tau, mass_threshold(cand, static_cast<double>(top_p) * mk));
   }
-  double mass = 0.0;
-  for (int64_t v = 0; v < V; ++v) {
-    if (!(xs[v] >= tau)) p[v] = 0.0f;
-    mass += p[v];
+  if (tau > -__builtin_inff()) {
+    mass = 0.0;
+    for (int64_t v = 0; v < V; ++v) {
+      if (!(xs[v] >= tau)) p[v] = 0.0f;
+      mass += p[v];
+    }
   }
-  const float inv = static_cast<float>(mass);
-  for (int64_t v = 0; v < V; ++v) p[v] = p[v] / inv;
+  return mass;
 }
 
-int32_t sample_inverse_cdf(const std::vector<float>& p, int64_t V, float u) {
-  double total = 0.0;
-  for (int64_t v = 0; v < V; ++v) total += p[v];
-  const double thr = static_cast<double>(u) * total;
+// Smallest id v with cumsum(w)[v] > u * mass (the last positive weight if rounding leaves none).
+// Blocks of 256 are summed vectorised until the running sum would pass the threshold; the crossing
+// block is then scanned element by element.
+int32_t sample_inverse_cdf(const std::vector<float>& w, int64_t V, double mass, float u) {
+  constexpr int64_t kBlock = 256;
+  const double thr = static_cast<double>(u) * mass;
   double c = 0.0;
-  int32_t last_pos = 0;
-  for (int64_t v = 0; v < V; ++v) {
-    if (p[v] > 0) last_pos = static_cast<int32_t>(v);
-    c += p[v];
-    if (c > thr) return static_cast<int32_t>(v);
+  int64_t b = 0;
+  for (; b < V; b += kBlock) {
+    const double s = block_sum(w.data() + b, std::min(kBlock, V - b));
+    if (c + s > thr) break;
+    c += s;
   }
-  return last_pos;  // rounding: u * total >= the running sum at the end
+  for (int64_t v = b; v < std::min(V, b + kBlock); ++v) {
+    c += w[v];
+    if (c > thr && w[v] > 0) return static_cast<int32_t>(v);
+  }
+  for (int64_t v = std::min(V, b + kBlock) - 1; v >= 0; --v)  // rounding: u * mass >= the whole sum
+    if (w[v] > 0) return static_cast<int32_t>(v);
+  return 0;
 }
 
 int64_t next_child(const Params& P, int64_t start, int64_t k, int64_t node, int64_t from) {
@@ -174,8 +313,11 @@ void greedy_request(const Params& P, int64_t r) {
   for (int64_t d = depth; d < P.max_depth; ++d) path[d] = -1;
 }
 
-void sampled_request(const Params& P, int64_t r, std::vector<float>& p, std::vector<float>& xs,
-                     std::vector<float>& sel, std::vector<std::pair<float, float>>& cand) {
+// A sampled request. The current distribution is kept unnormalised in `w` with its mass M (double):
+// p(t) = w[t] / float(M). A point-mass rejection removes one token in O(1) (M -= w[t]; w[t] = 0); a
+// rejection against draft_probs writes max(0, p - q) into the second scratch row in one pass and swaps.
+void sampled_request(const Params& P, int64_t r, std::vector<float>& w, std::vector<float>& w2,
+                     std::vector<float>& xs, std::vector<float>& sel, std::vector<std::pair<float, float>>& cand) {
   const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = start + r, V = P.V;
   const float T = P.temperature ? P.temperature[r] : 1.0f;
   const int64_t K = P.top_k ? P.top_k[r] : 0;
@@ -186,33 +328,36 @@ void sampled_request(const Params& P, int64_t r, std::vector<float>& p, std::vec
   int32_t* out = P.out + r * (P.max_depth + 1);
   int32_t* path = P.path + r * P.max_depth;
   int64_t node = -1, depth = 0;
-  target_dist(P, row0, T, K, TP, p, xs, sel, cand);
+  double M = target_weights(P, row0, T, K, TP, w, xs, sel, cand);
   while (depth < P.max_depth) {
     int64_t accepted = -1;
     for (int64_t c = next_child(P, start, k, node, 0); c >= 0; c = next_child(P, start, k, node, c + 1)) {
       const int64_t t = load_index(P.draft_ids, P.tok_code, start + c);
       const float* q = P.draft_probs ? P.draft_probs + (start + c) * V : nullptr;
       const float qt = q ? q[t] : 1.0f;
-      if (p[t] > 0.0f && coin(c) * qt <= p[t]) { accepted = c; break; }
-      double mass = 0.0;  // residual max(0, p - q), renormalised; kept as is if it has no mass
-      if (q) {
-        for (int64_t v = 0; v < V; ++v) mass += std::max(0.0f, p[v] - q[v]);
-      } else {
-        for (int64_t v = 0; v < V; ++v) mass += (v == t) ? std::max(0.0f, p[v] - 1.0f) : p[v];
-      }
-      if (mass > 0.0) {
-        const float m = static_cast<float>(mass);
-        for (int64_t v = 0; v < V; ++v) p[v] = std::max(0.0f, p[v] - (q ? q[v] : (v == t ? 1.0f : 0.0f))) / m;
+      const float M32 = static_cast<float>(M);
+      const float pt = w[t] / M32;
+      if (pt > 0.0f && coin(c) * qt <= pt) { accepted = c; break; }
+      if (q) {  // residual max(0, p - q), renormalised; kept as is if it has no mass
+        double S = 0.0;
+        for (int64_t v = 0; v < V; ++v) {
+          w2[v] = std::max(0.0f, w[v] / M32 - q[v]);
+          S += w2[v];
+        }
+        if (S > 0.0) { std::swap(w, w2); M = S; }
+      } else if (pt > 0.0f && M - w[t] > 0.0) {  // point mass: p without token t
+        M -= w[t];
+        w[t] = 0.0f;
       }
     }
     if (accepted < 0) break;
     out[depth] = static_cast<int32_t>(load_index(P.draft_ids, P.tok_code, start + accepted));
     path[depth++] = static_cast<int32_t>(accepted);
     node = accepted;
-    target_dist(P, row0 + 1 + node, T, K, TP, p, xs, sel, cand);
+    M = target_weights(P, row0 + 1 + node, T, K, TP, w, xs, sel, cand);
   }
   const float u = P.uniforms ? P.uniforms[P.N + r] : philox_uniform(P.seed[r], P.offset[r], 0, 1);
-  out[depth] = sample_inverse_cdf(p, V, u);
+  out[depth] = sample_inverse_cdf(w, V, M, u);
   P.num[r] = static_cast<int32_t>(depth + 1);
   for (int64_t d = depth + 1; d <= P.max_depth; ++d) out[d] = -1;
   for (int64_t d = depth; d < P.max_depth; ++d) path[d] = -1;
@@ -236,7 +381,7 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
 #pragma omp parallel num_threads(num_threads) if (R > 1)
 #endif
   {
-    std::vector<float> p, xs, sel;
+    std::vector<float> w, w2, xs, sel;
     std::vector<std::pair<float, float>> cand;
 #ifdef SPD_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -246,8 +391,12 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
       if (greedy) {
         greedy_request(P, r);
       } else {
-        if (p.empty()) { p.resize(V); xs.resize(V); }
-        sampled_request(P, r, p, xs, sel, cand);
+        if (w.empty()) {
+          w.resize(V);
+          xs.resize(V);
+          if (P.draft_probs) w2.resize(V);
+        }
+        sampled_request(P, r, w, w2, xs, sel, cand);
       }
     }
   }

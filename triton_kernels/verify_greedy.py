@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import argmax_row
+
 # 4096 elements per tile: 8 KB of bf16 / 16 KB of fp32 in flight per program, enough to saturate HBM
 # with ~2 programs per SM at V ~ 128k; the interpreter benefits from large tiles too.
 BLOCK_V = 4096
@@ -27,22 +29,7 @@ BLOCK_K = 64  # draft nodes scanned at once when searching for a matching child
 @triton.jit
 def _row_argmax_kernel(logits_ptr, row_stride, V, out_ptr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * row_stride
-    offs = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    idx = offs
-    for start in range(0, V, BLOCK):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        up = x > best
-        best = tl.where(up, x, best)
-        idx = tl.where(up, cols, idx)
-    m = tl.max(best, 0)
-    # lanes past V never updated and hold -inf at an index >= V: exclude them unless V is tiny
-    cand = tl.where((best == m) & (idx < V), idx, V)
-    arg = tl.min(cand, 0)
-    arg = tl.where(arg == V, 0, arg)  # an all -inf row: index 0, as torch.argmax
-    tl.store(out_ptr + row, arg.to(tl.int32))
+    tl.store(out_ptr + row, argmax_row(logits_ptr + row * row_stride, V, BLOCK))
 
 
 @triton.jit

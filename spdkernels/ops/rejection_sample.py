@@ -138,6 +138,15 @@ def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs
     return out, num, path
 
 
+@_registry.register(OP, "triton")
+def _triton_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
+                 uniforms, seed, offset, max_depth):
+    from spdkernels.triton_kernels import rejection_sample as k
+
+    return k.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature,
+                              top_k, top_p, uniforms, seed, offset, max_depth)
+
+
 # ---- public wrapper --------------------------------------------------------------------------------
 
 def rejection_sample(

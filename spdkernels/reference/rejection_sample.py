@@ -48,10 +48,10 @@ def philox4x32(c0: int, c1: int, c2: int, c3: int, k0: int, k1: int, rounds: int
 
 def philox_uniform(seed: int, offset: int, index: int, stream: int) -> float:
     """The coin of draft node ``index`` (stream 0) or the final sample (stream 1, index 0) of a request
-    with this seed and offset: ``((x >> 8) + 0.5) / 2^24`` with x the Philox word, strictly in (0, 1)
+    with this seed and offset: ``((x >> 9) + 0.5) / 2^23`` with x the Philox word, strictly in (0, 1)
     and exactly representable in fp32, so every backend uses bit-identical coins."""
     x = philox4x32(index & _MASK, stream, offset & _MASK, (offset >> 32) & _MASK, seed & _MASK, (seed >> 32) & _MASK)
-    return ((x >> 8) + 0.5) / 16777216.0
+    return ((x >> 9) + 0.5) / 8388608.0
 
 
 def coins_from_seed(cu_num_draft: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

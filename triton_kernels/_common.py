@@ -1,0 +1,37 @@
+"""Device functions shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def argmax_row(base, V, BLOCK: tl.constexpr):
+    """int32 argmax of the row ``base[0:V]``, ties to the lowest index (as torch.argmax).
+
+    Streams the row in tiles of ``BLOCK`` keeping a lane-wise running max and its index (strict ``>``
+    keeps each lane's first maximum), then reduces across lanes taking the lowest index among the
+    maxima. Each element is read once."""
+    offs = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    idx = offs
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        up = x > best
+        best = tl.where(up, x, best)
+        idx = tl.where(up, cols, idx)
+    m = tl.max(best, 0)
+    # lanes past V never updated and hold -inf at an index >= V: exclude them unless V is tiny
+    cand = tl.where((best == m) & (idx < V), idx, V)
+    arg = tl.min(cand, 0)
+    return tl.where(arg == V, 0, arg).to(tl.int32)  # an all -inf row: index 0, as torch.argmax
+
+
+@triton.jit
+def order_key(x):
+    """Order-preserving int32 key of fp32 values: ``key(a) >= key(b)`` iff ``a >= b`` (no NaN); both
+    zeros map to the key of +0, so comparisons of keys and of values agree."""
+    b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)

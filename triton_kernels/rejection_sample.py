@@ -1,0 +1,410 @@
+"""Triton rejection_sample: lossless speculative sampling of chains and token trees, from logits.
+
+Same algorithm and definitions as ``spdkernels/reference/rejection_sample.py``; probabilities are never
+materialised for a whole row unless a rejection forces a residual.
+
+Kernel 1, ``_row_stats_kernel``: grid (N + R,), one program per logit row (every row, so the whole GPU
+works even for small batches; a walk would visit them one after another). It reads the row's request
+from a row -> request map (``repeat_interleave`` on the device, no host sync) and computes, without
+sorting and without writing probabilities:
+
+* greedy requests (T = 0): the argmax (ties to the lowest id);
+* otherwise the row max ``m`` and the mass ``M = sum exp((x - m) / T)`` in one streaming pass (online
+  max/sum, lane-wise rescaling); with top-k / top-p, the thresholds: the largest logit value ``tau``
+  whose upper set holds at least ``K`` tokens (top-k), then at least ``top_p`` of the top-k mass
+  (top-p). Both are searches over the order-preserving int32 key of the logits: each pass evaluates
+  16 pivots at once and narrows the interval to the smallest and largest key actually present in the
+  chosen bucket, so it ends after a handful of passes on real rows (at most 8: 16^8 = 2^32 keys).
+  Ties at the boundary are kept, exactly as in the reference. Then ``M`` is recomputed over the kept set.
+
+Kernel 2, ``_walk_kernel``: grid (R,), one program per request. The target probability of a draft
+token is one scalar load (``exp((x_t - m) / T) / M``). A point-mass rejection removes one token:
+``M -= w_t`` and the token is excluded (no pass over the vocabulary for the first one; a second
+exclusion under the same node writes the residual to a per-request scratch row). A rejection against
+``draft_probs`` writes ``max(0, p - q)`` to the scratch row in one pass. The final token is drawn by
+inverse CDF over token ids (fp64 running sum, the tile loop stops once found). Coins are explicit
+uniforms or Philox4x32-10 keyed by (seed, offset) with counter (node, stream): the same bits as the
+reference and the C++ backend, no host sync, CUDA-graph safe for a fixed max_depth.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import argmax_row, order_key
+
+BLOCK_V = 4096  # streaming passes: elements per tile
+BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
+PIVOTS = 16
+INT_MAX = 2147483647
+INT_MIN = -2147483648
+
+
+@triton.jit
+def philox_uniform(seed, offset, index, stream: tl.constexpr):
+    """fp32 coin ``((x >> 9) + 0.5) / 2^23`` with x the first word of Philox4x32-10, key = seed,
+    counter = (index, stream, offset lo, offset hi) (spdkernels.reference.philox_uniform)."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (tl.zeros([], tl.int32) + index).to(tl.uint32)
+    c1 = tl.full([], stream, tl.uint32)
+    c2 = (offset & 0xFFFFFFFF).to(tl.uint32)
+    c3 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    m0 = tl.full([], 0xD2511F53, tl.uint32)
+    m1 = tl.full([], 0xCD9E8D57, tl.uint32)
+    for i in tl.static_range(10):
+        if i > 0:
+            k0 = k0 + tl.full([], 0x9E3779B9, tl.uint32)
+            k1 = k1 + tl.full([], 0xBB67AE85, tl.uint32)
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return ((c0 >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _philox_kernel(seed_ptr, offset_ptr, index_ptr, out_ptr, n, STREAM: tl.constexpr):
+    """Coins for tests: out[i] = philox_uniform(seed[i], offset[i], index[i], STREAM)."""
+    i = tl.program_id(0)
+    if i < n:
+        u = philox_uniform(tl.load(seed_ptr + i), tl.load(offset_ptr + i), tl.load(index_ptr + i), STREAM)
+        tl.store(out_ptr + i, u)
+
+
+# ---- kernel 1: per-row statistics ------------------------------------------------------------------
+
+@triton.jit
+def _kept_mass(base, V, m, T, tau, BLOCK: tl.constexpr):
+    """sum over tokens with key >= tau of exp((x - m) / T): fp32 weights, fp64 sum."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        msk = cols < V
+        x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
+        w = tl.where(msk & (order_key(x) >= tau), tl.exp((x - m) / T), 0.0)
+        acc += w.to(tl.float64)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _threshold(base, V, lo, hi, need, floor, m, T, MASS: tl.constexpr, BLOCK: tl.constexpr, P: tl.constexpr):
+    """The largest key t present in the row, in [lo, hi], with f(t) >= need, where f(t) sums over
+    tokens with key >= max(t, floor) either 1 (MASS=False: top-k) or exp((x - m) / T) (top-p).
+
+    Invariant: lo and hi are present keys, the answer lies in [lo, hi]. A pass evaluates f at P pivots
+    spread over [lo, hi] (pivot 0 = lo), picks the last pivot bucket whose f still reaches ``need``
+    (bucket 0 when none does: the whole kept set, as the reference does when rounding leaves the total
+    below ``need``), and shrinks [lo, hi] to the smallest and largest key present in that bucket."""
+    offs = tl.arange(0, BLOCK)
+    jj = tl.arange(0, P)
+    while lo < hi:
+        span = hi.to(tl.int64) - lo.to(tl.int64) + 1
+        piv = (lo.to(tl.int64) + (span * jj.to(tl.int64)) // P).to(tl.int32)
+        f = tl.zeros([P], tl.float64)
+        mn = tl.full([P], 2147483647, tl.int32)
+        mx = tl.full([P], -2147483648, tl.int32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            msk = cols < V
+            x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
+            key = order_key(x)
+            elig = msk & (key >= floor)
+            if MASS:
+                w = tl.where(elig, tl.exp((x - m) / T), 0.0).to(tl.float64)
+            else:
+                w = tl.where(elig, 1.0, 0.0).to(tl.float64)
+            ge = (key[:, None] >= piv[None, :]) & elig[:, None]
+            f += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+            b = tl.sum(ge.to(tl.int32), 1) - 1  # bucket: [piv[b], piv[b + 1])
+            hot = (b[:, None] == jj[None, :]) & (elig & (key <= hi))[:, None]
+            mn = tl.minimum(mn, tl.min(tl.where(hot, key[:, None], 2147483647), 0))
+            mx = tl.maximum(mx, tl.max(tl.where(hot, key[:, None], -2147483648), 0))
+        J = tl.maximum(tl.sum((f >= need).to(tl.int32), 0) - 1, 0)
+        lo = tl.sum(tl.where(jj == J, mn, 0), 0)
+        hi = tl.sum(tl.where(jj == J, mx, 0), 0)
+    return lo
+
+
+@triton.jit
+def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, topp_ptr,
+                      m_ptr, tau_ptr, mass_ptr, amax_ptr,
+                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, P: tl.constexpr):
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * row_stride
+    r = tl.load(req_ptr + row)
+    T = tl.load(temp_ptr + r)
+    if T == 0.0:  # greedy: the argmax is the whole target distribution
+        tl.store(amax_ptr + row, argmax_row(base, V, BLOCK))
+        tl.store(m_ptr + row, 0.0)
+        tl.store(tau_ptr + row, -2147483648)
+        tl.store(mass_ptr + row, tl.full([], 1.0, tl.float64))
+    else:
+        K = tl.load(topk_ptr + r)
+        TP = tl.load(topp_ptr + r)
+        offs = tl.arange(0, BLOCK)
+        mx = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        kmin = tl.full([BLOCK], 2147483647, tl.int32)
+        for start in range(0, V, BLOCK):  # online max / sum, lane-wise
+            cols = start + offs
+            msk = cols < V
+            x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
+            new = tl.maximum(mx, x)
+            fin = new > float("-inf")  # (-inf) - (-inf) would be NaN: lanes without a finite value yet
+            ref = tl.where(fin, new, 0.0)
+            alpha = tl.where(fin, tl.exp((tl.where(fin, mx, 0.0) - ref) / T), 0.0)
+            w = tl.where(fin, tl.exp((tl.where(fin, x, 0.0) - ref) / T), 0.0)
+            s = s * alpha + w
+            mx = new
+            kmin = tl.minimum(kmin, tl.where(msk, order_key(x), 2147483647))
+        m = tl.max(mx, 0)
+        M = tl.sum((s * tl.exp((mx - m) / T)).to(tl.float64), 0)
+        tau = tl.full([], -2147483648, tl.int32)
+        lo = tl.min(kmin, 0)
+        hi = order_key(m)
+        filt_k = (K > 0) & (K < V)
+        filt_p = TP < 1.0
+
+        if filt_k:
+            tau = _threshold(base, V, lo, hi, K.to(tl.float64), tau, m, T, False, BLOCK_S, P)
+            M = _kept_mass(base, V, m, T, tau, BLOCK)
+        if filt_p:
+            need = TP.to(tl.float64) * M
+            tau = _threshold(base, V, tl.maximum(lo, tau), hi, need, tau, m, T, True, BLOCK_S, P)
+            M = _kept_mass(base, V, m, T, tau, BLOCK)
+        tl.store(m_ptr + row, m)
+        tl.store(tau_ptr + row, tau)
+        tl.store(mass_ptr + row, M)
+        tl.store(amax_ptr + row, 0)
+
+
+# ---- kernel 2: the walk ------------------------------------------------------------------------------
+
+@triton.jit
+def _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok):
+    """Unnormalised weights of the current distribution at ``cols``: the scratch row once a residual
+    was written, else the row's kept weights with the excluded token removed."""
+    if in_buf != 0:
+        g = tl.load(buf + cols, mask=msk, other=0.0)
+    else:
+        x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
+        g = tl.where(msk & (order_key(x) >= tau) & (cols != ex_tok), tl.exp((x - m) / T), 0.0)
+    return g
+
+
+@triton.jit
+def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_ptr, temp_ptr,
+                 unif_ptr, seed_ptr, offset_ptr, N,
+                 m_ptr, tau_ptr, mass_ptr, amax_ptr, buf_ptr,
+                 out_ptr, num_ptr, path_ptr, max_depth,
+                 IS_CHAIN: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIF: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    start = tl.load(cu_ptr + r)
+    k = tl.load(cu_ptr + r + 1) - start
+    row0 = start + r
+    T = tl.load(temp_ptr + r)
+    greedy = T == 0.0
+    buf = buf_ptr + r.to(tl.int64) * V
+    out_row = out_ptr + r.to(tl.int64) * (max_depth + 1)
+    path_row = path_ptr + r.to(tl.int64) * max_depth
+    if HAS_UNIF:
+        seed = tl.load(unif_ptr + N + r).to(tl.int64)  # unused placeholders of the right type
+        off = seed
+    else:
+        seed = tl.load(seed_ptr + r)
+        off = tl.load(offset_ptr + r)
+    offs = tl.arange(0, BLOCK)
+
+    row = row0
+    m = tl.load(m_ptr + row)
+    tau = tl.load(tau_ptr + row)
+    M = tl.load(mass_ptr + row)
+    amax = tl.load(amax_ptr + row)
+    in_buf = r * 0
+    ex_tok = r * 0 - 1
+    node = r * 0 - 1
+    depth = r * 0
+    done = r * 0
+    for _d in range(0, max_depth):
+        if done == 0:
+            base = logits_ptr + row.to(tl.int64) * row_stride
+            accepted = r * 0 - 1
+            if IS_CHAIN:
+                j_hi = tl.minimum(node + 2, k)
+            else:
+                j_hi = k
+            for j in range(node + 1, j_hi):
+                if accepted < 0:
+                    if IS_CHAIN:
+                        par = node
+                    else:
+                        par = tl.load(parents_ptr + start + j)
+                    if par == node:
+                        t = tl.load(draft_ptr + start + j).to(tl.int32)
+                        if greedy:
+                            if t == amax:
+                                accepted = j
+                        else:
+                            if in_buf != 0:
+                                gt = tl.load(buf + t)
+                            else:
+                                xt = tl.load(base + t).to(tl.float32)
+                                gt = tl.where((order_key(xt) >= tau) & (t != ex_tok), tl.exp((xt - m) / T), 0.0)
+                            pt = gt / M.to(tl.float32)
+                            if HAS_Q:
+                                q_row = q_ptr + (start + j).to(tl.int64) * V
+                                qt = tl.load(q_row + t)
+                            else:
+                                qt = 1.0
+                            if HAS_UNIF:
+                                u = tl.load(unif_ptr + start + j)
+                            else:
+                                u = philox_uniform(seed, off, j, 0)
+                            if (pt > 0.0) & (u * qt <= pt):
+                                accepted = j
+                            elif HAS_Q:
+                                # residual max(0, p - q), renormalised; kept as is if it has no mass
+                                M32 = M.to(tl.float32)
+                                acc = tl.zeros([BLOCK], tl.float64)
+                                for s0 in range(0, V, BLOCK):
+                                    cols = s0 + offs
+                                    msk = cols < V
+                                    g = _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok)
+                                    qv = tl.load(q_row + cols, mask=msk, other=0.0)
+                                    res = tl.maximum(g / M32 - qv, 0.0)
+                                    if in_buf == 0:  # the row form stays valid: write at once
+                                        tl.store(buf + cols, res, mask=msk)
+                                    acc += res.to(tl.float64)
+                                S = tl.sum(acc, 0)
+                                if S > 0.0:
+                                    if in_buf != 0:  # second pass: only now may the scratch row change
+                                        for s0 in range(0, V, BLOCK):
+                                            cols = s0 + offs
+                                            msk = cols < V
+                                            g = tl.load(buf + cols, mask=msk, other=0.0)
+                                            qv = tl.load(q_row + cols, mask=msk, other=0.0)
+                                            tl.store(buf + cols, tl.maximum(g / M32 - qv, 0.0), mask=msk)
+                                    in_buf = r * 0 + 1
+                                    M = S
+                                tl.debug_barrier()
+                            elif pt > 0.0:
+                                # point mass: the residual is p without token t (if anything is left)
+                                left = M - gt.to(tl.float64)
+                                if left > 0.0:
+                                    if in_buf != 0:
+                                        tl.store(buf + t + offs, tl.zeros([BLOCK], tl.float32), mask=offs < 1)
+                                    elif ex_tok < 0:
+                                        ex_tok = t
+                                    else:  # a second exclusion: write the residual row once
+                                        for s0 in range(0, V, BLOCK):
+                                            cols = s0 + offs
+                                            msk = cols < V
+                                            g = _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok)
+                                            tl.store(buf + cols, tl.where(cols == t, 0.0, g), mask=msk)
+                                        in_buf = r * 0 + 1
+                                    M = left
+                                    tl.debug_barrier()
+            if accepted >= 0:
+                tl.store(out_row + depth, tl.load(draft_ptr + start + accepted).to(tl.int32))
+                tl.store(path_row + depth, accepted)
+                depth += 1
+                node = accepted
+                row = row0 + 1 + node
+                m = tl.load(m_ptr + row)
+                tau = tl.load(tau_ptr + row)
+                M = tl.load(mass_ptr + row)
+                amax = tl.load(amax_ptr + row)
+                in_buf = r * 0
+                ex_tok = r * 0 - 1
+            else:
+                done = r * 0 + 1
+
+    if greedy:
+        tok = amax
+    else:
+        if HAS_UNIF:
+            u = tl.load(unif_ptr + N + r)
+        else:
+            u = philox_uniform(seed, off, r * 0, 1)
+        base = logits_ptr + row.to(tl.int64) * row_stride
+        thr = u.to(tl.float64) * M
+        cum = tl.zeros([], tl.float64)
+        found = r * 0 - 1
+        last = r * 0 - 1
+        for s0 in range(0, V, BLOCK):  # inverse CDF over ids; tiles after the hit are skipped
+            if found < 0:
+                cols = s0 + offs
+                msk = cols < V
+                g = _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok)
+                g64 = g.to(tl.float64)
+                cs = cum + tl.cumsum(g64, 0)
+                hit = tl.min(tl.where((cs > thr) & msk, cols, V), 0)
+                found = tl.where(hit < V, hit, -1)
+                last = tl.maximum(last, tl.max(tl.where(g > 0.0, cols, -1), 0))
+                cum = cum + tl.sum(g64, 0)
+        tok = tl.where(found >= 0, found, tl.maximum(last, 0))
+    tl.store(out_row + depth, tok)
+    tl.store(num_ptr + r, depth + 1)
+    for d in range(0, max_depth):
+        if d > depth:
+            tl.store(out_row + d, -1)
+        if d >= depth:
+            tl.store(path_row + d, -1)
+    if max_depth > depth:
+        tl.store(out_row + max_depth, -1)
+
+
+def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """fp32 coins computed by the kernels' Philox (for tests against the reference)."""
+    n = seed.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=seed.device)
+    if n:
+        _philox_kernel[(n,)](seed, offset, index.to(torch.int32), out, n, STREAM=stream)
+    return out
+
+
+def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
+                     uniforms, seed, offset, max_depth):
+    if target_logits.stride(-1) != 1:
+        target_logits = target_logits.contiguous()
+    rows, V = target_logits.shape
+    R = cu_num_draft.shape[0] - 1
+    N = draft_token_ids.shape[0]
+    dev = target_logits.device
+    out = torch.empty((R, max_depth + 1), dtype=torch.int32, device=dev)
+    num = torch.empty((R,), dtype=torch.int32, device=dev)
+    path = torch.empty((R, max_depth), dtype=torch.int32, device=dev)
+    if R == 0:
+        return out, num, path
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    cu = cu_num_draft.contiguous()
+    temp = c(temperature) if temperature is not None else torch.ones(R, dtype=torch.float32, device=dev)
+    tk = c(top_k) if top_k is not None else torch.zeros(R, dtype=torch.int32, device=dev)
+    tp = c(top_p) if top_p is not None else torch.ones(R, dtype=torch.float32, device=dev)
+    m = torch.empty(rows, dtype=torch.float32, device=dev)
+    tau = torch.empty(rows, dtype=torch.int32, device=dev)
+    mass = torch.empty(rows, dtype=torch.float64, device=dev)
+    amax = torch.empty(rows, dtype=torch.int32, device=dev)
+    block = min(BLOCK_V, triton.next_power_of_2(V))
+    # the request of each row (rows of request r: cu[r] + r .. cu[r + 1] + r), without a host sync
+    req = torch.repeat_interleave(torch.arange(R, dtype=torch.int32, device=dev), cu.diff() + 1, output_size=rows)
+    _row_stats_kernel[(rows,)](target_logits, target_logits.stride(0), V, req, temp, tk, tp, m, tau, mass, amax,
+                               BLOCK=block, BLOCK_S=min(BLOCK_S, triton.next_power_of_2(V)), P=PIVOTS)
+    # scratch rows for residuals: only trees (several siblings) and draft_probs can need them
+    buf = (torch.empty((R, V), dtype=torch.float32, device=dev) if (parents is not None or draft_probs is not None)
+           else m)
+    q = c(draft_probs) if draft_probs is not None else m
+    unif = c(uniforms) if uniforms is not None else m
+    par = c(parents) if parents is not None else cu
+    sd = c(seed) if seed is not None else cu
+    off = c(offset) if offset is not None else cu
+    _walk_kernel[(R,)](target_logits, target_logits.stride(0), V, draft_token_ids.contiguous(), cu, par, q, temp,
+                       unif, sd, off, N, m, tau, mass, amax, buf, out, num, path, max_depth,
+                       IS_CHAIN=parents is None, HAS_Q=draft_probs is not None, HAS_UNIF=uniforms is not None,
+                       BLOCK=block)
+    return out, num, path
