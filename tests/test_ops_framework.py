@@ -31,10 +31,17 @@ def sample_inputs():
         cases.append((rs, (*b.args()[:4], q, None, torch.full((R,), 5, dtype=torch.int32, device=DEVICE),
                            torch.full((R,), 0.9, device=DEVICE), None, torch.arange(R, device=DEVICE),
                            torch.ones(R, dtype=torch.int64, device=DEVICE), b.max_depth)))
+    from test_tree_attention import make_batch
+
+    ta = torch.ops.spdkernels.tree_attention.default
+    for q_lens, ctx, dtype, chain in [([3, 1], [17, 0], torch.float32, False), ([4], [40], torch.bfloat16, True)]:
+        args = make_batch(q_lens, ctx, 4, 2, 64, 16, dtype, chain, gen)
+        cases.append((ta, (*args, None)))
+        cases.append((ta, (*args, 0.2)))
     return cases
 
 
-ALL_OPS = {"verify_greedy", "rejection_sample"}
+ALL_OPS = {"verify_greedy", "rejection_sample", "tree_attention"}
 
 
 def test_every_public_op_is_a_torch_op_and_covered():
@@ -62,7 +69,13 @@ def test_torch_compile_fullgraph():
         temp = torch.full((cu.shape[0] - 1,), 0.7, device=cu.device)
         out2, num2, _ = torch.ops.spdkernels.rejection_sample(logits, toks, cu, parents, None, temp, None, None, None,
                                                               seed, None, 3)
-        return out, num + 1, path, out2, num2
+        q = torch.ones(cu.shape[0] - 1, 4, 64, device=cu.device)  # exact values: eager == compiled inputs
+        kc = (torch.arange(4 * 16 * 2 * 64, device=cu.device) % 7).float().view(4, 16, 2, 64) / 8
+        bt = torch.arange(4, dtype=torch.int32, device=cu.device).view(1, 4).expand(cu.shape[0] - 1, 4).contiguous()
+        lens = torch.full((cu.shape[0] - 1,), 50, dtype=torch.int32, device=cu.device)
+        cu1 = torch.arange(cu.shape[0], dtype=torch.int32, device=cu.device)
+        att = torch.ops.spdkernels.tree_attention(q * 0 + 1, kc, kc, bt, lens, cu1, None, None)
+        return out, num + 1, path, out2, num2, att
 
     b = random_draft_batch([3, 0, 2], 64, tree=True, gen=torch.Generator().manual_seed(1), device=DEVICE)
     compiled = torch.compile(step, fullgraph=True, backend="inductor")

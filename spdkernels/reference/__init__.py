@@ -5,6 +5,7 @@ and loop in Python: correct, not fast.
 """
 
 from .rejection_sample import coins_from_seed, philox_uniform, rejection_sample, target_weights
+from .tree_attention import tree_attention
 from .verify_greedy import verify_greedy
 
-__all__ = ["coins_from_seed", "philox_uniform", "rejection_sample", "target_weights", "verify_greedy"]
+__all__ = ["coins_from_seed", "philox_uniform", "rejection_sample", "target_weights", "tree_attention", "verify_greedy"]

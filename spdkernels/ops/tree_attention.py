@@ -1,0 +1,198 @@
+"""tree_attention: attention of the verification forward pass over a paged KV cache.
+
+Backends: ``triton`` (one flash-attention kernel, split-KV for small batches), ``torch`` (per request:
+gather the pages, pack the query heads of each KV head into one matrix, one
+``scaled_dot_product_attention`` call with a boolean mask; syncs with the host for the lengths). The
+readable oracle is ``spdkernels.reference.tree_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from spdkernels import _config, _registry
+from spdkernels import _validate as V
+from spdkernels._library import define_op
+from spdkernels.reference.tree_attention import gather_kv, mask_bits_to_dense
+
+OP = "tree_attention"
+
+
+def _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask) -> None:
+    V.check_tensor("q", q, 3, V.FLOAT_DTYPES)
+    dev = q.device
+    V.check_tensor("k_cache", k_cache, 4, (q.dtype,), dev)
+    V.check_tensor("v_cache", v_cache, 4, (q.dtype,), dev)
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        V.fail("v_cache", f"expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    T, Hq, D = q.shape
+    nb, bs, Hkv, Dk = k_cache.shape
+    if Dk != D:
+        V.fail("k_cache", f"head dim {Dk} differs from q's {D}")
+    if Hkv < 1 or Hq % Hkv:
+        V.fail("k_cache", f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if bs < 1 or bs & (bs - 1):
+        V.fail("k_cache", f"block size must be a power of two, got {bs}")
+    V.check_tensor("cu_q_lens", cu_q_lens, 1, (torch.int32,), dev)
+    if cu_q_lens.shape[0] < 1:
+        V.fail("cu_q_lens", "expected shape [R + 1], got an empty tensor")
+    R = cu_q_lens.shape[0] - 1
+    V.check_tensor("block_table", block_table, 2, (torch.int32,), dev)
+    if block_table.shape[0] != R:
+        V.fail("block_table", f"expected shape [R, max_blocks] with R = {R}, got {tuple(block_table.shape)}")
+    V.check_tensor("kv_lens", kv_lens, 1, (torch.int32,), dev)
+    if kv_lens.shape[0] != R:
+        V.fail("kv_lens", f"expected shape [R] = [{R}], got {tuple(kv_lens.shape)}")
+    if tree_mask is not None:
+        V.check_tensor("tree_mask", tree_mask, 2, (torch.int32,), dev)
+        if tree_mask.shape[0] != T:
+            V.fail("tree_mask", f"expected shape [T, W] with T = {T}, got {tuple(tree_mask.shape)}")
+
+
+def _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask) -> None:
+    cu = cu_q_lens.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        V.fail("cu_q_lens", f"must start at 0 and be non-decreasing, got {cu[:8]}")
+    if cu[-1] != q.shape[0]:
+        V.fail("cu_q_lens", f"last entry must equal the number of query tokens {q.shape[0]}, got {cu[-1]}")
+    q_len = torch.tensor(cu).diff()
+    lens = kv_lens.cpu()
+    if bool((lens < q_len).any()):
+        r = int((lens < q_len).nonzero()[0, 0])
+        V.fail("kv_lens", f"request {r} has kv_len {int(lens[r])} < its {int(q_len[r])} query tokens (kv_lens "
+               "include the query tokens)")
+    nb, bs = k_cache.shape[:2]
+    need = (lens + bs - 1) // bs
+    if bool((need > block_table.shape[1]).any()):
+        V.fail("block_table", f"has {block_table.shape[1]} columns, fewer than the {int(need.max())} blocks a "
+               "request needs")
+    cols = torch.arange(block_table.shape[1])
+    used = block_table.cpu()[cols[None, :] < need[:, None]]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= nb):
+        V.fail("block_table", f"points outside the cache (blocks in [0, {nb})): got values in "
+               f"[{int(used.min())}, {int(used.max())}]")
+    if tree_mask is not None and q.shape[0]:
+        max_q = int(q_len.max())
+        W = (max_q + 31) // 32
+        if tree_mask.shape[1] < W:
+            V.fail("tree_mask", f"needs ceil(max_q_len / 32) = {W} words per query, got {tree_mask.shape[1]}")
+        req = torch.repeat_interleave(torch.arange(len(cu) - 1), q_len)
+        local = torch.arange(q.shape[0]) - torch.tensor(cu[:-1])[req]
+        j = torch.arange(tree_mask.shape[1] * 32)
+        bits = ((tree_mask.cpu().long()[:, j // 32] >> (j % 32)) & 1).bool()
+        if not bool(bits[torch.arange(q.shape[0]), local].all()):
+            V.fail("tree_mask", "every query must see itself (its own bit set)")
+        if bool((bits & (j[None, :] > local[:, None])).any()):
+            V.fail("tree_mask", "a query sees a later query of its request or a position past its request "
+                   "(ancestors come first: nodes are in topological order)")
+
+
+def _kernel(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+    _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    if _config.validation_enabled():
+        _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    _, impl = _registry.resolve(OP, q.device)
+    return impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, float(scale))
+
+
+def _fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+    _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    return torch.empty_like(q)
+
+
+define_op("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
+          "Tensor cu_q_lens, Tensor? tree_mask, float? scale) -> Tensor", _kernel, _fake)
+
+
+# ---- backends --------------------------------------------------------------------------------------
+
+@_registry.register(OP, "torch")
+def _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+    """Per request: the query heads sharing a KV head are stacked into one [G * q_len, D] matrix, so K/V
+    are neither repeated nor copied per query head; one SDPA call per request with a boolean mask that is
+    all-true over the prefix and the tree bits over the last q_len columns."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    out = torch.empty_like(q)
+    cu = cu_q_lens.tolist()
+    lens = kv_lens.tolist()
+    for r in range(len(cu) - 1):
+        q0, ql, L = cu[r], cu[r + 1] - cu[r], lens[r]
+        if ql == 0:
+            continue
+        k = gather_kv(k_cache, block_table[r], L).permute(1, 0, 2)  # [Hkv, L, D]
+        v = gather_kv(v_cache, block_table[r], L).permute(1, 0, 2)
+        qr = q[q0:q0 + ql].view(ql, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * ql, D)
+        mask = torch.ones(ql, L, dtype=torch.bool, device=q.device)
+        mask[:, L - ql:] = mask_bits_to_dense(tree_mask, q0, ql).to(q.device)
+        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask.repeat(G, 1), scale=scale)
+        out[q0:q0 + ql] = o.view(Hkv, G, ql, D).permute(2, 0, 1, 3).reshape(ql, Hq, D)
+    return out
+
+
+@_registry.register(OP, "triton")
+def _triton_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+    from spdkernels.triton_kernels import tree_attention as k
+
+    return k.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale)
+
+
+# ---- public wrapper --------------------------------------------------------------------------------
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    tree_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of the query tokens of each request (its root plus its draft nodes) to the committed
+    prefix and to their own ancestors in the token tree, over a paged KV cache.
+
+    Args:
+        q: ``[T, Hq, D]`` fp16/bf16/fp32, ragged by ``cu_q_lens``.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, same dtype as ``q``; block_size a power
+            of two; ``Hq % Hkv == 0`` (GQA/MQA).
+        block_table: int32 ``[R, max_blocks]``: request r's position p lives in block
+            ``block_table[r, p // block_size]``, slot ``p % block_size``.
+        kv_lens: int32 ``[R]``: valid KV positions of each request, **including** its query tokens, whose
+            K/V are already written at the last ``q_len`` positions.
+        cu_q_lens: int32 ``[R + 1]``: query offsets (``cu_q_lens[0] == 0``, non-decreasing).
+        tree_mask: int32 ``[T, ceil(max_q_len / 32)]``: bit j of query i set = query i sees local query
+            j of its request (see :func:`spdkernels.tree.build_tree_mask`); ``None`` = causal chain.
+            Every query sees every position before its request's query tokens.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        out: optional ``[T, Hq, D]`` tensor to write the result into (a copy: the op itself is
+            functional).
+
+    Returns:
+        ``[T, Hq, D]`` like ``q``.
+
+    Raises:
+        ValueError: naming the argument: shapes, dtypes, devices; with validation on also
+            ``kv_lens`` shorter than the query count, block tables pointing outside the cache or too
+            narrow, malformed masks (a query not seeing itself, or seeing a later query).
+    """
+    V.check_tensor("q", q, 3, V.FLOAT_DTYPES)
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        V.fail("scale", f"expected a finite positive float, got {scale!r}")
+    res = torch.ops.spdkernels.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
+                                              None if scale is None else float(scale))
+    if out is not None:
+        V.check_tensor("out", out, 3, (q.dtype,), q.device)
+        if out.shape != q.shape:
+            V.fail("out", f"expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        out.copy_(res)
+        return out
+    return res

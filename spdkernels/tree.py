@@ -1,0 +1,261 @@
+"""Token-tree utilities (DESIGN.md section 3): masks, positions, KV compaction, layout conversions and
+tree builders.
+
+Our layout: a ragged batch of draft trees as ``parents: int32 [N]`` (local parent index, -1 = root,
+topological order) and ``cu_num_draft: int32 [R + 1]``; the query tokens of request ``r`` are
+``[root, node_0, ..., node_{k_r - 1}]`` (``q_len = k_r + 1``), so ``cu_q_lens = cu_num_draft + arange``.
+
+Device ops (``build_tree_mask``, ``tree_positions``, ``compact_kv``) are vectorised torch code with no
+host sync when their size arguments are given; the conversions to other stacks' layouts are host-side
+helpers (they run once per batch shape, or on CPU metadata).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _validate as V
+
+# ---- masks and positions -------------------------------------------------------------------------------
+
+
+def _chain_parents(cu_num_draft: torch.Tensor) -> torch.Tensor:
+    N = int(cu_num_draft[-1])
+    starts = torch.repeat_interleave(cu_num_draft[:-1], cu_num_draft.diff(), output_size=N)
+    return (torch.arange(N, device=cu_num_draft.device) - starts - 1).to(torch.int32)
+
+
+def _query_layout(parents, cu_num_draft):
+    """For the N + R query tokens: owning request, local query index, and the query index of the parent
+    (-1 for roots). Query index = local node index + 1; the root is query 0."""
+    dev = cu_num_draft.device
+    R = cu_num_draft.shape[0] - 1
+    k = cu_num_draft.diff()
+    T = int(cu_num_draft[-1]) + R
+    cu_q = cu_num_draft + torch.arange(R + 1, device=dev, dtype=torch.int32)
+    req = torch.repeat_interleave(torch.arange(R, device=dev), k + 1, output_size=T)
+    local = torch.arange(T, device=dev) - cu_q[req]
+    is_root = local == 0
+    par = parents if parents is not None else _chain_parents(cu_num_draft)
+    node = (cu_num_draft[req] + local - 1).clamp(min=0)  # global node index (garbage for roots)
+    par_q = torch.where(is_root, torch.full_like(local, -1), par.long()[node] + 1)  # parent's local query idx
+    return req, local, par_q, cu_q
+
+
+def build_tree_mask(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor,
+                    max_q_len: Optional[int] = None) -> torch.Tensor:
+    """int32 ``[N + R, ceil(max_q_len / 32)]``: bit j of query i set iff local query j is query i itself
+    or one of its ancestors (the root included). ``max_q_len=None`` costs a host sync."""
+    V.check_tensor("cu_num_draft", cu_num_draft, 1, (torch.int32,))
+    if parents is not None:
+        V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device)
+    req, local, par_q, cu_q = _query_layout(parents, cu_num_draft)
+    if max_q_len is None:
+        max_q_len = int(cu_num_draft.diff().max()) + 1 if cu_num_draft.shape[0] > 1 else 1
+    W = max(1, (max_q_len + 31) // 32)
+    T = local.shape[0]
+    bits = torch.zeros(T, W * 32, dtype=torch.bool, device=cu_num_draft.device)
+    rows = torch.arange(T, device=cu_num_draft.device)
+    cur = local.clone()  # walk up the ancestors: at most max_q_len steps
+    alive = torch.ones(T, dtype=torch.bool, device=cu_num_draft.device)
+    for _ in range(max_q_len):
+        bits[rows[alive], cur[alive]] = True
+        parent_local = par_q[cu_q[req] + cur]  # par_q indexed by global query index
+        alive = alive & (parent_local >= 0)
+        cur = torch.where(alive, parent_local, cur)
+    return pack_bool_mask(bits)
+
+
+def pack_bool_mask(dense: torch.Tensor) -> torch.Tensor:
+    """bool ``[T, W*32]`` (W = columns / 32, padded up) -> int32 ``[T, W]`` bit words (bit j of word j // 32)."""
+    T, C = dense.shape
+    W = max(1, (C + 31) // 32)
+    padded = torch.zeros(T, W * 32, dtype=torch.int64, device=dense.device)
+    padded[:, :C] = dense.long()
+    weights = (1 << torch.arange(32, device=dense.device, dtype=torch.int64))
+    words = (padded.view(T, W, 32) * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_bool_mask(tree_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """int32 bit words ``[T, W]`` -> bool ``[T, q_len]``."""
+    j = torch.arange(q_len, device=tree_mask.device)
+    return ((tree_mask.long()[:, j // 32] >> (j % 32)) & 1).bool()
+
+
+def dense_to_tree_mask(dense: torch.Tensor) -> torch.Tensor:
+    """Dense boolean masks -> our bit words. ``dense``: bool ``[T, max_q_len]`` (row i: which local
+    queries of its own request query i may see)."""
+    V.check_tensor("dense", dense, 2, (torch.bool,))
+    return pack_bool_mask(dense)
+
+
+def tree_mask_to_dense(tree_mask: torch.Tensor, max_q_len: int) -> torch.Tensor:
+    """Our bit words -> bool ``[T, max_q_len]``."""
+    return unpack_bool_mask(tree_mask, max_q_len)
+
+
+def tree_positions(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor, start_pos: torch.Tensor,
+                   max_q_len: Optional[int] = None) -> torch.Tensor:
+    """int64 ``[N + R]``: RoPE position of every query token: ``start_pos[r] + depth`` (root depth 0)."""
+    V.check_tensor("start_pos", start_pos, 1, (torch.int32, torch.int64))
+    if start_pos.shape[0] != cu_num_draft.shape[0] - 1:
+        V.fail("start_pos", f"expected shape [R] = [{cu_num_draft.shape[0] - 1}], got {tuple(start_pos.shape)}")
+    mask = build_tree_mask(parents, cu_num_draft, max_q_len)
+    depth = unpack_bool_mask(mask, mask.shape[1] * 32).sum(-1) - 1  # ancestors incl. root, minus itself
+    req, _, _, _ = _query_layout(parents, cu_num_draft)
+    return start_pos.long()[req] + depth
+
+
+# ---- KV compaction --------------------------------------------------------------------------------------
+
+
+def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
+               cu_q_lens: torch.Tensor, accepted_path: torch.Tensor) -> torch.Tensor:
+    """After verification, move the K/V of each request's accepted nodes to the slots right after its
+    root, in place, and return the new ``kv_lens`` (prefix + root + accepted nodes).
+
+    Before: request r's query tokens ``[root, node_0, ...]`` sit at positions ``P .. P + q_len - 1``
+    (``P = kv_lens[r] - q_len``). ``accepted_path[r, d]`` (local node index, -1 padded, as the
+    verification ops return it) moves from ``P + 1 + path[d]`` to ``P + 1 + d``. Sources are gathered
+    before anything is written, so overlapping moves are safe. No host sync."""
+    V.check_tensor("accepted_path", accepted_path, 2, (torch.int32, torch.int64))
+    R, D = accepted_path.shape
+    dev = k_cache.device
+    bs = k_cache.shape[1]
+    q_len = cu_q_lens.diff().long()
+    P = kv_lens.long() - q_len
+    path = accepted_path.long()
+    valid = path >= 0
+    depth = torch.arange(D, device=dev).expand(R, D)
+    src = P[:, None] + 1 + path.clamp(min=0)
+    dst = P[:, None] + 1 + depth
+    src = torch.where(valid, src, dst)
+
+    def slot(pos):
+        blk = block_table.long().gather(1, (pos // bs).clamp(max=block_table.shape[1] - 1))
+        return blk * bs + pos % bs
+
+    s, d = slot(src)[valid], slot(dst)[valid]
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[d] = flat[s]  # advanced indexing: the right side is a copy
+    return (P + 1 + valid.sum(1)).to(kv_lens.dtype)
+
+
+# ---- other stacks' layouts ------------------------------------------------------------------------------
+
+
+def from_vllm_cu_num_draft_tokens(cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """vLLM's cumulative draft counts (no leading zero) -> our ``cu_num_draft`` (leading zero, int32)."""
+    z = torch.zeros(1, dtype=torch.int32, device=cu_num_draft_tokens.device)
+    return torch.cat([z, cu_num_draft_tokens.to(torch.int32)])
+
+
+def to_vllm_cu_num_draft_tokens(cu_num_draft: torch.Tensor) -> torch.Tensor:
+    return cu_num_draft[1:].clone()
+
+
+def from_vllm_tree(paths: Sequence[Tuple[int, ...]]) -> List[int]:
+    """vLLM's speculative token tree (each node a tuple of child ranks from the root, e.g.
+    ``[(0,), (1,), (0, 0)]``) -> local ``parents`` in vLLM's order (by depth, then path)."""
+    order = sorted(paths, key=lambda p: (len(p), p))
+    if list(order) != list(paths):
+        V.fail("paths", "expected the nodes sorted by depth, then path (vLLM's order)")
+    index = {tuple(p): i for i, p in enumerate(paths)}
+    parents = []
+    for p in paths:
+        if len(p) == 0:
+            V.fail("paths", "the root is implicit: paths must be non-empty")
+        if len(p) > 1 and tuple(p[:-1]) not in index:
+            V.fail("paths", f"node {p} has no parent {p[:-1]} in the tree")
+        parents.append(-1 if len(p) == 1 else index[tuple(p[:-1])])
+    return parents
+
+
+def to_vllm_tree(parents: Sequence[int]) -> List[Tuple[int, ...]]:
+    """Local ``parents`` of one tree -> vLLM's paths of child ranks (rank = order among siblings)."""
+    paths: List[Tuple[int, ...]] = []
+    rank: dict = {}
+    for p in parents:
+        r = rank.get(p, 0)
+        rank[p] = r + 1
+        paths.append((r,) if p < 0 else paths[p] + (r,))
+    return paths
+
+
+def to_sglang(parents: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """Local ``parents`` of one tree -> SGLang's ``retrive_next_token`` / ``retrive_next_sibling`` over
+    the q_len = k + 1 query tokens (index 0 = root): first child and next sibling, -1 for none."""
+    n = len(parents) + 1
+    nxt, sib = [-1] * n, [-1] * n
+    last_child = {}
+    for i, p in enumerate(parents):
+        q, pq = i + 1, p + 1
+        if pq in last_child:
+            sib[last_child[pq]] = q
+        else:
+            nxt[pq] = q
+        last_child[pq] = q
+    return nxt, sib
+
+
+def from_sglang(next_token: Sequence[int], next_sibling: Sequence[int]) -> List[int]:
+    """SGLang's linked lists (index 0 = root) -> local ``parents`` (requires topological numbering)."""
+    n = len(next_token)
+    parents = [None] * (n - 1)
+    for pq in range(n):
+        c = next_token[pq]
+        while c != -1:
+            if not 0 < c < n or parents[c - 1] is not None:
+                V.fail("next_token", f"malformed linked lists at query {c}")
+            if c <= pq:
+                V.fail("next_token", f"child {c} before its parent {pq}: expected topological numbering")
+            parents[c - 1] = pq - 1
+            c = next_sibling[c]
+    if any(p is None for p in parents):
+        V.fail("next_token", "some nodes are not reachable from the root")
+    return parents
+
+
+# ---- tree builders ---------------------------------------------------------------------------------------
+
+
+def chain(k: int) -> List[int]:
+    """parents of a chain of k drafts."""
+    return list(range(-1, k - 1))
+
+
+def topk_tree(branching: Sequence[int]) -> List[int]:
+    """Full top-k expansion: every node of level l has ``branching[l]`` children (level 0 = the root's
+    children). Nodes numbered level by level (topological)."""
+    parents: List[int] = []
+    level = [-1]
+    for b in branching:
+        nxt = []
+        for p in level:
+            for _ in range(b):
+                parents.append(p)
+                nxt.append(len(parents) - 1)
+        level = nxt
+    return parents
+
+
+def budget_tree(parents: Sequence[int], scores: Sequence[float], budget: int) -> Tuple[List[int], List[int]]:
+    """EAGLE-2 style: keep the ``budget`` nodes of a candidate tree with the highest scores (a node's
+    score is its path's cumulative log-probability, so it never exceeds its parent's), always closed
+    under ancestors. Returns (kept candidate indices in topological order, their new parents)."""
+    if budget < 0:
+        V.fail("budget", f"must be >= 0, got {budget}")
+    order = sorted(range(len(parents)), key=lambda i: (-scores[i], i))
+    kept: set = set()
+    for i in order:
+        if len(kept) >= budget:
+            break
+        if parents[i] < 0 or parents[i] in kept:
+            kept.add(i)
+    ids = sorted(kept)
+    new = {old: j for j, old in enumerate(ids)}
+    return ids, [-1 if parents[i] < 0 else new[parents[i]] for i in ids]

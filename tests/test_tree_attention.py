@@ -1,0 +1,180 @@
+"""tree_attention against the reference (tolerance table), mask semantics, and validation."""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, backends_here
+
+import spdkernels
+from spdkernels import reference, tree
+
+BACKENDS = [b for b in backends_here() if b in spdkernels.available_backends("cpu", op="tree_attention")]
+I32 = dict(dtype=torch.int32)
+
+# relative RMS error and max error (relative to max |reference|) allowed per dtype
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.5e-2, 4e-2), torch.float16: (2e-3, 5e-3)}
+
+
+def make_batch(q_lens, ctx, Hq=8, Hkv=2, D=64, bs=16, dtype=torch.float32, chain=False, gen=None, spare_blocks=3):
+    """Random paged batch: request r has ctx[r] committed positions then q_lens[r] query tokens (a random
+    tree, or a chain); pages shuffled over the cache."""
+    gen = gen or torch.Generator().manual_seed(0)
+    R = len(q_lens)
+    kv = [c + q for c, q in zip(ctx, q_lens)]
+    nbs = [(x + bs - 1) // bs for x in kv]
+    nb = sum(nbs) + spare_blocks
+    perm = torch.randperm(nb, generator=gen)
+    bt = torch.zeros(R, max(nbs + [1]), **I32)
+    i = 0
+    for r, n in enumerate(nbs):
+        bt[r, :n] = perm[i:i + n]
+        i += n
+    kc = torch.randn(nb, bs, Hkv, D, generator=gen).to(dtype)
+    vc = torch.randn(nb, bs, Hkv, D, generator=gen).to(dtype)
+    q = torch.randn(sum(q_lens), Hq, D, generator=gen).to(dtype)
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), **I32)
+    ks = [x - 1 for x in q_lens]
+    par = []
+    for k in ks:
+        par += [int(torch.randint(-1, i, (1,), generator=gen)) if i > 0 else -1 for i in range(k)]
+    cund = torch.tensor([0] + torch.tensor(ks).cumsum(0).tolist(), **I32)
+    mask = None if chain else tree.build_tree_mask(torch.tensor(par, **I32), cund)
+    args = [q, kc, vc, bt, torch.tensor(kv, **I32), cu_q, mask]
+    return [a.to(DEVICE) if a is not None else None for a in args]
+
+
+def run(backend, args, **kw):
+    with spdkernels.use_backend(backend):
+        return spdkernels.tree_attention(*args, **kw)
+
+
+def check_close(got, want):
+    rms_tol, max_tol = TOL[want.dtype]
+    g, w = got.float().cpu(), want.float().cpu()
+    rel_rms = float((g - w).norm() / w.norm().clamp(min=1e-30))
+    rel_max = float((g - w).abs().max() / w.abs().max().clamp(min=1e-30))
+    assert rel_rms <= rms_tol and rel_max <= max_tol, f"rel RMS {rel_rms:.2e}, rel max {rel_max:.2e}"
+
+
+CASES = [
+    # q_lens, ctx, Hq, Hkv, D, bs, chain
+    ([1, 1, 1], [37, 5, 80], 8, 8, 64, 16, True),        # plain decode, MHA
+    ([8, 3, 1], [50, 17, 0], 8, 2, 64, 16, False),       # trees, GQA 4, a request with no prefix
+    ([8, 5], [30, 100], 8, 1, 128, 16, True),            # chains, MQA (group 8), D 128
+    ([64], [21], 4, 4, 64, 16, False),                   # a 64-node tree (two mask words... one: 64 bits)
+    ([33, 2], [200, 9], 4, 1, 64, 128, False),           # block size 128, partly filled last blocks
+    ([9], [0], 8, 2, 64, 16, False),                     # no prefix at all
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_reference(backend, dtype, case):
+    q_lens, ctx, Hq, Hkv, D, bs, chain = CASES[case]
+    args = make_batch(q_lens, ctx, Hq, Hkv, D, bs, dtype, chain, torch.Generator().manual_seed(case))
+    want = reference.tree_attention(*[a.cpu() if a is not None else None for a in args])
+    got = run(backend, args)
+    assert got.dtype == dtype and got.shape == args[0].shape
+    check_close(got, want)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_triton_split_kv_matches_reference(splits):
+    """Flash-decoding path (partial outputs + log-sum-exp merge), forced on small shapes."""
+    from spdkernels.triton_kernels.tree_attention import tree_attention as k
+
+    args = make_batch([4, 1, 6], [90, 3, 150], 8, 2, 64, 16, torch.float32, False, torch.Generator().manual_seed(7))
+    want = reference.tree_attention(*[a.cpu() if a is not None else None for a in args])
+    got = k(*args, 1 / math.sqrt(64), num_splits=splits)
+    check_close(got, want)
+
+
+def test_scale_argument():
+    args = make_batch([3], [10], gen=torch.Generator().manual_seed(3))
+    want = reference.tree_attention(*[a.cpu() if a is not None else None for a in args], scale=0.3)
+    for b in BACKENDS:
+        check_close(run(b, args, scale=0.3), want)
+    out = torch.empty_like(args[0])
+    res = spdkernels.tree_attention(*args, scale=0.3, out=out)
+    assert res is out
+    check_close(out, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_semantics_exactly(backend):
+    """Changing K/V at a position a query must not see leaves its output unchanged bit for bit; changing
+    one it must see changes it."""
+    gen = torch.Generator().manual_seed(5)
+    q_lens, ctx = [6], [20]
+    args = make_batch(q_lens, ctx, 4, 2, 64, 16, torch.float32, False, gen)
+    parents = [-1, 0, 0, 2, -1]  # local query j = node j - 1; query 0 is the root
+    cund = torch.tensor([0, 5], **I32)
+    args[6] = tree.build_tree_mask(torch.tensor(parents, **I32), cund).to(DEVICE)
+    base = run(backend, args)
+    P = ctx[0]
+    bt = args[3].cpu()
+    visible = {0: {0}, 1: {0, 1}, 2: {0, 1, 2}, 3: {0, 1, 3}, 4: {0, 1, 3, 4}, 5: {0, 5}}
+    for j in range(6):  # perturb the K and V of local query token j
+        kc, vc = args[1].clone(), args[2].clone()
+        pos = P + j
+        blk = int(bt[0, pos // 16])
+        kc[blk, pos % 16] += 3.0
+        vc[blk, pos % 16] -= 2.0
+        out = run(backend, [args[0], kc, vc] + args[3:])
+        for i in range(6):
+            same = torch.equal(out[i], base[i])
+            assert same == (j not in visible[i]), f"query {i} vs perturbed token {j}"
+    # and a prefix position is seen by every query
+    kc = args[1].clone()
+    kc[int(bt[0, 0]), 3] += 3.0
+    out = run(backend, [args[0], kc] + args[2:])
+    assert all(not torch.equal(out[i], base[i]) for i in range(6))
+
+
+# ---- validation -------------------------------------------------------------------------------------
+
+def good():
+    return make_batch([3, 2], [20, 4], 4, 2, 64, 16, torch.float32, False, torch.Generator().manual_seed(1))
+
+
+def _with(i, value, *more):
+    a = good()
+    a[i] = value
+    for j, v in zip(more[::2], more[1::2]):
+        a[j] = v
+    return a
+
+
+INVALID = {
+    "q-ndim": (lambda: _with(0, torch.zeros(5, 4 * 64)), "q"),
+    "k-dtype": (lambda: _with(1, good()[1].half()), "k_cache"),
+    "v-shape": (lambda: _with(2, good()[2][:, :8]), "v_cache"),
+    "heads-not-multiple": (lambda: _with(0, torch.zeros(5, 3, 64)), "multiple"),
+    "head-dim": (lambda: _with(0, torch.zeros(5, 4, 32)), "head dim"),
+    "block-size-not-pow2": (lambda: _with(1, torch.zeros(4, 12, 2, 64), 2, torch.zeros(4, 12, 2, 64)),
+                            "power of two"),
+    "block-table-rows": (lambda: _with(3, good()[3][:1]), "block_table"),
+    "block-table-outside": (lambda: _with(3, good()[3] + 100), "block_table: points outside"),
+    "block-table-narrow": (lambda: _with(3, good()[3][:, :1]), "block_table: has 1 columns"),
+    "kv-lens-short": (lambda: _with(4, torch.tensor([2, 6], **I32)), "kv_lens: request 0"),
+    "kv-lens-dtype": (lambda: _with(4, torch.tensor([23, 6])), "kv_lens"),
+    "cu-q-last": (lambda: _with(5, torch.tensor([0, 3, 4], **I32)), "cu_q_lens"),
+    "mask-not-self": (lambda: _with(6, torch.zeros(5, 1, **I32)), "see itself"),
+    "mask-later-query": (lambda: _with(6, torch.full((5, 1), 0b111, **I32)), "later query"),
+    "mask-rows": (lambda: _with(6, torch.ones(4, 1, **I32)), "tree_mask"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID), ids=list(INVALID))
+def test_validation_errors(case):
+    make, pattern = INVALID[case]
+    with pytest.raises(ValueError, match=pattern):
+        spdkernels.tree_attention(*make())
+
+
+def test_scale_validation():
+    with pytest.raises(ValueError, match="scale"):
+        spdkernels.tree_attention(*good(), scale=-1.0)

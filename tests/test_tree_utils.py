@@ -1,0 +1,114 @@
+"""Token-tree utilities: masks, positions, layout round trips, builders, and compact_kv + attention."""
+
+import math
+
+import torch
+from test_tree_attention import check_close, make_batch
+
+import spdkernels
+from spdkernels import tree
+from spdkernels.reference.tree_attention import gather_kv
+
+I32 = dict(dtype=torch.int32)
+
+
+def ancestors(parents, i):
+    out = []
+    while i >= 0:
+        out.append(i)
+        i = parents[i]
+    return out
+
+
+def test_build_tree_mask_and_positions_against_a_direct_walk():
+    gen = torch.Generator().manual_seed(0)
+    ks = [0, 5, 40, 1]  # 41 query tokens in one request: two mask words
+    par = []
+    for k in ks:
+        par += [[-1] + [int(torch.randint(-1, i, (1,), generator=gen)) for i in range(1, k)]][0][:k]
+    cund = torch.tensor([0] + torch.tensor(ks).cumsum(0).tolist(), **I32)
+    mask = tree.build_tree_mask(torch.tensor(par, **I32), cund)
+    assert mask.shape == (sum(ks) + len(ks), 2) and mask.dtype == torch.int32
+    dense = tree.tree_mask_to_dense(mask, 41)
+    start = torch.tensor([7, 0, 100, 3])
+    pos = tree.tree_positions(torch.tensor(par, **I32), cund, start)
+    row = 0
+    for r, k in enumerate(ks):
+        local = par[cund[r]:cund[r + 1]]
+        for qi in range(k + 1):
+            want = {0} | ({a + 1 for a in ancestors(local, qi - 1)} if qi else set())
+            assert set(dense[row].nonzero().flatten().tolist()) == want
+            assert int(pos[row]) == int(start[r]) + len(want) - 1
+            row += 1
+    assert torch.equal(tree.dense_to_tree_mask(dense), mask)
+
+
+def test_chain_mask_is_causal():
+    cund = torch.tensor([0, 3, 3], **I32)
+    dense = tree.tree_mask_to_dense(tree.build_tree_mask(None, cund), 4)
+    assert torch.equal(dense[:4], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert dense[4].tolist() == [True, False, False, False]
+
+
+def test_vllm_layouts_round_trip():
+    cund = torch.tensor([0, 2, 2, 7], **I32)
+    assert torch.equal(tree.from_vllm_cu_num_draft_tokens(tree.to_vllm_cu_num_draft_tokens(cund)), cund)
+    paths = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+    parents = tree.from_vllm_tree(paths)
+    assert parents == [-1, -1, -1, 0, 0, 1, 3]
+    assert tree.to_vllm_tree(parents) == paths
+
+
+def test_sglang_layout_round_trip():
+    parents = [-1, -1, 0, 0, 2, 1, -1]
+    nxt, sib = tree.to_sglang(parents)
+    assert nxt[0] == 1 and sib[1] == 2 and sib[2] == 7 and nxt[1] == 3 and sib[3] == 4
+    assert tree.from_sglang(nxt, sib) == parents
+
+
+def test_builders():
+    assert tree.chain(3) == [-1, 0, 1]
+    t = tree.topk_tree([2, 2])
+    assert t == [-1, -1, 0, 0, 1, 1]
+    scores = [-0.1, -1.0, -0.3, -2.0, -1.2, -1.1]
+    ids, par = tree.budget_tree(t, scores, 4)
+    assert ids == [0, 1, 2, 5] and par == [-1, -1, 0, 1]
+    # closure under ancestors even when a child outscores its parent
+    ids, par = tree.budget_tree([-1, 0], [-5.0, -0.1], 1)
+    assert ids == [0] and par == [-1]
+
+
+def test_compact_kv_then_attention_equals_attention_over_the_committed_path():
+    """Verify a tree, compact the accepted nodes, then decode one token: the result must equal attention
+    over a cache that only ever held the committed sequence."""
+    gen = torch.Generator().manual_seed(4)
+    # accepted paths (local node indices, increasing along a path as in any topological tree)
+    paths = [[0, 1, 3, 4, -1], [1, 2, -1, -1, -1]]  # node indices along each accepted path
+    q_lens, ctx = [7, 4], [19, 33]
+    args = make_batch(q_lens, ctx, 4, 2, 64, 16, torch.float32, False, gen)
+    q, kc, vc, bt, kv, cu_q, _ = args
+    dense_before = (kc.clone(), vc.clone())
+    new_kv = tree.compact_kv(kc, vc, bt, kv, cu_q, torch.tensor(paths, **I32))
+    assert new_kv.tolist() == [19 + 1 + 4, 33 + 1 + 2]
+    # expected committed sequence per request: prefix, root, accepted nodes (from the old cache)
+    for r in range(2):
+        P = ctx[r]
+        want_pos = list(range(P + 1)) + [P + 1 + n for n in paths[r] if n >= 0]
+        old_k = gather_kv(dense_before[0], bt[r], kv[r].item())
+        new_k = gather_kv(kc, bt[r], int(new_kv[r]))
+        assert torch.equal(new_k, old_k[want_pos])
+    # one decode step over the compacted cache (its K/V written at the next slot) equals the reference
+    # over a fresh cache that holds the committed sequence only
+    kv2 = new_kv + 1
+    qd = torch.randn(2, 4, 64, generator=gen)
+    for r in range(2):
+        pos = int(new_kv[r])
+        blk = int(bt[r, pos // 16])
+        kc[blk, pos % 16] = torch.randn(2, 64, generator=gen)
+        vc[blk, pos % 16] = torch.randn(2, 64, generator=gen)
+    cu1 = torch.tensor([0, 1, 2], **I32)
+    got = spdkernels.tree_attention(qd, kc, vc, bt, kv2, cu1)
+    for r in range(2):
+        k, v = gather_kv(kc, bt[r], int(kv2[r])), gather_kv(vc, bt[r], int(kv2[r]))
+        ref = torch.softmax(torch.einsum("hd,khd->hk", qd[r], k.repeat_interleave(2, 1)) / math.sqrt(64), -1)
+        check_close(got[r], torch.einsum("hk,khd->hd", ref, v.repeat_interleave(2, 1)))

@@ -1,0 +1,180 @@
+"""Triton tree attention over a paged KV cache: flash attention with GQA packing and split-KV.
+
+Kernel ``_tree_attn_kernel``, grid (R * m_tiles, Hkv, splits):
+
+* **Packing.** The q_len query tokens of a request and the G = Hq / Hkv query heads that share one KV
+  head form the rows of one tile (row m = query m // G, head h * G + m % G), so each K/V block is read
+  once per KV head, not once per query head. Long trees spill into more m-tiles.
+* **Paged K/V.** Positions are streamed in chunks of ``BLOCK_N``; each position's physical slot comes
+  from the block table. Scores in fp32 (``tl.dot``; fp32 inputs use IEEE precision, not TF32), online
+  softmax in base 2 with the scale folded in.
+* **Masking.** Chunks entirely inside the committed prefix need no mask. Only chunks that reach the last
+  q_len positions read the tree bits (or apply the causal chain rule when there is no mask).
+* **Split-KV (flash-decoding).** When R * Hkv * m_tiles programs cannot fill the GPU, the KV range is
+  split; each split writes its normalised partial output and log-sum-exp, and ``_combine_kernel``
+  merges them. With one split the kernel writes the output directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
+                      qk_scale, bt_stride, mask_stride, m_tiles, chunk, n_rows,
+                      Hq: tl.constexpr, Hkv: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                      SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    pid0 = tl.program_id(0)
+    r = pid0 // m_tiles
+    mt = pid0 % m_tiles
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    q0 = tl.load(cuq_ptr + r)
+    ql = tl.load(cuq_ptr + r + 1) - q0
+    L = tl.load(kvlen_ptr + r)
+    P = L - ql  # committed prefix
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // G  # local query
+    head = h * G + rows % G
+    row_ok = qi < ql
+    if mt * BLOCK_M < ql * G:
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q_off = ((q0 + qi).to(tl.int64) * Hq + head) * D
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        lo = s * chunk
+        hi = tl.minimum(lo + chunk, L)
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            pos_ok = pos < hi
+            blk = tl.load(bt_ptr + r.to(tl.int64) * bt_stride + pos // BS, mask=pos_ok, other=0)
+            kv_off = ((blk.to(tl.int64) * BS + pos % BS) * Hkv + h) * D
+            k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = sc * qk_scale
+            ok = pos_ok[None, :] & row_ok[:, None]
+            if start + BLOCK_N > P:  # the chunk reaches the query tokens: tree bits apply there
+                j = pos - P
+                if HAS_MASK:
+                    word = tl.load(mask_ptr + (q0 + qi).to(tl.int64)[:, None] * mask_stride + (j // 32)[None, :],
+                                   mask=row_ok[:, None] & (j >= 0)[None, :] & pos_ok[None, :], other=0)
+                    see = ((word >> (j % 32)[None, :]) & 1) != 0
+                else:
+                    see = j[None, :] <= qi[:, None]
+                ok = ok & ((j < 0)[None, :] | see)
+            sc = tl.where(ok, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        o_off = ((q0 + qi).to(tl.int64) * Hq + head) * D
+        if SPLIT:
+            tok = (q0 + qi).to(tl.int64) * Hq + head  # [T * Hq] index
+            tl.store(part_ptr + (s * n_rows + tok)[:, None] * D + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(lse_ptr + s * n_rows + tok, lse, mask=row_ok)
+        else:
+            tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, lse_ptr, out_ptr, n_rows, S, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    """out[row] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max), per (token, head) row."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + sp * n_rows + row, mask=sp < S, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx)
+    part = tl.load(part_ptr + (sp * n_rows + row)[:, None] * D + d[None, :], mask=(sp < S)[:, None] & (d < D)[None, :],
+                   other=0.0)
+    o = tl.sum(part * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _interpreting() -> bool:
+    """Under TRITON_INTERPRET=1, tl.dot on bf16 operands gives garbage (numpy has no bf16), so the
+    interpreter path computes bf16 tiles in fp32; compiled kernels keep bf16 tensor-core dots."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, num_splits=None,
+                   max_kv_len=None, max_q_len=None):
+    """``num_splits`` / ``max_kv_len`` / ``max_q_len`` default from the inputs (a host sync for the
+    lengths); pass them to stay sync-free (CUDA graphs)."""
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    T, Hq, D = q.shape
+    nb, BS, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    R = cu_q_lens.shape[0] - 1
+    out = torch.empty_like(q)
+    if R == 0 or T == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = int(cu_q_lens.diff().max())
+    if max_kv_len is None:
+        max_kv_len = int(kv_lens.max())
+    BLOCK_M = max(16, min(64, triton.next_power_of_2(max_q_len * G)))
+    m_tiles = triton.cdiv(max_q_len * G, BLOCK_M)
+    BLOCK_N = 64 if D <= 64 else 32
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if num_splits is None:  # enough programs for ~2 waves; each split at least 256 positions
+        programs = R * Hkv * m_tiles
+        num_splits = max(1, min(triton.cdiv(2 * _sm_count(q.device), programs), triton.cdiv(max_kv_len, 256)))
+    chunk = triton.cdiv(triton.cdiv(max_kv_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(max_kv_len, chunk)
+    split = num_splits > 1
+    mask = tree_mask.contiguous() if tree_mask is not None else cu_q_lens
+    part = torch.empty((num_splits, T * Hq, D), dtype=torch.float32, device=q.device) if split else out
+    lse = torch.empty((num_splits, T * Hq), dtype=torch.float32, device=q.device) if split else out
+    bt = block_table.contiguous()
+    grid = (R * m_tiles, Hkv, num_splits)
+    _tree_attn_kernel[grid](q, k_cache, v_cache, bt, kv_lens, cu_q_lens, mask, out, part, lse,
+                            scale * LOG2E, bt.stride(0), mask.stride(0) if tree_mask is not None else 0, m_tiles, chunk,
+                            T * Hq,
+                            Hq=Hq, Hkv=Hkv, G=G, D=D, BLOCK_D=BLOCK_D, BS=BS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                            HAS_MASK=tree_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
+                            UPCAST=_interpreting() and q.dtype == torch.bfloat16)
+    if split:
+        _combine_kernel[(T * Hq,)](part, lse, out, T * Hq, num_splits, D=D, BLOCK_D=BLOCK_D,
+                                   BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out
