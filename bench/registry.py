@@ -32,6 +32,6 @@ def register(bench: OpBench) -> OpBench:
 
 
 def load_all() -> Dict[str, OpBench]:
-    from . import rejection_sample, verify_greedy  # noqa: F401  (each registers itself)
+    from . import rejection_sample, tree_attention, verify_greedy  # noqa: F401  (each registers itself)
 
     return OPS

@@ -1,0 +1,108 @@
+"""Benchmark of tree_attention: paged K/V, random trees, GQA 32 query heads over 8 KV heads, D=128.
+
+Bytes moved: the K and V of every valid position (read once per KV head: the lower bound), the queries
+and the output. Baselines: ``reference`` (gather + dense mask + plain softmax attention) and
+``sdpa-dense``: ``torch.nn.functional.scaled_dot_product_attention`` with a dense boolean mask over
+K/V already gathered into a padded [R, Hkv, L, D] batch (the gather is done before timing, which
+favours the baseline), GQA through ``enable_gqa``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import spdkernels
+from spdkernels import reference, tree
+from spdkernels.reference.tree_attention import gather_kv, mask_bits_to_dense
+
+from .registry import OpBench, register
+from .verify_greedy import DT
+
+
+def case(R, ctx, q_len, dtype="bf16", Hq=32, Hkv=8, D=128, bs=16):
+    return {"R": R, "ctx": ctx, "q_len": q_len, "dtype": dtype, "Hq": Hq, "Hkv": Hkv, "D": D, "bs": bs}
+
+
+SHAPE_SETS = {
+    # CPU-sized subset of the issue's grid
+    "default": [case(1, 4096, 8), case(8, 4096, 8), case(8, 512, 32), case(8, 4096, 64), case(1, 32768, 8),
+                case(8, 4096, 8, "fp32")],
+    # the issue's full grid (GPU)
+    "gpu": [case(R, ctx, q) for R in (1, 8, 64) for ctx in (512, 4096, 32768) for q in (1, 8, 32, 64)],
+    "tiny": [case(2, 100, 4, "fp32", 4, 2, 64), case(1, 300, 9, "bf16", 4, 1, 64)],
+}
+
+
+def label(c):
+    return f"R{c['R']}-ctx{c['ctx']}-q{c['q_len']}-{c['dtype']}-H{c['Hq']}/{c['Hkv']}-D{c['D']}"
+
+
+def make_inputs(c, device):
+    gen = torch.Generator().manual_seed(0)
+    R, ql, bs = c["R"], c["q_len"], c["bs"]
+    dt = DT[c["dtype"]]
+    L = c["ctx"] + ql
+    nbr = (L + bs - 1) // bs
+    perm = torch.randperm(R * nbr, generator=gen).to(torch.int32)
+    bt = perm.view(R, nbr)
+    kc = torch.randn(R * nbr, bs, c["Hkv"], c["D"], generator=gen).to(dt)
+    vc = torch.randn(R * nbr, bs, c["Hkv"], c["D"], generator=gen).to(dt)
+    q = torch.randn(R * ql, c["Hq"], c["D"], generator=gen).to(dt)
+    k = ql - 1
+    parents = []
+    for _ in range(R):  # a random tree of k nodes per request
+        parents += [int(torch.randint(-1, i, (1,), generator=gen)) if i else -1 for i in range(k)]
+    cund = torch.arange(R + 1, dtype=torch.int32) * k
+    mask = tree.build_tree_mask(torch.tensor(parents, dtype=torch.int32), cund, ql) if k else None
+    cu_q = torch.arange(R + 1, dtype=torch.int32) * ql
+    kv = torch.full((R,), L, dtype=torch.int32)
+    args = [x.to(device) if x is not None else None for x in (q, kc, vc, bt, kv, cu_q, mask)]
+    # SDPA baseline inputs, gathered and padded before timing
+    Kd = torch.stack([gather_kv(kc, bt[r], L) for r in range(R)]).permute(0, 2, 1, 3).contiguous()
+    Vd = torch.stack([gather_kv(vc, bt[r], L) for r in range(R)]).permute(0, 2, 1, 3).contiguous()
+    dense = torch.ones(R, 1, ql, L, dtype=torch.bool)
+    for r in range(R):
+        dense[r, 0, :, L - ql:] = mask_bits_to_dense(mask, r * ql, ql) if mask is not None else \
+            torch.ones(ql, ql, dtype=torch.bool).tril()
+    sdpa = (q.view(R, ql, c["Hq"], c["D"]).transpose(1, 2).contiguous().to(device), Kd.to(device), Vd.to(device),
+            dense.to(device))
+    return args, sdpa
+
+
+def run(inputs):
+    return spdkernels.tree_attention(*inputs[0])
+
+
+def run_reference(inputs):
+    return reference.tree_attention(*inputs[0])
+
+
+def run_sdpa(inputs):
+    q, k, v, m = inputs[1]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)  # [R, Hq, ql, D]
+    return o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[3])
+
+
+def bytes_moved(c):
+    elt = torch.finfo(DT[c["dtype"]]).bits // 8
+    L = c["ctx"] + c["q_len"]
+    kv = 2 * c["R"] * L * c["Hkv"] * c["D"] * elt
+    qo = 2 * c["R"] * c["q_len"] * c["Hq"] * c["D"] * elt
+    return kv + qo
+
+
+TOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
+
+
+def check(out, ref):
+    a, b = out.float().cpu(), ref.float().cpu()
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    rel = float((a - b).norm() / b.norm().clamp(min=1e-30))
+    tol = TOL["fp32"] if ref.dtype == torch.float32 else TOL["bf16"]
+    return "" if rel <= tol else f"relative RMS error {rel:.2e} > {tol:.0e}"
+
+
+register(OpBench("tree_attention", SHAPE_SETS, make_inputs, run, bytes_moved, check, label,
+                 baselines={"sdpa-dense": run_sdpa, "reference": run_reference}))
