@@ -15,7 +15,7 @@ from spdkernels._validate import tree_max_depth
 from spdkernels.reference.rejection_sample import philox4x32
 from spdkernels.testing import random_draft_batch
 
-BACKENDS = [b for b in backends_here() if b in spdkernels.available_backends("cpu", op="rejection_sample")]
+BACKENDS = backends_here()  # every backend implements rejection_sample; one that cannot load fails the run
 FAST = [b for b in BACKENDS if b != "torch"] or ["torch"]
 I32 = dict(dtype=torch.int32)
 
@@ -45,7 +45,6 @@ def test_philox_known_answers():
     assert philox4x32(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0) == 0xD16CFE09
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 def test_triton_coins_equal_reference_coins():
     """The kernels' in-register Philox gives bit-identical coins to the reference, over 64-bit seeds and
     offsets (negative ones included: their two's-complement words are the key and counter)."""

@@ -9,7 +9,9 @@ from conftest import DEVICE, backends_here
 import spdkernels
 from spdkernels import reference, tree
 
-BACKENDS = [b for b in backends_here() if b in spdkernels.available_backends("cpu", op="tree_attention")]
+# every backend that should run here except cpp: tree_attention has no C++ kernel yet (its CPU path is torch);
+# a backend that cannot load fails the run instead of disappearing from the list
+BACKENDS = [b for b in backends_here() if b != "cpp"]
 I32 = dict(dtype=torch.int32)
 
 # relative RMS error and max error (relative to max |reference|) allowed per dtype
@@ -80,7 +82,6 @@ def test_matches_reference(backend, dtype, case):
     check_close(got, want)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 @pytest.mark.parametrize("splits", [2, 3, 5])
 def test_triton_split_kv_matches_reference(splits):
     """Flash-decoding path (partial outputs + log-sum-exp merge), forced on small shapes."""

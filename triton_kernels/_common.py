@@ -35,3 +35,18 @@ def order_key(x):
     zeros map to the key of +0, so comparisons of keys and of values agree."""
     b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)
     return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit
+def finish_walk(out_row, path_row, num_ptr, r, depth, tok, max_depth):
+    """Epilogue of a verification walk: the final token at ``depth``, ``num_emitted = depth + 1``, and
+    the -1 padding of both output rows (written here, so the outputs need no fill)."""
+    tl.store(out_row + depth, tok)
+    tl.store(num_ptr + r, depth + 1)
+    for d in range(0, max_depth):
+        if d > depth:
+            tl.store(out_row + d, -1)
+        if d >= depth:
+            tl.store(path_row + d, -1)
+    if max_depth > depth:
+        tl.store(out_row + max_depth, -1)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import argmax_row, order_key
+from ._common import argmax_row, finish_walk, order_key
 
 BLOCK_V = 4096  # streaming passes: elements per tile
 BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
@@ -198,6 +198,12 @@ def _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok):
 
 
 @triton.jit
+def _row_state(m_ptr, tau_ptr, mass_ptr, amax_ptr, row):
+    """The statistics kernel 1 wrote for ``row``: max, threshold key, kept mass, argmax."""
+    return tl.load(m_ptr + row), tl.load(tau_ptr + row), tl.load(mass_ptr + row), tl.load(amax_ptr + row)
+
+
+@triton.jit
 def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_ptr, temp_ptr,
                  unif_ptr, seed_ptr, offset_ptr, N,
                  m_ptr, tau_ptr, mass_ptr, amax_ptr, buf_ptr,
@@ -212,8 +218,8 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
     buf = buf_ptr + r.to(tl.int64) * V
     out_row = out_ptr + r.to(tl.int64) * (max_depth + 1)
     path_row = path_ptr + r.to(tl.int64) * max_depth
-    if HAS_UNIF:
-        seed = tl.load(unif_ptr + N + r).to(tl.int64)  # unused placeholders of the right type
+    if HAS_UNIF:  # coins are loaded; seed/offset are unused placeholders of the right type
+        seed = r.to(tl.int64) * 0
         off = seed
     else:
         seed = tl.load(seed_ptr + r)
@@ -221,10 +227,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
     offs = tl.arange(0, BLOCK)
 
     row = row0
-    m = tl.load(m_ptr + row)
-    tau = tl.load(tau_ptr + row)
-    M = tl.load(mass_ptr + row)
-    amax = tl.load(amax_ptr + row)
+    m, tau, M, amax = _row_state(m_ptr, tau_ptr, mass_ptr, amax_ptr, row)
     in_buf = r * 0
     ex_tok = r * 0 - 1
     node = r * 0 - 1
@@ -315,10 +318,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                 depth += 1
                 node = accepted
                 row = row0 + 1 + node
-                m = tl.load(m_ptr + row)
-                tau = tl.load(tau_ptr + row)
-                M = tl.load(mass_ptr + row)
-                amax = tl.load(amax_ptr + row)
+                m, tau, M, amax = _row_state(m_ptr, tau_ptr, mass_ptr, amax_ptr, row)
                 in_buf = r * 0
                 ex_tok = r * 0 - 1
             else:
@@ -348,15 +348,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                 last = tl.maximum(last, tl.max(tl.where(g > 0.0, cols, -1), 0))
                 cum = cum + tl.sum(g64, 0)
         tok = tl.where(found >= 0, found, tl.maximum(last, 0))
-    tl.store(out_row + depth, tok)
-    tl.store(num_ptr + r, depth + 1)
-    for d in range(0, max_depth):
-        if d > depth:
-            tl.store(out_row + d, -1)
-        if d >= depth:
-            tl.store(path_row + d, -1)
-    if max_depth > depth:
-        tl.store(out_row + max_depth, -1)
+    finish_walk(out_row, path_row, num_ptr, r, depth, tok, max_depth)
 
 
 def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:

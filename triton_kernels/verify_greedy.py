@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import argmax_row
+from ._common import argmax_row, finish_walk
 
 # 4096 elements per tile: 8 KB of bf16 / 16 KB of fp32 in flight per program, enough to saturate HBM
 # with ~2 programs per SM at V ~ 128k; the interpreter benefits from large tiles too.
@@ -72,15 +72,7 @@ def _greedy_walk_kernel(argmax_ptr, draft_ptr, cu_ptr, parents_ptr, out_ptr, num
                 best = tl.load(argmax_ptr + row0 + 1 + node)
             else:
                 done = 1
-    tl.store(out_row + depth, best)
-    tl.store(num_ptr + r, depth + 1)
-    for d in range(0, max_depth):
-        if d > depth:
-            tl.store(out_row + d, -1)
-        if d >= depth:
-            tl.store(path_row + d, -1)
-    if max_depth > depth:
-        tl.store(out_row + max_depth, -1)
+    finish_walk(out_row, path_row, num_ptr, r, depth, best, max_depth)
 
 
 def row_argmax(target_logits: torch.Tensor) -> torch.Tensor:

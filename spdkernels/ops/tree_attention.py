@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from spdkernels import _config, _registry
 from spdkernels import _validate as V
 from spdkernels._library import define_op
-from spdkernels.reference.tree_attention import gather_kv, mask_bits_to_dense
+from spdkernels.reference.tree_attention import allowed_mask, gather_kv, request_spans
 
 OP = "tree_attention"
 
@@ -120,18 +120,12 @@ def _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
-    out = torch.empty_like(q)
-    cu = cu_q_lens.tolist()
-    lens = kv_lens.tolist()
-    for r in range(len(cu) - 1):
-        q0, ql, L = cu[r], cu[r + 1] - cu[r], lens[r]
-        if ql == 0:
-            continue
+    out = torch.empty_like(q)  # every query row belongs to a request with q_len > 0: all written
+    for r, q0, ql, L in request_spans(cu_q_lens, kv_lens):
         k = gather_kv(k_cache, block_table[r], L).permute(1, 0, 2)  # [Hkv, L, D]
         v = gather_kv(v_cache, block_table[r], L).permute(1, 0, 2)
         qr = q[q0:q0 + ql].view(ql, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * ql, D)
-        mask = torch.ones(ql, L, dtype=torch.bool, device=q.device)
-        mask[:, L - ql:] = mask_bits_to_dense(tree_mask, q0, ql).to(q.device)
+        mask = allowed_mask(tree_mask, q0, ql, L).to(q.device)
         o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask.repeat(G, 1), scale=scale)
         out[q0:q0 + ql] = o.view(Hkv, G, ql, D).permute(2, 0, 1, 3).reshape(ql, Hq, D)
     return out
