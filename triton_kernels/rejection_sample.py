@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spdkernels.ops._common import verify_outputs
+
 from ._common import argmax_row, finish_walk, order_key
 
 BLOCK_V = 4096  # streaming passes: elements per tile
@@ -368,9 +370,7 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     R = cu_num_draft.shape[0] - 1
     N = draft_token_ids.shape[0]
     dev = target_logits.device
-    out = torch.empty((R, max_depth + 1), dtype=torch.int32, device=dev)
-    num = torch.empty((R,), dtype=torch.int32, device=dev)
-    path = torch.empty((R, max_depth), dtype=torch.int32, device=dev)
+    out, num, path = verify_outputs(R, max_depth, dev)  # the kernels write every entry, padding included
     if R == 0:
         return out, num, path
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731

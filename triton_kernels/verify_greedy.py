@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spdkernels.ops._common import verify_outputs
+
 from ._common import argmax_row, finish_walk
 
 # 4096 elements per tile: 8 KB of bf16 / 16 KB of fp32 in flight per program, enough to saturate HBM
@@ -90,9 +92,7 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
         target_logits = target_logits.contiguous()
     R = cu_num_draft.shape[0] - 1
     dev = target_logits.device
-    out = torch.empty((R, max_depth + 1), dtype=torch.int32, device=dev)
-    num = torch.empty((R,), dtype=torch.int32, device=dev)
-    path = torch.empty((R, max_depth), dtype=torch.int32, device=dev)
+    out, num, path = verify_outputs(R, max_depth, dev)  # the kernels write every entry, padding included
     if R == 0:
         return out, num, path
     amax = row_argmax(target_logits)
