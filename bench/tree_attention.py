@@ -2,8 +2,7 @@
 
 Bytes moved: the K and V of every valid position (read once per KV head: the lower bound), the queries
 and the output. Baseline: ``sdpa-dense``: ``torch.nn.functional.scaled_dot_product_attention`` with a
-dense boolean mask over
-K/V already gathered into a padded [R, Hkv, L, D] batch (the gather is done before timing, which
+dense boolean mask over K/V already gathered into a padded [R, Hkv, L, D] batch (the gather is done before timing, which
 favours the baseline), GQA through ``enable_gqa``. (The reference is not timed: at these sizes it takes
 seconds per call; the tests hold every backend to it.)
 """
