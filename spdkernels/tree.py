@@ -40,6 +40,8 @@ def _query_layout(parents, cu_num_draft):
     is_root = local == 0
     par = parents if parents is not None else _chain_parents(cu_num_draft)
     node = (cu_num_draft[req] + local - 1).clamp(min=0)  # global node index (garbage for roots)
+    if par.numel() == 0:  # no draft nodes at all: every query is a root
+        return req, local, torch.full_like(local, -1), cu_q
     par_q = torch.where(is_root, torch.full_like(local, -1), par.long()[node] + 1)  # parent's local query idx
     return req, local, par_q, cu_q
 
@@ -120,11 +122,23 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.
     Before: request r's query tokens ``[root, node_0, ...]`` sit at positions ``P .. P + q_len - 1``
     (``P = kv_lens[r] - q_len``). ``accepted_path[r, d]`` (local node index, -1 padded, as the
     verification ops return it) moves from ``P + 1 + path[d]`` to ``P + 1 + d``. Sources are gathered
-    before anything is written, so overlapping moves are safe. No host sync."""
+    before anything is written, so overlapping moves are safe."""
+    src, dst, new_lens = compact_kv_moves(block_table, kv_lens, cu_q_lens, accepted_path, k_cache.shape[1])
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[dst] = flat[src]  # advanced indexing: the right side is a copy
+    return new_lens
+
+
+def compact_kv_moves(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_q_lens: torch.Tensor,
+                     accepted_path: torch.Tensor, block_size: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The moves behind :func:`compact_kv` as flat slot indices (``block * block_size + offset``):
+    ``(src, dst, new_kv_lens)``. A cache with several layers (``[layers, num_blocks * block_size, ...]``)
+    applies the same moves to every layer with one indexed copy. One host sync (the valid moves)."""
     V.check_tensor("accepted_path", accepted_path, 2, (torch.int32, torch.int64))
     R, D = accepted_path.shape
-    dev = k_cache.device
-    bs = k_cache.shape[1]
+    dev = block_table.device
     q_len = cu_q_lens.diff().long()
     P = kv_lens.long() - q_len
     path = accepted_path.long()
@@ -135,14 +149,11 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.
     src = torch.where(valid, src, dst)
 
     def slot(pos):
-        blk = block_table.long().gather(1, (pos // bs).clamp(max=block_table.shape[1] - 1))
-        return blk * bs + pos % bs
+        blk = block_table.long().gather(1, (pos // block_size).clamp(max=block_table.shape[1] - 1))
+        return blk * block_size + pos % block_size
 
-    s, d = slot(src)[valid], slot(dst)[valid]
-    for cache in (k_cache, v_cache):
-        flat = cache.view(-1, *cache.shape[2:])
-        flat[d] = flat[s]  # advanced indexing: the right side is a copy
-    return (P + 1 + valid.sum(1)).to(kv_lens.dtype)
+    new_lens = (P + 1 + valid.sum(1)).to(kv_lens.dtype)
+    return slot(src)[valid], slot(dst)[valid], new_lens
 
 
 # ---- other stacks' layouts ------------------------------------------------------------------------------

@@ -9,9 +9,8 @@ from conftest import DEVICE, backends_here
 import spdkernels
 from spdkernels import reference, tree
 
-# every backend that should run here except cpp: tree_attention has no C++ kernel yet (its CPU path is torch);
-# a backend that cannot load fails the run instead of disappearing from the list
-BACKENDS = [b for b in backends_here() if b != "cpp"]
+# every backend that should run here; a backend that cannot load fails the run instead of disappearing
+BACKENDS = backends_here()
 I32 = dict(dtype=torch.int32)
 
 # relative RMS error and max error (relative to max |reference|) allowed per dtype
@@ -67,6 +66,7 @@ CASES = [
     ([64], [21], 4, 4, 64, 16, False),                   # a 64-node tree (two mask words... one: 64 bits)
     ([33, 2], [200, 9], 4, 1, 64, 128, False),           # block size 128, partly filled last blocks
     ([9], [0], 8, 2, 64, 16, False),                     # no prefix at all
+    ([5], [300], 8, 1, 64, 16, False),                   # one request, one KV head: the cpp path splits the KV
 ]
 
 
@@ -90,6 +90,23 @@ def test_triton_split_kv_matches_reference(splits):
     args = make_batch([4, 1, 6], [90, 3, 150], 8, 2, 64, 16, torch.float32, False, torch.Generator().manual_seed(7))
     want = reference.tree_attention(*[a.cpu() if a is not None else None for a in args])
     got = k(*args, 1 / math.sqrt(64), num_splits=splits)
+    check_close(got, want)
+
+
+@pytest.mark.parametrize("threads", [3, 4, 7])
+def test_cpp_split_kv_matches_reference(threads):
+    """The C++ flash-decoding path: one (request, KV head) item split over more threads than items, including
+    chunks that come out empty (82 positions over 4 and 7 threads in tiles of 32)."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("the C++ extension runs on CPU tensors only")
+    args = make_batch([5], [77], 8, 1, 64, 16, torch.float32, False, torch.Generator().manual_seed(11))
+    want = reference.tree_attention(*[a.cpu() if a is not None else None for a in args])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run("cpp", args)
+    finally:
+        torch.set_num_threads(old)
     check_close(got, want)
 
 

@@ -1,6 +1,7 @@
 """tree_attention: attention of the verification forward pass over a paged KV cache.
 
-Backends: ``triton`` (one flash-attention kernel, split-KV for small batches), ``torch`` (per request:
+Backends: ``triton`` (one flash-attention kernel, split-KV for small batches), ``cpp`` (the same algorithm on
+the CPU, csrc/tree_attention.cpp), ``torch`` (per request:
 gather the pages, pack the query heads of each KV head into one matrix, one
 ``scaled_dot_product_attention`` call with a boolean mask; syncs with the host for the lengths). The
 readable oracle is ``spdkernels.reference.tree_attention``.
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from spdkernels import _config, _registry
+from spdkernels import _config, _cpp, _registry
 from spdkernels import _validate as V
 from spdkernels._library import define_op
 from spdkernels.reference.tree_attention import allowed_mask, gather_kv, request_spans
@@ -22,8 +23,13 @@ from spdkernels.reference.tree_attention import allowed_mask, gather_kv, request
 OP = "tree_attention"
 
 
+# float64 runs on the torch backend only: the runtime's exactness tests use it (DESIGN section 3 lists the
+# kernel dtypes: fp16, bf16, fp32).
+DTYPES = V.FLOAT_DTYPES + (torch.float64,)
+
+
 def _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask) -> None:
-    V.check_tensor("q", q, 3, V.FLOAT_DTYPES)
+    V.check_tensor("q", q, 3, DTYPES)
     dev = q.device
     V.check_tensor("k_cache", k_cache, 4, (q.dtype,), dev)
     V.check_tensor("v_cache", v_cache, 4, (q.dtype,), dev)
@@ -97,7 +103,10 @@ def _kernel(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, sca
         _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    _, impl = _registry.resolve(OP, q.device)
+    if q.dtype == torch.float64:
+        impl = _torch_impl
+    else:
+        _, impl = _registry.resolve(OP, q.device)
     return impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, float(scale))
 
 
@@ -131,6 +140,30 @@ def _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
     return out
 
 
+@_registry.register(OP, "cpp")
+def _cpp_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+    """csrc/tree_attention.cpp: flash-attention style over the pages in place, one work item per (request,
+    KV head) with its query heads packed, the KV range split across threads when items are fewer than
+    threads. No host sync."""
+    C = _cpp.load()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    block_table, kv_lens, cu_q_lens = block_table.contiguous(), kv_lens.contiguous(), cu_q_lens.contiguous()
+    mask = tree_mask.contiguous() if tree_mask is not None else None
+    T, Hq, D = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    R = cu_q_lens.shape[0] - 1
+    if T and R:
+        C.tree_attention(q.data_ptr(), _cpp.FLOAT_CODES[q.dtype], k_cache.data_ptr(), v_cache.data_ptr(),
+                         out.data_ptr(), block_table.data_ptr(), kv_lens.data_ptr(), cu_q_lens.data_ptr(),
+                         mask.data_ptr() if mask is not None else 0, R, Hq, Hkv, D, bs, block_table.shape[1],
+                         mask.shape[1] if mask is not None else 0, q.stride(0), q.stride(1), out.stride(0),
+                         out.stride(1), scale, _cpp.num_threads())
+    return out
+
+
 @_registry.register(OP, "triton")
 def _triton_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
     from spdkernels.triton_kernels import tree_attention as k
@@ -155,7 +188,8 @@ def tree_attention(
     prefix and to their own ancestors in the token tree, over a paged KV cache.
 
     Args:
-        q: ``[T, Hq, D]`` fp16/bf16/fp32, ragged by ``cu_q_lens``.
+        q: ``[T, Hq, D]`` fp16/bf16/fp32, ragged by ``cu_q_lens`` (float64 too, always on the torch
+            backend: for exactness tests).
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, same dtype as ``q``; block_size a power
             of two; ``Hq % Hkv == 0`` (GQA/MQA).
         block_table: int32 ``[R, max_blocks]``: request r's position p lives in block
@@ -178,7 +212,7 @@ def tree_attention(
             ``kv_lens`` shorter than the query count, block tables pointing outside the cache or too
             narrow, malformed masks (a query not seeing itself, or seeing a later query).
     """
-    V.check_tensor("q", q, 3, V.FLOAT_DTYPES)
+    V.check_tensor("q", q, 3, DTYPES)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         V.fail("scale", f"expected a finite positive float, got {scale!r}")
     res = torch.ops.spdkernels.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,

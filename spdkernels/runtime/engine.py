@@ -1,0 +1,338 @@
+"""The speculative decoding engine: a batch of requests of different lengths decoded together.
+
+One step, for every active request: the proposer drafts a token tree after the last committed token (the
+root); one target forward pass runs ``[root, draft nodes...]`` with tree attention over the paged KV cache;
+``rejection_sample`` (or ``verify_greedy`` when every request is greedy) picks the accepted path and one
+more token; the cache keeps the root and the accepted nodes (moved next to the prefix) and rolls the rest
+back. Autoregressive decoding is the same engine with no proposer: every step verifies just the root."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import spdkernels
+from spdkernels import tree as tree_utils
+
+from .model import Batch, LlamaModel
+from .proposers import Draft, Proposer
+
+
+@dataclass
+class SamplingParams:
+    """``temperature`` 0 = greedy; ``top_k`` 0 and ``top_p`` 1 = off; ``seed`` keys the request's coins
+    (the same seed gives the same text); ``stop``: strings that end the request (the text is cut before
+    them); ``ignore_eos``: keep going past end-of-sequence tokens."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
+        if not (self.temperature >= 0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature: expected a finite value >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, int) or not -2 ** 63 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed: expected a 64-bit integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
+
+
+@dataclass
+class Request:
+    prompt_ids: List[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    rid: Optional[object] = None
+
+
+@dataclass
+class RequestMetrics:
+    steps: int = 0
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    emitted: int = 0  # tokens emitted by verification (accepted + one per step), before truncation
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification step, the bonus/correction token included."""
+        return self.emitted / self.steps if self.steps else 0.0
+
+
+class RequestState:
+    def __init__(self, req: Request, rid):
+        self.rid = rid
+        self.prompt = list(req.prompt_ids)
+        self.params = req.params
+        self.output: List[int] = []
+        self.done = False
+        self.finish_reason = ""
+        self.text_cut: Optional[int] = None  # character index where a stop string begins
+        self.metrics = RequestMetrics()
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.prompt + self.output
+
+
+@dataclass
+class Result:
+    rid: object
+    prompt_ids: List[int]
+    output_ids: List[int]
+    text: Optional[str]
+    finish_reason: str
+    metrics: RequestMetrics
+
+
+@dataclass
+class RunMetrics:
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # target forward passes of the decode steps
+    sampling_s: float = 0.0  # verify_greedy / rejection_sample
+    bookkeeping_s: float = 0.0  # batch building, KV commit, stop checks
+    steps: int = 0  # engine steps (one target forward each)
+    request_steps: int = 0  # sum over requests of the steps they took part in
+    new_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.emitted / self.request_steps if self.request_steps else 0.0
+
+    def as_dict(self) -> Dict[str, float]:
+        d = {k: getattr(self, k) for k in ("wall_s", "prefill_s", "draft_s", "verify_s", "sampling_s",
+                                            "bookkeeping_s", "steps", "new_tokens", "drafted", "accepted",
+                                            "emitted", "request_steps")}
+        d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate,
+                 mean_accepted_length=self.mean_accepted_length)
+        return d
+
+
+class Engine:
+    """``Engine(model, proposer=None).generate(requests)``. ``tokenizer`` (optional) decodes the outputs and
+    applies stop strings; ``eos_token_ids`` default to the model config's. ``block_size``: KV page size.
+    ``scrub_cache``: poison every KV entry past the committed length after each step (tests)."""
+
+    def __init__(self, model: LlamaModel, proposer: Optional[Proposer] = None, tokenizer=None,
+                 eos_token_ids: Optional[Sequence[int]] = None, block_size: int = 16, scrub_cache: bool = False,
+                 validate_ops: bool = False):
+        self.model = model
+        self.proposer = proposer
+        self.tokenizer = tokenizer
+        self.eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.block_size = block_size
+        self.scrub = scrub_cache
+        self.validate_ops = validate_ops
+        self.cache = None
+        self.on_step: Optional[Callable[[int], None]] = None  # called after each step with the tokens emitted
+
+    # -- public ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request]) -> Tuple[List[Result], RunMetrics]:
+        if not requests:
+            return [], RunMetrics()
+        c = self.model.config
+        room = 1 + (self.proposer.max_nodes if self.proposer else 0)
+        for i, req in enumerate(requests):
+            req.params.validate()
+            if not req.prompt_ids:
+                raise ValueError(f"prompt_ids: request {i} has an empty prompt")
+            if any(not 0 <= t < c.vocab_size for t in req.prompt_ids):
+                raise ValueError(f"prompt_ids: request {i} has token ids outside [0, {c.vocab_size})")
+            if len(req.prompt_ids) + req.params.max_new_tokens > c.max_position:
+                raise ValueError(f"prompt_ids: request {i} needs {len(req.prompt_ids)} prompt + "
+                                 f"{req.params.max_new_tokens} new tokens, more than the model's context of "
+                                 f"{c.max_position}")
+        bs = self.block_size
+        blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens + room) // bs) + 1 for r in requests)
+        self.cache = cache = self.model.new_cache(blocks, bs, scrub=self.scrub)
+        if self.proposer is not None:
+            self.proposer.bind(self.model, cache)
+        states = [RequestState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
+        if len({s.rid for s in states}) != len(states):
+            raise ValueError("rid: request ids must be unique")
+        m = RunMetrics()
+        old_validation = spdkernels.validation_enabled()
+        spdkernels.set_validation(self.validate_ops)
+        t_start = time.perf_counter()
+        try:
+            for st in states:
+                cache.add(st.rid)
+            self._prefill(states)
+            m.prefill_s = time.perf_counter() - t_start
+            active = [s for s in states if not s.done]
+            while active:
+                self._step(active, m)
+                for s in active:
+                    if s.done:
+                        cache.release(s.rid)
+                        if self.proposer is not None:
+                            self.proposer.release(s)
+                active = [s for s in active if not s.done]
+        finally:
+            spdkernels.set_validation(old_validation)
+        m.wall_s = time.perf_counter() - t_start
+        results = []
+        for s in states:
+            text = None
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(s.output)
+                if s.text_cut is not None:
+                    text = text[:s.text_cut]
+            results.append(Result(s.rid, s.prompt, s.output, text, s.finish_reason, s.metrics))
+            m.new_tokens += len(s.output)
+            m.drafted += s.metrics.drafted
+            m.accepted += s.metrics.accepted
+            m.emitted += s.metrics.emitted
+            m.request_steps += s.metrics.steps
+        return results, m
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _prefill(self, states: List[RequestState]) -> None:
+        """Write the K/V of every prompt token but the last (the first step's root)."""
+        cache = self.cache
+        todo = [s for s in states if len(s.prompt) > 1]
+        # chunks of whole prompts, so a big batch does not build one huge activation
+        i = 0
+        while i < len(todo):
+            chunk, n = [], 0
+            while i < len(todo) and (not chunk or n + len(todo[i].prompt) <= 2048):
+                chunk.append(todo[i])
+                n += len(todo[i].prompt) - 1
+                i += 1
+            toks, pos, slots, cu, kv = [], [], [], [0], []
+            for s in chunk:
+                L = len(s.prompt) - 1
+                cache.reserve(s.rid, L)
+                toks += s.prompt[:L]
+                pos += range(L)
+                slots += cache.slots(s.rid, range(L))
+                cu.append(cu[-1] + L)
+                kv.append(L)
+            b = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots),
+                      torch.tensor(cu, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32),
+                      cache.block_table([s.rid for s in chunk]))
+            self.model.forward_layers(self.model.embed_tokens(b.token_ids), b, cache)
+            for s in chunk:
+                cache.set_length(s.rid, len(s.prompt) - 1)
+
+    def _depth_limit(self, s: RequestState) -> int:
+        left = s.params.max_new_tokens - len(s.output)
+        ctx_left = self.model.config.max_position - len(s.tokens)
+        return max(0, min(left - 1, ctx_left - 1))
+
+    def _step(self, active: List[RequestState], m: RunMetrics) -> None:
+        cache, model = self.cache, self.model
+        t0 = time.perf_counter()
+        if self.proposer is not None:
+            drafts = self.proposer.propose(active, [self._depth_limit(s) for s in active])
+        else:
+            drafts = [Draft() for _ in active]
+        t1 = time.perf_counter()
+        toks, pos, slots, cu, kv, cund, par, dtoks = [], [], [], [0], [], [0], [], []
+        depths = []
+        for s, d in zip(active, drafts):
+            P = cache.length(s.rid)  # == len(s.tokens) - 1: the root is not in the cache yet
+            ql = 1 + len(d)
+            cache.reserve(s.rid, P + ql)
+            nd = [0]
+            for p in d.parents:
+                nd.append(1 + nd[p + 1])
+            depths.append(max(nd))
+            toks += [s.tokens[-1]] + d.tokens
+            pos += [P + x for x in nd]
+            slots += cache.slots(s.rid, range(P, P + ql))
+            cu.append(cu[-1] + ql)
+            kv.append(P + ql)
+            cund.append(cund[-1] + len(d))
+            par += d.parents
+            dtoks += d.tokens
+        all_chains = all(d.is_chain() for d in drafts)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        cund_t = torch.tensor(cund, dtype=torch.int32)
+        par_t = None if all_chains else torch.tensor(par, dtype=torch.int32)
+        mask = None if all_chains else tree_utils.build_tree_mask(par_t, cund_t, max_q_len=int(cu_t.diff().max()))
+        block_table = cache.block_table([s.rid for s in active])
+        kv_t = torch.tensor(kv, dtype=torch.int32)
+        batch = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots), cu_t, kv_t, block_table, mask)
+        t2 = time.perf_counter()
+        logits = model.forward(batch, cache)
+        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            logits = logits.float()
+        t3 = time.perf_counter()
+        draft_ids = torch.tensor(dtoks, dtype=torch.int64)
+        max_depth = max(depths)
+        if all(s.params.temperature == 0 for s in active):
+            out, num, path = spdkernels.verify_greedy(logits, draft_ids, cund_t, par_t, max_depth=max_depth)
+        else:
+            out, num, path = spdkernels.rejection_sample(
+                logits, draft_ids, cund_t, parents=par_t,
+                temperature=torch.tensor([s.params.temperature for s in active], dtype=torch.float32),
+                top_k=torch.tensor([s.params.top_k for s in active], dtype=torch.int32),
+                top_p=torch.tensor([s.params.top_p for s in active], dtype=torch.float32),
+                seed=torch.tensor([s.params.seed for s in active], dtype=torch.int64),
+                offset=torch.tensor([s.metrics.steps for s in active], dtype=torch.int64),
+                max_depth=max_depth)
+        t4 = time.perf_counter()
+        cache.commit([s.rid for s in active], block_table, kv_t, cu_t, path)
+        out_l, num_l = out.tolist(), num.tolist()
+        for s, d, o, n in zip(active, drafts, out_l, num_l):
+            mt = s.metrics
+            mt.steps += 1
+            mt.drafted += len(d)
+            mt.accepted += n - 1
+            mt.emitted += n
+            self._append(s, o[:n])
+        m.steps += 1
+        if self.on_step is not None:
+            self.on_step(sum(len(s.output) for s in active))
+        t5 = time.perf_counter()
+        m.draft_s += t1 - t0
+        m.verify_s += t3 - t2
+        m.sampling_s += t4 - t3
+        m.bookkeeping_s += (t2 - t1) + (t5 - t4)
+
+    def _append(self, s: RequestState, new: List[int]) -> None:
+        p = s.params
+        for t in new:
+            s.output.append(t)
+            if t in self.eos and not p.ignore_eos:
+                s.done, s.finish_reason = True, "eos"
+                break
+            if len(s.output) >= p.max_new_tokens:
+                s.done, s.finish_reason = True, "length"
+                break
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(s.output)
+            for stop in p.stop:
+                i = text.find(stop)
+                if i >= 0 and (s.text_cut is None or i < s.text_cut):
+                    s.text_cut = i
+            if s.text_cut is not None:
+                s.done, s.finish_reason = True, "stop"

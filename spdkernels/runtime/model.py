@@ -1,0 +1,194 @@
+"""A minimal Llama-family forward (Llama, SmolLM, Qwen2): embedding, RMSNorm, rotary embeddings, GQA
+attention through :func:`spdkernels.tree_attention` over a :class:`PagedKVCache`, SwiGLU MLP, tied or
+untied LM head.
+
+One forward pass serves prefill, plain decode and tree verification: a :class:`Batch` names, per request,
+the query tokens (ragged), their positions, the cache slots their K/V go to and the tree mask. The layers
+can be run in consecutive stages (``forward_layers(..., start, end, taps)``) that return the hidden states
+at chosen layers, for pipelined runtimes and for early-exit drafting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from spdkernels.ops.tree_attention import tree_attention
+
+from .kv_cache import PagedKVCache
+from .linear import linear
+from .weights import LlamaConfig, ModelLoadError, layer_shapes
+
+
+@dataclass
+class Batch:
+    """The query tokens of one forward pass, ragged over R requests."""
+    token_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]: rotary positions (depth in the tree for draft nodes)
+    slot_mapping: torch.Tensor  # int64 [T]: flat cache slot of each token's K/V
+    cu_q_lens: torch.Tensor  # int32 [R + 1]
+    kv_lens: torch.Tensor  # int32 [R]: cache entries per request, the query tokens included
+    block_table: torch.Tensor  # int32 [R, max_blocks]
+    tree_mask: Optional[torch.Tensor] = None  # int32 [T, W]; None = causal chain
+
+
+class _Layer:
+    __slots__ = ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down")
+
+
+class LlamaModel:
+    """Inference-only weights and forward. ``state_dict`` uses Hugging Face names and layouts."""
+
+    def __init__(self, config: LlamaConfig, state_dict: Dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device="cpu"):
+        self.config = c = config
+        self.dtype, self.device = dtype, torch.device(device)
+
+        def get(name, shape):
+            if name not in state_dict:
+                raise ModelLoadError(f"model: checkpoint has no tensor {name}")
+            t = state_dict[name]
+            if tuple(t.shape) != tuple(shape):
+                raise ModelLoadError(f"model: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            return t.to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        self.norm = get("model.norm.weight", (c.hidden_size,))
+        self.lm_head = self.embed if c.tie_word_embeddings else get("lm_head.weight", (c.vocab_size, c.hidden_size))
+        shapes = dict(layer_shapes(c))
+        self.layers: List[_Layer] = []
+        for i in range(c.num_layers):
+            w = {n: get(f"model.layers.{i}.{n}", s) for n, s in shapes.items()}
+            L = _Layer()
+            L.ln1, L.ln2 = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
+            # q, k, v as one matmul; gate and up as one matmul
+            L.w_qkv = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
+                                 w["self_attn.v_proj.weight"]]).contiguous()
+            L.b_qkv = (torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
+                       if c.attention_bias else None)
+            L.w_o = w["self_attn.o_proj.weight"]
+            L.w_gate_up = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]).contiguous()
+            L.w_down = w["mlp.down_proj.weight"]
+            self.layers.append(L)
+        # rotary tables, computed as Hugging Face does (fp32 inverse frequencies), then cast
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+        pos = torch.arange(c.max_position, dtype=torch.float32)
+        emb = torch.cat([torch.outer(pos, inv)] * 2, dim=-1)
+        self._cos = emb.cos().to(device=self.device, dtype=dtype)
+        self._sin = emb.sin().to(device=self.device, dtype=dtype)
+        self.scale = c.head_dim ** -0.5
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def new_cache(self, num_blocks: int, block_size: int = 16, layers: Optional[int] = None,
+                  scrub: bool = False) -> PagedKVCache:
+        c = self.config
+        return PagedKVCache(layers or c.num_layers, c.num_kv_heads, c.head_dim, num_blocks, block_size,
+                            self.dtype, self.device, scrub=scrub)
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed)
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.config.rms_norm_eps)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+        return x * cos + rot * sin
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: ``[T, hidden] -> [T, V]``."""
+        return linear(self._rms(h, self.norm), self.lm_head)
+
+    def forward_layers(self, h: torch.Tensor, batch: Batch, cache: PagedKVCache, start: int = 0,
+                       end: Optional[int] = None, taps: Iterable[int] = ()
+                       ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+        """Run layers ``start .. end - 1`` on hidden states ``h: [T, hidden]``, writing each layer's K/V of
+        the query tokens into ``cache`` (cache layer ``i`` for model layer ``i``) before attending.
+        Returns the output hidden states and ``{i: h after layer i}`` for ``i`` in ``taps``."""
+        c = self.config
+        end = c.num_layers if end is None else end
+        taps = set(taps)
+        T = h.shape[0]
+        Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        cos = self._cos[batch.positions][:, None, :]
+        sin = self._sin[batch.positions][:, None, :]
+        tapped: Dict[int, torch.Tensor] = {}
+        for i in range(start, end):
+            L = self.layers[i]
+            x = self._rms(h, L.ln1)
+            qkv = linear(x, L.w_qkv, L.b_qkv)
+            q = self._rotate(qkv[:, :Hq * D].view(T, Hq, D), cos, sin)
+            k = self._rotate(qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D), cos, sin)
+            v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
+            cache.write(i, batch.slot_mapping, k, v)
+            a = tree_attention(q, cache.k[i], cache.v[i], batch.block_table, batch.kv_lens, batch.cu_q_lens,
+                               batch.tree_mask, self.scale)
+            h = h + linear(a.reshape(T, Hq * D), L.w_o)
+            gu = linear(self._rms(h, L.ln2), L.w_gate_up)
+            g, u = gu.split(c.intermediate_size, dim=-1)
+            h = h + linear(F.silu(g) * u, L.w_down)
+            if i in taps:
+                tapped[i] = h
+        return h, tapped
+
+    def forward(self, batch: Batch, cache: PagedKVCache, logit_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of the query tokens (or of the rows ``logit_rows`` only): ``[T, V]`` in the model dtype."""
+        h, _ = self.forward_layers(self.embed_tokens(batch.token_ids), batch, cache)
+        if logit_rows is not None:
+            h = h[logit_rows]
+        return self.logits(h)
+
+    def stages(self, n: int) -> List[Tuple[int, int]]:
+        """Split the layers into ``n`` consecutive stages of near-equal size: ``[(start, end), ...]``."""
+        if not 1 <= n <= self.config.num_layers:
+            raise ValueError(f"n: expected 1 <= n <= {self.config.num_layers} stages, got {n}")
+        bounds = [round(i * self.config.num_layers / n) for i in range(n + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+
+def random_config(vocab_size: int = 97, hidden_size: int = 64, num_layers: int = 3, num_heads: int = 4,
+                  num_kv_heads: int = 2, intermediate_size: int = 96, max_position: int = 512,
+                  attention_bias: bool = False) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       head_dim=hidden_size // num_heads, rope_theta=10000.0, rms_norm_eps=1e-6,
+                       max_position=max_position, tie_word_embeddings=False, attention_bias=attention_bias,
+                       eos_token_ids=[])
+
+
+def random_state_dict(c: LlamaConfig, seed: int = 0, std: float = 0.3) -> Dict[str, torch.Tensor]:
+    """Random weights for a tiny model (tests): large enough that the next-token distributions are far
+    from uniform, so greedy decoding is not dominated by near-ties."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"model.embed_tokens.weight": torch.randn(c.vocab_size, c.hidden_size, generator=g, dtype=torch.float64),
+          "model.norm.weight": 1 + 0.1 * torch.randn(c.hidden_size, generator=g, dtype=torch.float64),
+          "lm_head.weight": torch.randn(c.vocab_size, c.hidden_size, generator=g, dtype=torch.float64) * std}
+    for i in range(c.num_layers):
+        for name, shape in layer_shapes(c):
+            if name.endswith("layernorm.weight"):
+                t = 1 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
+            else:
+                t = torch.randn(shape, generator=g, dtype=torch.float64) * (std / shape[-1] ** 0.5 * 3)
+            sd[f"model.layers.{i}.{name}"] = t
+    return sd
+
+
+def greedy_reference(model: LlamaModel, prompt: Sequence[int], n: int) -> List[int]:
+    """Plain greedy decoding without a cache: the whole sequence re-run each step (an oracle for tests)."""
+    seq = list(prompt)
+    for _ in range(n):
+        T = len(seq)
+        cache = model.new_cache(-(-T // 16), 16)
+        cache.add(0)
+        cache.reserve(0, T)
+        batch = Batch(torch.tensor(seq), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
+                      torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
+                      cache.block_table([0]))
+        seq.append(int(model.forward(batch, cache, torch.tensor([T - 1])).argmax(-1)))
+    return seq[len(prompt):]

