@@ -46,6 +46,7 @@ def proposers(model):
     return {
         "ngram-chain": NGramProposer(k=4, min_ngram=1),
         "ngram-tree": NGramProposer(k=3, min_ngram=1, branches=3),
+        "ngram-adaptive": NGramProposer(k=6, min_ngram=1, adaptive=True),
         "early-exit-chain": EarlyExitProposer(layers=1, k=3),
         "early-exit-tree": EarlyExitProposer(layers=2, k=3, branching=2, width=3, max_nodes=8),
         "draft-model-chain": DraftModelProposer(other, k=4),
@@ -54,7 +55,8 @@ def proposers(model):
     }
 
 
-NAMES = ["none", "ngram-chain", "ngram-tree", "early-exit-chain", "early-exit-tree", "draft-model-chain",
+NAMES = ["none", "ngram-chain", "ngram-tree", "ngram-adaptive", "early-exit-chain", "early-exit-tree",
+         "draft-model-chain",
          "draft-model-tree", "draft-model-self"]
 
 

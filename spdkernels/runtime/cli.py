@@ -25,6 +25,7 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ngram-max", type=int, default=3)
     g.add_argument("--ngram-min", type=int, default=2)
     g.add_argument("--branches", type=int, default=1, help="ngram: continuations merged into a tree")
+    g.add_argument("--adaptive", action="store_true", help="ngram: per-request draft depth from acceptance (<= k)")
     g.add_argument("--layers", type=int, default=None, help="early-exit: target layers used for drafting")
     g.add_argument("--draft-model", default=None, help="draft-model: a .gguf file or Hugging Face folder")
     g.add_argument("--tree-branching", type=int, default=1, help="model proposers: top-k children per node")
@@ -86,7 +87,7 @@ def make_proposer(args, model):
         return None
     if args.proposer == "ngram":
         return NGramProposer(k=args.k, max_ngram=args.ngram_max, min_ngram=args.ngram_min, branches=args.branches,
-                             max_nodes=args.max_nodes)
+                             max_nodes=args.max_nodes, adaptive=args.adaptive)
     if args.proposer == "early-exit":
         layers = args.layers if args.layers is not None else max(1, model.num_layers // 4)
         if not 1 <= layers < model.num_layers:

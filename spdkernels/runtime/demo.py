@@ -75,7 +75,8 @@ SUITE: List[Tuple[str, str]] = [
 
 def default_proposers(num_layers: int) -> List[Proposer]:
     return [
-        NGramProposer(k=8, max_ngram=3, min_ngram=2),
+        NGramProposer(k=4, max_ngram=3, min_ngram=2),
+        NGramProposer(k=8, max_ngram=3, min_ngram=2, adaptive=True),
         NGramProposer(k=6, max_ngram=3, min_ngram=1, branches=3, max_nodes=12),
         EarlyExitProposer(layers=max(1, num_layers // 4), k=3, draft_vocab=8192),
     ]

@@ -308,6 +308,8 @@ class Engine:
             mt.drafted += len(d)
             mt.accepted += n - 1
             mt.emitted += n
+            if self.proposer is not None:
+                self.proposer.feedback(s, len(d), n - 1)
             self._append(s, o[:n])
         m.steps += 1
         if self.on_step is not None:

@@ -97,7 +97,7 @@ class NGramProposer(Proposer):
     name = "ngram"
 
     def __init__(self, k: int = 8, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1,
-                 max_nodes: Optional[int] = None):
+                 max_nodes: Optional[int] = None, adaptive: bool = False):
         if k < 1:
             raise ValueError(f"k: expected at least 1 draft token, got {k}")
         if not 1 <= min_ngram <= max_ngram:
@@ -106,10 +106,23 @@ class NGramProposer(Proposer):
             raise ValueError(f"branches: expected at least 1, got {branches}")
         super().__init__(max_nodes or k * branches, k)
         self.k, self.max_ngram, self.min_ngram, self.branches = k, max_ngram, min_ngram, branches
+        # adaptive: each request's draft depth starts at k // 2, grows by 2 after a fully accepted draft and
+        # shrinks by 1 after a rejection (within 1..k), so requests whose lookups keep failing pay for short
+        # verification passes only
+        self.adaptive = adaptive
+        self._depth: Dict[object, int] = {}
 
     def describe(self) -> str:
-        s = f"ngram k={self.k} n={self.min_ngram}..{self.max_ngram}"
+        s = f"ngram k={'<=' if self.adaptive else ''}{self.k} n={self.min_ngram}..{self.max_ngram}"
         return s + (f" tree x{self.branches}" if self.branches > 1 else "")
+
+    def feedback(self, state, drafted, accepted):
+        if self.adaptive and drafted:
+            d = self._depth.get(state.rid, max(1, self.k // 2))
+            self._depth[state.rid] = min(self.k, d + 2) if accepted == drafted else max(1, d - 1)
+
+    def release(self, state):
+        self._depth.pop(state.rid, None)
 
     def lookup(self, ctx: Sequence[int], k: int) -> List[List[int]]:
         L = len(ctx)
@@ -131,7 +144,7 @@ class NGramProposer(Proposer):
     def propose(self, states, depth_limits):
         out = []
         for st, lim in zip(states, depth_limits):
-            k = min(self.k, lim)
+            k = min(self._depth.get(st.rid, max(1, self.k // 2)) if self.adaptive else self.k, lim)
             out.append(_trie(self.lookup(st.tokens, k), self.max_nodes) if k > 0 else Draft())
         return out
 
