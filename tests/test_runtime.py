@@ -17,7 +17,7 @@ from spdkernels.runtime import (
     SamplingParams,
 )
 from spdkernels.runtime.cli import main as cli_main
-from spdkernels.runtime.model import Batch, greedy_reference, random_config, random_state_dict
+from spdkernels.runtime.model import Batch, greedy_reference, prefill_logits, random_config, random_state_dict
 
 CFG = random_config()
 
@@ -221,13 +221,7 @@ def test_first_token_distribution_matches_softmax(model, name):
     scipy_stats = pytest.importorskip("scipy.stats")  # in the test extra: installed by `make test`
     prompt = [3, 14, 15, 92, 65]
     temp, n = 0.7, 4000
-    T = len(prompt)
-    cache = model.new_cache(1, 16)
-    cache.add(0)
-    cache.reserve(0, T)
-    b = Batch(torch.tensor(prompt), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
-              torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32), cache.block_table([0]))
-    logits = model.forward(b, cache, torch.tensor([T - 1]))[0].float()
+    logits = prefill_logits(model, prompt, [len(prompt) - 1])[0].float()
     prop = None if name == "none" else proposers(model)[name]
     reqs = [Request(prompt, SamplingParams(max_new_tokens=3, temperature=temp, seed=s, ignore_eos=True))
             for s in range(n)]

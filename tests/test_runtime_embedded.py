@@ -8,7 +8,7 @@ import torch
 from spdkernels.runtime import Engine, LlamaModel, NGramProposer, Request, SamplingParams, load_checkpoint
 from spdkernels.runtime.cli import main as cli_main
 from spdkernels.runtime.demo import TIE_GAP, first_divergence, top2_gap
-from spdkernels.runtime.model import Batch
+from spdkernels.runtime.model import prefill_logits
 from spdkernels.runtime.weights import embedded_model_path, save_hf_folder
 
 # fp32 logits of magnitude ~40 computed by two implementations (summation orders differ)
@@ -34,17 +34,6 @@ def hf():
     p = embedded_model_path()
     m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype="float32").eval()
     return m, AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-
-
-def prefill_logits(model, ids):
-    T = len(ids)
-    cache = model.new_cache(-(-T // 16), 16)
-    cache.add(0)
-    cache.reserve(0, T)
-    b = Batch(torch.tensor(ids), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
-              torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32), cache.block_table([0]))
-    with torch.inference_mode():
-        return model.forward(b, cache)
 
 
 def test_weights_and_tokenizer_equal_transformers_gguf_loader(ck, hf):

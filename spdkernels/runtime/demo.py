@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .engine import Engine, Request, SamplingParams
-from .model import Batch, LlamaModel
+from .model import LlamaModel, prefill_logits
 from .proposers import EarlyExitProposer, NGramProposer, Proposer
 
 # A divergence between two greedy runs is a near-tie when the top-2 logit gap of the reference run at the
@@ -89,17 +89,10 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-@torch.inference_mode()
 def top2_gap(model: LlamaModel, prompt: Sequence[int], out: Sequence[int], i: int) -> float:
     """Top-2 logit gap of the model's next-token logits after ``prompt + out[:i]`` (one fresh prefill)."""
     seq = list(prompt) + list(out[:i])
-    T = len(seq)
-    cache = model.new_cache(-(-T // 16), 16)
-    cache.add(0)
-    cache.reserve(0, T)
-    b = Batch(torch.tensor(seq), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
-              torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32), cache.block_table([0]))
-    top = model.forward(b, cache, torch.tensor([T - 1]))[0].float().topk(2).values
+    top = prefill_logits(model, seq, [len(seq) - 1])[0].float().topk(2).values
     return float(top[0] - top[1])
 
 

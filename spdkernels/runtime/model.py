@@ -179,16 +179,23 @@ def random_state_dict(c: LlamaConfig, seed: int = 0, std: float = 0.3) -> Dict[s
     return sd
 
 
+@torch.inference_mode()
+def prefill_logits(model: LlamaModel, ids: Sequence[int], rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Logits of a single sequence run from scratch in a fresh cache (rows ``rows`` only, or all):
+    the oracle the tests and the demo's near-tie check compare against."""
+    T = len(ids)
+    cache = model.new_cache(-(-T // 16), 16)
+    cache.add(0)
+    cache.reserve(0, T)
+    batch = Batch(torch.tensor(list(ids)), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
+                  torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
+                  cache.block_table([0]))
+    return model.forward(batch, cache, None if rows is None else torch.tensor(list(rows)))
+
+
 def greedy_reference(model: LlamaModel, prompt: Sequence[int], n: int) -> List[int]:
     """Plain greedy decoding without a cache: the whole sequence re-run each step (an oracle for tests)."""
     seq = list(prompt)
     for _ in range(n):
-        T = len(seq)
-        cache = model.new_cache(-(-T // 16), 16)
-        cache.add(0)
-        cache.reserve(0, T)
-        batch = Batch(torch.tensor(seq), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
-                      torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
-                      cache.block_table([0]))
-        seq.append(int(model.forward(batch, cache, torch.tensor([T - 1])).argmax(-1)))
+        seq.append(int(prefill_logits(model, seq, [len(seq) - 1])[0].argmax()))
     return seq[len(prompt):]

@@ -65,6 +65,9 @@ class Proposer:
     def release(self, state: RequestState) -> None:
         """The request finished: drop what the proposer keeps for it."""
 
+    def feedback(self, state: RequestState, drafted: int, accepted: int) -> None:
+        """After each verification: how many of the request's draft tokens were proposed and accepted."""
+
     def describe(self) -> str:
         return self.name
 
