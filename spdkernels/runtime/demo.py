@@ -187,10 +187,10 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Proposer], max_ne
         sp = [p["tokens_per_s"] / b["tokens_per_s"] for p, b in zip(r["per_prompt"], base)]
         row = dict(run=name, tokens_per_s=_geomean([p["tokens_per_s"] for p in r["per_prompt"]]),
                    speedup=_geomean(sp), identical=f"{r['identical']}/{len(prompts)}")
-        if "acceptance_rate" in r["per_prompt"][0]:
-            tot_d = [p for p in r["per_prompt"]]
-            row["acceptance_rate"] = sum(p["acceptance_rate"] for p in tot_d) / len(tot_d)
-            row["mean_accepted_length"] = sum(p["mean_accepted_length"] for p in tot_d) / len(tot_d)
+        per = r["per_prompt"]
+        if "acceptance_rate" in per[0]:
+            row["acceptance_rate"] = sum(p["acceptance_rate"] for p in per) / len(per)
+            row["mean_accepted_length"] = sum(p["mean_accepted_length"] for p in per) / len(per)
         r["speedups"] = sp
         table.append(row)
 

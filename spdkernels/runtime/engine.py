@@ -7,6 +7,7 @@ more token; the cache keeps the root and the accepted nodes (moved next to the p
 back. Autoregressive decoding is the same engine with no proposer: every step verifies just the root."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -85,7 +86,12 @@ class RequestState:
 
     @property
     def tokens(self) -> List[int]:
+        """Prompt + output (a new list)."""
         return self.prompt + self.output
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
 
 
 @dataclass
@@ -99,39 +105,25 @@ class Result:
 
 
 @dataclass
-class RunMetrics:
+class RunMetrics(RequestMetrics):
+    """The counters of :class:`RequestMetrics` summed over the requests (``steps`` = request-steps, so
+    ``mean_accepted_length`` is per request and step), plus the run's wall-clock split."""
+    engine_steps: int = 0  # one target forward each, over every active request
+    new_tokens: int = 0
     wall_s: float = 0.0
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0  # target forward passes of the decode steps
     sampling_s: float = 0.0  # verify_greedy / rejection_sample
     bookkeeping_s: float = 0.0  # batch building, KV commit, stop checks
-    steps: int = 0  # engine steps (one target forward each)
-    request_steps: int = 0  # sum over requests of the steps they took part in
-    new_tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    emitted: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s else 0.0
 
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return self.emitted / self.request_steps if self.request_steps else 0.0
-
     def as_dict(self) -> Dict[str, float]:
-        d = {k: getattr(self, k) for k in ("wall_s", "prefill_s", "draft_s", "verify_s", "sampling_s",
-                                            "bookkeeping_s", "steps", "new_tokens", "drafted", "accepted",
-                                            "emitted", "request_steps")}
-        d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate,
-                 mean_accepted_length=self.mean_accepted_length)
-        return d
+        return dict(dataclasses.asdict(self), tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate,
+                    mean_accepted_length=self.mean_accepted_length)
 
 
 class Engine:
@@ -210,7 +202,7 @@ class Engine:
             m.drafted += s.metrics.drafted
             m.accepted += s.metrics.accepted
             m.emitted += s.metrics.emitted
-            m.request_steps += s.metrics.steps
+            m.steps += s.metrics.steps
         return results, m
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -244,7 +236,7 @@ class Engine:
 
     def _depth_limit(self, s: RequestState) -> int:
         left = s.params.max_new_tokens - len(s.output)
-        ctx_left = self.model.config.max_position - len(s.tokens)
+        ctx_left = self.model.config.max_position - len(s.prompt) - len(s.output)
         return max(0, min(left - 1, ctx_left - 1))
 
     def _step(self, active: List[RequestState], m: RunMetrics) -> None:
@@ -265,7 +257,7 @@ class Engine:
             for p in d.parents:
                 nd.append(1 + nd[p + 1])
             depths.append(max(nd))
-            toks += [s.tokens[-1]] + d.tokens
+            toks += [s.last_token] + d.tokens
             pos += [P + x for x in nd]
             slots += cache.slots(s.rid, range(P, P + ql))
             cu.append(cu[-1] + ql)
@@ -311,7 +303,7 @@ class Engine:
             if self.proposer is not None:
                 self.proposer.feedback(s, len(d), n - 1)
             self._append(s, o[:n])
-        m.steps += 1
+        m.engine_steps += 1
         if self.on_step is not None:
             self.on_step(sum(len(s.output) for s in active))
         t5 = time.perf_counter()

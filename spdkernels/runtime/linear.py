@@ -25,8 +25,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
     if x.stride(1) != 1:
         x = x.contiguous()
     N, K = w.shape
+    if b is not None:
+        b = b.contiguous()  # keep a reference: the kernel reads it after this line
     y = torch.empty(M, N, dtype=torch.float32)
     if M:
-        C.skinny_linear_f32(x.data_ptr(), x.stride(0), w.data_ptr(), 0 if b is None else b.contiguous().data_ptr(),
+        C.skinny_linear_f32(x.data_ptr(), x.stride(0), w.data_ptr(), 0 if b is None else b.data_ptr(),
                             y.data_ptr(), N, M, N, K, _cpp.num_threads())
     return y
