@@ -8,26 +8,7 @@
 namespace spd {
 namespace {
 
-// 2^y for 8 lanes, y <= 0: y = n + f with n = round(y), |f| <= 1/2; 2^f by its Taylor polynomial of
-// degree 7 in f * ln 2 (truncation below 2^-27 relative: ~1 ulp overall); 2^n by two exponent-field
-// scalings so that subnormal results are right. y < -151 (and -inf) gives 0.
-inline f8v exp2_8_nonpos(f8v y) {
-  y = y < -151.0f ? f8v{} - 151.0f : y;
-  const f8v t = y + 0.5f;
-  i8v n = __builtin_convertvector(t, i8v);  // truncation: floor for t >= 0, ceil for t < 0
-  n = (__builtin_convertvector(n, f8v) > t) ? n - 1 : n;
-  const f8v g = (y - __builtin_convertvector(n, f8v)) * 0.693147180559945309f;
-  f8v p = g * 1.98412698412698413e-4f + 1.38888888888888889e-3f;
-  p = p * g + 8.33333333333333333e-3f;
-  p = p * g + 4.16666666666666667e-2f;
-  p = p * g + 1.66666666666666667e-1f;
-  p = p * g + 0.5f;
-  p = p * g + 1.0f;
-  p = p * g + 1.0f;
-  const i8v h = n >> 1;
-  const i8v s1 = (h + 127) << 23, s2 = (n - h + 127) << 23;
-  return p * reinterpret_cast<const f8v&>(s1) * reinterpret_cast<const f8v&>(s2);
-}
+#include "vec_exp2.inc"
 
 }  // namespace
 

@@ -67,6 +67,8 @@ CASES = [
     ([33, 2], [200, 9], 4, 1, 64, 128, False),           # block size 128, partly filled last blocks
     ([9], [0], 8, 2, 64, 16, False),                     # no prefix at all
     ([5], [300], 8, 1, 64, 16, False),                   # one request, one KV head: the cpp path splits the KV
+    ([3, 7], [45, 70], 6, 2, 80, 16, False),             # GQA 3, D 80 (not a multiple of 32: cpp column tails)
+    ([4], [130], 4, 2, 36, 32, False),                   # D 36 (not a multiple of 8: cpp scalar columns)
 ]
 
 
@@ -93,13 +95,14 @@ def test_triton_split_kv_matches_reference(splits):
     check_close(got, want)
 
 
-@pytest.mark.parametrize("threads", [3, 4, 7])
+@pytest.mark.parametrize("threads", [2, 3, 4, 7])
 def test_cpp_split_kv_matches_reference(threads):
-    """The C++ flash-decoding path: one (request, KV head) item split over more threads than items, including
-    chunks that come out empty (82 positions over 4 and 7 threads in tiles of 32)."""
+    """The C++ flash-decoding path: (request, KV head) items split over more threads than items, merged
+    from partial (m, l, acc) states. 205 positions make 4 tiles of 64, so the long request splits into up to
+    4 chunks; the short one (13 positions) gets empty chunks."""
     if "cpp" not in BACKENDS:
         pytest.skip("the C++ extension runs on CPU tensors only")
-    args = make_batch([5], [77], 8, 1, 64, 16, torch.float32, False, torch.Generator().manual_seed(11))
+    args = make_batch([5, 3], [200, 10], 8, 1, 64, 16, torch.float32, False, torch.Generator().manual_seed(11))
     want = reference.tree_attention(*[a.cpu() if a is not None else None for a in args])
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
