@@ -5,11 +5,12 @@ from .engine import Engine, Request, RequestMetrics, Result, RunMetrics, Samplin
 from .kv_cache import CacheFullError, PagedKVCache
 from .model import Batch, LlamaModel
 from .proposers import Draft, DraftModelProposer, EarlyExitProposer, ModelProposer, NGramProposer, Proposer
+from .speculation import AdaptiveSpeculation
 from .weights import Checkpoint, LlamaConfig, ModelLoadError, embedded_model_path, load_checkpoint
 
 __all__ = [
-    "Batch", "CacheFullError", "Checkpoint", "Draft", "DraftModelProposer", "EarlyExitProposer", "Engine",
-    "LlamaConfig", "LlamaModel", "ModelLoadError", "ModelProposer", "NGramProposer", "PagedKVCache", "Proposer",
-    "Request", "RequestMetrics", "Result", "RunMetrics", "SamplingParams", "embedded_model_path",
-    "load_checkpoint",
+    "AdaptiveSpeculation", "Batch", "CacheFullError", "Checkpoint", "Draft", "DraftModelProposer",
+    "EarlyExitProposer", "Engine", "LlamaConfig", "LlamaModel", "ModelLoadError", "ModelProposer", "NGramProposer",
+    "PagedKVCache", "Proposer", "Request", "RequestMetrics", "Result", "RunMetrics", "SamplingParams",
+    "embedded_model_path", "load_checkpoint",
 ]

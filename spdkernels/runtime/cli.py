@@ -26,6 +26,9 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ngram-min", type=int, default=2)
     g.add_argument("--branches", type=int, default=1, help="ngram: continuations merged into a tree")
     g.add_argument("--adaptive", action="store_true", help="ngram: per-request draft depth from acceptance (<= k)")
+    g.add_argument("--speculation", choices=["fixed", "cost"], default="fixed",
+                   help="cost: choose every request's draft depth (<= k) per step from the measured verification "
+                   "cost and acceptance (AdaptiveSpeculation); fixed: the proposer's depth")
     g.add_argument("--layers", type=int, default=None, help="early-exit: target layers used for drafting")
     g.add_argument("--draft-model", default=None, help="draft-model: a .gguf file or Hugging Face folder")
     g.add_argument("--tree-branching", type=int, default=1, help="model proposers: top-k children per node")
@@ -148,7 +151,12 @@ def cmd_generate(args) -> int:
                                 top_p=args.top_p, seed=args.seed + b, stop=tuple(args.stop))
             sp.validate()
             reqs.append(Request(ids, sp))
-    eng = Engine(model, proposer, tokenizer=tok)
+    spec = None
+    if args.speculation == "cost" and proposer is not None:
+        from .speculation import AdaptiveSpeculation
+
+        spec = AdaptiveSpeculation(max_depth=args.k)
+    eng = Engine(model, proposer, tokenizer=tok, speculation=spec)
     pb = None
     if not args.no_progress:
         from tqdm import tqdm

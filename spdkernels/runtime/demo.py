@@ -10,13 +10,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .engine import Engine, Request, SamplingParams
 from .model import LlamaModel, prefill_logits
 from .proposers import EarlyExitProposer, NGramProposer, Proposer
+from .speculation import AdaptiveSpeculation
 
 # A divergence between two greedy runs is a near-tie when the top-2 logit gap of the reference run at the
 # first differing position is below this (fp32 logits of magnitude ~40 carry rounding noise ~1e-5 relative
@@ -73,10 +74,12 @@ SUITE: List[Tuple[str, str]] = [
 ]
 
 
-def default_proposers(num_layers: int) -> List[Proposer]:
+def default_proposers(num_layers: int) -> List[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]]:
+    """The demo's speculative runs: a proposer, or a proposer with the cost-aware depth controller."""
     return [
         NGramProposer(k=4, max_ngram=3, min_ngram=2),
         NGramProposer(k=8, max_ngram=3, min_ngram=2, adaptive=True),
+        (NGramProposer(k=8, max_ngram=3, min_ngram=2), AdaptiveSpeculation(max_depth=8)),
         NGramProposer(k=6, max_ngram=3, min_ngram=1, branches=3, max_nodes=12),
         EarlyExitProposer(layers=max(1, num_layers // 4), k=3, draft_vocab=8192),
     ]
@@ -105,7 +108,8 @@ class DemoFailure(RuntimeError):
     pass
 
 
-def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Proposer], max_new_tokens: int = 128,
+def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]],
+             max_new_tokens: int = 128,
              hf_model=None, hf_lookup_tokens: int = 8, json_path: Optional[str] = None,
              plot_path: Optional[str] = None, log=print, progress: bool = True) -> Dict:
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]))
@@ -120,8 +124,8 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Proposer], max_ne
 
         return tqdm(total=total, desc=desc, leave=False, unit="tok")
 
-    def ours(name: str, proposer: Optional[Proposer]):
-        eng = Engine(model, proposer, tokenizer=tokenizer)
+    def ours(name: str, proposer: Optional[Proposer], speculation: Optional[AdaptiveSpeculation] = None):
+        eng = Engine(model, proposer, tokenizer=tokenizer, speculation=speculation)
         outs, per = [], []
         pb = bar(len(prompts) * max_new_tokens, name)
         for ids in prompts:
@@ -160,7 +164,8 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Proposer], max_ne
     log(f"demo: {len(prompts)} prompts, greedy, {max_new_tokens} new tokens each")
     ours("ours autoregressive", None)
     for p in proposers:
-        ours(f"ours {p.describe()}", p)
+        p, spec = p if isinstance(p, tuple) else (p, None)
+        ours(f"ours {p.describe()}" + (f" + {spec.describe()}" if spec else ""), p, spec)
     if hf_model is not None:
         theirs("transformers greedy", 0)
         theirs(f"transformers prompt-lookup {hf_lookup_tokens}", hf_lookup_tokens)

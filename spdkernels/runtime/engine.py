@@ -19,6 +19,7 @@ from spdkernels import tree as tree_utils
 
 from .model import Batch, LlamaModel
 from .proposers import Draft, Proposer
+from .speculation import AdaptiveSpeculation
 
 
 @dataclass
@@ -129,13 +130,16 @@ class RunMetrics(RequestMetrics):
 class Engine:
     """``Engine(model, proposer=None).generate(requests)``. ``tokenizer`` (optional) decodes the outputs and
     applies stop strings; ``eos_token_ids`` default to the model config's. ``block_size``: KV page size.
-    ``scrub_cache``: poison every KV entry past the committed length after each step (tests)."""
+    ``scrub_cache``: poison every KV entry past the committed length after each step (tests).
+    ``speculation``: an :class:`AdaptiveSpeculation` that sets every request's draft depth per step from
+    the measured verification cost and acceptance (None: the proposer's own depth)."""
 
     def __init__(self, model: LlamaModel, proposer: Optional[Proposer] = None, tokenizer=None,
                  eos_token_ids: Optional[Sequence[int]] = None, block_size: int = 16, scrub_cache: bool = False,
-                 validate_ops: bool = False):
+                 validate_ops: bool = False, speculation: Optional[AdaptiveSpeculation] = None):
         self.model = model
         self.proposer = proposer
+        self.speculation = speculation
         self.tokenizer = tokenizer
         self.eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.block_size = block_size
@@ -186,6 +190,8 @@ class Engine:
                         cache.release(s.rid)
                         if self.proposer is not None:
                             self.proposer.release(s)
+                        if self.speculation is not None:
+                            self.speculation.release(s.rid)
                 active = [s for s in active if not s.done]
         finally:
             spdkernels.set_validation(old_validation)
@@ -242,8 +248,12 @@ class Engine:
     def _step(self, active: List[RequestState], m: RunMetrics) -> None:
         cache, model = self.cache, self.model
         t0 = time.perf_counter()
+        spec = self.speculation if self.proposer is not None else None
         if self.proposer is not None:
-            drafts = self.proposer.propose(active, [self._depth_limit(s) for s in active])
+            limits = [self._depth_limit(s) for s in active]
+            if spec is not None:
+                limits = spec.plan([s.rid for s in active], limits)
+            drafts = self.proposer.propose(active, limits)
         else:
             drafts = [Draft() for _ in active]
         t1 = time.perf_counter()
@@ -278,6 +288,8 @@ class Engine:
         if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             logits = logits.float()
         t3 = time.perf_counter()
+        if spec is not None:
+            spec.observe_step(len(toks), t3 - t2, max(depths), t1 - t0)
         draft_ids = torch.tensor(dtoks, dtype=torch.int64)
         max_depth = max(depths)
         if all(s.params.temperature == 0 for s in active):
@@ -294,7 +306,9 @@ class Engine:
         t4 = time.perf_counter()
         cache.commit([s.rid for s in active], block_table, kv_t, cu_t, path)
         out_l, num_l = out.tolist(), num.tolist()
-        for s, d, o, n in zip(active, drafts, out_l, num_l):
+        for s, d, o, n, dep in zip(active, drafts, out_l, num_l, depths):
+            if spec is not None:
+                spec.observe_request(s.rid, dep, n - 1)
             mt = s.metrics
             mt.steps += 1
             mt.drafted += len(d)
