@@ -26,8 +26,8 @@ def main(argv=None) -> int:
 
     from spdkernels.runtime import AdaptiveSpeculation, Engine, NGramProposer, Request, SamplingParams
     from spdkernels.runtime.demo import SUITE
-    from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
     from spdkernels.runtime.model import LlamaModel
+    from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
 
     ck = load_checkpoint(embedded_model_path())
     model = LlamaModel(ck.config, ck.state_dict)
