@@ -16,39 +16,66 @@
 namespace spd {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPD_GEMM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
-#else
-#define SPD_GEMM_CLONES
-#endif
-
-inline float hsum(f8v v) {
+__attribute__((always_inline)) inline float hsum(f8v v) {
   float s = 0.f;
   for (int l = 0; l < 8; ++l) s += v[l];
   return s;
 }
 
-inline f8v load8(const float* p) {
+__attribute__((always_inline)) inline f8v load8(const float* p) {
   f8v v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-// nr weight rows (1..4) starting at w, all M token rows; K % 8 handled by a scalar tail.
-SPD_GEMM_CLONES
-void tile(const float* x, int64_t ldx, const float* w, int64_t K, int nr, int64_t M, float* y, int64_t ldy,
-          const float* bias) {
+// Pins a loaded vector in a register (kPin: the AVX copy only, where a ymm register holds it): without
+// it GCC folds the load into every multiply-add that uses the vector, one load per use.
+template <bool kPin>
+__attribute__((always_inline)) inline void pin(f8v& v) {
+  if constexpr (kPin) asm("" : "+x"(v));
+}
+
+// Software prefetch of a later weight block, spread evenly over every pass of the current block. With
+// M > 2 rows a block is read from memory in the first pass and from L1 in the others; without this the
+// weight stream stops during those passes and the time is memory + compute instead of the larger of the
+// two (measured here: 5 and 9 rows ~25% faster, 5 rows then cost about what 1 row does).
+constexpr int64_t kPrefetchBlocks = 2;  // how far ahead, in blocks of 4 weight rows
+
+struct Prefetcher {
+  const char* base = nullptr;
+  int64_t lines = 0, iters = 1, issued = 0, it = 0;
+  Prefetcher(const float* next, int64_t bytes, int64_t total_iters) {
+    if (next) {
+      base = reinterpret_cast<const char*>(next);
+      lines = (bytes + 63) / 64;
+      iters = total_iters > 0 ? total_iters : 1;
+    }
+  }
+  __attribute__((always_inline)) void step() {  // one inner iteration done: issue the lines now due
+    ++it;
+    while (issued < lines && issued * iters < it * lines) __builtin_prefetch(base + 64 * issued++, 0, 3);
+  }
+};
+// nr weight rows (1..4) starting at w, all M token rows; K % 8 handled by a scalar tail. next: the block
+// to prefetch (or null).
+template <bool kPin>
+__attribute__((always_inline)) inline void tile_impl(const float* x, int64_t ldx, const float* w, int64_t K,
+                                                     int nr, int64_t M, float* y, int64_t ldy, const float* bias,
+                                                     const float* next) {
   const int64_t Km = K - K % 8;
   const float* wr[4];
   for (int j = 0; j < 4; ++j) wr[j] = w + (j < nr ? j : 0) * K;  // unused rows alias row 0 (results dropped)
+  Prefetcher pf(next, 4 * K * static_cast<int64_t>(sizeof(float)), (M + 1) / 2 * (Km / 8));
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) {
     const float* x0 = x + m * ldx;
     const float* x1 = x0 + ldx;
     f8v a00{}, a01{}, a02{}, a03{}, a10{}, a11{}, a12{}, a13{};
     for (int64_t k = 0; k < Km; k += 8) {
-      const f8v u = load8(x0 + k), v = load8(x1 + k);
-      const f8v w0 = load8(wr[0] + k), w1 = load8(wr[1] + k), w2 = load8(wr[2] + k), w3 = load8(wr[3] + k);
+      pf.step();
+      f8v u = load8(x0 + k), v = load8(x1 + k);
+      f8v w0 = load8(wr[0] + k), w1 = load8(wr[1] + k), w2 = load8(wr[2] + k), w3 = load8(wr[3] + k);
+      pin<kPin>(w0), pin<kPin>(w1), pin<kPin>(w2), pin<kPin>(w3), pin<kPin>(u), pin<kPin>(v);
       a00 += u * w0; a01 += u * w1; a02 += u * w2; a03 += u * w3;
       a10 += v * w0; a11 += v * w1; a12 += v * w2; a13 += v * w3;
     }
@@ -66,6 +93,7 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, int nr, int64_
     const float* x0 = x + m * ldx;
     f8v a0{}, a1{}, a2{}, a3{};
     for (int64_t k = 0; k < Km; k += 8) {
+      pf.step();
       const f8v u = load8(x0 + k);
       a0 += u * load8(wr[0] + k); a1 += u * load8(wr[1] + k);
       a2 += u * load8(wr[2] + k); a3 += u * load8(wr[3] + k);
@@ -77,6 +105,27 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, int nr, int64_
   }
 }
 
+void tile_base(const float* x, int64_t ldx, const float* w, int64_t K, int nr, int64_t M, float* y, int64_t ldy,
+               const float* bias, const float* next) {
+  tile_impl<false>(x, ldx, w, K, nr, M, y, ldy, bias, next);
+}
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int, int64_t, float*, int64_t, const float*,
+                        const float*);
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast")))
+void tile_v3(const float* x, int64_t ldx, const float* w, int64_t K, int nr, int64_t M, float* y, int64_t ldy,
+             const float* bias, const float* next) {
+  tile_impl<true>(x, ldx, w, K, nr, M, y, ldy, bias, next);
+}
+TileFn pick_tile() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? tile_v3 : tile_base;
+}
+#else
+TileFn pick_tile() { return tile_base; }
+#endif
+
 }  // namespace
 
 void skinny_linear_f32(std::uintptr_t x_, int64_t ldx, std::uintptr_t w_, std::uintptr_t bias_,
@@ -85,6 +134,7 @@ void skinny_linear_f32(std::uintptr_t x_, int64_t ldx, std::uintptr_t w_, std::u
   const float* w = ptr<const float>(w_);
   const float* bias = bias_ ? ptr<const float>(bias_) : nullptr;
   float* y = ptr<float>(y_);
+  static const TileFn tile = pick_tile();  // x86-64-v3 (AVX2 + FMA) when the CPU has it
   const int64_t nblocks = (N + 3) / 4;
 #ifdef SPD_HAVE_OPENMP
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -94,7 +144,8 @@ void skinny_linear_f32(std::uintptr_t x_, int64_t ldx, std::uintptr_t w_, std::u
   for (int64_t bi = 0; bi < nblocks; ++bi) {
     const int64_t n = bi * 4;
     const int nr = static_cast<int>(N - n < 4 ? N - n : 4);
-    tile(x, ldx, w + n * K, K, nr, M, y + n, ldy, bias ? bias + n : nullptr);
+    tile(x, ldx, w + n * K, K, nr, M, y + n, ldy, bias ? bias + n : nullptr,
+         n + 4 * kPrefetchBlocks < N ? w + (n + 4 * kPrefetchBlocks) * K : nullptr);
   }
 }
 
