@@ -75,6 +75,22 @@ typedef float f8v __attribute__((vector_size(32)));
 typedef int32_t i8v __attribute__((vector_size(32)));
 typedef uint16_t u8h __attribute__((vector_size(16)));
 
+// Unaligned 8-lane fp32 load / store.
+__attribute__((always_inline)) inline f8v load_f8(const float* p) {
+  f8v v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline void store_f8(float* p, f8v v) { std::memcpy(p, &v, sizeof v); }
+
+// Pins a loaded vector in a register. Without it GCC folds the load into every multiply-add that uses the
+// vector (one load per use) and register-tiled loops become load-bound. kPin only in code compiled for
+// AVX, where a ymm register holds the whole vector (the baseline copies pass false).
+template <bool kPin>
+__attribute__((always_inline)) inline void pin(f8v& v) {
+  if constexpr (kPin) asm("" : "+x"(v));
+}
+
 template <int kCode>
 struct Row;
 template <>

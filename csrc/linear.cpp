@@ -22,19 +22,6 @@ __attribute__((always_inline)) inline float hsum(f8v v) {
   return s;
 }
 
-__attribute__((always_inline)) inline f8v load8(const float* p) {
-  f8v v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// Pins a loaded vector in a register (kPin: the AVX copy only, where a ymm register holds it): without
-// it GCC folds the load into every multiply-add that uses the vector, one load per use.
-template <bool kPin>
-__attribute__((always_inline)) inline void pin(f8v& v) {
-  if constexpr (kPin) asm("" : "+x"(v));
-}
-
 // Software prefetch of a later weight block, spread evenly over every pass of the current block. With
 // M > 2 rows a block is read from memory in the first pass and from L1 in the others; without this the
 // weight stream stops during those passes and the time is memory + compute instead of the larger of the
@@ -73,8 +60,8 @@ __attribute__((always_inline)) inline void tile_impl(const float* x, int64_t ldx
     f8v a00{}, a01{}, a02{}, a03{}, a10{}, a11{}, a12{}, a13{};
     for (int64_t k = 0; k < Km; k += 8) {
       pf.step();
-      f8v u = load8(x0 + k), v = load8(x1 + k);
-      f8v w0 = load8(wr[0] + k), w1 = load8(wr[1] + k), w2 = load8(wr[2] + k), w3 = load8(wr[3] + k);
+      f8v u = load_f8(x0 + k), v = load_f8(x1 + k);
+      f8v w0 = load_f8(wr[0] + k), w1 = load_f8(wr[1] + k), w2 = load_f8(wr[2] + k), w3 = load_f8(wr[3] + k);
       pin<kPin>(w0), pin<kPin>(w1), pin<kPin>(w2), pin<kPin>(w3), pin<kPin>(u), pin<kPin>(v);
       a00 += u * w0; a01 += u * w1; a02 += u * w2; a03 += u * w3;
       a10 += v * w0; a11 += v * w1; a12 += v * w2; a13 += v * w3;
@@ -94,9 +81,9 @@ __attribute__((always_inline)) inline void tile_impl(const float* x, int64_t ldx
     f8v a0{}, a1{}, a2{}, a3{};
     for (int64_t k = 0; k < Km; k += 8) {
       pf.step();
-      const f8v u = load8(x0 + k);
-      a0 += u * load8(wr[0] + k); a1 += u * load8(wr[1] + k);
-      a2 += u * load8(wr[2] + k); a3 += u * load8(wr[3] + k);
+      const f8v u = load_f8(x0 + k);
+      a0 += u * load_f8(wr[0] + k); a1 += u * load_f8(wr[1] + k);
+      a2 += u * load_f8(wr[2] + k); a3 += u * load_f8(wr[3] + k);
     }
     float r0[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
     for (int64_t k = Km; k < K; ++k)

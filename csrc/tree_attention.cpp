@@ -78,6 +78,7 @@ struct State {
 };
 
 namespace base {
+constexpr bool kAvx = false;
 #include "tree_attention_kernel.inc"
 }  // namespace base
 
@@ -86,11 +87,10 @@ namespace base {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #pragma GCC optimize("fp-contract=fast")
-#define SPD_TA_AVX 1
 namespace v3 {
+constexpr bool kAvx = true;
 #include "tree_attention_kernel.inc"
 }  // namespace v3
-#undef SPD_TA_AVX
 #pragma GCC pop_options
 #endif
 
@@ -148,7 +148,8 @@ void run(const Args& a, int num_threads) {
       if (lo >= hi) continue;
       // queries of row block b at qT + b * kRowBlock * D, as [D][RP_b] (RP_b = its rows rounded up to 8)
       const float qs = a.scale * 1.44269504088896341f;  // log2(e): the kernel works with exp2
-      std::fill(qT.begin(), qT.end(), 0.f);
+      // zero this request's row blocks only (padding rows must be 0; the buffer is sized for the largest)
+      std::fill(qT.begin(), qT.begin() + (rows + kRowBlock - 1) / kRowBlock * kRowBlock * D, 0.f);
       for (int64_t row = 0; row < rows; ++row) {
         const int64_t g = row / ql, i = row % ql, row0 = row / kRowBlock * kRowBlock;
         const int64_t RP = (std::min(rows - row0, int64_t{kRowBlock}) + 7) / 8 * 8;

@@ -23,6 +23,7 @@ is verified per step, never what is accepted).
 """
 from __future__ import annotations
 
+import heapq
 from typing import Dict, List, Sequence, Tuple
 
 
@@ -100,23 +101,26 @@ class AdaptiveSpeculation:
             k = list(caps)
         else:
             alpha = [self.acceptance(r) for r in rids]
-            gain = [al for al in alpha]  # gain of each request's next level: alpha^(k+1)
+            # max-heap of each request's next level gain alpha^(k+1) (ties: lowest index first)
+            heap = [(-al, i) for i, al in enumerate(alpha) if caps[i] > 0]
+            heapq.heapify(heap)
             E, T, depth = float(len(rids)), float(len(rids)), 0
-            while True:
-                best, g = -1, 0.0
-                for i in range(len(rids)):
-                    if k[i] < caps[i] and gain[i] > g:
-                        best, g = i, gain[i]
-                if best < 0:
+            while heap:
+                neg_g, i = heap[0]
+                g = -neg_g
+                if g <= 0.0:
                     break
-                new_depth = max(depth, k[best] + 1)
+                new_depth = max(depth, k[i] + 1)
                 old_rate = E / (a + b * T + c * depth)
                 new_rate = (E + g) / (a + b * (T + 1) + c * new_depth)
                 if new_rate <= old_rate:
                     break
                 E, T, depth = E + g, T + 1, new_depth
-                k[best] += 1
-                gain[best] *= alpha[best]
+                k[i] += 1
+                if k[i] < caps[i]:
+                    heapq.heapreplace(heap, (neg_g * alpha[i], i))
+                else:
+                    heapq.heappop(heap)
         for i, r in enumerate(rids):  # probe requests that no draft pays for, now and then
             if k[i] == 0 and caps[i] > 0:
                 idle = self._idle.get(r, 0) + 1
