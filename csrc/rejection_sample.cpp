@@ -1,14 +1,17 @@
 // rejection_sample on the CPU: lossless speculative sampling of chains and token trees
 // (DESIGN.md section 3; the reference is spdkernels/reference/rejection_sample.py).
 //
-// Parallel over requests (dynamic schedule). A sampled request walks its tree; each visited row costs
-// two vectorised passes (load + convert + max into a per-thread fp32 row; exp((x - max) / T) + fp64 sum)
-// and, with top-k / top-p, a selection (std::nth_element for the K-th largest logit; a mass-weighted
-// quickselect for the top-p boundary: expected O(V), no sort). The distribution stays unnormalised with
-// its mass, so a point-mass rejection is O(1) and a rejection against draft_probs one pass. The final
-// token is drawn by inverse CDF over ids with the request's final coin (stops at the hit). Greedy
-// requests reuse the greedy walk (argmax of the visited rows only). Coins: explicit uniforms or
-// Philox4x32-10 (the same bits as the reference and the Triton kernel).
+// Parallel over requests (dynamic schedule). A sampled request walks its tree. Without top-k / top-p a
+// visited row is read once: one pass per block of 512 logits takes the block's max and the sum of
+// 2^((x - max_b) * log2(e) / T) in double (the block is in L1 for the second look), and the row's mass is
+// the sum of the block sums rescaled to the row max. No probability row is written: p(t) is one
+// exponential, a point-mass rejection removes one token from the mass and from its block sum, and the
+// final token is drawn by inverse CDF over the block sums, recomputing the weights of one block only.
+// A rejection against draft_probs materialises max(0, p - q) (one pass) and the walk goes on over the
+// materialised weights. With top-k / top-p the row is materialised too, and a selection finds the kept
+// set (std::nth_element for the K-th largest logit; a mass-weighted quickselect for the top-p boundary:
+// expected O(V), no sort). Greedy requests reuse the greedy walk (argmax of the visited rows only).
+// Coins: explicit uniforms or Philox4x32-10 (the same bits as the reference and the Triton kernel).
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -176,6 +179,269 @@ SPD_CLONES double block_sum(const float* w, int64_t n) {
   return s;
 }
 
+// ---- a row's distribution without materialising it (no top-k / top-p) --------------------------------
+// The weights are w(v) = 2^((x_v - m) * scale) with m the row max and scale = log2(e) / T: the same
+// exponential as exp_weights (up to FMA contraction, which only moves floating-point boundary cases).
+
+#include "vec_exp2.inc"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPD_EXP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#else
+#define SPD_EXP_CLONES
+#endif
+
+constexpr int64_t kBlk = 512;  // 2 KiB of fp32 logits: the block's second look hits L1
+constexpr int64_t kAhead = 2;  // software prefetch distance, in blocks
+
+// Lanes [0, n) of the row from i, the others -inf (weight 0).
+template <int kCode>
+__attribute__((always_inline)) inline f8v load8f_tail(const void* row, int64_t i, int64_t n) {
+  f8v x = f8v{} - __builtin_inff();
+  for (int64_t l = 0; l < n; ++l) x[l] = load_f(row, i + l, kCode);
+  return x;
+}
+
+// 16 logits from i as two fp32 vectors, in any order (for a max or a sum). bf16: evens and odds straight
+// from the 32-bit words (a shift and a mask, no widening shuffle).
+template <int kCode>
+__attribute__((always_inline)) inline void load16f(const void* row, int64_t i, f8v& a, f8v& b) {
+  if constexpr (kCode == kBF16) {
+    i8v w;
+    std::memcpy(&w, static_cast<const uint16_t*>(row) + i, sizeof w);
+    const i8v lo = w << 16, hi = w & static_cast<int32_t>(0xFFFF0000u);
+    a = reinterpret_cast<const f8v&>(lo);
+    b = reinterpret_cast<const f8v&>(hi);
+  } else {
+    a = load8f<kCode>(row, i);
+    b = load8f<kCode>(row, i + 8);
+  }
+}
+
+// Per block b of kBlk logits: mb[b] = the block max and sb[b] = the sum of 2^((x - mb[b]) * scale) over
+// the block. One read of the row from memory; the exponentials see the block in L1. The sum runs in fp32
+// lanes (each lane adds 64 terms, four at a time: a few ulp of the block sum at most, against a term 2^0 = 1)
+// and the blocks add in double: a double accumulator in the inner loop would be a loop-carried chain.
+template <int kCode, bool kAvx>
+__attribute__((always_inline)) inline void row_stats_impl(const void* row, int64_t V, float scale, float* mb,
+                                                          double* sb) {
+  constexpr int64_t kElt = kCode == kF32 ? 4 : 2;
+  for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlk, ++b) {
+    const int64_t n = std::min(kBlk, V - b0), n16 = n - n % 16;
+    f8v m0 = f8v{} - __builtin_inff(), m1 = m0, x0, x1;
+    int64_t i = 0;
+    for (; i < n16; i += 16) {
+      load16f<kCode>(row, b0 + i, x0, x1);
+      m0 = x0 > m0 ? x0 : m0;
+      m1 = x1 > m1 ? x1 : m1;
+    }
+    for (; i + 8 <= n; i += 8) {
+      x0 = load8f<kCode>(row, b0 + i);
+      m0 = x0 > m0 ? x0 : m0;
+    }
+    if (i < n) {
+      x1 = load8f_tail<kCode>(row, b0 + i, n - i);
+      m1 = x1 > m1 ? x1 : m1;
+    }
+    m0 = m1 > m0 ? m1 : m0;
+    float m = m0[0];
+    for (int l = 1; l < 8; ++l) m = std::max(m, m0[l]);
+    mb[b] = m;
+    if (m == -__builtin_inff()) {
+      sb[b] = 0.0;
+      continue;
+    }
+    // 2^-((m - x) * scale): m - x is exact near the max whatever the size of m, and >= +0
+    auto e = [&](f8v x) { return exp2_8_sum<kAvx>((m - x) * scale); };
+    f8v s0{}, s1{}, x2, x3, x4, x5, x6, x7;
+    for (i = 0; i + 64 <= n16; i += 64) {
+      // the block kAhead blocks on comes from memory meanwhile (prefetch never faults past the row's end)
+      const char* pf = static_cast<const char*>(row) + (b0 + kAhead * kBlk + i) * kElt;
+      for (int64_t o = 0; o < 64 * kElt; o += 64) __builtin_prefetch(pf + o);
+      load16f<kCode>(row, b0 + i, x0, x1);
+      load16f<kCode>(row, b0 + i + 16, x2, x3);
+      load16f<kCode>(row, b0 + i + 32, x4, x5);
+      load16f<kCode>(row, b0 + i + 48, x6, x7);
+      s0 += (e(x0) + e(x1)) + (e(x2) + e(x3));
+      s1 += (e(x4) + e(x5)) + (e(x6) + e(x7));
+    }
+    for (; i < n16; i += 16) {
+      load16f<kCode>(row, b0 + i, x0, x1);
+      s0 += e(x0) + e(x1);
+    }
+    for (; i + 8 <= n; i += 8) s1 += e(load8f<kCode>(row, b0 + i));
+    if (i < n)  // exact zeros for the padding lanes
+      s1 += exp2_8_nonpos((load8f_tail<kCode>(row, b0 + i, n - i) - m) * scale);
+    s0 += s1;
+    double s = 0.0;
+    for (int l = 0; l < 8; ++l) s += s0[l];
+    sb[b] = s;
+  }
+}
+
+// w[0:n] <- 2^((x - m) * scale) for the logits [b0, b0 + n) of the row.
+template <int kCode>
+__attribute__((always_inline)) inline void row_weights_impl(const void* row, int64_t b0, int64_t n, float m,
+                                                            float scale, float* w) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store_f8(w + i, exp2_8_nonpos((load8f<kCode>(row, b0 + i) - m) * scale));
+  if (i < n) {
+    const f8v e = exp2_8_nonpos((load8f_tail<kCode>(row, b0 + i, n - i) - m) * scale);
+    for (int64_t l = 0; l < n - i; ++l) w[i + l] = e[l];
+  }
+}
+
+// The row pass, compiled for baseline x86-64 and for x86-64-v3 (AVX2 + FMA), picked at run time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPD_V3 __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast")))
+constexpr bool kHaveV3 = true;
+#else
+#define SPD_V3
+constexpr bool kHaveV3 = false;
+#endif
+using RowStatsFn = void (*)(const void*, int64_t, float, float*, double*);
+template <int kCode>
+void row_stats_base(const void* r, int64_t V, float s, float* mb, double* sb) {
+  row_stats_impl<kCode, false>(r, V, s, mb, sb);
+}
+template <int kCode>
+SPD_V3 void row_stats_v3(const void* r, int64_t V, float s, float* mb, double* sb) {
+  row_stats_impl<kCode, kHaveV3>(r, V, s, mb, sb);
+}
+template <int kCode>
+RowStatsFn pick_row_stats() {
+  if (kHaveV3 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return row_stats_v3<kCode>;
+  return row_stats_base<kCode>;
+}
+void row_stats(const void* r, int code, int64_t V, float s, float* mb, double* sb) {
+  static const RowStatsFn f32 = pick_row_stats<kF32>(), bf16 = pick_row_stats<kBF16>(),
+                          f16 = pick_row_stats<kF16>();
+  (code == kF32 ? f32 : code == kBF16 ? bf16 : f16)(r, V, s, mb, sb);
+}
+
+SPD_EXP_CLONES void row_weights_f32(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
+  row_weights_impl<kF32>(r, b0, n, m, s, w);
+}
+SPD_EXP_CLONES void row_weights_bf16(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
+  row_weights_impl<kBF16>(r, b0, n, m, s, w);
+}
+SPD_EXP_CLONES void row_weights_f16(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
+  row_weights_impl<kF16>(r, b0, n, m, s, w);
+}
+
+// The target distribution of one row without top-k / top-p, kept as per-block masses: p(v) = w(v) / M,
+// where point-mass rejections have removed some tokens (weight 0, taken out of M and of their block).
+struct LazyRow {
+  const void* row = nullptr;
+  int code = kF32;
+  int64_t V = 0;
+  float m = 0.0f, scale = 1.0f;
+  double M = 0.0;                // mass of the tokens not removed
+  std::vector<double> bs;        // per-block mass, in the row-max scale
+  std::vector<float> mb;         // per-block max (scratch)
+  std::vector<int32_t> removed;  // tokens taken out by point-mass rejections (few: siblings at one node)
+  float wbuf[kBlk];
+
+  void weights(int64_t b0, int64_t n, float* w) const {
+    switch (code) {
+      case kF32: row_weights_f32(row, b0, n, m, scale, w); break;
+      case kBF16: row_weights_bf16(row, b0, n, m, scale, w); break;
+      default: row_weights_f16(row, b0, n, m, scale, w);
+    }
+    for (int32_t t : removed)
+      if (t >= b0 && t < b0 + n) w[t - b0] = 0.0f;
+  }
+
+  void init(const void* row_, int code_, int64_t V_, float T) {
+    row = row_;
+    code = code_;
+    V = V_;
+    scale = 1.44269504088896341f / T;
+    removed.clear();
+    const int64_t nb = (V + kBlk - 1) / kBlk;
+    bs.resize(nb);
+    mb.resize(nb);
+    row_stats(row, code, V, scale, mb.data(), bs.data());
+    m = *std::max_element(mb.begin(), mb.end());
+    M = 0.0;
+    for (int64_t b = 0; b < nb; b += 8) {  // block masses to the row-max scale, 8 factors at a time
+      const int64_t nl = std::min<int64_t>(8, nb - b);
+      f8v d = f8v{} - __builtin_inff();
+      for (int64_t l = 0; l < nl; ++l) d[l] = mb[b + l];
+      const f8v factor = exp2_8_nonpos((d - m) * scale);  // a block max of -inf gives 0
+      for (int64_t l = 0; l < nl; ++l) {
+        bs[b + l] *= factor[l];
+        M += bs[b + l];
+      }
+    }
+  }
+
+  float weight(int64_t t) {
+    float w;
+    weights(t, 1, &w);
+    return w;
+  }
+
+  // Block masses and M summed again from the weights (after a cancellation, so that a mass that is
+  // truly zero comes out as zero).
+  void resum() {
+    M = 0.0;
+    for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlk, ++b) {
+      const int64_t n = std::min(kBlk, V - b0);
+      weights(b0, n, wbuf);
+      double s = 0.0;
+      for (int64_t i = 0; i < n; ++i) s += wbuf[i];
+      bs[b] = s;
+      M += s;
+    }
+  }
+
+  // p <- p without token t (weight wt > 0), unless nothing else has mass (then p stays, as the contract says).
+  void remove(int64_t t, float wt) {
+    if (M - wt <= 1e-6 * M) {  // cancellation: decide on exact sums
+      removed.push_back(static_cast<int32_t>(t));
+      resum();
+      if (M > 0.0) return;
+      removed.pop_back();
+      resum();
+      return;
+    }
+    removed.push_back(static_cast<int32_t>(t));
+    bs[t / kBlk] -= wt;
+    M -= wt;
+  }
+
+  // Smallest id v with cumsum(w)[v] > u * M: whole blocks are skipped by their masses, the crossing block
+  // is scanned element by element (going on into the next blocks if rounding leaves the crossing there).
+  int32_t sample(float u) {
+    const int64_t nb = static_cast<int64_t>(bs.size());
+    const double thr = static_cast<double>(u) * M;
+    double c = 0.0;
+    int64_t b = 0;
+    for (; b < nb && c + bs[b] <= thr; ++b) c += bs[b];
+    for (; b < nb; ++b) {
+      const int64_t b0 = b * kBlk, n = std::min(kBlk, V - b0);
+      weights(b0, n, wbuf);
+      for (int64_t i = 0; i < n; ++i) {
+        c += wbuf[i];
+        if (c > thr && wbuf[i] > 0.0f) return static_cast<int32_t>(b0 + i);
+      }
+    }
+    for (b = nb - 1; b >= 0; --b) {  // rounding: u * M >= the whole sum: the last positive weight
+      const int64_t b0 = b * kBlk, n = std::min(kBlk, V - b0);
+      weights(b0, n, wbuf);
+      for (int64_t i = n - 1; i >= 0; --i)
+        if (wbuf[i] > 0.0f) return static_cast<int32_t>(b0 + i);
+    }
+    return 0;
+  }
+
+  // w[0:V] <- the weights (removed tokens 0).
+  void materialise(float* w) {
+    for (int64_t b0 = 0; b0 < V; b0 += kBlk) weights(b0, std::min(kBlk, V - b0), w + b0);
+  }
+};
+
 // ---- the target distribution of one row ----------------------------------------------------------------
 // p <- unnormalised kept weights; returns their mass (double). xs holds the row as fp32 afterwards.
 double target_weights(const Params& P, int64_t row, float T, int64_t K, float top_p, std::vector<float>& p,
@@ -259,51 +525,87 @@ void greedy_request(const Params& P, int64_t r) {
   for (int64_t d = depth; d < P.max_depth; ++d) path[d] = -1;
 }
 
-// A sampled request. The current distribution is kept unnormalised in `w` with its mass M (double):
-// p(t) = w[t] / float(M). A point-mass rejection removes one token in O(1) (M -= w[t]; w[t] = 0); a
-// rejection against draft_probs writes max(0, p - q) into the second scratch row in one pass and swaps.
-void sampled_request(const Params& P, int64_t r, std::vector<float>& w, std::vector<float>& w2,
-                     std::vector<float>& xs, std::vector<float>& sel, std::vector<std::pair<float, float>>& cand) {
+// Per-thread scratch, kept across calls (OpenMP reuses its threads), so that a call allocates nothing
+// once a thread has seen the vocabulary size.
+struct Scratch {
+  std::vector<float> w, w2, xs, sel;
+  std::vector<std::pair<float, float>> cand;
+  LazyRow lazy;
+};
+
+// A sampled request. Without top-k / top-p the current distribution starts lazy (LazyRow: the row is read
+// once, nothing is written); otherwise, or after a rejection against draft_probs, it is materialised in
+// `w`, unnormalised, with its mass M (double): p(t) = w[t] / float(M). A point-mass rejection removes one
+// token (O(1)); a rejection against draft_probs writes max(0, p - q) into the second row in one pass.
+// (noipa: the scratch stays a plain pointer here; inlined or specialised, GCC re-derives the thread_local's address
+// with a __tls_get_addr call inside the hot loops)
+__attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch& s) {
   const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = start + r, V = P.V;
   const float T = P.temperature ? P.temperature[r] : 1.0f;
   const int64_t K = P.top_k ? P.top_k[r] : 0;
   const float TP = P.top_p ? P.top_p[r] : 1.0f;
+  const bool filtered = (K > 0 && K < V) || TP < 1.0f;
   auto coin = [&](int64_t i) {
     return P.uniforms ? P.uniforms[start + i] : philox_uniform(P.seed[r], P.offset[r], static_cast<uint32_t>(i), 0);
   };
+  std::vector<float>& w = s.w;
+  LazyRow& lz = s.lazy;
+  bool lazy = false;
+  double M = 0.0;
+  auto load_row = [&](int64_t row) {
+    lazy = !filtered;
+    if (lazy) {
+      lz.init(row_ptr(P, row), P.code, V, T);
+    } else {
+      if (s.xs.size() < static_cast<size_t>(V)) s.xs.resize(V);
+      M = target_weights(P, row, T, K, TP, w, s.xs, s.sel, s.cand);
+    }
+  };
+  if (w.size() < static_cast<size_t>(V)) w.resize(V);
   int32_t* out = P.out + r * (P.max_depth + 1);
   int32_t* path = P.path + r * P.max_depth;
   int64_t node = -1, depth = 0;
-  double M = target_weights(P, row0, T, K, TP, w, xs, sel, cand);
+  load_row(row0);
   while (depth < P.max_depth) {
     int64_t accepted = -1;
     for (int64_t c = next_child(P, start, k, node, 0); c >= 0; c = next_child(P, start, k, node, c + 1)) {
       const int64_t t = load_index(P.draft_ids, P.tok_code, start + c);
       const float* q = P.draft_probs ? P.draft_probs + (start + c) * V : nullptr;
       const float qt = q ? q[t] : 1.0f;
-      const float M32 = static_cast<float>(M);
-      const float pt = w[t] / M32;
+      const float wt = lazy ? lz.weight(t) : w[t];
+      const float M32 = static_cast<float>(lazy ? lz.M : M);
+      const float pt = wt / M32;
       if (pt > 0.0f && coin(c) * qt <= pt) { accepted = c; break; }
       if (q) {  // residual max(0, p - q), renormalised; kept as is if it has no mass
+        if (lazy) {
+          lz.materialise(w.data());
+          M = lz.M;
+          lazy = false;
+        }
+        if (s.w2.size() < static_cast<size_t>(V)) s.w2.resize(V);
         double S = 0.0;
         for (int64_t v = 0; v < V; ++v) {
-          w2[v] = std::max(0.0f, w[v] / M32 - q[v]);
-          S += w2[v];
+          s.w2[v] = std::max(0.0f, w[v] / M32 - q[v]);
+          S += s.w2[v];
         }
-        if (S > 0.0) { std::swap(w, w2); M = S; }
-      } else if (pt > 0.0f && M - w[t] > 0.0) {  // point mass: p without token t
-        M -= w[t];
-        w[t] = 0.0f;
+        if (S > 0.0) { std::swap(w, s.w2); M = S; }
+      } else if (pt > 0.0f) {  // point mass: p without token t
+        if (lazy) {
+          lz.remove(t, wt);
+        } else if (M - w[t] > 0.0) {
+          M -= w[t];
+          w[t] = 0.0f;
+        }
       }
     }
     if (accepted < 0) break;
     out[depth] = static_cast<int32_t>(load_index(P.draft_ids, P.tok_code, start + accepted));
     path[depth++] = static_cast<int32_t>(accepted);
     node = accepted;
-    M = target_weights(P, row0 + 1 + node, T, K, TP, w, xs, sel, cand);
+    load_row(row0 + 1 + node);
   }
   const float u = P.uniforms ? P.uniforms[P.N + r] : philox_uniform(P.seed[r], P.offset[r], 0, 1);
-  out[depth] = sample_inverse_cdf(w, V, M, u);
+  out[depth] = lazy ? lz.sample(u) : sample_inverse_cdf(w, V, M, u);
   P.num[r] = static_cast<int32_t>(depth + 1);
   for (int64_t d = depth + 1; d <= P.max_depth; ++d) out[d] = -1;
   for (int64_t d = depth; d < P.max_depth; ++d) path[d] = -1;
@@ -327,23 +629,15 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
 #pragma omp parallel num_threads(num_threads) if (R > 1)
 #endif
   {
-    std::vector<float> w, w2, xs, sel;
-    std::vector<std::pair<float, float>> cand;
+    static thread_local Scratch scratch;
 #ifdef SPD_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t r = 0; r < R; ++r) {
-      const bool greedy = P.temperature && P.temperature[r] == 0.0f;
-      if (greedy) {
+      if (P.temperature && P.temperature[r] == 0.0f)
         greedy_request(P, r);
-      } else {
-        if (w.empty()) {
-          w.resize(V);
-          xs.resize(V);
-          if (P.draft_probs) w2.resize(V);
-        }
-        sampled_request(P, r, w, w2, xs, sel, cand);
-      }
+      else
+        sampled_request(P, r, scratch);
     }
   }
 }

@@ -179,6 +179,43 @@ def test_zero_probability_tokens_are_never_emitted(backend):
     assert set(out[:, 0].tolist()) == {17, 18, 19}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejection_that_leaves_a_tiny_mass(backend):
+    """p(0) = 1 - 1.4e-7, p(8) = p(16) = 6.8e-8: a coin just below 1 rejects the point-mass draft of token
+    0, and what is left (below the rounding of the row's mass) must be sampled as it is, half and half: the
+    final coin picks token 8 below 1/2 and token 16 above. (Ids 0, 8, 16 share a vector lane, so the cpp
+    kernel's fp32 lane sums round them together: it must decide such cancellations on exact sums.)"""
+    V = 64
+    logits = torch.full((2, V), float("-inf"))
+    logits[0, 0], logits[0, 8], logits[0, 16] = 0.0, -16.5, -16.5
+    logits[1, 3] = 0.0
+    batch = random_draft_batch([1], V)
+    batch.target_logits = logits
+    batch.draft_token_ids = torch.tensor([0])
+    for u_final, token in ((1e-6, 8), (0.3, 8), (0.7, 16), (1 - 2**-24, 16)):
+        u = torch.tensor([1 - 2**-24, u_final])
+        out, num, path = run(backend, batch, uniforms=u)
+        assert out.tolist() == [[token, -1]] and num.tolist() == [1] and path.tolist() == [[-1]], u_final
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_and_low_temperature_match_reference(backend):
+    """Logits around 3e4 with T in [0.05, 0.5]: a weight must come from (x - max) / T, not x / T - max / T
+    (whose rounding at this size is up to ~0.03 in the exponent: percent errors in p). V = 1003 leaves a
+    ragged last block. Same bound as the sweep above: 1 request in 200."""
+    gen = torch.Generator().manual_seed(21)
+    R, V = 400 if backend != "triton" or ON_GPU else 40, 1003
+    batch = random_draft_batch([1] * R, V, gen=gen, match_prob=1.0)
+    batch.target_logits = 3e4 + batch.target_logits * 0.5
+    kw = dict(temperature=torch.rand(R, generator=gen) * 0.45 + 0.05,
+              uniforms=torch.rand(batch.N + R, generator=gen).clamp(1e-6, 1 - 1e-6))
+    want = reference.rejection_sample(*batch.args()[:4], None, kw["temperature"], None, None, kw["uniforms"],
+                                      batch.max_depth)
+    got = run(backend, batch, **kw)
+    rows_equal = (got[0] == want[0]).all(1) & (got[1] == want[1])
+    assert int((~rows_equal).sum()) <= R / 200, f"{int((~rows_equal).sum())}/{R} requests differ from the reference"
+
+
 # ---- distribution: the emitted tokens follow the target exactly -----------------------------------
 
 V_D = 10

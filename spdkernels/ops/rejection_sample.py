@@ -124,17 +124,17 @@ def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs
     C = _cpp.load()
     if target_logits.stride(-1) != 1:
         target_logits = target_logits.contiguous()
-    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    draft_token_ids, cu_num_draft, parents, draft_probs = map(c, (draft_token_ids, cu_num_draft, parents, draft_probs))
-    temperature, top_k, top_p, uniforms, seed, offset = map(c, (temperature, top_k, top_p, uniforms, seed, offset))
+    # raw pointers: every other tensor must be contiguous (the copies, if any, live until the call returns)
+    t = [x if x is None or x.is_contiguous() else x.contiguous()
+         for x in (draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
+                   offset)]
     R = cu_num_draft.shape[0] - 1
     out, num, path = _outputs(R, max_depth, target_logits.device)
     if R > 0:
         C.rejection_sample(
-            _ptr(target_logits), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0), target_logits.shape[1],
-            _ptr(draft_token_ids), _cpp.INT_CODES[draft_token_ids.dtype], _ptr(cu_num_draft), _ptr(parents),
-            _ptr(draft_probs), _ptr(temperature), _ptr(top_k), _ptr(top_p), _ptr(uniforms), _ptr(seed), _ptr(offset),
-            R, draft_token_ids.shape[0], max_depth, _ptr(out), _ptr(num), _ptr(path), _cpp.num_threads())
+            target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
+            target_logits.shape[1], t[0].data_ptr(), _cpp.INT_CODES[t[0].dtype], *[_ptr(x) for x in t[1:]],
+            R, t[0].shape[0], max_depth, out.data_ptr(), num.data_ptr(), path.data_ptr(), _cpp.num_threads())
     return out, num, path
 
 
