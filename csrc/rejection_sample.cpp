@@ -3,8 +3,8 @@
 //
 // Parallel over requests (dynamic schedule). A sampled request walks its tree. Without top-k / top-p a
 // visited row is read once: one pass per block of 512 logits takes the block's max and the sum of
-// 2^((x - max_b) * log2(e) / T) in double (the block is in L1 for the second look), and the row's mass is
-// the sum of the block sums rescaled to the row max. No probability row is written: p(t) is one
+// 2^((x - max_b) * log2(e) / T) (the block is in L1 for the second look; fp32 lane sums, blocks added in
+// double), and the row's mass is the sum of the block sums rescaled to the row max. No probability row is written: p(t) is one
 // exponential, a point-mass rejection removes one token from the mass and from its block sum, and the
 // final token is drawn by inverse CDF over the block sums, recomputing the weights of one block only.
 // A rejection against draft_probs materialises max(0, p - q) (one pass) and the walk goes on over the
