@@ -115,7 +115,7 @@ struct Row<kBF16> {
     u8h h;
     std::memcpy(&h, static_cast<const uint16_t*>(r) + i, sizeof h);
     i8v w = __builtin_convertvector(h, i8v) << 16;
-    return reinterpret_cast<f8v&>(w);
+    return __builtin_bit_cast(f8v, w);
   }
 };
 template <>
@@ -177,6 +177,24 @@ __attribute__((always_inline)) inline int32_t row_argmax_impl(const void* row, i
 #define SPD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define SPD_CLONES
+#endif
+
+// x86-64-v3 (AVX2 + FMA) code paths, with FMA contraction on. SPD_V3 compiles one function for it (pick it
+// at run time with has_v3()); SPD_V3_CLONES clones a function for it and for baseline x86-64 (the loader
+// picks). kHaveV3: this compiler can build them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPD_V3 __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast")))
+#define SPD_V3_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+constexpr bool kHaveV3 = true;
+inline bool has_v3() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+#define SPD_V3
+#define SPD_V3_CLONES
+constexpr bool kHaveV3 = false;
+inline bool has_v3() { return false; }
 #endif
 
 SPD_CLONES inline int32_t row_argmax_f32(const void* row, int64_t V) { return row_argmax_impl<kF32>(row, V); }

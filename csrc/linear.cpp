@@ -99,19 +99,11 @@ void tile_base(const float* x, int64_t ldx, const float* w, int64_t K, int nr, i
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int, int64_t, float*, int64_t, const float*,
                         const float*);
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast")))
-void tile_v3(const float* x, int64_t ldx, const float* w, int64_t K, int nr, int64_t M, float* y, int64_t ldy,
-             const float* bias, const float* next) {
-  tile_impl<true>(x, ldx, w, K, nr, M, y, ldy, bias, next);
+SPD_V3 void tile_v3(const float* x, int64_t ldx, const float* w, int64_t K, int nr, int64_t M, float* y,
+                    int64_t ldy, const float* bias, const float* next) {
+  tile_impl<kHaveV3>(x, ldx, w, K, nr, M, y, ldy, bias, next);
 }
-TileFn pick_tile() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? tile_v3 : tile_base;
-}
-#else
-TileFn pick_tile() { return tile_base; }
-#endif
+TileFn pick_tile() { return has_v3() ? tile_v3 : tile_base; }
 
 }  // namespace
 

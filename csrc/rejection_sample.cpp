@@ -113,11 +113,11 @@ const void* row_ptr(const Params& P, int64_t row) {
 inline f8v f16x8_to_f32(u8h h) {
   const i8v w = __builtin_convertvector(h, i8v);
   const i8v mag = (w & 0x7FFF) << 13;
-  f8v f = reinterpret_cast<const f8v&>(mag) * 5.192296858534828e+33f;  // 2^112
-  i8v bits = reinterpret_cast<i8v&>(f);
+  f8v f = __builtin_bit_cast(f8v, mag) * 5.192296858534828e+33f;  // 2^112
+  i8v bits = __builtin_bit_cast(i8v, f);
   bits = ((w & 0x7C00) == 0x7C00) ? (mag | 0x7F800000) : bits;
   bits |= (w & 0x8000) << 16;
-  return reinterpret_cast<f8v&>(bits);
+  return __builtin_bit_cast(f8v, bits);
 }
 
 template <int kCode>
@@ -185,12 +185,6 @@ SPD_CLONES double block_sum(const float* w, int64_t n) {
 
 #include "vec_exp2.inc"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPD_EXP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
-#else
-#define SPD_EXP_CLONES
-#endif
-
 constexpr int64_t kBlk = 512;  // 2 KiB of fp32 logits: the block's second look hits L1
 constexpr int64_t kAhead = 2;  // software prefetch distance, in blocks
 
@@ -210,8 +204,8 @@ __attribute__((always_inline)) inline void load16f(const void* row, int64_t i, f
     i8v w;
     std::memcpy(&w, static_cast<const uint16_t*>(row) + i, sizeof w);
     const i8v lo = w << 16, hi = w & static_cast<int32_t>(0xFFFF0000u);
-    a = reinterpret_cast<const f8v&>(lo);
-    b = reinterpret_cast<const f8v&>(hi);
+    a = __builtin_bit_cast(f8v, lo);
+    b = __builtin_bit_cast(f8v, hi);
   } else {
     a = load8f<kCode>(row, i);
     b = load8f<kCode>(row, i + 8);
@@ -292,13 +286,6 @@ __attribute__((always_inline)) inline void row_weights_impl(const void* row, int
 }
 
 // The row pass, compiled for baseline x86-64 and for x86-64-v3 (AVX2 + FMA), picked at run time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPD_V3 __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast")))
-constexpr bool kHaveV3 = true;
-#else
-#define SPD_V3
-constexpr bool kHaveV3 = false;
-#endif
 using RowStatsFn = void (*)(const void*, int64_t, float, float*, double*);
 template <int kCode>
 void row_stats_base(const void* r, int64_t V, float s, float* mb, double* sb) {
@@ -310,7 +297,7 @@ SPD_V3 void row_stats_v3(const void* r, int64_t V, float s, float* mb, double* s
 }
 template <int kCode>
 RowStatsFn pick_row_stats() {
-  if (kHaveV3 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return row_stats_v3<kCode>;
+  if (has_v3()) return row_stats_v3<kCode>;
   return row_stats_base<kCode>;
 }
 void row_stats(const void* r, int code, int64_t V, float s, float* mb, double* sb) {
@@ -319,13 +306,13 @@ void row_stats(const void* r, int code, int64_t V, float s, float* mb, double* s
   (code == kF32 ? f32 : code == kBF16 ? bf16 : f16)(r, V, s, mb, sb);
 }
 
-SPD_EXP_CLONES void row_weights_f32(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
+SPD_V3_CLONES void row_weights_f32(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
   row_weights_impl<kF32>(r, b0, n, m, s, w);
 }
-SPD_EXP_CLONES void row_weights_bf16(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
+SPD_V3_CLONES void row_weights_bf16(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
   row_weights_impl<kBF16>(r, b0, n, m, s, w);
 }
-SPD_EXP_CLONES void row_weights_f16(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
+SPD_V3_CLONES void row_weights_f16(const void* r, int64_t b0, int64_t n, float m, float s, float* w) {
   row_weights_impl<kF16>(r, b0, n, m, s, w);
 }
 

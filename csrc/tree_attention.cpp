@@ -100,8 +100,7 @@ using ChunkFn = void (*)(const Args&, int64_t, int64_t, int64_t, int64_t, const 
 template <int kCode>
 ChunkFn pick_chunk_fn() {
 #ifdef SPD_TA_V3
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return v3::attend_chunk<kCode>;
+  if (has_v3()) return v3::attend_chunk<kCode>;
 #endif
   return base::attend_chunk<kCode>;
 }

@@ -15,10 +15,7 @@ namespace {
 // w <- exp((xs - m) / T), computed as 2^((xs - m) * (log2 e / T)); returns the sum in double. The
 // polynomial is latency-bound without FMA: an x86-64-v3 clone contracts it into FMAs (results may
 // differ from the default clone in the last bit, which only moves floating-point boundary cases).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
-#endif
-double exp_weights(const float* xs, int64_t V, float m, float T, float* w) {
+SPD_V3_CLONES double exp_weights(const float* xs, int64_t V, float m, float T, float* w) {
   typedef double d4v __attribute__((vector_size(32)));
   typedef float f4v __attribute__((vector_size(16)));
   const float scale = 1.44269504088896341f / T;
