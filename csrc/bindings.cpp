@@ -1,6 +1,7 @@
 // pybind11 module spdkernels._C: the CPU backend. Every entry point releases the GIL.
 #include <pybind11/pybind11.h>
 
+#include "common.h"
 #include "verify_greedy.h"
 
 namespace spd {
@@ -23,6 +24,10 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("has_openmp") = false;
 #endif
+  m.def("isa_level", &spd::isa_level,
+        "instruction-set level of the hand-dispatched kernels: 0 baseline x86-64, 1 AVX2 + FMA, 2 AVX-512");
+  m.def("set_isa_cap", &spd::set_isa_cap, py::arg("level"),
+        "cap the level isa_level() may return (the CPU's own limit still applies)");
   m.def("verify_greedy", &spd::verify_greedy, py::call_guard<py::gil_scoped_release>(),
         py::arg("logits"), py::arg("logit_code"), py::arg("row_stride"), py::arg("V"), py::arg("draft_ids"),
         py::arg("tok_code"), py::arg("cu_num_draft"), py::arg("parents"), py::arg("R"), py::arg("max_depth"),

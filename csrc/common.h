@@ -5,7 +5,9 @@
 // before the call; the functions here trust their arguments.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -179,23 +181,62 @@ __attribute__((always_inline)) inline int32_t row_argmax_impl(const void* row, i
 #define SPD_CLONES
 #endif
 
-// x86-64-v3 (AVX2 + FMA) code paths, with FMA contraction on. SPD_V3 compiles one function for it (pick it
-// at run time with has_v3()); SPD_V3_CLONES clones a function for it and for baseline x86-64 (the loader
-// picks). kHaveV3: this compiler can build them.
+// ---- instruction-set levels of the hand-dispatched kernels -----------------------------------------
+// kIsaBase: baseline x86-64 (SSE2); kIsaV3: x86-64-v3 (AVX2 + FMA); kIsaV4: AVX-512 F/DQ/BW/VL on top of v3.
+// isa_level() is the best level that this CPU has and this compiler can build, capped by the environment
+// variable SPDKERNELS_CPU_ISA (baseline / avx2 / avx512, read once) and by set_isa_cap() (the tests run every
+// path a machine has through it). Kernels that pick their path by isa_level() follow the cap on every call;
+// functions cloned by SPD_V3_CLONES / SPD_CLONES are picked by the loader and follow the CPU only.
+//
+// SPD_V3 compiles one function for x86-64-v3, SPD_V4 for AVX-512 (both with FMA contraction on);
+// SPD_V3_CLONES clones a function for x86-64-v3 and for baseline x86-64. kHaveV3 / kHaveV4: this compiler
+// can build them.
+enum IsaLevel : int { kIsaBase = 0, kIsaV3 = 1, kIsaV4 = 2 };
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPD_V3 __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast")))
+#define SPD_V4 __attribute__((target("arch=x86-64-v3,avx512f,avx512dq,avx512bw,avx512vl"), optimize("fp-contract=fast")))
 #define SPD_V3_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#define SPD_HAVE_V4 1
 constexpr bool kHaveV3 = true;
-inline bool has_v3() {
+constexpr bool kHaveV4 = true;
+inline int isa_of_cpu() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return kIsaBase;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return kIsaV4;
+  return kIsaV3;
 }
 #else
 #define SPD_V3
+#define SPD_V4
 #define SPD_V3_CLONES
+#define SPD_HAVE_V4 0
 constexpr bool kHaveV3 = false;
-inline bool has_v3() { return false; }
+constexpr bool kHaveV4 = false;
+inline int isa_of_cpu() { return kIsaBase; }
 #endif
+
+// The level named by SPDKERNELS_CPU_ISA, or kIsaV4 (no cap) when it is unset or unknown.
+inline int isa_cap_from_env() {
+  const char* e = std::getenv("SPDKERNELS_CPU_ISA");
+  if (e == nullptr) return kIsaV4;
+  if (std::strcmp(e, "baseline") == 0) return kIsaBase;
+  if (std::strcmp(e, "avx2") == 0) return kIsaV3;
+  return kIsaV4;
+}
+inline std::atomic<int>& isa_cap() {
+  static std::atomic<int> cap{isa_cap_from_env()};
+  return cap;
+}
+inline int isa_level() {
+  static const int cpu = isa_of_cpu();
+  const int cap = isa_cap().load(std::memory_order_relaxed);
+  return cpu < cap ? cpu : cap;
+}
+inline void set_isa_cap(int level) { isa_cap().store(level < kIsaBase ? kIsaBase : level, std::memory_order_relaxed); }
+inline bool has_v3() { return isa_level() >= kIsaV3; }
 
 SPD_CLONES inline int32_t row_argmax_f32(const void* row, int64_t V) { return row_argmax_impl<kF32>(row, V); }
 SPD_CLONES inline int32_t row_argmax_bf16(const void* row, int64_t V) { return row_argmax_impl<kBF16>(row, V); }

@@ -113,7 +113,7 @@ void skinny_linear_f32(std::uintptr_t x_, int64_t ldx, std::uintptr_t w_, std::u
   const float* w = ptr<const float>(w_);
   const float* bias = bias_ ? ptr<const float>(bias_) : nullptr;
   float* y = ptr<float>(y_);
-  static const TileFn tile = pick_tile();  // x86-64-v3 (AVX2 + FMA) when the CPU has it
+  const TileFn tile = pick_tile();  // x86-64-v3 (AVX2 + FMA) when the CPU has it (and the ISA cap allows)
   const int64_t nblocks = (N + 3) / 4;
 #ifdef SPD_HAVE_OPENMP
 #pragma omp parallel for schedule(static) num_threads(num_threads)

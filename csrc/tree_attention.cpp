@@ -107,7 +107,7 @@ ChunkFn pick_chunk_fn() {
 
 template <int kCode>
 void run(const Args& a, int num_threads) {
-  static const ChunkFn chunk_fn = pick_chunk_fn<kCode>();
+  const ChunkFn chunk_fn = pick_chunk_fn<kCode>();  // per call: follows the ISA cap
   const int64_t G = a.Hq / a.Hkv, D = a.D;
   const int64_t items = a.R * a.Hkv;
   int64_t max_ql = 0, max_L = 0;

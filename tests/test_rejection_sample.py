@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, backends_here
+from conftest import DEVICE, ON_GPU, backends_here, cpp_lower_isas, use_backend
 from scipy.stats import chisquare
 from test_verify_greedy import check_structure
 
@@ -17,11 +17,13 @@ from spdkernels.testing import random_draft_batch
 
 BACKENDS = backends_here()  # every backend implements rejection_sample; one that cannot load fails the run
 FAST = [b for b in BACKENDS if b != "torch"] or ["torch"]
+# the C++ kernels' lower instruction-set paths (an AVX-512 machine also runs its AVX2 and baseline code)
+WITH_ISAS = BACKENDS + cpp_lower_isas()
 I32 = dict(dtype=torch.int32)
 
 
 def run(backend, batch, **kw):
-    with spdkernels.use_backend(backend):
+    with use_backend(backend):
         return spdkernels.rejection_sample(*batch.args()[:3], parents=batch.parents, max_depth=batch.max_depth, **kw)
 
 
@@ -76,7 +78,7 @@ def test_coins_are_uniform_and_open_interval():
 SWEEP = list(itertools.product([1, 3, 17], [7, 1000], [False, True], [False, True]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_ISAS)
 @pytest.mark.parametrize("R,V,tree,with_q", SWEEP, ids=[f"R{R}-V{V}-{'tree' if t else 'chain'}-{'q' if q else 'pm'}"
                                                         for R, V, t, q in SWEEP])
 def test_backends_match_reference_with_explicit_uniforms(backend, R, V, tree, with_q):
@@ -104,7 +106,7 @@ def test_backends_match_reference_with_explicit_uniforms(backend, R, V, tree, wi
     assert mismatched <= total / 200, f"{mismatched}/{total} requests differ from the reference"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_ISAS)
 def test_seed_offset_path_equals_reference_coins(backend):
     gen = torch.Generator().manual_seed(11)
     batch = random_draft_batch([3, 0, 5, 2], 64, tree=True, gen=gen, match_prob=0.5)
@@ -179,7 +181,7 @@ def test_zero_probability_tokens_are_never_emitted(backend):
     assert set(out[:, 0].tolist()) == {17, 18, 19}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_ISAS)
 def test_rejection_that_leaves_a_tiny_mass(backend):
     """p(0) = 1 - 1.4e-7, p(8) = p(16) = 6.8e-8: a coin just below 1 rejects the point-mass draft of token
     0, and what is left (below the rounding of the row's mass) must be sampled as it is, half and half: the
@@ -198,7 +200,7 @@ def test_rejection_that_leaves_a_tiny_mass(backend):
         assert out.tolist() == [[token, -1]] and num.tolist() == [1] and path.tolist() == [[-1]], u_final
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_ISAS)
 def test_large_logits_and_low_temperature_match_reference(backend):
     """Logits around 3e4 with T in [0.05, 0.5]: a weight must come from (x - max) / T, not x / T - max / T
     (whose rounding at this size is up to ~0.03 in the exponent: percent errors in p). V = 1003 leaves a

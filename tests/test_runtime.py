@@ -1,8 +1,11 @@
 """The runtime on a tiny random-weight model in float64: greedy speculative decoding equals autoregressive
 decoding token for token for every proposer (chains and trees, single requests and ragged batches), KV cache
 invariants after every step, sampling determinism and the first-token distribution, the CLI's user errors."""
+import contextlib
+
 import pytest
 import torch
+from conftest import backends_here, cpp_lower_isas
 
 from spdkernels.runtime import (
     DraftModelProposer,
@@ -264,3 +267,28 @@ def test_engine_rejects_bad_requests(model):
         eng.generate([Request([1, 2], params(top_k=-1))])
     with pytest.raises(ValueError, match="layers"):
         Engine(model, EarlyExitProposer(layers=CFG.num_layers)).generate([Request([1, 2], params())])
+
+
+# ---- the C++ skinny GEMM behind the runtime's fp32 forward ------------------------------------------
+
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here "
+                    "(SPDKERNELS_SKIP_CPP); runtime.linear then is F.linear itself")
+@pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 5), (3, 64, 96), (16, 130, 257), (48, 33, 1000)])
+def test_skinny_linear_matches_torch(isa, M, N, K):
+    """runtime.linear (csrc/linear.cpp for fp32 with <= 48 rows: 4-column tiles, N and K tails) against
+    torch's GEMM in float64, on every instruction-set path this machine has: fp32 summation-order error only."""
+    from spdkernels import _cpp
+    from spdkernels.runtime.linear import linear
+
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    want = (x.double() @ w.double().T + b.double()).float()
+    with contextlib.ExitStack() as stack:
+        if isa != "best":
+            stack.enter_context(_cpp.isa_cap(isa))
+        got = linear(x, w, b)
+        got_nobias = linear(x, w)
+    tol = 2e-6 * K ** 0.5 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    torch.testing.assert_close(got_nobias, want - b, rtol=0, atol=tol)

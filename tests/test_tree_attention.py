@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here
+from conftest import DEVICE, backends_here, cpp_lower_isas, use_backend
 
 import spdkernels
 from spdkernels import reference, tree
 
 # every backend that should run here; a backend that cannot load fails the run instead of disappearing
 BACKENDS = backends_here()
+WITH_ISAS = BACKENDS + cpp_lower_isas()  # the C++ kernel's lower instruction-set paths too (AVX2, baseline)
 I32 = dict(dtype=torch.int32)
 
 # relative RMS error and max error (relative to max |reference|) allowed per dtype
@@ -46,7 +47,7 @@ def make_batch(q_lens, ctx, Hq=8, Hkv=2, D=64, bs=16, dtype=torch.float32, chain
 
 
 def run(backend, args, **kw):
-    with spdkernels.use_backend(backend):
+    with use_backend(backend):
         return spdkernels.tree_attention(*args, **kw)
 
 
@@ -72,7 +73,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_matches_reference(backend, dtype, case):
