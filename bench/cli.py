@@ -153,13 +153,16 @@ def main(argv=None) -> int:
 
     rows: List[Dict] = []
     failed = False
-    bar = progress(sum(len(b) + len(ob.baselines) for ob, _, b in work), args.no_progress)
+    def baselines(ob):
+        return [(k, f) for k, f in ob.baselines.items() if ob.baseline_available(k, device)]
+
+    bar = progress(sum(len(b) + len(baselines(ob)) for ob, _, b in work), args.no_progress)
     for ob, c, backends in work:
         inputs = ob.make_inputs(c, device)
         with spdkernels.use_backend("torch"):
             ref = ob.run(inputs)
         base_ms = None
-        timed = [(b, None) for b in backends] + list(ob.baselines.items())
+        timed = [(b, None) for b in backends] + baselines(ob)
         results = []
         for b, fn in timed:
             bar.set_postfix_str(f"{ob.name} {ob.label(c)} {b}")

@@ -19,6 +19,8 @@ class OpBench:
     label: Callable[[Case], str]  # readable id of a case, e.g. "R16-k4-V32000-fp32-chain"
     baselines: Dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # extra non-backend rows
     baseline_check: bool = True  # baselines give outputs comparable with `check`
+    # (baseline name, device) -> whether that baseline runs there
+    baseline_available: Callable[[str, str], bool] = lambda name, device: True
     # bytes that depend on the data (e.g. only the rows a walk visits): (case, reference outputs) -> bytes
     bytes_from_ref: Optional[Callable[[Case, Any], int]] = None
 

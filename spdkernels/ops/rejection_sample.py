@@ -114,26 +114,23 @@ def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_pro
                                       temperature, top_k, top_p, uniforms, max_depth)
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return t.data_ptr() if t is not None else 0
-
-
 @_registry.register(OP, "cpp")
 def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
               uniforms, seed, offset, max_depth):
     C = _cpp.load()
     if target_logits.stride(-1) != 1:
         target_logits = target_logits.contiguous()
-    # raw pointers: every other tensor must be contiguous (the copies, if any, live until the call returns)
-    t = [x if x is None or x.is_contiguous() else x.contiguous()
-         for x in (draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
-                   offset)]
     R = cu_num_draft.shape[0] - 1
     out, num, path = _outputs(R, max_depth, target_logits.device)
     if R > 0:
+        # raw pointers: every other tensor must be contiguous (the copies, if any, live until the call returns)
+        t = [x if x is None or x.is_contiguous() else x.contiguous()
+             for x in (draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p, uniforms,
+                       seed, offset)]
         C.rejection_sample(
             target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
-            target_logits.shape[1], t[0].data_ptr(), _cpp.INT_CODES[t[0].dtype], *[_ptr(x) for x in t[1:]],
+            target_logits.shape[1], t[0].data_ptr(), _cpp.INT_CODES[t[0].dtype],
+            *[0 if x is None else x.data_ptr() for x in t[1:]],
             R, t[0].shape[0], max_depth, out.data_ptr(), num.data_ptr(), path.data_ptr(), _cpp.num_threads())
     return out, num, path
 
@@ -212,6 +209,7 @@ def rejection_sample(
         >>> out.tolist(), num.tolist()  # p(2) = 0.9997 >= 0.5: accepted; then the median token of row 1
         ([[2, 0]], [2])
     """
+    # before the op: a non-tensor argument or a bad max_depth must be a ValueError, not a schema error
     V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,
                                0 if max_depth is None else max_depth)
     if max_depth is None:
