@@ -82,25 +82,19 @@ def run_cpp_kernel(inputs):
     caches flushed on the Intel machine here), the way CUDA-graph replay times a GPU kernel without launches."""
     hit = _prepared.get(id(inputs))
     if hit is None or hit[0] is not inputs:
+        import importlib
+
         from spdkernels import _cpp
-        from spdkernels.ops._common import verify_outputs
 
         (logits, ids, cu), kw = inputs
         C = _cpp.load()
         if C is None or logits.device.type != "cpu":
             raise RuntimeError("cpp-kernel needs the C++ extension and CPU tensors")
-        R = cu.shape[0] - 1
-        outs = verify_outputs(R, kw["max_depth"], logits.device)
-        opt = [kw.get(n) for n in ("parents", "draft_probs", "temperature", "top_k", "top_p", "uniforms", "seed",
-                                   "offset")]
-        if logits.stride(1) != 1 or any(t is not None and not t.is_contiguous() for t in (ids, cu, *opt)):
-            raise RuntimeError("cpp-kernel needs contiguous inputs")
-        args = (logits.data_ptr(), _cpp.FLOAT_CODES[logits.dtype], logits.stride(0), logits.shape[1],
-                ids.data_ptr(), _cpp.INT_CODES[ids.dtype], cu.data_ptr(),
-                *[0 if t is None else t.data_ptr() for t in opt], R, ids.shape[0], kw["max_depth"],
-                *[o.data_ptr() for o in outs], _cpp.num_threads())
+        op = importlib.import_module("spdkernels.ops.rejection_sample")
+        args, outs, keep = op.cpp_call(logits, ids, cu, *[kw.get(n) for n in (
+            "parents", "draft_probs", "temperature", "top_k", "top_p", "uniforms", "seed", "offset")], kw["max_depth"])
         _prepared.clear()  # one case at a time: do not keep earlier inputs alive
-        hit = _prepared[id(inputs)] = (inputs, C.rejection_sample, args, outs)
+        hit = _prepared[id(inputs)] = (inputs, C.rejection_sample, args, outs, keep)
     hit[1](*hit[2])
     return hit[3]
 

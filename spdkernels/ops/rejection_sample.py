@@ -114,25 +114,34 @@ def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_pro
                                       temperature, top_k, top_p, uniforms, max_depth)
 
 
+def cpp_call(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
+             uniforms, seed, offset, max_depth):
+    """``(args, outputs, keep)``: the arguments of ``_C.rejection_sample`` for these inputs and the output
+    tensors it writes. The extension takes raw pointers, so every tensor it reads must be contiguous; ``keep``
+    holds the contiguous copies, if any, and must stay alive until the call returns. (The op's cpp backend
+    and the bench's ``cpp-kernel`` row, which times the call alone, both build their call here.)"""
+    if target_logits.stride(-1) != 1:
+        target_logits = target_logits.contiguous()
+    t = [x if x is None or x.is_contiguous() else x.contiguous()
+         for x in (draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
+                   offset)]
+    R = cu_num_draft.shape[0] - 1
+    outs = _outputs(R, max_depth, target_logits.device)
+    args = (target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
+            target_logits.shape[1], t[0].data_ptr(), _cpp.INT_CODES[t[0].dtype],
+            *[0 if x is None else x.data_ptr() for x in t[1:]],
+            R, t[0].shape[0], max_depth, *[o.data_ptr() for o in outs], _cpp.num_threads())
+    return args, outs, (target_logits, t)
+
+
 @_registry.register(OP, "cpp")
 def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
               uniforms, seed, offset, max_depth):
-    C = _cpp.load()
-    if target_logits.stride(-1) != 1:
-        target_logits = target_logits.contiguous()
-    R = cu_num_draft.shape[0] - 1
-    out, num, path = _outputs(R, max_depth, target_logits.device)
-    if R > 0:
-        # raw pointers: every other tensor must be contiguous (the copies, if any, live until the call returns)
-        t = [x if x is None or x.is_contiguous() else x.contiguous()
-             for x in (draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p, uniforms,
-                       seed, offset)]
-        C.rejection_sample(
-            target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
-            target_logits.shape[1], t[0].data_ptr(), _cpp.INT_CODES[t[0].dtype],
-            *[0 if x is None else x.data_ptr() for x in t[1:]],
-            R, t[0].shape[0], max_depth, out.data_ptr(), num.data_ptr(), path.data_ptr(), _cpp.num_threads())
-    return out, num, path
+    args, outs, keep = cpp_call(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature,
+                                top_k, top_p, uniforms, seed, offset, max_depth)
+    if outs[1].shape[0] > 0:  # R > 0
+        _cpp.load().rejection_sample(*args)
+    return outs
 
 
 @_registry.register(OP, "triton")
