@@ -3,9 +3,17 @@
 The extension is built by CMake (found on PATH or from the ``cmake`` PyPI package in the build
 environment) with ``sys.executable`` as the Python it targets. Set ``SPDKERNELS_SKIP_CPP=1`` to skip
 it; a failed build is reported and skipped too, and the package then runs on its other backends.
+
+A second, optional library ``spdkernels/_C_ops.so`` registers the CPU kernels with torch's dispatcher in
+C++ (csrc/torch_ops/dispatch.cpp). It links libtorch, so it is built against the torch of the environment
+the package is installed into: found by running that environment's Python with ``-I`` (which ignores the
+PYTHONPATH of pip's isolated build environment), never installed by the build. No torch there, or
+``SPDKERNELS_SKIP_TORCH_OPS=1``: it is skipped, and the ops run their Python CPU path. Its torch version is
+written beside it (``_C_ops.json``); spdkernels loads it only under that version.
 Nothing here imports torch, runs git or downloads anything.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,7 +44,48 @@ def _cmake_exe() -> str:
         raise RuntimeError("cmake not found") from e
 
 
+def _target_torch():
+    """(directory, version, C++11 ABI flag) of the torch the installed package will import, or None."""
+    if os.environ.get("SPDKERNELS_SKIP_TORCH_OPS", "0") not in ("", "0"):
+        return None
+    code = ("import json, os, torch; print(json.dumps([os.path.dirname(torch.__file__), torch.__version__, "
+            "int(torch._C._GLIBCXX_USE_CXX11_ABI)]))")
+    try:
+        r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# Files the CMake build writes beside _C that setuptools does not know of: copied like _C in editable installs.
+EXTRA_OUTPUTS = ("_C_ops.so", "_C_ops.json")
+
+
 class CMakeBuild(build_ext):
+    def _extra_files(self):
+        """(built, in-place) paths of EXTRA_OUTPUTS."""
+        built = os.path.join(self.build_lib, "spdkernels")
+        inplace = self.get_finalized_command("build_py").get_package_dir("spdkernels")
+        return [(os.path.join(built, n), os.path.join(inplace, n)) for n in EXTRA_OUTPUTS]
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        for src, dst in self._extra_files():
+            if os.path.exists(src):
+                self.copy_file(src, dst, level=self.verbose)
+            elif os.path.exists(dst):  # left by an earlier build that had torch
+                os.remove(dst)
+
+    def get_outputs(self):
+        return super().get_outputs() + [s for s, _ in self._extra_files() if os.path.exists(s)]
+
+    def _get_output_mapping(self):
+        yield from super()._get_output_mapping()
+        if self.inplace:
+            yield from ((s, d) for s, d in self._extra_files() if os.path.exists(s))
+
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
@@ -66,12 +115,31 @@ class CMakeBuild(build_ext):
             f"-DSPD_OUTPUT_DIR={out.parent}",
             f"-DSPD_OUTPUT_NAME={out.name}",
         ]
+        torch_info = _target_torch()
+        if torch_info:
+            args += [f"-DSPD_TORCH_DIR={torch_info[0]}", f"-DSPD_TORCH_CXX11_ABI={torch_info[2]}"]
         if shutil.which("ninja"):
             args.append("-GNinja")
         cmake = _cmake_exe()
         subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
         jobs = str(os.cpu_count() or 1)
-        subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
+        build = [cmake, "--build", ".", "--config", cfg, "-j", jobs, "--target"]
+        subprocess.run([*build, "spd_C"], cwd=build_temp, check=True)
+        meta = out.parent / "_C_ops.json"
+        meta.unlink(missing_ok=True)
+        if not torch_info:
+            print("spdkernels: no torch found for the target environment; _C_ops (the C++ dispatcher "
+                  "registration) not built, the ops keep their Python CPU path", file=sys.stderr)
+            return
+        try:  # optional: its failure must not cost the _C module
+            subprocess.run([*build, "spd_C_ops"], cwd=build_temp, check=True)
+        except subprocess.CalledProcessError as e:
+            if os.environ.get("SPDKERNELS_REQUIRE_CPP", "0") not in ("", "0"):
+                raise
+            print(f"spdkernels: WARNING: _C_ops not built ({e}); the ops keep their Python CPU path",
+                  file=sys.stderr)
+            return
+        meta.write_text(json.dumps({"torch_version": torch_info[1], "cxx11_abi": torch_info[2]}) + "\n")
 
 
 setup(

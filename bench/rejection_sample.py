@@ -99,6 +99,14 @@ def run_cpp_kernel(inputs):
     return hit[3]
 
 
+def run_python_path(inputs):
+    """The op as it ran before its C++ dispatcher kernel (spdkernels/_C_ops.so): the same call through the twin
+    op whose kernel is Python (checks, backend choice, output allocation, pointer marshalling, then _C)."""
+    (logits, ids, cu), kw = inputs
+    return torch.ops.spdkernels._rejection_sample_python(logits, ids, cu, *[kw.get(n) for n in (
+        "parents", "draft_probs", "temperature", "top_k", "top_p", "uniforms", "seed", "offset")], kw["max_depth"])
+
+
 def cpp_kernel_here(name, device):
     import spdkernels
 
@@ -113,5 +121,6 @@ def bytes_moved(c, num_emitted=None):
 
 
 register(OpBench("rejection_sample", SHAPE_SETS, make_inputs, run, bytes_moved, check_exact, label,
-                 baselines={"cpp-kernel": run_cpp_kernel}, baseline_available=cpp_kernel_here,
+                 baselines={"cpp-kernel": run_cpp_kernel, "cpp-via-python": run_python_path},
+                 baseline_available=cpp_kernel_here,
                  bytes_from_ref=lambda c, ref: bytes_moved(c, ref[1])))

@@ -37,4 +37,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ldx"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("num_threads"));
   m.def("tree_attention", &spd::tree_attention, py::call_guard<py::gil_scoped_release>());
+  // addresses of the C entry points, for spdkernels/_C_ops.so (csrc/torch_ops/dispatch.cpp), which calls the
+  // kernels of this module rather than a second copy of them
+  m.def("entry_points", [] {
+    py::dict d;
+    d["rejection_sample"] = reinterpret_cast<std::uintptr_t>(&spd::rejection_sample);
+    d["verify_greedy"] = reinterpret_cast<std::uintptr_t>(&spd::verify_greedy);
+    return d;
+  });
 }

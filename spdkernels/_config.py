@@ -18,6 +18,9 @@ def set_validation(enabled: bool) -> None:
     """Switch the value checks (host syncs) on or off for the whole process."""
     global _validation
     _validation = bool(enabled)
+    from spdkernels import _cpp  # the C++ CPU kernels run calls themselves only with validation off
+
+    _cpp.refresh_fast_paths()
 
 
 def validation_enabled() -> bool:

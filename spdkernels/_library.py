@@ -17,10 +17,17 @@ LIB = torch.library.Library("spdkernels", "DEF")  # noqa: TOR901 - inference-onl
 DEFINED: list = []  # names of the ops defined so far, in definition order
 
 
-def define_op(schema: str, impl: Callable, fake: Callable) -> None:
-    """Define ``spdkernels::<schema>``, its kernel for every device, and its fake (meta) kernel."""
-    name = schema.split("(", 1)[0]
-    LIB.define(schema)
-    LIB.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"spdkernels::{name}", fake, lib=LIB)
+def define_op(schema: str, impl: Callable, fake: Callable, cpu_twin: bool = False) -> None:
+    """Define ``spdkernels::<schema>``, its kernel for every device, and its fake (meta) kernel.
+
+    ``cpu_twin``: also define ``spdkernels::_<name>_python``, the same schema with the same kernels. The C++
+    CPU kernel of ``<name>`` in ``spdkernels/_C_ops.so`` (csrc/torch_ops/dispatch.cpp), when loaded, takes the
+    CPU key of ``<name>`` and hands every call it does not run itself to this twin, i.e. to ``impl``."""
+    name, rest = schema.split("(", 1)
+    for n in (name, f"_{name}_python") if cpu_twin else (name,):
+        LIB.define(f"{n}({rest}")
+        LIB.impl(n, impl, "CompositeExplicitAutograd")
+        if cpu_twin:  # integer outputs, nothing to differentiate: skip the boxed autograd fallback (~10 us cold)
+            LIB.impl(n, torch.library.fallthrough_kernel, "Autograd")
+        torch.library.register_fake(f"spdkernels::{n}", fake, lib=LIB)
     DEFINED.append(name)

@@ -55,6 +55,7 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     def deco(fn: Callable) -> Callable:
         _impls.setdefault(op, {})[backend] = fn
         _resolved.clear()
+        _backend_changed()
         return fn
 
     return deco
@@ -131,6 +132,13 @@ def set_backend(name: Optional[str]) -> None:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
     with _lock:
         _forced, _forced_set = name, name is not None
+    _backend_changed()
+
+
+def _backend_changed() -> None:
+    from spdkernels import _cpp  # the C++ CPU kernels run calls themselves only while cpp is the choice
+
+    _cpp.refresh_fast_paths()
 
 
 def forced_backend() -> Optional[str]:
@@ -159,11 +167,13 @@ def use_backend(name: Optional[str]):
     with _lock:
         old = (_forced, _forced_set)
         _forced, _forced_set = name, True
+    _backend_changed()
     try:
         yield
     finally:
         with _lock:
             _forced, _forced_set = old
+        _backend_changed()
 
 
 def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:

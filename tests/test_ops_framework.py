@@ -1,5 +1,6 @@
 """The op framework: torch.library registration (opcheck, torch.compile) and the backend registry."""
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here
+from conftest import DEVICE, backends_here, cpp_dispatch, use_backend
 
 import spdkernels
 from spdkernels import _registry
@@ -53,15 +54,21 @@ def test_every_public_op_is_a_torch_op_and_covered():
     assert {op._schema.name.split("::")[1] for op, _ in sample_inputs()} == ALL_OPS
 
 
-@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("backend", backends_here() + cpp_dispatch())
 def test_opcheck(backend):
-    with spdkernels.use_backend(backend):
+    with use_backend(backend):
         for op, args in sample_inputs():
-            if backend in spdkernels.available_backends(DEVICE, op=op._schema.name.split("::")[1]):
+            if backend.split("-")[0] in spdkernels.available_backends(DEVICE, op=op._schema.name.split("::")[1]):
                 torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", [None] + cpp_dispatch())
+def test_torch_compile_fullgraph(backend):
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        _compile_fullgraph()
+
+
+def _compile_fullgraph():
     def step(logits, toks, cu, parents):
         # some ordinary torch work around the op, so the graph is not just the op
         out, num, path = torch.ops.spdkernels.verify_greedy(logits * 2.0, toks, cu, parents, 3)
@@ -150,3 +157,113 @@ def test_package_works_without_the_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split("\n")[:2] == ["['torch']", "[[1]]"]
     assert out.stderr.count("C++ extension spdkernels._C unavailable") == 1
+
+
+# ---- the C++ dispatcher kernels (spdkernels/_C_ops.so) ----------------------------------------------
+
+needs_c_ops = pytest.mark.skipif(not cpp_dispatch(), reason="the C++ extension is not built here "
+                                 "(SPDKERNELS_SKIP_CPP or SPDKERNELS_SKIP_TORCH_OPS set)")
+
+
+@needs_c_ops
+def test_c_ops_fast_path_follows_validation_and_backend():
+    from spdkernels import _cpp
+
+    assert _cpp.load_ops() is not None, _cpp.ops_load_error()
+    ops = _cpp.FAST_OPS
+    assert not any(_cpp.fast_path(op) for op in ops)  # validation is on (the tests' default)
+    spdkernels.set_validation(False)
+    assert all(_cpp.fast_path(op) for op in ops)  # the automatic choice on CPU is cpp
+    with spdkernels.use_backend("torch"):
+        assert not any(_cpp.fast_path(op) for op in ops)
+    assert all(_cpp.fast_path(op) for op in ops)
+    spdkernels.set_backend("torch")
+    assert not any(_cpp.fast_path(op) for op in ops)
+    spdkernels.set_backend("cpp")
+    assert all(_cpp.fast_path(op) for op in ops)
+    with spdkernels.validation(True):
+        assert not any(_cpp.fast_path(op) for op in ops)
+    assert all(_cpp.fast_path(op) for op in ops)
+
+
+def _rs_args(b, **kw):
+    max_depth = kw.pop("max_depth", b.max_depth)
+    a = dict(parents=b.parents, draft_probs=None, temperature=None, top_k=None, top_p=None, uniforms=None,
+             seed=torch.arange(b.R), offset=None)
+    a.update(kw)
+    return (b.target_logits, b.draft_token_ids, b.cu_num_draft, *a.values(), max_depth)
+
+
+@needs_c_ops
+def test_c_ops_run_well_formed_calls_and_send_the_rest_to_python():
+    """With validation off, a well-formed call runs in C++; any other call goes to the Python kernel, which
+    gives the same result (a layout the C++ kernel does not take) or the same ValueError as with no _C_ops."""
+    from spdkernels import _cpp
+
+    gen = torch.Generator().manual_seed(5)
+    b = random_draft_batch([3, 0, 4], 40, tree=True, gen=gen, match_prob=0.7)
+    rs, vg = torch.ops.spdkernels.rejection_sample.default, torch.ops.spdkernels.verify_greedy.default
+    want_rs = rs(*_rs_args(b))  # validation on: the Python path
+    want_vg = vg(*b.args())
+
+    def calls():
+        return _cpp.op_calls("rejection_sample") + _cpp.op_calls("verify_greedy")
+
+    def path_of(fn):
+        c0 = calls()
+        out = fn()
+        d = [x - y for x, y in zip(calls(), c0)]
+        return out, ("cpp" if d == [0, 1, 0, 0] or d == [0, 0, 0, 1] else
+                     "python" if d == [1, 0, 0, 0] or d == [0, 0, 1, 0] else d)
+
+    spdkernels.set_validation(False)
+    for fn, want in ((lambda: rs(*_rs_args(b)), want_rs), (lambda: vg(*b.args()), want_vg)):
+        got, path = path_of(fn)
+        assert path == "cpp" and all(torch.equal(g, w) for g, w in zip(got, want))
+    # offset omitted (zeros) and offset given as zeros: the same coins
+    got, path = path_of(lambda: rs(*_rs_args(b, offset=torch.zeros(b.R, dtype=torch.int64))))
+    assert path == "cpp" and all(torch.equal(g, w) for g, w in zip(got, want_rs))
+    # logits with a column stride: Python makes them contiguous, same result
+    strided = b.target_logits.t().contiguous().t()
+    got, path = path_of(lambda: vg(strided, *b.args()[1:]))
+    assert path == "python" and all(torch.equal(g, w) for g, w in zip(got, want_vg))
+    # malformed calls: Python's ValueError, named as always
+    bad = {
+        "cu_num_draft": lambda: vg(b.target_logits, b.draft_token_ids, b.cu_num_draft.long(), b.parents, b.max_depth),
+        "parents": lambda: vg(b.target_logits, b.draft_token_ids, b.cu_num_draft, b.parents[1:], b.max_depth),
+        "max_depth": lambda: rs(*_rs_args(b, max_depth=-1)),
+        "top_k": lambda: rs(*_rs_args(b, top_k=torch.ones(b.R, dtype=torch.int64))),
+        "temperature": lambda: rs(*_rs_args(b, temperature=torch.ones(b.R + 1))),
+        "draft_probs": lambda: rs(*_rs_args(b, draft_probs=torch.ones(b.N, 39))),
+        "uniforms": lambda: rs(*_rs_args(b, uniforms=torch.full((b.N + b.R,), 0.5))),  # and a seed
+        "seed": lambda: rs(*_rs_args(b, seed=None, offset=torch.zeros(b.R, dtype=torch.int64))),  # neither coin
+        "target_logits": lambda: vg(b.target_logits[1:], *b.args()[1:]),
+    }
+    for name, fn in bad.items():
+        c0 = calls()
+        with pytest.raises(ValueError, match=name):
+            fn()
+        d = [x - y for x, y in zip(calls(), c0)]
+        assert d[1] == d[3] == 0 and d[0] + d[2] == 1, (name, d)
+
+
+def test_c_ops_load_only_into_the_torch_they_were_built_for():
+    from spdkernels._cpp import ops_compatible
+
+    meta = {"torch_version": "2.13.0+cpu", "cxx11_abi": 1}
+    assert ops_compatible(meta, "2.13.0+cpu", True) is None
+    assert "built for torch 2.13.0+cpu" in ops_compatible(meta, "2.14.1+cu128", True)
+    assert "ABI" in ops_compatible(meta, "2.13.0+cpu", False)
+
+
+@needs_c_ops
+def test_ops_work_with_c_ops_switched_off():
+    code = ("import torch, spdkernels; from spdkernels import _cpp\n"
+            "spdkernels.set_validation(False)\n"
+            "out = spdkernels.verify_greedy(torch.tensor([[0., 2.]]), torch.zeros(0, dtype=torch.int64),"
+            " torch.tensor([0, 0], dtype=torch.int32))\n"
+            "print(out[0].tolist(), _cpp.fast_path('verify_greedy'), _cpp.ops_load_error())")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPDKERNELS_BACKEND", "TRITON_INTERPRET")}
+    env["SPDKERNELS_NO_C_OPS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[[1]] False SPDKERNELS_NO_C_OPS is set"

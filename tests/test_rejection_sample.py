@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, backends_here, cpp_lower_isas, use_backend
+from conftest import DEVICE, ON_GPU, backends_here, cpp_dispatch, cpp_lower_isas, use_backend
 from scipy.stats import chisquare
 from test_verify_greedy import check_structure
 
@@ -15,7 +15,9 @@ from spdkernels._validate import tree_max_depth
 from spdkernels.reference.rejection_sample import philox4x32
 from spdkernels.testing import random_draft_batch
 
-BACKENDS = backends_here()  # every backend implements rejection_sample; one that cannot load fails the run
+# every backend implements rejection_sample; one that cannot load fails the run. 'cpp-dispatch': the same C++
+# kernel called from its C++ dispatcher registration (validation off), not from the op's Python kernel
+BACKENDS = backends_here() + cpp_dispatch()
 FAST = [b for b in BACKENDS if b != "torch"] or ["torch"]
 # the C++ kernels' lower instruction-set paths (an AVX-512 machine also runs its AVX2 and baseline code)
 WITH_ISAS = BACKENDS + cpp_lower_isas()
@@ -270,7 +272,7 @@ def chi2_pvalue(samples, p):
 
 
 DIST = list(itertools.product([False, True], [False, True], [(0.8, 7, 0.85), (1.0, 0, 1.0), (1.7, 0, 0.6)]))
-R_DIST = {"torch": 3000, "cpp": 30000, "triton": 3000}
+R_DIST = {"torch": 3000, "cpp": 30000, "cpp-dispatch": 30000, "triton": 3000}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,6 +14,7 @@ import torch
 from spdkernels import _config, _cpp, _registry, reference
 from spdkernels import _validate as V
 from spdkernels._library import define_op
+from spdkernels.ops._common import call_draft_op
 from spdkernels.ops._common import verify_outputs as _outputs
 
 OP = "rejection_sample"
@@ -100,7 +101,7 @@ def _fake(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, te
 
 define_op("rejection_sample(Tensor target_logits, Tensor draft_token_ids, Tensor cu_num_draft, Tensor? parents, "
           "Tensor? draft_probs, Tensor? temperature, Tensor? top_k, Tensor? top_p, Tensor? uniforms, "
-          "Tensor? seed, Tensor? offset, SymInt max_depth) -> (Tensor, Tensor, Tensor)", _kernel, _fake)
+          "Tensor? seed, Tensor? offset, SymInt max_depth) -> (Tensor, Tensor, Tensor)", _kernel, _fake, cpu_twin=True)
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -218,13 +219,16 @@ def rejection_sample(
         >>> out.tolist(), num.tolist()  # p(2) = 0.9997 >= 0.5: accepted; then the median token of row 1
         ([[2, 0]], [2])
     """
-    # before the op: a non-tensor argument or a bad max_depth must be a ValueError, not a schema error
-    V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,
-                               0 if max_depth is None else max_depth)
-    if max_depth is None:
-        max_depth = V.tree_max_depth(cu_num_draft, parents)
-    if uniforms is None and seed is None:
-        R = cu_num_draft.shape[0] - 1
-        seed = torch.randint(0, 2**62, (R,), dtype=torch.int64, device=target_logits.device)
-    return torch.ops.spdkernels.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs,
-                                                 temperature, top_k, top_p, uniforms, seed, offset, max_depth)
+    if max_depth is None or (uniforms is None and seed is None):  # these read the batch: check it first
+        V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,
+                                   0 if max_depth is None else max_depth)
+        if max_depth is None:
+            max_depth = V.tree_max_depth(cu_num_draft, parents)
+        if uniforms is None and seed is None:
+            R = cu_num_draft.shape[0] - 1
+            seed = torch.randint(0, 2**62, (R,), dtype=torch.int64, device=target_logits.device)
+    # a non-tensor argument or a bad max_depth: a ValueError naming it, not the schema's error
+    return call_draft_op(torch.ops.spdkernels.rejection_sample.default,
+                         (target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k,
+                          top_p, uniforms, seed, offset, max_depth),
+                         target_logits, draft_token_ids, cu_num_draft, parents, max_depth)

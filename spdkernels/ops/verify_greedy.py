@@ -14,6 +14,7 @@ import torch
 from spdkernels import _config, _cpp, _registry, reference
 from spdkernels import _validate as V
 from spdkernels._library import define_op
+from spdkernels.ops._common import call_draft_op
 from spdkernels.ops._common import verify_outputs as _outputs
 
 OP = "verify_greedy"
@@ -39,7 +40,7 @@ def _fake(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
 
 
 define_op("verify_greedy(Tensor target_logits, Tensor draft_token_ids, Tensor cu_num_draft, Tensor? parents, "
-          "SymInt max_depth) -> (Tensor, Tensor, Tensor)", _kernel, _fake)
+          "SymInt max_depth) -> (Tensor, Tensor, Tensor)", _kernel, _fake, cpu_twin=True)
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -121,9 +122,9 @@ def verify_greedy(
         >>> out.tolist(), num.tolist(), path.tolist()  # node 0 accepted (token 1), then the argmax 0
         ([[1, 0, -1]], [2], [[0, -1]])
     """
-    # metadata checks before the call, so a wrong type is a ValueError rather than a schema error
-    V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,
-                               0 if max_depth is None else max_depth)
-    if max_depth is None:
+    if max_depth is None:  # checks first: the depth is read from cu_num_draft and parents
+        V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, 0)
         max_depth = V.tree_max_depth(cu_num_draft, parents)
-    return torch.ops.spdkernels.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+    return call_draft_op(torch.ops.spdkernels.verify_greedy.default,
+                         (target_logits, draft_token_ids, cu_num_draft, parents, max_depth),
+                         target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
