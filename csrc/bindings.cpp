@@ -8,6 +8,7 @@ namespace spd {
 void rejection_sample(std::uintptr_t, int, int64_t, int64_t, std::uintptr_t, int, std::uintptr_t, std::uintptr_t,
                       std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
                       std::uintptr_t, int64_t, int64_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int);
+std::pair<double, float> target_weights_row(std::uintptr_t, int, int64_t, float, int64_t, float, std::uintptr_t);
 void skinny_linear_f32(std::uintptr_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t,
                        int64_t, int64_t, int);
 void tree_attention(std::uintptr_t, int, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
@@ -33,6 +34,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tok_code"), py::arg("cu_num_draft"), py::arg("parents"), py::arg("R"), py::arg("max_depth"),
         py::arg("out_tokens"), py::arg("num_emitted"), py::arg("accepted_path"), py::arg("num_threads"));
   m.def("rejection_sample", &spd::rejection_sample, py::call_guard<py::gil_scoped_release>());
+  m.def("target_weights", &spd::target_weights_row, py::call_guard<py::gil_scoped_release>(), py::arg("logits"),
+        py::arg("logit_code"), py::arg("V"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("out"), "one row's kept weights and (mass, threshold), as the sampler computes them (tests)");
   m.def("skinny_linear_f32", &spd::skinny_linear_f32, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
         py::arg("ldx"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("num_threads"));

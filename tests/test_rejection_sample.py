@@ -1,6 +1,7 @@
 """rejection_sample: certain answers, structure, exact distribution, determinism, validation."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from test_verify_greedy import check_structure
 import spdkernels
 from spdkernels import reference
 from spdkernels._validate import tree_max_depth
-from spdkernels.reference.rejection_sample import philox4x32
+from spdkernels.reference.rejection_sample import kept, philox4x32, temperature_weights
 from spdkernels.testing import random_draft_batch
 
 # every backend implements rejection_sample; one that cannot load fails the run. 'cpp-dispatch': the same C++
@@ -218,6 +219,55 @@ def test_large_logits_and_low_temperature_match_reference(backend):
     got = run(backend, batch, **kw)
     rows_equal = (got[0] == want[0]).all(1) & (got[1] == want[1])
     assert int((~rows_equal).sum()) <= R / 200, f"{int((~rows_equal).sum())}/{R} requests differ from the reference"
+
+
+def _rows(V, gen):
+    """Logit rows that stress the C++ top-k / top-p selection: flat, peaked, heavy ties, all equal, -inf
+    entries, a long tail, and bf16 / fp16 storage."""
+    flat = torch.randn(V, generator=gen) * 3
+    peak = flat.clone()
+    peak[int(flat.argmax())] += 6.0
+    ties = (torch.randn(V, generator=gen) * 3).round()  # ~25 distinct values: thousands per radix bin
+    masked = flat.masked_fill(torch.rand(V, generator=gen) < 0.3, float("-inf"))
+    tail = -torch.log(torch.randperm(V, generator=gen).float() + 1.0) * 2.0  # Zipf-like
+    # one token over a plateau of V - 1 equal ones holding 1.5x its mass (at T = 1): top-p = 0.5 must keep the
+    # plateau, whose tokens are each light (the pruning before top-p must not drop them)
+    plateau = torch.zeros(V)
+    plateau[int(torch.randint(V, (1,), generator=gen))] = math.log((V - 1) / 1.5)
+    return {"flat": flat, "peaked": peak, "ties": ties, "equal": torch.zeros(V), "masked": masked, "zipf": tail,
+            "plateau": plateau,
+            "bf16": flat.bfloat16(), "fp16": flat.half()}
+
+
+FILTERS = [(0, 0.999), (0, 0.9), (0, 0.5), (0, 0.02), (1, 1.0), (37, 1.0), (37, 0.7), (2999, 0.95)]
+
+
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+@pytest.mark.parametrize("V", [3000, 40000])
+def test_cpp_top_k_top_p_threshold_equals_reference(V):
+    """The C++ kept set {x >= threshold} equals the reference's (sort-based top-k, float64 cumsum top-p) token
+    for token, over rows and filters chosen for the selection's corner cases: the radix passes (V > 2048 for
+    top-k, > 1024 candidates for top-p), the pruning of light tokens before top-p, bins holding thousands of
+    tied values, a K-th value tied across the boundary, -inf logits. Weights on the kept set: fp32 exp error."""
+    from spdkernels import _cpp
+
+    C = _cpp.load()
+    gen = torch.Generator().manual_seed(V)
+    for name, row in _rows(V, gen).items():
+        for T in (0.6, 1.5):
+            for top_k, top_p in FILTERS:
+                x = row.float()
+                out = torch.empty(V)
+                mass, tau = C.target_weights(row.data_ptr(), _cpp.FLOAT_CODES[row.dtype], V, T, top_k, top_p,
+                                             out.data_ptr())
+                w_ref = temperature_weights(x, T)
+                keep = kept(x, w_ref, top_k, top_p)
+                got = x >= tau
+                case = f"{name} T={T} k={top_k} p={top_p}: {int(got.sum())} kept, reference {int(keep.sum())}"
+                assert torch.equal(got, keep), case
+                assert torch.equal(out > 0, keep & (w_ref > 0)), case
+                torch.testing.assert_close(out[keep], w_ref[keep], rtol=2e-6, atol=1e-30, msg=case)
+                assert mass == pytest.approx(float(w_ref[keep].double().sum()), rel=1e-5), case
 
 
 # ---- distribution: the emitted tokens follow the target exactly -----------------------------------

@@ -78,7 +78,19 @@ def target_weights(x: torch.Tensor, temperature: float, top_k: int, top_p: float
         w = torch.zeros(V)
         w[int(x.argmax())] = 1.0
         return w
-    w = torch.exp((x - x.max()) / torch.tensor(temperature, dtype=torch.float32))
+    w = temperature_weights(x, temperature)
+    return torch.where(kept(x, w, top_k, top_p), w, torch.zeros_like(w))
+
+
+def temperature_weights(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """exp((x - max x) / T) in fp32, before top-k / top-p."""
+    return torch.exp((x - x.max()) / torch.tensor(temperature, dtype=torch.float32))
+
+
+def kept(x: torch.Tensor, w: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The kept set of a row with fp32 logits ``x`` and weights ``w``: top-k keeps x >= the k-th largest;
+    top-p then keeps x >= the largest value whose upper set holds ``top_p`` of the remaining mass."""
+    V = x.shape[0]
     keep = torch.ones(V, dtype=torch.bool)
     if 0 < top_k < V:
         kth = torch.sort(x, descending=True).values[top_k - 1]
@@ -92,7 +104,7 @@ def target_weights(x: torch.Tensor, temperature: float, top_k: int, top_p: float
         need = float(top_p) * float(wk.double().sum())
         j = int((csum >= need).nonzero()[0, 0]) if bool((csum >= need).any()) else V - 1
         keep &= x >= x[order[j]]
-    return torch.where(keep, w, torch.zeros_like(w))
+    return keep
 
 
 def normalise(w: torch.Tensor) -> torch.Tensor:
