@@ -1,8 +1,9 @@
 // Shared helpers of the CPU backend: dtype codes, element loaders, a lane-wise argmax, OpenMP glue.
 //
 // The extension is plain pybind11 over raw pointers (no libtorch): Python passes data_ptr()s, sizes,
-// strides and dtype codes, and allocates every output. All checks of the op contract happen in Python
-// before the call; the functions here trust their arguments.
+// strides and dtype codes, and allocates every output. All checks of the op contract happen before the call
+// (in Python, or for the dispatcher kernels of csrc/torch_ops/dispatch.cpp a layout check in C++ that hands
+// anything unusual to Python); the functions here trust their arguments.
 #pragma once
 
 #include <atomic>
