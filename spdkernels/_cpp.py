@@ -136,7 +136,7 @@ def load_ops():
             return _ops
         try:
             _ops = _load_ops()
-        except OSError as e:  # dlopen failed (a missing symbol, a library moved)
+        except (OSError, RuntimeError) as e:  # dlopen failed (a missing symbol), or torch refused a registration
             _ops_error = f"{type(e).__name__}: {e}"
         if _ops is None:
             log.info("spdkernels: _C_ops not loaded (%s); the ops use their Python CPU path", _ops_error)
