@@ -267,3 +267,45 @@ def test_ops_work_with_c_ops_switched_off():
     env["SPDKERNELS_NO_C_OPS"] = "1"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[[1]] False SPDKERNELS_NO_C_OPS is set"
+
+
+@needs_c_ops
+def test_c_ops_concurrent_calls_and_inference_mode():
+    """Serving threads call the op at once (the GIL is released inside the dispatcher; each OS thread has its
+    own kernel scratch), and under torch.inference_mode: every call equals the single-threaded result."""
+    import threading
+
+    from spdkernels import _cpp
+
+    gen = torch.Generator().manual_seed(8)
+    batches = [random_draft_batch([4, 2, 5, 3], 3000, tree=t, gen=gen, match_prob=0.6) for t in (False, True)]
+    kws = [dict(temperature=torch.tensor([1.0, 0.0, 0.7, 1.3]), top_p=torch.tensor([0.9, 1.0, 0.8, 1.0]),
+                seed=torch.arange(4) + 10 * i) for i in range(2)]
+    spdkernels.set_validation(False)
+
+    def call(i):
+        b = batches[i]
+        return spdkernels.rejection_sample(b.target_logits, b.draft_token_ids, b.cu_num_draft, parents=b.parents,
+                                           max_depth=b.max_depth, **kws[i])
+
+    want = [call(i) for i in range(2)]
+    fast_before = _cpp.op_calls("rejection_sample")[1]
+    got, errors = {}, []
+
+    def worker(t):
+        try:
+            with torch.inference_mode(t % 2 == 1):
+                got[t] = [call(t % 2) for _ in range(20)]
+        except Exception as e:  # reported below: a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t, outs in got.items():
+        for out in outs:
+            assert all(torch.equal(g, w) for g, w in zip(out, want[t % 2]))
+    assert _cpp.op_calls("rejection_sample")[1] - fast_before == 80
