@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import logging
 import os
@@ -32,9 +33,9 @@ def load():
     with _lock:
         if not _loaded:
             try:
-                from spdkernels import _C  # type: ignore[attr-defined]
-
-                _module = _C
+                # (import_module: loaded while spdkernels itself is still initialising, a missing _C reads
+                # "No module named", not a circular-import guess)
+                _module = importlib.import_module("spdkernels._C")
             except ImportError as e:
                 _error = f"{type(e).__name__}: {e}"
                 log.warning("spdkernels: C++ extension spdkernels._C unavailable (%s); "
