@@ -63,7 +63,9 @@ inline float load_f(const void* row, int64_t i, int code) {
 inline uint32_t f32_key(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  // negative: all bits flipped; positive: the sign bit set. Branch-free (a branch on the sign of random
+  // logits mispredicts half the time: it made the top-k count pass 5x slower)
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
 }
 
 // Largest value tau among cand[0:n) such that above + sum_{x >= tau} w >= target, or the smallest value if
@@ -91,39 +93,47 @@ float mass_quickselect(std::pair<float, float>* cand, size_t n, double target, d
 }
 
 // Largest value tau among the n candidates (n >= 1) such that sum_{x >= tau} w >= target (the candidates all
-// pass any earlier threshold, and hold every token at or above tau). A radix pass first: the candidates' mass
-// per bin of the top 12 bits of their order-preserving key (an eighth of an octave), summed from the top
-// bin down, finds the one bin the boundary lies in; the quickselect then runs on that bin alone (a few hundred
-// tokens on a flat 128k row rather than tens of thousands, and its partitions are branchy). Same answer as
-// the quickselect over all candidates: every value above the bin holds less than the target, the bin's lowest
-// value at least the target.
-float mass_threshold(std::pair<float, float>* cand, size_t n, double target, std::vector<double>& hist,
-                     std::vector<uint32_t>& count) {
-  constexpr int kBits = 12, kBins = 1 << kBits, kShift = 32 - kBits;
-  if (n <= 1024) return mass_quickselect(cand, n, target, 0.0);
-  hist.assign(kBins, 0.0);
-  count.assign(kBins, 0u);
-  for (size_t i = 0; i < n; ++i) {
-    const uint32_t b = f32_key(cand[i].first) >> kShift;
-    hist[b] += cand[i].second;
-    ++count[b];
-  }
+// pass any earlier threshold, hold every token at or above tau, and have weights > 0). Radix passes first: the
+// candidates' mass per bin of 11 bits of their order-preserving key (the top 11 first: a quarter of an
+// octave), summed from the top bin down, finds the one bin the boundary lies in; the candidates of that bin
+// are kept, and while they are many the next 11 bits split them again. The quickselect then runs on the last
+// bin alone (its partitions are branchy: on a flat 128k row the first bin alone can hold thousands). Same
+// answer as the quickselect over all candidates: every value above a bin holds less than the target (with
+// what lies above it), the bin's lowest value at least the target. Two interleaved tables (even and odd
+// candidates) keep runs of equal bins from serialising on one double add.
+float mass_threshold(std::pair<float, float>* cand, size_t n, double target, std::vector<double>& hist) {
+  constexpr int kBits = 11, kBins = 1 << kBits;
   double above = 0.0;
-  int b = kBins - 1, last = -1;
-  for (; b >= 0; --b) {
-    if (count[b] == 0) continue;
-    last = b;
-    if (above + hist[b] >= target) break;
-    above += hist[b];
+  for (int shift = 32 - kBits; shift >= 0 && n > 1024; shift -= kBits) {
+    const int sh = std::max(shift, 0);
+    auto bin = [&](float x) { return (f32_key(x) >> sh) & (kBins - 1); };
+    hist.assign(2 * kBins, 0.0);
+    double* h0 = hist.data();
+    double* h1 = h0 + kBins;
+    size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      h0[bin(cand[i].first)] += cand[i].second;
+      h1[bin(cand[i + 1].first)] += cand[i + 1].second;
+    }
+    if (i < n) h0[bin(cand[i].first)] += cand[i].second;
+    int b = kBins - 1, last = -1;
+    for (; b >= 0; --b) {
+      const double hb = h0[b] + h1[b];
+      if (!(hb > 0.0)) continue;  // empty (every candidate weighs > 0)
+      last = b;
+      if (above + hb >= target) break;
+      above += hb;
+    }
+    if (b < 0) {  // the target is never reached (rounding): the lowest bin, where the smallest value lies
+      b = last;
+      above -= h0[b] + h1[b];
+    }
+    size_t m = 0;
+    for (i = 0; i < n; ++i)
+      if (bin(cand[i].first) == static_cast<uint32_t>(b)) cand[m++] = cand[i];
+    n = m;
   }
-  if (b < 0) {  // the target is never reached (rounding): the smallest value, as the quickselect would give
-    b = last;
-    above -= hist[b];
-  }
-  size_t m = 0;
-  for (size_t i = 0; i < n; ++i)
-    if ((f32_key(cand[i].first) >> kShift) == static_cast<uint32_t>(b)) cand[m++] = cand[i];
-  return mass_quickselect(cand, m, target, above);
+  return mass_quickselect(cand, n, target, above);
 }
 
 struct Params {
@@ -418,6 +428,43 @@ SPD_V4 void row_stats_v4(const void* row, int64_t V, float scale, float* mb, dou
     sb[b] = _mm512_reduce_add_pd(d);
   }
 }
+
+// w <- 2^((xs - m) * log2(e) / T) for a materialised row (top-k / top-p), 16 lanes: the same exponential as
+// exp_weights' x86-64-v3 clone (n = round(y), the same degree-6 polynomial on f = y - n in FMAs, exact 2^0 = 1,
+// one rounding when scaling by 2^n, which vscalefps does in one instruction, subnormals included; y < -151
+// and -inf give 0), so the weights match that clone; the mass is summed in double, 16 lanes.
+SPD_V4 double exp_weights_v4(const float* xs, int64_t V, float m, float T, float* w) {
+  const __m512 vm = _mm512_set1_ps(m), scale = _mm512_set1_ps(1.44269504088896341f / T);
+  const __m512 lo = _mm512_set1_ps(-151.0f);
+  auto exp2 = [&](__m512 x) {
+    const __m512 y = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(x, vm), scale), lo);
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(1.53533620e-4f), _mm512_set1_ps(1.33988750e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61843692e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55033237e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226477e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  };
+  __m512d s0 = _mm512_setzero_pd(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= V; i += 16) {
+    const __m512 e = exp2(_mm512_loadu_ps(xs + i));
+    _mm512_storeu_ps(w + i, e);
+    s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+  }
+  if (i < V) {  // padding lanes: -inf, weight 0
+    const __mmask16 live = static_cast<__mmask16>((1u << (V - i)) - 1);
+    const __m512 e = exp2(_mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), live, xs + i));
+    _mm512_mask_storeu_ps(w + i, live, e);
+    s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+}
 #endif
 
 // The row pass, compiled for baseline x86-64, for x86-64-v3 (AVX2 + FMA) and for AVX-512, picked per row by
@@ -569,19 +616,75 @@ struct LazyRow {
   }
 };
 
-// The K-th largest of xs[0:V) (1 <= K < V), as std::nth_element over the whole row would give. A radix pass
-// first: counts per bin of the top 12 bits of the order-preserving key, summed from the top bin down, find
-// the bin holding the K-th largest; the selection then runs on that bin alone (~100 of 32000 flat logits for
-// K = 50). Two interleaved count tables keep runs of equal bins from serialising on one counter.
-float kth_largest(const float* xs, int64_t V, int64_t K, std::vector<float>& sel, std::vector<uint32_t>& count) {
+// Per-thread scratch of the top-k / top-p selection (kept across rows and calls: no allocation once a
+// thread has seen the vocabulary size).
+struct Select {
+  std::vector<float> sel, bm;                   // selection candidates; block maxima
+  std::vector<std::pair<float, float>> cand;    // top-p candidates (logit, weight)
+  std::vector<double> hist;                     // top-p radix pass: mass per bin
+  std::vector<uint32_t> count;                  // radix passes: count per bin
+};
+
+// Max of each block of 64 of xs[0:V) (the last one ragged) into bm.
+SPD_CLONES void block_maxima(const float* xs, int64_t V, float* bm) {
+  const int64_t full = V / 64;
+  for (int64_t b = 0; b < full; ++b) {
+    const float* x = xs + b * 64;
+    f8v m0, m1;
+    std::memcpy(&m0, x, sizeof m0);
+    std::memcpy(&m1, x + 8, sizeof m1);
+    for (int j = 16; j < 64; j += 16) {
+      f8v a, c;
+      std::memcpy(&a, x + j, sizeof a);
+      std::memcpy(&c, x + j + 8, sizeof c);
+      m0 = a > m0 ? a : m0;
+      m1 = c > m1 ? c : m1;
+    }
+    m0 = m1 > m0 ? m1 : m0;
+    float r = m0[0];
+    for (int l = 1; l < 8; ++l) r = std::max(r, m0[l]);
+    bm[b] = r;
+  }
+  if (full * 64 < V) {
+    float r = -__builtin_inff();
+    for (int64_t v = full * 64; v < V; ++v) r = std::max(r, xs[v]);
+    bm[full] = r;
+  }
+}
+
+// The K-th largest of xs[0:V) (1 <= K < V), as std::nth_element over the whole row would give.
+// Small K (at most a quarter of the blocks of 64): the K-th largest block maximum L is a lower bound of the
+// answer (K blocks hold a value >= L), so only the blocks whose maximum reaches L are scanned for values
+// >= L, and the selection runs on those (~100 values for K = 50 of 128k flat logits): one vectorised pass.
+// Otherwise a radix pass: counts per bin of the top 12 bits of the order-preserving key, summed from the
+// top bin down, find the bin holding the K-th largest, and the selection runs on that bin alone. Two
+// interleaved count tables keep runs of equal bins from serialising on one counter.
+float kth_largest(const float* xs, int64_t V, int64_t K, Select& s) {
   constexpr int kBits = 12, kBins = 1 << kBits, kShift = 32 - kBits;
+  std::vector<float>& sel = s.sel;
   if (V <= 2048) {
-    sel.assign(xs, xs + V);  // per-thread scratch: no allocation after the first row
+    sel.assign(xs, xs + V);
     std::nth_element(sel.begin(), sel.begin() + (K - 1), sel.end(), std::greater<float>());
     return sel[K - 1];
   }
-  count.assign(2 * kBins, 0u);
-  uint32_t* c0 = count.data();
+  const int64_t nb = (V + 63) / 64;
+  if (K <= nb / 4) {
+    s.bm.resize(static_cast<size_t>(nb));
+    block_maxima(xs, V, s.bm.data());
+    sel.assign(s.bm.begin(), s.bm.end());
+    std::nth_element(sel.begin(), sel.begin() + (K - 1), sel.end(), std::greater<float>());
+    const float L = sel[K - 1];
+    sel.clear();
+    for (int64_t b = 0; b < nb; ++b) {
+      if (!(s.bm[b] >= L)) continue;
+      for (int64_t v = b * 64, e = std::min(V, v + 64); v < e; ++v)
+        if (xs[v] >= L) sel.push_back(xs[v]);
+    }
+    std::nth_element(sel.begin(), sel.begin() + (K - 1), sel.end(), std::greater<float>());
+    return sel[K - 1];
+  }
+  s.count.assign(2 * kBins, 0u);
+  uint32_t* c0 = s.count.data();
   uint32_t* c1 = c0 + kBins;
   int64_t v = 0;
   for (; v + 2 <= V; v += 2) {
@@ -592,9 +695,9 @@ float kth_largest(const float* xs, int64_t V, int64_t K, std::vector<float>& sel
   int64_t above = 0;
   int b = kBins - 1;
   for (; b > 0; --b) {
-    const int64_t nb = static_cast<int64_t>(c0[b]) + c1[b];
-    if (above + nb >= K) break;
-    above += nb;
+    const int64_t nbin = static_cast<int64_t>(c0[b]) + c1[b];
+    if (above + nbin >= K) break;
+    above += nbin;
   }
   sel.clear();
   for (v = 0; v < V; ++v)
@@ -608,15 +711,20 @@ float kth_largest(const float* xs, int64_t V, int64_t K, std::vector<float>& sel
 // p <- unnormalised kept weights; returns their mass (double). xs holds the row as fp32 afterwards; *tau_out
 // (if given) the threshold: the kept set is {v : x_v >= tau}, -inf when top-k and top-p keep everything.
 double target_weights(const Params& P, int64_t row, float T, int64_t K, float top_p, std::vector<float>& p,
-                      std::vector<float>& xs, std::vector<float>& sel, std::vector<std::pair<float, float>>& cand,
-                      std::vector<double>& hist, std::vector<uint32_t>& count, float* tau_out = nullptr) {
+                      std::vector<float>& xs, Select& s, float* tau_out = nullptr) {
   const int64_t V = P.V;
   const float mx = load_max(row_ptr(P, row), V, P.code, xs.data());
+#if SPD_HAVE_V4
+  double mass = isa_level() >= kIsaV4 ? exp_weights_v4(xs.data(), V, mx, T, p.data())
+                                      : exp_weights(xs.data(), V, mx, T, p.data());
+#else
   double mass = exp_weights(xs.data(), V, mx, T, p.data());
+#endif
   float tau = -__builtin_inff();
-  if (K > 0 && K < V) tau = kth_largest(xs.data(), V, K, sel, count);  // ties kept by the >= below
+  if (K > 0 && K < V) tau = kth_largest(xs.data(), V, K, s);  // ties kept by the >= below
   if (top_p < 1.0f) {
-    if (cand.size() < static_cast<size_t>(V)) cand.resize(V);  // per-thread scratch, as sel
+    std::vector<std::pair<float, float>>& cand = s.cand;
+    if (cand.size() < static_cast<size_t>(V)) cand.resize(V);
     size_t n = 0;
     double mk = 0.0;
     if (tau > -__builtin_inff()) {  // top-k first: the candidates are the tokens it keeps
@@ -629,14 +737,14 @@ double target_weights(const Params& P, int64_t row, float T, int64_t K, float to
       // exponential's rounding, ~1e-7, far inside the factor 2 of margin) the boundary and every token above
       // it are among them: the threshold is the same as over the whole row. On the bench's flat 128k rows
       // this keeps ~1/4 of the vocabulary; on a peaked (trained) distribution far fewer. Branch-free compaction.
-      mk = block_sum(p.data(), V);
+      mk = mass;  // exp_weights' sum, in double
       const float c = static_cast<float>(0.5 * (1.0 - static_cast<double>(top_p)) * mk / static_cast<double>(V));
       for (int64_t v = 0; v < V; ++v) {
         cand[n] = {xs[v], p[v]};
         n += p[v] >= c ? 1 : 0;
       }
     }
-    tau = std::max(tau, mass_threshold(cand.data(), n, static_cast<double>(top_p) * mk, hist, count));
+    tau = std::max(tau, mass_threshold(cand.data(), n, static_cast<double>(top_p) * mk, s.hist));
   }
   if (tau > -__builtin_inff()) {
     float* w = p.data();
@@ -704,10 +812,8 @@ void greedy_request(const Params& P, int64_t r) {
 // Per-thread scratch, kept across calls (OpenMP reuses its threads), so that a call allocates nothing
 // once a thread has seen the vocabulary size.
 struct Scratch {
-  std::vector<float> w, w2, xs, sel;
-  std::vector<std::pair<float, float>> cand;
-  std::vector<double> hist;  // top-p's radix pass
-  std::vector<uint32_t> count;
+  std::vector<float> w, w2, xs;
+  Select select;
   LazyRow lazy;
 };
 
@@ -736,7 +842,7 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
       lz.init(row_ptr(P, row), P.code, V, T);
     } else {
       if (s.xs.size() < static_cast<size_t>(V)) s.xs.resize(V);
-      M = target_weights(P, row, T, K, TP, w, s.xs, s.sel, s.cand, s.hist, s.count);
+      M = target_weights(P, row, T, K, TP, w, s.xs, s.select);
     }
   };
   if (w.size() < static_cast<size_t>(V)) w.resize(V);
@@ -799,12 +905,10 @@ std::pair<double, float> target_weights_row(std::uintptr_t logits, int logit_cod
   P.logits = logits;
   P.code = logit_code;
   P.V = V;
-  std::vector<float> p(V), xs(V), sel;
-  std::vector<std::pair<float, float>> cand;
-  std::vector<double> hist;
-  std::vector<uint32_t> count;
+  std::vector<float> p(V), xs(V);
+  Select sel;
   float tau = 0.0f;
-  const double mass = target_weights(P, 0, temperature, top_k, top_p, p, xs, sel, cand, hist, count, &tau);
+  const double mass = target_weights(P, 0, temperature, top_k, top_p, p, xs, sel, &tau);
   std::memcpy(ptr<float>(out), p.data(), static_cast<size_t>(V) * sizeof(float));
   return {mass, tau};
 }
