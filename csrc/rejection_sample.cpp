@@ -93,7 +93,7 @@ float mass_quickselect(std::pair<float, float>* cand, size_t n, double target, d
 }
 
 // Largest value tau among the n candidates (n >= 1) such that sum_{x >= tau} w >= target (the candidates all
-// pass any earlier threshold, hold every token at or above tau, and have weights > 0). Radix passes first: the
+// pass any earlier threshold and hold every token at or above tau). Radix passes first: the
 // candidates' mass per bin of 11 bits of their order-preserving key (the top 11 first: a quarter of an
 // octave), summed from the top bin down, finds the one bin the boundary lies in; the candidates of that bin
 // are kept, and while they are many the next 11 bits split them again. The quickselect then runs on the last
@@ -119,7 +119,10 @@ float mass_threshold(std::pair<float, float>* cand, size_t n, double target, std
     int b = kBins - 1, last = -1;
     for (; b >= 0; --b) {
       const double hb = h0[b] + h1[b];
-      if (!(hb > 0.0)) continue;  // empty (every candidate weighs > 0)
+      // empty, or only weight-0 tokens (top-k's candidates can underflow): those never move the boundary, and
+      // they cannot be drawn; only where rounding leaves the target unreached does the threshold then stop
+      // at the lowest positive-weight bin rather than at the lowest candidate (the same tokens can be drawn)
+      if (!(hb > 0.0)) continue;
       last = b;
       if (above + hb >= target) break;
       above += hb;
