@@ -683,8 +683,10 @@ float kth_largest(const float* xs, int64_t V, int64_t K, Select& s) {
       for (int64_t v = b * 64, e = std::min(V, v + 64); v < e; ++v)
         if (xs[v] >= L) sel.push_back(xs[v]);
     }
-    std::nth_element(sel.begin(), sel.begin() + (K - 1), sel.end(), std::greater<float>());
-    return sel[K - 1];
+    if (static_cast<int64_t>(sel.size()) >= K) {  // always (the K blocks' maxima are in); never read past the end
+      std::nth_element(sel.begin(), sel.begin() + (K - 1), sel.end(), std::greater<float>());
+      return sel[K - 1];
+    }
   }
   s.count.assign(2 * kBins, 0u);
   uint32_t* c0 = s.count.data();
