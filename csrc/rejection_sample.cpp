@@ -105,8 +105,7 @@ float mass_threshold(std::pair<float, float>* cand, size_t n, double target, std
   constexpr int kBits = 11, kBins = 1 << kBits;
   double above = 0.0;
   for (int shift = 32 - kBits; shift >= 0 && n > 1024; shift -= kBits) {
-    const int sh = std::max(shift, 0);
-    auto bin = [&](float x) { return (f32_key(x) >> sh) & (kBins - 1); };
+    auto bin = [&](float x) { return (f32_key(x) >> shift) & (kBins - 1); };
     hist.assign(2 * kBins, 0.0);
     double* h0 = hist.data();
     double* h1 = h0 + kBins;
@@ -431,43 +430,6 @@ SPD_V4 void row_stats_v4(const void* row, int64_t V, float scale, float* mb, dou
     sb[b] = _mm512_reduce_add_pd(d);
   }
 }
-
-// w <- 2^((xs - m) * log2(e) / T) for a materialised row (top-k / top-p), 16 lanes: the same exponential as
-// exp_weights' x86-64-v3 clone (n = round(y), the same degree-6 polynomial on f = y - n in FMAs, exact 2^0 = 1,
-// one rounding when scaling by 2^n, which vscalefps does in one instruction, subnormals included; y < -151
-// and -inf give 0), so the weights match that clone; the mass is summed in double, 16 lanes.
-SPD_V4 double exp_weights_v4(const float* xs, int64_t V, float m, float T, float* w) {
-  const __m512 vm = _mm512_set1_ps(m), scale = _mm512_set1_ps(1.44269504088896341f / T);
-  const __m512 lo = _mm512_set1_ps(-151.0f);
-  auto exp2 = [&](__m512 x) {
-    const __m512 y = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(x, vm), scale), lo);
-    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(y, n);
-    __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(1.53533620e-4f), _mm512_set1_ps(1.33988750e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61843692e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55033237e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226477e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-  };
-  __m512d s0 = _mm512_setzero_pd(), s1 = s0;
-  int64_t i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m512 e = exp2(_mm512_loadu_ps(xs + i));
-    _mm512_storeu_ps(w + i, e);
-    s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-    s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
-  }
-  if (i < V) {  // padding lanes: -inf, weight 0
-    const __mmask16 live = static_cast<__mmask16>((1u << (V - i)) - 1);
-    const __m512 e = exp2(_mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), live, xs + i));
-    _mm512_mask_storeu_ps(w + i, live, e);
-    s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-    s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
-  }
-  return _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
-}
 #endif
 
 // The row pass, compiled for baseline x86-64, for x86-64-v3 (AVX2 + FMA) and for AVX-512, picked per row by
@@ -719,12 +681,7 @@ double target_weights(const Params& P, int64_t row, float T, int64_t K, float to
                       std::vector<float>& xs, Select& s, float* tau_out = nullptr) {
   const int64_t V = P.V;
   const float mx = load_max(row_ptr(P, row), V, P.code, xs.data());
-#if SPD_HAVE_V4
-  double mass = isa_level() >= kIsaV4 ? exp_weights_v4(xs.data(), V, mx, T, p.data())
-                                      : exp_weights(xs.data(), V, mx, T, p.data());
-#else
   double mass = exp_weights(xs.data(), V, mx, T, p.data());
-#endif
   float tau = -__builtin_inff();
   if (K > 0 && K < V) tau = kth_largest(xs.data(), V, K, s);  // ties kept by the >= below
   if (top_p < 1.0f) {
