@@ -4,13 +4,21 @@ decoding engine that verifies drafts with the package's ops (``tree_attention``,
 from .engine import Engine, Request, RequestMetrics, Result, RunMetrics, SamplingParams
 from .kv_cache import CacheFullError, PagedKVCache
 from .model import Batch, LlamaModel
-from .proposers import Draft, DraftModelProposer, EarlyExitProposer, ModelProposer, NGramProposer, Proposer
+from .proposers import (
+    Draft,
+    DraftModelProposer,
+    EarlyExitProposer,
+    ModelProposer,
+    NGramProposer,
+    Proposer,
+    UnionProposer,
+)
 from .speculation import AdaptiveSpeculation
 from .weights import Checkpoint, LlamaConfig, ModelLoadError, embedded_model_path, load_checkpoint
 
 __all__ = [
     "AdaptiveSpeculation", "Batch", "CacheFullError", "Checkpoint", "Draft", "DraftModelProposer",
     "EarlyExitProposer", "Engine", "LlamaConfig", "LlamaModel", "ModelLoadError", "ModelProposer", "NGramProposer",
-    "PagedKVCache", "Proposer", "Request", "RequestMetrics", "Result", "RunMetrics", "SamplingParams",
+    "PagedKVCache", "Proposer", "Request", "RequestMetrics", "Result", "RunMetrics", "SamplingParams", "UnionProposer",
     "embedded_model_path", "load_checkpoint",
 ]

@@ -20,7 +20,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("proposer")
-    g.add_argument("--proposer", choices=["none", "ngram", "early-exit", "draft-model"], default="ngram")
+    g.add_argument("--proposer", choices=["none", "ngram", "early-exit", "draft-model", "pdm", "spd"], default="ngram",
+                   help="spd: Speculative Pipeline Decoding (--stages); pdm: the SPD draft module as an ordinary "
+                   "draft-then-verify proposer")
+    g.add_argument("--stages", type=int, default=4, help="spd: pipeline stages n")
+    g.add_argument("--pdm", default=None, help="pdm/spd: a trained PDM folder (default: the one shipped for the "
+                   "embedded model)")
     g.add_argument("--k", type=int, default=4, help="draft depth (tokens per chain)")
     g.add_argument("--ngram-max", type=int, default=3)
     g.add_argument("--ngram-min", type=int, default=2)
@@ -64,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", default="bench_results/demo.json")
     d.add_argument("--plot", default="bench_results/demo.png")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-spd", action="store_true", help="skip the SPD and PDM rows")
+    d.add_argument("--pdm", default=None, help="a trained PDM folder (default: the one shipped for the embedded model)")
+    t = sub.add_parser("train-pdm", help="train the SPD draft module (PDM) for a target model")
+    _add_model_args(t)
+    t.add_argument("--out", required=True,
+                   help="output folder (pdm.safetensors, pdm.json, train_log.json, heldout.json)")
+    t.add_argument("--work", default=None, help="cache of the generated training text (default: <out>/work)")
+    t.add_argument("--stages", type=int, default=4, help="the pipeline depth the anchors are cut for")
+    t.add_argument("--layers", type=int, default=2, help="tower decoder layers L_s")
+    t.add_argument("--intermediate", type=int, default=1024, help="the tower's MLP width")
+    t.add_argument("--draft-vocab", type=int, default=8192)
+    t.add_argument("--prompts", type=int, default=400, help="training prompts (the target continues each)")
+    t.add_argument("--max-new-tokens", type=int, default=192)
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch", type=int, default=4, help="training windows per step")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
     return ap
 
 
@@ -81,13 +104,25 @@ def _load(path: Optional[str], threads: Optional[int]):
     return ck, LlamaModel(ck.config, ck.state_dict)
 
 
-def make_proposer(args, model):
+def load_pdm_for(args, ck, model):
+    from .spd.pdm import load_pdm, shipped_pdm_path
+
+    path = args.pdm or str(shipped_pdm_path())
+    return load_pdm(path, model, ck.state_dict)
+
+
+def make_proposer(args, model, ck=None):
     from .proposers import DraftModelProposer, EarlyExitProposer, NGramProposer
 
     kw = dict(k=args.k, branching=args.tree_branching, width=args.tree_width, max_nodes=args.max_nodes,
               draft_vocab=args.draft_vocab)
-    if args.proposer == "none":
+    if args.proposer in ("none", "spd"):
         return None
+    if args.proposer == "pdm":
+        from .spd.proposer import PDMProposer
+
+        return PDMProposer(load_pdm_for(args, ck, model), k=args.k, branching=args.tree_branching,
+                           width=args.tree_width, max_nodes=args.max_nodes)
     if args.proposer == "ngram":
         return NGramProposer(k=args.k, max_ngram=args.ngram_max, min_ngram=args.ngram_min, branches=args.branches,
                              max_nodes=args.max_nodes, adaptive=args.adaptive)
@@ -134,6 +169,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--max-nodes: expected 1 to 64, got {args.max_nodes}")
     if args.draft_vocab < 0:
         raise ValueError(f"--draft-vocab: expected >= 0, got {args.draft_vocab}")
+    if args.stages < 1:
+        raise ValueError(f"--stages: expected >= 1, got {args.stages}")
 
 
 def cmd_generate(args) -> int:
@@ -142,7 +179,7 @@ def cmd_generate(args) -> int:
     _check_args(args)
     ck, model = _load(args.model, args.threads)
     tok = ck.tokenizer
-    proposer = make_proposer(args, model)
+    proposer = make_proposer(args, model, ck)
     reqs = []
     for text in _prompts(args):
         ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
@@ -156,7 +193,14 @@ def cmd_generate(args) -> int:
         from .speculation import AdaptiveSpeculation
 
         spec = AdaptiveSpeculation(max_depth=args.k)
-    eng = Engine(model, proposer, tokenizer=tok, speculation=spec)
+    if args.proposer == "spd":
+        from .spd.schedule import SPDEngine
+
+        eng = SPDEngine(model, load_pdm_for(args, ck, model), args.stages, tokenizer=tok)
+        desc = eng.describe()
+    else:
+        eng = Engine(model, proposer, tokenizer=tok, speculation=spec)
+        desc = proposer.describe() if proposer else "autoregressive"
     pb = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -173,9 +217,16 @@ def cmd_generate(args) -> int:
     print(f"--- {m.new_tokens} tokens in {m.wall_s:.2f} s: {m.tokens_per_s:.1f} tok/s; acceptance "
           f"{m.acceptance_rate:.2f}, mean accepted length {m.mean_accepted_length:.2f}; time: prefill "
           f"{m.prefill_s:.2f} s, draft {m.draft_s:.2f} s, verify {m.verify_s:.2f} s, sampling {m.sampling_s:.2f} s, "
-          f"bookkeeping {m.bookkeeping_s:.2f} s ({proposer.describe() if proposer else 'autoregressive'})")
+          f"bookkeeping {m.bookkeeping_s:.2f} s ({desc})")
+    if args.proposer == "spd":
+        d = m.as_dict()
+        print(f"--- SPD n={args.stages}: {m.cycles} cycles, {m.steps} verifications, "
+              f"acceptance {m.acceptance_rate:.2f}, "
+              f"tokens/cycle {m.tokens_per_cycle:.2f}, equivalent speedup {m.equivalent_speedup:.2f}; per cycle: PDM "
+              f"{d['pdm_ms_per_cycle']:.2f} ms, slowest stage {d['slowest_stage_ms_per_cycle']:.2f} ms, exit+verify "
+              f"{d['exit_verify_ms_per_cycle']:.2f} ms, slack {d['slack_ms_per_cycle']:.2f} ms")
     if args.json:
-        out = dict(model=ck.source, proposer=proposer.describe() if proposer else None, metrics=m.as_dict(),
+        out = dict(model=ck.source, proposer=desc, metrics=m.as_dict(),
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason,
                                  acceptance_rate=r.metrics.acceptance_rate,
                                  mean_accepted_length=r.metrics.mean_accepted_length) for r in results])
@@ -217,18 +268,47 @@ def cmd_demo(args) -> int:
         t = time.perf_counter()
         hf = load_transformers(ck, args.model)
         print(f"transformers: loaded the same checkpoint in {time.perf_counter() - t:.1f} s")
+    pdm, extra = None, {}
+    if not args.no_spd:
+        t = time.perf_counter()
+        pdm = load_pdm_for(args, ck, model)
+        print(f"pdm: {pdm.cfg.num_layers} tower layers, anchors {pdm.cfg.anchors}, draft vocabulary "
+              f"{pdm.cfg.draft_vocab}, loaded and checked against the target in {time.perf_counter() - t:.1f} s")
+        extra = demo.spd_engines(model, pdm, ck.tokenizer)
     try:
-        demo.run_demo(model, ck.tokenizer, demo.default_proposers(model.num_layers), args.max_tokens, hf_model=hf,
-                      json_path=args.json, plot_path=args.plot, progress=not args.no_progress)
+        demo.run_demo(model, ck.tokenizer, demo.default_proposers(model.num_layers, pdm), args.max_tokens, hf_model=hf,
+                      json_path=args.json, plot_path=args.plot, progress=not args.no_progress, extra_engines=extra)
     except demo.DemoFailure as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     return 0
 
 
+def cmd_train_pdm(args) -> int:
+    from pathlib import Path
+
+    from .spd.train import TrainSettings, train_pdm
+
+    for name in ("stages", "layers", "intermediate", "draft_vocab", "prompts", "max_new_tokens", "steps", "batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr: expected > 0, got {args.lr}")
+    ck, _ = _load(args.model, args.threads)
+    if args.stages > ck.config.num_layers:
+        raise ValueError(f"--stages: expected at most the target's {ck.config.num_layers} layers, got {args.stages}")
+    st = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
+              draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+              intermediate=args.intermediate, settings=st, progress=not args.no_progress)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd == "train-pdm":
+            return cmd_train_pdm(args)
         return cmd_generate(args) if args.cmd == "generate" else cmd_demo(args)
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

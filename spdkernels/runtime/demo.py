@@ -16,7 +16,7 @@ import torch
 
 from .engine import Engine, Request, SamplingParams
 from .model import LlamaModel, prefill_logits
-from .proposers import EarlyExitProposer, NGramProposer, Proposer
+from .proposers import EarlyExitProposer, NGramProposer, Proposer, UnionProposer
 from .speculation import AdaptiveSpeculation
 
 # A divergence between two greedy runs is a near-tie when the top-2 logit gap of the reference run at the
@@ -74,9 +74,10 @@ SUITE: List[Tuple[str, str]] = [
 ]
 
 
-def default_proposers(num_layers: int) -> List[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]]:
-    """The demo's speculative runs: a proposer, or a proposer with the cost-aware depth controller."""
-    return [
+def default_proposers(num_layers: int, pdm=None) -> List[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]]:
+    """The demo's speculative runs: a proposer, or a proposer with the cost-aware depth controller. With a
+    trained PDM, the PDM as a draft-then-verify proposer too (chains, a tree, and under the controller)."""
+    out: List[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]] = [
         NGramProposer(k=4, max_ngram=3, min_ngram=2),
         NGramProposer(k=8, max_ngram=3, min_ngram=2, adaptive=True),
         # with verification nearly free, single-token lookups (n=1) pay too: the controller decides how deep
@@ -84,6 +85,26 @@ def default_proposers(num_layers: int) -> List[Union[Proposer, Tuple[Proposer, A
         NGramProposer(k=6, max_ngram=3, min_ngram=1, branches=3, max_nodes=12),
         EarlyExitProposer(layers=max(1, num_layers // 4), k=3, draft_vocab=8192),
     ]
+    if pdm is not None:
+        from .spd.proposer import PDMProposer
+
+        out += [PDMProposer(pdm, k=4), PDMProposer(pdm, k=4, branching=2, width=2, max_nodes=8),
+                (PDMProposer(pdm, k=6), AdaptiveSpeculation(max_depth=6)),
+                # the trained drafter and prompt lookups merged into one tree, depth set by the controller
+                (UnionProposer([PDMProposer(pdm, k=6, sample=False),
+                                NGramProposer(k=8, max_ngram=3, min_ngram=1)], max_nodes=14),
+                 AdaptiveSpeculation(max_depth=8))]
+    return out
+
+
+def spd_engines(model: LlamaModel, pdm, tokenizer, stages: Sequence[int] = (2, 4, 8)) -> Dict[str, object]:
+    """The demo's Speculative Pipeline Decoding runs (one process: the stages run one after another, so
+    their wall clock is not the pipelined one; the equivalent speedup is what a pipeline of n workers
+    would reach)."""
+    from .spd.schedule import SPDEngine
+
+    return {f"ours spd n={n} (one process)": SPDEngine(model, pdm, n, tokenizer=tokenizer)
+            for n in stages if 2 <= n <= model.num_layers}
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
@@ -112,7 +133,8 @@ class DemoFailure(RuntimeError):
 def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]],
              max_new_tokens: int = 128,
              hf_model=None, hf_lookup_tokens: int = 8, json_path: Optional[str] = None,
-             plot_path: Optional[str] = None, log=print, progress: bool = True) -> Dict:
+             plot_path: Optional[str] = None, log=print, progress: bool = True,
+             extra_engines: Optional[Dict[str, object]] = None) -> Dict:
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]))
                for _, p in SUITE]
     params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -125,6 +147,7 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
         p, spec = p if isinstance(p, tuple) else (p, None)
         name = f"ours {p.describe()}" + (f" + {spec.describe()}" if spec else "")
         engines[name] = Engine(model, p, tokenizer=tokenizer, speculation=spec)
+    engines.update(extra_engines or {})
     hf_runs = [("transformers greedy", 0), (f"transformers prompt-lookup {hf_lookup_tokens}", hf_lookup_tokens)] \
         if hf_model is not None else []
     for name in list(engines) + [n for n, _ in hf_runs]:
@@ -148,6 +171,13 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
             acceptance_rate=met.acceptance_rate, mean_accepted_length=met.mean_accepted_length, draft_s=met.draft_s,
             verify_s=met.verify_s, sampling_s=met.sampling_s, bookkeeping_s=met.bookkeeping_s,
             prefill_s=met.prefill_s))
+        if hasattr(met, "equivalent_speedup"):
+            d = met.as_dict()
+            runs[name]["per_prompt"][-1].update(
+                n=met.n, cycles=met.cycles, tokens_per_cycle=met.tokens_per_cycle,
+                equivalent_speedup=met.equivalent_speedup, pdm_ms=d["pdm_ms_per_cycle"],
+                stage_ms=sum(d["stage_ms_per_cycle"]) / len(d["stage_ms_per_cycle"]),
+                slowest_stage_ms=d["slowest_stage_ms_per_cycle"], exit_verify_ms=d["exit_verify_ms_per_cycle"])
         if pb:
             pb.update(done_before + max_new_tokens - pb.n)
 
@@ -204,13 +234,23 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
         if "acceptance_rate" in per[0]:
             row["acceptance_rate"] = sum(p["acceptance_rate"] for p in per) / len(per)
             row["mean_accepted_length"] = sum(p["mean_accepted_length"] for p in per) / len(per)
+        if "equivalent_speedup" in per[0]:
+            # pooled over the suite: committed tokens per cycle over all prompts' cycles
+            cyc = sum(p["cycles"] for p in per)
+            row["n"] = per[0]["n"]
+            row["tokens_per_cycle"] = sum(p["tokens"] - 1 for p in per) / cyc
+            row["equivalent_speedup"] = row["n"] * row["tokens_per_cycle"]
+            row["equivalent_speedup_geomean"] = _geomean([p["equivalent_speedup"] for p in per])
+            for k in ("pdm_ms", "stage_ms", "slowest_stage_ms", "exit_verify_ms"):
+                row[k] = sum(p[k] * p["cycles"] for p in per) / cyc
         r["speedups"] = sp
         table.append(row)
 
     summary = dict(suite=[n for n, _ in SUITE], tie_gap=TIE_GAP, table=table, failures=failures,
                    runs={k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in runs.items()},
                    outputs={k: [tokenizer.decode(o) for o in v["outputs"]] for k, v in runs.items()})
-    spec = [t for t in table if t["run"].startswith("ours ") and t["run"] != "ours autoregressive"]
+    spec = [t for t in table if t["run"].startswith("ours ") and t["run"] != "ours autoregressive"
+            and "equivalent_speedup" not in t]
     best = max(spec, key=lambda t: t["speedup"]) if spec else None
     hf_pl = next((t for t in table if t["run"].startswith("transformers prompt-lookup")), None)
     summary["best"] = None if best is None else dict(
@@ -235,13 +275,27 @@ def format_table(table: List[Dict], summary: Dict) -> str:
     lines = [f"{'run':44s} {'tok/s':>7s} {'speedup':>8s} {'accept':>7s} {'mean len':>8s} {'identical':>9s}"]
     for t in table:
         acc = f"{t['acceptance_rate']:.2f}" if "acceptance_rate" in t else "-"
-        mal = f"{t['mean_accepted_length']:.2f}" if "mean_accepted_length" in t else "-"
+        mal = f"{t['mean_accepted_length']:.2f}" if "mean_accepted_length" in t and "n" not in t else "-"
         lines.append(f"{t['run']:44s} {t['tokens_per_s']:7.1f} {t['speedup']:7.2f}x {acc:>7s} {mal:>8s} "
                      f"{t['identical']:>9s}")
     lines.append("tok/s and speedup: geometric means over the suite; speedup vs ours autoregressive, per prompt, "
                  "measured side by side (runs interleaved prompt by prompt); accept = accepted / drafted tokens; "
                  "mean len = tokens per verification step (bonus included); identical = outputs equal to ours "
                  "autoregressive token for token")
+    spd = [t for t in table if "equivalent_speedup" in t]
+    if spd:
+        lines.append("")
+        lines.append(f"{'Speculative Pipeline Decoding':44s} {'accept':>7s} {'tok/cycle':>9s} {'equiv.':>7s} "
+                     f"{'PDM ms':>7s} {'stage ms':>8s} {'PDM<stage':>9s} {'identical':>9s}")
+        for t in spd:
+            lines.append(f"{t['run']:44s} {t['acceptance_rate']:7.2f} {t['tokens_per_cycle']:9.2f} "
+                         f"{t['equivalent_speedup']:6.2f}x {t['pdm_ms']:7.2f} {t['stage_ms']:8.2f} "
+                         f"{'yes' if t['pdm_ms'] < t['stage_ms'] else 'NO':>9s} {t['identical']:>9s}")
+        lines.append("SPD: accept = accepted / verified drafts; tok/cycle = committed tokens per pipeline cycle, "
+                     "pooled "
+                     "over the suite; equiv. = n x tok/cycle (the speedup a pipeline of n workers gets over "
+                     "autoregressive decoding, whose token costs n cycles); PDM / stage ms = mean time of one PDM "
+                     "forward and of one stage forward per cycle (the PDM must be the cheaper to hide behind a stage)")
     b = summary.get("best")
     if b:
         s = f"best proposer: {b['run']}: {b['speedup_vs_ours_ar']:.2f}x ours autoregressive"

@@ -153,18 +153,8 @@ class Engine:
     def generate(self, requests: Sequence[Request]) -> Tuple[List[Result], RunMetrics]:
         if not requests:
             return [], RunMetrics()
-        c = self.model.config
         room = 1 + (self.proposer.max_nodes if self.proposer else 0)
-        for i, req in enumerate(requests):
-            req.params.validate()
-            if not req.prompt_ids:
-                raise ValueError(f"prompt_ids: request {i} has an empty prompt")
-            if any(not 0 <= t < c.vocab_size for t in req.prompt_ids):
-                raise ValueError(f"prompt_ids: request {i} has token ids outside [0, {c.vocab_size})")
-            if len(req.prompt_ids) + req.params.max_new_tokens > c.max_position:
-                raise ValueError(f"prompt_ids: request {i} needs {len(req.prompt_ids)} prompt + "
-                                 f"{req.params.max_new_tokens} new tokens, more than the model's context of "
-                                 f"{c.max_position}")
+        validate_requests(self.model.config, requests)
         bs = self.block_size
         blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens + room) // bs) + 1 for r in requests)
         self.cache = cache = self.model.new_cache(blocks, bs, scrub=self.scrub)
@@ -236,9 +226,26 @@ class Engine:
             b = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots),
                       torch.tensor(cu, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32),
                       cache.block_table([s.rid for s in chunk]))
-            self.model.forward_layers(self.model.embed_tokens(b.token_ids), b, cache)
-            for s in chunk:
+            h0 = self.model.embed_tokens(b.token_ids)
+            _, tapped = self.model.forward_layers(h0, b, cache, taps=self._tap_layers())
+            anchors = self._anchors(h0, tapped)
+            for j, s in enumerate(chunk):
                 cache.set_length(s.rid, len(s.prompt) - 1)
+                if anchors is not None:
+                    self.proposer.observe(s, list(range(len(s.prompt) - 1)), anchors[cu[j]:cu[j + 1]])
+
+    def _tap_layers(self) -> List[int]:
+        """Model layer indices whose outputs the proposer wants (its ``taps`` are hidden-state indices:
+        0 = the embedding, ``b`` = after ``b`` layers)."""
+        taps = getattr(self.proposer, "taps", ()) if self.proposer is not None else ()
+        return [b - 1 for b in taps if b > 0]
+
+    def _anchors(self, h0: torch.Tensor, tapped: Dict[int, torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[T, len(taps), hidden]`` hidden states at the proposer's taps, or None when it wants none."""
+        taps = getattr(self.proposer, "taps", ()) if self.proposer is not None else ()
+        if not taps:
+            return None
+        return torch.stack([h0 if b == 0 else tapped[b - 1] for b in taps], dim=1)
 
     def _depth_limit(self, s: RequestState) -> int:
         left = s.params.max_new_tokens - len(s.output)
@@ -284,7 +291,10 @@ class Engine:
         kv_t = torch.tensor(kv, dtype=torch.int32)
         batch = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots), cu_t, kv_t, block_table, mask)
         t2 = time.perf_counter()
-        logits = model.forward(batch, cache)
+        h0 = model.embed_tokens(batch.token_ids)
+        h, tapped = model.forward_layers(h0, batch, cache, taps=self._tap_layers())
+        anchors = self._anchors(h0, tapped)
+        logits = model.logits(h)
         if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             logits = logits.float()
         t3 = time.perf_counter()
@@ -295,8 +305,18 @@ class Engine:
         if all(s.params.temperature == 0 for s in active):
             out, num, path = spdkernels.verify_greedy(logits, draft_ids, cund_t, par_t, max_depth=max_depth)
         else:
+            probs = None
+            if any(d.probs is not None for d in drafts):  # drafts drawn from a distribution carry it
+                probs = torch.zeros(len(dtoks), logits.shape[-1], dtype=torch.float32)
+                i = 0
+                for d in drafts:
+                    if d.probs is not None:
+                        probs[i:i + len(d)] = d.probs
+                    else:  # deterministic drafts: point mass
+                        probs[torch.arange(i, i + len(d)), torch.tensor(d.tokens, dtype=torch.int64)] = 1.0
+                    i += len(d)
             out, num, path = spdkernels.rejection_sample(
-                logits, draft_ids, cund_t, parents=par_t,
+                logits, draft_ids, cund_t, parents=par_t, draft_probs=probs,
                 temperature=torch.tensor([s.params.temperature for s in active], dtype=torch.float32),
                 top_k=torch.tensor([s.params.top_k for s in active], dtype=torch.int32),
                 top_p=torch.tensor([s.params.top_p for s in active], dtype=torch.float32),
@@ -306,6 +326,13 @@ class Engine:
         t4 = time.perf_counter()
         cache.commit([s.rid for s in active], block_table, kv_t, cu_t, path)
         out_l, num_l = out.tolist(), num.tolist()
+        if anchors is not None:  # the committed tokens (root + accepted path) for the proposer
+            path_l = path.tolist()
+            for j, (s, n) in enumerate(zip(active, num_l)):
+                local = [0] + [1 + x for x in path_l[j][:n - 1]]
+                P = kv[j] - (cu[j + 1] - cu[j])
+                self.proposer.observe(s, list(range(P, P + len(local))),
+                                      anchors[torch.tensor([cu[j] + x for x in local])])
         for s, d, o, n, dep in zip(active, drafts, out_l, num_l, depths):
             if spec is not None:
                 spec.observe_request(s.rid, dep, n - 1)
@@ -327,20 +354,41 @@ class Engine:
         m.bookkeeping_s += (t2 - t1) + (t5 - t4)
 
     def _append(self, s: RequestState, new: List[int]) -> None:
-        p = s.params
-        for t in new:
-            s.output.append(t)
-            if t in self.eos and not p.ignore_eos:
-                s.done, s.finish_reason = True, "eos"
-                break
-            if len(s.output) >= p.max_new_tokens:
-                s.done, s.finish_reason = True, "length"
-                break
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(s.output)
-            for stop in p.stop:
-                i = text.find(stop)
-                if i >= 0 and (s.text_cut is None or i < s.text_cut):
-                    s.text_cut = i
-            if s.text_cut is not None:
-                s.done, s.finish_reason = True, "stop"
+        append_tokens(s, new, self.eos, self.tokenizer)
+
+
+def validate_requests(config, requests: Sequence[Request], extra: int = 0) -> None:
+    """Sampling parameters, prompt ids and context room of every request (``ValueError`` naming the
+    request)."""
+    for i, req in enumerate(requests):
+        req.params.validate()
+        if not req.prompt_ids:
+            raise ValueError(f"prompt_ids: request {i} has an empty prompt")
+        if any(not 0 <= t < config.vocab_size for t in req.prompt_ids):
+            raise ValueError(f"prompt_ids: request {i} has token ids outside [0, {config.vocab_size})")
+        if len(req.prompt_ids) + req.params.max_new_tokens + extra > config.max_position:
+            raise ValueError(f"prompt_ids: request {i} needs {len(req.prompt_ids)} prompt + "
+                             f"{req.params.max_new_tokens} new tokens, more than the model's context of "
+                             f"{config.max_position}")
+
+
+def append_tokens(s: RequestState, new: List[int], eos, tokenizer) -> None:
+    """Commit tokens to a request, stopping at an end-of-sequence token, ``max_new_tokens`` or a stop
+    string (the text is cut before it)."""
+    p = s.params
+    for t in new:
+        s.output.append(t)
+        if t in eos and not p.ignore_eos:
+            s.done, s.finish_reason = True, "eos"
+            break
+        if len(s.output) >= p.max_new_tokens:
+            s.done, s.finish_reason = True, "length"
+            break
+    if p.stop and tokenizer is not None:
+        text = tokenizer.decode(s.output)
+        for stop in p.stop:
+            i = text.find(stop)
+            if i >= 0 and (s.text_cut is None or i < s.text_cut):
+                s.text_cut = i
+        if s.text_cut is not None:
+            s.done, s.finish_reason = True, "stop"

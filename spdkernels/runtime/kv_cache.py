@@ -14,20 +14,25 @@ class CacheFullError(RuntimeError):
 
 
 class PagedKVCache:
-    """K and V of ``num_layers`` layers in pages of ``block_size`` positions: ``k[l]`` and ``v[l]`` are
-    ``[num_blocks, block_size, Hkv, D]``, the layout ``tree_attention`` reads. ``length(rid)`` positions of
+    """K and V of ``num_layers`` consecutive model layers, ``first_layer ..`` (a pipeline stage holds only its
+    own range), in pages of ``block_size`` positions: ``k[l]`` and ``v[l]`` (model layer
+    ``first_layer + l``) are ``[num_blocks, block_size, Hkv, D]``, the layout ``tree_attention`` reads.
+    Lengths are per request and per cache, so the stages of a pipeline, each with its own cache, keep
+    staggered lengths and are truncated one by one. ``length(rid)`` positions of
     request ``rid`` are committed; positions past it (draft tree nodes being verified) are scratch until
     :meth:`commit` keeps the accepted ones. ``scrub=True`` fills every position past the committed length
     with NaN after each commit or roll back, so a read of a stale tree entry poisons the output (tests)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device="cpu", scrub: bool = False):
+                 dtype: torch.dtype = torch.float32, device="cpu", scrub: bool = False, first_layer: int = 0):
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size: expected a power of two, got {block_size}")
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.first_layer = first_layer
+        self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.scrub = scrub
         self._free: List[int] = list(range(num_blocks - 1, -1, -1))
@@ -93,10 +98,25 @@ class PagedKVCache:
         blocks, bs = self._blocks[rid], self.block_size
         return [blocks[p // bs] * bs + p % bs for p in positions]
 
+    def _index(self, layer: int) -> int:
+        i = layer - self.first_layer
+        if not 0 <= i < self.num_layers:
+            raise ValueError(f"layer: this cache holds model layers {self.first_layer}.."
+                             f"{self.first_layer + self.num_layers - 1}, got {layer}")
+        return i
+
+    def layer_k(self, layer: int) -> torch.Tensor:
+        """K pages of model layer ``layer``: ``[num_blocks, block_size, Hkv, D]``."""
+        return self.k[self._index(layer)]
+
+    def layer_v(self, layer: int) -> torch.Tensor:
+        return self.v[self._index(layer)]
+
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v: [T, Hkv, D]`` at flat slots ``slot_mapping: int64 [T]`` of ``layer``."""
-        self.k[layer].view(-1, *self.k.shape[3:]).index_copy_(0, slot_mapping, k)
-        self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, slot_mapping, v)
+        """Store ``k, v: [T, Hkv, D]`` at flat slots ``slot_mapping: int64 [T]`` of model layer ``layer``."""
+        i = self._index(layer)
+        self.k[i].view(-1, *self.k.shape[3:]).index_copy_(0, slot_mapping, k)
+        self.v[i].view(-1, *self.v.shape[3:]).index_copy_(0, slot_mapping, v)
 
     # -- verification bookkeeping ----------------------------------------------------------------------
     def commit(self, rids: Sequence[Hashable], block_table: torch.Tensor, kv_lens: torch.Tensor,

@@ -9,7 +9,7 @@ at chosen layers, for pipelined runtimes and for early-exit drafting."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +37,67 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down")
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (Hugging Face's half-split layout) of ``x: [T, H, D]``."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
+def decoder_layer(h: torch.Tensor, L, c: LlamaConfig, cos: torch.Tensor, sin: torch.Tensor,
+                  attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One pre-norm Llama decoder layer on ``h: [T, hidden]``: RMSNorm, fused QKV, rotary (``cos``/``sin``:
+    ``[T, 1, D]``), ``attend(q [T', Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T', Hq, D]``, output projection,
+    RMSNorm, SwiGLU. ``rows`` (optional): compute the output of these rows only (``T' = len(rows)``; every
+    row still gives its K/V), as the last layer of a model whose other rows' outputs are not needed.
+    ``L`` holds ``ln1, ln2, w_qkv, b_qkv, w_o, w_gate_up, w_down`` (tensors or parameters). The target's
+    forward attends with ``tree_attention`` over the paged cache; the SPD draft module reuses this function
+    (the same attention at inference, a dense structural mask in training)."""
+    T = h.shape[0]
+    Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+    eps = c.rms_norm_eps
+    x = F.rms_norm(h, (h.shape[-1],), L.ln1, eps)
+    if rows is None:
+        qkv = linear(x, L.w_qkv, L.b_qkv)
+        q = rotate(qkv[:, :Hq * D].view(T, Hq, D), cos, sin)
+        kv = qkv[:, Hq * D:]
+    else:
+        wq, wkv = L.w_qkv[:Hq * D], L.w_qkv[Hq * D:]
+        bq, bkv = (None, None) if L.b_qkv is None else (L.b_qkv[:Hq * D], L.b_qkv[Hq * D:])
+        q = rotate(linear(x[rows], wq, bq).view(len(rows), Hq, D), cos[rows], sin[rows])
+        kv = linear(x, wkv, bkv)
+        h = h[rows]
+    k = rotate(kv[:, :Hkv * D].view(T, Hkv, D), cos, sin)
+    v = kv[:, Hkv * D:].reshape(T, Hkv, D)
+    a = attend(q, k, v)
+    h = h + linear(a.reshape(q.shape[0], Hq * D), L.w_o)
+    gu = linear(F.rms_norm(h, (h.shape[-1],), L.ln2, eps), L.w_gate_up)
+    g, u = gu.split(L.w_down.shape[1], dim=-1)
+    return h + linear(F.silu(g) * u, L.w_down)
+
+
+def rope_tables(c: LlamaConfig, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[max_position, head_dim]``, computed as Hugging Face does (fp32 inverse
+    frequencies), then cast."""
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+    pos = torch.arange(c.max_position, dtype=torch.float32)
+    emb = torch.cat([torch.outer(pos, inv)] * 2, dim=-1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
 class LlamaModel:
     """Inference-only weights and forward. ``state_dict`` uses Hugging Face names and layouts."""
 
     def __init__(self, config: LlamaConfig, state_dict: Dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                 device="cpu"):
+                 device="cpu", layers: Optional[Tuple[int, int]] = None, head: bool = True):
+        """``layers=(start, end)`` loads only decoder layers ``start .. end - 1`` (a pipeline stage: the
+        state dict needs only those); ``head=False`` skips the embedding, final norm and LM head."""
         self.config = c = config
         self.dtype, self.device = dtype, torch.device(device)
+        start, end = (0, c.num_layers) if layers is None else layers
+        if not 0 <= start <= end <= c.num_layers:
+            raise ValueError(f"layers: expected 0 <= start <= end <= {c.num_layers}, got {layers}")
+        self.layer_start, self.layer_end = start, end
 
         def get(name, shape):
             if name not in state_dict:
@@ -53,12 +107,15 @@ class LlamaModel:
                 raise ModelLoadError(f"model: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
             return t.to(device=self.device, dtype=dtype).contiguous()
 
-        self.embed = get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-        self.norm = get("model.norm.weight", (c.hidden_size,))
-        self.lm_head = self.embed if c.tie_word_embeddings else get("lm_head.weight", (c.vocab_size, c.hidden_size))
+        self.embed = self.norm = self.lm_head = None
+        if head:
+            self.embed = get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+            self.norm = get("model.norm.weight", (c.hidden_size,))
+            self.lm_head = self.embed if c.tie_word_embeddings else get("lm_head.weight",
+                                                                        (c.vocab_size, c.hidden_size))
         shapes = dict(layer_shapes(c))
         self.layers: List[_Layer] = []
-        for i in range(c.num_layers):
+        for i in range(start, end):
             w = {n: get(f"model.layers.{i}.{n}", s) for n, s in shapes.items()}
             L = _Layer()
             L.ln1, L.ln2 = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
@@ -71,23 +128,20 @@ class LlamaModel:
             L.w_gate_up = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]).contiguous()
             L.w_down = w["mlp.down_proj.weight"]
             self.layers.append(L)
-        # rotary tables, computed as Hugging Face does (fp32 inverse frequencies), then cast
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
-        pos = torch.arange(c.max_position, dtype=torch.float32)
-        emb = torch.cat([torch.outer(pos, inv)] * 2, dim=-1)
-        self._cos = emb.cos().to(device=self.device, dtype=dtype)
-        self._sin = emb.sin().to(device=self.device, dtype=dtype)
+        self._cos, self._sin = rope_tables(c, dtype, self.device)
         self.scale = c.head_dim ** -0.5
 
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
 
-    def new_cache(self, num_blocks: int, block_size: int = 16, layers: Optional[int] = None,
+    def new_cache(self, num_blocks: int, block_size: int = 16, layers: Optional[Tuple[int, int]] = None,
                   scrub: bool = False) -> PagedKVCache:
+        """A paged cache for layers ``layers = (start, end)`` (default: the layers this model holds)."""
         c = self.config
-        return PagedKVCache(layers or c.num_layers, c.num_kv_heads, c.head_dim, num_blocks, block_size,
-                            self.dtype, self.device, scrub=scrub)
+        start, end = layers if layers is not None else (self.layer_start, self.layer_end)
+        return PagedKVCache(end - start, c.num_kv_heads, c.head_dim, num_blocks, block_size,
+                            self.dtype, self.device, scrub=scrub, first_layer=start)
 
     # -- pieces ---------------------------------------------------------------------------------------
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -95,11 +149,6 @@ class LlamaModel:
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.config.rms_norm_eps)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1] // 2
-        rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-        return x * cos + rot * sin
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``[T, hidden] -> [T, V]``."""
@@ -113,26 +162,19 @@ class LlamaModel:
         Returns the output hidden states and ``{i: h after layer i}`` for ``i`` in ``taps``."""
         c = self.config
         end = c.num_layers if end is None else end
+        if not self.layer_start <= start <= end <= self.layer_end:
+            raise ValueError(f"start/end: layers {start}..{end - 1} requested, this model holds layers "
+                             f"{self.layer_start}..{self.layer_end - 1}")
         taps = set(taps)
-        T = h.shape[0]
-        Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         cos = self._cos[batch.positions][:, None, :]
         sin = self._sin[batch.positions][:, None, :]
         tapped: Dict[int, torch.Tensor] = {}
         for i in range(start, end):
-            L = self.layers[i]
-            x = self._rms(h, L.ln1)
-            qkv = linear(x, L.w_qkv, L.b_qkv)
-            q = self._rotate(qkv[:, :Hq * D].view(T, Hq, D), cos, sin)
-            k = self._rotate(qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D), cos, sin)
-            v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
-            cache.write(i, batch.slot_mapping, k, v)
-            a = tree_attention(q, cache.k[i], cache.v[i], batch.block_table, batch.kv_lens, batch.cu_q_lens,
-                               batch.tree_mask, self.scale)
-            h = h + linear(a.reshape(T, Hq * D), L.w_o)
-            gu = linear(self._rms(h, L.ln2), L.w_gate_up)
-            g, u = gu.split(c.intermediate_size, dim=-1)
-            h = h + linear(F.silu(g) * u, L.w_down)
+            def attend(q, k, v, i=i):
+                cache.write(i, batch.slot_mapping, k, v)
+                return tree_attention(q, cache.layer_k(i), cache.layer_v(i), batch.block_table, batch.kv_lens,
+                                      batch.cu_q_lens, batch.tree_mask, self.scale)
+            h = decoder_layer(h, self.layers[i - self.layer_start], c, cos, sin, attend)
             if i in taps:
                 tapped[i] = h
         return h, tapped

@@ -27,8 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class Draft:
+    """``tokens`` in topological order, ``parents`` (-1 = the root). ``probs``: ``[len, V]`` fp32, row ``i``
+    the distribution node ``i`` was drawn from (None: deterministic drafts, verified as point masses)."""
     tokens: List[int] = field(default_factory=list)
     parents: List[int] = field(default_factory=list)
+    probs: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -67,6 +70,13 @@ class Proposer:
 
     def feedback(self, state: RequestState, drafted: int, accepted: int) -> None:
         """After each verification: how many of the request's draft tokens were proposed and accepted."""
+
+    # hidden-state indices (0 = the embedding, b = after b layers) the proposer wants for every committed
+    # token; the engine captures them in its prefill and verification passes and calls observe()
+    taps: Tuple[int, ...] = ()
+
+    def observe(self, state: RequestState, positions: List[int], hidden: torch.Tensor) -> None:
+        """The committed tokens at ``positions`` and their hidden states ``[len, len(taps), hidden]``."""
 
     def describe(self) -> str:
         return self.name
@@ -349,3 +359,63 @@ class DraftModelProposer(ModelProposer):
         if st.rid in self._len:
             self._cache.release(st.rid)
             del self._len[st.rid]
+
+
+class UnionProposer(Proposer):
+    """Several deterministic proposers at once: their drafts merged into one token tree (shared prefixes
+    become one path), within ``max_nodes``. For example n-gram lookups, which win on text that repeats
+    the prompt, with a trained drafter, which wins elsewhere. Every part must draft deterministically
+    (no ``probs``), so the merged tree is verified as point masses, which keeps sampling lossless."""
+    name = "union"
+
+    def __init__(self, parts: Sequence[Proposer], max_nodes: Optional[int] = None):
+        if not parts:
+            raise ValueError("parts: expected at least one proposer")
+        super().__init__(max_nodes or min(64, sum(p.max_nodes for p in parts)), max(p.max_depth for p in parts))
+        self.parts = list(parts)
+        taps = sorted({t for p in self.parts for t in p.taps})
+        self.taps = tuple(taps)
+
+    def describe(self) -> str:
+        return " + ".join(p.describe() for p in self.parts)
+
+    def bind(self, target, cache):
+        for p in self.parts:
+            p.bind(target, cache)
+
+    def observe(self, state, positions, hidden):
+        for p in self.parts:
+            if p.taps:
+                idx = [self.taps.index(t) for t in p.taps]
+                p.observe(state, positions, hidden[:, idx] if len(positions) else hidden)
+
+    def feedback(self, state, drafted, accepted):
+        for p in self.parts:
+            p.feedback(state, drafted, accepted)
+
+    def release(self, state):
+        for p in self.parts:
+            p.release(state)
+
+    def propose(self, states, depth_limits):
+        per = [p.propose(states, depth_limits) for p in self.parts]
+        out = []
+        for r in range(len(states)):
+            seqs = []
+            for drafts in per:
+                d = drafts[r]
+                if d.probs is not None:
+                    raise ValueError(f"parts: {type(d).__name__} drafts from a distribution; a union needs "
+                                     "deterministic drafts")
+                # every root-to-leaf path of the part's tree, in node order
+                kids = {i for i in d.parents if i >= 0}
+                for leaf in range(len(d)):
+                    if leaf in kids:
+                        continue
+                    path, i = [], leaf
+                    while i >= 0:
+                        path.append(d.tokens[i])
+                        i = d.parents[i]
+                    seqs.append(path[::-1])
+            out.append(_trie(seqs, self.max_nodes))
+        return out

@@ -1,0 +1,131 @@
+"""Speculative Pipeline Decoding on the embedded model: equivalent speedup and acceptance against the number
+of stages n, for each given PDM (one per tower depth L_s), next to the paper's figures and to the i.i.d.
+acceptance model ``n / (n - (n - 1) alpha)``. Greedy, the demo's prompts; every output is compared with
+autoregressive decoding. The stages run one after another in this process: the wall clock is reported
+but is not the pipelined one (each cycle costs the n stage forwards in sequence plus the PDM); the
+equivalent speedup is what a pipeline of n workers reaches.
+
+    python -m spdkernels.bench.spd [--stages 2 4 8] [--pdm DIR ...] [--max-tokens 128] [--json F] [--plot F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+# "Speculative Pipeline Decoding" (arXiv 2605.30852), Qwen3.5-4B, T=0: n -> (draft layers, equivalent speedup)
+PAPER = {4: (4, 2.64), 8: (3, 3.39), 16: (2, 3.70)}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spdkernels.bench.spd", description=__doc__.split("\n")[0])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--pdm", action="append", default=None, help="PDM folder (repeat to compare tower depths; "
+                    "default: the shipped one)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=8, help="the first N prompts of the demo suite")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams, load_checkpoint
+    from spdkernels.runtime.demo import SUITE
+    from spdkernels.runtime.spd.pdm import load_pdm, shipped_pdm_path
+    from spdkernels.runtime.spd.schedule import SPDEngine
+
+    ck = load_checkpoint()
+    model = LlamaModel(ck.config, ck.state_dict)
+    tok = ck.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for _, p in SUITE[:args.prompts]]
+    params = SamplingParams(max_new_tokens=args.max_tokens)
+    ar = []
+    ar_wall = 0.0
+    for p in prompts:
+        res, m = Engine(model, None).generate([Request(p, params)])
+        ar.append(res[0].output_ids)
+        ar_wall += m.wall_s - m.prefill_s
+    ar_tps = sum(len(o) for o in ar) / ar_wall
+    rows = []
+    for path in args.pdm or [str(shipped_pdm_path())]:
+        pdm = load_pdm(path, model, ck.state_dict)
+        for n in args.stages:
+            eng = SPDEngine(model, pdm, n)
+            tokens = cycles = accepted = drafted = identical = 0
+            wall = pdm_s = stage_s = slow_s = 0.0
+            for p, ref in zip(prompts, ar):
+                res, m = eng.generate([Request(p, params)])
+                identical += res[0].output_ids == ref
+                tokens += len(res[0].output_ids) - 1
+                cycles += m.cycles
+                accepted, drafted = accepted + m.accepted, drafted + m.drafted
+                wall += m.wall_s - m.prefill_s
+                pdm_s, stage_s, slow_s = pdm_s + m.pdm_s, stage_s + sum(m.stage_s) / n, slow_s + m.slowest_stage_s
+            alpha = accepted / max(drafted, 1)
+            row = dict(pdm=path, draft_layers=pdm.num_layers, n=n, acceptance=alpha,
+                       tokens_per_cycle=tokens / cycles,
+                       equivalent_speedup=n * tokens / cycles, iid_model=n / (n - (n - 1) * alpha),
+                       pdm_ms=1e3 * pdm_s / cycles, stage_ms=1e3 * stage_s / cycles,
+                       wall_tokens_per_s_one_process=(tokens + len(prompts)) / wall,
+                       identical=f"{identical}/{len(prompts)}")
+            rows.append(row)
+            print(f"L_s={row['draft_layers']} n={n}: acceptance {alpha:.3f}, "
+                  f"tokens/cycle {row['tokens_per_cycle']:.3f}, "
+                  f"equivalent speedup {row['equivalent_speedup']:.2f} (i.i.d. model {row['iid_model']:.2f}), PDM "
+                  f"{row['pdm_ms']:.2f} ms vs stage {row['stage_ms']:.2f} ms, one-process wall "
+                  f"{row['wall_tokens_per_s_one_process']:.1f} tok/s (AR {ar_tps:.1f}), identical {row['identical']}",
+                  flush=True)
+    out = dict(commit=_commit(), machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+               max_new_tokens=args.max_tokens, prompts=len(prompts), ar_tokens_per_s=ar_tps, rows=rows,
+               paper={str(k): dict(draft_layers=v[0], equivalent_speedup=v[1]) for k, v in PAPER.items()})
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.plot:
+        plot(out, args.plot)
+    return 0 if all(r["identical"].split("/")[0] == r["identical"].split("/")[1] for r in rows) else 1
+
+
+def plot(out, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for ls in sorted({r["draft_layers"] for r in out["rows"]}):
+        rs = sorted([r for r in out["rows"] if r["draft_layers"] == ls], key=lambda r: r["n"])
+        a1.plot([r["n"] for r in rs], [r["equivalent_speedup"] for r in rs], "o-",
+                label=f"ours, L_s={ls} (SmolLM2-135M)")
+        a1.plot([r["n"] for r in rs], [r["iid_model"] for r in rs], ":", label=f"i.i.d. model, our alpha (L_s={ls})")
+        a2.plot([r["n"] for r in rs], [r["acceptance"] for r in rs], "o-", label=f"ours, L_s={ls}")
+    pn = sorted(int(k) for k in out["paper"])
+    a1.plot(pn, [out["paper"][str(k)]["equivalent_speedup"] for k in pn], "s--", label="paper (Qwen3.5-4B)")
+    a1.set_xlabel("stages n")
+    a1.set_ylabel("equivalent speedup (n x tokens/cycle)")
+    a1.legend(fontsize=8)
+    a2.set_xlabel("stages n")
+    a2.set_ylabel("acceptance (accepted / verified drafts)")
+    a2.legend(fontsize=8)
+    fig.suptitle(f"Speculative Pipeline Decoding, greedy, {out['prompts']} prompts x {out['max_new_tokens']} tokens "
+                 f"(commit {out['commit']})")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Training data for the PDM: the target's own continuations of the training prompts
+(:mod:`.prompts`), generated in batches through the runtime's engine, and the target's hidden states at the
+PDM's anchors for every token of them."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+from ..engine import Engine, Request, SamplingParams
+from ..model import Batch, LlamaModel
+from .prompts import training_prompts
+
+
+def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_tokens: int, seed: int,
+                    batch: int = 32, sampled_fraction: float = 0.2, log=print) -> List[Dict]:
+    """``[{"kind", "prompt_ids", "output_ids"}]``: greedy continuations, and for ``sampled_fraction`` of
+    the prompts continuations sampled at temperature 0.7 (seeded), so the text covers more than one path."""
+    prompts = training_prompts(num_prompts, seed)
+    reqs, kinds = [], []
+    for i, (kind, text) in enumerate(prompts):
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+        sampled = (i * 7919 + seed) % 100 < sampled_fraction * 100
+        reqs.append(Request(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7 if sampled else 0.0,
+                                                top_p=0.95 if sampled else 1.0, seed=seed * 100003 + i)))
+        kinds.append(kind)
+    out: List[Dict] = []
+    t0 = time.perf_counter()
+    for s in range(0, len(reqs), batch):
+        res, _ = Engine(model, None).generate(reqs[s:s + batch])
+        for r, kind in zip(res, kinds[s:s + batch]):
+            out.append(dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids))
+        n = sum(len(x["output_ids"]) for x in out)
+        log(f"data: {len(out)}/{len(reqs)} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
+    return out
+
+
+def save_corpus(path: Path, corpus: Sequence[Dict], meta: Dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(meta=meta, sequences=list(corpus))))
+
+
+def load_corpus(path: Path) -> tuple:
+    d = json.loads(path.read_text())
+    return d["sequences"], d["meta"]
+
+
+@torch.inference_mode()
+def anchor_states(model: LlamaModel, seqs: Sequence[Sequence[int]], anchors: Sequence[int],
+                  max_tokens: int = 2048, dtype=torch.float16) -> List[torch.Tensor]:
+    """For each token sequence, the target's hidden states at the anchors, ``[S, m + 1, H]`` in ``dtype``
+    (anchor 0 = the embedding, ``b`` = the output of the ``b``-th layer), from one prefill-style forward per
+    chunk of sequences."""
+    taps = [b - 1 for b in anchors if b > 0]
+    out: List[torch.Tensor] = []
+    i = 0
+    while i < len(seqs):
+        chunk = [seqs[i]]
+        n = len(seqs[i])
+        i += 1
+        while i < len(seqs) and n + len(seqs[i]) <= max_tokens:
+            chunk.append(seqs[i])
+            n += len(seqs[i])
+            i += 1
+        cache = model.new_cache(sum(-(-len(s) // 16) for s in chunk), 16)
+        toks, pos, slots, cu, kv = [], [], [], [0], []
+        for j, s in enumerate(chunk):
+            cache.add(j)
+            cache.reserve(j, len(s))
+            toks += list(s)
+            pos += range(len(s))
+            slots += cache.slots(j, range(len(s)))
+            cu.append(cu[-1] + len(s))
+            kv.append(len(s))
+        b = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots), torch.tensor(cu, dtype=torch.int32),
+                  torch.tensor(kv, dtype=torch.int32), cache.block_table(list(range(len(chunk)))))
+        h0 = model.embed_tokens(b.token_ids)
+        _, tapped = model.forward_layers(h0, b, cache, taps=taps)
+        stack = torch.stack([h0] + [tapped[t] for t in taps], dim=1).to(dtype)
+        for j in range(len(chunk)):
+            out.append(stack[cu[j]:cu[j + 1]].clone())
+    return out

@@ -1,0 +1,258 @@
+"""The Pipeline Draft Module (PDM) of Speculative Pipeline Decoding (contract: docs/contract.md section 6).
+
+Anchors ``b_0 = 0 < b_1 < ... < b_m <= L`` are hidden-state indices of the target (0 = the token embedding,
+``i`` = the output of decoder layer ``i - 1``, 0-based, i.e. after ``i`` layers). A token that has passed
+``d`` of the ``n`` pipeline stages has the anchors up to the stage boundary it reached, and contributes the
+row ``g_{f(d)}`` with ``g_k = W_k . concat(h_{b_0}, ..., h_{b_k})`` (one bias-free linear per k) and
+``f(d) = max{k : b_k <= boundary(d)}``, ``boundary(d)`` being the number of target layers the first ``d``
+stages hold (``d * L / n`` when ``n`` divides ``L``; the stages are those of :meth:`LlamaModel.stages`).
+A tower of ``L_s`` Llama decoder layers with its own paged KV cache (rotary at absolute positions) runs
+over these rows; the last row goes through the target's final norm and a draft LM head over a subset of
+the vocabulary (the most frequent target tokens of the training data, rows taken from the target's LM
+head) and gives the draft distribution q, scattered back to the full vocabulary for verification.
+
+The tower runs through :func:`spdkernels.runtime.model.decoder_layer`, the target's own layer code: at
+inference through :meth:`LlamaModel.forward_layers` (``tree_attention`` over the paged cache), in training
+with a dense structural mask (:mod:`.train`).
+
+Files: ``<dir>/pdm.safetensors`` (fp16 weights) + ``<dir>/pdm.json`` (the config and the target it belongs
+to: architecture, layer count, hidden size, vocabulary, and a hash of the target's weights). Loading a PDM
+for another target raises :class:`PDMError`."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..linear import linear
+from ..model import LlamaModel
+from ..weights import LlamaConfig, layer_shapes
+
+PDM_FORMAT = 1
+WEIGHTS_FILE = "pdm.safetensors"
+CONFIG_FILE = "pdm.json"
+
+
+class PDMError(ValueError):
+    """A PDM file that is missing, corrupt, or made for another target model."""
+
+
+def target_fingerprint(config: LlamaConfig, state_dict: Dict[str, torch.Tensor]) -> Dict:
+    """What identifies the target a PDM was trained for: architecture, sizes, and a SHA-256 over every
+    tensor's name and shape and a fixed strided sample of its fp32 values (every 61st element, plus the
+    whole final norm): any fine-tune or another checkpoint changes it, and it takes ~0.1 s for 135M
+    parameters instead of hashing 540 MB."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu", torch.float32).contiguous().view(-1)
+        sample = t if name == "model.norm.weight" else t[::61]
+        h.update(name.encode())
+        h.update(str(tuple(state_dict[name].shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return dict(architecture=config.name, num_layers=config.num_layers, hidden_size=config.hidden_size,
+                vocab_size=config.vocab_size, weights_sha256=h.hexdigest())
+
+
+@dataclass
+class PDMConfig:
+    anchors: List[int]  # hidden-state indices b_0 = 0 < ... < b_m <= L
+    num_layers: int  # tower layers L_s
+    intermediate_size: int  # the tower's MLP width
+    draft_vocab: int  # size of the draft vocabulary
+    target: Dict = field(default_factory=dict)  # target_fingerprint() of the target
+    train_head: bool = False  # False: the head is the target's rows (not stored, rebuilt at load)
+    training: Dict = field(default_factory=dict)  # how it was trained (informational)
+    format: int = PDM_FORMAT
+
+    @property
+    def m(self) -> int:
+        return len(self.anchors) - 1
+
+    def validate(self, target: LlamaConfig) -> None:
+        a = self.anchors
+        if not a or a[0] != 0 or any(x >= y for x, y in zip(a, a[1:])) or a[-1] > target.num_layers:
+            raise PDMError(f"anchors: expected 0 = b_0 < b_1 < ... <= {target.num_layers}, got {a}")
+        if self.num_layers < 1:
+            raise PDMError(f"num_layers: expected >= 1 tower layers, got {self.num_layers}")
+        if not 1 <= self.draft_vocab <= target.vocab_size:
+            raise PDMError(f"draft_vocab: expected 1..{target.vocab_size}, got {self.draft_vocab}")
+
+    def tower_config(self, target: LlamaConfig) -> LlamaConfig:
+        return dataclasses.replace(target, num_layers=self.num_layers, intermediate_size=self.intermediate_size,
+                                   attention_bias=False, tie_word_embeddings=False, name="pdm-tower")
+
+
+def stage_bounds(num_layers: int, n: int) -> List[int]:
+    """Layer boundaries of ``n`` near-equal consecutive stages (as :meth:`LlamaModel.stages`)."""
+    if not 1 <= n <= num_layers:
+        raise ValueError(f"n: expected 1 <= n <= {num_layers} stages, got {n}")
+    return [round(i * num_layers / n) for i in range(n + 1)]
+
+
+def depth_types(anchors: Sequence[int], num_layers: int, n: int) -> List[int]:
+    """``f(d)`` for ``d = 0 .. n``: the deepest anchor a token that passed ``d`` of ``n`` stages has."""
+    bounds = stage_bounds(num_layers, n)
+    return [max(k for k, b in enumerate(anchors) if b <= bounds[d]) for d in range(n + 1)]
+
+
+def check_stages(cfg: PDMConfig, num_layers: int, n: int) -> List[int]:
+    """The depth-type map for ``n`` stages, or a clear error when ``n`` does not fit the target or the
+    PDM's anchors (every anchor must be reached: the deepest at the pipeline's exit)."""
+    if not 2 <= n <= num_layers:
+        raise ValueError(f"stages: expected 2 <= n <= {num_layers} (the target's layer count), got {n}")
+    f = depth_types(cfg.anchors, num_layers, n)
+    if f[n] != cfg.m:
+        raise ValueError(f"stages: the PDM's deepest anchor {cfg.anchors[-1]} is never reached")
+    return f
+
+
+def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+    """Rows ``g_{types[i]}`` for hidden states ``anchor_h: [T, m + 1, H]`` (entries past a row's type are
+    ignored): ``g_k = W_k . concat(h_{b_0..b_k})`` with ``weights[k]: [H, (k + 1) H]``."""
+    T, _, H = anchor_h.shape
+    out = anchor_h.new_empty(T, H)
+    for k in torch.unique(types).tolist():
+        idx = (types == k).nonzero().view(-1)
+        x = anchor_h[idx, :k + 1].reshape(len(idx), (k + 1) * H)
+        out[idx] = linear(x, weights[k])
+    return out
+
+
+class PipelineDraftModule:
+    """Inference-time PDM (fp32 or the target's dtype): aggregation weights, the tower (a
+    :class:`LlamaModel` of ``L_s`` layers without embedding or head), the target's final norm and the draft
+    head. Build with :func:`load_pdm` or from a trained :class:`~.train.PDMTrainer`."""
+
+    def __init__(self, cfg: PDMConfig, weights: Dict[str, torch.Tensor], target: LlamaModel):
+        tc = target.config
+        cfg.validate(tc)
+        self.cfg = cfg
+        self.target_config = tc
+        dt, dev = target.dtype, target.device
+        H = tc.hidden_size
+        self.agg = []
+        for k in range(cfg.m + 1):
+            w = weights.get(f"agg.{k}.weight")
+            if w is None or tuple(w.shape) != (H, (k + 1) * H):
+                raise PDMError(f"agg.{k}.weight: expected shape {(H, (k + 1) * H)}, got "
+                               f"{None if w is None else tuple(w.shape)}")
+            self.agg.append(w.to(dev, dt).contiguous())
+        ids = weights.get("vocab_ids")
+        if ids is None or ids.shape != (cfg.draft_vocab,):
+            raise PDMError("vocab_ids: missing or of the wrong length")
+        self.vocab_ids = ids.to(dev, torch.int64)
+        if int(self.vocab_ids.min()) < 0 or int(self.vocab_ids.max()) >= tc.vocab_size:
+            raise PDMError(f"vocab_ids: ids outside the target's vocabulary [0, {tc.vocab_size})")
+        self.tower = LlamaModel(cfg.tower_config(tc), weights, dtype=dt, device=dev, head=False)
+        self.norm = target.norm
+        if cfg.train_head:
+            w = weights.get("head.weight")
+            if w is None or tuple(w.shape) != (cfg.draft_vocab, H):
+                raise PDMError("head.weight: missing or of the wrong shape")
+            self.head = w.to(dev, dt).contiguous()
+        else:
+            self.head = target.lm_head[self.vocab_ids].contiguous()
+        self.eps = tc.rms_norm_eps
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    def new_cache(self, num_blocks: int, block_size: int = 16, scrub: bool = False):
+        return self.tower.new_cache(num_blocks, block_size, scrub=scrub)
+
+    def rows(self, anchor_h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        return aggregate(self.agg, anchor_h, types)
+
+    def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Tower output rows ``[T, H]`` -> draft-vocabulary logits ``[T, draft_vocab]``."""
+        return linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.eps), self.head)
+
+    def scatter(self, q: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Draft-vocabulary probabilities ``[T, Vd]`` -> full-vocabulary ``[T, V]`` (zeros elsewhere)."""
+        out = q.new_zeros(q.shape[0], vocab_size)
+        out[:, self.vocab_ids] = q
+        return out
+
+
+def save_pdm(path: str, cfg: PDMConfig, weights: Dict[str, torch.Tensor], dtype=torch.float16) -> Path:
+    """Write ``pdm.safetensors`` (weights in ``dtype``; ``vocab_ids`` as int64) and ``pdm.json``."""
+    from safetensors.torch import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    out = {k: (v.detach().to("cpu", torch.int64) if k == "vocab_ids" else v.detach().to("cpu", dtype)).contiguous()
+           for k, v in weights.items()}
+    save_file(out, str(d / WEIGHTS_FILE))
+    (d / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    return d
+
+
+def read_pdm(path: str) -> tuple:
+    """``(PDMConfig, weights)`` from a folder (or its ``pdm.json``), with clear errors for missing or
+    corrupt files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    if d.is_file():
+        d = d.parent
+    cj, wf = d / CONFIG_FILE, d / WEIGHTS_FILE
+    if not cj.exists() or not wf.exists():
+        raise PDMError(f"pdm: expected {CONFIG_FILE} and {WEIGHTS_FILE} in {d}")
+    try:
+        raw = json.loads(cj.read_text())
+        cfg = PDMConfig(**raw)
+    except (ValueError, TypeError) as e:
+        raise PDMError(f"pdm: {cj} is not a PDM config ({e})") from None
+    if cfg.format != PDM_FORMAT:
+        raise PDMError(f"pdm: format {cfg.format} not supported (expected {PDM_FORMAT})")
+    try:
+        weights = load_file(str(wf))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise PDMError(f"pdm: cannot read {wf} ({e})") from None
+    return cfg, weights
+
+
+def check_target(cfg: PDMConfig, target_config: LlamaConfig, fingerprint: Optional[Dict]) -> None:
+    """Refuse a PDM trained for another target."""
+    want = cfg.target
+    have = dict(architecture=target_config.name, num_layers=target_config.num_layers,
+                hidden_size=target_config.hidden_size, vocab_size=target_config.vocab_size)
+    for k, v in have.items():
+        if want.get(k) != v:
+            raise PDMError(f"pdm: made for a target with {k}={want.get(k)!r}, this model has {k}={v!r}")
+    if fingerprint is not None and want.get("weights_sha256") != fingerprint["weights_sha256"]:
+        raise PDMError("pdm: made for another checkpoint of this architecture (the target's weight hash "
+                       f"{fingerprint['weights_sha256'][:12]}... differs from "
+                       f"{str(want.get('weights_sha256'))[:12]}...)")
+
+
+def load_pdm(path: str, target: LlamaModel, state_dict: Optional[Dict[str, torch.Tensor]] = None
+             ) -> PipelineDraftModule:
+    """Load a PDM for ``target``; ``state_dict`` (the target's checkpoint tensors) enables the weight-hash
+    check, which the runtime always passes."""
+    cfg, weights = read_pdm(path)
+    fp = target_fingerprint(target.config, state_dict) if state_dict is not None else None
+    check_target(cfg, target.config, fp)
+    try:
+        cfg.validate(target.config)
+    except PDMError:
+        raise
+    want = {f"model.layers.{i}.{n}": s for i in range(cfg.num_layers)
+            for n, s in layer_shapes(cfg.tower_config(target.config))}
+    for name, shape in want.items():
+        if name not in weights or tuple(weights[name].shape) != tuple(shape):
+            raise PDMError(f"pdm: {name} missing or not of shape {shape}")
+    return PipelineDraftModule(cfg, weights, target)
+
+
+def shipped_pdm_path(name: str = "smollm2-135m-instruct") -> Path:
+    """The PDM trained for the embedded SmolLM2-135M-Instruct, shipped in the package."""
+    return Path(__file__).resolve().parent.parent / "pdm" / name

@@ -1,0 +1,269 @@
+"""The PDM as an ordinary proposer in the draft-then-verify engine (:class:`PDMProposer`).
+
+Here every committed token has passed the whole target, so its PDM row is the completed one (``g_m`` from
+all anchors, captured by the engine's prefill and verification passes through ``Proposer.taps``). The
+root (the last emitted token, not yet run through the target) and each draft token enter as depth-0 rows
+(``g_0``, the embedding alone): the layout the PDM is trained on in proposer mode. The PDM's own paged KV
+cache holds the completed rows; a chain keeps its draft rows' K/V from level to level (one row per level),
+and everything past the completed rows is rolled back after drafting.
+
+Trees (``branching``/``width`` > 1) are expanded EAGLE-2 style: top-k children per node, the best nodes per
+level by cumulative log-probability within the token budget; each level runs the root and the tree so far
+as query rows with the tree mask over the cached completed rows. Greedy requests draft argmax chains or
+top-k trees (point-mass verification). Sampled requests draft chains sampled from
+``q = softmax(draft logits / T)`` with coins keyed by (seed, position) and hand q to verification; sampled
+trees stay deterministic top-k expansions (point masses), which keeps sampling lossless."""
+from __future__ import annotations
+
+import heapq
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from spdkernels import tree as tree_utils
+from spdkernels.reference.rejection_sample import philox_uniform
+
+from ..model import Batch
+from ..proposers import Draft, Proposer
+from .pdm import PipelineDraftModule
+from .schedule import STREAM_DRAFT
+
+
+class PDMProposer(Proposer):
+    name = "pdm"
+
+    def __init__(self, pdm: PipelineDraftModule, k: int = 4, branching: int = 1, width: int = 1,
+                 max_nodes: Optional[int] = None, sample: bool = True):
+        """``sample=False`` drafts argmax chains for sampled requests too (deterministic drafts, as a
+        :class:`~spdkernels.runtime.proposers.UnionProposer` part needs)."""
+        if k < 1:
+            raise ValueError(f"k: expected at least 1 draft token, got {k}")
+        if branching < 1 or width < 1:
+            raise ValueError(f"branching/width: expected >= 1, got {branching}, {width}")
+        super().__init__(max_nodes or k * width, k)
+        self.pdm, self.k, self.branching, self.width, self.sample = pdm, k, branching, width, sample
+        self.taps = tuple(pdm.cfg.anchors)
+        self.m = pdm.cfg.m
+        self._cache = None
+        self._len: Dict[object, int] = {}
+        self._pending: Dict[object, List[Tuple[int, torch.Tensor]]] = {}
+
+    def describe(self) -> str:
+        s = f"pdm L_s={self.pdm.num_layers} k={self.k}"
+        return s + (f" tree {self.branching}x{self.width}" if self.width > 1 or self.branching > 1 else "")
+
+    def bind(self, target, cache):
+        tc = self.pdm.target_config
+        if (target.config.hidden_size, target.config.vocab_size, target.num_layers) != \
+                (tc.hidden_size, tc.vocab_size, tc.num_layers):
+            raise ValueError("pdm: this PDM was built for another target model")
+        self._cache = self.pdm.new_cache(cache.num_blocks * cache.block_size // 16 + 1, 16, scrub=cache.scrub)
+        self._len, self._pending = {}, {}
+        self._emb = target.embed_tokens
+
+    def observe(self, state, positions, hidden):
+        rid = state.rid
+        if rid not in self._len:
+            self._cache.add(rid)
+            self._len[rid] = 0
+            self._pending[rid] = []
+        for p, h in zip(positions, hidden):
+            self._pending[rid].append((p, h))
+
+    def release(self, state):
+        if state.rid in self._len:
+            self._cache.release(state.rid)
+            del self._len[state.rid]
+            del self._pending[state.rid]
+
+    # -- drafting -------------------------------------------------------------------------------------------
+    def _forward(self, rids, rows_h, rows_t, positions) -> torch.Tensor:
+        """Run PDM rows ``[T, m + 1, H]`` of types ``rows_t`` at ``positions`` (per request, a causal chain
+        written right after its cache length) and return the tower's output rows."""
+        pdm, cache = self.pdm, self._cache
+        pos, slots, cu, kv = [], [], [0], []
+        for rid, ps in zip(rids, positions):
+            top = self._len[rid] + len(ps)
+            cache.reserve(rid, top)
+            pos += ps
+            slots += cache.slots(rid, range(self._len[rid], top))
+            cu.append(cu[-1] + len(ps))
+            kv.append(top)
+        b = Batch(torch.zeros(len(pos), dtype=torch.int64), torch.tensor(pos), torch.tensor(slots),
+                  torch.tensor(cu, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32),
+                  cache.block_table(list(rids)))
+        g = pdm.rows(torch.stack(rows_h), torch.tensor(rows_t, dtype=torch.int64))
+        h, _ = pdm.tower.forward_layers(g, b, cache)
+        return h
+
+    def _store_pending(self, states) -> None:
+        """Append the completed rows observed since the last draft to each request's PDM cache."""
+        todo = [s for s in states if self._pending.get(s.rid)]
+        if not todo:
+            return
+        rows, pos = [], []
+        for s in todo:
+            ps = [p for p, _ in self._pending[s.rid]]
+            assert ps[0] == self._len[s.rid] and ps == list(range(ps[0], ps[0] + len(ps))), "PDM rows not contiguous"
+            rows += [h for _, h in self._pending[s.rid]]
+            pos.append(ps)
+        self._forward([s.rid for s in todo], rows, [self.m] * len(rows), pos)
+        for s, ps in zip(todo, pos):
+            self._len[s.rid] += len(ps)
+            self._cache.set_length(s.rid, self._len[s.rid])
+            self._pending[s.rid] = []
+
+    def _root_rows(self, st) -> Tuple[torch.Tensor, int]:
+        pos = len(st.tokens) - 1
+        e = self._emb(torch.tensor([st.last_token]))[0]
+        row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
+        row[0] = e
+        return row, pos
+
+    @torch.inference_mode()
+    def propose(self, states, depth_limits):
+        for s in states:  # a request the engine did not prefill through us (no taps): start its cache
+            if s.rid not in self._len:
+                self.observe(s, [], [])
+        self._store_pending(states)
+        if self.width == 1 and self.branching == 1:
+            return self._chains(states, depth_limits)
+        return self._trees(states, depth_limits)
+
+    def _sample(self, st, logits: torch.Tensor, pos: int) -> Tuple[int, Optional[torch.Tensor]]:
+        T = st.params.temperature
+        if T == 0 or not self.sample:
+            return int(self.pdm.vocab_ids[int(logits.argmax())]), None
+        q = torch.softmax(logits.float() / T, dim=-1)
+        u = philox_uniform(st.params.seed, pos, 0, STREAM_DRAFT)
+        c = torch.cumsum(q, 0)
+        i = min(int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype), right=True)[0]),
+                q.shape[0] - 1)
+        while q[i] <= 0:
+            i -= 1
+        return int(self.pdm.vocab_ids[i]), q
+
+    def _chains(self, states, depth_limits) -> List[Draft]:
+        pdm = self.pdm
+        R = len(states)
+        drafts = [Draft() for _ in states]
+        qs: List[List[torch.Tensor]] = [[] for _ in states]
+        live = [r for r in range(R) if depth_limits[r] > 0]
+        cur: Dict[int, Tuple[torch.Tensor, int]] = {r: self._root_rows(states[r]) for r in live}
+        written = {r: 0 for r in live}  # transient rows in the PDM cache past the completed ones
+        level = 0
+        while live and level < self.k:
+            rids = [states[r].rid for r in live]
+            for r in live:  # the transient rows of earlier levels stay cached: advance the write point
+                self._len[states[r].rid] += written[r]
+            h = self._forward(rids, [cur[r][0] for r in live], [0] * len(live), [[cur[r][1]] for r in live])
+            for r in live:
+                self._len[states[r].rid] -= written[r]
+                written[r] += 1
+            logits = pdm.draft_logits(h)
+            nxt = []
+            for j, r in enumerate(live):
+                st = states[r]
+                pos = cur[r][1] + 1
+                tok, q = self._sample(st, logits[j], pos)
+                drafts[r].tokens.append(tok)
+                drafts[r].parents.append(len(drafts[r].tokens) - 2)
+                if q is not None:
+                    qs[r].append(q)
+                if len(drafts[r]) < min(depth_limits[r], self.k):
+                    e = self._emb(torch.tensor([tok]))[0]
+                    row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
+                    row[0] = e
+                    cur[r] = (row, pos)
+                    nxt.append(r)
+            live = nxt
+            level += 1
+        for r, st in enumerate(states):
+            if st.rid in self._len:
+                self._cache.set_length(st.rid, self._len[st.rid])  # roll back the transient rows
+            if qs[r]:
+                drafts[r].probs = pdm.scatter(torch.stack(qs[r]), pdm.target_config.vocab_size)
+        return drafts
+
+    def _trees(self, states, depth_limits) -> List[Draft]:
+        pdm = self.pdm
+        R = len(states)
+        drafts = [Draft() for _ in states]
+        scores: List[List[float]] = [[] for _ in states]
+        frontier: List[List[int]] = [[-1] for _ in states]
+        roots = [self._root_rows(st) for st in states]
+        embs: List[List[torch.Tensor]] = [[] for _ in states]
+        for level in range(self.k):
+            active = [r for r in range(R) if frontier[r] and level < depth_limits[r]]
+            if not active:
+                break
+            rows, types, positions, parents = [], [], [], []
+            for r in active:
+                d = drafts[r]
+                root, rpos = roots[r]
+                depth = []
+                for p in d.parents:
+                    depth.append(1 if p < 0 else depth[p] + 1)
+                rows += [root] + embs[r]
+                types += [0] * (1 + len(d))
+                positions.append([rpos] + [rpos + x for x in depth])
+                parents.append(list(d.parents))  # the tree over [root, nodes...], -1 = the root
+            h = self._forward_tree([states[r].rid for r in active], rows, types, positions, parents)
+            cu = [0]
+            for r in active:
+                cu.append(cu[-1] + 1 + len(drafts[r]))
+            sel = []
+            for i, r in enumerate(active):
+                for f in frontier[r]:
+                    sel.append(cu[i] + (0 if f < 0 else 1 + f))
+            logp = torch.log_softmax(pdm.draft_logits(h[torch.tensor(sel)]).float(), dim=-1)
+            top = logp.topk(self.branching, dim=-1)
+            cand: Dict[int, List[Tuple[float, int, int]]] = {r: [] for r in active}
+            j = 0
+            for r in active:
+                for f in frontier[r]:
+                    base = 0.0 if f < 0 else scores[r][f]
+                    for v, t in zip(top.values[j].tolist(), top.indices[j].tolist()):
+                        cand[r].append((base + v, f, int(pdm.vocab_ids[t])))
+                    j += 1
+            for r in active:
+                d = drafts[r]
+                room = self.max_nodes - len(d)
+                best = heapq.nlargest(min(self.width, room), cand[r], key=lambda x: x[0])
+                frontier[r] = []
+                for s_, f, t in best:
+                    d.tokens.append(t)
+                    d.parents.append(f)
+                    scores[r].append(s_)
+                    frontier[r].append(len(d) - 1)
+                    e = self._emb(torch.tensor([t]))[0]
+                    row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
+                    row[0] = e
+                    embs[r].append(row)
+        for st in states:
+            if st.rid in self._len:
+                self._cache.set_length(st.rid, self._len[st.rid])
+        return drafts
+
+    def _forward_tree(self, rids, rows, types, positions, parents) -> torch.Tensor:
+        """Query rows ``[root, nodes...]`` per request with the tree mask (root = parent -1 of the nodes;
+        in the op's layout the root is the tree's row 0 and node ``i``'s parent ``p`` maps to ``p``)."""
+        pdm, cache = self.pdm, self._cache
+        pos, slots, cu, kv, flat, cund = [], [], [0], [], [], [0]
+        for rid, ps, par in zip(rids, positions, parents):
+            top = self._len[rid] + len(ps)
+            cache.reserve(rid, top)
+            pos += ps
+            slots += cache.slots(rid, range(self._len[rid], top))
+            cu.append(cu[-1] + len(ps))
+            kv.append(top)
+            flat += par
+            cund.append(cund[-1] + len(par))
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        mask = tree_utils.build_tree_mask(torch.tensor(flat, dtype=torch.int32), torch.tensor(cund, dtype=torch.int32),
+                                          max_q_len=int(cu_t.diff().max()))
+        b = Batch(torch.zeros(len(pos), dtype=torch.int64), torch.tensor(pos), torch.tensor(slots), cu_t,
+                  torch.tensor(kv, dtype=torch.int32), cache.block_table(list(rids)), mask)
+        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64))
+        h, _ = pdm.tower.forward_layers(g, b, cache)
+        return h

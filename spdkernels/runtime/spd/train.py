@@ -1,0 +1,507 @@
+"""Training the Pipeline Draft Module (``spdkernels train-pdm``).
+
+The target is frozen. Its own continuations of a prompt set (:mod:`.data`) are the text; its hidden
+states at the PDM's anchors are computed once per sequence; the teacher is its next-token distribution
+restricted to the draft vocabulary, and the loss is ``KL(teacher || draft)`` on the rows that predict a
+generated token.
+
+**The structural mask.** One training sequence of ``S`` tokens becomes one block of ``S`` rows per row
+type ``a`` (``g_a`` at every position). A row stands for a token seen at a given depth; which rows another
+row may attend to is exactly what inference gives it (:func:`structural_mask`):
+
+* pipeline mode (``n`` stages, fill ``F`` in ``1..n``): the row of type ``a`` at position ``t`` has depth
+  ``d_a`` (the smallest depth with ``f(d) = a``) and sees, for each earlier or equal position ``T``, the row
+  whose type is ``f(depth)`` with ``D = d_a + t - T`` and ``depth = D if D < F else n``: tokens within
+  ``F`` of the newest are in flight at their depth, older ones are completed (their deepest row).
+  ``F = n`` is a full pipeline, ``F < n`` a pipeline refilling after a rejection;
+* proposer mode (the PDM drafting chains in the ordinary engine): the sequence is cut into segments of
+  1..K tokens; a type-0 row sees the type-0 rows of its own segment up to itself and the completed rows of
+  every earlier position.
+
+Every sequence draws its mode, ``n`` and ``F`` (or its segments) from the run's seeded generator; the loss
+rows are the type-0 rows (the query row of every drafting step) whose next token is generated text."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..model import LlamaModel, decoder_layer, rope_tables
+from .pdm import PDMConfig, depth_types, save_pdm, target_fingerprint
+
+
+# ---- the structural mask --------------------------------------------------------------------------------------
+def used_depths(n: int, mode: str, fill: int = 0) -> List[int]:
+    """The depth blocks a layout needs: the in-flight depths ``0 .. fill - 1`` and the completed depth
+    ``n`` (proposer mode: 0 and ``n``)."""
+    return sorted(set(range(fill)) | {n}) if mode == "pipeline" else [0, n]
+
+
+def structural_mask(S: int, f: Sequence[int], mode: str, fill: int = 0, segments: Sequence[int] = ()
+                    ) -> Tuple[torch.Tensor, List[int]]:
+    """``(mask [M, M] bool, depths)``: one block of ``S`` rows per depth ``depths[i]`` (the rows of block
+    ``d`` are ``g_{f(d)}``), ``mask[i, j]`` = row ``i`` may attend to row ``j``. ``f = depth_types(...)`` for
+    ``n = len(f) - 1`` stages; ``mode`` is ``"pipeline"`` (with ``fill`` in 1..n) or ``"proposer"`` (with
+    ``segments``: lengths summing to ``S``). Blocks are per depth, not per type, so that a type that two
+    depths share (more stages than anchors) still gets each depth's own context."""
+    n = len(f) - 1
+    t = torch.arange(S)
+    delta = t[:, None] - t[None, :]  # t - T
+    causal = delta >= 0
+    if mode == "pipeline":
+        if not 1 <= fill <= n:
+            raise ValueError(f"fill: expected 1..{n}, got {fill}")
+        depths = used_depths(n, mode, fill)
+        col = {d: i for i, d in enumerate(depths)}
+        M = len(depths) * S
+        mask = torch.zeros(M, M, dtype=torch.bool)
+        for d in depths:
+            D = d + delta.clamp(min=0)
+            key_depth = torch.where(D < fill, D, torch.full_like(D, n))
+            r = col[d] * S
+            for e in depths:
+                c = col[e] * S
+                mask[r:r + S, c:c + S] = causal & (key_depth == e)
+    elif mode == "proposer":
+        if sum(segments) != S or any(x < 1 for x in segments):
+            raise ValueError(f"segments: expected positive lengths summing to {S}")
+        depths = used_depths(n, mode)
+        mask = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
+        start = torch.repeat_interleave(torch.tensor([sum(segments[:i]) for i in range(len(segments))]),
+                                        torch.tensor(list(segments)))  # segment start of each position
+        same = start[:, None] == start[None, :]
+        mask[:S, :S] = causal & same
+        mask[:S, S:] = t[None, :] < start[:, None]
+        mask[S:, S:] = causal
+    else:
+        raise ValueError(f"mode: expected 'pipeline' or 'proposer', got {mode!r}")
+    return mask, depths
+
+
+def brute_force_mask(S: int, f: Sequence[int], mode: str, fill: int = 0, segments: Sequence[int] = ()
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same mask built by simulating inference (tests): for every drafting step, which (depth,
+    position) rows exist in the PDM's view and what each attended to when it was computed. Returns
+    ``(mask, present)``: ``present[i]`` says whether row ``i`` occurs in any view (the dense mask also
+    gives the other rows a pattern, which no loss row reads)."""
+    n = len(f) - 1
+    depths = used_depths(n, mode, fill)
+    col = {d: i for i, d in enumerate(depths)}
+    M = len(depths) * S
+    mask = torch.zeros(M, M, dtype=torch.bool)
+    present = torch.zeros(M, dtype=torch.bool)
+
+    def add_view(view):
+        for p, d in view.items():
+            present[col[d] * S + p] = True
+            for q in range(p + 1):
+                mask[col[d] * S + p, col[view[q]] * S + q] = True
+
+    if mode == "pipeline":
+        # the newest token is at position t and depth 0; the token i back is at depth i while i < fill,
+        # completed (depth n) beyond. A row attends to every row of the view at or before its position.
+        for t in range(S):
+            add_view({p: (t - p if t - p < fill else n) for p in range(t + 1)})
+    else:
+        s0 = 0
+        for L in segments:
+            for t in range(s0, s0 + L):
+                add_view({p: (0 if p >= s0 else n) for p in range(t + 1)})
+            s0 += L
+    return mask, present
+
+
+# ---- the trainable module --------------------------------------------------------------------------------------
+class _TowerLayer(torch.nn.Module):
+    def __init__(self, c, gen: torch.Generator, num_layers: int):
+        super().__init__()
+        H, inter = c.hidden_size, c.intermediate_size
+        qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * num_layers)
+
+        def p(*shape, s):
+            return torch.nn.Parameter(torch.randn(*shape, generator=gen) * s)
+
+        self.ln1 = torch.nn.Parameter(torch.ones(H))
+        self.ln2 = torch.nn.Parameter(torch.ones(H))
+        self.w_qkv = p(qkv, H, s=std)
+        self.b_qkv = None
+        self.w_o = p(H, c.num_heads * c.head_dim, s=out_std)
+        self.w_gate_up = p(2 * inter, H, s=std)
+        self.w_down = p(H, inter, s=out_std)
+
+
+class PDMNet(torch.nn.Module):
+    """The PDM with trainable parameters (fp32). ``hf_state_dict()`` gives the tensors that
+    :class:`~.pdm.PipelineDraftModule` loads; both run the tower through ``decoder_layer``."""
+
+    def __init__(self, cfg: PDMConfig, target: LlamaModel, vocab_ids: torch.Tensor, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.tc = tc = target.config
+        self.tower_cfg = cfg.tower_config(tc)
+        H = tc.hidden_size
+        g = torch.Generator().manual_seed(seed)
+        agg = []
+        for k in range(cfg.m + 1):
+            w = torch.randn(H, (k + 1) * H, generator=g) * (0.02 / math.sqrt(k + 1))
+            w[:, k * H:] += torch.eye(H)  # start as the deepest anchor of the row: g_k = h_{b_k}
+            agg.append(torch.nn.Parameter(w))
+        self.agg = torch.nn.ParameterList(agg)
+        self.layers = torch.nn.ModuleList([_TowerLayer(self.tower_cfg, g, cfg.num_layers)
+                                           for _ in range(cfg.num_layers)])
+        self.register_buffer("vocab_ids", vocab_ids.to(torch.int64).clone())
+        self.register_buffer("norm", target.norm.detach().float().clone())
+        head = target.lm_head[vocab_ids].detach().float().clone()
+        if cfg.train_head:
+            self.head = torch.nn.Parameter(head)
+        else:
+            self.register_buffer("head", head)
+        cos, sin = rope_tables(self.tower_cfg, torch.float32, "cpu")
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def rows(self, anchor_h: torch.Tensor, types: Sequence[int]) -> torch.Tensor:
+        """``anchor_h [S, m + 1, H]`` -> the stacked blocks ``[len(types) * S, H]``, block ``i`` of type
+        ``types[i]``."""
+        S, _, H = anchor_h.shape
+        return torch.cat([F.linear(anchor_h[:, :a + 1].reshape(S, (a + 1) * H), self.agg[a]) for a in types])
+
+    def forward(self, anchor_h: torch.Tensor, positions: torch.Tensor, types: Sequence[int], mask: torch.Tensor,
+                loss_rows: torch.Tensor) -> torch.Tensor:
+        """Draft logits ``[len(loss_rows), Vd]`` of the rows ``loss_rows`` (indices into the stacked blocks)."""
+        c = self.tower_cfg
+        h = self.rows(anchor_h, types)
+        pos = positions.repeat(len(types))
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        groups = c.num_heads // c.num_kv_heads
+
+        def attend(q, k, v, qmask):
+            Tq = q.shape[0]
+            q = q.transpose(0, 1)[None]
+            k = k.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
+            v = v.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=qmask[None, None], scale=c.head_dim ** -0.5)
+            return o[0].transpose(0, 1).reshape(Tq, c.num_heads, c.head_dim)
+
+        last = len(self.layers) - 1
+        for i, L in enumerate(self.layers):
+            if i < last:
+                h = decoder_layer(h, L, c, cos, sin, lambda q, k, v: attend(q, k, v, mask))
+            else:  # only the loss rows' outputs are needed from the last layer
+                h = decoder_layer(h, L, c, cos, sin, lambda q, k, v: attend(q, k, v, mask[loss_rows]),
+                                  rows=loss_rows)
+        return F.linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.tc.rms_norm_eps), self.head)
+
+    def hf_state_dict(self) -> Dict[str, torch.Tensor]:
+        c = self.tower_cfg
+        qd, kd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        out: Dict[str, torch.Tensor] = {f"agg.{k}.weight": w.detach() for k, w in enumerate(self.agg)}
+        for i, L in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            q, k, v = L.w_qkv.detach().split([qd, kd, kd])
+            gate, up = L.w_gate_up.detach().split(c.intermediate_size)
+            out.update({p + "input_layernorm.weight": L.ln1.detach(), p + "post_attention_layernorm.weight":
+                        L.ln2.detach(), p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": L.w_o.detach(),
+                        p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                        p + "mlp.down_proj.weight": L.w_down.detach()})
+        out["vocab_ids"] = self.vocab_ids
+        if self.cfg.train_head:
+            out["head.weight"] = self.head.detach()
+        return out
+
+
+# ---- samples -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainSettings:
+    stage_choices: Tuple[int, ...] = (2, 4, 4, 4, 8)  # n drawn per sequence (4 three times as often)
+    proposer_fraction: float = 0.25  # sequences in proposer mode
+    partial_fill: float = 0.5  # pipeline sequences with a partly filled pipeline
+    max_segment: int = 6  # proposer mode: segments of 1..max_segment tokens
+    window: int = 256  # tokens per training window
+    batch: int = 4  # windows per optimizer step
+    steps: int = 600
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.03
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Window:
+    anchors: torch.Tensor  # [S, m + 1, H] fp16
+    start: int  # absolute position of the first token
+    first_loss: int  # first row (window-relative) whose next token is generated text
+    next_ids: torch.Tensor  # [S] int64 next token (-1 past the end)
+
+
+def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window: int) -> List[Window]:
+    out = []
+    for h, seq in zip(states, corpus):
+        ids = list(seq["prompt_ids"]) + list(seq["output_ids"])
+        P = len(seq["prompt_ids"])
+        nxt = torch.tensor(ids[1:] + [-1])
+        s = max(0, P - 1 - window // 4)  # keep some prompt context before the first generated token
+        while s < len(ids) - 1:
+            e = min(len(ids), s + window)
+            fl = max(0, P - 1 - s)
+            if fl < e - s - 1:
+                out.append(Window(h[s:e], s, fl, nxt[s:e]))
+            s = e - window // 4 if e < len(ids) else e  # overlap so every row has some context
+    return out
+
+
+def draw_layout(rng: random.Random, st: TrainSettings, S: int, anchors, L: int):
+    if rng.random() < st.proposer_fraction:
+        n = min(4, L)
+        segs, left = [], S
+        while left:
+            x = min(left, rng.randint(1, st.max_segment))
+            segs.append(x)
+            left -= x
+        return "proposer", n, 0, segs
+    n = rng.choice([x for x in st.stage_choices if x <= L] or [L])
+    fill = n if rng.random() >= st.partial_fill or n == 1 else rng.randint(1, n - 1)
+    return "pipeline", n, fill, []
+
+
+class Trainer:
+    def __init__(self, target: LlamaModel, cfg: PDMConfig, train: List[Window], held: List[Window],
+                 st: TrainSettings, log=print):
+        self.target, self.cfg, self.train, self.held, self.st, self.log = target, cfg, train, held, st, log
+        torch.manual_seed(st.seed)
+        self.net = PDMNet(cfg, target, torch.tensor(cfg.training["vocab_ids"]), seed=st.seed)
+        # teacher rows: the target's final norm and full LM head (frozen) over the draft vocabulary
+        self.vocab_ids = self.net.vocab_ids
+        self.teacher_head = target.lm_head[self.vocab_ids].float()
+        decay = [p for n_, p in self.net.named_parameters() if p.dim() > 1]
+        rest = [p for n_, p in self.net.named_parameters() if p.dim() <= 1]
+        self.opt = torch.optim.AdamW([dict(params=decay, weight_decay=st.weight_decay),
+                                      dict(params=rest, weight_decay=0.0)], lr=st.lr, betas=(0.9, 0.95))
+        self.rng = random.Random(st.seed)
+        self.L = target.num_layers
+
+    def lr_at(self, step: int) -> float:
+        st = self.st
+        w = max(1, int(st.warmup * st.steps))
+        if step < w:
+            return st.lr * (step + 1) / w
+        p = (step - w) / max(1, st.steps - w)
+        return st.lr * (st.min_lr_ratio + (1 - st.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+    def _loss(self, w: Window, mode: str, n: int, fill: int, segs) -> Tuple[torch.Tensor, int, int]:
+        S = w.anchors.shape[0]
+        f = depth_types(self.cfg.anchors, self.L, n)
+        mask, depths = structural_mask(S, f, mode, fill, segs)
+        types = [f[d] for d in depths]
+        rows = torch.arange(w.first_loss, S - 1) if w.next_ids[-1] < 0 else torch.arange(w.first_loss, S)
+        rows = rows[w.next_ids[rows] >= 0]
+        h = w.anchors.float()
+        logits = self.net(h, torch.arange(w.start, w.start + S), types, mask, rows)  # depth 0 is block 0
+        with torch.no_grad():
+            hl = h[rows, -1] if self.cfg.anchors[-1] == self.L else None
+            t_logits = F.linear(F.rms_norm(hl, (hl.shape[-1],), self.net.norm, self.target.config.rms_norm_eps),
+                                self.teacher_head)
+            p = torch.softmax(t_logits, -1)
+        loss = F.kl_div(torch.log_softmax(logits, -1), p, reduction="sum")
+        agree = int((logits.argmax(-1) == t_logits.argmax(-1)).sum())
+        return loss, agree, len(rows)
+
+    def evaluate(self, windows: Sequence[Window], layouts) -> Dict[str, float]:
+        """Held-out mean KL per row and top-1 agreement (the draft's argmax equals the teacher's argmax over
+        the draft vocabulary) for each named layout."""
+        out = {}
+        self.net.eval()
+        with torch.no_grad():
+            for name, (mode, n, fill, seg) in layouts.items():
+                tot, agree, rows = 0.0, 0, 0
+                for w in windows:
+                    S = w.anchors.shape[0]
+                    segs = [] if mode == "pipeline" else [seg] * (S // seg) + ([S % seg] if S % seg else [])
+                    loss, a, r = self._loss(w, mode, n, fill if mode == "pipeline" else 0, segs)
+                    tot, agree, rows = tot + float(loss), agree + a, rows + r
+                out[f"{name}_kl"] = tot / max(rows, 1)
+                out[f"{name}_top1"] = agree / max(rows, 1)
+        self.net.train()
+        return out
+
+    def run(self, out_dir: Optional[Path] = None, checkpoint_every: int = 100, progress: bool = True,
+            eval_every: int = 0) -> Dict:
+        st = self.st
+        pb = None
+        if progress:
+            from tqdm import tqdm
+
+            pb = tqdm(total=st.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+        history = []
+        t0 = time.perf_counter()
+        order: List[int] = []
+        run_loss, run_agree = 0.0, 0.0
+        for step in range(st.steps):
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(step)
+            self.opt.zero_grad(set_to_none=True)
+            tot_rows, agree, loss_sum = 0, 0, 0.0
+            parts = []
+            for _ in range(st.batch):
+                if not order:
+                    order = list(range(len(self.train)))
+                    self.rng.shuffle(order)
+                w = self.train[order.pop()]
+                parts.append((w, draw_layout(self.rng, st, w.anchors.shape[0], self.cfg.anchors, self.L)))
+            total = 0
+            for w, _ in parts:
+                total += int(((w.next_ids[w.first_loss:] >= 0)).sum())
+            for w, (mode, n, fill, segs) in parts:
+                loss, a, r = self._loss(w, mode, n, fill, segs)
+                (loss / max(total, 1)).backward()
+                tot_rows, agree, loss_sum = tot_rows + r, agree + a, loss_sum + float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), st.clip)
+            self.opt.step()
+            run_loss = 0.9 * run_loss + 0.1 * loss_sum / max(tot_rows, 1)
+            run_agree = 0.9 * run_agree + 0.1 * agree / max(tot_rows, 1)
+            history.append(dict(step=step, loss=loss_sum / max(tot_rows, 1), top1=agree / max(tot_rows, 1),
+                                lr=self.lr_at(step), t=time.perf_counter() - t0))
+            if pb:
+                pb.set_postfix(loss=f"{run_loss / (1 - 0.9 ** (step + 1)):.3f}",
+                               top1=f"{run_agree / (1 - 0.9 ** (step + 1)):.3f}")
+                pb.update(1)
+            if out_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                self.save(out_dir / "checkpoint")
+            if eval_every and (step + 1) % eval_every == 0 and self.held:
+                ev = self.evaluate(self.held[:8], {"pipe4": ("pipeline", 4, 4, 0)})
+                history[-1].update(ev)
+                self.log(f"step {step + 1}: held-out (8 windows) {ev}")
+        if pb:
+            pb.close()
+        return dict(history=history, train_s=time.perf_counter() - t0)
+
+    def save(self, path: Path) -> Path:
+        cfg = dataclasses.replace(self.cfg, training={k: v for k, v in self.cfg.training.items() if k != "vocab_ids"})
+        return save_pdm(str(path), cfg, self.net.hf_state_dict())
+
+
+def select_vocab(corpus: Sequence[Dict], size: int, vocab_size: int, always: Sequence[int] = ()) -> List[int]:
+    """The ``size`` most frequent generated tokens (ties by id), plus ``always`` (EOS ids), sorted."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for s in corpus:
+        counts += torch.bincount(torch.tensor(s["output_ids"], dtype=torch.int64), minlength=vocab_size)
+    keep = set(int(t) for t in always if 0 <= t < vocab_size)
+    order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))
+    for t in order:
+        if len(keep) >= size:
+            break
+        keep.add(t)
+    return sorted(keep)[:size]
+
+
+def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_vocab: int = 8192,
+              anchors: Optional[Sequence[int]] = None, num_prompts: int = 400, max_new_tokens: int = 192,
+              intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
+              progress: bool = True, log=print) -> Dict:
+    """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
+    held-out evaluation, and the PDM written to ``out`` with ``train_log.json`` and ``heldout.json``."""
+    from .data import anchor_states, generate_corpus, load_corpus, save_corpus
+
+    st = settings or TrainSettings()
+    target = LlamaModel(ck.config, ck.state_dict)
+    L = target.num_layers
+    anchors = list(anchors) if anchors is not None else stage_bounds_union(L, (stages,))
+    if anchors[-1] != L:
+        raise ValueError(f"anchors: the last anchor must be the target's last layer ({L}): the teacher reads it")
+    cfg = PDMConfig(anchors=anchors, num_layers=layers, intermediate_size=intermediate or ck.config.intermediate_size,
+                    draft_vocab=min(draft_vocab, ck.config.vocab_size),
+                    target=target_fingerprint(ck.config, ck.state_dict))
+    cfg.validate(ck.config)
+    depth_types(anchors, L, stages)  # n fits the target
+    work_p, out_p = Path(work), Path(out)
+    t0 = time.perf_counter()
+    cpath = work_p / f"corpus-{num_prompts}-{max_new_tokens}-s{st.seed}.json"
+    if cpath.exists():
+        corpus, _ = load_corpus(cpath)
+        log(f"data: {len(corpus)} sequences from {cpath}")
+    else:
+        corpus = generate_corpus(target, ck.tokenizer, num_prompts, max_new_tokens, st.seed, log=log)
+        save_corpus(cpath, corpus, dict(num_prompts=num_prompts, max_new_tokens=max_new_tokens, seed=st.seed))
+    t_data = time.perf_counter() - t0
+    vocab = select_vocab(corpus, cfg.draft_vocab, ck.config.vocab_size, ck.config.eos_token_ids)
+    cfg.draft_vocab = len(vocab)
+    in_vocab = torch.zeros(ck.config.vocab_size, dtype=torch.bool)
+    in_vocab[torch.tensor(vocab)] = True
+    gen = torch.cat([torch.tensor(s["output_ids"], dtype=torch.int64) for s in corpus])
+    coverage = float(in_vocab[gen].float().mean())
+    log(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.4f} of the generated tokens")
+    perm = list(range(len(corpus)))
+    random.Random(st.seed).shuffle(perm)
+    n_held = max(1, int(held_fraction * len(corpus)))
+    held_idx, train_idx = sorted(perm[:n_held]), sorted(perm[n_held:])
+    t1 = time.perf_counter()
+    seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in corpus]
+    states = anchor_states(target, seqs, anchors)
+    t_feat = time.perf_counter() - t1
+    log(f"anchor states: {sum(len(s) for s in seqs)} tokens in {t_feat:.0f} s")
+    train_w = make_windows([states[i] for i in train_idx], [corpus[i] for i in train_idx], st.window)
+    held_w = make_windows([states[i] for i in held_idx], [corpus[i] for i in held_idx], st.window)
+    cfg.training = dict(settings=dataclasses.asdict(st), stages_trained_for=list(sorted(set(st.stage_choices))),
+                        num_prompts=num_prompts, max_new_tokens=max_new_tokens, sequences=len(corpus),
+                        held_out_sequences=len(held_idx), tokens=sum(len(s) for s in seqs),
+                        vocab_coverage=coverage, vocab_ids=vocab)
+    trainer = Trainer(target, cfg, train_w, held_w, st, log=log)
+    res = trainer.run(out_p / "checkpoints", progress=progress)
+    layouts = {f"pipe{n}": ("pipeline", n, n, 0) for n in (2, 4, 8) if n <= L}
+    layouts.update({f"pipe{n}_fill1": ("pipeline", n, 1, 0) for n in (4,)})
+    layouts.update({"proposer_chain4": ("proposer", 4, 0, 4)})
+    t2 = time.perf_counter()
+    held = trainer.evaluate(held_w, layouts)
+    log(f"held-out ({len(held_w)} windows, {len(held_idx)} sequences): " + json.dumps(held))
+    trainer.save(out_p)
+    timing = dict(data_s=t_data, anchor_states_s=t_feat, train_s=res["train_s"], eval_s=time.perf_counter() - t2,
+                  total_s=time.perf_counter() - t0)
+    (out_p / "heldout.json").write_text(json.dumps(dict(held_out=held, windows=len(held_w), timing=timing,
+                                                         vocab_coverage=coverage), indent=1))
+    (out_p / "train_log.json").write_text(json.dumps(dict(history=res["history"], timing=timing), indent=0))
+    log(f"wrote {out_p} ({timing['total_s'] / 60:.1f} min: data {t_data:.0f} s, anchor states {t_feat:.0f} s, "
+        f"training {res['train_s']:.0f} s)")
+    return dict(held_out=held, timing=timing)
+
+
+def stage_bounds_union(L: int, stages: Sequence[int] = (4,)) -> List[int]:
+    """Default anchors: the stage boundaries of the given pipeline depths (0 and L included)."""
+    from .pdm import stage_bounds
+
+    out = set()
+    for n in stages:
+        out.update(stage_bounds(L, n))
+    return sorted(out)
+
+
+def untrained_pdm(target: LlamaModel, anchors: Sequence[int], layers: int = 1, draft_vocab: int = 0,
+                  intermediate: int = 0, seed: int = 0, noise: float = 0.0):
+    """A PDM at its initialisation (``noise`` > 0 perturbs every weight): the schedule's correctness does not
+    depend on what the drafter predicts, so the tests run it with these."""
+    from .pdm import PipelineDraftModule
+
+    c = target.config
+    V = draft_vocab or c.vocab_size
+    cfg = PDMConfig(anchors=list(anchors), num_layers=layers, intermediate_size=intermediate or c.intermediate_size,
+                    draft_vocab=V, target=dict(architecture=c.name, num_layers=c.num_layers,
+                                               hidden_size=c.hidden_size, vocab_size=c.vocab_size))
+    net = PDMNet(cfg, target, torch.arange(V), seed=seed)
+    sd = net.hf_state_dict()
+    if noise:
+        g = torch.Generator().manual_seed(seed + 1)
+        sd = {k: (v + noise * torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point() else v)
+              for k, v in sd.items()}
+    sd = {k: (v.to(target.dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    return PipelineDraftModule(cfg, sd, target)

@@ -1,0 +1,396 @@
+"""Speculative Pipeline Decoding on a tiny random-weight model: the depth-type map, the structural training
+mask against a brute-force simulation of inference, training forward == inference forward, greedy SPD and
+the PDM proposer equal to autoregressive decoding (cache invariants asserted every cycle, stale KV poisoned),
+rollbacks forced at every fill level, the lossless sampling distribution of the first 3 tokens with two
+planted bugs that the same test rejects, and the PDM file's refusal of other targets and corrupt files."""
+import json
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from spdkernels.reference.rejection_sample import target_weights
+from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams
+from spdkernels.runtime.cli import main as cli_main
+from spdkernels.runtime.model import Batch, greedy_reference, prefill_logits, random_config, random_state_dict
+from spdkernels.runtime.spd.pdm import (
+    PDMError,
+    check_stages,
+    depth_types,
+    load_pdm,
+    read_pdm,
+    save_pdm,
+    target_fingerprint,
+)
+from spdkernels.runtime.spd.proposer import PDMProposer
+from spdkernels.runtime.spd.schedule import SPDEngine
+from spdkernels.runtime.spd.train import PDMNet, brute_force_mask, structural_mask, untrained_pdm
+
+CFG = random_config(num_layers=4)
+ANCHORS = [0, 1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def pdm(model):
+    return untrained_pdm(model, ANCHORS, layers=2, intermediate=48, noise=0.05)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 4, 13)]
+
+
+def _greedy(n):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+# ---- depth types and the structural mask ----------------------------------------------------------------
+def test_depth_types_follow_the_stage_boundaries():
+    # 30 layers, anchors at the 4-stage boundaries: n=4 -> one type per depth; n=8 -> each type twice;
+    # n=2 -> the embedding, the middle anchor, the last
+    a = [0, 8, 15, 22, 30]
+    assert depth_types(a, 30, 4) == [0, 1, 2, 3, 4]
+    assert depth_types(a, 30, 8) == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    assert depth_types(a, 30, 2) == [0, 2, 4]
+    assert depth_types([0, 8, 16, 24, 32], 32, 8) == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_structural_mask_equals_brute_force_inference_views(n):
+    f = depth_types([0, 8, 15, 22, 30], 30, n)
+    S = 11
+    for fill in range(1, n + 1):
+        mask, _ = structural_mask(S, f, "pipeline", fill)
+        want, present = brute_force_mask(S, f, "pipeline", fill)
+        assert present[:S].all()  # every depth-0 (loss) row occurs
+        assert torch.equal(mask[present], want[present]), f"n={n} fill={fill}"
+    for segs in ([3, 1, 5, 2], [1] * S, [S]):
+        mask, _ = structural_mask(S, f, "proposer", segments=segs)
+        want, present = brute_force_mask(S, f, "proposer", segments=segs)
+        assert torch.equal(mask[present], want[present]), f"segments={segs}"
+
+
+def test_structural_mask_planted_bug_is_caught():
+    """A mask that ignores the fill level (keys at their full-pipeline depth after a rejection) is not
+    what inference gives the rows: the comparison above fails on it."""
+    f = depth_types([0, 8, 15, 22, 30], 30, 4)
+    S = 9
+    full, depths = structural_mask(S, f, "pipeline", 4)  # blocks 0, 1, 2, 3, 4
+    keep = torch.cat([torch.arange(S * i, S * (i + 1)) for i, d in enumerate(depths) if d in (0, 1, 4)])
+    buggy = full[keep][:, keep]  # the fill-2 layout's blocks (depths 0, 1, n), each key at its full depth
+    want, present = brute_force_mask(S, f, "pipeline", 2)
+    assert not torch.equal(buggy[present], want[present])
+    correct, _ = structural_mask(S, f, "pipeline", 2)
+    assert torch.equal(correct[present], want[present])
+
+
+def test_structural_mask_rejects_bad_layouts():
+    f = depth_types([0, 1, 2, 3, 4], 4, 4)
+    with pytest.raises(ValueError, match="fill"):
+        structural_mask(5, f, "pipeline", 0)
+    with pytest.raises(ValueError, match="segments"):
+        structural_mask(5, f, "proposer", segments=[2, 2])
+    with pytest.raises(ValueError, match="mode"):
+        structural_mask(5, f, "tree")
+
+
+@pytest.mark.parametrize("mode,n,fill,segs", [("pipeline", 4, 4, []), ("pipeline", 4, 2, []),
+                                              ("pipeline", 2, 2, []), ("proposer", 4, 0, [3, 2, 4])])
+def test_training_forward_equals_inference(mode, n, fill, segs):
+    """The training net under the structural mask gives, at every depth-0 row, the logits the inference
+    module computes from the rows that inference would feed (the same weights, a fresh cache per view)."""
+    torch.manual_seed(0)
+    m = LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float32)
+    net = PDMNet(untrained_pdm(m, ANCHORS, layers=2, intermediate=48).cfg, m, torch.arange(CFG.vocab_size), seed=3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    from spdkernels.runtime.spd.pdm import PipelineDraftModule
+
+    inf = PipelineDraftModule(net.cfg, net.hf_state_dict(), m)
+    S = 9
+    h = torch.randn(S, len(ANCHORS), CFG.hidden_size)
+    f = depth_types(ANCHORS, CFG.num_layers, n)
+    mask, depths = structural_mask(S, f, mode, fill, segs)
+    with torch.no_grad():
+        got = net(h, torch.arange(S), [f[d] for d in depths], mask, torch.arange(S))
+    starts = []
+    for i, L in enumerate(segs):
+        starts += [sum(segs[:i])] * L
+    for t in range(S):
+        if mode == "pipeline":
+            types = [f[t - p] if t - p < fill else f[n] for p in range(t + 1)]
+        else:
+            types = [0 if p >= starts[t] else f[n] for p in range(t + 1)]
+        cache = inf.new_cache(2, 16)
+        cache.add(0)
+        cache.reserve(0, t + 1)
+        b = Batch(torch.zeros(t + 1, dtype=torch.int64), torch.arange(t + 1),
+                  torch.tensor(cache.slots(0, range(t + 1))),
+                  torch.tensor([0, t + 1], dtype=torch.int32), torch.tensor([t + 1], dtype=torch.int32),
+                  cache.block_table([0]))
+        out, _ = inf.tower.forward_layers(inf.rows(h[:t + 1], torch.tensor(types)), b, cache)
+        want = inf.draft_logits(out[-1:])
+        torch.testing.assert_close(got[t:t + 1], want, rtol=1e-4, atol=1e-4)
+
+
+# ---- greedy equality and invariants ------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_greedy_spd_equals_autoregressive(model, pdm, prompts, n):
+    ref = [greedy_reference(model, p, 20) for p in prompts]
+    eng = SPDEngine(model, pdm, n, debug=True, scrub_cache=True, validate_ops=True)
+    for batched in (False, True):
+        outs = []
+        if batched:
+            res, met = eng.generate([Request(p, _greedy(20)) for p in prompts])
+            outs = [r.output_ids for r in res]
+        else:
+            for p in prompts:
+                res, met = eng.generate([Request(p, _greedy(20))])
+                outs.append(res[0].output_ids)
+        assert outs == ref
+    # every committed token but the first comes from one verification
+    assert met.steps == met.new_tokens - len(prompts)
+    assert met.equivalent_speedup == pytest.approx(n * met.steps / met.request_cycles)
+
+
+class _OracleSPD(SPDEngine):
+    """Drafts the target's greedy token, except at the planted positions, where it drafts a wrong one."""
+
+    def __init__(self, *a, truth, wrong, **kw):
+        super().__init__(*a, **kw)
+        self.truth, self.wrong = truth, wrong
+
+    def _draft(self, s, logits):
+        pos = s.pipeline[-1].pos + 1
+        tok = self.truth[pos - len(s.prompt)]
+        return ((tok + 1) % CFG.vocab_size if pos - len(s.prompt) in self.wrong else tok), None
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_forced_rejections_at_every_fill_level(model, pdm, prompts, n):
+    """Rejections planted so that the pipeline is refilled to every level before the next one: outputs
+    equal autoregressive, every plant is rejected and everything else accepted, and the invariants (stage
+    cache lengths, PDM cache, staircase) hold after every cycle."""
+    p = prompts[1]
+    N = 40
+    truth = greedy_reference(model, p, N)
+    wrong, at = set(), 2
+    for gap in list(range(1, n + 1)) * 2:  # the next rejection comes `gap` verifications later
+        wrong.add(at)
+        at += gap
+    wrong = {w for w in wrong if w < N}
+    eng = _OracleSPD(model, pdm, n, truth=truth, wrong=wrong, debug=True, scrub_cache=True)
+    res, met = eng.generate([Request(p, _greedy(N))])
+    assert res[0].output_ids == truth
+    assert met.drafted - met.accepted == len(wrong)
+    # cycles: n - 1 to fill, one per accepted draft, n per rejection
+    assert met.cycles == (n - 1) + met.accepted + n * len(wrong)
+    # no rejections at all: n - 1 + one cycle per token, equivalent speedup -> n
+    res, met = _OracleSPD(model, pdm, n, truth=truth, wrong=set(), debug=True).generate([Request(p, _greedy(N))])
+    assert res[0].output_ids == truth and met.acceptance_rate == 1.0
+    assert met.cycles == n - 1 + (N - 1)
+
+
+@pytest.mark.parametrize("kw", [dict(k=3), dict(k=3, branching=2, width=2), dict(k=2, branching=3, width=3)])
+def test_pdm_proposer_greedy_equals_autoregressive(model, pdm, prompts, kw):
+    ref = [greedy_reference(model, p, 20) for p in prompts]
+    res, met = Engine(model, PDMProposer(pdm, **kw), scrub_cache=True, validate_ops=True).generate(
+        [Request(p, _greedy(20)) for p in prompts])
+    assert [r.output_ids for r in res] == ref
+    assert met.drafted > 0
+
+
+def test_spd_stops_at_eos_and_budget(model, pdm, prompts):
+    ref = greedy_reference(model, prompts[0], 12)
+    eos = ref[6]
+    res, _ = SPDEngine(model, pdm, 3, eos_token_ids=[eos], debug=True).generate(
+        [Request(prompts[0], SamplingParams(max_new_tokens=12))])
+    assert res[0].output_ids == ref[:ref.index(eos) + 1] and res[0].finish_reason == "eos"
+    res, _ = SPDEngine(model, pdm, 3, debug=True).generate([Request(prompts[0], _greedy(1))])
+    assert res[0].output_ids == ref[:1] and res[0].finish_reason == "length"
+
+
+def test_spd_bad_input(model, pdm):
+    with pytest.raises(ValueError, match="stages"):
+        SPDEngine(model, pdm, CFG.num_layers + 1)
+    with pytest.raises(ValueError, match="stages"):
+        SPDEngine(model, pdm, 1)
+    with pytest.raises(ValueError, match="prompt_ids: request 0 has 2 tokens"):
+        SPDEngine(model, pdm, 3).generate([Request([1, 2], _greedy(4))])
+    with pytest.raises(ValueError, match="deepest anchor"):
+        check_stages(untrained_pdm(model, [0, 2], layers=1).cfg, 4, 4) if False else \
+            check_stages(type("C", (), dict(anchors=[0, 2, 4], m=2))(), 3, 2)
+
+
+# ---- lossless sampling -----------------------------------------------------------------------------------------
+SMALL = random_config(vocab_size=5, num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=48)
+TEMP, TOP_P = 0.8, 0.9
+
+
+@pytest.fixture(scope="module")
+def small():
+    m = LlamaModel(SMALL, random_state_dict(SMALL, seed=4, std=0.6), dtype=torch.float64)
+    return m, untrained_pdm(m, ANCHORS, layers=1, intermediate=32, noise=0.3, seed=5)
+
+
+def _exact_joint(m, prompt):
+    """P(x1, x2, x3) under T / top-p sampling from the target, exactly."""
+    V = SMALL.vocab_size
+
+    def dist(seq):
+        return target_weights(prefill_logits(m, seq, [len(seq) - 1])[0].float(), TEMP, 0, TOP_P).double()
+
+    p = torch.zeros(V, V, V, dtype=torch.float64)
+    d1 = dist(prompt)
+    for a in range(V):
+        if d1[a] == 0:
+            continue
+        d2 = dist(prompt + [a])
+        for b in range(V):
+            if d2[b] == 0:
+                continue
+            p[a, b] = d1[a] * d2[b] * dist(prompt + [a, b])
+    return p / p.sum()
+
+
+def _pvalue(run, m, prompt, N):
+    reqs = [Request(prompt, SamplingParams(max_new_tokens=3, temperature=TEMP, top_p=TOP_P, seed=s, ignore_eos=True))
+            for s in range(N)]
+    res, met = run(reqs)
+    V = SMALL.vocab_size
+    obs = torch.zeros(V ** 3, dtype=torch.float64)
+    for r in res:
+        a, b, c = r.output_ids
+        obs[(a * V + b) * V + c] += 1
+    ex = _exact_joint(m, prompt).view(-1) * N
+    assert obs[ex == 0].sum() == 0, "a token outside the target's top-p set was emitted"
+    keep = ex > 0
+    return scipy_stats.chisquare(obs[keep].numpy(), ex[keep].numpy()).pvalue, met
+
+
+class _ForgetQ(SPDEngine):
+    """Planted bug: sampled drafts verified as point masses (the stored q forgotten)."""
+
+    def _draft(self, s, logits):
+        tok, _ = super()._draft(s, logits)
+        return tok, None
+
+
+class _WrongRow(SPDEngine):
+    """Planted bug: the exiting token's logits verify the draft two positions after it."""
+
+    def _target_logits(self, h):
+        out = super()._target_logits(h)
+        return out if out.shape[0] != h.shape[0] or h.shape[0] < 2 else out.roll(1, dims=0)
+
+
+def test_spd_sampling_is_lossless_and_planted_bugs_fail(small):
+    m, pdm = small
+    prompt = [1, 3, 0, 2, 4, 1]
+    N = 6000
+    pv, met = _pvalue(lambda r: SPDEngine(m, pdm, 2).generate(r), m, prompt, N)
+    assert pv > 1e-3, pv
+    assert 0.1 < met.acceptance_rate < 0.95  # both branches of the rule are exercised
+    pv_bad, _ = _pvalue(lambda r: _ForgetQ(m, pdm, 2).generate(r), m, prompt, N)
+    assert pv_bad < 1e-6, pv_bad
+    pv_bad2, _ = _pvalue(lambda r: _WrongRow(m, pdm, 2).generate(r), m, prompt, N)
+    assert pv_bad2 < 1e-6, pv_bad2
+
+
+def test_pdm_proposer_sampling_is_lossless(small):
+    m, pdm = small
+    prompt = [2, 2, 4, 0, 1, 3]
+    pv, met = _pvalue(lambda r: Engine(m, PDMProposer(pdm, k=2)).generate(r), m, prompt, 6000)
+    assert pv > 1e-3, pv
+    assert met.drafted > 0 and met.accepted > 0
+
+
+def test_same_seed_same_tokens_after_rollbacks(small):
+    m, pdm = small
+    reqs = [Request([1, 3, 0, 2, 4, 1], SamplingParams(max_new_tokens=16, temperature=TEMP, top_p=TOP_P, seed=s))
+            for s in (7, 7, 8)]
+    res, met = SPDEngine(m, pdm, 3, debug=True).generate(reqs)
+    assert res[0].output_ids == res[1].output_ids
+    assert met.drafted > met.accepted  # there were rollbacks
+    res2, _ = SPDEngine(m, pdm, 3).generate(reqs[:1])
+    assert res2[0].output_ids == res[0].output_ids  # batch composition does not change a request's tokens
+
+
+# ---- the PDM file -----------------------------------------------------------------------------------------------
+def _save(tmp_path, model, pdm, target_sd):
+    cfg = pdm.cfg
+    cfg.target = target_fingerprint(model.config, target_sd)
+    net = PDMNet(cfg, model, pdm.vocab_ids, seed=1)
+    return save_pdm(str(tmp_path / "pdm"), cfg, net.hf_state_dict())
+
+
+def test_pdm_file_round_trip_and_refusals(tmp_path, pdm):
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    d = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1), sd)
+    loaded = load_pdm(str(d), m, sd)
+    assert loaded.cfg.anchors == ANCHORS
+    # another checkpoint of the same architecture
+    sd2 = {k: v.float() for k, v in random_state_dict(CFG, seed=9).items()}
+    with pytest.raises(PDMError, match="weight hash"):
+        load_pdm(str(d), LlamaModel(CFG, sd2), sd2)
+    # another architecture
+    c3 = random_config(num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2)
+    sd3 = {k: v.float() for k, v in random_state_dict(c3).items()}
+    with pytest.raises(PDMError, match="hidden_size"):
+        load_pdm(str(d), LlamaModel(c3, sd3), sd3)
+    # corrupt or missing files
+    (d / "pdm.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(PDMError, match="cannot read"):
+        read_pdm(str(d))
+    (d / "pdm.safetensors").unlink()
+    with pytest.raises(PDMError, match="expected pdm.json"):
+        read_pdm(str(d))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pdm.json").write_text(json.dumps({"anchors": [0]}))
+    (tmp_path / "bad" / "pdm.safetensors").write_bytes(b"")
+    with pytest.raises(PDMError, match="not a PDM config"):
+        read_pdm(str(tmp_path / "bad"))
+
+
+def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
+    out = tmp_path / "o.json"
+    rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--pdm", str(tmp_path / "none"),
+                   "--json", str(out), "--no-progress"])
+    assert rc == 2 and not out.exists()
+    assert "pdm: expected pdm.json" in capsys.readouterr().err
+    rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "0", "--json", str(out)])
+    assert rc == 2 and not out.exists()
+    assert "--stages" in capsys.readouterr().err
+
+
+def test_layer_range_model_and_stage_caches(model, prompts):
+    """A model holding only layers 1..2 (and a cache of only those layers) gives the full model's
+    hidden states for that range."""
+    sd = random_state_dict(CFG)
+    part = LlamaModel(CFG, {k: v for k, v in sd.items() if ".layers.1." in k or ".layers.2." in k},
+                      dtype=torch.float64, layers=(1, 3), head=False)
+    ids = prompts[3]
+    T = len(ids)
+    full_cache, part_cache = model.new_cache(2, 16), part.new_cache(2, 16)
+    assert part_cache.first_layer == 1 and part_cache.k.shape[0] == 2
+    for c in (full_cache, part_cache):
+        c.add(0)
+        c.reserve(0, T)
+    b = Batch(torch.tensor(ids), torch.arange(T), torch.tensor(full_cache.slots(0, range(T))),
+              torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
+              full_cache.block_table([0]))
+    h0 = model.embed_tokens(b.token_ids)
+    h1, _ = model.forward_layers(h0, b, full_cache, 0, 1)
+    want, _ = model.forward_layers(h1, b, full_cache, 1, 3)
+    got, _ = part.forward_layers(h1, b, part_cache, 1, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layers"):
+        part.forward_layers(h1, b, part_cache, 0, 3)
