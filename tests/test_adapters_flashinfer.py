@@ -1,0 +1,147 @@
+"""FlashInfer adapter: chain_speculative_sampling's rules (strict accept test with coins in (0, 1], correction
+from relu(target - draft), -1 padding, counters accumulated in place) re-expressed here and compared exactly
+with the adapter on every backend; known answers; a distribution test with a planted wrong variant."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import backends_here, use_backend
+from scipy.stats import chisquare
+
+import spdkernels
+from spdkernels.adapters import flashinfer as af
+
+BACKENDS = backends_here()
+I32 = torch.int32
+
+
+def flashinfer_semantics(dp, tokens, tp, gen):
+    """FlashInfer's kernel, written as a loop; coins drawn in the adapter's documented order from ``gen``."""
+    B, n, V = dp.shape
+    u = 1.0 - torch.rand((B, n), generator=gen)
+    u2 = 1.0 - torch.rand((B, n), generator=gen)
+    uf = 1.0 - torch.rand((B,), generator=gen)
+    out = torch.full((B, n + 1), -1, dtype=I32)
+    acc, emitted = torch.zeros(B, dtype=I32), torch.zeros(B, dtype=I32)
+    for b in range(B):
+        pos = n
+        for i in range(n):
+            t = int(tokens[b, i])
+            if bool(u[b, i] * dp[b, i, t] < tp[b, i, t]):
+                out[b, i] = t
+            else:
+                pos = i
+                break
+        again = sum(bool(u2[b, i] * dp[b, i, int(tokens[b, i])] < tp[b, i, int(tokens[b, i])]) for i in range(pos, n))
+        acc[b], emitted[b] = pos + again, pos
+        relu = torch.clamp(tp[b, pos] - (dp[b, pos] if pos < n else 0), min=0).double()
+        csum = torch.cumsum(relu, 0)
+        hit = (csum > float(uf[b]) * float(csum[-1])).nonzero()
+        out[b, pos] = int(hit[0, 0]) if hit.numel() else int((relu > 0).nonzero()[-1, 0])
+    return out, acc, emitted
+
+
+def make(B, n, V, seed, agree=0.5):
+    g = torch.Generator().manual_seed(seed)
+    dp = torch.softmax(torch.randn(B, n, V, generator=g) * 1.5, -1)
+    tp = torch.softmax(torch.randn(B, n + 1, V, generator=g) * 1.5, -1)
+    # mix the draft into the target so that a fair share of drafts is accepted
+    tp[:, :n] = agree * dp + (1 - agree) * tp[:, :n]
+    tokens = torch.multinomial(dp.reshape(B * n, V), 1, generator=g).reshape(B, n).to(I32)
+    return dp, tokens, tp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,n,V", [(6, 3, 20), (3, 1, 7), (4, 5, 300), (2, 0, 5)])
+def test_equals_flashinfer_semantics(backend, B, n, V):
+    """Same coins: tokens, padding and both counters equal FlashInfer's; counters are added to the caller's
+    tensors (pre-filled here), which are also the ones returned."""
+    dp, tokens, tp = make(B, n, V, seed=B * 100 + n * 10 + V)
+    acc0 = torch.arange(B, dtype=I32)
+    emit0 = torch.full((B,), 7, dtype=I32)
+    acc, emit = acc0.clone(), emit0.clone()
+    with use_backend(backend):
+        out, acc_r, emit_r = af.chain_speculative_sampling(dp, tokens, tp, acc, emit,
+                                                           generator=torch.Generator().manual_seed(5))
+    want, want_acc, want_emit = flashinfer_semantics(dp, tokens, tp, torch.Generator().manual_seed(5))
+    assert acc_r is acc and emit_r is emit
+    assert out.dtype == I32 and torch.equal(out, want)
+    assert torch.equal(acc, acc0 + want_acc) and torch.equal(emit, emit0 + want_emit)
+
+
+def test_seed_and_offset_pick_the_stream():
+    dp, tokens, tp = make(32, 3, 50, seed=1)
+    a = af.chain_speculative_sampling(dp, tokens, tp, seed=11, offset=4)[0]
+    b = af.chain_speculative_sampling(dp, tokens, tp, seed=11, offset=4)[0]
+    c = af.chain_speculative_sampling(dp, tokens, tp, seed=11, offset=5)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_known_answers(backend):
+    """FlashInfer's documented example (first draft certain, second impossible, correction from the
+    difference, -1 after), and a draft equal to the target: all accepted, the bonus from the last row."""
+    with use_backend(backend):
+        dp = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]])
+        tp = torch.tensor([[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]])
+        out, acc, emit = af.chain_speculative_sampling(dp, torch.tensor([[2, 1]], dtype=I32), tp)
+        assert (out.tolist(), acc.tolist(), emit.tolist()) == ([[2, 0, -1]], [1], [1])
+        one = torch.zeros(2, 3, 5)
+        one[0, :, 1] = one[1, :, 3] = 1.0
+        bonus = torch.zeros(2, 4, 5)
+        bonus[:, :3] = one
+        bonus[:, 3, 4] = 1.0
+        tok = torch.tensor([[1, 1, 1], [3, 3, 3]], dtype=I32)
+        out, acc, emit = af.chain_speculative_sampling(one, tok, bonus, seed=3)
+        assert out.tolist() == [[1, 1, 1, 4], [3, 3, 3, 4]] and acc.tolist() == [3, 3] and emit.tolist() == [3, 3]
+
+
+# ---- distribution ------------------------------------------------------------------------------------------------
+
+P0 = torch.tensor([0.30, 0.05, 0.15, 0.02, 0.18, 0.10, 0.12, 0.08])
+Q0 = torch.tensor([0.05, 0.30, 0.20, 0.05, 0.10, 0.10, 0.15, 0.05])
+
+
+def first_tokens(B, seed):
+    g = torch.Generator().manual_seed(seed)
+    V = P0.shape[0]
+    dp = torch.stack([Q0, torch.softmax(torch.randn(V, generator=g), -1)])[None].repeat(B, 1, 1)
+    tp = torch.stack([P0, torch.softmax(torch.randn(V, generator=g), -1), P0])[None].repeat(B, 1, 1)
+    tokens = torch.multinomial(dp.reshape(2 * B, V), 1, generator=g).reshape(B, 2).to(I32)
+    out, _, _ = af.chain_speculative_sampling(dp, tokens, tp, generator=g)
+    return out[:, 0].numpy()
+
+
+def chi2_pvalue(samples, p):
+    counts = np.bincount(samples, minlength=len(p)).astype(float)
+    p = np.asarray(p, dtype=float)
+    return chisquare(counts, counts.sum() * p / p.sum()).pvalue
+
+
+def test_emitted_tokens_follow_the_target():
+    assert chi2_pvalue(first_tokens(4000, seed=2), P0.double().numpy()) > 1e-4
+
+
+def test_distribution_test_catches_a_wrong_correction(monkeypatch):
+    """Planted bug: draw the correction from the target row instead of relu(target - draft) (the draft
+    distribution dropped on the way to the op). The same test must reject it."""
+    real = spdkernels.rejection_sample
+    monkeypatch.setattr(spdkernels, "rejection_sample", lambda *a, draft_probs=None, **kw: real(*a, **kw))
+    assert chi2_pvalue(first_tokens(4000, seed=2), P0.double().numpy()) < 1e-6
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,args", [
+    ("draft_probs", lambda dp, t, tp: (dp[0], t, tp)),
+    ("draft_probs", lambda dp, t, tp: (dp.double(), t, tp)),
+    ("draft_token_ids", lambda dp, t, tp: (dp, t[:, :2], tp)),
+    ("draft_token_ids", lambda dp, t, tp: (dp, t.float(), tp)),
+    ("target_probs", lambda dp, t, tp: (dp, t, tp[:, :3])),
+    ("target_probs", lambda dp, t, tp: (dp, t, tp[..., :9])),
+    ("maybe_output_accepted_token_num", lambda dp, t, tp: (dp, t, tp, torch.zeros(5, dtype=I32))),
+], ids=["rank", "dtype", "n", "token-dtype", "bonus-row", "vocab", "counter"])
+def test_layouts_flashinfer_rejects_raise_value_errors(name, args):
+    dp, t, tp = make(2, 3, 10, seed=0)
+    with pytest.raises(ValueError, match=name):
+        af.chain_speculative_sampling(*args(dp, t, tp))

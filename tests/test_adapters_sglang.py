@@ -1,0 +1,291 @@
+"""SGLang adapter: sgl-kernel's verify_tree_greedy and tree_speculative_sampling_target_only re-expressed here as
+loops over the linked lists, compared exactly with the adapter (in-place outputs included) on every backend;
+known answers; a distribution test with a planted wrong variant; the layouts the adapter refuses."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import backends_here, use_backend
+from scipy.stats import chisquare
+
+from spdkernels import tree
+from spdkernels.adapters import sglang as asg
+from spdkernels.testing import depths, random_parents
+
+BACKENDS = backends_here()
+I32, I64 = torch.int32, torch.int64
+
+
+# ---- sgl-kernel's semantics, re-expressed ---------------------------------------------------------------------
+
+def sgl_walk(b, n, num_spec, nt, ns, accept_child):
+    """The kernel's walk for request b; accept_child(cur_node, child) decides; returns (path nodes incl. root,
+    rejected (parent, child) pairs)."""
+    path, rejected, cur = [0], [], 0
+    for _ in range(1, num_spec):
+        c = int(nt[b, cur])
+        while c != -1:
+            if accept_child(cur, c):
+                break
+            rejected.append((cur, c))
+            c = int(ns[b, c])
+        if c == -1:
+            break
+        path.append(c)
+        cur = c
+    return path, rejected
+
+
+def sgl_greedy(cand, ri, nt, ns, target_predict, num_spec, predicts, accept_index, accept_num):
+    bs, n = cand.shape
+    flat = target_predict.reshape(-1)
+    for b in range(bs):
+        path, _ = sgl_walk(b, n, num_spec, nt, ns,
+                           lambda v, c, b=b: int(cand[b, c]) == int(flat[int(ri[b, v])]))
+        for d, v in enumerate(path):
+            accept_index[b, d] = int(ri[b, v])
+            nxt = int(cand[b, path[d + 1]]) if d + 1 < len(path) else int(flat[int(ri[b, v])])
+            predicts[int(ri[b, v])] = nxt
+        accept_num[b] = len(path) - 1
+
+
+def sgl_target_only(cand, ri, nt, ns, coins, final, tp, num_spec, predicts, accept_index, accept_num, draft_probs,
+                    th_single=1.0, th_acc=1.0):
+    bs, n, V = tp.shape
+    th_acc = torch.tensor(max(th_acc, 1e-9), dtype=torch.float32)
+    for b in range(bs):
+        state = {"acc": torch.tensor(0.0), "coin": coins[b, 0]}
+
+        def accept(v, c, b=b, state=state):
+            p = tp[b, v, int(cand[b, c])]
+            state["acc"] = state["acc"] + p  # fp32, in sibling order
+            ok = bool(state["coin"] <= state["acc"] / th_acc) or bool(p >= th_single)
+            if ok:
+                state["acc"], state["coin"] = torch.tensor(0.0), coins[b, c]
+            return ok
+
+        path, rejected = sgl_walk(b, n, num_spec, nt, ns, accept)
+        for v, c in rejected:
+            t = int(cand[b, c])
+            draft_probs[b, v, t] = tp[b, v, t]
+        last = path[-1]
+        relu = torch.clamp(tp[b, last] - (draft_probs[b, last] if len(path) - 1 != num_spec - 1 else 0), min=0)
+        csum = torch.cumsum(relu.double(), 0)
+        hit = (csum > float(final[b]) * float(csum[-1])).nonzero()
+        sampled = int(hit[0, 0]) if hit.numel() else int((relu > 0).nonzero()[-1, 0])
+        for d, v in enumerate(path):
+            accept_index[b, d] = int(ri[b, v])
+            predicts[int(ri[b, v])] = int(cand[b, path[d + 1]]) if d + 1 < len(path) else sampled
+        accept_num[b] = len(path) - 1
+
+
+def make_trees(bs, n, V, seed, agree=0.7, spare_slots=1, ragged=False):
+    """Random trees of n nodes (root included) in sgl-kernel's layout; the target's choice at each node is
+    one of its children's tokens with probability ``agree``, so walks go deep. ``ragged``: request b uses
+    only its first few nodes (request 0 none), the others unreachable, as in a padded batch."""
+    g = torch.Generator().manual_seed(seed)
+    nts, nss, cands, preds, deepest = [], [], [], [], 0
+    for b in range(bs):
+        k = (0 if b == 0 else int(torch.randint(0, n, (1,), generator=g))) if ragged else n - 1
+        par = random_parents(k, g)
+        deepest = max([deepest] + depths(par))
+        nxt, sib = tree.to_sglang(par)
+        nts.append(nxt + [-1] * (n - 1 - k))
+        nss.append(sib + [-1] * (n - 1 - k))
+        cands.append(torch.randint(0, V, (n,), generator=g).tolist())
+        children = {}
+        for i, p in enumerate(par):
+            children.setdefault(p + 1, []).append(i + 1)
+        pr = []
+        for v in range(n):
+            kids = children.get(v, [])
+            if kids and float(torch.rand((), generator=g)) < agree:
+                pr.append(cands[-1][kids[int(torch.randint(0, len(kids), (1,), generator=g))]])
+            else:
+                pr.append(int(torch.randint(0, V, (1,), generator=g)))
+        preds.append(pr)
+    t = lambda x: torch.tensor(x, dtype=I64)  # noqa: E731
+    ri = torch.arange(bs * n, dtype=I64).reshape(bs, n)
+    return t(cands), ri, t(nts), t(nss), t(preds), deepest + 1 + spare_slots
+
+
+def outputs(bs, n, num_spec):
+    return (torch.full((bs * n,), -7, dtype=I32), torch.full((bs, num_spec), -5, dtype=I32),
+            torch.full((bs,), -3, dtype=I32))
+
+
+# ---- greedy ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bs,n,V,ragged", [(5, 8, 30, False), (3, 1, 10, False), (2, 16, 1000, False),
+                                           (6, 8, 30, True)])
+def test_verify_tree_greedy_equals_sgl_kernel(backend, bs, n, V, ragged):
+    """predicts / accept_index / accept_token_num written in place exactly as sgl-kernel writes them, untouched
+    entries (off the path, after the path) left as they were; also with requests using fewer than n nodes."""
+    cand, ri, nt, ns, pred, num_spec = make_trees(bs, n, V, seed=bs * n + V, ragged=ragged)
+    want = outputs(bs, n, num_spec)
+    sgl_greedy(cand, ri, nt, ns, pred, num_spec, *want)
+    got = outputs(bs, n, num_spec)
+    with use_backend(backend):
+        asg.verify_tree_greedy(*got, cand, ri, nt, ns, pred)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert int(want[2].max()) >= 1 or n == 1  # some walks accept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_logits_extension_and_retrieve_spelling(backend):
+    """target_logits (argmax fused into the walk) gives the same outputs as target_predict = argmax(logits);
+    the retrieve_* spelling is accepted; a permuted retrive_index is honoured."""
+    bs, n, V = 4, 8, 40
+    cand, ri, nt, ns, pred, num_spec = make_trees(bs, n, V, seed=9)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(bs * n, V, generator=g)
+    logits[torch.arange(bs * n), pred.reshape(-1)] = 9.0
+    perm = torch.randperm(bs * n, generator=g).reshape(bs, n)  # nodes stored at shuffled flat indices
+    pred_flat = torch.empty(bs * n, dtype=I64)
+    pred_flat[perm.reshape(-1)] = pred.reshape(-1)
+    logits_flat = torch.empty_like(logits)
+    logits_flat[perm.reshape(-1)] = logits
+    want = outputs(bs, n, num_spec)
+    sgl_greedy(cand, perm, nt, ns, pred_flat.reshape(bs, n), num_spec, *want)
+    got = outputs(bs, n, num_spec)
+    with use_backend(backend):
+        asg.verify_tree_greedy(*got, cand, retrieve_index=perm, retrieve_next_token=nt, retrieve_next_sibling=ns,
+                               target_logits=logits_flat)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_greedy_known_answer_chain_and_zero_draft_request():
+    """Request 0: a chain 5 -> [1, 2, 3] all matching: 3 accepted, then the prediction after the last node.
+    Request 1: the root has no children: nothing accepted, predicts = the root's prediction."""
+    cand = torch.tensor([[5, 1, 2, 3], [6, 0, 0, 0]], dtype=I64)
+    nt = torch.tensor([[1, 2, 3, -1], [-1, -1, -1, -1]], dtype=I64)
+    ns = torch.full((2, 4), -1, dtype=I64)
+    ri = torch.arange(8, dtype=I64).reshape(2, 4)
+    pred = torch.tensor([[1, 2, 3, 9], [8, 0, 0, 0]], dtype=I64)
+    p, ai, an = outputs(2, 4, 4)
+    asg.verify_tree_greedy(p, ai, an, cand, ri, nt, ns, pred)
+    assert an.tolist() == [3, 0]
+    assert ai.tolist() == [[0, 1, 2, 3], [4, -5, -5, -5]]
+    assert p.tolist() == [1, 2, 3, 9, 8, -7, -7, -7]
+
+
+# ---- target-only sampling -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bs,n,V,th,ragged", [(6, 8, 20, (1.0, 1.0), False), (4, 6, 300, (1.0, 1.0), False),
+                                              (5, 8, 12, (0.3, 0.6), False), (7, 8, 20, (1.0, 1.0), True)],
+                         ids=["V20", "V300", "thresholds", "ragged"])
+def test_tree_speculative_sampling_target_only_equals_sgl_kernel(backend, bs, n, V, th, ragged):
+    """Same coins: every in-place output, draft_probs' side effect included, equals sgl-kernel's, with the
+    default thresholds, with threshold_single / threshold_acc below 1, and with requests using fewer nodes."""
+    cand, ri, nt, ns, _, num_spec = make_trees(bs, n, V, seed=bs + n + V, ragged=ragged)
+    g = torch.Generator().manual_seed(bs * V)
+    tp = torch.softmax(torch.randn(bs, n, V, generator=g) * 2, -1)
+    # give the children's tokens some mass in their parent's row, so walks go deep
+    par = asg.tree_parents(nt, ns)
+    for b in range(bs):
+        for c in range(1, n):
+            if int(par[b, c]) >= 0:
+                tp[b, int(par[b, c]), int(cand[b, c])] += 0.5
+    tp = tp / tp.sum(-1, keepdim=True)
+    coins, final = torch.rand(bs, n, generator=g), torch.rand(bs, generator=g)
+    want = outputs(bs, n, num_spec)
+    dp_want = torch.zeros(bs, n, V)
+    sgl_target_only(cand, ri, nt, ns, coins, final, tp, num_spec, *want, dp_want, *th)
+    got = outputs(bs, n, num_spec)
+    dp_got = torch.zeros(bs, n, V)
+    with use_backend(backend):
+        asg.tree_speculative_sampling_target_only(*got, cand, ri, nt, ns, coins, final, tp, dp_got,
+                                                  threshold_single=th[0], threshold_acc=th[1])
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(dp_got, dp_want)
+    assert int(want[2].max()) >= (1 if ragged else 2)  # some walks go deep
+
+
+P0 = torch.tensor([0.30, 0.05, 0.15, 0.02, 0.18, 0.10, 0.12, 0.08])
+
+
+def first_tokens(bs, seed):
+    """bs copies of root -> children with tokens [0, 2, 4] (each with one child); predicts at the root."""
+    g = torch.Generator().manual_seed(seed)
+    n, V = 7, P0.shape[0]
+    par = [-1, -1, -1, 0, 1, 2]
+    nxt, sib = tree.to_sglang(par)
+    cand = torch.tensor([[7, 0, 2, 4, 1, 1, 1]] * bs, dtype=I64)
+    nt, ns = torch.tensor([nxt] * bs, dtype=I64), torch.tensor([sib] * bs, dtype=I64)
+    ri = torch.arange(bs * n, dtype=I64).reshape(bs, n)
+    tp = torch.softmax(torch.randn(n, V, generator=g), -1)
+    tp[0] = P0
+    tp = tp[None].repeat(bs, 1, 1).contiguous()
+    p, ai, an = outputs(bs, n, 3)
+    asg.tree_speculative_sampling_target_only(p, ai, an, cand, ri, nt, ns, torch.rand(bs, n, generator=g),
+                                              torch.rand(bs, generator=g), tp)
+    return p.reshape(bs, n)[:, 0].numpy()
+
+
+def chi2_pvalue(samples, p):
+    counts = np.bincount(samples, minlength=len(p)).astype(float)
+    p = np.asarray(p, dtype=float)
+    return chisquare(counts, counts.sum() * p / p.sum()).pvalue
+
+
+def test_emitted_tokens_follow_the_target():
+    assert chi2_pvalue(first_tokens(4000, seed=3), P0.double().numpy()) > 1e-4
+
+
+def test_distribution_test_catches_a_wrong_sibling_rule(monkeypatch):
+    """Planted bug: compare each sibling's coin with its own probability instead of the running sum over the
+    siblings tried so far. The same test must reject it."""
+    monkeypatch.setattr(asg, "_sibling_running_sums", lambda p_child, par_q, ns: p_child)
+    assert chi2_pvalue(first_tokens(4000, seed=3), P0.double().numpy()) < 1e-6
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+
+def _good():
+    cand, ri, nt, ns, pred, num_spec = make_trees(2, 5, 10, seed=0)
+    return dict(zip(("predicts", "accept_index", "accept_token_num"), outputs(2, 5, num_spec))) | dict(
+        candidates=cand, retrive_index=ri, retrive_next_token=nt, retrive_next_sibling=ns, target_predict=pred)
+
+
+def _deep_chain(a):
+    a["retrive_next_token"] = torch.tensor([[1, 2, 3, 4, -1]] * 2, dtype=I64)
+    a["retrive_next_sibling"] = torch.full((2, 5), -1, dtype=I64)
+    a["accept_index"] = torch.zeros(2, 3, dtype=I32)
+
+
+@pytest.mark.parametrize("name,change", [
+    ("candidates", lambda a: a.update(candidates=a["candidates"].to(I32))),
+    ("predicts", lambda a: a.update(predicts=a["predicts"].long())),
+    ("accept_index", lambda a: a.update(accept_index=a["accept_index"][:1])),
+    ("retrive_next_sibling", lambda a: a.update(retrive_next_sibling=a["retrive_next_sibling"][:, :4])),
+    ("target_predict", lambda a: a.update(target_predict=a["target_predict"].to(I32))),
+    ("retrive_index", lambda a: a.update(retrieve_index=a["retrive_index"])),
+    ("accept_index", _deep_chain),
+], ids=["cand-dtype", "out-dtype", "accept-shape", "tree-shape", "predict-dtype", "twice", "too-deep"])
+def test_layouts_refused_raise_value_errors(name, change):
+    a = _good()
+    change(a)
+    with pytest.raises(ValueError, match=name):
+        asg.verify_tree_greedy(**a)
+
+
+def test_non_topological_tree_and_bad_thresholds_are_refused():
+    a = _good()
+    a["retrive_next_token"] = torch.tensor([[2, -1, 1, -1, -1]] * 2, dtype=I64)  # 0 -> 2 -> 1: child before parent
+    a["retrive_next_sibling"] = torch.tensor([[-1, -1, -1, -1, -1]] * 2, dtype=I64)
+    a["retrive_next_token"][:, 1] = 3
+    a["retrive_next_token"][:, 3] = 4
+    with pytest.raises(ValueError, match="topological"):
+        asg.verify_tree_greedy(**a)
+    b = _good()
+    b.pop("target_predict")
+    tp = torch.softmax(torch.randn(2, 5, 10), -1)
+    with pytest.raises(ValueError, match="threshold_acc"):
+        asg.tree_speculative_sampling_target_only(**b, uniform_samples=torch.rand(2, 5),
+                                                  uniform_samples_for_final_sampling=torch.rand(2), target_probs=tp,
+                                                  threshold_acc=1.5)
