@@ -148,6 +148,8 @@ setup(
         "spdkernels.ops",
         "spdkernels.reference",
         "spdkernels.runtime",
+        "spdkernels.runtime.spd",
+        "spdkernels.testing",
         "spdkernels.triton_kernels",
         "spdkernels.nki_kernels",
         "spdkernels.bench",
@@ -161,6 +163,8 @@ setup(
         "spdkernels.nki_kernels": "nki_kernels",
         "spdkernels.bench": "bench",
     },
+    # the PDM trained for the embedded model (spdkernels train-pdm), loaded by `spdkernels demo`
+    package_data={"spdkernels.runtime": ["pdm/*/*.json", "pdm/*/*.safetensors", "pdm/*/*.md"]},
     ext_modules=[CMakeExtension("spdkernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -6,6 +6,10 @@ repeats; GPU: triton.testing.do_bench, CUDA graphs when capturable). Each row re
 achieved GB/s, the fraction of this device's copy bandwidth (measured in the same run) and the speedup
 over the baseline (the torch reference). Value checks (host syncs) are switched off while timing, as
 in production.
+
+``--backend nki`` also prints, for each case, the bytes the NKI kernel moves between HBM and SBUF and the
+lower-bound time at the HBM bandwidth of one NeuronCore on trn1 and trn2: a model, not a measurement. The NKI
+kernels are timed only on a Neuron device (on CPU they would run on the NumPy emulation).
 """
 
 from __future__ import annotations
@@ -89,6 +93,52 @@ def fmt_table(rows: List[Dict], env: Dict) -> str:
     return "\n".join(out)
 
 
+# HBM bandwidth available to one kernel (one NeuronCore): trn1 chip 820 GB/s shared by its 2 NeuronCore-v2;
+# trn2 chip 2.9 TB/s shared by 8 NeuronCore-v3, i.e. 4 logical cores at the default LNC=2 (AWS Neuron docs)
+NKI_HBM_GBPS = {"trn1": 820.0 / 2, "trn2": 2900.0 / 4}
+
+
+def nki_model_rows(work) -> List[Dict]:
+    """Bytes moved by each NKI kernel per case and the lower-bound time at NKI_HBM_GBPS (a model)."""
+    import importlib
+
+    rows = []
+    for ob, c, _ in work:
+        nki_bytes = getattr(importlib.import_module(ob.make_inputs.__module__), "nki_bytes", None)
+        if nki_bytes is None:  # not an op with an NKI kernel
+            continue
+        nbytes, why = nki_bytes(c)
+        row = {"op": ob.name, "case": ob.label(c), "params": c, "backend": "nki (model)", "bytes": nbytes}
+        if why:
+            row["error"] = why
+        else:
+            for t, bw in NKI_HBM_GBPS.items():
+                row[f"{t}_lower_bound_us"] = nbytes / (bw * 1e9) * 1e6
+        rows.append(row)
+    return rows
+
+
+def fmt_nki_model(rows: List[Dict]) -> str:
+    head = ["op", "case", "bytes (MB)", "trn1 lower bound (us)", "trn2 lower bound (us)"]
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append([r["op"], r["case"], "-", "-", r["error"]])
+        else:
+            lines.append([r["op"], r["case"], f"{r['bytes'] / 1e6:.3f}", f"{r['trn1_lower_bound_us']:.2f}",
+                          f"{r['trn2_lower_bound_us']:.2f}"])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = [f"# NKI kernels: bytes moved between HBM and SBUF, and bytes / HBM bandwidth of one NeuronCore "
+           f"(trn1 {NKI_HBM_GBPS['trn1']:.0f} GB/s, trn2 {NKI_HBM_GBPS['trn2']:.0f} GB/s at LNC=2). "
+           "A MODEL, NOT A MEASUREMENT: no kernel was timed on a Neuron device here."]
+    for i, line in enumerate(lines):
+        out.append("  ".join(str(x).ljust(w) if j < 2 else str(x).rjust(w)
+                             for j, (x, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 def plot(rows: List[Dict], env: Dict, path: Path) -> None:
     import matplotlib
 
@@ -127,7 +177,8 @@ def main(argv=None) -> int:
     if args.list:
         for name, ob in sorted(ops.items()):
             sets = ", ".join(f"{k} ({len(v)})" for k, v in ob.shape_sets.items())
-            print(f"{name}: shape sets {sets}; backends here: {spdkernels.available_backends(device, op=name)}")
+            here = spdkernels.available_backends(device, op=ob.backend_op or name)
+            print(f"{name}: shape sets {sets}; backends here: {here}")
         return 0
     names = args.op or sorted(ops)
     repeats = args.repeats or (100 if on_gpu else 30)
@@ -139,18 +190,32 @@ def main(argv=None) -> int:
     timer = timing.GpuTimer() if on_gpu else timing.CpuTimer(flush=not args.no_flush)
 
     work = []
+    want_nki = bool(args.backend) and "nki" in args.backend
     for name in names:
         ob = ops[name]
         if args.shapes not in ob.shape_sets:
             print(f"spd-bench: op {name} has no shape set {args.shapes!r} (has {sorted(ob.shape_sets)})",
                   file=sys.stderr)
             return 2
-        backends = [b for b in spdkernels.available_backends(device, op=name) if not args.backend or b in args.backend]
-        if not backends:
+        backends = [b for b in spdkernels.available_backends(device, op=ob.backend_op or name)
+                    if not args.backend or b in args.backend]
+        if device == "cpu":  # nki on cpu is the NumPy emulation of the kernels: a test harness, never timed
+            backends = [b for b in backends if b != "nki"]
+        if not backends and not want_nki:
             print(f"spd-bench: no requested backend can run {name} on {device}", file=sys.stderr)
             return 2
         for c in ob.shape_sets[args.shapes]:
             work.append((ob, c, backends))
+    model = nki_model_rows(work) if want_nki else []
+    if want_nki and not any(b for _, _, b in work):  # only the model was asked for (no Neuron device here)
+        print(fmt_nki_model(model))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            env = timing.environment(device)
+            args.json.write_text(json.dumps({"environment": env, "shape_set": args.shapes, "rows": [],
+                                             "nki_model": model}, indent=1))
+            print(f"# wrote {args.json}")
+        return 0
 
     rows: List[Dict] = []
     failed = False
@@ -205,12 +270,15 @@ def main(argv=None) -> int:
     bar.close()
 
     print(fmt_table(rows, env))
+    if model:
+        print(fmt_nki_model(model))
     if not on_gpu:
         print(f"# CPU: median of {repeats} wall-clock repeats, caches {'flushed' if env['cpu_cache_flush'] else 'warm'}"
               f" between repeats; validation off; '% copy BW' = achieved GB/s / copy GB/s (read+write) measured above")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "shape_set": args.shapes, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"environment": env, "shape_set": args.shapes, "rows": rows,
+                                         "nki_model": model}, indent=1))
         print(f"# wrote {args.json}")
     if args.plot:
         try:

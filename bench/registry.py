@@ -23,6 +23,8 @@ class OpBench:
     baseline_available: Callable[[str, str], bool] = lambda name, device: True
     # bytes that depend on the data (e.g. only the rows a walk visits): (case, reference outputs) -> bytes
     bytes_from_ref: Optional[Callable[[Case, Any], int]] = None
+    # the op whose backends this bench times, when its name is not an op's (the adapters' rows)
+    backend_op: Optional[str] = None
 
 
 OPS: Dict[str, OpBench] = {}
@@ -34,6 +36,6 @@ def register(bench: OpBench) -> OpBench:
 
 
 def load_all() -> Dict[str, OpBench]:
-    from . import rejection_sample, tree_attention, verify_greedy  # noqa: F401  (each registers itself)
+    from . import adapters, rejection_sample, tree_attention, verify_greedy  # noqa: F401  (each registers itself)
 
     return OPS

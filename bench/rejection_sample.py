@@ -123,6 +123,31 @@ def bytes_moved(c, num_emitted=None):
     return rows * V * elt + R * k * 4 * (3 if c["tree"] else 2) + R * (k + 1) * 4 * 2 + R * 16
 
 
+def nki_bytes(c):
+    """(bytes, None) the NKI kernel (nki_kernels/rejection_sample.py) moves between HBM and SBUF, for a walk that
+    accepts no draft (the least it does): each slot row read twice for its statistics (max, then kept mass),
+    plus 1 + 32 reads per threshold searched (top-k, top-p: each pass streams the row again), the root row once
+    more into the fp32 scratch row and that row's writes, per draft node one rejection (the scratch row and the
+    draft row read twice, the scratch row written once; the point mass costs no draft row), the final sample
+    (the scratch row read twice), the index and coin tables and the outputs; or (0, why). Each accepted node
+    adds one read of its row and one scratch row write, more rejections add their passes."""
+    from spdkernels.nki_kernels._launch import MAX_FLAT_INDEX
+
+    R, k, V = c["R"], c["k"], c["V"]
+    if R * k * V > MAX_FLAT_INDEX:
+        return 0, "N * V over 2**31 (int32 element indices)"
+    elt = torch.finfo(DT[c["dtype"]]).bits // 8
+    filters = (1 if 0 < c["top_k"] < V else 0) + (1 if c["top_p"] < 1 else 0)
+    stats = R * (k + 1) * V * elt * (2 + 33 * filters + (1 if c["top_p"] < 1 else 0))
+    root = R * V * (elt + 4)
+    q_row = 4 if c.get("draft_probs") else 0
+    reject = R * min(k, 1) * V * (3 * 4 + 2 * q_row)  # chains test one child before stopping
+    final = 2 * R * V * 4
+    tables = R * (k + 1) * 8 + 4 * R * k * 4 + 3 * R * 4
+    writes = 2 * R * (k + 2) * 4 + 2 * R * 4
+    return stats + root + reject + final + tables + writes, None
+
+
 register(OpBench("rejection_sample", SHAPE_SETS, make_inputs, run, bytes_moved, check_exact, label,
                  baselines={"cpp-kernel": run_cpp_kernel, "cpp-via-python": run_python_path},
                  baseline_available=cpp_kernel_here,

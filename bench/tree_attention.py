@@ -89,6 +89,24 @@ def bytes_moved(c):
     return kv + qo
 
 
+def nki_bytes(c):
+    """(bytes, None) the NKI kernel (nki_kernels/tree_attention.py) moves between HBM and SBUF: per (request,
+    KV head, chunk of query tokens) the K and V of every prefix position and of the tail once, the chunk's
+    queries and tree-mask rows, the outputs; or (0, why) if the case exceeds what the kernel tiles."""
+    from spdkernels.nki_kernels._launch import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MAX_QUERY_TOKENS
+
+    if c["D"] > MAX_HEAD_DIM or c["bs"] > MAX_BLOCK_SIZE or c["q_len"] > MAX_QUERY_TOKENS:
+        return 0, "head dim, block size or query count over the kernel's 128"
+    elt = torch.finfo(DT[c["dtype"]]).bits // 8
+    G = c["Hq"] // c["Hkv"]
+    chunks = -(-c["q_len"] // (128 // G))  # K/V are read once per chunk of query tokens
+    L = c["ctx"] + c["q_len"]
+    kv = 2 * c["R"] * c["Hkv"] * chunks * L * c["D"] * elt
+    qo = 2 * c["R"] * c["q_len"] * c["Hq"] * c["D"] * elt
+    tables = c["R"] * (c["Hkv"] * chunks * (-(-L // c["bs"]) * 4 + c["q_len"] * (8 + 4 * c["q_len"] * G)))
+    return kv + qo + tables, None
+
+
 TOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
 
 

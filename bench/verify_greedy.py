@@ -50,6 +50,16 @@ def bytes_moved(c):
     return reads + writes
 
 
+def nki_bytes(c):
+    """(bytes, None) the NKI kernel moves between HBM and SBUF (nki_kernels/verify_greedy.py): every target
+    row once, its index tables (slot rows, tokens, parents), the three outputs; or (0, why) if it cannot run."""
+    R, k, V = c["R"], c["k"], c["V"]
+    elt = torch.finfo(DT[c["dtype"]]).bits // 8
+    reads = R * (k + 1) * V * elt + R * (k + 1) * 4 + 2 * R * k * 4
+    writes = 2 * R * (k + 2) * 4 + R * 4
+    return reads + writes, None
+
+
 def check(out, ref):
     for name, a, b in zip(("output_token_ids", "num_emitted", "accepted_path"), out, ref):
         if a.shape != b.shape or not torch.equal(a.cpu(), b.cpu()):

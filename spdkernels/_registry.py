@@ -10,6 +10,8 @@ extension, CPU), ``torch`` (the pure-torch reference: any device, always last).
 * The Triton interpreter (``TRITON_INTERPRET=1``) lets the ``triton`` backend run on CPU tensors. It is
   never chosen automatically on CPU (it is orders of magnitude slower than ``cpp``); tests and
   benchmarks force it.
+* Likewise ``SPDKERNELS_NKI_EMULATE=1`` lets the ``nki`` backend run its kernels on CPU tensors through the
+  NumPy emulation of the NKI language (``spdkernels.testing.nki_emulator``); never chosen automatically.
 """
 
 from __future__ import annotations
@@ -97,15 +99,10 @@ def _device_ok(backend: str, device_type: str) -> Tuple[bool, str]:
         if device_type == "cpu" and _interpret():
             return True, ""
         return False, f"triton runs on cuda tensors (or cpu with TRITON_INTERPRET=1), not {device_type}"
-    if backend == "nki":
-        from spdkernels.nki_kernels import nki_available
+    if backend == "nki":  # Neuron tensors with the nki package; cpu tensors through the emulation if asked
+        from spdkernels.nki_kernels import backend_status
 
-        ok, why = nki_available()
-        if not ok:
-            return False, why
-        if device_type not in ("xla", "neuron"):
-            return False, f"nki runs on Neuron (xla) tensors, not {device_type}"
-        return True, ""
+        return backend_status(device_type)
     return False, f"unknown backend {backend!r}"
 
 

@@ -1,7 +1,8 @@
 """Shared test setup.
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors: TRITON_INTERPRET must
-be set before any kernel module is imported, which is why it is set here, at collection time.
+be set before any kernel module is imported, which is why it is set here, at collection time. The NKI kernels
+run on CPU tensors through the NumPy emulation of the NKI language, switched on per test by use_backend('nki').
 """
 
 import contextlib
@@ -28,6 +29,12 @@ def backends_here():
     if DEVICE == "cpu" and os.environ.get("SPDKERNELS_SKIP_CPP", "0") in ("", "0"):
         names.append("cpp")
     return names
+
+
+def nki_emulated():
+    """['nki'] on CPU: the NKI kernels run on the project's NumPy emulation of the NKI language
+    (spdkernels.testing.nki_emulator), switched on by use_backend('nki'). On a GPU machine they are not run."""
+    return ["nki"] if DEVICE == "cpu" else []
 
 
 def cpp_lower_isas():
@@ -66,6 +73,11 @@ def use_backend(backend: str):
         return
     name, _, isa = backend.partition("@")
     with contextlib.ExitStack() as stack:
+        if name == "nki" and DEVICE == "cpu" and os.environ.get("SPDKERNELS_NKI_SIMULATE") != "1":
+            # the NKI kernels on the NumPy emulation (SPDKERNELS_NKI_SIMULATE=1: on the official nki.simulate)
+            from spdkernels.nki_kernels import emulation
+
+            stack.enter_context(emulation())
         stack.enter_context(spdkernels.use_backend(name))
         if isa:
             stack.enter_context(_cpp.isa_cap(isa))

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here, cpp_lower_isas, use_backend
+from conftest import DEVICE, backends_here, cpp_lower_isas, nki_emulated, use_backend
 
 import spdkernels
 from spdkernels import reference, tree
 
 # every backend that should run here; a backend that cannot load fails the run instead of disappearing
-BACKENDS = backends_here()
+BACKENDS = backends_here() + nki_emulated()  # nki: the NKI kernel on the NumPy emulation
 WITH_ISAS = BACKENDS + cpp_lower_isas()  # the C++ kernel's lower instruction-set paths too (AVX2, baseline)
 I32 = dict(dtype=torch.int32)
 

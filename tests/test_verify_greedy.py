@@ -4,13 +4,14 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here, cpp_dispatch, use_backend
+from conftest import DEVICE, backends_here, cpp_dispatch, nki_emulated, use_backend
 
 import spdkernels
 from spdkernels import reference
 from spdkernels.testing import random_draft_batch
 
-BACKENDS = backends_here() + cpp_dispatch()  # cpp-dispatch: the C++ kernel behind its dispatcher registration
+# cpp-dispatch: the C++ kernel behind its dispatcher registration; nki: the NKI kernel on the NumPy emulation
+BACKENDS = backends_here() + cpp_dispatch() + nki_emulated()
 FAST = [b for b in BACKENDS if b != "triton" or DEVICE == "cuda"]  # interpreter: small shapes only
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -154,6 +154,15 @@ def _triton_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_pr
                               top_k, top_p, uniforms, seed, offset, max_depth)
 
 
+@_registry.register(OP, "nki")
+def _nki_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
+              uniforms, seed, offset, max_depth):
+    from spdkernels.nki_kernels import _launch
+
+    return _launch.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs,
+                                    temperature, top_k, top_p, uniforms, seed, offset, max_depth)
+
+
 # ---- public wrapper --------------------------------------------------------------------------------
 
 def rejection_sample(

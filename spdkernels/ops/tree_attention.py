@@ -171,6 +171,13 @@ def _triton_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask
     return k.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale)
 
 
+@_registry.register(OP, "nki")
+def _nki_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+    from spdkernels.nki_kernels import _launch
+
+    return _launch.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale)
+
+
 # ---- public wrapper --------------------------------------------------------------------------------
 
 def tree_attention(

@@ -75,6 +75,13 @@ def _triton_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_dept
     return k.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
 
 
+@_registry.register(OP, "nki")
+def _nki_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+    from spdkernels.nki_kernels import _launch
+
+    return _launch.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+
+
 # ---- public wrapper --------------------------------------------------------------------------------
 
 def verify_greedy(
