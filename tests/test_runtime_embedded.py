@@ -89,3 +89,24 @@ def test_cli_prompt_longer_than_context(capsys):
     assert cli_main(["generate", "--prompt", "hi", "--max-tokens", "9000", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: prompt_ids") and "context" in err
+
+
+def test_shipped_pdm_spd_and_proposer_equal_autoregressive(ck, model):
+    """The PDM shipped for the embedded model loads (its target hash matches), and greedy SPD at n=4 and
+    the PDM proposer give our autoregressive tokens (a divergence only at a near-tie) with drafts accepted."""
+    from spdkernels.runtime.spd.pdm import load_pdm, shipped_pdm_path
+    from spdkernels.runtime.spd.proposer import PDMProposer
+    from spdkernels.runtime.spd.schedule import SPDEngine
+
+    pdm = load_pdm(str(shipped_pdm_path()), model, ck.state_dict)
+    tok = ck.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Explain what a list is in Python."}]))
+    p = SamplingParams(max_new_tokens=32)
+    ar = Engine(model, None).generate([Request(ids, p)])[0][0].output_ids
+    for eng in (SPDEngine(model, pdm, 4, debug=True), Engine(model, PDMProposer(pdm, k=4))):
+        res, m = eng.generate([Request(ids, p)])
+        out = res[0].output_ids
+        j = first_divergence(ar, out)
+        if j is not None:
+            assert j < min(len(ar), len(out)) and top2_gap(model, ids, ar, j) < TIE_GAP, f"diverged at {j}"
+        assert m.accepted > 0

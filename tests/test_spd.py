@@ -2,14 +2,14 @@
 mask against a brute-force simulation of inference, training forward == inference forward, greedy SPD and
 the PDM proposer equal to autoregressive decoding (cache invariants asserted every cycle, stale KV poisoned),
 rollbacks forced at every fill level, the lossless sampling distribution of the first 3 tokens with two
-planted bugs that the same test rejects, and the PDM file's refusal of other targets and corrupt files."""
+planted bugs (the residual forgotten, the wrong row) that the same test rejects, and the PDM file's refusal of other targets and corrupt files."""
 import json
 
 import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from spdkernels.reference.rejection_sample import target_weights
+from spdkernels.reference.rejection_sample import STREAM_FINAL, philox_uniform, sample_inverse_cdf, target_weights
 from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams
 from spdkernels.runtime.cli import main as cli_main
 from spdkernels.runtime.model import Batch, greedy_reference, prefill_logits, random_config, random_state_dict
@@ -236,7 +236,8 @@ TEMP, TOP_P = 0.8, 0.9
 
 @pytest.fixture(scope="module")
 def small():
-    m = LlamaModel(SMALL, random_state_dict(SMALL, seed=4, std=0.6), dtype=torch.float64)
+    # fp32 (the C++ kernels); weights scaled so that ~50 of the 125 three-token outcomes have mass
+    m = LlamaModel(SMALL, random_state_dict(SMALL, seed=4, std=0.3), dtype=torch.float32)
     return m, untrained_pdm(m, ANCHORS, layers=1, intermediate=32, noise=0.3, seed=5)
 
 
@@ -245,7 +246,8 @@ def _exact_joint(m, prompt):
     V = SMALL.vocab_size
 
     def dist(seq):
-        return target_weights(prefill_logits(m, seq, [len(seq) - 1])[0].float(), TEMP, 0, TOP_P).double()
+        w = target_weights(prefill_logits(m, seq, [len(seq) - 1])[0].float(), TEMP, 0, TOP_P).double()
+        return w / w.sum()
 
     p = torch.zeros(V, V, V, dtype=torch.float64)
     d1 = dist(prompt)
@@ -270,17 +272,30 @@ def _pvalue(run, m, prompt, N):
         a, b, c = r.output_ids
         obs[(a * V + b) * V + c] += 1
     ex = _exact_joint(m, prompt).view(-1) * N
-    assert obs[ex == 0].sum() == 0, "a token outside the target's top-p set was emitted"
-    keep = ex > 0
-    return scipy_stats.chisquare(obs[keep].numpy(), ex[keep].numpy()).pvalue, met
+    if obs[ex == 0].sum() > 0:  # a token outside the target's top-p set: impossible under the target
+        return 0.0, met
+    # outcomes expected fewer than 5 times are pooled into one cell (the chi-square approximation)
+    big = ex >= 5
+    o = torch.cat([obs[big], obs[~big].sum().view(1)])
+    e = torch.cat([ex[big], ex[~big].sum().view(1)])
+    keep = e > 0
+    return scipy_stats.chisquare(o[keep].numpy(), e[keep].numpy()).pvalue, met
 
 
-class _ForgetQ(SPDEngine):
-    """Planted bug: sampled drafts verified as point masses (the stored q forgotten)."""
+class _NoResidual(SPDEngine):
+    """Planted bug: after a rejection the correction is sampled from p itself instead of the residual
+    norm(max(0, p - q)) (same coin)."""
 
-    def _draft(self, s, logits):
-        tok, _ = super()._draft(s, logits)
-        return tok, None
+    def _verify(self, exits):
+        out = super()._verify(exits)
+        logits = self._target_logits(torch.stack([e.h for _, e in exits]))
+        fixed = []
+        for i, ((s, _), (ok, tok)) in enumerate(zip(exits, out)):
+            if not ok:
+                w = target_weights(logits[i], s.params.temperature, s.params.top_k, s.params.top_p)
+                tok = sample_inverse_cdf(w, philox_uniform(s.params.seed, s.pipeline[1].pos, 0, STREAM_FINAL))
+            fixed.append((ok, tok))
+        return fixed
 
 
 class _WrongRow(SPDEngine):
@@ -294,11 +309,11 @@ class _WrongRow(SPDEngine):
 def test_spd_sampling_is_lossless_and_planted_bugs_fail(small):
     m, pdm = small
     prompt = [1, 3, 0, 2, 4, 1]
-    N = 6000
+    N = 4000
     pv, met = _pvalue(lambda r: SPDEngine(m, pdm, 2).generate(r), m, prompt, N)
     assert pv > 1e-3, pv
     assert 0.1 < met.acceptance_rate < 0.95  # both branches of the rule are exercised
-    pv_bad, _ = _pvalue(lambda r: _ForgetQ(m, pdm, 2).generate(r), m, prompt, N)
+    pv_bad, _ = _pvalue(lambda r: _NoResidual(m, pdm, 2).generate(r), m, prompt, N)
     assert pv_bad < 1e-6, pv_bad
     pv_bad2, _ = _pvalue(lambda r: _WrongRow(m, pdm, 2).generate(r), m, prompt, N)
     assert pv_bad2 < 1e-6, pv_bad2
@@ -307,7 +322,7 @@ def test_spd_sampling_is_lossless_and_planted_bugs_fail(small):
 def test_pdm_proposer_sampling_is_lossless(small):
     m, pdm = small
     prompt = [2, 2, 4, 0, 1, 3]
-    pv, met = _pvalue(lambda r: Engine(m, PDMProposer(pdm, k=2)).generate(r), m, prompt, 6000)
+    pv, met = _pvalue(lambda r: Engine(m, PDMProposer(pdm, k=2)).generate(r), m, prompt, 4000)
     assert pv > 1e-3, pv
     assert met.drafted > 0 and met.accepted > 0
 

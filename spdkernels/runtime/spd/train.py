@@ -448,7 +448,11 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_v
     held_idx, train_idx = sorted(perm[:n_held]), sorted(perm[n_held:])
     t1 = time.perf_counter()
     seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in corpus]
-    states = anchor_states(target, seqs, anchors)
+    spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
+    states = torch.load(spath) if spath.exists() else None
+    if states is None or len(states) != len(seqs) or any(len(h) != len(s) for h, s in zip(states, seqs)):
+        states = anchor_states(target, seqs, anchors)
+        torch.save(states, spath)
     t_feat = time.perf_counter() - t1
     log(f"anchor states: {sum(len(s) for s in seqs)} tokens in {t_feat:.0f} s")
     train_w = make_windows([states[i] for i in train_idx], [corpus[i] for i in train_idx], st.window)
@@ -458,7 +462,7 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_v
                         held_out_sequences=len(held_idx), tokens=sum(len(s) for s in seqs),
                         vocab_coverage=coverage, vocab_ids=vocab)
     trainer = Trainer(target, cfg, train_w, held_w, st, log=log)
-    res = trainer.run(out_p / "checkpoints", progress=progress)
+    res = trainer.run(work_p / "checkpoints", progress=progress)
     layouts = {f"pipe{n}": ("pipeline", n, n, 0) for n in (2, 4, 8) if n <= L}
     layouts.update({f"pipe{n}_fill1": ("pipeline", n, 1, 0) for n in (4,)})
     layouts.update({"proposer_chain4": ("proposer", 4, 0, 4)})
