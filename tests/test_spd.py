@@ -2,7 +2,8 @@
 mask against a brute-force simulation of inference, training forward == inference forward, greedy SPD and
 the PDM proposer equal to autoregressive decoding (cache invariants asserted every cycle, stale KV poisoned),
 rollbacks forced at every fill level, the lossless sampling distribution of the first 3 tokens with two
-planted bugs (the residual forgotten, the wrong row) that the same test rejects, and the PDM file's refusal of other targets and corrupt files."""
+planted bugs (the residual forgotten, the wrong row) that the same test rejects, and the PDM file's refusal
+of other targets and corrupt files."""
 import json
 
 import pytest
