@@ -186,20 +186,7 @@ class Engine:
         finally:
             spdkernels.set_validation(old_validation)
         m.wall_s = time.perf_counter() - t_start
-        results = []
-        for s in states:
-            text = None
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(s.output)
-                if s.text_cut is not None:
-                    text = text[:s.text_cut]
-            results.append(Result(s.rid, s.prompt, s.output, text, s.finish_reason, s.metrics))
-            m.new_tokens += len(s.output)
-            m.drafted += s.metrics.drafted
-            m.accepted += s.metrics.accepted
-            m.emitted += s.metrics.emitted
-            m.steps += s.metrics.steps
-        return results, m
+        return collect_results(states, self.tokenizer, m), m
 
     # -- internals ---------------------------------------------------------------------------------------
     def _prefill(self, states: List[RequestState]) -> None:
@@ -355,6 +342,24 @@ class Engine:
 
     def _append(self, s: RequestState, new: List[int]) -> None:
         append_tokens(s, new, self.eos, self.tokenizer)
+
+
+def collect_results(states: Sequence[RequestState], tokenizer, m: RunMetrics) -> List[Result]:
+    """The requests' results (text decoded and cut at a stop string), their counters summed into ``m``."""
+    results = []
+    for s in states:
+        text = None
+        if tokenizer is not None:
+            text = tokenizer.decode(s.output)
+            if s.text_cut is not None:
+                text = text[:s.text_cut]
+        results.append(Result(s.rid, s.prompt, s.output, text, s.finish_reason, s.metrics))
+        m.new_tokens += len(s.output)
+        m.drafted += s.metrics.drafted
+        m.accepted += s.metrics.accepted
+        m.emitted += s.metrics.emitted
+        m.steps += s.metrics.steps
+    return results
 
 
 def validate_requests(config, requests: Sequence[Request], extra: int = 0) -> None:

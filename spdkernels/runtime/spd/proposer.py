@@ -21,12 +21,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from spdkernels import tree as tree_utils
-from spdkernels.reference.rejection_sample import philox_uniform
 
 from ..model import Batch
 from ..proposers import Draft, Proposer
 from .pdm import PipelineDraftModule
-from .schedule import STREAM_DRAFT
+from .schedule import draw_draft
 
 
 class PDMProposer(Proposer):
@@ -131,17 +130,7 @@ class PDMProposer(Proposer):
         return self._trees(states, depth_limits)
 
     def _sample(self, st, logits: torch.Tensor, pos: int) -> Tuple[int, Optional[torch.Tensor]]:
-        T = st.params.temperature
-        if T == 0 or not self.sample:
-            return int(self.pdm.vocab_ids[int(logits.argmax())]), None
-        q = torch.softmax(logits.float() / T, dim=-1)
-        u = philox_uniform(st.params.seed, pos, 0, STREAM_DRAFT)
-        c = torch.cumsum(q, 0)
-        i = min(int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype), right=True)[0]),
-                q.shape[0] - 1)
-        while q[i] <= 0:
-            i -= 1
-        return int(self.pdm.vocab_ids[i]), q
+        return draw_draft(self.pdm, logits, st.params.temperature if self.sample else 0.0, st.params.seed, pos)
 
     def _chains(self, states, depth_limits) -> List[Draft]:
         pdm = self.pdm

@@ -26,7 +26,16 @@ import torch
 import spdkernels
 from spdkernels.reference.rejection_sample import philox_uniform
 
-from ..engine import Request, RequestMetrics, RequestState, Result, RunMetrics, append_tokens, validate_requests
+from ..engine import (
+    Request,
+    RequestMetrics,
+    RequestState,
+    Result,
+    RunMetrics,
+    append_tokens,
+    collect_results,
+    validate_requests,
+)
 from ..model import Batch, LlamaModel
 from .pdm import PipelineDraftModule, check_stages
 
@@ -76,6 +85,23 @@ class SPDRunMetrics(RunMetrics):
                  exit_verify_ms_per_cycle=1e3 * self.exit_verify_s / c,
                  slack_ms_per_cycle=1e3 * self.slack_s / c)
         return d
+
+
+def draw_draft(pdm: PipelineDraftModule, logits: torch.Tensor, temperature: float, seed: int, pos: int
+               ) -> Tuple[int, Optional[torch.Tensor]]:
+    """A draft token for position ``pos`` from the PDM's draft-vocabulary logits: the argmax at temperature
+    0, else a sample from ``q = softmax(logits / T)`` by inverse CDF with a Philox coin keyed by (seed,
+    position, stream 2), returned with q (kept for verification)."""
+    if temperature == 0:
+        return int(pdm.vocab_ids[int(logits.argmax())]), None
+    q = torch.softmax(logits.float() / temperature, dim=-1)
+    u = philox_uniform(seed, pos, 0, STREAM_DRAFT)
+    c = torch.cumsum(q, 0)
+    i = min(int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype), right=True)[0]),
+            q.shape[0] - 1)
+    while q[i] <= 0:  # never a zero-probability draft
+        i -= 1
+    return int(pdm.vocab_ids[i]), q
 
 
 class _Entry:
@@ -161,20 +187,8 @@ class SPDEngine:
         finally:
             spdkernels.set_validation(old)
         m.wall_s = time.perf_counter() - t0
-        results = []
-        for s in states:
-            text = None
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(s.output)
-                if s.text_cut is not None:
-                    text = text[:s.text_cut]
-            results.append(Result(s.rid, s.prompt, s.output, text, s.finish_reason, s.metrics))
-            m.new_tokens += len(s.output)
-            m.drafted += s.metrics.drafted
-            m.accepted += s.metrics.accepted
-            m.emitted += s.metrics.emitted
-            m.steps += s.metrics.steps
-            m.request_cycles += s.metrics.cycles
+        results = collect_results(states, self.tokenizer, m)
+        m.request_cycles = sum(s.metrics.cycles for s in states)
         return results, m
 
     # -- pieces --------------------------------------------------------------------------------------------
@@ -339,20 +353,7 @@ class SPDEngine:
         return [(n == 2, o[0]) for n, o in zip(num.tolist(), out.tolist())]
 
     def _draft(self, s: _SPDState, logits: torch.Tensor) -> Tuple[int, Optional[torch.Tensor]]:
-        """The next draft from the PDM's draft-vocabulary logits: argmax for greedy requests, else a sample
-        from ``q = softmax(logits / T)`` with a coin keyed by (seed, position), q kept for verification."""
-        T = s.params.temperature
-        if T == 0:
-            return int(self.pdm.vocab_ids[int(logits.argmax())]), None
-        q = torch.softmax(logits.float() / T, dim=-1)
-        pos = s.pipeline[-1].pos + 1
-        u = philox_uniform(s.params.seed, pos, 0, STREAM_DRAFT)
-        c = torch.cumsum(q, 0)
-        i = int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype), right=True)[0])
-        i = min(i, q.shape[0] - 1)
-        while q[i] <= 0:  # never a zero-probability draft
-            i -= 1
-        return int(self.pdm.vocab_ids[i]), q
+        return draw_draft(self.pdm, logits, s.params.temperature, s.params.seed, s.pipeline[-1].pos + 1)
 
     def _cycle(self, active: List[_SPDState], m: SPDRunMetrics) -> None:
         model, n = self.model, self.n
