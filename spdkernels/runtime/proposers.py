@@ -102,6 +102,30 @@ def _trie(continuations: Sequence[Sequence[int]], budget: int) -> Draft:
     return d
 
 
+def keep_best_children(drafts: List[Draft], scores: List[List[float]], frontier: List[List[int]],
+                       owners: Sequence[Tuple[int, int]], values, ids, width: int, max_nodes: int
+                       ) -> List[Tuple[int, int]]:
+    """One EAGLE-2 level: row ``i`` of ``values``/``ids`` (top-k log-probabilities and token ids) holds the
+    children of node ``owners[i] = (request, node)`` (node -1 = the root); each request keeps its ``width``
+    best children by cumulative log-probability within ``max_nodes``, appended to its draft, and they become
+    its frontier. Returns ``(request, token)`` of every node added, in order."""
+    cand: Dict[int, List[Tuple[float, int, int]]] = {}
+    for (r, f), vals, toks in zip(owners, values, ids):
+        base = 0.0 if f < 0 else scores[r][f]
+        cand.setdefault(r, []).extend((base + v, f, t) for v, t in zip(vals, toks))
+    added = []
+    for r, cs in cand.items():
+        d = drafts[r]
+        frontier[r] = []
+        for s, f, t in heapq.nlargest(min(width, max_nodes - len(d)), cs, key=lambda x: x[0]):
+            d.tokens.append(t)
+            d.parents.append(f)
+            scores[r].append(s)
+            frontier[r].append(len(d) - 1)
+            added.append((r, t))
+    return added
+
+
 class NGramProposer(Proposer):
     """Prompt lookup: find the most recent earlier occurrence of the last n tokens (n from ``max_ngram``
     down to ``min_ngram``) in the prompt and the text generated so far, and propose the tokens that followed
@@ -257,21 +281,8 @@ class ModelProposer(Proposer):
             h, _ = m.forward_layers(m.embed_tokens(batch.token_ids), batch, cache, 0, self.draft_layers())
             logp = torch.log_softmax(self._logits(m, h[torch.tensor(rows)]).float(), dim=-1)
             top = logp.topk(self.branching, dim=-1)
-            cand: Dict[int, List[Tuple[float, int, int]]] = {r: [] for r in active}
-            for (r, f), vals, ids in zip(row_owner, top.values.tolist(), top.indices.tolist()):
-                base = 0.0 if f < 0 else scores[r][f]
-                for v, t in zip(vals, ids):
-                    cand[r].append((base + v, f, t))
-            for r in active:
-                d = drafts[r]
-                room = self.max_nodes - len(d)
-                best = heapq.nlargest(min(self.width, room), cand[r], key=lambda x: x[0])
-                frontier[r] = []
-                for s, f, t in best:
-                    d.tokens.append(t)
-                    d.parents.append(f)
-                    scores[r].append(s)
-                    frontier[r].append(len(d) - 1)
+            keep_best_children(drafts, scores, frontier, row_owner, top.values.tolist(), top.indices.tolist(),
+                               self.width, self.max_nodes)
         for r in sorted(forwarded):  # their pending tokens are now in the draft cache
             self.after_draft(states[r], self.committed(states[r]) + len(pend[r]))
         return drafts

@@ -15,7 +15,6 @@ top-k trees (point-mass verification). Sampled requests draft chains sampled fro
 trees stay deterministic top-k expansions (point masses), which keeps sampling lossless."""
 from __future__ import annotations
 
-import heapq
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from spdkernels import tree as tree_utils
 
 from ..model import Batch
-from ..proposers import Draft, Proposer
+from ..proposers import Draft, Proposer, keep_best_children
 from .pdm import PipelineDraftModule
 from .schedule import draw_draft
 
@@ -207,28 +206,13 @@ class PDMProposer(Proposer):
                     sel.append(cu[i] + (0 if f < 0 else 1 + f))
             logp = torch.log_softmax(pdm.draft_logits(h[torch.tensor(sel)]).float(), dim=-1)
             top = logp.topk(self.branching, dim=-1)
-            cand: Dict[int, List[Tuple[float, int, int]]] = {r: [] for r in active}
-            j = 0
-            for r in active:
-                for f in frontier[r]:
-                    base = 0.0 if f < 0 else scores[r][f]
-                    for v, t in zip(top.values[j].tolist(), top.indices[j].tolist()):
-                        cand[r].append((base + v, f, int(pdm.vocab_ids[t])))
-                    j += 1
-            for r in active:
-                d = drafts[r]
-                room = self.max_nodes - len(d)
-                best = heapq.nlargest(min(self.width, room), cand[r], key=lambda x: x[0])
-                frontier[r] = []
-                for s_, f, t in best:
-                    d.tokens.append(t)
-                    d.parents.append(f)
-                    scores[r].append(s_)
-                    frontier[r].append(len(d) - 1)
-                    e = self._emb(torch.tensor([t]))[0]
-                    row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
-                    row[0] = e
-                    embs[r].append(row)
+            owners = [(r, f) for r in active for f in frontier[r]]
+            for r, t in keep_best_children(drafts, scores, frontier, owners, top.values.tolist(),
+                                           pdm.vocab_ids[top.indices].tolist(), self.width, self.max_nodes):
+                e = self._emb(torch.tensor([t]))[0]
+                row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
+                row[0] = e
+                embs[r].append(row)
         for st in states:
             if st.rid in self._len:
                 self._cache.set_length(st.rid, self._len[st.rid])
