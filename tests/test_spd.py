@@ -38,7 +38,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def pdm(model):
-    return untrained_pdm(model, ANCHORS, layers=2, intermediate=48, noise=0.05)
+    return untrained_pdm(model, ANCHORS, layers=2, intermediate=48, noise=0.05, anchor_norm=True)
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +103,24 @@ def test_structural_mask_rejects_bad_layouts():
 
 @pytest.mark.parametrize("mode,n,fill,segs", [("pipeline", 4, 4, []), ("pipeline", 4, 2, []),
                                               ("pipeline", 2, 2, []), ("proposer", 4, 0, [3, 2, 4])])
-def test_training_forward_equals_inference(mode, n, fill, segs):
+@pytest.mark.parametrize("anchor_norm", [False, True])
+def test_training_forward_equals_inference(mode, n, fill, segs, anchor_norm):
     """The training net under the structural mask gives, at every depth-0 row, the logits the inference
     module computes from the rows that inference would feed (the same weights, a fresh cache per view)."""
     torch.manual_seed(0)
     m = LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float32)
-    net = PDMNet(untrained_pdm(m, ANCHORS, layers=2, intermediate=48).cfg, m, torch.arange(CFG.vocab_size), seed=3)
+    net = PDMNet(untrained_pdm(m, ANCHORS, layers=2, intermediate=48, anchor_norm=anchor_norm).cfg, m,
+                 torch.arange(CFG.vocab_size), seed=3)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     from spdkernels.runtime.spd.pdm import PipelineDraftModule
 
     inf = PipelineDraftModule(net.cfg, net.hf_state_dict(), m)
+    assert (inf.anchor_norms is not None) == anchor_norm
     S = 9
-    h = torch.randn(S, len(ANCHORS), CFG.hidden_size)
+    # anchors of growing scale, as in a trained LM's residual stream
+    h = torch.randn(S, len(ANCHORS), CFG.hidden_size) * torch.tensor([1.0, 10.0, 50.0, 200.0, 700.0])[:, None]
     f = depth_types(ANCHORS, CFG.num_layers, n)
     mask, depths = structural_mask(S, f, mode, fill, segs)
     with torch.no_grad():
@@ -353,6 +357,12 @@ def test_pdm_file_round_trip_and_refusals(tmp_path, pdm):
     d = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1), sd)
     loaded = load_pdm(str(d), m, sd)
     assert loaded.cfg.anchors == ANCHORS
+    # a config that asks for anchor norms the weights file lacks
+    cfg_j = json.loads((d / "pdm.json").read_text())
+    (d / "pdm.json").write_text(json.dumps(dict(cfg_j, anchor_norm=True)))
+    with pytest.raises(PDMError, match="anchor_norm.0.weight"):
+        load_pdm(str(d), m, sd)
+    (d / "pdm.json").write_text(json.dumps(cfg_j))
     # another checkpoint of the same architecture
     sd2 = {k: v.float() for k, v in random_state_dict(CFG, seed=9).items()}
     with pytest.raises(PDMError, match="weight hash"):

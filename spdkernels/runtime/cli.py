@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=4, help="training windows per step")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-anchor-norm", action="store_true",
+                   help="feed the raw anchor hidden states to the aggregation (no per-anchor RMSNorm)")
     t.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -300,7 +302,8 @@ def cmd_train_pdm(args) -> int:
     st = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-              intermediate=args.intermediate, settings=st, progress=not args.no_progress)
+              intermediate=args.intermediate, settings=st, progress=not args.no_progress,
+              anchor_norm=not args.no_anchor_norm)
     return 0
 
 

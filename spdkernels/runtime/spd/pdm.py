@@ -67,6 +67,7 @@ class PDMConfig:
     draft_vocab: int  # size of the draft vocabulary
     target: Dict = field(default_factory=dict)  # target_fingerprint() of the target
     train_head: bool = False  # False: the head is the target's rows (not stored, rebuilt at load)
+    anchor_norm: bool = False  # True: each anchor is RMS-normalised (weights ``anchor_norm.{j}.weight``) first
     training: Dict = field(default_factory=dict)  # how it was trained (informational)
     format: int = PDM_FORMAT
 
@@ -112,14 +113,46 @@ def check_stages(cfg: PDMConfig, num_layers: int, n: int) -> List[int]:
     return f
 
 
-def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+def anchor_norm_init(target: LlamaModel, anchors: Sequence[int], state_dict=None) -> List[torch.Tensor]:
+    """Initial per-anchor RMSNorm weights: the norm the target itself applies to hidden state ``b_j`` next
+    (layer ``b_j``'s input norm, the final norm for ``b_j = L``). The residual stream of a trained LM grows
+    by orders of magnitude with depth and a few dimensions carry massive activations (SmolLM2-135M: mean
+    norms 2.8 at the embedding, ~750 after layer 22), so without a norm the deepest anchor swamps the
+    aggregation and every context row looks alike to the tower."""
+    L = target.config.num_layers
+    out = []
+    for b in anchors:
+        if b == L:
+            w = target.norm
+        elif state_dict is not None:
+            w = state_dict[f"model.layers.{b}.input_layernorm.weight"]
+        else:
+            w = target.layers[b - target.layer_start].ln1
+        out.append(w.detach().float().clone())
+    return out
+
+
+def normalise_anchors(anchor_h: torch.Tensor, norms: Optional[Sequence[torch.Tensor]], eps: float,
+                      upto: Optional[int] = None) -> torch.Tensor:
+    """``anchor_h [T, m + 1, H]`` with anchor ``j`` RMS-normalised by ``norms[j]`` (unchanged when
+    ``norms`` is None); only the first ``upto`` anchors are returned when given."""
+    k = anchor_h.shape[1] if upto is None else upto
+    if norms is None:
+        return anchor_h[:, :k]
+    H = anchor_h.shape[-1]
+    return torch.stack([F.rms_norm(anchor_h[:, j], (H,), norms[j], eps) for j in range(k)], dim=1)
+
+
+def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: torch.Tensor,
+              norms: Optional[Sequence[torch.Tensor]] = None, eps: float = 1e-5) -> torch.Tensor:
     """Rows ``g_{types[i]}`` for hidden states ``anchor_h: [T, m + 1, H]`` (entries past a row's type are
-    ignored): ``g_k = W_k . concat(h_{b_0..b_k})`` with ``weights[k]: [H, (k + 1) H]``."""
+    ignored): ``g_k = W_k . concat(n_0(h_{b_0}), .., n_k(h_{b_k}))`` with ``weights[k]: [H, (k + 1) H]`` and
+    ``n_j`` the anchor's RMSNorm (the identity when ``norms`` is None)."""
     T, _, H = anchor_h.shape
     out = anchor_h.new_empty(T, H)
     for k in torch.unique(types).tolist():
         idx = (types == k).nonzero().view(-1)
-        x = anchor_h[idx, :k + 1].reshape(len(idx), (k + 1) * H)
+        x = normalise_anchors(anchor_h[idx], norms, eps, k + 1).reshape(len(idx), (k + 1) * H)
         out[idx] = linear(x, weights[k])
     return out
 
@@ -143,6 +176,14 @@ class PipelineDraftModule:
                 raise PDMError(f"agg.{k}.weight: expected shape {(H, (k + 1) * H)}, got "
                                f"{None if w is None else tuple(w.shape)}")
             self.agg.append(w.to(dev, dt).contiguous())
+        self.anchor_norms = None
+        if cfg.anchor_norm:
+            self.anchor_norms = []
+            for j in range(cfg.m + 1):
+                w = weights.get(f"anchor_norm.{j}.weight")
+                if w is None or tuple(w.shape) != (H,):
+                    raise PDMError(f"anchor_norm.{j}.weight: missing or not of shape {(H,)}")
+                self.anchor_norms.append(w.to(dev, dt).contiguous())
         ids = weights.get("vocab_ids")
         if ids is None or ids.shape != (cfg.draft_vocab,):
             raise PDMError("vocab_ids: missing or of the wrong length")
@@ -168,7 +209,7 @@ class PipelineDraftModule:
         return self.tower.new_cache(num_blocks, block_size, scrub=scrub)
 
     def rows(self, anchor_h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        return aggregate(self.agg, anchor_h, types)
+        return aggregate(self.agg, anchor_h, types, self.anchor_norms, self.eps)
 
     def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tower output rows ``[T, H]`` -> draft-vocabulary logits ``[T, draft_vocab]``."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import LlamaModel, decoder_layer, rope_tables
-from .pdm import PDMConfig, depth_types, save_pdm, target_fingerprint
+from .pdm import PDMConfig, anchor_norm_init, depth_types, normalise_anchors, save_pdm, target_fingerprint
 
 
 # ---- the structural mask --------------------------------------------------------------------------------------
@@ -156,6 +156,10 @@ class PDMNet(torch.nn.Module):
             w[:, k * H:] += torch.eye(H)  # start as the deepest anchor of the row: g_k = h_{b_k}
             agg.append(torch.nn.Parameter(w))
         self.agg = torch.nn.ParameterList(agg)
+        self.anchor_norms = None
+        if cfg.anchor_norm:
+            self.anchor_norms = torch.nn.ParameterList(
+                [torch.nn.Parameter(w) for w in anchor_norm_init(target, cfg.anchors)])
         self.layers = torch.nn.ModuleList([_TowerLayer(self.tower_cfg, g, cfg.num_layers)
                                            for _ in range(cfg.num_layers)])
         self.register_buffer("vocab_ids", vocab_ids.to(torch.int64).clone())
@@ -173,7 +177,8 @@ class PDMNet(torch.nn.Module):
         """``anchor_h [S, m + 1, H]`` -> the stacked blocks ``[len(types) * S, H]``, block ``i`` of type
         ``types[i]``."""
         S, _, H = anchor_h.shape
-        return torch.cat([F.linear(anchor_h[:, :a + 1].reshape(S, (a + 1) * H), self.agg[a]) for a in types])
+        x = normalise_anchors(anchor_h, self.anchor_norms, self.tc.rms_norm_eps)
+        return torch.cat([F.linear(x[:, :a + 1].reshape(S, (a + 1) * H), self.agg[a]) for a in types])
 
     def forward(self, anchor_h: torch.Tensor, positions: torch.Tensor, types: Sequence[int], mask: torch.Tensor,
                 loss_rows: torch.Tensor) -> torch.Tensor:
@@ -205,6 +210,8 @@ class PDMNet(torch.nn.Module):
         c = self.tower_cfg
         qd, kd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         out: Dict[str, torch.Tensor] = {f"agg.{k}.weight": w.detach() for k, w in enumerate(self.agg)}
+        if self.anchor_norms is not None:
+            out.update({f"anchor_norm.{j}.weight": w.detach() for j, w in enumerate(self.anchor_norms)})
         for i, L in enumerate(self.layers):
             p = f"model.layers.{i}."
             q, k, v = L.w_qkv.detach().split([qd, kd, kd])
@@ -409,7 +416,7 @@ def select_vocab(corpus: Sequence[Dict], size: int, vocab_size: int, always: Seq
 def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_vocab: int = 8192,
               anchors: Optional[Sequence[int]] = None, num_prompts: int = 400, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
-              progress: bool = True, log=print) -> Dict:
+              progress: bool = True, log=print, anchor_norm: bool = True) -> Dict:
     """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
     held-out evaluation, and the PDM written to ``out`` with ``train_log.json`` and ``heldout.json``."""
     from .data import anchor_states, generate_corpus, load_corpus, save_corpus
@@ -421,7 +428,7 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_v
     if anchors[-1] != L:
         raise ValueError(f"anchors: the last anchor must be the target's last layer ({L}): the teacher reads it")
     cfg = PDMConfig(anchors=anchors, num_layers=layers, intermediate_size=intermediate or ck.config.intermediate_size,
-                    draft_vocab=min(draft_vocab, ck.config.vocab_size),
+                    draft_vocab=min(draft_vocab, ck.config.vocab_size), anchor_norm=anchor_norm,
                     target=target_fingerprint(ck.config, ck.state_dict))
     cfg.validate(ck.config)
     depth_types(anchors, L, stages)  # n fits the target
@@ -491,7 +498,7 @@ def stage_bounds_union(L: int, stages: Sequence[int] = (4,)) -> List[int]:
 
 
 def untrained_pdm(target: LlamaModel, anchors: Sequence[int], layers: int = 1, draft_vocab: int = 0,
-                  intermediate: int = 0, seed: int = 0, noise: float = 0.0):
+                  intermediate: int = 0, seed: int = 0, noise: float = 0.0, anchor_norm: bool = False):
     """A PDM at its initialisation (``noise`` > 0 perturbs every weight): the schedule's correctness does not
     depend on what the drafter predicts, so the tests run it with these."""
     from .pdm import PipelineDraftModule
@@ -499,7 +506,7 @@ def untrained_pdm(target: LlamaModel, anchors: Sequence[int], layers: int = 1, d
     c = target.config
     V = draft_vocab or c.vocab_size
     cfg = PDMConfig(anchors=list(anchors), num_layers=layers, intermediate_size=intermediate or c.intermediate_size,
-                    draft_vocab=V, target=dict(architecture=c.name, num_layers=c.num_layers,
+                    draft_vocab=V, anchor_norm=anchor_norm, target=dict(architecture=c.name, num_layers=c.num_layers,
                                                hidden_size=c.hidden_size, vocab_size=c.vocab_size))
     net = PDMNet(cfg, target, torch.arange(V), seed=seed)
     sd = net.hf_state_dict()
