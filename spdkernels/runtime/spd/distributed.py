@@ -1,0 +1,933 @@
+"""Speculative Pipeline Decoding across processes (contract section 6, "Distributed layout").
+
+World = ``n + 1`` ranks. Rank 0 holds the embedding, the final norm, the LM head and the PDM, and runs the
+control loop (the schedule of :class:`~.schedule.SPDEngine`, whose cycle it reuses: only the PDM call, the
+stage forwards and the prefill are replaced by messages). Rank ``s + 1`` holds stage ``s`` (its layers and
+its KV cache; stage 0 also the embedding, to embed the token the control names).
+
+Every cycle:
+
+* rank 0 sends each worker the fixed-size control tensor (GO / DISCARD / ..., cycle id, the token entering
+  stage 0, the position at every stage, the crop length), posts its receives of the stages' outputs, runs
+  the PDM forward while the stages compute, waits for the token leaving the last stage first, verifies it
+  (``verify_greedy`` / ``rejection_sample`` through ``SPDEngine._verify``), then the other stages' anchors;
+* stage ``s`` waits for the control, pre-posts the receive of the activation stage ``s - 1`` computes this
+  cycle (double-buffered: it is used next cycle), takes its input (the activation received last cycle, or
+  the embedded token at stage 0), runs its layers, and ``isend``s the output activation to stage ``s + 1``
+  and the anchor hidden states it owns (plus, at the last stage, the final hidden state) to rank 0.
+
+There is no barrier and one blocking wait per cycle on each rank (the control on workers, the outputs on
+rank 0; sends are waited one cycle later, when they have long completed). After a rejection the next
+control is DISCARD: every stage cuts its cache to the committed prefix (stage ``s`` drops the ``n - 1 - s``
+younger tokens it processed) and drops the activation in flight to it. The "broadcast" is a star of ``n``
+point-to-point messages rather than a collective, so that a hung or dead worker never blocks the control
+of the others (tree and ring collectives relay through peers).
+
+Every message carries the cycle id and position, checked by the receiver. Every wait has a deadline
+(``timeout_s`` plus four times the running mean cycle time; the prefill gets six times ``timeout_s``): a
+worker that dies (its connection closes), hangs or sends a wrong cycle id ends the run on every live rank
+with a clear error, rank 0 sends ABORT to the others, joins them and terminates those that do not leave.
+Workers ignore SIGINT; Ctrl-C in rank 0 shuts every rank down the same way.
+
+Launch: :class:`DistributedSPD` (rank 0 in the calling process) spawns the ``n`` workers with
+``torch.multiprocessing`` (spawn), setting ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` for
+them, and hands each one only its stage's tensors (shared memory). Under ``torchrun`` (those variables
+already set) nothing is spawned: rank 0 runs the command, the other ranks call :func:`worker_from_env`,
+load the checkpoint and keep only their stage. Backends: gloo (CPU) and NCCL (one GPU per rank, or ranks
+sharing GPUs round-robin)."""
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..engine import Request, append_tokens, collect_results, validate_requests
+from ..model import LlamaModel
+from ..weights import LlamaConfig
+from .pdm import PipelineDraftModule
+from .schedule import SPDEngine, SPDRunMetrics, _Entry, _SPDState
+
+# control opcodes
+OP_GO, OP_DISCARD, OP_PREFILL, OP_END, OP_PING, OP_SHUTDOWN, OP_ABORT = 1, 2, 3, 4, 5, 6, 7
+# control layout: op, cycle id, crop length, prompt length T, token entering stage 0, cache blocks,
+# abort culprit rank, abort reason, then the position at every stage (-1: idle)
+C_OP, C_CYCLE, C_CROP, C_T, C_TOKEN, C_BLOCKS, C_CULPRIT, C_REASON, C_POS = range(9)
+# message tags (gloo matches on them; NCCL keeps each pair's order, which the protocol also respects)
+TAG_CTRL, TAG_ACT, TAG_OUT, TAG_TOKENS, TAG_STATS = 1, 2, 3, 4, 5
+HEADER = 4  # int64 header of every activation/output message: cycle id, position, rows, magic
+MAGIC = 0x5350D
+REASONS = {1: "timed out", 2: "closed its connection (it exited or crashed)", 3: "sent a wrong cycle id",
+           4: "failed", 5: "interrupted (Ctrl-C)"}
+STATS = ("ctrl_wait", "input_wait", "compute", "compute_cpu", "send", "send_wait")
+
+
+class SPDDistributedError(RuntimeError):
+    """The distributed pipeline stopped: a rank died, hung, or broke the protocol."""
+
+
+@dataclass
+class PipelineSpec:
+    """What every rank needs to know (pickled to the workers)."""
+    n: int
+    config: LlamaConfig
+    stages: List[Tuple[int, int]]
+    stage_taps: List[Dict[int, int]]  # per stage: model layer -> anchor index it produces
+    dtype: str = "float32"
+    block_size: int = 16
+    backend: str = "gloo"
+    threads: int = 1
+    timeout_s: float = 5.0
+    model_source: Optional[str] = None  # torchrun workers load the checkpoint from here (None: embedded)
+    fault: Optional[Dict] = None  # tests: {"rank", "kind": die|hang|cycle, "cycle", "seconds"}
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def out_rows(self, s: int) -> int:
+        """Hidden-state rows stage ``s`` sends rank 0 per token: its anchors, + the final state (last stage)."""
+        return len(self.stage_taps[s]) + (1 if s == self.n - 1 else 0)
+
+
+def default_threads(n: int) -> int:
+    """Threads per rank: the cores shared by the ``n + 1`` ranks (at least 1), so they never oversubscribe."""
+    return max(1, (os.cpu_count() or 1) // (n + 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- communication ---------------------------------------------------------------------------------------
+class _Link:
+    """Point-to-point messages of one rank over a process group, with deadlines on every wait."""
+
+    def __init__(self, spec: PipelineSpec, rank: int, store, device):
+        self.rank, self.spec, self.device = rank, spec, device
+        world = spec.n + 1
+        timeout = datetime.timedelta(seconds=max(60.0, 12 * spec.timeout_s))
+        if spec.backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
+        elif spec.backend == "nccl":
+            self.pg = dist.ProcessGroupNCCL(store, rank, world)
+        else:
+            raise ValueError(f"backend: expected 'gloo' or 'nccl', got {spec.backend!r}")
+        self.store = store
+
+    def isend(self, t: torch.Tensor, dst: int, tag: int):
+        return self.pg.send([t], dst, tag)
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int):
+        return self.pg.recv([t], src, tag)
+
+    def wait(self, work, timeout: float, peer: int, what: str) -> None:
+        """Wait for ``work`` at most ``timeout`` seconds; raises :class:`_PeerError` naming the peer."""
+        try:
+            if self.spec.backend == "gloo":
+                work.wait(datetime.timedelta(seconds=timeout))
+            else:  # NCCL's wait does not block the host: poll
+                end = time.monotonic() + timeout
+                while not work.is_completed():
+                    if time.monotonic() > end:
+                        raise RuntimeError("Timed out waiting")
+                    time.sleep(0.0001)
+        except RuntimeError as e:
+            msg = str(e)
+            reason = 1 if "Timed out" in msg or "timed out" in msg else 2
+            raise _PeerError(peer, reason, f"{what}: {msg.splitlines()[0][:200]}") from None
+
+
+class _PeerError(Exception):
+    def __init__(self, peer: int, reason: int, detail: str):
+        super().__init__(detail)
+        self.peer, self.reason, self.detail = peer, reason, detail
+
+
+def _pack(header: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    h = torch.tensor(list(header), dtype=torch.int64, device=rows.device).view(torch.uint8)
+    return torch.cat([h, rows.contiguous().view(-1).view(torch.uint8)])
+
+
+def _buffer(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.empty(HEADER * 8 + numel * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8,
+                       device=device)
+
+
+def _unpack(buf: torch.Tensor, dtype: torch.dtype) -> Tuple[List[int], torch.Tensor]:
+    header = buf[:HEADER * 8].view(torch.int64).tolist()
+    return header, buf[HEADER * 8:].view(dtype)
+
+
+def _stage_name(rank: int) -> str:
+    return "rank 0 (control)" if rank == 0 else f"rank {rank} (stage {rank - 1})"
+
+
+# ---- workers ---------------------------------------------------------------------------------------------
+class _StageWorker:
+    """Rank ``s + 1``: stage ``s``'s layers and KV cache, driven by rank 0's control messages."""
+
+    _batch = SPDEngine._batch  # the same batch construction as the single-process engine
+
+    def __init__(self, spec: PipelineSpec, rank: int, weights: Dict[str, torch.Tensor], link: _Link, device):
+        self.spec, self.rank, self.s, self.link = spec, rank, rank - 1, link
+        s = self.s
+        self.first, self.last = s == 0, s == spec.n - 1
+        self.model = LlamaModel(spec.config, weights, dtype=spec.torch_dtype, device=device,
+                                layers=spec.stages[s], head=False)
+        self.embed = (weights["model.embed_tokens.weight"].to(device, spec.torch_dtype).contiguous()
+                      if self.first else None)
+        self.taps = spec.stage_taps[s]
+        self.tap_order = sorted(self.taps, key=self.taps.get)  # model layers, by anchor index
+        self.H = spec.config.hidden_size
+        self.cache = None
+        self.cycle = 0  # the next control's expected cycle id
+        self.act = None  # (work, buffer) of the activation in flight from stage s - 1
+        self.sends: List = []  # (work, tensor, peer) of the last cycle's sends
+        self.stats: List[List[float]] = []
+        self.ema = 0.0
+        self.t_last = None
+
+    def _timeout(self) -> float:
+        return self.spec.timeout_s + 4 * self.ema
+
+    def _fault(self, kind: str) -> bool:
+        f = self.spec.fault
+        return bool(f and f.get("rank") == self.rank and f.get("kind") == kind and f.get("cycle") == self.cycle)
+
+    def run(self) -> None:
+        spec, link = self.spec, self.link
+        idle = True  # between requests: wait for the control without a deadline (rank 0 may be idle)
+        ctrl = torch.empty(C_POS + spec.n, dtype=torch.int64, device=self.link.device)
+        while True:
+            t0 = time.perf_counter()
+            w = link.irecv(ctrl, 0, TAG_CTRL)
+            link.wait(w, 365 * 86400.0 if idle else self._timeout(), 0, "waiting for the control")
+            c = ctrl.tolist()
+            t1 = time.perf_counter()
+            if c[C_CYCLE] != self.cycle and c[C_OP] != OP_ABORT:
+                raise _PeerError(0, 3, f"control carries cycle {c[C_CYCLE]}, expected {self.cycle}")
+            self.cycle = c[C_CYCLE] + 1
+            for work, _, peer in self.sends:
+                link.wait(work, self._timeout(), peer, "sending")
+            self.sends = []
+            t2 = time.perf_counter()
+            op = c[C_OP]
+            if op == OP_SHUTDOWN:
+                return
+            if op == OP_ABORT:
+                culprit = c[C_CULPRIT]
+                why = REASONS.get(c[C_REASON], "failed")
+                raise SPDDistributedError(f"rank 0 aborted the pipeline: {_stage_name(culprit)} {why}"
+                                          if culprit > 0 else f"rank 0 aborted the pipeline ({why})")
+            if op == OP_PING:
+                self._send(torch.tensor([c[C_CYCLE], -1, 0, MAGIC], dtype=torch.int64,
+                                        device=link.device).view(torch.uint8), 0, TAG_OUT)
+                continue
+            if op == OP_END:
+                self._drop_act()
+                st = torch.tensor([[len(self.stats)] + [0.0] * (len(STATS) - 1)] + self.stats,
+                                  dtype=torch.float64).to(link.device)
+                w = link.isend(st, 0, TAG_STATS)
+                link.wait(w, self._timeout(), 0, "sending the timings")
+                self.stats, self.cache, idle = [], None, True
+                continue
+            if op == OP_PREFILL:
+                idle = False
+                self._prefill(c)
+                continue
+            # GO / DISCARD: one cycle
+            if self.t_last is not None:
+                dt = t0 - self.t_last
+                self.ema = dt if self.ema == 0 else 0.9 * self.ema + 0.1 * dt
+            self.t_last = t0
+            cycle = c[C_CYCLE]
+            if op == OP_DISCARD:
+                self._drop_act()
+                self.cache.set_length(0, c[C_CROP])
+            pos = c[C_POS + self.s]
+            prev = self.act
+            # pre-post the receive of what stage s - 1 computes this cycle (our input next cycle)
+            self.act = None
+            if not self.first and c[C_POS + self.s - 1] >= 0:
+                buf = _buffer(self.H, spec.torch_dtype, link.device)
+                self.act = (link.irecv(buf, self.rank - 1, TAG_ACT), buf)
+            t3 = time.perf_counter()
+            if pos < 0:
+                if prev is not None:
+                    raise _PeerError(0, 4, f"cycle {cycle}: an activation is in flight to an idle stage")
+                self.stats.append([t1 - t0, 0.0, 0.0, 0.0, 0.0, t2 - t1])
+                continue
+            if self.first:
+                h = torch.nn.functional.embedding(torch.tensor([c[C_TOKEN]], device=link.device), self.embed)
+            else:
+                if prev is None:
+                    raise _PeerError(0, 4, f"cycle {cycle}: stage {self.s} has a token but no input in flight")
+                link.wait(prev[0], self._timeout(), self.rank - 1, f"cycle {cycle}: waiting for the activation")
+                header, payload = _unpack(prev[1], spec.torch_dtype)
+                if header[0] != cycle - 1 or header[1] != pos or header[3] != MAGIC:
+                    raise _PeerError(self.rank - 1, 3, f"cycle {cycle}: activation of cycle {header[0]} position "
+                                     f"{header[1]}, expected cycle {cycle - 1} position {pos}")
+                h = payload.view(1, self.H).clone()
+            t4 = time.perf_counter()
+            c4 = time.thread_time()
+            if self.cache.length(0) != pos:
+                raise _PeerError(0, 4, f"cycle {cycle}: stage {self.s} cache holds {self.cache.length(0)} "
+                                 f"positions, the token is at {pos}")
+            b = self._batch(self.cache, [0], [[pos]])
+            start, end = spec.stages[self.s]
+            h, tapped = self.model.forward_layers(h, b, self.cache, start, end, taps=self.taps)
+            self.cache.set_length(0, pos + 1)
+            if self._fault("hang"):
+                time.sleep(float(spec.fault.get("seconds", 3 * spec.timeout_s)))
+            if self._fault("die"):
+                os._exit(17)
+            t5, c5 = time.perf_counter(), time.thread_time()
+            tag_cycle = cycle + (7 if self._fault("cycle") else 0)
+            if not self.last:
+                self._send(_pack([tag_cycle, pos, 1, MAGIC], h), self.rank + 1, TAG_ACT)
+            rows = [tapped[i] for i in self.tap_order] + ([h] if self.last else [])
+            if rows:
+                self._send(_pack([tag_cycle, pos, len(rows), MAGIC], torch.cat(rows)), 0, TAG_OUT)
+            t6 = time.perf_counter()
+            self.stats.append([t1 - t0, t4 - t3, t5 - t4, c5 - c4, t6 - t5, t2 - t1])
+
+    def _send(self, t: torch.Tensor, dst: int, tag: int) -> None:
+        self.sends.append((self.link.isend(t, dst, tag), t, dst))
+
+    def _drop_act(self) -> None:
+        """Consume the activation in flight to this stage (its token was dropped)."""
+        if self.act is not None:
+            self.link.wait(self.act[0], self._timeout(), self.rank - 1, "draining a dropped activation")
+            self.act = None
+
+    def _prefill(self, c: List[int]) -> None:
+        """The prompt through this stage: its own KV shard, the output to the next stage, the anchors to
+        rank 0 (the last stage also sends the final hidden state of the last prompt token)."""
+        spec, link = self.spec, self.link
+        T = c[C_T]
+        deadline = 6 * spec.timeout_s
+        self.cache = self.model.new_cache(c[C_BLOCKS], spec.block_size)
+        self.cache.add(0)
+        self.ema, self.t_last = 0.0, None
+        if self.first:
+            ids = torch.empty(T, dtype=torch.int64, device=link.device)
+            link.wait(link.irecv(ids, 0, TAG_TOKENS), deadline, 0, "prefill: waiting for the prompt")
+            h = torch.nn.functional.embedding(ids, self.embed)
+        else:
+            buf = _buffer(T * self.H, spec.torch_dtype, link.device)
+            link.wait(link.irecv(buf, self.rank - 1, TAG_ACT), deadline, self.rank - 1,
+                      "prefill: waiting for the activations")
+            header, payload = _unpack(buf, spec.torch_dtype)
+            if header[0] != c[C_CYCLE] or header[3] != MAGIC:
+                raise _PeerError(self.rank - 1, 3, f"prefill activations of cycle {header[0]}, expected {c[C_CYCLE]}")
+            h = payload.view(T, self.H).clone()
+        b = self._batch(self.cache, [0], [list(range(T))])
+        start, end = spec.stages[self.s]
+        h, tapped = self.model.forward_layers(h, b, self.cache, start, end, taps=self.taps)
+        self.cache.set_length(0, T)
+        if not self.last:
+            self._send(_pack([c[C_CYCLE], T, T, MAGIC], h), self.rank + 1, TAG_ACT)
+        rows = [tapped[i] for i in self.tap_order] + ([h[-1:]] if self.last else [])
+        if rows:
+            self._send(_pack([c[C_CYCLE], T, len(rows), MAGIC], torch.cat(rows)), 0, TAG_OUT)
+
+
+def _device_for(spec: PipelineSpec, rank: int):
+    if spec.backend == "nccl":
+        d = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(d)
+        return d
+    return torch.device("cpu")
+
+
+def _stage_weights(spec: PipelineSpec, state_dict: Dict[str, torch.Tensor], s: int) -> Dict[str, torch.Tensor]:
+    a, b = spec.stages[s]
+    keep = {k: v for k, v in state_dict.items()
+            if k.startswith("model.layers.") and a <= int(k.split(".")[2]) < b}
+    if s == 0:
+        keep["model.embed_tokens.weight"] = state_dict["model.embed_tokens.weight"]
+    return keep
+
+
+def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[Dict[str, torch.Tensor]],
+                 agent_store: bool = False) -> None:
+    """Entry point of a worker rank (spawned, or under torchrun with ``weights=None``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 shuts us down
+    signal.signal(signal.SIGTERM, lambda *a: (_say(rank, "terminated by the launcher"), os._exit(143)))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR=addr, MASTER_PORT=str(port))
+    store = None
+    code = 1
+    try:
+        store = dist.PrefixStore("spd", dist.TCPStore(addr, port, world, False, timeout=datetime.timedelta(
+            seconds=120)))
+        spec: PipelineSpec = pickle.loads(store.get("spec"))
+        torch.set_num_threads(spec.threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+        device = _device_for(spec, rank)
+        if weights is None:  # torchrun: load the checkpoint, keep this stage's tensors
+            from ..weights import load_checkpoint
+
+            ck = load_checkpoint(spec.model_source, dtype=spec.torch_dtype)
+            weights = _stage_weights(spec, ck.state_dict, rank - 1)
+            del ck
+        store.set(f"ready/{rank}", "1")
+        link = _Link(spec, rank, store, device)
+        with torch.inference_mode():
+            _StageWorker(spec, rank, weights, link, device).run()
+        code = 0
+    except _PeerError as e:
+        msg = f"{_stage_name(e.peer)} {REASONS[e.reason]} ({e.detail})"
+        _say(rank, msg, store)
+    except SPDDistributedError as e:
+        _say(rank, str(e), store)
+    except Exception as e:  # noqa: BLE001 - any failure must end the process with a message
+        _say(rank, f"{type(e).__name__}: {e}", store)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _say(rank: int, msg: str, store=None) -> None:
+    print(f"spd {_stage_name(rank)}: error: {msg}", file=sys.stderr, flush=True)
+    if store is not None:
+        try:
+            store.set(f"error/{rank}", msg)
+        except Exception:  # noqa: BLE001 - the store may be gone with rank 0
+            pass
+
+
+def worker_from_env() -> int:
+    """A worker rank under ``torchrun`` (``RANK`` >= 1, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _worker_main(rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None)
+    return 0  # not reached: the worker exits the process
+
+
+def torchrun_rank() -> Optional[int]:
+    """This process's rank when launched by torchrun (or with the variables set by hand), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+# ---- rank 0 ----------------------------------------------------------------------------------------------
+@dataclass
+class DistSPDRunMetrics(SPDRunMetrics):
+    """:class:`SPDRunMetrics` measured across processes, plus the per-cycle split of every rank: rank 0's
+    cycle wall time, control sends, PDM, waits for the exiting token and for the other anchors, verify; per
+    stage the compute (wall and CPU), the wait for its input and for the control; the p2p round trip."""
+    ranks: int = 0
+    threads: int = 0
+    backend: str = ""
+    cycle_wall_s: float = 0.0
+    ctrl_s: float = 0.0
+    wait_exit_s: float = 0.0
+    wait_rest_s: float = 0.0
+    stage_cpu_s: List[float] = field(default_factory=list)
+    stage_input_wait_s: List[float] = field(default_factory=list)
+    stage_ctrl_wait_s: List[float] = field(default_factory=list)
+    slowest_stage_cpu_s: float = 0.0
+    p2p_rtt_s: float = 0.0  # median round trip of a control to every worker and an empty reply back
+
+    def as_dict(self) -> Dict[str, float]:
+        d = super().as_dict()
+        c = max(self.cycles, 1)
+        d.update(cycle_ms=1e3 * self.cycle_wall_s / c, ctrl_ms_per_cycle=1e3 * self.ctrl_s / c,
+                 wait_exit_ms_per_cycle=1e3 * self.wait_exit_s / c, wait_rest_ms_per_cycle=1e3 * self.wait_rest_s / c,
+                 stage_cpu_ms_per_cycle=[1e3 * s / c for s in self.stage_cpu_s],
+                 slowest_stage_cpu_ms_per_cycle=1e3 * self.slowest_stage_cpu_s / c,
+                 stage_input_wait_ms_per_cycle=[1e3 * s / c for s in self.stage_input_wait_s],
+                 p2p_rtt_ms=1e3 * self.p2p_rtt_s, decode_tokens_per_s=self.decode_tokens_per_s)
+        return d
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens committed by cycles per second of cycles (the prefill's first token and time excluded)."""
+        return self.steps / self.cycle_wall_s if self.cycle_wall_s else 0.0
+
+
+class DistributedSPD(SPDEngine):
+    """SPD with one process per stage. ``DistributedSPD(config, state_dict, pdm, n).generate(requests)``
+    runs the requests one after another over the same workers (started at the first call or by
+    :meth:`start`, stopped by :meth:`close` or the context manager). ``pdm`` may be built on any model with
+    this checkpoint's head. Rank 0 keeps only the embedding, final norm, LM head and the PDM; each worker
+    gets only its stage's tensors. ``threads`` per rank default to the cores over ``n + 1`` (at least 1).
+    ``timeout_s``: the grace of every wait beyond four running mean cycle times."""
+
+    def __init__(self, config: LlamaConfig, state_dict: Dict[str, torch.Tensor], pdm: PipelineDraftModule, n: int,
+                 tokenizer=None, eos_token_ids: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32,
+                 block_size: int = 16, backend: str = "gloo", threads: Optional[int] = None, timeout_s: float = 5.0,
+                 debug: bool = False, model_source: Optional[str] = None, fault: Optional[Dict] = None):
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads: expected >= 1, got {threads}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected > 0, got {timeout_s}")
+        self.rank0_device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        head = LlamaModel(config, state_dict, dtype=dtype, device=self.rank0_device, layers=(0, 0), head=True)
+        super().__init__(head, pdm, n, tokenizer=tokenizer, eos_token_ids=eos_token_ids, block_size=block_size,
+                         debug=debug)
+        self.state_dict = state_dict
+        self.spec = PipelineSpec(n=n, config=config, stages=self.stages, stage_taps=self.stage_taps,
+                                 dtype=str(dtype).replace("torch.", ""), block_size=block_size, backend=backend,
+                                 threads=threads or default_threads(n), timeout_s=float(timeout_s),
+                                 model_source=model_source, fault=fault)
+        self.link: Optional[_Link] = None
+        self.procs: List = []
+        self.store = None
+        self.cycle_id = 0
+        self.closed = False
+        self._prefilling = False
+        self._reset_request()
+
+    def describe(self) -> str:
+        return f"spd n={self.n} L_s={self.pdm.num_layers} distributed ({self.spec.backend}, {self.n + 1} ranks)"
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> DistributedSPD:
+        """Start the workers (spawned, or the other torchrun ranks) and connect to them."""
+        if self.link is not None:
+            return self
+        if self.closed:
+            raise SPDDistributedError("this pipeline was shut down; make a new DistributedSPD")
+        spec, world = self.spec, self.n + 1
+        env_rank = torchrun_rank()
+        torchrun = env_rank is not None
+        if torchrun:
+            if env_rank != 0 or int(os.environ["WORLD_SIZE"]) != world:
+                raise ValueError(f"WORLD_SIZE: --stages {self.n} needs {world} ranks and this process as rank 0, "
+                                 f"got rank {env_rank} of {os.environ['WORLD_SIZE']}")
+            addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        else:
+            addr, port, agent = "127.0.0.1", _free_port(), False
+        timeout = datetime.timedelta(seconds=120)
+        base = (dist.TCPStore(addr, port, world, False, timeout=timeout) if agent else
+                dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False))
+        self.store = dist.PrefixStore("spd", base)
+        self.store.set("spec", pickle.dumps(spec))
+        if not torchrun:
+            import torch.multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            for r in range(1, world):
+                p = ctx.Process(target=_worker_main, args=(r, world, addr, port, _stage_weights(
+                    spec, self.state_dict, r - 1)), daemon=True, name=f"spd-rank{r}")
+                p.start()
+                self.procs.append(p)
+        # wait for every worker to load its stage (dead workers fail fast)
+        end = time.monotonic() + 300
+        ready = [f"ready/{r}" for r in range(1, world)]
+        while not self.store.check(ready):
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead or time.monotonic() > end:
+                self._kill_workers(0.0)
+                raise SPDDistributedError(f"workers did not start: {self._worker_errors() or 'timed out'}")
+            time.sleep(0.02)
+        self._old_threads = torch.get_num_threads()
+        torch.set_num_threads(spec.threads)
+        self.link = _Link(spec, 0, self.store, self.rank0_device)
+        self.p2p_rtt_s = self._ping()
+        return self
+
+    def close(self) -> None:
+        """Shut the workers down (SHUTDOWN control), join them."""
+        if self.link is not None and not self.closed:
+            try:
+                self._send_ctrl(self._ctrl(OP_SHUTDOWN))
+                self._wait_ctrl_sends()
+            except _PeerError:
+                pass
+            self._kill_workers(self.spec.timeout_s)
+            torch.set_num_threads(self._old_threads)
+        self.closed = True
+        self.link = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _kill_workers(self, grace: float) -> None:
+        end = time.monotonic() + grace
+        for p in self.procs:
+            p.join(max(0.0, end - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+    @property
+    def exitcodes(self) -> List[Optional[int]]:
+        return [p.exitcode for p in self.procs]
+
+    def _worker_errors(self) -> str:
+        errs = []
+        for r in range(1, self.n + 1):
+            try:
+                if self.store is not None and self.store.check([f"error/{r}"]):
+                    errs.append(f"{_stage_name(r)}: {self.store.get(f'error/{r}').decode()}")
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        return "; ".join(errs)
+
+    def _abort(self, culprit: int, reason: int, detail: str) -> SPDDistributedError:
+        """Tell every live worker to stop, join them (terminate the ones that hang), build the error."""
+        if self.link is not None:
+            for r in range(1, self.n + 1):
+                try:
+                    t = self._ctrl(OP_ABORT)
+                    t[C_CULPRIT], t[C_REASON] = culprit, reason
+                    self.link.wait(self.link.isend(t, r, TAG_CTRL), 0.5, r, "abort")
+                except (_PeerError, RuntimeError):
+                    pass
+            self._kill_workers(min(2.0, self.spec.timeout_s))
+            torch.set_num_threads(self._old_threads)
+        self.link, self.closed = None, True
+        time.sleep(0.05)
+        others = self._worker_errors()
+        who = _stage_name(culprit) if culprit > 0 else "rank 0"
+        msg = f"distributed SPD stopped at cycle {self.cycle_id}: {who} {REASONS.get(reason, 'failed')} ({detail})"
+        return SPDDistributedError(msg + (f"; worker reports: {others}" if others else ""))
+
+    # -- messages ----------------------------------------------------------------------------------------------
+    def _ctrl(self, op: int) -> torch.Tensor:
+        t = torch.full((C_POS + self.n,), -1, dtype=torch.int64)
+        t[C_OP], t[C_CYCLE], t[C_CROP], t[C_T], t[C_TOKEN], t[C_BLOCKS], t[C_CULPRIT], t[C_REASON] = \
+            op, self.cycle_id, 0, 0, 0, 0, 0, 0
+        return t.to(self.rank0_device)
+
+    def _send_ctrl(self, t: torch.Tensor) -> None:
+        self._wait_ctrl_sends()
+        self._ctrl_sends = [(self.link.isend(t, r, TAG_CTRL), r) for r in range(1, self.n + 1)]
+        self._ctrl_buf = t
+        self.cycle_id += 1
+
+    def _wait_ctrl_sends(self) -> None:
+        for w, r in getattr(self, "_ctrl_sends", []):
+            self.link.wait(w, self._timeout(), r, "sending the control")
+        self._ctrl_sends = []
+
+    def _timeout(self) -> float:
+        return 6 * self.spec.timeout_s if self._prefilling else self.spec.timeout_s + 4 * self._ema
+
+    def _ping(self, rounds: int = 20) -> float:
+        """Median round trip: a control to every worker, an empty reply from each."""
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            cyc = self.cycle_id
+            bufs = [torch.empty(HEADER * 8, dtype=torch.uint8, device=self.rank0_device) for _ in range(self.n)]
+            works = [self.link.irecv(b, r, TAG_OUT) for r, b in enumerate(bufs, 1)]
+            self._send_ctrl(self._ctrl(OP_PING))
+            for r, (w, b) in enumerate(zip(works, bufs), 1):
+                self.link.wait(w, 6 * self.spec.timeout_s, r, "ping")
+                if b.view(torch.int64)[0].item() != cyc:
+                    raise _PeerError(r, 3, "ping reply of another cycle")
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    def _post_outputs(self, positions: Sequence[int], T: int = 1) -> None:
+        """Receives of this cycle's stage outputs (stages that hold a token and send rows)."""
+        cyc = self.cycle_id - 1
+        self._outs = {}
+        for s in range(self.n):
+            rows = self.spec.out_rows(s)
+            if positions[s] < 0 or rows == 0:
+                continue
+            count = (len(self.stage_taps[s]) * T + (1 if s == self.n - 1 else 0)) * self.H
+            buf = _buffer(count, self.model.dtype, self.rank0_device)
+            self._outs[s] = (self.link.irecv(buf, s + 1, TAG_OUT), buf, cyc, positions[s])
+
+    def _take_output(self, s: int) -> torch.Tensor:
+        w, buf, cyc, pos = self._outs.pop(s)
+        self.link.wait(w, self._timeout(), s + 1, f"cycle {cyc}: waiting for stage {s}")
+        header, payload = _unpack(buf, self.model.dtype)
+        if header[0] != cyc or header[1] != pos or header[3] != MAGIC:
+            raise _PeerError(s + 1, 3, f"output of cycle {header[0]} position {header[1]}, expected cycle {cyc} "
+                             f"position {pos}")
+        return payload.view(-1, self.H).clone()
+
+    # -- the schedule ------------------------------------------------------------------------------------------
+    @property
+    def H(self) -> int:
+        return self.model.config.hidden_size
+
+    def _reset_request(self) -> None:
+        self._prev_pos = [-1] * self.n
+        self._ema = 0.0
+        self._rec: List[List[float]] = []
+        self._cur: List[float] = []
+        self._outs = {}
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request]) -> Tuple[list, DistSPDRunMetrics]:
+        """The requests one after another over the same workers; results and :class:`DistSPDRunMetrics`."""
+        m = DistSPDRunMetrics(n=self.n, stage_s=[0.0] * self.n, stage_cpu_s=[0.0] * self.n,
+                              stage_input_wait_s=[0.0] * self.n, stage_ctrl_wait_s=[0.0] * self.n,
+                              ranks=self.n + 1, threads=self.spec.threads, backend=self.spec.backend)
+        if not requests:
+            return [], m
+        validate_requests(self.model.config, requests, extra=self.n + 1)
+        for i, r in enumerate(requests):
+            if len(r.prompt_ids) < self.n:
+                raise ValueError(f"prompt_ids: request {i} has {len(r.prompt_ids)} tokens, SPD with n={self.n} "
+                                 f"stages needs a prompt of at least n tokens")
+        states = [_SPDState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
+        if len({s.rid for s in states}) != len(states):
+            raise ValueError("rid: request ids must be unique")
+        self.start()
+        m.p2p_rtt_s = self.p2p_rtt_s
+        t0 = time.perf_counter()
+        try:
+            for st, r in zip(states, requests):
+                self._one(st, r, m)
+        except _PeerError as e:
+            raise self._abort(e.peer, e.reason, e.detail) from None
+        except KeyboardInterrupt:
+            self._abort(0, 5, "Ctrl-C")
+            raise
+        except BaseException as e:
+            raise self._abort(0, 4, f"{type(e).__name__}: {e}") from e
+        m.wall_s = time.perf_counter() - t0
+        results = collect_results(states, self.tokenizer, m)
+        m.request_cycles = sum(s.metrics.cycles for s in states)
+        return results, m
+
+    def _one(self, st: _SPDState, r: Request, m: DistSPDRunMetrics) -> None:
+        bs = self.block_size
+        blocks = -(-(len(r.prompt_ids) + r.params.max_new_tokens + self.n + 2) // bs) + 1
+        self._reset_request()
+        self.pdm_cache = self.pdm.new_cache(blocks, bs)
+        self.pdm_cache.add(st.rid)
+        t0 = time.perf_counter()
+        self._dist_prefill(st, blocks)
+        m.prefill_s += time.perf_counter() - t0
+        scratch = SPDRunMetrics(n=self.n, stage_s=[0.0] * self.n)  # _cycle's own counters: ours come from _account
+        while not st.done:
+            t = time.perf_counter()
+            self._cycle([st], scratch)
+            dt = time.perf_counter() - t
+            self._cur[0] = dt
+            self._rec.append(self._cur)
+            self._ema = dt if self._ema == 0 else 0.9 * self._ema + 0.1 * dt
+        self.pdm_cache.release(st.rid)
+        # the end of the request: workers drop what is in flight and send their per-cycle timings
+        cycles = len(self._rec)
+        bufs = [torch.empty((cycles + 1) * len(STATS), dtype=torch.float64, device=self.rank0_device)
+                for _ in range(self.n)]
+        works = [self.link.irecv(b, s + 1, TAG_STATS) for s, b in enumerate(bufs)]
+        self._send_ctrl(self._ctrl(OP_END))
+        for s, (w, b) in enumerate(zip(works, bufs)):
+            self.link.wait(w, self._timeout(), s + 1, "waiting for the timings")
+            if int(b[0]) != cycles:
+                raise _PeerError(s + 1, 3, f"timings of {int(b[0])} cycles, expected {cycles}")
+        self._account(m, [b.view(cycles + 1, len(STATS))[1:].cpu() for b in bufs])
+
+    def _account(self, m: DistSPDRunMetrics, stats: List[torch.Tensor]) -> None:
+        rec = torch.tensor(self._rec, dtype=torch.float64).view(-1, 6)
+        # rank 0 per cycle: wall, control, PDM, wait for the exit, wait for the rest, verify
+        m.cycles += rec.shape[0]
+        m.engine_steps = m.cycles
+        m.cycle_wall_s += float(rec[:, 0].sum())
+        m.ctrl_s += float(rec[:, 1].sum())
+        m.pdm_s += float(rec[:, 2].sum())
+        m.draft_s += float(rec[:, 2].sum())
+        m.wait_exit_s += float(rec[:, 3].sum())
+        m.wait_rest_s += float(rec[:, 4].sum())
+        m.exit_verify_s += float(rec[:, 5].sum())
+        m.sampling_s += float(rec[:, 5].sum())
+        comp = torch.stack([st[:, STATS.index("compute")] for st in stats], 1)  # [cycles, n]
+        cpu = torch.stack([st[:, STATS.index("compute_cpu")] for st in stats], 1)
+        for s, st in enumerate(stats):
+            m.stage_s[s] += float(st[:, STATS.index("compute")].sum())
+            m.stage_cpu_s[s] += float(st[:, STATS.index("compute_cpu")].sum())
+            m.stage_input_wait_s[s] += float(st[:, STATS.index("input_wait")].sum())
+            m.stage_ctrl_wait_s[s] += float(st[:, STATS.index("ctrl_wait")].sum())
+        slow = comp.max(1).values
+        m.slowest_stage_s += float(slow.sum())
+        m.slowest_stage_cpu_s += float(cpu.max(1).values.sum())
+        m.slack_s += float((slow - rec[:, 2]).sum())
+        m.verify_s += float(rec[:, 3].sum() + rec[:, 4].sum())
+
+    def _dist_prefill(self, st: _SPDState, blocks: int) -> None:
+        """The prompt through the pipeline (each stage fills its own KV shard), the anchors of every prompt
+        position into the PDM cache, the first token from the target (as ``SPDEngine._prefill``)."""
+        model, pdm, T = self.model, self.pdm, len(st.prompt)
+        ctrl = self._ctrl(OP_PREFILL)
+        ctrl[C_T], ctrl[C_BLOCKS] = T, blocks
+        ctrl[C_POS:] = T
+        positions = [T] * self.n
+        self._send_ctrl(ctrl)
+        self._post_outputs(positions, T)
+        ids = torch.tensor(st.prompt, dtype=torch.int64, device=self.rank0_device)
+        tok_work = self.link.isend(ids, 1, TAG_TOKENS)
+        h0 = model.embed_tokens(ids)
+        anchors = h0.new_full((T, self.m + 1, self.H), float("nan"))
+        anchors[:, 0] = h0
+        self._prefilling = True
+        try:
+            self.link.wait(tok_work, self._timeout(), 1, "prefill: sending the prompt")
+            last = None
+            for s in range(self.n - 1, -1, -1):
+                if s not in self._outs:
+                    continue
+                rows = self._take_output(s)
+                k = len(self.stage_taps[s])
+                for j, layer in enumerate(sorted(self.stage_taps[s], key=self.stage_taps[s].get)):
+                    anchors[:, self.stage_taps[s][layer]] = rows[j * T:(j + 1) * T]
+                if s == self.n - 1:
+                    last = rows[k * T:]
+        finally:
+            self._prefilling = False
+        first = self._sample_first([st], self._target_logits(last))
+        g = pdm.rows(anchors, torch.full((T,), self.m, dtype=torch.int64))
+        b = self._batch(self.pdm_cache, [st.rid], [list(range(T))])
+        pdm.tower.forward_layers(g, b, self.pdm_cache)
+        self.pdm_cache.set_length(st.rid, T)
+        st.spec_len = T
+        append_tokens(st, first, self.eos, self.tokenizer)
+        if not st.done:
+            e = model.embed_tokens(torch.tensor(first, device=self.rank0_device))[0]
+            st.pipeline = [_Entry(T, first[0], e, self.m)]
+        self._prev_pos = [-1] * self.n  # the prefill's activations were consumed in the prefill
+
+    def _pdm_forward(self, active: List[_SPDState]) -> torch.Tensor:
+        """Send this cycle's control, post the receives of the stages' outputs, then run the PDM (which
+        overlaps the stage forwards)."""
+        st = active[0]
+        t0 = time.perf_counter()
+        positions = [-1] * self.n
+        token = 0
+        for e in st.pipeline:
+            positions[e.depth] = e.pos
+            if e.depth == 0:
+                token = e.token
+        stale = any(self._prev_pos[s - 1] >= 0 and positions[s] != self._prev_pos[s - 1] for s in range(1, self.n))
+        ctrl = self._ctrl(OP_DISCARD if stale else OP_GO)
+        ctrl[C_CROP] = st.pipeline[0].pos if stale else 0
+        ctrl[C_TOKEN] = token
+        ctrl[C_POS:] = torch.tensor(positions)
+        self._send_ctrl(ctrl)
+        self._post_outputs(positions)
+        self._prev_pos = positions
+        t1 = time.perf_counter()
+        logits = super()._pdm_forward(active)
+        t2 = time.perf_counter()
+        self._cur = [0.0, t1 - t0, t2 - t1, 0.0, 0.0, 0.0]
+        return logits
+
+    def _stage_forwards(self, active: List[_SPDState], m) -> float:
+        """Wait for the stages' outputs (the exiting token first) and advance the tokens in flight."""
+        st = active[0]
+        t0 = time.perf_counter()
+        by_depth = {e.depth: e for e in st.pipeline}
+        first = True
+        t1 = t0
+        for s in range(self.n - 1, -1, -1):
+            e = by_depth.get(s)
+            if e is None:
+                continue
+            if s in self._outs:
+                rows = self._take_output(s)
+                for j, layer in enumerate(sorted(self.stage_taps[s], key=self.stage_taps[s].get)):
+                    e.anchors[self.stage_taps[s][layer]] = rows[j]
+                if s == self.n - 1:
+                    e.h = rows[-1]
+            e.depth += 1
+            if first:
+                t1, first = time.perf_counter(), False
+        t2 = time.perf_counter()
+        self._cur[3], self._cur[4] = t1 - t0, t2 - t1
+        return 0.0
+
+    def _verify(self, exits):
+        t0 = time.perf_counter()
+        out = super()._verify(exits)
+        self._cur[5] = time.perf_counter() - t0
+        return out
+
+
+# ---- the report -----------------------------------------------------------------------------------------
+def cost_model(m: DistSPDRunMetrics, cores: Optional[int] = None) -> Dict[str, float]:
+    """Section 6's cost model from the measured parts: cycle = slowest stage + communication + verify
+    (+ rank 0's own bookkeeping), tokens per cycle from acceptance ``1 / (alpha + n (1 - alpha))``; and,
+    when the ranks share fewer cores than they are, the bound ``(sum of stage CPU + PDM + verify) / cores``."""
+    c = max(m.cycles, 1)
+    n, a = m.n, m.acceptance_rate
+    stage = m.slowest_stage_s / c
+    stage_cpu = m.slowest_stage_cpu_s / c
+    comm = m.p2p_rtt_s
+    verify = m.exit_verify_s / c
+    pdm = m.pdm_s / c
+    model_cycle = max(stage_cpu + comm, m.ctrl_s / c + pdm) + verify
+    tpc = 1.0 / (a + n * (1 - a)) if m.drafted else 0.0
+    d = dict(cycle_ms=1e3 * m.cycle_wall_s / c, slowest_stage_ms=1e3 * stage, slowest_stage_cpu_ms=1e3 * stage_cpu,
+             comm_ms=1e3 * comm, ctrl_ms=1e3 * m.ctrl_s / c, verify_ms=1e3 * verify, pdm_ms=1e3 * pdm,
+             slack_ms=1e3 * (stage_cpu - pdm),
+             model_cycle_ms=1e3 * model_cycle, tokens_per_cycle=m.tokens_per_cycle, model_tokens_per_cycle=tpc,
+             model_tokens_per_s=tpc / model_cycle if model_cycle else 0.0,
+             measured_tokens_per_s=m.decode_tokens_per_s)
+    if cores:
+        work = sum(m.stage_cpu_s) / c + pdm + verify
+        d.update(cores=cores, cores_bound_cycle_ms=1e3 * max(model_cycle, work / cores),
+                 cores_bound_tokens_per_s=tpc / max(model_cycle, work / cores) if model_cycle else 0.0)
+    return d
+
+
+def format_report(m: DistSPDRunMetrics, ar_tokens_per_s: Optional[float] = None, cores: Optional[int] = None) -> str:
+    """Where the cycle goes on every rank, the slack, and the cost model next to the measurement."""
+    c = max(m.cycles, 1)
+    cm = cost_model(m, cores)
+    ms = [f"{1e3 * x / c:.2f}" for x in m.stage_s]
+    cpu = [f"{1e3 * x / c:.2f}" for x in m.stage_cpu_s]
+    inw = [f"{1e3 * x / c:.2f}" for x in m.stage_input_wait_s]
+    lines = [
+        f"--- distributed SPD n={m.n}: {m.ranks} ranks ({m.backend}, {m.threads} thread(s) each), {m.cycles} cycles, "
+        f"{m.steps} verifications, acceptance {m.acceptance_rate:.2f}, tokens/cycle {m.tokens_per_cycle:.2f}",
+        f"    rank 0 per cycle: {cm['cycle_ms']:.2f} ms = control {1e3 * m.ctrl_s / c:.2f} + PDM {cm['pdm_ms']:.2f} + "
+        f"wait exit {1e3 * m.wait_exit_s / c:.2f} + wait others {1e3 * m.wait_rest_s / c:.2f} + verify "
+        f"{cm['verify_ms']:.2f} + bookkeeping",
+        f"    stages per cycle: compute wall [{', '.join(ms)}] ms, CPU [{', '.join(cpu)}] ms, input wait "
+        f"[{', '.join(inw)}] ms; slowest {cm['slowest_stage_ms']:.2f} ms wall, {cm['slowest_stage_cpu_ms']:.2f} ms "
+        f"CPU; slack (slowest stage CPU - PDM) {cm['slack_ms']:.2f} ms; p2p round trip {cm['comm_ms']:.2f} ms",
+        f"    cost model: cycle = max(slowest stage {cm['slowest_stage_cpu_ms']:.2f} + comm {cm['comm_ms']:.2f}, "
+        f"control + PDM {cm['ctrl_ms'] + cm['pdm_ms']:.2f}) + verify {cm['verify_ms']:.2f} = "
+        f"{cm['model_cycle_ms']:.2f} ms (measured "
+        f"{cm['cycle_ms']:.2f}); tokens/cycle from acceptance {cm['model_tokens_per_cycle']:.2f} (measured "
+        f"{cm['tokens_per_cycle']:.2f}); {cm['model_tokens_per_s']:.1f} tok/s (measured "
+        f"{cm['measured_tokens_per_s']:.1f})"]
+    if cores:
+        lines.append(f"    {m.ranks} ranks on {cores} cores: the cycle cannot be shorter than (all stages' CPU + PDM + "
+                     f"verify) / cores = {cm['cores_bound_cycle_ms']:.2f} ms -> "
+                     f"{cm['cores_bound_tokens_per_s']:.1f} tok/s")
+    if ar_tokens_per_s:
+        lines.append(f"    autoregressive {ar_tokens_per_s:.1f} tok/s: measured speedup "
+                     f"{cm['measured_tokens_per_s'] / ar_tokens_per_s:.2f}x, cost model "
+                     f"{cm['model_tokens_per_s'] / ar_tokens_per_s:.2f}x")
+    return "\n".join(lines)
