@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional
@@ -40,6 +41,12 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tree-width", type=int, default=1, help="model proposers: nodes kept per level")
     g.add_argument("--max-nodes", type=int, default=None, help="draft token budget per step")
     g.add_argument("--draft-vocab", type=int, default=0, help="model proposers: draft over the first N token ids")
+    g.add_argument("--distributed", action="store_true", help="spd: one process per stage + rank 0 (spawned, or the "
+                   "ranks of torchrun); --threads is then per rank (default: cores / (stages + 1))")
+    g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo", help="--distributed: gloo (CPU) or nccl "
+                   "(a GPU per rank, round-robin)")
+    g.add_argument("--dist-timeout", type=float, default=5.0, help="--distributed: seconds a rank waits beyond four "
+                   "mean cycle times before it declares a peer dead or hung")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,12 +180,23 @@ def _check_args(args) -> None:
         raise ValueError(f"--draft-vocab: expected >= 0, got {args.draft_vocab}")
     if args.stages < 1:
         raise ValueError(f"--stages: expected >= 1, got {args.stages}")
+    if getattr(args, "distributed", False):
+        if args.proposer != "spd":
+            raise ValueError(f"--distributed: needs --proposer spd, got --proposer {args.proposer}")
+        if not args.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout: expected > 0, got {args.dist_timeout}")
 
 
 def cmd_generate(args) -> int:
     from .engine import Engine, Request, SamplingParams
 
     _check_args(args)
+    if args.distributed:
+        from .spd.distributed import torchrun_rank, worker_from_env
+
+        if torchrun_rank() not in (None, 0):
+            return worker_from_env()
+        return _generate_distributed(args)
     ck, model = _load(args.model, args.threads)
     tok = ck.tokenizer
     proposer = make_proposer(args, model, ck)
@@ -232,6 +250,57 @@ def cmd_generate(args) -> int:
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason,
                                  acceptance_rate=r.metrics.acceptance_rate,
                                  mean_accepted_length=r.metrics.mean_accepted_length) for r in results])
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+def _generate_distributed(args) -> int:
+    """``generate --proposer spd --distributed``: rank 0 here, one worker process per stage."""
+    from .engine import Request, SamplingParams
+    from .model import LlamaModel
+    from .spd.distributed import DistributedSPD, SPDDistributedError, format_report
+    from .weights import load_checkpoint
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected >= 1, got {args.threads}")
+    ck = load_checkpoint(args.model)
+    if not 2 <= args.stages <= ck.config.num_layers:
+        raise ValueError(f"--stages: expected 2 <= n <= {ck.config.num_layers} (the model's layers), got {args.stages}")
+    tok = ck.tokenizer
+    head = LlamaModel(ck.config, ck.state_dict, layers=(0, 0))  # rank 0: embedding, final norm, LM head
+    pdm = load_pdm_for(args, ck, head)
+    reqs = []
+    for text in _prompts(args):
+        ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
+        for b in range(args.batch):
+            sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed + b, stop=tuple(args.stop))
+            sp.validate()
+            reqs.append(Request(ids, sp))
+    eng = DistributedSPD(ck.config, ck.state_dict, pdm, args.stages, tokenizer=tok, backend=args.dist_backend,
+                         threads=args.threads, timeout_s=args.dist_timeout, model_source=args.model)
+    try:
+        results, m = eng.generate(reqs)
+    except SPDDistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; every rank was shut down", file=sys.stderr)
+        return 130
+    finally:
+        eng.close()
+    for i, r in enumerate(results):
+        print(f"--- request {i} ({r.finish_reason}, {len(r.output_ids)} tokens, accept "
+              f"{r.metrics.acceptance_rate:.2f})")
+        print(r.text)
+    print(f"--- {m.new_tokens} tokens in {m.wall_s:.2f} s: {m.tokens_per_s:.1f} tok/s (prefill {m.prefill_s:.2f} s; "
+          f"decode {m.decode_tokens_per_s:.1f} tok/s) ({eng.describe()})")
+    print(format_report(m, cores=os.cpu_count()))
+    if args.json:
+        out = dict(model=ck.source, proposer=eng.describe(), metrics=m.as_dict(),
+                   results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason,
+                                 acceptance_rate=r.metrics.acceptance_rate) for r in results])
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0

@@ -126,10 +126,16 @@ class _Link:
         self.store = store
 
     def isend(self, t: torch.Tensor, dst: int, tag: int):
-        return self.pg.send([t], dst, tag)
+        try:
+            return self.pg.send([t], dst, tag)
+        except RuntimeError as e:  # the peer's connection is already gone
+            raise _PeerError(dst, 2, f"sending: {str(e).splitlines()[0][:200]}") from None
 
     def irecv(self, t: torch.Tensor, src: int, tag: int):
-        return self.pg.recv([t], src, tag)
+        try:
+            return self.pg.recv([t], src, tag)
+        except RuntimeError as e:
+            raise _PeerError(src, 2, f"receiving: {str(e).splitlines()[0][:200]}") from None
 
     def wait(self, work, timeout: float, peer: int, what: str) -> None:
         """Wait for ``work`` at most ``timeout`` seconds; raises :class:`_PeerError` naming the peer."""
@@ -197,13 +203,20 @@ class _StageWorker:
         self.stats: List[List[float]] = []
         self.ema = 0.0
         self.t_last = None
+        self.fired = False
 
     def _timeout(self) -> float:
         return self.spec.timeout_s + 4 * self.ema
 
     def _fault(self, kind: str) -> bool:
+        """Tests: inject fault ``kind`` once, in the first cycle at or after the given control id where this
+        stage computes."""
         f = self.spec.fault
-        return bool(f and f.get("rank") == self.rank and f.get("kind") == kind and f.get("cycle") == self.cycle)
+        if f and f.get("rank") == self.rank and f.get("kind") == kind and self.cycle > f.get("cycle", 0) \
+                and not self.fired:
+            self.fired = True
+            return True
+        return False
 
     def run(self) -> None:
         spec, link = self.spec, self.link
@@ -226,10 +239,7 @@ class _StageWorker:
             if op == OP_SHUTDOWN:
                 return
             if op == OP_ABORT:
-                culprit = c[C_CULPRIT]
-                why = REASONS.get(c[C_REASON], "failed")
-                raise SPDDistributedError(f"rank 0 aborted the pipeline: {_stage_name(culprit)} {why}"
-                                          if culprit > 0 else f"rank 0 aborted the pipeline ({why})")
+                raise _PeerError(0, 4, "ABORT")  # the reason is in the store
             if op == OP_PING:
                 self._send(torch.tensor([c[C_CYCLE], -1, 0, MAGIC], dtype=torch.int64,
                                         device=link.device).view(torch.uint8), 0, TAG_OUT)
@@ -293,7 +303,7 @@ class _StageWorker:
             if self._fault("die"):
                 os._exit(17)
             t5, c5 = time.perf_counter(), time.thread_time()
-            tag_cycle = cycle + (7 if self._fault("cycle") else 0)
+            tag_cycle = cycle + (7 if self._fault("cycle") else 0)  # a corrupted cycle id (tests)
             if not self.last:
                 self._send(_pack([tag_cycle, pos, 1, MAGIC], h), self.rank + 1, TAG_ACT)
             rows = [tapped[i] for i in self.tap_order] + ([h] if self.last else [])
@@ -391,7 +401,14 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
         code = 0
     except _PeerError as e:
         msg = f"{_stage_name(e.peer)} {REASONS[e.reason]} ({e.detail})"
-        _say(rank, msg, store)
+        reason = None
+        if store is not None:  # rank 0 stops the run by closing its connections: why is in the store
+            try:
+                store.wait(["abort"], datetime.timedelta(seconds=2))
+                reason = store.get("abort").decode()
+            except Exception:  # noqa: BLE001 - rank 0 itself is gone
+                pass
+        _say(rank, f"rank 0 aborted the pipeline: {reason}" if reason else msg, store)
     except SPDDistributedError as e:
         _say(rank, str(e), store)
     except Exception as e:  # noqa: BLE001 - any failure must end the process with a message
@@ -524,7 +541,13 @@ class DistributedSPD(SPDEngine):
         if not torchrun:
             import torch.multiprocessing as mp
 
-            ctx = mp.get_context("spawn")
+            # forkserver: the workers fork from a server that imported torch once (spawn re-imports it per
+            # worker: seconds each); both give the workers a fresh process and shared-memory weights
+            if "forkserver" in mp.get_all_start_methods():
+                ctx = mp.get_context("forkserver")
+                ctx.set_forkserver_preload(["torch", __name__])
+            else:
+                ctx = mp.get_context("spawn")
             for r in range(1, world):
                 p = ctx.Process(target=_worker_main, args=(r, world, addr, port, _stage_weights(
                     spec, self.state_dict, r - 1)), daemon=True, name=f"spd-rank{r}")
@@ -553,8 +576,9 @@ class DistributedSPD(SPDEngine):
                 self._wait_ctrl_sends()
             except _PeerError:
                 pass
-            self._kill_workers(self.spec.timeout_s)
             torch.set_num_threads(self._old_threads)
+        if any(p.is_alive() for p in self.procs):
+            self._kill_workers(self.spec.timeout_s)
         self.closed = True
         self.link = None
 
@@ -597,13 +621,21 @@ class DistributedSPD(SPDEngine):
         return "; ".join(errs)
 
     def _abort(self, culprit: int, reason: int, detail: str) -> SPDDistributedError:
-        """Tell every live worker to stop, join them (terminate the ones that hang), build the error."""
+        """Tell every live worker to stop, join them (terminate the ones that hang), build the error. The
+        reason goes to the store first: a gloo timeout closes all of a rank's connections, which is what the
+        workers see (their next wait fails at once), and they read why from the store."""
+        who = _stage_name(culprit) if culprit > 0 else "rank 0"
+        what = f"{who} {REASONS.get(reason, 'failed')} at cycle {self.cycle_id} ({detail})"
+        try:
+            self.store.set("abort", what)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
         if self.link is not None:
             for r in range(1, self.n + 1):
                 try:
                     t = self._ctrl(OP_ABORT)
                     t[C_CULPRIT], t[C_REASON] = culprit, reason
-                    self.link.wait(self.link.isend(t, r, TAG_CTRL), 0.5, r, "abort")
+                    self._poll(self.link.isend(t, r, TAG_CTRL), 0.5)
                 except (_PeerError, RuntimeError):
                     pass
             self._kill_workers(min(2.0, self.spec.timeout_s))
@@ -611,9 +643,7 @@ class DistributedSPD(SPDEngine):
         self.link, self.closed = None, True
         time.sleep(0.05)
         others = self._worker_errors()
-        who = _stage_name(culprit) if culprit > 0 else "rank 0"
-        msg = f"distributed SPD stopped at cycle {self.cycle_id}: {who} {REASONS.get(reason, 'failed')} ({detail})"
-        return SPDDistributedError(msg + (f"; worker reports: {others}" if others else ""))
+        return SPDDistributedError(f"distributed SPD stopped: {what}" + (f"; workers: {others}" if others else ""))
 
     # -- messages ----------------------------------------------------------------------------------------------
     def _ctrl(self, op: int) -> torch.Tensor:
@@ -663,6 +693,13 @@ class DistributedSPD(SPDEngine):
             count = (len(self.stage_taps[s]) * T + (1 if s == self.n - 1 else 0)) * self.H
             buf = _buffer(count, self.model.dtype, self.rank0_device)
             self._outs[s] = (self.link.irecv(buf, s + 1, TAG_OUT), buf, cyc, positions[s])
+
+    @staticmethod
+    def _poll(work, timeout: float) -> None:
+        """Wait without a gloo timeout (which would close every connection of this rank)."""
+        end = time.monotonic() + timeout
+        while not work.is_completed() and time.monotonic() < end:
+            time.sleep(0.001)
 
     def _take_output(self, s: int) -> torch.Tensor:
         w, buf, cyc, pos = self._outs.pop(s)

@@ -1,0 +1,198 @@
+"""Speculative Pipeline Decoding across processes (gloo, one worker process per stage): token-for-token
+identity with the single-process SPDEngine (greedy and sampled, n = 2 and 4, sequential requests over the
+same workers), the faults (a worker killed, one hanging past the timeout, a corrupted cycle id, Ctrl-C:
+every rank stops with an error within the timeout, never a hang), bad input, and a short run on the
+embedded model against autoregressive decoding."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams
+from spdkernels.runtime.cli import main as cli_main
+from spdkernels.runtime.model import greedy_reference, random_config, random_state_dict
+from spdkernels.runtime.spd.distributed import DistributedSPD, SPDDistributedError, format_report
+from spdkernels.runtime.spd.schedule import SPDEngine
+from spdkernels.runtime.spd.train import untrained_pdm
+
+CFG = random_config(num_layers=4)
+ANCHORS = [0, 1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    sd = random_state_dict(CFG)
+    model = LlamaModel(CFG, sd, dtype=torch.float64)
+    pdm = untrained_pdm(model, ANCHORS, layers=2, intermediate=48, noise=0.05, anchor_norm=True)
+    return sd, model, pdm
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 4, 13)]
+
+
+def _requests(prompts, n_tokens=24):
+    greedy = [Request(p, SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)) for p in prompts]
+    sampled = [Request(p, SamplingParams(max_new_tokens=n_tokens, temperature=0.9, top_p=0.95, seed=s,
+                                         ignore_eos=True)) for s, p in enumerate(prompts, 11)]
+    return greedy + sampled
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_identical_to_single_process_spd(tiny, prompts, n):
+    """Every request (greedy and sampled with seeds) gives exactly the single-process SPDEngine's tokens and
+    counters; the requests run one after another over the same worker processes."""
+    sd, model, pdm = tiny
+    reqs = _requests(prompts)
+    want = []
+    for r in reqs:
+        res, met = SPDEngine(model, pdm, n).generate([r])
+        want.append((res[0].output_ids, met.accepted, met.drafted, met.cycles))
+    with DistributedSPD(CFG, sd, pdm, n, dtype=torch.float64, debug=True, timeout_s=5) as eng:
+        pids = [p.pid for p in eng.procs]
+        got = []
+        for half in (reqs[:4], reqs[4:]):  # two generate calls: the workers are not restarted
+            res, met = eng.generate(half)
+            got += [(r.output_ids, r.metrics.accepted, r.metrics.drafted, r.metrics.cycles) for r in res]
+        assert [p.pid for p in eng.procs] == pids and all(p.is_alive() for p in eng.procs)
+        report = format_report(met, ar_tokens_per_s=100.0, cores=2)
+    assert got == want
+    assert [g[0] for g in got[:4]] == [greedy_reference(model, p, 24) for p in prompts]
+    assert 0 < met.acceptance_rate < 1  # both accepts and rollbacks (DISCARD) happened
+    assert met.cycles == sum(g[3] for g in got[4:]) and len(met.stage_s) == n and min(met.stage_cpu_s) > 0
+    assert "slack" in report and "cost model" in report
+    assert eng.exitcodes == [0] * n  # SHUTDOWN: every worker left cleanly
+
+
+def _faulty(tiny, **kw):
+    sd, _, pdm = tiny
+    return DistributedSPD(CFG, sd, pdm, 2, dtype=torch.float64, timeout_s=1.5, **kw)
+
+
+def _expect_failure(eng, prompts, match, limit):
+    """The run fails with ``match`` within ``limit`` seconds, every worker has exited with an error, and the
+    error carries what each live worker reported (through the store: the workers' stderr is the console's)."""
+    eng.start()
+    t0 = time.perf_counter()
+    with pytest.raises(SPDDistributedError, match=match) as e:
+        eng.generate([Request(prompts[3], SamplingParams(max_new_tokens=60, ignore_eos=True))])
+    elapsed = time.perf_counter() - t0
+    assert elapsed < limit, elapsed
+    assert all(c is not None and c != 0 for c in eng.exitcodes), eng.exitcodes  # no rank left behind
+    with pytest.raises(SPDDistributedError, match="shut down"):
+        eng.generate([Request(prompts[0], SamplingParams(max_new_tokens=4))])
+    return str(e.value)
+
+
+def test_killed_worker_stops_every_rank(tiny, prompts):
+    eng = _faulty(tiny)
+    steps = []
+
+    def kill(_):
+        steps.append(1)
+        if len(steps) == 5:
+            os.kill(eng.procs[0].pid, signal.SIGKILL)
+
+    eng.on_step = kill
+    err = _expect_failure(eng, prompts, r"rank 1 \(stage 0\) closed its connection", 1.5 + 6)
+    assert eng.exitcodes[0] == -signal.SIGKILL
+    # the live worker stopped and said why
+    assert "workers: rank 2 (stage 1): rank 0 aborted the pipeline: rank 1 (stage 0) closed its connection" in err
+
+
+def test_hung_worker_times_out_on_every_rank(tiny, prompts):
+    # rank 2 (the last stage) sleeps 20 s in its 8th decode cycle (control 30: 20 pings, the prefill, 8 cycles)
+    eng = _faulty(tiny, fault=dict(rank=2, kind="hang", cycle=30, seconds=20))
+    err = _expect_failure(eng, prompts, r"rank 2 \(stage 1\) timed out", 1.5 + 6)
+    assert "workers: rank 1 (stage 0): rank 0 aborted the pipeline: rank 2 (stage 1) timed out" in err
+    assert eng.exitcodes[1] == 143  # the hung worker was terminated (SIGTERM) by the launcher
+
+
+def test_wrong_cycle_id_stops_every_rank(tiny, prompts):
+    eng = _faulty(tiny, fault=dict(rank=1, kind="cycle", cycle=30))
+    err = _expect_failure(eng, prompts, r"rank 1 \(stage 0\) sent a wrong cycle id", 1.5 + 6)
+    assert "rank 1 (stage 0): rank 0 aborted the pipeline" in err and "rank 2 (stage 1): " in err
+
+
+_CTRL_C = textwrap.dedent("""
+    import sys, torch
+    from spdkernels.runtime import LlamaModel, Request, SamplingParams
+    from spdkernels.runtime.model import random_config, random_state_dict
+    from spdkernels.runtime.spd.distributed import DistributedSPD
+    from spdkernels.runtime.spd.train import untrained_pdm
+    if __name__ == "__main__":
+        cfg = random_config(num_layers=4, max_position=4096)
+        sd = random_state_dict(cfg)
+        pdm = untrained_pdm(LlamaModel(cfg, sd), [0, 2, 4], layers=1)
+        eng = DistributedSPD(cfg, sd, pdm, 2).start()
+        print(" ".join(str(p.pid) for p in eng.procs), flush=True)
+        eng.on_step = lambda n: n == 5 and print("decoding", flush=True)
+        try:
+            eng.generate([Request([1, 2, 3, 4], SamplingParams(max_new_tokens=4000, ignore_eos=True))])
+        except KeyboardInterrupt:
+            print("interrupted", eng.exitcodes, flush=True)
+            sys.exit(130)
+""")
+
+
+def test_ctrl_c_shuts_every_rank_down(tmp_path):
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(_CTRL_C)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2 and p.stdout.readline().strip() == "decoding"
+    t0 = time.perf_counter()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    assert time.perf_counter() - t0 < 10
+    assert "interrupted" in out and "None" not in out  # every worker had exited
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_bad_input(tiny, prompts, capsys):
+    sd, _, pdm = tiny
+    with pytest.raises(ValueError, match="stages"):
+        DistributedSPD(CFG, sd, pdm, CFG.num_layers + 1)
+    with pytest.raises(ValueError, match="backend"):
+        DistributedSPD(CFG, sd, pdm, 2, backend="mpi")
+    with pytest.raises(ValueError, match="timeout_s"):
+        DistributedSPD(CFG, sd, pdm, 2, timeout_s=0)
+    eng = DistributedSPD(CFG, sd, pdm, 4)
+    with pytest.raises(ValueError, match="prompt_ids: request 0 has 3 tokens"):
+        eng.generate([Request([1, 2, 3], SamplingParams(max_new_tokens=4))])
+    assert eng.procs == []  # bad input is refused before any process starts
+    assert cli_main(["generate", "--prompt", "hi", "--distributed"]) == 2
+    assert "--distributed: needs --proposer spd" in capsys.readouterr().err
+    assert cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--distributed", "--dist-timeout", "0"]) == 2
+    assert "--dist-timeout" in capsys.readouterr().err
+
+
+def test_embedded_model_end_to_end():
+    """The shipped PDM on the embedded SmolLM2-135M, n = 2, one demo prompt: the same tokens as our
+    autoregressive decoding."""
+    from spdkernels.runtime import load_checkpoint
+    from spdkernels.runtime.demo import SUITE
+    from spdkernels.runtime.spd.pdm import load_pdm, shipped_pdm_path
+
+    ck = load_checkpoint()
+    model = LlamaModel(ck.config, ck.state_dict)
+    tok = ck.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": SUITE[0][1]}]))
+    req = Request(ids, SamplingParams(max_new_tokens=16))
+    ar, _ = Engine(model, None).generate([req])
+    pdm = load_pdm(str(shipped_pdm_path()), model, ck.state_dict)
+    with DistributedSPD(ck.config, ck.state_dict, pdm, 2, tokenizer=tok) as eng:
+        res, met = eng.generate([req])
+    assert res[0].output_ids == ar[0].output_ids
+    assert met.accepted > 0 and eng.exitcodes == [0, 0]
