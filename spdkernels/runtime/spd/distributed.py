@@ -562,8 +562,6 @@ class DistributedSPD(SPDEngine):
                 self._kill_workers(0.0)
                 raise SPDDistributedError(f"workers did not start: {self._worker_errors() or 'timed out'}")
             time.sleep(0.02)
-        self._old_threads = torch.get_num_threads()
-        torch.set_num_threads(spec.threads)
         self.link = _Link(spec, 0, self.store, self.rank0_device)
         self.p2p_rtt_s = self._ping()
         return self
@@ -576,7 +574,6 @@ class DistributedSPD(SPDEngine):
                 self._wait_ctrl_sends()
             except _PeerError:
                 pass
-            torch.set_num_threads(self._old_threads)
         if any(p.is_alive() for p in self.procs):
             self._kill_workers(self.spec.timeout_s)
         self.closed = True
@@ -639,7 +636,6 @@ class DistributedSPD(SPDEngine):
                 except (_PeerError, RuntimeError):
                     pass
             self._kill_workers(min(2.0, self.spec.timeout_s))
-            torch.set_num_threads(self._old_threads)
         self.link, self.closed = None, True
         time.sleep(0.05)
         others = self._worker_errors()
@@ -740,6 +736,8 @@ class DistributedSPD(SPDEngine):
             raise ValueError("rid: request ids must be unique")
         self.start()
         m.p2p_rtt_s = self.p2p_rtt_s
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(self.spec.threads)  # rank 0 is one of the n + 1 ranks sharing the cores
         t0 = time.perf_counter()
         try:
             for st, r in zip(states, requests):
@@ -751,6 +749,8 @@ class DistributedSPD(SPDEngine):
             raise
         except BaseException as e:
             raise self._abort(0, 4, f"{type(e).__name__}: {e}") from e
+        finally:
+            torch.set_num_threads(old_threads)
         m.wall_s = time.perf_counter() - t0
         results = collect_results(states, self.tokenizer, m)
         m.request_cycles = sum(s.metrics.cycles for s in states)
