@@ -8,6 +8,7 @@ back. Autoregressive decoding is the same engine with no proposer: every step ve
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -25,13 +26,14 @@ from .speculation import AdaptiveSpeculation
 @dataclass
 class SamplingParams:
     """``temperature`` 0 = greedy; ``top_k`` 0 and ``top_p`` 1 = off; ``seed`` keys the request's coins
-    (the same seed gives the same text); ``stop``: strings that end the request (the text is cut before
-    them); ``ignore_eos``: keep going past end-of-sequence tokens."""
+    (the same seed gives the same text; ``None``, the default: every request draws a fresh seed when it is
+    created, see :class:`Request`, and its :class:`Result` records it); ``stop``: strings that end the
+    request (the text is cut before them); ``ignore_eos``: keep going past end-of-sequence tokens."""
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    seed: Optional[int] = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False
 
@@ -44,17 +46,36 @@ class SamplingParams:
             raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.seed, int) or not -2 ** 63 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed: expected a 64-bit integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2 ** 63 <= self.seed < 2 ** 63):
+            raise ValueError(f"seed: expected a 64-bit integer or None (a fresh seed), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
 
 
+def fresh_seed() -> int:
+    """A seed for a request that did not choose one: 63 random bits from the OS (``secrets``), so unseeded
+    requests never share coins and drawing one never touches torch's or Python's global generators."""
+    return secrets.randbits(63)
+
+
+def resolve_seed(req: Request) -> None:
+    """Give ``req`` its own seed if its parameters leave it to chance (``seed=None``): its ``params`` becomes
+    a copy with a fresh seed, so parameters shared by several requests are never changed and every request
+    gets a different seed. Every engine, proposer and result then reads this one seed."""
+    if isinstance(req.params, SamplingParams) and req.params.seed is None:
+        req.params = dataclasses.replace(req.params, seed=fresh_seed())
+
+
 @dataclass
 class Request:
+    """A prompt and its sampling parameters. An unseeded request (``params.seed`` None) draws its seed here,
+    once, when it is created (or, if its parameters are replaced later, when an engine validates it)."""
     prompt_ids: List[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     rid: Optional[object] = None
+
+    def __post_init__(self) -> None:
+        resolve_seed(self)
 
 
 @dataclass
@@ -103,6 +124,7 @@ class Result:
     text: Optional[str]
     finish_reason: str
     metrics: RequestMetrics
+    seed: Optional[int] = None  # the seed the request's coins were keyed by (drawn when it was not given)
 
 
 @dataclass
@@ -353,7 +375,7 @@ def collect_results(states: Sequence[RequestState], tokenizer, m: RunMetrics) ->
             text = tokenizer.decode(s.output)
             if s.text_cut is not None:
                 text = text[:s.text_cut]
-        results.append(Result(s.rid, s.prompt, s.output, text, s.finish_reason, s.metrics))
+        results.append(Result(s.rid, s.prompt, s.output, text, s.finish_reason, s.metrics, s.params.seed))
         m.new_tokens += len(s.output)
         m.drafted += s.metrics.drafted
         m.accepted += s.metrics.accepted
@@ -364,8 +386,9 @@ def collect_results(states: Sequence[RequestState], tokenizer, m: RunMetrics) ->
 
 def validate_requests(config, requests: Sequence[Request], extra: int = 0) -> None:
     """Sampling parameters, prompt ids and context room of every request (``ValueError`` naming the
-    request)."""
+    request). A request whose seed is still None gets a fresh one (:func:`resolve_seed`)."""
     for i, req in enumerate(requests):
+        resolve_seed(req)
         req.params.validate()
         if not req.prompt_ids:
             raise ValueError(f"prompt_ids: request {i} has an empty prompt")
