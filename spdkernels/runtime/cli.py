@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=4, help="training windows per step")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-anchor-norm", action="store_true",
-                   help="feed the raw anchor hidden states to the aggregation (no per-anchor RMSNorm)")
+    t.add_argument("--anchor-norm", action="store_true",
+                   help="RMS-normalise each anchor hidden state before the aggregation (weights initialised from "
+                   "the target's own norms, trained)")
     t.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -372,7 +373,7 @@ def cmd_train_pdm(args) -> int:
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,
-              anchor_norm=not args.no_anchor_norm)
+              anchor_norm=args.anchor_norm)
     return 0
 
 

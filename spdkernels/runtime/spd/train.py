@@ -416,7 +416,7 @@ def select_vocab(corpus: Sequence[Dict], size: int, vocab_size: int, always: Seq
 def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_vocab: int = 8192,
               anchors: Optional[Sequence[int]] = None, num_prompts: int = 400, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
-              progress: bool = True, log=print, anchor_norm: bool = True) -> Dict:
+              progress: bool = True, log=print, anchor_norm: bool = False) -> Dict:
     """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
     held-out evaluation, and the PDM written to ``out`` with ``train_log.json`` and ``heldout.json``."""
     from .data import anchor_states, generate_corpus, load_corpus, save_corpus
