@@ -1,4 +1,4 @@
-"""NKI rejection_sample: lossless speculative sampling of chains and token trees, from logits (DESIGN.md 3).
+"""NKI rejection_sample: lossless speculative sampling of chains and token trees, from logits (docs/contract.md 3).
 
 Layout (prepared by ``spdkernels.nki_kernels._launch``): requests on the partitions, 128 per request tile; slot
 ``s`` of a request on the free axis (slot 0 its root row, slot ``1 + i`` the row after node ``i``; ``row_idx``

@@ -1,4 +1,4 @@
-"""NKI tree_attention: paged GQA attention of the verification pass (DESIGN.md section 3).
+"""NKI tree_attention: paged GQA attention of the verification pass (docs/contract.md section 3).
 
 Inputs as the launcher (``spdkernels.nki_kernels._launch``) lays them out: ``q [T, Hq*D]``; the caches as rows
 ``k_flat, v_flat [num_blocks*block_size, Hkv*D]`` (views, nothing copied); per request the first cache row of

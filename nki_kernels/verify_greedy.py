@@ -1,4 +1,4 @@
-"""NKI verify_greedy: batched greedy verification of draft chains and token trees (DESIGN.md section 3).
+"""NKI verify_greedy: batched greedy verification of draft chains and token trees (docs/contract.md section 3).
 
 Layout (prepared by the launcher, ``spdkernels.nki_kernels.launch``): requests on the partitions, 128 per
 request tile; the slots of a request on the free axis: slot 0 is its root row, slot ``1 + i`` the row after

@@ -1,4 +1,4 @@
-"""One registry that picks a backend per op and device (DESIGN.md section 4).
+"""One registry that picks a backend per op and device (docs/contract.md section 4).
 
 Backends, in order of preference: ``triton`` (CUDA/ROCm GPUs), ``nki`` (AWS Neuron), ``cpp`` (the C++
 extension, CPU), ``torch`` (the pure-torch reference: any device, always last).

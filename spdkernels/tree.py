@@ -1,4 +1,4 @@
-"""Token-tree utilities (DESIGN.md section 3): masks, positions, KV compaction, layout conversions and
+"""Token-tree utilities (docs/contract.md section 3): masks, positions, KV compaction, layout conversions and
 tree builders.
 
 Our layout: a ragged batch of draft trees as ``parents: int32 [N]`` (local parent index, -1 = root,

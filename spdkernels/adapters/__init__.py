@@ -11,7 +11,7 @@ in front of the spdkernels ops.
 
 None of the stacks is imported here or at the import of an adapter module: they are optional, and the
 adapters work on plain torch tensors without them. Where a stack's semantics differ from the spdkernels
-contract (DESIGN.md sections 2-3), the adapter reproduces the stack and its docstring says what differs;
+contract (docs/contract.md sections 2-3), the adapter reproduces the stack and its docstring says what differs;
 ``docs/adapters.md`` tabulates the differences.
 """
 

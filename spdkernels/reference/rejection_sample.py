@@ -1,4 +1,4 @@
-"""Reference lossless speculative sampling for chains and token trees (DESIGN.md section 3).
+"""Reference lossless speculative sampling for chains and token trees (docs/contract.md section 3).
 
 Written to be read: the target distribution of a row is materialised (softmax, sort-based top-k and
 top-p), and each request is walked in Python exactly as the algorithm is stated:

@@ -1,4 +1,4 @@
-"""Reference tree attention over a paged KV cache (DESIGN.md section 3): the oracle of the tests.
+"""Reference tree attention over a paged KV cache (docs/contract.md section 3): the oracle of the tests.
 
 For each request: gather its K/V pages into a contiguous [L, Hkv, D] sequence, build the dense boolean
 mask (every query sees the committed prefix; among the last ``q_len`` positions it sees the query tokens

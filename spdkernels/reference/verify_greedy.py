@@ -1,4 +1,4 @@
-"""Reference greedy verification of chains and token trees (DESIGN.md section 3, verify_greedy)."""
+"""Reference greedy verification of chains and token trees (docs/contract.md section 3, verify_greedy)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Random draft batches for tests and benchmarks (not used by the ops themselves).
 
 A batch has R requests with k_r draft nodes each, as chains or random token trees, target logits with
-the layout of DESIGN.md section 2, and draft tokens that agree with the target's greedy choice with a
+the layout of docs/contract.md section 2, and draft tokens that agree with the target's greedy choice with a
 given probability, so that walks accept a realistic number of nodes instead of stopping at the root.
 
 ``spdkernels.testing.nki_emulator`` (imported only when asked for) is the NumPy emulation of the NKI language

@@ -3,7 +3,7 @@
 This is a test harness, not the official NKI simulator (``nki.simulate``, which ships in the ``nki`` wheel of
 the Neuron package index). It runs the unmodified kernel source: :func:`load_kernel_module` executes a kernel
 file with ``import nki`` / ``nki.language`` / ``nki.isa`` / ``nki.typing`` bound to the modules built here,
-and :func:`emulate` runs a kernel on NumPy arrays. Every instruction checks the rules of DESIGN.md section 7
+and :func:`emulate` runs a kernel on NumPy arrays. Every instruction checks the rules of docs/contract.md section 7
 and the ISA documentation, and a broken rule raises :class:`NKIEmulationError` naming it:
 
 * partitions: an SBUF/PSUM tensor has at most 128 partitions (dim 0), and every slice stays inside its
@@ -43,7 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-# ---- hardware constants (DESIGN.md section 7; nki.language.tile_size) ---------------------------------------
+# ---- hardware constants (docs/contract.md section 7; nki.language.tile_size) --------------------------------
 
 PARTITIONS = 128  # SBUF and PSUM partitions (nl.tile_size.pmax)
 PSUM_BANK_BYTES = 2048  # one bank per partition: 512 fp32
