@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=4, help="training windows per step")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="where the anchor states and the training run (cpu, cuda, "
+                   "cuda:N); the text is generated on the CPU")
     t.add_argument("--anchor-norm", action="store_true",
                    help="RMS-normalise each anchor hidden state before the aggregation (weights initialised from "
                    "the target's own norms, trained)")
@@ -366,6 +368,16 @@ def cmd_train_pdm(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr: expected > 0, got {args.lr}")
+    import torch
+
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {args.device} requested but torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
     ck, _ = _load(args.model, args.threads)
     if args.stages > ck.config.num_layers:
         raise ValueError(f"--stages: expected at most the target's {ck.config.num_layers} layers, got {args.stages}")
@@ -373,7 +385,7 @@ def cmd_train_pdm(args) -> int:
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,
-              anchor_norm=args.anchor_norm)
+              anchor_norm=args.anchor_norm, device=args.device)
     return 0
 
 

@@ -53,7 +53,7 @@ def anchor_states(model: LlamaModel, seqs: Sequence[Sequence[int]], anchors: Seq
                   max_tokens: int = 2048, dtype=torch.float16) -> List[torch.Tensor]:
     """For each token sequence, the target's hidden states at the anchors, ``[S, m + 1, H]`` in ``dtype``
     (anchor 0 = the embedding, ``b`` = the output of the ``b``-th layer), from one prefill-style forward per
-    chunk of sequences."""
+    chunk of sequences on the model's device; the states are returned in host memory."""
     taps = [b - 1 for b in anchors if b > 0]
     out: List[torch.Tensor] = []
     i = 0
@@ -75,11 +75,13 @@ def anchor_states(model: LlamaModel, seqs: Sequence[Sequence[int]], anchors: Seq
             slots += cache.slots(j, range(len(s)))
             cu.append(cu[-1] + len(s))
             kv.append(len(s))
-        b = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots), torch.tensor(cu, dtype=torch.int32),
-                  torch.tensor(kv, dtype=torch.int32), cache.block_table(list(range(len(chunk)))))
+        dev = model.device
+        b = Batch(torch.tensor(toks, device=dev), torch.tensor(pos, device=dev), torch.tensor(slots, device=dev),
+                  torch.tensor(cu, dtype=torch.int32, device=dev), torch.tensor(kv, dtype=torch.int32, device=dev),
+                  cache.block_table(list(range(len(chunk)))))
         h0 = model.embed_tokens(b.token_ids)
         _, tapped = model.forward_layers(h0, b, cache, taps=taps)
-        stack = torch.stack([h0] + [tapped[t] for t in taps], dim=1).to(dtype)
+        stack = torch.stack([h0] + [tapped[t] for t in taps], dim=1).to("cpu", dtype)  # kept in host memory
         for j in range(len(chunk)):
             out.append(stack[cu[j]:cu[j + 1]].clone())
     return out
