@@ -20,3 +20,16 @@ def test_module_bad_input_exits_2():
     p = _run("generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi")
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "error:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_module_dispatches_to_the_console_script_entry_point():
+    import importlib
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    target = re.search(r'^spdkernels\s*=\s*"([\w.]+):(\w+)"', pyproject, flags=re.M)
+    assert target, "pyproject.toml declares the spdkernels console script"
+    entry = getattr(importlib.import_module(target.group(1)), target.group(2))
+    main_module = importlib.import_module("spdkernels.__main__")
+    assert main_module.main is entry
