@@ -27,8 +27,9 @@ def test_module_dispatches_to_the_console_script_entry_point():
     import re
     from pathlib import Path
 
-    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
-    target = re.search(r'^spdkernels\s*=\s*"([\w.]+):(\w+)"', pyproject, flags=re.M)
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    scripts = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]  # that table only (vLLM's plugin is named alike)
+    target = re.search(r'^spdkernels\s*=\s*"([\w.]+):(\w+)"', scripts, flags=re.M)
     assert target, "pyproject.toml declares the spdkernels console script"
     entry = getattr(importlib.import_module(target.group(1)), target.group(2))
     main_module = importlib.import_module("spdkernels.__main__")
