@@ -271,7 +271,8 @@ def _generate_distributed(args) -> int:
     if not 2 <= args.stages <= ck.config.num_layers:
         raise ValueError(f"--stages: expected 2 <= n <= {ck.config.num_layers} (the model's layers), got {args.stages}")
     tok = ck.tokenizer
-    head = LlamaModel(ck.config, ck.state_dict, layers=(0, 0))  # rank 0: embedding, final norm, LM head
+    # rank 0: embedding, final norm, LM head (and the PDM) only
+    head = LlamaModel(ck.config, ck.state_dict, layers=(0, 0), device="cuda" if args.dist_backend == "nccl" else "cpu")
     pdm = load_pdm_for(args, ck, head)
     reqs = []
     for text in _prompts(args):
