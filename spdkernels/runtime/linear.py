@@ -27,7 +27,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
     N, K = w.shape
     if b is not None:
         b = b.contiguous()  # keep a reference: the kernel reads it after this line
-    y = torch.empty(M, N, dtype=torch.float32)
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)  # the CPU path
     if M:
         C.skinny_linear_f32(x.data_ptr(), x.stride(0), w.data_ptr(), 0 if b is None else b.data_ptr(),
                             y.data_ptr(), N, M, N, K, _cpp.num_threads())

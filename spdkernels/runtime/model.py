@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from spdkernels import tree as tree_utils
 from spdkernels.ops.tree_attention import tree_attention
 
 from .kv_cache import PagedKVCache
@@ -31,6 +32,52 @@ class Batch:
     kv_lens: torch.Tensor  # int32 [R]: cache entries per request, the query tokens included
     block_table: torch.Tensor  # int32 [R, max_blocks]
     tree_mask: Optional[torch.Tensor] = None  # int32 [T, W]; None = causal chain
+
+
+def sync_device(device) -> None:
+    """Block until the work queued on ``device`` is done (a no-op on the CPU): timings read clocks after it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_batch(cache: PagedKVCache, rids: Sequence, starts: Sequence[int], positions: Sequence[Sequence[int]],
+                tokens: Optional[Sequence[int]] = None, tree_parents: Optional[Sequence[Sequence[int]]] = None,
+                device=None) -> Batch:
+    """The :class:`Batch` of one forward pass, built from host lists and moved to ``device`` (default: the
+    cache's) in one transfer per tensor: every runtime path (prefill, verification, drafting, SPD stages, the
+    PDM) builds its batches here, so they all land on the model's device.
+
+    Request ``rids[i]`` has ``len(positions[i])`` query rows; their K/V go to cache positions ``starts[i]``,
+    ``starts[i] + 1``, ... (reserved here) and they attend to every cached position before ``starts[i]``;
+    ``positions[i]`` are their rotary positions (a draft node's depth, not its slot, in a tree). ``tokens``:
+    the flat query token ids (zeros when the caller feeds hidden states). ``tree_parents[i]``: the parent of
+    each query row after the first, as an index among those rows minus one (-1 = the first row), which gives
+    the tree mask; None = causal rows."""
+    dev = torch.device(device) if device is not None else cache.k.device
+    pos, slots, cu, kv = [], [], [0], []
+    for rid, start, ps in zip(rids, starts, positions):
+        ps = list(ps)
+        cache.reserve(rid, start + len(ps))
+        pos += ps
+        slots += cache.slots(rid, range(start, start + len(ps)))
+        cu.append(cu[-1] + len(ps))
+        kv.append(start + len(ps))
+    mask = None
+    if tree_parents is not None:
+        flat = [p for ps in tree_parents for p in ps]
+        cund = [0]
+        for ps in tree_parents:
+            cund.append(cund[-1] + len(ps))
+        if any(len(ps) + 1 != b - a for ps, a, b in zip(tree_parents, cu, cu[1:])):
+            raise ValueError("tree_parents: expected one parent per query row after the first, per request")
+        mask = tree_utils.build_tree_mask(torch.tensor(flat, dtype=torch.int32, device=dev),
+                                          torch.tensor(cund, dtype=torch.int32, device=dev),
+                                          max_q_len=max([b - a for a, b in zip(cu, cu[1:])], default=1))
+    return Batch(torch.tensor(list(tokens) if tokens is not None else [0] * len(pos), dtype=torch.int64, device=dev),
+                 torch.tensor(pos, dtype=torch.int64, device=dev), torch.tensor(slots, dtype=torch.int64, device=dev),
+                 torch.tensor(cu, dtype=torch.int32, device=dev), torch.tensor(kv, dtype=torch.int32, device=dev),
+                 cache.block_table(list(rids), device=dev), mask)
 
 
 class _Layer:
@@ -228,11 +275,8 @@ def prefill_logits(model: LlamaModel, ids: Sequence[int], rows: Optional[Sequenc
     T = len(ids)
     cache = model.new_cache(-(-T // 16), 16)
     cache.add(0)
-    cache.reserve(0, T)
-    batch = Batch(torch.tensor(list(ids)), torch.arange(T), torch.tensor(cache.slots(0, range(T))),
-                  torch.tensor([0, T], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
-                  cache.block_table([0]))
-    return model.forward(batch, cache, None if rows is None else torch.tensor(list(rows)))
+    batch = build_batch(cache, [0], [0], [range(T)], list(ids))
+    return model.forward(batch, cache, None if rows is None else torch.tensor(list(rows), device=model.device))
 
 
 def greedy_reference(model: LlamaModel, prompt: Sequence[int], n: int) -> List[int]:

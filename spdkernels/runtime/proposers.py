@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from spdkernels import tree as tree_utils
-
-from .model import Batch, LlamaModel
+from .model import LlamaModel, build_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import RequestState
@@ -247,7 +245,8 @@ class ModelProposer(Proposer):
             if not active:
                 break
             forwarded.update(active)
-            toks, pos, slots, cu, kv, par_all, rows, row_owner = [], [], [], [0], [], [], [], []
+            toks, starts, positions, par_all, rows, row_owner = [], [], [], [], [], []
+            q0 = 0
             for r in active:
                 st, d = states[r], drafts[r]
                 c = self.committed(st)
@@ -256,30 +255,21 @@ class ModelProposer(Proposer):
                 node_depth = []
                 for p in d.parents:
                     node_depth.append(1 if p < 0 else node_depth[p] + 1)
-                positions = list(range(c, c + n_p)) + [c + n_p - 1 + x for x in node_depth]
-                total = c + len(q)
-                cache.reserve(st.rid, total)
+                positions.append(list(range(c, c + n_p)) + [c + n_p - 1 + x for x in node_depth])
+                starts.append(c)
                 toks += q
-                pos += positions
-                slots += cache.slots(st.rid, range(c, total))
-                cu.append(cu[-1] + len(q))
-                kv.append(total)
                 # tree over the local queries [pending..., nodes...]: pending form a chain, node parents
                 # shift by n_p (the root is pending[-1])
                 par_all.append([j - 2 for j in range(1, n_p)]
                                + [n_p - 2 if p < 0 else n_p - 1 + p for p in d.parents])
                 for f in frontier[r]:
-                    rows.append(cu[-2] + (n_p - 1 if f < 0 else n_p + f))
+                    rows.append(q0 + (n_p - 1 if f < 0 else n_p + f))
                     row_owner.append((r, f))
-            cu_t = torch.tensor(cu, dtype=torch.int32)
-            flat_par = torch.tensor([p for ps in par_all for p in ps], dtype=torch.int32)
-            cund = cu_t - torch.arange(len(cu), dtype=torch.int32)  # one root (pending[0]) per request
-            mask = tree_utils.build_tree_mask(flat_par, cund, max_q_len=int(cu_t.diff().max()))
-            batch = Batch(torch.tensor(toks), torch.tensor(pos), torch.tensor(slots), cu_t,
-                          torch.tensor(kv, dtype=torch.int32), cache.block_table([states[r].rid for r in active]),
-                          mask)
+                q0 += len(q)
+            batch = build_batch(cache, [states[r].rid for r in active], starts, positions, toks, par_all,
+                                device=m.device)
             h, _ = m.forward_layers(m.embed_tokens(batch.token_ids), batch, cache, 0, self.draft_layers())
-            logp = torch.log_softmax(self._logits(m, h[torch.tensor(rows)]).float(), dim=-1)
+            logp = torch.log_softmax(self._logits(m, h[torch.tensor(rows, device=h.device)]).float(), dim=-1)
             top = logp.topk(self.branching, dim=-1)
             keep_best_children(drafts, scores, frontier, row_owner, top.values.tolist(), top.indices.tolist(),
                                self.width, self.max_nodes)

@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..engine import Engine, Request, SamplingParams
-from ..model import Batch, LlamaModel
+from ..model import LlamaModel, build_batch
 from .prompts import training_prompts
 
 
@@ -66,19 +66,12 @@ def anchor_states(model: LlamaModel, seqs: Sequence[Sequence[int]], anchors: Seq
             n += len(seqs[i])
             i += 1
         cache = model.new_cache(sum(-(-len(s) // 16) for s in chunk), 16)
-        toks, pos, slots, cu, kv = [], [], [], [0], []
+        cu = [0]
         for j, s in enumerate(chunk):
             cache.add(j)
-            cache.reserve(j, len(s))
-            toks += list(s)
-            pos += range(len(s))
-            slots += cache.slots(j, range(len(s)))
             cu.append(cu[-1] + len(s))
-            kv.append(len(s))
-        dev = model.device
-        b = Batch(torch.tensor(toks, device=dev), torch.tensor(pos, device=dev), torch.tensor(slots, device=dev),
-                  torch.tensor(cu, dtype=torch.int32, device=dev), torch.tensor(kv, dtype=torch.int32, device=dev),
-                  cache.block_table(list(range(len(chunk)))))
+        b = build_batch(cache, list(range(len(chunk))), [0] * len(chunk), [range(len(s)) for s in chunk],
+                        [t for s in chunk for t in s])
         h0 = model.embed_tokens(b.token_ids)
         _, tapped = model.forward_layers(h0, b, cache, taps=taps)
         stack = torch.stack([h0] + [tapped[t] for t in taps], dim=1).to("cpu", dtype)  # kept in host memory

@@ -19,9 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from spdkernels import tree as tree_utils
-
-from ..model import Batch
+from ..model import build_batch
 from ..proposers import Draft, Proposer, keep_best_children
 from .pdm import PipelineDraftModule
 from .schedule import draw_draft
@@ -58,6 +56,7 @@ class PDMProposer(Proposer):
         self._cache = self.pdm.new_cache(cache.num_blocks * cache.block_size // 16 + 1, 16, scrub=cache.scrub)
         self._len, self._pending = {}, {}
         self._emb = target.embed_tokens
+        self._device = target.device
 
     def observe(self, state, positions, hidden):
         rid = state.rid
@@ -79,18 +78,8 @@ class PDMProposer(Proposer):
         """Run PDM rows ``[T, m + 1, H]`` of types ``rows_t`` at ``positions`` (per request, a causal chain
         written right after its cache length) and return the tower's output rows."""
         pdm, cache = self.pdm, self._cache
-        pos, slots, cu, kv = [], [], [0], []
-        for rid, ps in zip(rids, positions):
-            top = self._len[rid] + len(ps)
-            cache.reserve(rid, top)
-            pos += ps
-            slots += cache.slots(rid, range(self._len[rid], top))
-            cu.append(cu[-1] + len(ps))
-            kv.append(top)
-        b = Batch(torch.zeros(len(pos), dtype=torch.int64), torch.tensor(pos), torch.tensor(slots),
-                  torch.tensor(cu, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32),
-                  cache.block_table(list(rids)))
-        g = pdm.rows(torch.stack(rows_h), torch.tensor(rows_t, dtype=torch.int64))
+        b = build_batch(cache, rids, [self._len[rid] for rid in rids], positions, device=self._device)
+        g = pdm.rows(torch.stack(rows_h), torch.tensor(rows_t, dtype=torch.int64, device=self._device))
         h, _ = pdm.tower.forward_layers(g, b, cache)
         return h
 
@@ -113,7 +102,7 @@ class PDMProposer(Proposer):
 
     def _root_rows(self, st) -> Tuple[torch.Tensor, int]:
         pos = len(st.tokens) - 1
-        e = self._emb(torch.tensor([st.last_token]))[0]
+        e = self._emb(torch.tensor([st.last_token], device=self._device))[0]
         row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
         row[0] = e
         return row, pos
@@ -159,7 +148,7 @@ class PDMProposer(Proposer):
                 if q is not None:
                     qs[r].append(q)
                 if len(drafts[r]) < min(depth_limits[r], self.k):
-                    e = self._emb(torch.tensor([tok]))[0]
+                    e = self._emb(torch.tensor([tok], device=self._device))[0]
                     row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
                     row[0] = e
                     cur[r] = (row, pos)
@@ -204,12 +193,12 @@ class PDMProposer(Proposer):
             for i, r in enumerate(active):
                 for f in frontier[r]:
                     sel.append(cu[i] + (0 if f < 0 else 1 + f))
-            logp = torch.log_softmax(pdm.draft_logits(h[torch.tensor(sel)]).float(), dim=-1)
+            logp = torch.log_softmax(pdm.draft_logits(h[torch.tensor(sel, device=h.device)]).float(), dim=-1)
             top = logp.topk(self.branching, dim=-1)
             owners = [(r, f) for r in active for f in frontier[r]]
             for r, t in keep_best_children(drafts, scores, frontier, owners, top.values.tolist(),
                                            pdm.vocab_ids[top.indices].tolist(), self.width, self.max_nodes):
-                e = self._emb(torch.tensor([t]))[0]
+                e = self._emb(torch.tensor([t], device=self._device))[0]
                 row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
                 row[0] = e
                 embs[r].append(row)
@@ -222,21 +211,8 @@ class PDMProposer(Proposer):
         """Query rows ``[root, nodes...]`` per request with the tree mask (root = parent -1 of the nodes;
         in the op's layout the root is the tree's row 0 and node ``i``'s parent ``p`` maps to ``p``)."""
         pdm, cache = self.pdm, self._cache
-        pos, slots, cu, kv, flat, cund = [], [], [0], [], [], [0]
-        for rid, ps, par in zip(rids, positions, parents):
-            top = self._len[rid] + len(ps)
-            cache.reserve(rid, top)
-            pos += ps
-            slots += cache.slots(rid, range(self._len[rid], top))
-            cu.append(cu[-1] + len(ps))
-            kv.append(top)
-            flat += par
-            cund.append(cund[-1] + len(par))
-        cu_t = torch.tensor(cu, dtype=torch.int32)
-        mask = tree_utils.build_tree_mask(torch.tensor(flat, dtype=torch.int32), torch.tensor(cund, dtype=torch.int32),
-                                          max_q_len=int(cu_t.diff().max()))
-        b = Batch(torch.zeros(len(pos), dtype=torch.int64), torch.tensor(pos), torch.tensor(slots), cu_t,
-                  torch.tensor(kv, dtype=torch.int32), cache.block_table(list(rids)), mask)
-        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64))
+        b = build_batch(cache, rids, [self._len[rid] for rid in rids], positions, tree_parents=parents,
+                        device=self._device)
+        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64, device=self._device))
         h, _ = pdm.tower.forward_layers(g, b, cache)
         return h

@@ -36,7 +36,7 @@ from ..engine import (
     collect_results,
     validate_requests,
 )
-from ..model import Batch, LlamaModel
+from ..model import Batch, LlamaModel, build_batch, sync_device
 from .pdm import PipelineDraftModule, check_stages
 
 STREAM_DRAFT = 2  # Philox stream of the draft coins (0 and 1 are the verification coins)
@@ -97,8 +97,8 @@ def draw_draft(pdm: PipelineDraftModule, logits: torch.Tensor, temperature: floa
     q = torch.softmax(logits.float() / temperature, dim=-1)
     u = philox_uniform(seed, pos, 0, STREAM_DRAFT)
     c = torch.cumsum(q, 0)
-    i = min(int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype), right=True)[0]),
-            q.shape[0] - 1)
+    thr = torch.tensor([u * float(c[-1])], dtype=c.dtype, device=c.device)
+    i = min(int(torch.searchsorted(c, thr, right=True)[0]), q.shape[0] - 1)
     while q[i] <= 0:  # never a zero-probability draft
         i -= 1
     return int(pdm.vocab_ids[i]), q
@@ -175,6 +175,7 @@ class SPDEngine:
                 for c in self.caches + [self.pdm_cache]:
                     c.add(s.rid)
             self._prefill(states, m)
+            sync_device(self.model.device)
             m.prefill_s = time.perf_counter() - t0
             active = [s for s in states if not s.done]
             while active:
@@ -186,6 +187,7 @@ class SPDEngine:
                 active = [s for s in active if not s.done]
         finally:
             spdkernels.set_validation(old)
+        sync_device(self.model.device)
         m.wall_s = time.perf_counter() - t0
         results = collect_results(states, self.tokenizer, m)
         m.request_cycles = sum(s.metrics.cycles for s in states)
@@ -195,18 +197,7 @@ class SPDEngine:
     def _batch(self, cache, rids, positions: Sequence[Sequence[int]], tokens=None) -> Batch:
         """A causal batch: request ``rids[i]`` runs its tokens at ``positions[i]`` (consecutive), with K/V
         written at those positions of ``cache`` (every position before them is attended to)."""
-        pos, slots, cu, kv = [], [], [0], []
-        for rid, ps in zip(rids, positions):
-            cache.reserve(rid, ps[-1] + 1)
-            pos += ps
-            slots += cache.slots(rid, ps)
-            cu.append(cu[-1] + len(ps))
-            kv.append(ps[-1] + 1)
-        dev = self.model.device
-        return Batch(torch.tensor(tokens if tokens is not None else [0] * len(pos), device=dev),
-                     torch.tensor(pos, device=dev), torch.tensor(slots, device=dev),
-                     torch.tensor(cu, dtype=torch.int32, device=dev), torch.tensor(kv, dtype=torch.int32, device=dev),
-                     cache.block_table(rids))
+        return build_batch(cache, rids, [ps[0] for ps in positions], positions, tokens, device=self.model.device)
 
     def _sample_first(self, states: List[_SPDState], logits: torch.Tensor) -> List[int]:
         """The token after the prompt, from the target itself (no draft to verify)."""
@@ -256,7 +247,7 @@ class SPDEngine:
         last = torch.tensor([c - 1 for c in cu[1:]], device=h.device)
         first = self._sample_first(states, self._target_logits(h[last]))
         # the PDM: completed rows of every prompt position
-        g = pdm.rows(anchors, torch.full((anchors.shape[0],), self.m, dtype=torch.int64))
+        g = pdm.rows(anchors, torch.full((anchors.shape[0],), self.m, dtype=torch.int64, device=anchors.device))
         b = self._batch(self.pdm_cache, rids, positions)
         pdm.tower.forward_layers(g, b, self.pdm_cache)
         for s, t in zip(states, first):
@@ -290,7 +281,7 @@ class SPDEngine:
                 assert [e.pos for e in s.pipeline] == ps[len(ps) - len(s.pipeline):], \
                     f"PDM rows of {s.rid!r} not contiguous from its cache length {p0}"
             positions.append(ps)
-        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64))
+        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64, device=rows[0].device))
         b = self._batch(self.pdm_cache, [s.rid for s in active], positions)
         h, _ = pdm.tower.forward_layers(g, b, self.pdm_cache)
         last = b.cu_q_lens[1:].long() - 1
@@ -320,6 +311,7 @@ class SPDEngine:
                     e.anchors[k] = tapped[layer][j]
                 e.depth += 1
                 self.caches[si].set_length(s.rid, e.pos + 1)
+            sync_device(model.device)
             dt = time.perf_counter() - t0
             m.stage_s[si] += dt
             slowest = max(slowest, dt)
@@ -359,11 +351,13 @@ class SPDEngine:
         model, n = self.model, self.n
         t0 = time.perf_counter()
         d_logits = self._pdm_forward(active)
+        sync_device(model.device)
         t1 = time.perf_counter()
         slowest = self._stage_forwards(active, m)
         t2 = time.perf_counter()
         exits = [(s, s.pipeline[0]) for s in active if s.pipeline[0].depth == n]
         verdicts = self._verify(exits) if exits else []
+        sync_device(model.device)
         t3 = time.perf_counter()
         rejected = set()
         for (s, e), (ok, tok) in zip(exits, verdicts):
