@@ -29,9 +29,10 @@ worker that dies (its connection closes), hangs or sends a wrong cycle id ends t
 with a clear error, rank 0 sends ABORT to the others, joins them and terminates those that do not leave.
 Workers ignore SIGINT; Ctrl-C in rank 0 shuts every rank down the same way.
 
-Launch: :class:`DistributedSPD` (rank 0 in the calling process) spawns the ``n`` workers with
-``torch.multiprocessing`` (spawn), setting ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` for
-them, and hands each one only its stage's tensors (shared memory). Under ``torchrun`` (those variables
+Launch: :class:`DistributedSPD` (rank 0 in the calling process) starts the ``n`` workers with
+``torch.multiprocessing`` (forkserver, which imports torch once for all of them; spawn where there is no
+forkserver), setting ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` for them, and hands each one
+only its stage's tensors (shared memory). Under ``torchrun`` (those variables
 already set) nothing is spawned: rank 0 runs the command, the other ranks call :func:`worker_from_env`,
 load the checkpoint and keep only their stage. Backends: gloo (CPU) and NCCL (one GPU per rank, or ranks
 sharing GPUs round-robin)."""
