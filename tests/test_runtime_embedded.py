@@ -91,6 +91,23 @@ def test_cli_prompt_longer_than_context(capsys):
     assert err.startswith("error: prompt_ids") and "context" in err
 
 
+def test_cli_sampling_seeds_fresh_unless_given(tmp_path):
+    """Without --seed every request draws its own seed (reported in --json); with --seed the run repeats."""
+    import json
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.json"
+        assert cli_main(["generate", "--prompt", "Name a colour.", "--max-tokens", "6", "--temperature", "1.0",
+                         "--batch", "2", "--proposer", "none", "--json", str(out), "--no-progress", *extra]) == 0
+        return json.loads(out.read_text())["results"]
+
+    a, b = run("a"), run("b")
+    seeds = [r["seed"] for r in a + b]
+    assert len(set(seeds)) == 4 and all(isinstance(x, int) for x in seeds)
+    c, d = run("c", "--seed", "5"), run("d", "--seed", "5")
+    assert [r["seed"] for r in c] == [5, 6] and [r["output_ids"] for r in c] == [r["output_ids"] for r in d]
+
+
 def test_shipped_pdm_spd_and_proposer_equal_autoregressive(ck, model):
     """The PDM shipped for the embedded model loads (its target hash matches), and greedy SPD at n=4 and
     the PDM proposer give our autoregressive tokens (a divergence only at a near-tie) with drafts accepted."""

@@ -60,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     src.add_argument("--prompt-file", help="a file with one prompt per line (or a JSON list of strings)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
-    g.add_argument("--batch", type=int, default=1, help="repeat each prompt this many times (seeds seed, seed+1, ...)")
+    g.add_argument("--batch", type=int, default=1,
+                   help="repeat each prompt this many times (with --seed S: seeds S, S+1, ...)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: a fresh seed per request, reported in --json)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", help="write results and metrics to this file")
     g.add_argument("--no-progress", action="store_true")
@@ -224,7 +226,8 @@ def cmd_generate(args) -> int:
         ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
         for b in range(args.batch):
             sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed + b, stop=tuple(args.stop))
+                                top_p=args.top_p, seed=None if args.seed is None else args.seed + b,
+                                stop=tuple(args.stop))
             sp.validate()
             reqs.append(Request(ids, sp))
     spec = None
@@ -266,7 +269,7 @@ def cmd_generate(args) -> int:
               f"{d['exit_verify_ms_per_cycle']:.2f} ms, slack {d['slack_ms_per_cycle']:.2f} ms")
     if args.json:
         out = dict(model=ck.source, proposer=desc, metrics=m.as_dict(),
-                   results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason,
+                   results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,
                                  acceptance_rate=r.metrics.acceptance_rate,
                                  mean_accepted_length=r.metrics.mean_accepted_length) for r in results])
         with open(args.json, "w") as f:
@@ -295,7 +298,8 @@ def _generate_distributed(args) -> int:
         ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
         for b in range(args.batch):
             sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed + b, stop=tuple(args.stop))
+                                top_p=args.top_p, seed=None if args.seed is None else args.seed + b,
+                                stop=tuple(args.stop))
             sp.validate()
             reqs.append(Request(ids, sp))
     eng = DistributedSPD(ck.config, ck.state_dict, pdm, args.stages, tokenizer=tok, backend=args.dist_backend,
@@ -319,7 +323,7 @@ def _generate_distributed(args) -> int:
     print(format_report(m, cores=os.cpu_count()))
     if args.json:
         out = dict(model=ck.source, proposer=eng.describe(), metrics=m.as_dict(),
-                   results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason,
+                   results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,
                                  acceptance_rate=r.metrics.acceptance_rate) for r in results])
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
