@@ -10,7 +10,7 @@ PDM under several attention layouts, on the cached training text of ``spdkernels
 If ``proposer_seg1`` is no better than ``pipe4``, the deep features of the completed tokens add nothing over
 the partial ones, i.e. the PDM does not exploit them.
 
-    python -m bench.pdm_probe --pdm DIR --work WORK [--windows 12] [--seed 0]
+    python -m spdkernels.bench.pdm_probe --pdm DIR --work WORK [--windows 12] [--seed 0]
 
 ``WORK`` is the ``--work`` folder of ``train-pdm`` (its corpus JSON and anchor-state cache); the held-out
 sequences are the ones ``train-pdm`` held out for that seed.
@@ -55,7 +55,7 @@ def load_net(pdm_dir: str, target):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.pdm_probe", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m spdkernels.bench.pdm_probe", description=__doc__.split("\n")[0])
     ap.add_argument("--pdm", required=True)
     ap.add_argument("--work", required=True, help="train-pdm's --work folder")
     ap.add_argument("--windows", type=int, default=12, help="held-out windows to score")
