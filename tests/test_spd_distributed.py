@@ -1,8 +1,9 @@
 """Speculative Pipeline Decoding across processes (gloo, one worker process per stage): token-for-token
 identity with the single-process SPDEngine (greedy and sampled, n = 2 and 4, sequential requests over the
 same workers), the faults (a worker killed, one hanging past the timeout, a corrupted cycle id, Ctrl-C:
-every rank stops with an error within the timeout, never a hang), bad input, and a short run on the
-embedded model against autoregressive decoding."""
+every rank stops with an error within the timeout, never a hang), bad input and the CLI's exit codes, and a short run of
+the CLI on the embedded model against autoregressive decoding."""
+import json
 import os
 import signal
 import subprocess
@@ -178,21 +179,54 @@ def test_bad_input(tiny, prompts, capsys):
     assert "--dist-timeout" in capsys.readouterr().err
 
 
-def test_embedded_model_end_to_end():
-    """The shipped PDM on the embedded SmolLM2-135M, n = 2, one demo prompt: the same tokens as our
-    autoregressive decoding."""
+@pytest.fixture(scope="module")
+def embedded():
     from spdkernels.runtime import load_checkpoint
-    from spdkernels.runtime.demo import SUITE
-    from spdkernels.runtime.spd.pdm import load_pdm, shipped_pdm_path
 
-    ck = load_checkpoint()
-    model = LlamaModel(ck.config, ck.state_dict)
+    return load_checkpoint()
+
+
+@pytest.fixture
+def cli_checkpoint(embedded, monkeypatch):
+    """The CLI loads the embedded checkpoint through this cached copy (one load for the module)."""
+    import spdkernels.runtime.weights as weights
+
+    monkeypatch.setattr(weights, "load_checkpoint", lambda path=None, dtype=torch.float32: embedded)
+    return embedded
+
+
+def test_embedded_model_end_to_end(cli_checkpoint, tmp_path, capsys):
+    """``spdkernels generate --proposer spd --stages 2 --distributed`` on the embedded SmolLM2-135M with the
+    shipped PDM, one demo prompt: the same tokens as our autoregressive decoding, and the report."""
+    from spdkernels.runtime.demo import SUITE
+
+    ck = cli_checkpoint
+    out = tmp_path / "spd.json"
+    rc = cli_main(["generate", "--prompt", SUITE[0][1], "--max-tokens", "16", "--proposer", "spd", "--stages", "2",
+                   "--distributed", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    assert "cost model: cycle = max(slowest stage" in capsys.readouterr().out
+    got = json.loads(out.read_text())
     tok = ck.tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": SUITE[0][1]}]))
-    req = Request(ids, SamplingParams(max_new_tokens=16))
-    ar, _ = Engine(model, None).generate([req])
-    pdm = load_pdm(str(shipped_pdm_path()), model, ck.state_dict)
-    with DistributedSPD(ck.config, ck.state_dict, pdm, 2, tokenizer=tok) as eng:
-        res, met = eng.generate([req])
-    assert res[0].output_ids == ar[0].output_ids
-    assert met.accepted > 0 and eng.exitcodes == [0, 0]
+    model = LlamaModel(ck.config, ck.state_dict)
+    ar, _ = Engine(model, None).generate([Request(ids, SamplingParams(max_new_tokens=16))])
+    assert got["results"][0]["output_ids"] == ar[0].output_ids
+    assert got["metrics"]["accepted"] > 0
+
+
+def test_cli_exit_codes(cli_checkpoint, monkeypatch, capsys):
+    """A failed run exits with 1 and names the culprit; --stages beyond the model's layers exits with 2."""
+    import functools
+
+    from spdkernels.runtime.spd import distributed
+
+    assert cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "31", "--distributed"]) == 2
+    assert "--stages: expected 2 <= n <= 30" in capsys.readouterr().err
+    init = distributed.DistributedSPD.__init__
+    monkeypatch.setattr(distributed.DistributedSPD, "__init__", functools.partialmethod(
+        init, fault=dict(rank=1, kind="die", cycle=25)))
+    rc = cli_main(["generate", "--prompt", "hi", "--max-tokens", "32", "--proposer", "spd", "--stages", "2",
+                   "--distributed", "--no-progress"])
+    assert rc == 1
+    assert "error: distributed SPD stopped: rank 1 (stage 0) closed its connection" in capsys.readouterr().err

@@ -38,6 +38,7 @@ load the checkpoint and keep only their stage. Backends: gloo (CPU) and NCCL (on
 sharing GPUs round-robin)."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import pickle
@@ -564,11 +565,12 @@ class DistributedSPD(SPDEngine):
                 raise SPDDistributedError(f"workers did not start: {self._worker_errors() or 'timed out'}")
             time.sleep(0.02)
         self.link = _Link(spec, 0, self.store, self.rank0_device)
+        atexit.register(self.close)  # a script that never calls close() still shuts its workers down cleanly
         self.p2p_rtt_s = self._ping()
         return self
 
     def close(self) -> None:
-        """Shut the workers down (SHUTDOWN control), join them."""
+        """Shut the workers down (SHUTDOWN control), join them. Idempotent."""
         if self.link is not None and not self.closed:
             try:
                 self._send_ctrl(self._ctrl(OP_SHUTDOWN))
