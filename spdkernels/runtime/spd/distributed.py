@@ -9,8 +9,9 @@ Every cycle:
 
 * rank 0 sends each worker the fixed-size control tensor (GO / DISCARD / ..., cycle id, the token entering
   stage 0, the position at every stage, the crop length), posts its receives of the stages' outputs, runs
-  the PDM forward while the stages compute, waits for the token leaving the last stage first, verifies it
-  (``verify_greedy`` / ``rejection_sample`` through ``SPDEngine._verify``), then the other stages' anchors;
+  the PDM forward while the stages compute, waits for the token leaving the last stage, verifies it
+  (``verify_greedy`` / ``rejection_sample`` through ``SPDEngine._verify``) and commits; the other stages'
+  anchors are taken at the start of the next cycle, after its control is out (the next PDM needs them);
 * stage ``s`` waits for the control, pre-posts the receive of the activation stage ``s - 1`` computes this
   cycle (double-buffered: it is used next cycle), takes its input (the activation received last cycle, or
   the embedded token at stage 0), runs its layers, and ``isend``s the output activation to stage ``s + 1``
@@ -700,8 +701,8 @@ class DistributedSPD(SPDEngine):
         while not work.is_completed() and time.monotonic() < end:
             time.sleep(0.001)
 
-    def _take_output(self, s: int) -> torch.Tensor:
-        w, buf, cyc, pos = self._outs.pop(s)
+    def _take_output(self, s: int, posted: Optional[Tuple] = None) -> torch.Tensor:
+        w, buf, cyc, pos = self._outs.pop(s) if posted is None else posted
         self.link.wait(w, self._timeout(), s + 1, f"cycle {cyc}: waiting for stage {s}")
         header, payload = _unpack(buf, self.model.dtype)
         if header[0] != cyc or header[1] != pos or header[3] != MAGIC:
@@ -720,6 +721,7 @@ class DistributedSPD(SPDEngine):
         self._rec: List[List[float]] = []
         self._cur: List[float] = []
         self._outs = {}
+        self._deferred: List[Tuple] = []  # (stage, posted receive, entry): anchors not needed before the next PDM
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request]) -> Tuple[list, DistSPDRunMetrics]:
@@ -776,6 +778,8 @@ class DistributedSPD(SPDEngine):
             self._cur[0] = dt
             self._rec.append(self._cur)
             self._ema = dt if self._ema == 0 else 0.9 * self._ema + 0.1 * dt
+        if self._rec:
+            self._rec[-1][4] += self._drain()
         self.pdm_cache.release(st.rid)
         # the end of the request: workers drop what is in flight and send their per-cycle timings
         cycles = len(self._rec)
@@ -877,33 +881,45 @@ class DistributedSPD(SPDEngine):
         self._post_outputs(positions)
         self._prev_pos = positions
         t1 = time.perf_counter()
-        logits = super()._pdm_forward(active)
+        drained = self._drain()  # last cycle's anchors from the stages before the last (long arrived, usually)
         t2 = time.perf_counter()
-        self._cur = [0.0, t1 - t0, t2 - t1, 0.0, 0.0, 0.0]
+        logits = super()._pdm_forward(active)
+        t3 = time.perf_counter()
+        self._cur = [0.0, t1 - t0, t3 - t2, 0.0, drained, 0.0]
         return logits
 
+    def _drain(self) -> float:
+        """Take the deferred outputs of the stages before the last into their tokens' anchors (a dropped
+        token's too: every message is consumed). Returns the time it took."""
+        t0 = time.perf_counter()
+        for s, posted, e in self._deferred:
+            rows = self._take_output(s, posted)
+            for j, layer in enumerate(sorted(self.stage_taps[s], key=self.stage_taps[s].get)):
+                e.anchors[self.stage_taps[s][layer]] = rows[j]
+        self._deferred = []
+        return time.perf_counter() - t0
+
+    def _check(self, states) -> None:
+        self._cur[4] += self._drain()  # debug: the invariants look at every anchor
+        super()._check(states)
+
     def _stage_forwards(self, active: List[_SPDState], m) -> float:
-        """Wait for the stages' outputs (the exiting token first) and advance the tokens in flight."""
+        """Wait for the token leaving the last stage (its final state and anchors: it is verified now) and
+        advance the tokens in flight; the other stages' anchors are taken at the next PDM forward."""
         st = active[0]
         t0 = time.perf_counter()
-        by_depth = {e.depth: e for e in st.pipeline}
-        first = True
-        t1 = t0
-        for s in range(self.n - 1, -1, -1):
-            e = by_depth.get(s)
-            if e is None:
-                continue
+        for e in st.pipeline:
+            s = e.depth
             if s in self._outs:
-                rows = self._take_output(s)
-                for j, layer in enumerate(sorted(self.stage_taps[s], key=self.stage_taps[s].get)):
-                    e.anchors[self.stage_taps[s][layer]] = rows[j]
                 if s == self.n - 1:
+                    rows = self._take_output(s)
+                    for j, layer in enumerate(sorted(self.stage_taps[s], key=self.stage_taps[s].get)):
+                        e.anchors[self.stage_taps[s][layer]] = rows[j]
                     e.h = rows[-1]
+                else:
+                    self._deferred.append((s, self._outs.pop(s), e))
             e.depth += 1
-            if first:
-                t1, first = time.perf_counter(), False
-        t2 = time.perf_counter()
-        self._cur[3], self._cur[4] = t1 - t0, t2 - t1
+        self._cur[3] = time.perf_counter() - t0
         return 0.0
 
     def _verify(self, exits):
@@ -951,7 +967,7 @@ def format_report(m: DistSPDRunMetrics, ar_tokens_per_s: Optional[float] = None,
         f"--- distributed SPD n={m.n}: {m.ranks} ranks ({m.backend}, {m.threads} thread(s) each), {m.cycles} cycles, "
         f"{m.steps} verifications, acceptance {m.acceptance_rate:.2f}, tokens/cycle {m.tokens_per_cycle:.2f}",
         f"    rank 0 per cycle: {cm['cycle_ms']:.2f} ms = control {1e3 * m.ctrl_s / c:.2f} + PDM {cm['pdm_ms']:.2f} + "
-        f"wait exit {1e3 * m.wait_exit_s / c:.2f} + wait others {1e3 * m.wait_rest_s / c:.2f} + verify "
+        f"wait exit {1e3 * m.wait_exit_s / c:.2f} + wait others (deferred) {1e3 * m.wait_rest_s / c:.2f} + verify "
         f"{cm['verify_ms']:.2f} + bookkeeping",
         f"    stages per cycle: compute wall [{', '.join(ms)}] ms, CPU [{', '.join(cpu)}] ms, input wait "
         f"[{', '.join(inw)}] ms; slowest {cm['slowest_stage_ms']:.2f} ms wall, {cm['slowest_stage_cpu_ms']:.2f} ms "
