@@ -13,7 +13,7 @@ void skinny_linear_f32(std::uintptr_t, int64_t, std::uintptr_t, std::uintptr_t, 
                        int64_t, int64_t, int);
 void tree_attention(std::uintptr_t, int, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
                     std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int);
+                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int);
 }
 
 namespace py = pybind11;
@@ -31,7 +31,7 @@ PYBIND11_MODULE(_C, m) {
         "cap the level isa_level() may return (the CPU's own limit still applies)");
   m.def("verify_greedy", &spd::verify_greedy, py::call_guard<py::gil_scoped_release>(),
         py::arg("logits"), py::arg("logit_code"), py::arg("row_stride"), py::arg("V"), py::arg("draft_ids"),
-        py::arg("tok_code"), py::arg("cu_num_draft"), py::arg("parents"), py::arg("R"), py::arg("max_depth"),
+        py::arg("tok_code"), py::arg("cu_num_draft"), py::arg("parents"), py::arg("R"), py::arg("N"), py::arg("max_depth"),
         py::arg("out_tokens"), py::arg("num_emitted"), py::arg("accepted_path"), py::arg("num_threads"));
   m.def("rejection_sample", &spd::rejection_sample, py::call_guard<py::gil_scoped_release>());
   m.def("target_weights", &spd::target_weights_row, py::call_guard<py::gil_scoped_release>(), py::arg("logits"),

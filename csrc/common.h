@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #ifdef SPD_HAVE_OPENMP
 #include <omp.h>
@@ -253,5 +254,40 @@ inline int32_t row_argmax(const void* row, int64_t V, int code) {
 }
 
 inline int element_size(int code) { return code == kF32 ? 4 : 2; }
+
+// Always-on structural checks of a draft batch (docs/contract.md section 3), made before any kernel reads
+// through these indices, with validation on or off: O(N + R) integer reads, nothing measurable next to
+// reading N + R logit rows. A bad value throws std::invalid_argument naming the argument (Python sees a
+// ValueError), never a read or write out of bounds. `parents` may be null (chains). `check_tokens` false:
+// token ids are only compared (greedy verification), so one outside the vocabulary is simply never accepted.
+inline void check_draft_batch(const int32_t* cu, int64_t R, int64_t N, const int32_t* parents,
+                              std::uintptr_t draft_ids, int tok_code, int64_t V, bool check_tokens) {
+  auto fail = [](const char* arg, const std::string& what) {
+    throw std::invalid_argument(std::string(arg) + ": " + what + " (checked with validation off too)");
+  };
+  if (R < 0 || N < 0) fail("cu_num_draft", "negative batch size");
+  if (cu[0] != 0) fail("cu_num_draft", "must start at 0, got " + std::to_string(cu[0]));
+  for (int64_t r = 0; r < R; ++r)
+    if (cu[r + 1] < cu[r])
+      fail("cu_num_draft", "must be non-decreasing, entry " + std::to_string(r + 1) + " is " +
+                               std::to_string(cu[r + 1]) + " after " + std::to_string(cu[r]));
+  if (cu[R] != N)
+    fail("cu_num_draft", "last entry must equal the number of draft tokens " + std::to_string(N) + ", got " +
+                             std::to_string(cu[R]));
+  for (int64_t i = 0; check_tokens && i < N; ++i) {
+    const int64_t t = load_index(draft_ids, tok_code, i);
+    if (t < 0 || t >= V)
+      fail("draft_token_ids", "token " + std::to_string(t) + " at index " + std::to_string(i) +
+                                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  }
+  if (parents)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < cu[r + 1] - cu[r]; ++j) {
+        const int32_t p = parents[cu[r] + j];
+        if (p < -1 || p >= j)
+          fail("parents", "node " + std::to_string(j) + " of request " + std::to_string(r) + " has parent " +
+                              std::to_string(p) + ": expected -1 (the root) or an earlier node of its request");
+      }
+}
 
 }  // namespace spd

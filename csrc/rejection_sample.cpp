@@ -1,5 +1,5 @@
 // rejection_sample on the CPU: lossless speculative sampling of chains and token trees
-// (DESIGN.md section 3; the reference is spdkernels/reference/rejection_sample.py).
+// (docs/contract.md section 3; the reference is spdkernels/reference/rejection_sample.py).
 //
 // Parallel over requests (dynamic schedule). A sampled request walks its tree. Without top-k / top-p a
 // visited row is read once: one pass per block of 512 logits takes the block's max and the sum of
@@ -881,6 +881,8 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
                       std::uintptr_t seed, std::uintptr_t offset, int64_t R, int64_t N, int64_t max_depth,
                       std::uintptr_t out_tokens, std::uintptr_t num_emitted, std::uintptr_t accepted_path,
                       int num_threads) {
+  check_draft_batch(ptr<const int32_t>(cu_num_draft), R, N, ptr<const int32_t>(parents), draft_ids, tok_code, V,
+                    true);
   const Params P{logits, logit_code, row_stride, V, draft_ids, tok_code, ptr<const int32_t>(cu_num_draft),
                  ptr<const int32_t>(parents), ptr<const float>(draft_probs), ptr<const float>(temperature),
                  ptr<const int32_t>(top_k), ptr<const float>(top_p), ptr<const float>(uniforms),

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -190,11 +191,46 @@ void run(const Args& a, int num_threads) {
 
 }  // namespace
 
+// Always-on structural checks (with validation off too): every index the kernel follows stays inside its
+// tensor. O(R * max_blocks) integer reads. Throws std::invalid_argument naming the argument.
+static void check_layout(const int32_t* cu, const int32_t* kv, const int32_t* bt, int64_t R, int64_t T, int64_t max_blocks,
+                  int64_t block_size, int64_t num_blocks, bool has_mask, int64_t mask_words) {
+  auto fail = [](const char* arg, const std::string& what) {
+    throw std::invalid_argument(std::string(arg) + ": " + what + " (checked with validation off too)");
+  };
+  if (cu[0] != 0) fail("cu_q_lens", "must start at 0, got " + std::to_string(cu[0]));
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t ql = static_cast<int64_t>(cu[r + 1]) - cu[r];
+    if (ql < 0) fail("cu_q_lens", "must be non-decreasing (entry " + std::to_string(r + 1) + ")");
+    if (kv[r] < ql)
+      fail("kv_lens", "request " + std::to_string(r) + " has kv_len " + std::to_string(kv[r]) + " < its " +
+                          std::to_string(ql) + " query tokens");
+    const int64_t need = (static_cast<int64_t>(kv[r]) + block_size - 1) / block_size;
+    if (need > max_blocks)
+      fail("block_table", "request " + std::to_string(r) + " needs " + std::to_string(need) + " blocks, the table has " +
+                              std::to_string(max_blocks) + " columns");
+    for (int64_t b = 0; b < need; ++b) {
+      const int32_t id = bt[r * max_blocks + b];
+      if (id < 0 || id >= num_blocks)
+        fail("block_table", "request " + std::to_string(r) + " block " + std::to_string(b) + " is " +
+                                std::to_string(id) + ", outside the cache's " + std::to_string(num_blocks) + " blocks");
+    }
+    if (has_mask && ql > 32 * mask_words)
+      fail("tree_mask", "request " + std::to_string(r) + " has " + std::to_string(ql) + " query tokens, more than the " +
+                            std::to_string(32 * mask_words) + " bits of a mask row");
+  }
+  if (cu[R] != T)
+    fail("cu_q_lens", "last entry must equal the number of query tokens " + std::to_string(T) + ", got " +
+                          std::to_string(cu[R]));
+}
+
 void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                     std::uintptr_t block_table, std::uintptr_t kv_lens, std::uintptr_t cu_q, std::uintptr_t mask,
-                    int64_t R, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t max_blocks,
-                    int64_t mask_words, int64_t q_stride_t, int64_t q_stride_h, int64_t o_stride_t,
+                    int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t num_blocks,
+                    int64_t max_blocks, int64_t mask_words, int64_t q_stride_t, int64_t q_stride_h, int64_t o_stride_t,
                     int64_t o_stride_h, double scale, int num_threads) {
+  check_layout(ptr<const int32_t>(cu_q), ptr<const int32_t>(kv_lens), ptr<const int32_t>(block_table), R, T,
+               max_blocks, block_size, num_blocks, mask != 0, mask_words);
   Args a{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
          ptr<const int32_t>(block_table), ptr<const int32_t>(kv_lens), ptr<const int32_t>(cu_q),
          mask ? ptr<const int32_t>(mask) : nullptr, R, Hq, Hkv, D, block_size, max_blocks, mask_words,

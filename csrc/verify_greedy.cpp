@@ -1,4 +1,4 @@
-// verify_greedy on the CPU: greedy verification of chains and token trees (DESIGN.md section 3).
+// verify_greedy on the CPU: greedy verification of chains and token trees (docs/contract.md section 3).
 //
 // Phase 1, parallel over all N + R logit rows: argmax of each row, one read of the row.
 // Phase 2, parallel over requests: walk from the root; among the children of the current node (index
@@ -49,10 +49,11 @@ void greedy_walk(const int32_t* row_argmax_ids, std::uintptr_t draft_ids, int to
 
 void verify_greedy(std::uintptr_t logits, int logit_code, int64_t row_stride, int64_t V,
                    std::uintptr_t draft_ids, int tok_code, std::uintptr_t cu_num_draft,
-                   std::uintptr_t parents, int64_t R, int64_t max_depth, std::uintptr_t out_tokens,
+                   std::uintptr_t parents, int64_t R, int64_t N, int64_t max_depth, std::uintptr_t out_tokens,
                    std::uintptr_t num_emitted, std::uintptr_t accepted_path, int num_threads) {
   const int32_t* cu = ptr<const int32_t>(cu_num_draft);
-  const int64_t rows = R > 0 ? cu[R] + R : 0;
+  check_draft_batch(cu, R, N, parents ? ptr<const int32_t>(parents) : nullptr, draft_ids, tok_code, V, false);
+  const int64_t rows = R > 0 ? N + R : 0;
   std::vector<int32_t> amax(static_cast<size_t>(rows));
   const char* base = ptr<const char>(logits);
   const int64_t row_bytes = row_stride * element_size(logit_code);

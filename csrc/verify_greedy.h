@@ -11,7 +11,7 @@ void greedy_walk(const int32_t* row_argmax_ids, std::uintptr_t draft_ids, int to
 
 void verify_greedy(std::uintptr_t logits, int logit_code, int64_t row_stride, int64_t V,
                    std::uintptr_t draft_ids, int tok_code, std::uintptr_t cu_num_draft,
-                   std::uintptr_t parents, int64_t R, int64_t max_depth, std::uintptr_t out_tokens,
+                   std::uintptr_t parents, int64_t R, int64_t N, int64_t max_depth, std::uintptr_t out_tokens,
                    std::uintptr_t num_emitted, std::uintptr_t accepted_path, int num_threads);
 
 }  // namespace spd

@@ -71,6 +71,19 @@ def request_of_node(cu_num_draft: torch.Tensor, N: int) -> torch.Tensor:
 
 def check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, parents, max_depth) -> None:
     """Value checks (host sync) of the ragged draft batch."""
+    check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents)
+    N = draft_token_ids.shape[0]
+    depth = tree_max_depth(cu_num_draft, parents, N)
+    if max_depth < depth:
+        fail("max_depth", f"must be >= the longest root-to-leaf path of the batch ({depth}), got {max_depth}")
+
+
+def check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens: bool = True) -> None:
+    """The checks that keep every index a kernel follows in bounds (``cu`` from 0 to N, token ids in
+    [0, V), parents earlier nodes of their request): run with validation off too by the backends that do
+    not check in their kernels (the torch backend; the cpp kernels check in C++). ``tokens=False`` skips
+    the token range (greedy verification only compares tokens: one outside the vocabulary is never
+    accepted)."""
     R = cu_num_draft.shape[0] - 1
     N = draft_token_ids.shape[0]
     V = target_logits.shape[1]
@@ -81,7 +94,7 @@ def check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, paren
         fail("cu_num_draft", f"must be non-decreasing, got {cu.tolist()[:16]}")
     if int(cu[-1]) != N:
         fail("cu_num_draft", f"cu_num_draft[-1] must equal N = len(draft_token_ids) = {N}, got {int(cu[-1])}")
-    if N > 0:
+    if N > 0 and tokens:
         lo, hi = int(draft_token_ids.min()), int(draft_token_ids.max())
         if lo < 0 or hi >= V:
             fail("draft_token_ids", f"token ids must be in [0, V) = [0, {V}), got values in [{lo}, {hi}]")
@@ -93,9 +106,6 @@ def check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, paren
             i = int(bad.nonzero()[0, 0])
             fail("parents", f"each entry must satisfy -1 <= parents[i] < (local index of i) (topological "
                  f"order, local to its request); node {i} (local {int(local[i])}) has parent {int(parents[i])}")
-    depth = tree_max_depth(cu_num_draft, parents, N)
-    if max_depth < depth:
-        fail("max_depth", f"must be >= the longest root-to-leaf path of the batch ({depth}), got {max_depth}")
 
 
 def tree_max_depth(cu_num_draft: torch.Tensor, parents: Optional[torch.Tensor], N: Optional[int] = None) -> int:

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <stdexcept>
 #include <tuple>
 #include <vector>
 
@@ -39,8 +40,8 @@ using uptr = std::uintptr_t;
 // The _C entry points (csrc/rejection_sample.cpp, csrc/verify_greedy.cpp), set by spd_ops_set_entry().
 using RejectionSampleFn = void (*)(uptr, int, int64_t, int64_t, uptr, int, uptr, uptr, uptr, uptr, uptr, uptr,
                                    uptr, uptr, uptr, int64_t, int64_t, int64_t, uptr, uptr, uptr, int);
-using VerifyGreedyFn = void (*)(uptr, int, int64_t, int64_t, uptr, int, uptr, uptr, int64_t, int64_t, uptr, uptr,
-                                uptr, int);
+using VerifyGreedyFn = void (*)(uptr, int, int64_t, int64_t, uptr, int, uptr, uptr, int64_t, int64_t, int64_t, uptr,
+                                uptr, uptr, int);
 
 std::atomic<RejectionSampleFn> g_rejection_sample{nullptr};
 std::atomic<VerifyGreedyFn> g_verify_greedy{nullptr};
@@ -98,7 +99,7 @@ uptr addr(const OptTensor& t) { return t.has_value() ? reinterpret_cast<uptr>(t-
 
 uptr addr(const Tensor& t) { return reinterpret_cast<uptr>(t.data_ptr()); }
 
-// The draft batch of DESIGN.md section 3 (logits rows = N + R, tokens, cu_num_draft, parents), in the layout the
+// The draft batch of docs/contract.md section 3 (logits rows = N + R, tokens, cu_num_draft, parents), in the layout the
 // kernels take (logit rows may be strided). Sets R, N; false: leave the call to Python.
 bool draft_batch_ok(const Tensor& logits, const Tensor& ids, const Tensor& cu, const OptTensor& parents,
                     const c10::SymInt& max_depth, int64_t& R, int64_t& N, int64_t& md) {
@@ -158,9 +159,14 @@ Out3 rejection_sample_cpu(const Tensor& logits, const Tensor& ids, const Tensor&
       zeros.assign(static_cast<size_t>(R), 0);
       off = reinterpret_cast<uptr>(zeros.data());
     }
-    fn(addr(logits), float_code(logits), logits.stride(0), logits.size(1), addr(ids), int_code(ids), addr(cu),
-       addr(parents), addr(draft_probs), addr(temperature), addr(top_k), addr(top_p), addr(uniforms), addr(seed), off,
-       R, N, md, addr(std::get<0>(out)), addr(std::get<1>(out)), addr(std::get<2>(out)), at::get_num_threads());
+    try {  // the kernels' always-on index checks throw std::invalid_argument: a ValueError in Python
+      fn(addr(logits), float_code(logits), logits.stride(0), logits.size(1), addr(ids), int_code(ids), addr(cu),
+         addr(parents), addr(draft_probs), addr(temperature), addr(top_k), addr(top_p), addr(uniforms), addr(seed),
+         off, R, N, md, addr(std::get<0>(out)), addr(std::get<1>(out)), addr(std::get<2>(out)),
+         at::get_num_threads());
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK_VALUE(false, e.what());
+    }
   }
   return out;
 }
@@ -175,10 +181,15 @@ Out3 verify_greedy_cpu(const Tensor& logits, const Tensor& ids, const Tensor& cu
   if (!fast)
     return call_python("spdkernels::_verify_greedy_python", logits, ids, cu, parents, std::move(max_depth));
   Out3 out = int_outputs(R, md);
-  if (R > 0)
-    fn(addr(logits), float_code(logits), logits.stride(0), logits.size(1), addr(ids), int_code(ids), addr(cu),
-       addr(parents), R, md, addr(std::get<0>(out)), addr(std::get<1>(out)), addr(std::get<2>(out)),
-       at::get_num_threads());
+  if (R > 0) {
+    try {
+      fn(addr(logits), float_code(logits), logits.stride(0), logits.size(1), addr(ids), int_code(ids), addr(cu),
+         addr(parents), R, N, md, addr(std::get<0>(out)), addr(std::get<1>(out)), addr(std::get<2>(out)),
+         at::get_num_threads());
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK_VALUE(false, e.what());
+    }
+  }
   return out;
 }
 
@@ -194,7 +205,7 @@ TORCH_LIBRARY_IMPL(spdkernels, CPU, m) {
 extern "C" {
 
 // Bumped whenever the functions below or the kernel signatures change; Python refuses any other value.
-int spd_ops_abi_version() { return 1; }
+int spd_ops_abi_version() { return 2; }
 
 // The _C entry point of `op` (its address from spdkernels._C.entry_points()). 0 on success, -1: unknown op.
 int spd_ops_set_entry(const char* op, uptr fn) {

@@ -109,6 +109,8 @@ define_op("rejection_sample(Tensor target_logits, Tensor draft_token_ids, Tensor
 @_registry.register(OP, "torch")
 def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
                 uniforms, seed, offset, max_depth):
+    if not _config.validation_enabled():  # (with validation on, _kernel has checked them)
+        V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents)
     if uniforms is None:
         uniforms = reference.coins_from_seed(cu_num_draft, seed, offset)
     return reference.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs,

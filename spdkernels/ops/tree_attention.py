@@ -60,6 +60,22 @@ def _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mas
 
 
 def _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask) -> None:
+    cu, q_len = _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    if tree_mask is not None and q.shape[0]:
+        req = torch.repeat_interleave(torch.arange(len(cu) - 1), q_len)
+        local = torch.arange(q.shape[0]) - torch.tensor(cu[:-1])[req]
+        j = torch.arange(tree_mask.shape[1] * 32)
+        bits = ((tree_mask.cpu().long()[:, j // 32] >> (j % 32)) & 1).bool()
+        if not bool(bits[torch.arange(q.shape[0]), local].all()):
+            V.fail("tree_mask", "every query must see itself (its own bit set)")
+        if bool((bits & (j[None, :] > local[:, None])).any()):
+            V.fail("tree_mask", "a query sees a later query of its request or a position past its request "
+                   "(ancestors come first: nodes are in topological order)")
+
+
+def _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask):
+    """The checks that keep every index in bounds (run with validation off too by the torch backend; the
+    cpp kernel makes them in C++). Returns ``(cu as a list, q_len)``."""
     cu = cu_q_lens.tolist()
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         V.fail("cu_q_lens", f"must start at 0 and be non-decreasing, got {cu[:8]}")
@@ -86,15 +102,7 @@ def _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask) -> Non
         W = (max_q + 31) // 32
         if tree_mask.shape[1] < W:
             V.fail("tree_mask", f"needs ceil(max_q_len / 32) = {W} words per query, got {tree_mask.shape[1]}")
-        req = torch.repeat_interleave(torch.arange(len(cu) - 1), q_len)
-        local = torch.arange(q.shape[0]) - torch.tensor(cu[:-1])[req]
-        j = torch.arange(tree_mask.shape[1] * 32)
-        bits = ((tree_mask.cpu().long()[:, j // 32] >> (j % 32)) & 1).bool()
-        if not bool(bits[torch.arange(q.shape[0]), local].all()):
-            V.fail("tree_mask", "every query must see itself (its own bit set)")
-        if bool((bits & (j[None, :] > local[:, None])).any()):
-            V.fail("tree_mask", "a query sees a later query of its request or a position past its request "
-                   "(ancestors come first: nodes are in topological order)")
+    return cu, q_len
 
 
 def _kernel(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
@@ -126,6 +134,8 @@ def _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
     """Per request: the query heads sharing a KV head are stacked into one [G * q_len, D] matrix, so K/V
     are neither repeated nor copied per query head; one SDPA call per request with a boolean mask that is
     all-true over the prefix and the tree bits over the last q_len columns."""
+    if not _config.validation_enabled():  # (with validation on, _kernel has checked it)
+        _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -158,7 +168,8 @@ def _cpp_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, s
     if T and R:
         C.tree_attention(q.data_ptr(), _cpp.FLOAT_CODES[q.dtype], k_cache.data_ptr(), v_cache.data_ptr(),
                          out.data_ptr(), block_table.data_ptr(), kv_lens.data_ptr(), cu_q_lens.data_ptr(),
-                         mask.data_ptr() if mask is not None else 0, R, Hq, Hkv, D, bs, block_table.shape[1],
+                         mask.data_ptr() if mask is not None else 0, R, T, Hq, Hkv, D, bs, k_cache.shape[0],
+                         block_table.shape[1],
                          mask.shape[1] if mask is not None else 0, q.stride(0), q.stride(1), out.stride(0),
                          out.stride(1), scale, _cpp.num_threads())
     return out

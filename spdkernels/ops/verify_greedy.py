@@ -47,6 +47,8 @@ define_op("verify_greedy(Tensor target_logits, Tensor draft_token_ids, Tensor cu
 
 @_registry.register(OP, "torch")
 def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+    if not _config.validation_enabled():  # (with validation on, _kernel has checked them)
+        V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=False)
     return reference.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
 
 
@@ -63,7 +65,8 @@ def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
     if R > 0:
         C.verify_greedy(target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
                         target_logits.shape[1], draft_token_ids.data_ptr(), _cpp.INT_CODES[draft_token_ids.dtype],
-                        cu_num_draft.data_ptr(), parents.data_ptr() if parents is not None else 0, R, max_depth,
+                        cu_num_draft.data_ptr(), parents.data_ptr() if parents is not None else 0, R,
+                        draft_token_ids.shape[0], max_depth,
                         out.data_ptr(), num.data_ptr(), path.data_ptr(), _cpp.num_threads())
     return out, num, path
 

@@ -100,14 +100,12 @@ def cases(op: str, seed: int = 0, count: int = 20) -> Iterator[Case]:
 
 
 def _attn_case(g: torch.Generator, name: str) -> Callable[[], Dict]:
-    R, Hq, Hkv, D, bs, nb = 2, 4, 2, 16, 16, 6
-    q_lens = [3, 2]
+    """Two requests (3 and 2 query rows, 20 and 9 cached positions, pages of 16 in a 6-block cache), with
+    one corruption."""
+    Hq, Hkv, D, bs, nb = 4, 2, 16, 16, 6
     kv_lens = torch.tensor([20, 9], dtype=torch.int32)
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
     T = 5
-    q = torch.randn(T, Hq, D, generator=g)
-    k = torch.randn(nb, bs, Hkv, D, generator=g)
-    v = torch.randn(nb, bs, Hkv, D, generator=g)
     bt = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
     mask = torch.tensor([[1], [3], [7], [1], [3]], dtype=torch.int32)
     if name == "block_id_ge_num_blocks":
@@ -124,12 +122,14 @@ def _attn_case(g: torch.Generator, name: str) -> Callable[[], Dict]:
         cu = torch.tensor([0, 3, 40], dtype=torch.int32)
     elif name == "kv_len_below_q_len":
         kv_lens[1] = 1
-    elif name == "mask_too_narrow":
-        cu = torch.tensor([0, 1, 5], dtype=torch.int32)
-        mask = torch.zeros(T, 1, dtype=torch.int32)
+    elif name == "mask_too_narrow":  # 40 query rows of one request, a one-word (32-bit) mask
+        T, cu = 40, torch.tensor([0, 0, 40], dtype=torch.int32)
         kv_lens = torch.tensor([1, 40], dtype=torch.int32)
         bt = torch.tensor([[0, 1, 3], [2, 4, 5]], dtype=torch.int32)
-    del q_lens
+        mask = torch.full((T, 1), -1, dtype=torch.int32)
+    q = torch.randn(T, Hq, D, generator=g)
+    k = torch.randn(nb, bs, Hkv, D, generator=g)
+    v = torch.randn(nb, bs, Hkv, D, generator=g)
     return lambda: dict(q=q, k_cache=k, v_cache=v, block_table=bt, kv_lens=kv_lens, cu_q_lens=cu, tree_mask=mask)
 
 

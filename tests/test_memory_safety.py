@@ -1,0 +1,60 @@
+"""Validation off must never mean memory corruption: malformed inputs (draft tokens outside the vocabulary,
+``cu`` not starting at 0 / decreasing / past N, parents out of range, block-table entries outside the cache,
+``kv_lens`` past the table or below the query length, a tree mask too narrow) give a ValueError naming the
+argument on the ``torch`` and ``cpp`` backends (``verify_greedy`` only compares draft tokens, so one outside
+the vocabulary is a defined result there: never accepted), from the always-on index checks (csrc/common.h
+``check_draft_batch``, csrc/tree_attention.cpp ``check_layout``, ``_validate.check_draft_batch_indices``).
+
+Each batch runs in a child process (``python -m spdkernels.testing.fuzz``), so a crash shows as a signal
+instead of killing the test run; the planted variant shows that the harness reports one."""
+import subprocess
+import sys
+
+import pytest
+
+from spdkernels.testing.fuzz import ATTN_CORRUPTIONS, DRAFT_CORRUPTIONS
+
+# the argument each corruption must be reported against
+EXPECTED = {"token_ge_V": "draft_token_ids", "token_negative": "draft_token_ids", "token_huge": "draft_token_ids",
+            "cu_not_monotone": "cu_num_draft", "cu_last_too_big": "cu_num_draft", "cu_first_negative": "cu_num_draft",
+            "cu_huge": "cu_num_draft", "parent_out_of_range": "parents", "parent_below_minus_one": "parents",
+            "parent_self_or_later": "parents", "block_id_ge_num_blocks": "block_table",
+            "block_id_negative": "block_table", "kv_len_past_table": "block_table", "kv_len_negative": "kv_lens",
+            "cu_q_not_monotone": "cu_q_lens", "cu_q_last_too_big": ("cu_q_lens", "kv_lens"),
+            "kv_len_below_q_len": "kv_lens", "mask_too_narrow": "tree_mask"}
+
+
+def _run(args, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("op", ["verify_greedy", "rejection_sample", "tree_attention"])
+def test_malformed_inputs_with_validation_off_give_value_errors(op, backend):
+    if backend == "cpp":
+        from spdkernels import _cpp
+
+        if _cpp.load() is None:
+            pytest.skip(f"C++ extension unavailable: {_cpp.load_error()}")
+    count = 3 * len(ATTN_CORRUPTIONS if op == "tree_attention" else DRAFT_CORRUPTIONS)
+    p = _run(["-m", "spdkernels.testing.fuzz", "--op", op, "--backend", backend, "--count", str(count),
+              "--seed", "11"])
+    lines = [x for x in p.stdout.splitlines() if x.startswith("case ")]
+    assert p.returncode == 0, f"the child died (rc {p.returncode}) after: {lines[-1:]}\n{p.stderr[-2000:]}"
+    assert len(lines) == count
+    for line in lines:
+        _, _, name, verdict = line.split(" ", 3)
+        name = name.rstrip(":")
+        if op == "verify_greedy" and name.startswith("token_"):  # only compared: never accepted, no error
+            assert verdict == "ok", line
+            continue
+        want = EXPECTED[name]
+        want = want if isinstance(want, tuple) else (want,)
+        assert verdict.startswith("error: ValueError: ") and verdict.split(": ")[2] in want, line
+
+
+def test_the_harness_reports_a_crash():
+    """The planted variant: a child that dies by a signal is seen as a failure, not a pass."""
+    p = _run(["-c", "import ctypes; print('case 0 planted: ', end='', flush=True); ctypes.string_at(0)"])
+    assert p.returncode < 0 and p.stdout.startswith("case 0 planted")
