@@ -21,6 +21,77 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+def backend_device(backend: str) -> str:
+    """The device a backend's test inputs live on: ``triton`` (and ``torch``, which runs anywhere) on DEVICE, i.e.
+    CUDA where there is a GPU and CPU under the Triton interpreter elsewhere; cpp, cpp-dispatch, cpp@<level> and
+    nki (emulated) on CPU."""
+    return DEVICE if backend.partition("@")[0] in ("triton", "torch") else "cpu"
+
+
+# the attribute to_backend sets on the tensors it places: on a CPU machine it stands for "this tensor would be on
+# CUDA on a GPU machine", so that the device check below catches a test that forgets to place its inputs
+_PLACED = "_spdkernels_test_device"
+
+
+def to_backend(backend: str, x):
+    """``x`` on ``backend_device(backend)``: a tensor, or a tuple/list/dict of tensors (other values, None
+    included, pass through). Every tensor it returns is marked as placed for that device."""
+    if isinstance(x, torch.Tensor):
+        t = x.to(backend_device(backend))
+        setattr(t, _PLACED, backend_device(backend))
+        return t
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_backend(backend, v) for v in x)
+    if isinstance(x, dict):
+        return {k: to_backend(backend, v) for k, v in x.items()}
+    return x
+
+
+def on_backend_device(t: torch.Tensor, backend: str) -> bool:
+    """Is ``t`` where ``backend`` runs: on its device and, on a CPU machine, placed there by to_backend (a test
+    that built plain CPU tensors for Triton would hand them to a CUDA Triton on a GPU machine and fail there)."""
+    dev = backend_device(backend)
+    if t.device.type != dev:
+        return False
+    return dev != "cpu" or backend.partition("@")[0] != "triton" or getattr(t, _PLACED, None) == dev
+
+
+# the op test modules whose calls of the public ops are checked (autouse fixture below)
+DEVICE_CHECKED_MODULES = {"test_rejection_sample", "test_verify_greedy", "test_tree_attention", "test_ops_framework",
+                          "test_tree_utils"}
+PUBLIC_OPS = ("verify_greedy", "rejection_sample", "tree_attention")
+
+
+def device_checked(name: str, fn):
+    """``fn`` (a public op) that first asserts that, when ``triton`` is the forced backend, every tensor it is
+    handed is on the device Triton runs on (on_backend_device)."""
+    from spdkernels import _registry
+
+    def checked(*args, **kw):
+        forced = _registry.forced_backend()
+        if forced == "triton":
+            for i, a in enumerate(list(args) + list(kw.values())):
+                if isinstance(a, torch.Tensor):
+                    arg = f"argument {i}" if i < len(args) else f"keyword {list(kw)[i - len(args)]!r}"
+                    assert on_backend_device(a, forced), (
+                        f"{name}: {arg} is a {a.device.type} tensor not placed for the forced backend {forced!r} "
+                        f"(device {backend_device(forced)!r}): put test inputs on conftest.to_backend(backend, ...)")
+        return fn(*args, **kw)
+
+    checked.__wrapped__ = fn
+    return checked
+
+
+@pytest.fixture(autouse=True)
+def _inputs_on_the_backend_device(request, monkeypatch):
+    """In the op test modules, every call of a public op with ``triton`` forced must get inputs on Triton's device
+    (CUDA on a GPU machine): what would raise BackendUnavailableError there fails here too."""
+    if request.module.__name__ in DEVICE_CHECKED_MODULES:
+        for name in PUBLIC_OPS:
+            monkeypatch.setattr(spdkernels, name, device_checked(name, getattr(spdkernels, name)))
+    yield
+
+
 def backends_here():
     """Backends the tests must exercise on this machine. A backend that should work here but cannot
     load is a failure, not a skip (so a broken C++ build or Triton install turns CI red)."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here, cpp_dispatch, use_backend
+from conftest import DEVICE, backends_here, cpp_dispatch, to_backend, use_backend
 
 import spdkernels
 from spdkernels import _registry
@@ -90,6 +90,23 @@ def _compile_fullgraph():
     want = step(*b.args()[:4])
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_device_check_catches_inputs_left_off_the_triton_device():
+    """The op test modules' autouse check (conftest.device_checked): a test that hands plain CPU tensors to a forced
+    triton backend fails here, on a CPU machine, as it would raise BackendUnavailableError on a GPU machine (where
+    Triton runs on CUDA tensors only); the same inputs placed by to_backend pass."""
+    b = random_draft_batch([2, 1], 19, gen=torch.Generator().manual_seed(2))
+    with use_backend("triton"):
+        with pytest.raises(AssertionError, match="argument 0 is a cpu tensor not placed for the forced backend"):
+            spdkernels.verify_greedy(*b.args())
+        with pytest.raises(AssertionError, match="keyword 'seed'"):
+            spdkernels.rejection_sample(*to_backend("triton", b.args()[:3]), max_depth=b.max_depth,
+                                        seed=torch.arange(2))
+        out, _, _ = spdkernels.verify_greedy(*to_backend("triton", b.args()))
+    assert torch.equal(out.cpu(), spdkernels.reference.verify_greedy(*b.args())[0])
+    with use_backend("torch"):  # only the device backend is held to its device
+        spdkernels.verify_greedy(*b.args())
 
 
 # ---- registry ------------------------------------------------------------------------------------

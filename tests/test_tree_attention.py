@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here, cpp_lower_isas, nki_emulated, use_backend
+from conftest import DEVICE, backends_here, cpp_lower_isas, nki_emulated, to_backend, use_backend
 
 import spdkernels
 from spdkernels import reference, tree
@@ -47,8 +47,11 @@ def make_batch(q_lens, ctx, Hq=8, Hkv=2, D=64, bs=16, dtype=torch.float32, chain
 
 
 def run(backend, args, **kw):
+    """The op on ``backend`` with every tensor argument on that backend's device (CUDA for Triton on a GPU
+    machine); the output comes back on the CPU."""
+    args = to_backend(backend, list(args))
     with use_backend(backend):
-        return spdkernels.tree_attention(*args, **kw)
+        return spdkernels.tree_attention(*args, **kw).cpu()
 
 
 def check_close(got, want):
@@ -154,6 +157,46 @@ def test_mask_semantics_exactly(backend):
     kc[int(bt[0, 0]), 3] += 3.0
     out = run(backend, [args[0], kc] + args[2:])
     assert all(not torch.equal(out[i], base[i]) for i in range(6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_kv_cache_views(backend):
+    """K and V as views of one fused cache [num_blocks, block_size, 2, Hkv, D] (block and slot strides twice the
+    contiguous ones), the other half filled with NaN: a kernel that ignored the strides would read NaN. Same result
+    as the contiguous caches."""
+    args = make_batch([5, 2], [40, 9], 8, 2, 64, 16, torch.float32, False, torch.Generator().manual_seed(8))
+    kc, vc = args[1], args[2]
+    fused = torch.full((kc.shape[0], kc.shape[1], 2, *kc.shape[2:]), float("nan"), device=kc.device)
+    fused[:, :, 0], fused[:, :, 1] = kc, vc
+    kv = to_backend(backend, fused)
+    k_view, v_view = to_backend(backend, kv[:, :, 0]), to_backend(backend, kv[:, :, 1])
+    assert not k_view.is_contiguous() and k_view.stride(-1) == 1
+    want = reference.tree_attention(*[a.cpu() if a is not None else None for a in args])
+    check_close(run(backend, [args[0], k_view, v_view] + args[3:]), want)
+
+
+def test_triton_reads_strided_kv_caches_in_place(monkeypatch):
+    """The Triton wrapper hands strided caches to its kernel as they are (no .contiguous() copy of the cache)."""
+    from spdkernels.triton_kernels import tree_attention as k
+
+    args = to_backend("triton", make_batch([3], [20], 4, 2, 64, 16, torch.float32, False,
+                                           torch.Generator().manual_seed(9)))
+    fused = torch.stack([args[1], args[2]], dim=2)
+    k_view, v_view = fused[:, :, 0], fused[:, :, 1]
+    seen = {}
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen["k"], seen["v"] = a[1], a[2]
+                return kernel[grid](*a, **kw)
+            return launch
+
+    kernel = k._tree_attn_kernel
+    monkeypatch.setattr(k, "_tree_attn_kernel", Spy())
+    k.tree_attention(args[0], k_view, v_view, *args[3:], 0.125)
+    assert seen["k"].data_ptr() == k_view.data_ptr() and seen["v"].data_ptr() == v_view.data_ptr()
+    assert seen["k"].stride() == k_view.stride()
 
 
 # ---- validation -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here, cpp_dispatch, nki_emulated, use_backend
+from conftest import DEVICE, backends_here, cpp_dispatch, nki_emulated, to_backend, use_backend
 
 import spdkernels
 from spdkernels import reference
@@ -17,8 +17,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def run(backend, *args, **kw):
+    """The op on ``backend`` with every tensor argument on that backend's device (CUDA for Triton on a GPU
+    machine); the outputs come back on the CPU."""
+    args, kw = to_backend(backend, args), to_backend(backend, kw)
     with use_backend(backend):
-        return spdkernels.verify_greedy(*args, **kw)
+        return tuple(t.cpu() for t in spdkernels.verify_greedy(*args, **kw))
 
 
 def assert_same(got, want):
@@ -177,7 +180,7 @@ def test_non_contiguous_logits(backend):
     wide = torch.zeros(batch.target_logits.shape[0], 512)
     wide[:, :300] = batch.target_logits
     wide[:, 300:] = 100.0  # garbage beyond V that a wrong stride would pick up
-    view = wide[:, :300]
+    view = to_backend(backend, to_backend(backend, wide)[:, :300])  # sliced on the device: the view travels as is
     assert not view.is_contiguous()
     got = run(backend, view, *batch.args()[1:4], max_depth=batch.max_depth)
     assert_same(got, reference.verify_greedy(*batch.args()))

@@ -20,9 +20,15 @@ sorting and without writing probabilities:
 Kernel 2, ``_walk_kernel``: grid (R,), one program per request. The target probability of a draft
 token is one scalar load (``exp((x_t - m) / T) / M``). A point-mass rejection removes one token:
 ``M -= w_t`` and the token is excluded (no pass over the vocabulary for the first one; a second
-exclusion under the same node writes the residual to a per-request scratch row). A rejection against
-``draft_probs`` writes ``max(0, p - q)`` to the scratch row in one pass. The final token is drawn by
-inverse CDF over token ids (fp64 running sum, the tile loop stops once found). Coins are explicit
+exclusion under the same node writes the residual to a per-request scratch row); when that leaves less than
+``RESUM_BELOW`` of ``M`` (a cancellation: ``M`` carries the rounding of its sums) the mass left is summed again
+from the weights, as the C++ kernel does, so a tiny residual is sampled exactly and a zero one leaves ``p``
+unchanged. A rejection against ``draft_probs`` writes ``max(0, p - q)`` to the scratch row in one pass. The final
+token is drawn by inverse CDF over token ids (the tile loop stops once found).
+
+Arithmetic: weights are ``exp2((x - m) * sc)`` with ``sc = log2(e) / T`` computed once per row (a multiply, not a
+divide, per element). Sums are fp32 within a tile and fp64 only across tiles (fp64 runs at 1/64 rate on
+L4/L40S/RTX parts, and [BLOCK] fp64 vectors cost twice the registers). Coins are explicit
 uniforms or Philox4x32-10 keyed by (seed, offset) with counter (node, stream): the same bits as the
 reference and the C++ backend, no host sync, CUDA-graph safe for a fixed max_depth.
 """
@@ -38,8 +44,18 @@ from spdkernels.ops._common import verify_outputs
 from ._common import argmax_row, finish_walk, order_key
 
 BLOCK_V = 4096  # streaming passes: elements per tile
+STATS_WARPS = 8  # kernel 1 keeps three [BLOCK_V] lane states (max, sum, min key): 12 a thread on 8 warps
+# the walk holds several tiles live (weights, q, residual, ids) besides ~20 scalars: 2048-token tiles on 4 warps
+# (16 elements a thread). With 4096 ptxas spilled 16-200 B on sm_80 and sm_90 (bench/compile_check.py). The walk
+# has one program per request and is latency-bound: smaller tiles cost little.
+WALK_BLOCK = 2048
+WALK_WARPS = 4
 BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
 PIVOTS = 16
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(y / T) = exp2(y * LOG2E / T)
+# a point-mass rejection that leaves less than this fraction of the row's mass is decided on an exact re-sum (as the
+# C++ kernel does): M - w_t cancels to rounding noise there (fp32 tile sums carry ~1e-7 relative error)
+RESUM_BELOW = tl.constexpr(1e-6)
 INT_MAX = 2147483647
 INT_MIN = -2147483648
 
@@ -80,23 +96,24 @@ def _philox_kernel(seed_ptr, offset_ptr, index_ptr, out_ptr, n, STREAM: tl.const
 # ---- kernel 1: per-row statistics ------------------------------------------------------------------
 
 @triton.jit
-def _kept_mass(base, V, m, T, tau, BLOCK: tl.constexpr):
-    """sum over tokens with key >= tau of exp((x - m) / T): fp32 weights, fp64 sum."""
+def _kept_mass(base, V, m, sc, tau, BLOCK: tl.constexpr):
+    """sum over tokens with key >= tau of exp2((x - m) * sc): fp32 weights and tile sums, fp64 across tiles."""
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float64)
+    acc = tl.zeros([], tl.float64)
     for start in range(0, V, BLOCK):
         cols = start + offs
         msk = cols < V
         x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
-        w = tl.where(msk & (order_key(x) >= tau), tl.exp((x - m) / T), 0.0)
-        acc += w.to(tl.float64)
-    return tl.sum(acc, 0)
+        w = tl.where(msk & (order_key(x) >= tau), tl.exp2((x - m) * sc), 0.0)
+        acc += tl.sum(w, 0).to(tl.float64)
+    return acc
 
 
 @triton.jit
-def _threshold(base, V, lo, hi, need, floor, m, T, MASS: tl.constexpr, BLOCK: tl.constexpr, P: tl.constexpr):
+def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: tl.constexpr, P: tl.constexpr):
     """The largest key t present in the row, in [lo, hi], with f(t) >= need, where f(t) sums over
-    tokens with key >= max(t, floor) either 1 (MASS=False: top-k) or exp((x - m) / T) (top-p).
+    tokens with key >= max(t, floor) either 1 (MASS=False: top-k) or exp2((x - m) * sc) (top-p): fp32 sums per
+    tile (exact for the counts: a tile holds BLOCK << 2^24 tokens), fp64 across tiles.
 
     Invariant: lo and hi are present keys, the answer lies in [lo, hi]. A pass evaluates f at P pivots
     spread over [lo, hi] (pivot 0 = lo), picks the last pivot bucket whose f still reaches ``need``
@@ -117,11 +134,11 @@ def _threshold(base, V, lo, hi, need, floor, m, T, MASS: tl.constexpr, BLOCK: tl
             key = order_key(x)
             elig = msk & (key >= floor)
             if MASS:
-                w = tl.where(elig, tl.exp((x - m) / T), 0.0).to(tl.float64)
+                w = tl.where(elig, tl.exp2((x - m) * sc), 0.0)
             else:
-                w = tl.where(elig, 1.0, 0.0).to(tl.float64)
+                w = tl.where(elig, 1.0, 0.0)
             ge = (key[:, None] >= piv[None, :]) & elig[:, None]
-            f += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+            f += tl.sum(tl.where(ge, w[:, None], 0.0), 0).to(tl.float64)
             b = tl.sum(ge.to(tl.int32), 1) - 1  # bucket: [piv[b], piv[b + 1])
             hot = (b[:, None] == jj[None, :]) & (elig & (key <= hi))[:, None]
             mn = tl.minimum(mn, tl.min(tl.where(hot, key[:, None], 2147483647), 0))
@@ -148,6 +165,7 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
     else:
         K = tl.load(topk_ptr + r)
         TP = tl.load(topp_ptr + r)
+        sc = LOG2E / T  # weights exp((x - m) / T) as exp2((x - m) * sc): one multiply, no divide
         offs = tl.arange(0, BLOCK)
         mx = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
@@ -159,13 +177,13 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
             new = tl.maximum(mx, x)
             fin = new > float("-inf")  # (-inf) - (-inf) would be NaN: lanes without a finite value yet
             ref = tl.where(fin, new, 0.0)
-            alpha = tl.where(fin, tl.exp((tl.where(fin, mx, 0.0) - ref) / T), 0.0)
-            w = tl.where(fin, tl.exp((tl.where(fin, x, 0.0) - ref) / T), 0.0)
+            alpha = tl.where(fin, tl.exp2((tl.where(fin, mx, 0.0) - ref) * sc), 0.0)
+            w = tl.where(fin, tl.exp2((tl.where(fin, x, 0.0) - ref) * sc), 0.0)
             s = s * alpha + w
             mx = new
             kmin = tl.minimum(kmin, tl.where(msk, order_key(x), 2147483647))
         m = tl.max(mx, 0)
-        M = tl.sum((s * tl.exp((mx - m) / T)).to(tl.float64), 0)
+        M = tl.sum((s * tl.exp2((mx - m) * sc)).to(tl.float64), 0)  # fp32 per lane, fp64 across lanes
         tau = tl.full([], -2147483648, tl.int32)
         lo = tl.min(kmin, 0)
         hi = order_key(m)
@@ -173,12 +191,12 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
         filt_p = TP < 1.0
 
         if filt_k:
-            tau = _threshold(base, V, lo, hi, K.to(tl.float64), tau, m, T, False, BLOCK_S, P)
-            M = _kept_mass(base, V, m, T, tau, BLOCK)
+            tau = _threshold(base, V, lo, hi, K.to(tl.float64), tau, m, sc, False, BLOCK_S, P)
+            M = _kept_mass(base, V, m, sc, tau, BLOCK)
         if filt_p:
             need = TP.to(tl.float64) * M
-            tau = _threshold(base, V, tl.maximum(lo, tau), hi, need, tau, m, T, True, BLOCK_S, P)
-            M = _kept_mass(base, V, m, T, tau, BLOCK)
+            tau = _threshold(base, V, tl.maximum(lo, tau), hi, need, tau, m, sc, True, BLOCK_S, P)
+            M = _kept_mass(base, V, m, sc, tau, BLOCK)
         tl.store(m_ptr + row, m)
         tl.store(tau_ptr + row, tau)
         tl.store(mass_ptr + row, M)
@@ -188,15 +206,29 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
 # ---- kernel 2: the walk ------------------------------------------------------------------------------
 
 @triton.jit
-def _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok):
+def _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok):
     """Unnormalised weights of the current distribution at ``cols``: the scratch row once a residual
     was written, else the row's kept weights with the excluded token removed."""
     if in_buf != 0:
         g = tl.load(buf + cols, mask=msk, other=0.0)
     else:
         x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
-        g = tl.where(msk & (order_key(x) >= tau) & (cols != ex_tok), tl.exp((x - m) / T), 0.0)
+        g = tl.where(msk & (order_key(x) >= tau) & (cols != ex_tok), tl.exp2((x - m) * sc), 0.0)
     return g
+
+
+@triton.jit
+def _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, t, BLOCK: tl.constexpr):
+    """The current distribution's mass without token ``t``, summed again from the weights (fp32 per tile, fp64
+    across tiles): after a cancellation, a mass that is truly zero comes out as zero and a tiny one exactly."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([], tl.float64)
+    for s0 in range(0, V, BLOCK):
+        cols = s0 + offs
+        msk = cols < V
+        g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
+        acc += tl.sum(tl.where(cols == t, 0.0, g), 0).to(tl.float64)
+    return acc
 
 
 @triton.jit
@@ -205,7 +237,7 @@ def _row_state(m_ptr, tau_ptr, mass_ptr, amax_ptr, row):
     return tl.load(m_ptr + row), tl.load(tau_ptr + row), tl.load(mass_ptr + row), tl.load(amax_ptr + row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "max_depth"])
 def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_ptr, temp_ptr,
                  unif_ptr, seed_ptr, offset_ptr, N,
                  m_ptr, tau_ptr, mass_ptr, amax_ptr, buf_ptr,
@@ -216,16 +248,11 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
     k = tl.load(cu_ptr + r + 1) - start
     row0 = start + r
     T = tl.load(temp_ptr + r)
-    greedy = T == 0.0
+    # greedy = (T == 0) is tested where needed, not held: ptxas spilled that predicate (P2R + STL) over the walk
+    sc = LOG2E / tl.where(T == 0.0, 1.0, T)  # weights exp2((x - m) * sc); greedy requests never use it
     buf = buf_ptr + r.to(tl.int64) * V
     out_row = out_ptr + r.to(tl.int64) * (max_depth + 1)
     path_row = path_ptr + r.to(tl.int64) * max_depth
-    if HAS_UNIF:  # coins are loaded; seed/offset are unused placeholders of the right type
-        seed = r.to(tl.int64) * 0
-        off = seed
-    else:
-        seed = tl.load(seed_ptr + r)
-        off = tl.load(offset_ptr + r)
     offs = tl.arange(0, BLOCK)
 
     row = row0
@@ -251,7 +278,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                         par = tl.load(parents_ptr + start + j)
                     if par == node:
                         t = tl.load(draft_ptr + start + j).to(tl.int32)
-                        if greedy:
+                        if T == 0.0:  # greedy
                             if t == amax:
                                 accepted = j
                         else:
@@ -259,7 +286,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                                 gt = tl.load(buf + t)
                             else:
                                 xt = tl.load(base + t).to(tl.float32)
-                                gt = tl.where((order_key(xt) >= tau) & (t != ex_tok), tl.exp((xt - m) / T), 0.0)
+                                gt = tl.where((order_key(xt) >= tau) & (t != ex_tok), tl.exp2((xt - m) * sc), 0.0)
                             pt = gt / M.to(tl.float32)
                             if HAS_Q:
                                 q_row = q_ptr + (start + j).to(tl.int64) * V
@@ -269,23 +296,23 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                             if HAS_UNIF:
                                 u = tl.load(unif_ptr + start + j)
                             else:
-                                u = philox_uniform(seed, off, j, 0)
+                                # seed and offset loaded where used (cached): not held in registers over the walk
+                                u = philox_uniform(tl.load(seed_ptr + r), tl.load(offset_ptr + r), j, 0)
                             if (pt > 0.0) & (u * qt <= pt):
                                 accepted = j
                             elif HAS_Q:
                                 # residual max(0, p - q), renormalised; kept as is if it has no mass
                                 M32 = M.to(tl.float32)
-                                acc = tl.zeros([BLOCK], tl.float64)
+                                S = tl.zeros([], tl.float64)  # fp32 sums per tile, fp64 across tiles
                                 for s0 in range(0, V, BLOCK):
                                     cols = s0 + offs
                                     msk = cols < V
-                                    g = _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok)
+                                    g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
                                     qv = tl.load(q_row + cols, mask=msk, other=0.0)
                                     res = tl.maximum(g / M32 - qv, 0.0)
                                     if in_buf == 0:  # the row form stays valid: write at once
                                         tl.store(buf + cols, res, mask=msk)
-                                    acc += res.to(tl.float64)
-                                S = tl.sum(acc, 0)
+                                    S += tl.sum(res, 0).to(tl.float64)
                                 if S > 0.0:
                                     if in_buf != 0:  # second pass: only now may the scratch row change
                                         for s0 in range(0, V, BLOCK):
@@ -300,6 +327,8 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                             elif pt > 0.0:
                                 # point mass: the residual is p without token t (if anything is left)
                                 left = M - gt.to(tl.float64)
+                                if left <= RESUM_BELOW * M:  # cancellation: decide on an exact re-sum
+                                    left = _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, t, BLOCK)
                                 if left > 0.0:
                                     if in_buf != 0:
                                         tl.store(buf + t + offs, tl.zeros([BLOCK], tl.float32), mask=offs < 1)
@@ -309,7 +338,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                                         for s0 in range(0, V, BLOCK):
                                             cols = s0 + offs
                                             msk = cols < V
-                                            g = _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok)
+                                            g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
                                             tl.store(buf + cols, tl.where(cols == t, 0.0, g), mask=msk)
                                         in_buf = r * 0 + 1
                                     M = left
@@ -326,13 +355,13 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
             else:
                 done = r * 0 + 1
 
-    if greedy:
+    if T == 0.0:  # greedy
         tok = amax
     else:
         if HAS_UNIF:
             u = tl.load(unif_ptr + N + r)
         else:
-            u = philox_uniform(seed, off, r * 0, 1)
+            u = philox_uniform(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r * 0, 1)
         base = logits_ptr + row.to(tl.int64) * row_stride
         thr = u.to(tl.float64) * M
         cum = tl.zeros([], tl.float64)
@@ -342,13 +371,15 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
             if found < 0:
                 cols = s0 + offs
                 msk = cols < V
-                g = _weights(base, buf, cols, msk, in_buf, m, T, tau, ex_tok)
-                g64 = g.to(tl.float64)
-                cs = cum + tl.cumsum(g64, 0)
-                hit = tl.min(tl.where((cs > thr) & msk, cols, V), 0)
+                g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
+                # fp32 within the tile, against what is left of the threshold; fp64 across tiles. The tile's mass
+                # is its cumsum's last entry (weights >= 0), so the hit test and the running sum agree exactly
+                cs = tl.cumsum(g, 0)
+                rest = (thr - cum).to(tl.float32)
+                hit = tl.min(tl.where((cs > rest) & msk, cols, V), 0)
                 found = tl.where(hit < V, hit, -1)
                 last = tl.maximum(last, tl.max(tl.where(g > 0.0, cols, -1), 0))
-                cum = cum + tl.sum(g64, 0)
+                cum = cum + tl.max(cs, 0).to(tl.float64)
         tok = tl.where(found >= 0, found, tl.maximum(last, 0))
     finish_walk(out_row, path_row, num_ptr, r, depth, tok, max_depth)
 
@@ -386,7 +417,8 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     # the request of each row (rows of request r: cu[r] + r .. cu[r + 1] + r), without a host sync
     req = torch.repeat_interleave(torch.arange(R, dtype=torch.int32, device=dev), cu.diff() + 1, output_size=rows)
     _row_stats_kernel[(rows,)](target_logits, target_logits.stride(0), V, req, temp, tk, tp, m, tau, mass, amax,
-                               BLOCK=block, BLOCK_S=min(BLOCK_S, triton.next_power_of_2(V)), P=PIVOTS)
+                               BLOCK=block, BLOCK_S=min(BLOCK_S, triton.next_power_of_2(V)), P=PIVOTS,
+                               num_warps=STATS_WARPS)
     # scratch rows for residuals: only trees (several siblings) and draft_probs can need them
     buf = (torch.empty((R, V), dtype=torch.float32, device=dev) if (parents is not None or draft_probs is not None)
            else m)
@@ -398,5 +430,5 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     _walk_kernel[(R,)](target_logits, target_logits.stride(0), V, draft_token_ids.contiguous(), cu, par, q, temp,
                        unif, sd, off, N, m, tau, mass, amax, buf, out, num, path, max_depth,
                        IS_CHAIN=parents is None, HAS_Q=draft_probs is not None, HAS_UNIF=uniforms is not None,
-                       BLOCK=block)
+                       BLOCK=min(WALK_BLOCK, block), num_warps=WALK_WARPS)
     return out, num, path

@@ -5,8 +5,11 @@ Kernel ``_tree_attn_kernel``, grid (R * m_tiles, Hkv, splits):
 * **Packing.** The q_len query tokens of a request and the G = Hq / Hkv query heads that share one KV
   head form the rows of one tile (row m = query m // G, head h * G + m % G), so each K/V block is read
   once per KV head, not once per query head. Long trees spill into more m-tiles.
-* **Paged K/V.** Positions are streamed in chunks of ``BLOCK_N``; each position's physical slot comes
-  from the block table. Scores in fp32 (``tl.dot``; fp32 inputs use IEEE precision, not TF32), online
+* **Paged K/V.** Positions are streamed in tiles of ``BLOCK_N <= block_size``, so a tile lies in one page: one
+  scalar block-table load per tile, 64-bit arithmetic for the page base only, int32 in-page offsets. The caches
+  are read through their strides (block, slot, head; unit-stride head dim), so K and V views of a fused or
+  padded cache are used in place, not copied. Tile sizes and warps per dtype and head dim: ``_tiles``.
+  Scores in fp32 (``tl.dot``; fp32 inputs use IEEE precision, not TF32), online
   softmax in base 2 with the scale folded in.
 * **Masking.** Chunks entirely inside the committed prefix need no mask. Only chunks that reach the last
   q_len positions read the tree bits (or apply the causal chain rule when there is no mask).
@@ -26,9 +29,12 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# sizes that change from step to step (token count, tiles, chunk, block-table width, mask words) are not specialised on
+# (Triton would compile a variant for each value's divisibility by 16 and for 1)
+@triton.jit(do_not_specialize=["n_rows", "m_tiles", "chunk", "bt_stride", "mask_stride"])
 def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
                       qk_scale, bt_stride, mask_stride, m_tiles, chunk, n_rows,
+                      k_sb, k_ss, k_sh, v_sb, v_ss, v_sh,
                       Hq: tl.constexpr, Hkv: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
                       SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -58,12 +64,25 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo = s * chunk
         hi = tl.minimum(lo + chunk, L)
+        bt_row = bt_ptr + r.to(tl.int64) * bt_stride
+        n = tl.arange(0, BLOCK_N)
+        # in-page offsets (int32: a page's elements fit) of this KV head's rows of a tile
+        k_in = (n % BS) * k_ss + h * k_sh
+        v_in = (n % BS) * v_ss + h * v_sh
         for start in range(lo, hi, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
+            pos = start + n
             pos_ok = pos < hi
-            blk = tl.load(bt_ptr + r.to(tl.int64) * bt_stride + pos // BS, mask=pos_ok, other=0)
-            kv_off = ((blk.to(tl.int64) * BS + pos % BS) * Hkv + h) * D
-            k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+            if BLOCK_N <= BS:
+                # tiles start at multiples of BLOCK_N (the chunks do): a tile lies in one page, whose block id is
+                # one scalar load; 64-bit arithmetic only for the page's base
+                blk = tl.load(bt_row + start // BS).to(tl.int64)
+                k_rows = k_ptr + (blk * k_sb + (start % BS) * k_ss) + k_in
+                v_rows = v_ptr + (blk * v_sb + (start % BS) * v_ss) + v_in
+            else:  # pages smaller than a tile (block size < 16): one block id per position
+                blk_v = tl.load(bt_row + pos // BS, mask=pos_ok, other=0).to(tl.int64)
+                k_rows = k_ptr + (blk_v * k_sb + k_in)
+                v_rows = v_ptr + (blk_v * v_sb + v_in)
+            k = tl.load(k_rows[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
             if IEEE:
@@ -72,12 +91,13 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
                 sc = tl.dot(q, tl.trans(k))
             sc = sc * qk_scale
             ok = pos_ok[None, :] & row_ok[:, None]
-            if start + BLOCK_N > P:  # the chunk reaches the query tokens: tree bits apply there
+            if start + BLOCK_N > P:  # the tile reaches the query tokens: tree bits apply there
                 j = pos - P
                 if HAS_MASK:
-                    word = tl.load(mask_ptr + (q0 + qi).to(tl.int64)[:, None] * mask_stride + (j // 32)[None, :],
+                    jc = tl.maximum(j, 0)  # prefix columns (j < 0) see everything; a clamped index keeps the shift
+                    word = tl.load(mask_ptr + (q0 + qi).to(tl.int64)[:, None] * mask_stride + (jc // 32)[None, :],
                                    mask=row_ok[:, None] & (j >= 0)[None, :] & pos_ok[None, :], other=0)
-                    see = ((word >> (j % 32)[None, :]) & 1) != 0
+                    see = ((word >> (jc % 32)[None, :]) & 1) != 0  # shift in [0, 32): never negative (UB in LLVM)
                 else:
                     see = j[None, :] <= qi[:, None]
                 ok = ok & ((j < 0)[None, :] | see)
@@ -87,7 +107,7 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(sc - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_rows[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
             if IEEE:
@@ -108,7 +128,7 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
                      mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "S"])
 def _combine_kernel(part_ptr, lse_ptr, out_ptr, n_rows, S, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_S: tl.constexpr):
     """out[row] = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max), per (token, head) row."""
@@ -137,11 +157,31 @@ def _sm_count(device) -> int:
     return 4
 
 
+def _tiles(dtype, D: int, BS: int, max_q_len: int, G: int):
+    """(BLOCK_M, BLOCK_N, num_warps) per dtype and head dim, chosen from bench/compile_check.py's ptxas reports: no
+    spill on sm_90 or sm_80. fp32 scores use IEEE FMA dots, not tensor cores, so q, the accumulator and the K/V
+    tiles all live in registers: fp32 with D=128 needs BLOCK_M=16 (sm_80 spilled 216-440 B at 32 rows on 4 or 8
+    warps). BLOCK_N <= BS keeps each tile of positions inside one page (BS >= 16); 16 is tl.dot's smallest tile."""
+    fp32 = dtype == torch.float32
+    rows_max = (32 if D <= 64 else 16) if fp32 else 64
+    BLOCK_M = max(16, min(rows_max, triton.next_power_of_2(max_q_len * G)))
+    BLOCK_N = (32 if fp32 else 64) if D <= 64 else (16 if fp32 else 32)
+    BLOCK_N = max(16, min(BLOCK_N, BS))
+    num_warps = 8 if D > 64 and not fp32 and BLOCK_M >= 64 else 4
+    return BLOCK_M, BLOCK_N, num_warps
+
+
 def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, num_splits=None,
                    max_kv_len=None, max_q_len=None):
-    """``num_splits`` / ``max_kv_len`` / ``max_q_len`` default from the inputs (a host sync for the
-    lengths); pass them to stay sync-free (CUDA graphs)."""
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    """``num_splits`` / ``max_kv_len`` / ``max_q_len`` default from the inputs (a host sync for the lengths); pass
+    them to stay sync-free (CUDA graphs). The K/V caches are read through their strides (a cache laid out
+    [num_blocks, block_size, Hkv, D] with any block/slot/head strides, e.g. K and V views of one fused cache);
+    only a head dim that is not unit-stride is copied."""
+    q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
     T, Hq, D = q.shape
     nb, BS, Hkv, _ = k_cache.shape
     G = Hq // Hkv
@@ -153,9 +193,8 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
         max_q_len = int(cu_q_lens.diff().max())
     if max_kv_len is None:
         max_kv_len = int(kv_lens.max())
-    BLOCK_M = max(16, min(64, triton.next_power_of_2(max_q_len * G)))
+    BLOCK_M, BLOCK_N, num_warps = _tiles(q.dtype, D, BS, max_q_len, G)
     m_tiles = triton.cdiv(max_q_len * G, BLOCK_M)
-    BLOCK_N = 64 if D <= 64 else 32
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if num_splits is None:  # enough programs for ~2 waves; each split at least 256 positions
         programs = R * Hkv * m_tiles
@@ -166,14 +205,15 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
     mask = tree_mask.contiguous() if tree_mask is not None else cu_q_lens
     part = torch.empty((num_splits, T * Hq, D), dtype=torch.float32, device=q.device) if split else out
     lse = torch.empty((num_splits, T * Hq), dtype=torch.float32, device=q.device) if split else out
-    bt = block_table.contiguous()
+    bt = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     grid = (R * m_tiles, Hkv, num_splits)
     _tree_attn_kernel[grid](q, k_cache, v_cache, bt, kv_lens, cu_q_lens, mask, out, part, lse,
                             scale * LOG2E, bt.stride(0), mask.stride(0) if tree_mask is not None else 0, m_tiles, chunk,
-                            T * Hq,
+                            T * Hq, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+                            v_cache.stride(1), v_cache.stride(2),
                             Hq=Hq, Hkv=Hkv, G=G, D=D, BLOCK_D=BLOCK_D, BS=BS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                             HAS_MASK=tree_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
-                            UPCAST=_interpreting() and q.dtype == torch.bfloat16)
+                            UPCAST=_interpreting() and q.dtype == torch.bfloat16, num_warps=num_warps)
     if split:
         _combine_kernel[(T * Hq,)](part, lse, out, T * Hq, num_splits, D=D, BLOCK_D=BLOCK_D,
                                    BLOCK_S=max(2, triton.next_power_of_2(num_splits)))

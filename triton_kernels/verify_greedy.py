@@ -34,7 +34,7 @@ def _row_argmax_kernel(logits_ptr, row_stride, V, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + row, argmax_row(logits_ptr + row * row_stride, V, BLOCK))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_depth"])
 def _greedy_walk_kernel(argmax_ptr, draft_ptr, cu_ptr, parents_ptr, out_ptr, num_ptr, path_ptr, max_depth,
                         IS_CHAIN: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
