@@ -233,6 +233,8 @@ def main(argv=None) -> int:
         for b, fn in timed:
             bar.set_postfix_str(f"{ob.name} {ob.label(c)} {b}")
             nbytes = ob.bytes_from_ref(c, ref) if ob.bytes_from_ref else ob.bytes_moved(c)
+            own = ob.bytes_for_backend(c, ref, b) if (ob.bytes_for_backend and fn is None) else None
+            nbytes = own if own is not None else nbytes  # what this backend's kernels read, where that is more
             row = {"op": ob.name, "case": ob.label(c), "params": c, "backend": b, "bytes": nbytes}
             try:
                 # the backend is chosen once around the check and the repeats, not inside the timed call

@@ -25,6 +25,10 @@ class OpBench:
     bytes_from_ref: Optional[Callable[[Case, Any], int]] = None
     # the op whose backends this bench times, when its name is not an op's (the adapters' rows)
     backend_op: Optional[str] = None
+    # bytes a given backend actually moves, where its kernels read more than the op's compulsory traffic (e.g. the
+    # Triton sampler reads every logit row, not only the rows a walk visits): (case, reference outputs, backend) ->
+    # bytes, or None for the default count; so that a row's fraction of copy bandwidth means the same for every backend
+    bytes_for_backend: Optional[Callable[[Case, Any, str], Optional[int]]] = None
 
 
 OPS: Dict[str, OpBench] = {}

@@ -148,7 +148,27 @@ def nki_bytes(c):
     return stats + root + reject + final + tables + writes, None
 
 
+def triton_bytes(c, num_emitted=None):
+    """Bytes the Triton kernels (triton_kernels/rejection_sample.py) read and write, at least: kernel 1 streams every
+    logit row of the batch (N + R rows, not only those a walk visits) once for its max and mass, and per filter
+    (top-k, top-p) at least one threshold pass and one kept-mass pass; the walk reads the row it samples from once
+    more, and for draft_probs one rejection pass per request (logit row, q row, scratch row written)."""
+    R, k, V = c["R"], c["k"], c["V"]
+    elt = torch.finfo(DT[c["dtype"]]).bits // 8
+    filters = (1 if 0 < c["top_k"] < V else 0) + (1 if c["top_p"] < 1 else 0)
+    stats = R * (k + 1) * V * elt * (1 + 2 * filters) + R * (k + 1) * 20  # + m, tau, mass, argmax per row
+    final = R * V * elt
+    q = R * V * (elt + 4 + 4) if c.get("draft_probs") else 0
+    visited = int(num_emitted.sum()) if num_emitted is not None else R * (k + 1)
+    tables = R * k * 4 * (3 if c["tree"] else 2) + visited * 20 + R * (k + 1) * 4 * 2 + R * 16
+    return stats + final + q + tables
+
+
+def backend_bytes(c, ref, backend):
+    return triton_bytes(c, ref[1]) if backend == "triton" else None
+
+
 register(OpBench("rejection_sample", SHAPE_SETS, make_inputs, run, bytes_moved, check_exact, label,
                  baselines={"cpp-kernel": run_cpp_kernel, "cpp-via-python": run_python_path},
                  baseline_available=cpp_kernel_here,
-                 bytes_from_ref=lambda c, ref: bytes_moved(c, ref[1])))
+                 bytes_from_ref=lambda c, ref: bytes_moved(c, ref[1]), bytes_for_backend=backend_bytes))

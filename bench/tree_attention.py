@@ -119,5 +119,39 @@ def check(out, ref):
     return "" if rel <= tol else f"relative RMS error {rel:.2e} > {tol:.0e}"
 
 
+def triton_bytes(c, sm_count=132):
+    """Bytes the Triton kernel (triton_kernels/tree_attention.py) moves: K and V of every position once per KV head
+    and per m-tile (a tile packs BLOCK_M rows of (query, head); longer trees or fp32's 16-32-row tiles read K/V again),
+    the queries and outputs, the block table, and with split-KV the fp32 partial outputs and log-sum-exps written
+    and read back by the combine kernel. ``sm_count`` sets the split choice (132: H100/H200)."""
+    import triton
+    from spdkernels.triton_kernels.tree_attention import _tiles
+
+    elt = torch.finfo(DT[c["dtype"]]).bits // 8
+    R, ql, Hq, Hkv, D, bs = c["R"], c["q_len"], c["Hq"], c["Hkv"], c["D"], c["bs"]
+    G = Hq // Hkv
+    L = c["ctx"] + ql
+    BLOCK_M, BLOCK_N, _ = _tiles(DT[c["dtype"]], D, bs, ql, G)
+    m_tiles = triton.cdiv(ql * G, BLOCK_M)
+    kv = 2 * R * L * Hkv * D * elt * m_tiles
+    qo = 2 * R * ql * Hq * D * elt
+    splits = max(1, min(triton.cdiv(2 * sm_count, R * Hkv * m_tiles), triton.cdiv(L, 256)))
+    chunk = triton.cdiv(triton.cdiv(L, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(L, chunk)
+    part = 2 * splits * R * ql * Hq * (D + 1) * 4 if splits > 1 else 0
+    tables = R * Hkv * m_tiles * (-(-L // bs)) * 4
+    return kv + qo + part + tables
+
+
+def backend_bytes(c, ref, backend):
+    if backend != "triton":
+        return None
+    import spdkernels
+
+    if "triton" not in spdkernels.available_backends(op="tree_attention"):
+        return None
+    return triton_bytes(c)
+
+
 register(OpBench("tree_attention", SHAPE_SETS, make_inputs, run, bytes_moved, check, label,
-                 baselines={"sdpa-dense": run_sdpa}))
+                 baselines={"sdpa-dense": run_sdpa}, bytes_for_backend=backend_bytes))
