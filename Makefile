@@ -13,7 +13,7 @@ DEPS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h cs
 # torch 2.13.0: on the CPU machines here pip takes a local CPU build; elsewhere PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test bench install clean
+.PHONY: run test bench install clean sanitize
 
 $(STAMP): $(DEPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# the C++ kernels under AddressSanitizer + UBSan (a separate build in build/sanitize), their tests and the
+# validation-off fuzzer; not part of `make test` (a few minutes more)
+sanitize: $(STAMP)
+	PY=$(PY) bash bench/sanitize.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info spdkernels/_C*.so bench_results

@@ -7,6 +7,7 @@ the vocabulary is a defined result there: never accepted), from the always-on in
 
 Each batch runs in a child process (``python -m spdkernels.testing.fuzz``), so a crash shows as a signal
 instead of killing the test run; the planted variant shows that the harness reports one."""
+import os
 import subprocess
 import sys
 
@@ -25,8 +26,9 @@ EXPECTED = {"token_ge_V": "draft_token_ids", "token_negative": "draft_token_ids"
 
 
 def _run(args, timeout=600):
+    # the child inherits the environment (make sanitize runs these children under its sanitizers too)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

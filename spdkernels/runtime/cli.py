@@ -134,6 +134,22 @@ def _load(path: Optional[str], threads: Optional[int], device: str = "cpu"):
     return ck, LlamaModel(ck.config, ck.state_dict, device=dev)
 
 
+def _requests(args, tok):
+    """The requests of ``generate``: each prompt (chat-templated unless --no-chat) ``--batch`` times."""
+    from .engine import Request, SamplingParams
+
+    reqs = []
+    for text in _prompts(args):
+        ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
+        for b in range(args.batch):
+            sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=None if args.seed is None else args.seed + b,
+                                stop=tuple(args.stop))
+            sp.validate()
+            reqs.append(Request(ids, sp))
+    return reqs
+
+
 def load_pdm_for(args, ck, model):
     from .spd.pdm import load_pdm, shipped_pdm_path
 
@@ -209,7 +225,7 @@ def _check_args(args) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .engine import Engine, Request, SamplingParams
+    from .engine import Engine
 
     _check_args(args)
     if args.distributed:
@@ -221,15 +237,7 @@ def cmd_generate(args) -> int:
     ck, model = _load(args.model, args.threads, args.device)
     tok = ck.tokenizer
     proposer = make_proposer(args, model, ck)
-    reqs = []
-    for text in _prompts(args):
-        ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
-        for b in range(args.batch):
-            sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=None if args.seed is None else args.seed + b,
-                                stop=tuple(args.stop))
-            sp.validate()
-            reqs.append(Request(ids, sp))
+    reqs = _requests(args, tok)
     spec = None
     if args.speculation == "cost" and proposer is not None:
         from .speculation import AdaptiveSpeculation
@@ -279,7 +287,6 @@ def cmd_generate(args) -> int:
 
 def _generate_distributed(args) -> int:
     """``generate --proposer spd --distributed``: rank 0 here, one worker process per stage."""
-    from .engine import Request, SamplingParams
     from .model import LlamaModel
     from .spd.distributed import DistributedSPD, SPDDistributedError, format_report
     from .weights import load_checkpoint
@@ -293,15 +300,7 @@ def _generate_distributed(args) -> int:
     # rank 0: embedding, final norm, LM head (and the PDM) only
     head = LlamaModel(ck.config, ck.state_dict, layers=(0, 0), device="cuda" if args.dist_backend == "nccl" else "cpu")
     pdm = load_pdm_for(args, ck, head)
-    reqs = []
-    for text in _prompts(args):
-        ids = tok.encode(text if args.no_chat else tok.apply_chat_template([{"role": "user", "content": text}]))
-        for b in range(args.batch):
-            sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=None if args.seed is None else args.seed + b,
-                                stop=tuple(args.stop))
-            sp.validate()
-            reqs.append(Request(ids, sp))
+    reqs = _requests(args, tok)
     eng = DistributedSPD(ck.config, ck.state_dict, pdm, args.stages, tokenizer=tok, backend=args.dist_backend,
                          threads=args.threads, timeout_s=args.dist_timeout, model_source=args.model)
     try:

@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..engine import Request, append_tokens, collect_results, validate_requests
+from ..engine import Request, append_tokens, collect_results
 from ..model import LlamaModel
 from ..weights import LlamaConfig
 from .pdm import PipelineDraftModule
@@ -731,14 +731,7 @@ class DistributedSPD(SPDEngine):
                               ranks=self.n + 1, threads=self.spec.threads, backend=self.spec.backend)
         if not requests:
             return [], m
-        validate_requests(self.model.config, requests, extra=self.n + 1)
-        for i, r in enumerate(requests):
-            if len(r.prompt_ids) < self.n:
-                raise ValueError(f"prompt_ids: request {i} has {len(r.prompt_ids)} tokens, SPD with n={self.n} "
-                                 f"stages needs a prompt of at least n tokens")
-        states = [_SPDState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
-        if len({s.rid for s in states}) != len(states):
-            raise ValueError("rid: request ids must be unique")
+        states = self._states(requests)
         self.start()
         m.p2p_rtt_s = self.p2p_rtt_s
         old_threads = torch.get_num_threads()

@@ -149,12 +149,8 @@ class SPDEngine:
     def describe(self) -> str:
         return f"spd n={self.n} L_s={self.pdm.num_layers}"
 
-    # -- public ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, requests: Sequence[Request]) -> Tuple[List[Result], SPDRunMetrics]:
-        m = SPDRunMetrics(n=self.n, stage_s=[0.0] * self.n)
-        if not requests:
-            return [], m
+    def _states(self, requests: Sequence[Request]) -> List[_SPDState]:
+        """Validated requests (a prompt of at least n tokens, unique ids) as pipeline states."""
         validate_requests(self.model.config, requests, extra=self.n + 1)
         for i, r in enumerate(requests):
             if len(r.prompt_ids) < self.n:
@@ -163,6 +159,15 @@ class SPDEngine:
         states = [_SPDState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
         if len({s.rid for s in states}) != len(states):
             raise ValueError("rid: request ids must be unique")
+        return states
+
+    # -- public ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request]) -> Tuple[List[Result], SPDRunMetrics]:
+        m = SPDRunMetrics(n=self.n, stage_s=[0.0] * self.n)
+        if not requests:
+            return [], m
+        states = self._states(requests)
         bs = self.block_size
         blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens + self.n + 2) // bs) + 1 for r in requests)
         self.caches = [self.model.new_cache(blocks, bs, layers=se, scrub=self.scrub) for se in self.stages]
