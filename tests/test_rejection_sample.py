@@ -196,14 +196,19 @@ def test_rejection_that_leaves_a_tiny_mass(backend):
     0, and what is left (below the rounding of the row's mass) must be sampled as it is, half and half: the
     final coin picks token 8 below 1/2 and token 16 above. (Ids 0, 8, 16 share a vector lane, so the cpp
     kernel's fp32 lane sums round them together: it must decide such cancellations on exact sums.)"""
-    V = 64
+    _check_tiny_mass(backend, 64, 8, 16, ((1e-6, 8), (0.3, 8), (0.7, 16), (1 - 2**-24, 16)))
+
+
+def _check_tiny_mass(backend, V, a, b, expected):
+    """Token 0 at logit 0, tokens ``a`` and ``b`` at -16.5; the point-mass draft of 0 is rejected by a coin
+    just below 1 and the final coin ``u`` must give the token in ``expected``."""
     logits = torch.full((2, V), float("-inf"))
-    logits[0, 0], logits[0, 8], logits[0, 16] = 0.0, -16.5, -16.5
+    logits[0, 0], logits[0, a], logits[0, b] = 0.0, -16.5, -16.5
     logits[1, 3] = 0.0
     batch = random_draft_batch([1], V)
     batch.target_logits = logits
     batch.draft_token_ids = torch.tensor([0])
-    for u_final, token in ((1e-6, 8), (0.3, 8), (0.7, 16), (1 - 2**-24, 16)):
+    for u_final, token in expected:
         u = torch.tensor([1 - 2**-24, u_final])
         out, num, path = run(backend, batch, uniforms=u)
         assert out.tolist() == [[token, -1]] and num.tolist() == [1] and path.tolist() == [[-1]], u_final
@@ -216,17 +221,8 @@ def test_rejection_that_leaves_a_tiny_mass_over_tiles(backend):
     1 + 6.8e-8 up to 1 + 1.19e-7. Subtracting p(0) from that mass leaves 1.87e-7 instead of 1.36e-7, which moves
     the final coin's threshold: u = 0.45 must give token 4096 (0.45 * 1.36e-7 < 6.8e-8), the biased mass gives
     5000. A kernel must decide such a rejection on an exact re-sum of what is left."""
-    V = 6000
-    logits = torch.full((2, V), float("-inf"))
-    logits[0, 0], logits[0, 4096], logits[0, 5000] = 0.0, -16.5, -16.5
-    logits[1, 3] = 0.0
-    batch = random_draft_batch([1], V)
-    batch.target_logits = logits
-    batch.draft_token_ids = torch.tensor([0])
-    for u_final, token in ((1e-6, 4096), (0.3, 4096), (0.45, 4096), (0.55, 5000), (0.7, 5000), (1 - 2**-24, 5000)):
-        u = torch.tensor([1 - 2**-24, u_final])
-        out, num, path = run(backend, batch, uniforms=u)
-        assert out.tolist() == [[token, -1]] and num.tolist() == [1] and path.tolist() == [[-1]], u_final
+    _check_tiny_mass(backend, 6000, 4096, 5000,
+                     ((1e-6, 4096), (0.3, 4096), (0.45, 4096), (0.55, 5000), (0.7, 5000), (1 - 2**-24, 5000)))
 
 
 @pytest.mark.parametrize("backend", WITH_ISAS)
