@@ -7,7 +7,8 @@
 namespace spd {
 void rejection_sample(std::uintptr_t, int, int64_t, int64_t, std::uintptr_t, int, std::uintptr_t, std::uintptr_t,
                       std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
-                      std::uintptr_t, int64_t, int64_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int);
+                      std::uintptr_t, int64_t, int64_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
+                      std::uintptr_t, int, int, int);
 std::pair<double, float> target_weights_row(std::uintptr_t, int, int64_t, float, int64_t, float, std::uintptr_t);
 void skinny_linear_f32(std::uintptr_t, int64_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t,
                        int64_t, int64_t, int);

@@ -157,7 +157,25 @@ struct Params {
   int32_t* out;
   int32_t* num;
   int32_t* path;
+  std::uintptr_t bonus;  // bonus_token_ids (0: none): chains whose rows stop at the last draft
+  int bonus_code;
+  bool probs;  // target_is_probs: the rows are probabilities, not logits
 };
+
+// First row of request r: with given bonus tokens there is no row after a request's last draft.
+inline int64_t first_row(const Params& P, int64_t r) { return P.bonus ? P.cu[r] : P.cu[r] + r; }
+
+// With given bonus tokens, a request without drafts, or one that accepted its last draft, emits its bonus
+// token at `depth` and stops: true if it did.
+inline bool emit_bonus(const Params& P, int64_t r, int64_t k, int64_t node, int64_t depth, int32_t* out,
+                       int32_t* path) {
+  if (!P.bonus || node != k - 1) return false;
+  out[depth] = static_cast<int32_t>(load_index(P.bonus, P.bonus_code, r));
+  P.num[r] = static_cast<int32_t>(depth + 1);
+  for (int64_t d = depth + 1; d <= P.max_depth; ++d) out[d] = -1;
+  for (int64_t d = depth; d < P.max_depth; ++d) path[d] = -1;
+  return true;
+}
 
 const void* row_ptr(const Params& P, int64_t row) {
   return reinterpret_cast<const char*>(P.logits) + row * P.row_stride * element_size(P.code);
@@ -750,10 +768,11 @@ int64_t next_child(const Params& P, int64_t start, int64_t k, int64_t node, int6
 }
 
 void greedy_request(const Params& P, int64_t r) {
-  const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = start + r;
+  const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = first_row(P, r);
   int32_t* out = P.out + r * (P.max_depth + 1);
   int32_t* path = P.path + r * P.max_depth;
   int64_t node = -1, depth = 0;
+  if (emit_bonus(P, r, k, node, depth, out, path)) return;
   int32_t best = row_argmax(row_ptr(P, row0), P.V, P.code);
   while (depth < P.max_depth) {
     int64_t child = -1;
@@ -763,6 +782,7 @@ void greedy_request(const Params& P, int64_t r) {
     out[depth] = best;
     path[depth++] = static_cast<int32_t>(child);
     node = child;
+    if (emit_bonus(P, r, k, node, depth, out, path)) return;
     best = row_argmax(row_ptr(P, row0 + 1 + node), P.V, P.code);
   }
   out[depth] = best;
@@ -786,10 +806,10 @@ struct Scratch {
 // (noipa: the scratch stays a plain pointer here; inlined or specialised, GCC re-derives the thread_local's address
 // with a __tls_get_addr call inside the hot loops)
 __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch& s) {
-  const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = start + r, V = P.V;
+  const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = first_row(P, r), V = P.V;
   const float T = P.temperature ? P.temperature[r] : 1.0f;
-  const int64_t K = P.top_k ? P.top_k[r] : 0;
-  const float TP = P.top_p ? P.top_p[r] : 1.0f;
+  const int64_t K = P.top_k && !P.probs ? P.top_k[r] : 0;
+  const float TP = P.top_p && !P.probs ? P.top_p[r] : 1.0f;
   const bool filtered = (K > 0 && K < V) || TP < 1.0f;
   auto coin = [&](int64_t i) {
     return P.uniforms ? P.uniforms[start + i] : philox_uniform(P.seed[r], P.offset[r], static_cast<uint32_t>(i), 0);
@@ -799,8 +819,11 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
   bool lazy = false;
   double M = 0.0;
   auto load_row = [&](int64_t row) {
-    lazy = !filtered;
-    if (lazy) {
+    lazy = !filtered && !P.probs;
+    if (P.probs) {  // the row is the distribution: its values as fp32 weights, their sum the mass
+      load_max(row_ptr(P, row), V, P.code, w.data());
+      M = block_sum(w.data(), V);
+    } else if (lazy) {
       lz.init(row_ptr(P, row), P.code, V, T);
     } else {
       if (s.xs.size() < static_cast<size_t>(V)) s.xs.resize(V);
@@ -811,6 +834,7 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
   int32_t* out = P.out + r * (P.max_depth + 1);
   int32_t* path = P.path + r * P.max_depth;
   int64_t node = -1, depth = 0;
+  if (emit_bonus(P, r, k, node, depth, out, path)) return;
   load_row(row0);
   while (depth < P.max_depth) {
     int64_t accepted = -1;
@@ -848,6 +872,7 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
     out[depth] = static_cast<int32_t>(load_index(P.draft_ids, P.tok_code, start + accepted));
     path[depth++] = static_cast<int32_t>(accepted);
     node = accepted;
+    if (emit_bonus(P, r, k, node, depth, out, path)) return;
     load_row(row0 + 1 + node);
   }
   const float u = P.uniforms ? P.uniforms[P.N + r] : philox_uniform(P.seed[r], P.offset[r], 0, 1);
@@ -880,14 +905,17 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
                       std::uintptr_t temperature, std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t uniforms,
                       std::uintptr_t seed, std::uintptr_t offset, int64_t R, int64_t N, int64_t max_depth,
                       std::uintptr_t out_tokens, std::uintptr_t num_emitted, std::uintptr_t accepted_path,
-                      int num_threads) {
+                      std::uintptr_t bonus_token_ids, int bonus_code, int target_is_probs, int num_threads) {
   check_draft_batch(ptr<const int32_t>(cu_num_draft), R, N, ptr<const int32_t>(parents), draft_ids, tok_code, V,
                     true);
+  if (bonus_token_ids && parents)  // the rows of a tree cannot stop at its leaves
+    throw std::invalid_argument("bonus_token_ids: only for chains (parents must be None)");
   const Params P{logits, logit_code, row_stride, V, draft_ids, tok_code, ptr<const int32_t>(cu_num_draft),
                  ptr<const int32_t>(parents), ptr<const float>(draft_probs), ptr<const float>(temperature),
                  ptr<const int32_t>(top_k), ptr<const float>(top_p), ptr<const float>(uniforms),
                  ptr<const int64_t>(seed), ptr<const int64_t>(offset), R, N, max_depth,
-                 ptr<int32_t>(out_tokens), ptr<int32_t>(num_emitted), ptr<int32_t>(accepted_path)};
+                 ptr<int32_t>(out_tokens), ptr<int32_t>(num_emitted), ptr<int32_t>(accepted_path),
+                 bonus_token_ids, bonus_code, target_is_probs != 0};
   (void)num_threads;
 #ifdef SPD_HAVE_OPENMP
 #pragma omp parallel num_threads(num_threads) if (R > 1)

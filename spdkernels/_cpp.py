@@ -107,7 +107,7 @@ class isa_cap:
 # while its "fast" flag is on, which this module keeps equal to: value validation off and the cpp backend
 # chosen for the op on CPU (refresh_fast_paths, called whenever either setting changes). Every other call goes
 # to the op's Python kernel through its twin op spdkernels::_<op>_python.
-OPS_ABI_VERSION = 2  # must match spd_ops_abi_version() in csrc/torch_ops/dispatch.cpp
+OPS_ABI_VERSION = 3  # must match spd_ops_abi_version() in csrc/torch_ops/dispatch.cpp
 FAST_OPS = ("rejection_sample", "verify_greedy")
 
 _ops = None

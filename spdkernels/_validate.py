@@ -34,9 +34,10 @@ def check_tensor(arg: str, t, ndim: Optional[int] = None, dtypes=None, device=No
         fail(arg, f"expected a tensor on device {device} (like target_logits), got device {t.device}")
 
 
-def check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth
-                             ) -> Tuple[int, int, int]:
-    """Static checks of the ragged draft batch shared by the verification ops. Returns (R, N, V)."""
+def check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth,
+                             bonus_rows: bool = False) -> Tuple[int, int, int]:
+    """Static checks of the ragged draft batch shared by the verification ops. Returns (R, N, V).
+    ``bonus_rows``: the layout with given bonus tokens (``[N, V]``: no row after each request's last draft)."""
     check_tensor("target_logits", target_logits, 2, FLOAT_DTYPES)
     dev = target_logits.device
     check_tensor("draft_token_ids", draft_token_ids, 1, TOKEN_DTYPES, dev)
@@ -46,7 +47,11 @@ def check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, paren
     R = cu_num_draft.shape[0] - 1
     N = draft_token_ids.shape[0]
     V = target_logits.shape[1]
-    if target_logits.shape[0] != N + R:
+    if bonus_rows:
+        if target_logits.shape[0] != N:
+            fail("target_logits", f"expected shape [N, V] = [{N}, V] with bonus_token_ids (no row after each "
+                 f"request's last draft; N = len(draft_token_ids)), got {tuple(target_logits.shape)}")
+    elif target_logits.shape[0] != N + R:
         fail("target_logits", f"expected shape [N + R, V] = [{N} + {R}, V] (N = len(draft_token_ids), "
              f"R = len(cu_num_draft) - 1), got {tuple(target_logits.shape)}")
     if V < 1:

@@ -560,3 +560,202 @@ def test_docstring_example_is_right():
     mod = importlib.import_module("spdkernels.ops.rejection_sample")
     res = doctest.testmod(mod, extraglobs={"torch": torch, "rejection_sample": spdkernels.rejection_sample})
     assert res.attempted >= 1 and res.failed == 0
+
+
+# ---- probability rows and given bonus tokens (the layouts of vLLM, FlashInfer and sgl-kernel) ----------------
+
+def _onehot_rows(tokens, V):
+    """Logit rows whose target distribution is exactly the one-hot of each token (the other weights underflow to 0)."""
+    rows = torch.full((len(tokens), V), -1e4)
+    rows[torch.arange(len(tokens)), torch.as_tensor(tokens)] = 0.0
+    return rows
+
+
+def _bonus_batch(R, V, gen, max_k=4):
+    """A chain batch with some requests without drafts, and its bonus tokens: (full batch with N + R rows whose row
+    after each request's last draft is the one-hot of its bonus token, the N rows of the bonus layout, bonus)."""
+    ks = torch.randint(0, max_k + 1, (R,), generator=gen).tolist()
+    ks[0], ks[-1] = 0, max_k
+    batch = random_draft_batch(ks, V, gen=gen, match_prob=0.8)
+    bonus = torch.randint(0, V, (R,), generator=gen)
+    cu = batch.cu_num_draft.tolist()
+    last_rows = [cu[r + 1] + r for r in range(R)]  # the row after request r's last draft
+    keep = [i for i in range(batch.N + R) if i not in set(last_rows)]
+    rows_n = batch.target_logits[keep].clone()
+    batch.target_logits[last_rows] = _onehot_rows(bonus, V)
+    batch.max_depth = max_k
+    return batch, rows_n, bonus
+
+
+def _run_layout(backend, batch, rows, **kw):
+    """The op on ``backend`` with ``rows`` as target_logits (any row count) and the batch's drafts."""
+    rows, toks, cu = to_backend(backend, (rows, batch.draft_token_ids, batch.cu_num_draft))
+    with use_backend(backend):
+        out = spdkernels.rejection_sample(rows, toks, cu, parents=None, max_depth=batch.max_depth,
+                                          **to_backend(backend, kw))
+    return tuple(t.cpu() for t in out)
+
+
+def _mixed_temperature(R, gen, probs):
+    T = torch.ones(R) if probs else torch.rand(R, generator=gen) + 0.5
+    T[1::3] = 0.0  # greedy requests in the same batch
+    return T
+
+
+@pytest.mark.parametrize("backend", WITH_ISAS)
+@pytest.mark.parametrize("with_q", [False, True])
+def test_bonus_tokens_equal_a_one_hot_row_after_the_last_draft(backend, with_q):
+    """bonus_token_ids with N rows = the usual layout whose row after each request's last draft puts all its mass
+    on the bonus token: the same tokens, counts and paths, for sampled and greedy requests, with and without
+    draft probabilities, requests without drafts included."""
+    small = backend in ("triton", "nki") and not ON_GPU
+    R, V = (7, 97) if small else (64, 1000)
+    gen = torch.Generator().manual_seed(31 + with_q)
+    batch, rows_n, bonus = _bonus_batch(R, V, gen)
+    N = batch.N
+    kw = dict(temperature=_mixed_temperature(R, gen, False), uniforms=torch.rand(N + R, generator=gen) * 0.98 + 0.01)
+    if with_q:
+        kw["draft_probs"] = torch.softmax(torch.randn(N, V, generator=gen) * 2, -1)
+    want = _run_layout(backend, batch, batch.target_logits, **kw)
+    got = _run_layout(backend, batch, rows_n, bonus_token_ids=bonus.to(torch.int32), **kw)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert got[0][0, 0] == bonus[0] and got[1][0] == 1  # request 0 has no draft: its bonus token at once
+    assert (got[1] == torch.tensor([k + 1 for k in (batch.cu_num_draft[1:] - batch.cu_num_draft[:-1]).tolist()])
+            ).any()  # some request accepted every draft and emitted its bonus token
+
+
+def _probs_case(R, V, gen, with_q):
+    """Probability rows: the reference's own fp32 weights exp(x - max x) of logit rows, scaled per row (so rows do
+    not sum to 1), for a chain batch with mixed greedy and sampled requests."""
+    ks = torch.randint(1, 4, (R,), generator=gen).tolist()
+    batch = random_draft_batch(ks, V, gen=gen, match_prob=0.8)
+    w = torch.stack([temperature_weights(x, 1.0) for x in batch.target_logits])
+    probs = w * (torch.rand(w.shape[0], 1, generator=gen) + 0.25)
+    N = batch.N
+    kw = dict(temperature=_mixed_temperature(R, gen, True), uniforms=torch.rand(N + R, generator=gen) * 0.98 + 0.01)
+    if with_q:
+        kw["draft_probs"] = torch.softmax(torch.randn(N, V, generator=gen) * 2, -1)
+    return batch, probs, kw
+
+
+def test_reference_probability_rows_equal_logit_rows():
+    """The reference with target_is_probs on rows w = exp(x - max x) (any scale) takes the same decisions as with the
+    logits x: both normalise the same fp32 weights."""
+    gen = torch.Generator().manual_seed(5)
+    for with_q in (False, True):
+        batch, probs, kw = _probs_case(40, 300, gen, with_q)
+        w = torch.stack([temperature_weights(x, 1.0) for x in batch.target_logits])
+        want = _run_layout("torch", batch, batch.target_logits, **kw)
+        got = _run_layout("torch", batch, w, target_is_probs=True, **kw)
+        for g, x in zip(got, want):
+            assert torch.equal(g, x)
+        # and rescaling a row does not move a decision by more than rounding: most requests agree exactly
+        scaled = _run_layout("torch", batch, probs, target_is_probs=True, **kw)
+        assert (scaled[1] == want[1]).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("backend", WITH_ISAS)
+@pytest.mark.parametrize("with_q,bonus", [(False, False), (True, False), (True, True)])
+def test_probability_rows_match_reference(backend, with_q, bonus):
+    """target_is_probs: every backend takes the reference's decisions on the same coins, token for token (rows not
+    normalised, greedy and sampled requests mixed, with the bonus layout too)."""
+    small = backend in ("triton", "nki") and not ON_GPU
+    R, V = (6, 131) if small else (80, 2000)
+    gen = torch.Generator().manual_seed(77 + 2 * with_q + bonus)
+    batch, probs, kw = _probs_case(R, V, gen, with_q)
+    if bonus:
+        b, rows_n, bt = _bonus_batch(R, V, gen)
+        w = torch.stack([temperature_weights(x, 1.0) for x in rows_n])
+        batch, probs = b, w * 0.5
+        kw["uniforms"] = torch.rand(batch.N + R, generator=gen) * 0.98 + 0.01
+        kw["bonus_token_ids"] = bt
+        if with_q:
+            kw["draft_probs"] = torch.softmax(torch.randn(batch.N, V, generator=gen) * 2, -1)
+    want = _run_layout("torch", batch, probs, target_is_probs=True, **kw)
+    got = _run_layout(backend, batch, probs, target_is_probs=True, **kw)
+    for g, x in zip(got, want):
+        assert torch.equal(g, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probability_rows_in_half_precision_match_reference(dtype):
+    """bf16 / fp16 probability rows: each backend reads them as the reference does (widened to fp32)."""
+    gen = torch.Generator().manual_seed(8)
+    batch, probs, kw = _probs_case(24, 500, gen, True)
+    probs = probs.to(dtype)
+    want = _run_layout("torch", batch, probs, target_is_probs=True, **kw)
+    for backend in [b for b in BACKENDS if b not in ("torch", "nki")]:
+        got = _run_layout(backend, batch, probs, target_is_probs=True, **kw)
+        for g, x in zip(got, want):
+            assert torch.equal(g, x), backend
+
+
+def _probs_dist_case(R, gen):
+    """Drafts from q, the target a probability row p0 (not normalised) for the first token and p1 after it."""
+    V = V_D
+    p0 = torch.softmax(torch.randn(V, generator=gen) * 1.5, -1) * 0.7
+    p1 = torch.softmax(torch.randn(V, generator=gen) * 1.5, -1) * 1.3
+    q = torch.softmax(torch.randn(V, generator=gen), -1)
+    toks = torch.multinomial(q.expand(R, V), 1, replacement=True, generator=gen)[:, 0]
+    rows = torch.stack([p0, p1]).repeat(R, 1)  # request r: rows 2r (verifies its draft), 2r + 1 (after it)
+    cu = torch.arange(R + 1, dtype=torch.int32)
+    kw = dict(draft_probs=q.expand(R, V).contiguous(), seed=torch.arange(R, dtype=torch.int64) * 131 + 7)
+    return rows, toks, cu, kw, p0 / p0.sum(), p1 / p1.sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probability_rows_emit_the_target_distribution(backend):
+    """Tokens emitted from probability rows follow the normalised rows (first token: accepted draft or residual
+    sample; second token after an accepted draft: the next row). The planted bug (the flag forgotten: probabilities
+    read as logits) is rejected by the same test."""
+    R = 400 if backend == "triton" and not ON_GPU else (2500 if backend == "nki" else 20000)
+    gen = torch.Generator().manual_seed(2024)
+    rows, toks, cu, kw, p0, p1 = _probs_dist_case(R, gen)
+    with use_backend(backend):
+        out, num, _ = spdkernels.rejection_sample(*to_backend(backend, (rows, toks, cu)), max_depth=1,
+                                                  target_is_probs=True, **to_backend(backend, kw))
+        bad, _, _ = spdkernels.rejection_sample(*to_backend(backend, (rows, toks, cu)), max_depth=1,
+                                                **to_backend(backend, kw))
+    out, num, bad = out.cpu(), num.cpu(), bad.cpu()
+    assert chi2_pvalue(out[:, 0].numpy(), p0) > 1e-4
+    acc = (num == 2).numpy()
+    assert acc.sum() > min(150, R // 5)
+    assert chi2_pvalue(out[:, 1].numpy()[acc], p1) > 1e-4
+    assert chi2_pvalue(bad[:, 0].numpy(), p0) < 1e-6
+
+
+def test_probability_rows_and_bonus_tokens_refuse_bad_input():
+    gen = torch.Generator().manual_seed(3)
+    batch, rows_n, bonus = _bonus_batch(4, 50, gen)
+    toks, cu = batch.draft_token_ids, batch.cu_num_draft
+    probs = torch.softmax(batch.target_logits, -1)
+
+    def call(rows, **kw):
+        return spdkernels.rejection_sample(rows, toks, cu, max_depth=batch.max_depth, seed=torch.arange(4), **kw)
+
+    with pytest.raises(ValueError, match="^target_logits: expected shape \\[N, V\\]"):
+        call(batch.target_logits, bonus_token_ids=bonus)  # N + R rows with bonus tokens
+    with pytest.raises(ValueError, match="^bonus_token_ids: expected shape"):
+        call(rows_n, bonus_token_ids=bonus[:3])
+    with pytest.raises(ValueError, match="^bonus_token_ids: expected dtype"):
+        call(rows_n, bonus_token_ids=bonus.float())
+    with pytest.raises(ValueError, match="^bonus_token_ids: only for chains"):
+        spdkernels.rejection_sample(rows_n, toks, cu, parents=torch.full((batch.N,), -1, dtype=torch.int32),
+                                    max_depth=batch.max_depth, seed=torch.arange(4), bonus_token_ids=bonus)
+    with pytest.raises(ValueError, match="^bonus_token_ids: token ids must lie in"):
+        call(rows_n, bonus_token_ids=bonus + 50)
+    with pytest.raises(ValueError, match="^top_k: not applied to probabilities"):
+        call(probs, target_is_probs=True, top_k=torch.full((4,), 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="^top_p: not applied to probabilities"):
+        call(probs, target_is_probs=True, top_p=torch.full((4,), 0.5))
+    with pytest.raises(ValueError, match="^temperature: with target_is_probs=True"):
+        call(probs, target_is_probs=True, temperature=torch.full((4,), 0.7))
+    with pytest.raises(ValueError, match="^target_logits: contains negative probabilities"):
+        call(probs - 0.5, target_is_probs=True)
+    zero = probs.clone()
+    zero[2] = 0
+    with pytest.raises(ValueError, match="^target_logits: row 2 has no probability mass"):
+        call(zero, target_is_probs=True)
+    with pytest.raises(ValueError, match="^target_is_probs: expected a bool"):
+        call(probs, target_is_probs=1)

@@ -39,7 +39,8 @@ using uptr = std::uintptr_t;
 
 // The _C entry points (csrc/rejection_sample.cpp, csrc/verify_greedy.cpp), set by spd_ops_set_entry().
 using RejectionSampleFn = void (*)(uptr, int, int64_t, int64_t, uptr, int, uptr, uptr, uptr, uptr, uptr, uptr,
-                                   uptr, uptr, uptr, int64_t, int64_t, int64_t, uptr, uptr, uptr, int);
+                                   uptr, uptr, uptr, int64_t, int64_t, int64_t, uptr, uptr, uptr, uptr, int, int,
+                                   int);
 using VerifyGreedyFn = void (*)(uptr, int, int64_t, int64_t, uptr, int, uptr, uptr, int64_t, int64_t, int64_t, uptr,
                                 uptr, uptr, int);
 
@@ -102,7 +103,7 @@ uptr addr(const Tensor& t) { return reinterpret_cast<uptr>(t.data_ptr()); }
 // The draft batch of docs/contract.md section 3 (logits rows = N + R, tokens, cu_num_draft, parents), in the layout the
 // kernels take (logit rows may be strided). Sets R, N; false: leave the call to Python.
 bool draft_batch_ok(const Tensor& logits, const Tensor& ids, const Tensor& cu, const OptTensor& parents,
-                    const c10::SymInt& max_depth, int64_t& R, int64_t& N, int64_t& md) {
+                    const c10::SymInt& max_depth, int64_t& R, int64_t& N, int64_t& md, bool bonus_rows = false) {
   if (!logits.defined() || logits.dim() != 2 || !logits.device().is_cpu() || logits.layout() != at::kStrided ||
       float_code(logits) < 0 || logits.stride(1) != 1 || logits.size(1) < 1)
     return false;
@@ -113,7 +114,7 @@ bool draft_batch_ok(const Tensor& logits, const Tensor& ids, const Tensor& cu, c
   R = cu.size(0) - 1;
   N = ids.size(0);
   md = *m;
-  return logits.size(0) == N + R && opt_vec_of(parents, at::kInt, N);
+  return logits.size(0) == (bonus_rows ? N : N + R) && opt_vec_of(parents, at::kInt, N);
 }
 
 Out3 int_outputs(int64_t R, int64_t md) {
@@ -132,11 +133,14 @@ Out3 call_python(const char* name, Args&&... args) {
 Out3 rejection_sample_cpu(const Tensor& logits, const Tensor& ids, const Tensor& cu, const OptTensor& parents,
                           const OptTensor& draft_probs, const OptTensor& temperature, const OptTensor& top_k,
                           const OptTensor& top_p, const OptTensor& uniforms, const OptTensor& seed,
-                          const OptTensor& offset, c10::SymInt max_depth) {
+                          const OptTensor& offset, c10::SymInt max_depth, const OptTensor& bonus_token_ids,
+                          bool target_is_probs) {
   const RejectionSampleFn fn = g_rejection_sample.load(std::memory_order_acquire);
   int64_t R = 0, N = 0, md = 0;
   bool fast = fn && g_fast_rejection_sample.load(std::memory_order_acquire) &&
-              draft_batch_ok(logits, ids, cu, parents, max_depth, R, N, md);
+              draft_batch_ok(logits, ids, cu, parents, max_depth, R, N, md, bonus_token_ids.has_value()) &&
+              (!bonus_token_ids.has_value() || (!parents.has_value() && plain(*bonus_token_ids, 1) &&
+                                                int_code(*bonus_token_ids) >= 0 && bonus_token_ids->size(0) == R));
   if (fast) {
     const int64_t V = logits.size(1);
     fast = (!draft_probs.has_value() || (plain(*draft_probs, 2) && draft_probs->scalar_type() == at::kFloat &&
@@ -145,12 +149,15 @@ Out3 rejection_sample_cpu(const Tensor& logits, const Tensor& ids, const Tensor&
            opt_vec_of(top_p, at::kFloat, R) && opt_vec_of(seed, at::kLong, R) && opt_vec_of(offset, at::kLong, R) &&
            opt_vec_of(uniforms, at::kFloat, N + R) &&
            // the coins: explicit uniforms, or a seed (and optionally an offset), never both
-           (uniforms.has_value() ? !seed.has_value() && !offset.has_value() : seed.has_value());
+           (uniforms.has_value() ? !seed.has_value() && !offset.has_value() : seed.has_value()) &&
+           // top-k / top-p are refused with probability rows (by the Python checks)
+           (!target_is_probs || (!top_k.has_value() && !top_p.has_value()));
   }
   count(kRejectionSample, fast);
   if (!fast)
     return call_python("spdkernels::_rejection_sample_python", logits, ids, cu, parents, draft_probs, temperature,
-                       top_k, top_p, uniforms, seed, offset, std::move(max_depth));
+                       top_k, top_p, uniforms, seed, offset, std::move(max_depth), bonus_token_ids,
+                       target_is_probs);
   Out3 out = int_outputs(R, md);
   if (R > 0) {
     std::vector<int64_t> zeros;  // offset defaults to zeros
@@ -163,7 +170,8 @@ Out3 rejection_sample_cpu(const Tensor& logits, const Tensor& ids, const Tensor&
       fn(addr(logits), float_code(logits), logits.stride(0), logits.size(1), addr(ids), int_code(ids), addr(cu),
          addr(parents), addr(draft_probs), addr(temperature), addr(top_k), addr(top_p), addr(uniforms), addr(seed),
          off, R, N, md, addr(std::get<0>(out)), addr(std::get<1>(out)), addr(std::get<2>(out)),
-         at::get_num_threads());
+         addr(bonus_token_ids), bonus_token_ids.has_value() ? int_code(*bonus_token_ids) : 0,
+         target_is_probs ? 1 : 0, at::get_num_threads());
     } catch (const std::invalid_argument& e) {
       TORCH_CHECK_VALUE(false, e.what());
     }
@@ -205,7 +213,7 @@ TORCH_LIBRARY_IMPL(spdkernels, CPU, m) {
 extern "C" {
 
 // Bumped whenever the functions below or the kernel signatures change; Python refuses any other value.
-int spd_ops_abi_version() { return 2; }
+int spd_ops_abi_version() { return 3; }
 
 // The _C entry point of `op` (its address from spdkernels._C.entry_points()). 0 on success, -1: unknown op.
 int spd_ops_set_entry(const char* op, uptr fn) {

@@ -17,12 +17,13 @@ def verify_outputs(R: int, max_depth: int, device) -> Tuple[torch.Tensor, torch.
             torch.empty((R, max_depth), dtype=torch.int32, device=device))
 
 
-def call_draft_op(op: Callable, args: tuple, target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
+def call_draft_op(op: Callable, args: tuple, target_logits, draft_token_ids, cu_num_draft, parents, max_depth,
+                  bonus_rows: bool = False):
     """``op(*args)`` for an op over a draft batch, where a schema error (a non-tensor argument, a max_depth that
     is not an int) is turned into the static checks' ValueError naming the argument. The checks run only when the
     call fails, so a well-formed call pays for them once, inside the op (in C++ on the CPU fast path)."""
     try:
         return op(*args)
     except RuntimeError:
-        V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+        V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth, bonus_rows)
         raise

@@ -21,9 +21,23 @@ OP = "rejection_sample"
 
 
 def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                  uniforms, seed, offset, max_depth) -> int:
-    R, N, Vv = V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+                  uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False) -> int:
+    R, N, Vv = V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth,
+                                          bonus_rows=bonus_token_ids is not None)
     dev = target_logits.device
+    if bonus_token_ids is not None:
+        V.check_tensor("bonus_token_ids", bonus_token_ids, 1, V.TOKEN_DTYPES, dev)
+        if bonus_token_ids.shape[0] != R:
+            V.fail("bonus_token_ids", f"expected shape [R] = [{R}], got {tuple(bonus_token_ids.shape)}")
+        if parents is not None:
+            V.fail("bonus_token_ids", "only for chains (parents must be None): a tree needs the row after every leaf")
+    if not isinstance(target_is_probs, bool):
+        V.fail("target_is_probs", f"expected a bool, got {type(target_is_probs).__name__}")
+    if target_is_probs:
+        for name, t in (("top_k", top_k), ("top_p", top_p)):
+            if t is not None:
+                V.fail(name, "not applied to probabilities (target_is_probs=True): filter the rows before "
+                       "normalising them, or pass logits")
     if draft_probs is not None:
         V.check_tensor("draft_probs", draft_probs, 2, (torch.float32,), dev)
         if tuple(draft_probs.shape) != (N, Vv):
@@ -50,9 +64,25 @@ def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
 
 
 def _check_values(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                  uniforms, max_depth) -> None:
+                  uniforms, max_depth, bonus_token_ids=None, target_is_probs=False) -> None:
     V.check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
-    if target_logits.numel():
+    if bonus_token_ids is not None and bonus_token_ids.numel():
+        Vv = target_logits.shape[1]
+        if bool(((bonus_token_ids < 0) | (bonus_token_ids >= Vv)).any()):
+            V.fail("bonus_token_ids", f"token ids must lie in [0, V) = [0, {Vv}), got {bonus_token_ids.tolist()[:8]}")
+    if target_is_probs:
+        if target_logits.numel():
+            if not bool(torch.isfinite(target_logits).all()):
+                V.fail("target_logits", "contains NaN or inf (target_is_probs=True: probabilities)")
+            if bool((target_logits < 0).any()):
+                V.fail("target_logits", "contains negative probabilities (target_is_probs=True)")
+            zero = target_logits.sum(dim=1, dtype=torch.float64) <= 0
+            if bool(zero.any()):
+                V.fail("target_logits", f"row {int(zero.nonzero()[0, 0])} has no probability mass")
+        if temperature is not None and temperature.numel() and bool(((temperature != 0) & (temperature != 1)).any()):
+            V.fail("temperature", "with target_is_probs=True a request is greedy (0) or samples its row as given "
+                   f"(1), got {temperature.tolist()[:8]}")
+    elif target_logits.numel():
         if bool(torch.isnan(target_logits).any()):
             V.fail("target_logits", "contains NaN")
         if bool(torch.isposinf(target_logits).any()):
@@ -79,46 +109,48 @@ def _check_values(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
 
 
 def _kernel(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-            uniforms, seed, offset, max_depth):
+            uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     R = _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                      uniforms, seed, offset, max_depth)
+                      uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
     if _config.validation_enabled():
         _check_values(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                      uniforms, max_depth)
+                      uniforms, max_depth, bonus_token_ids, target_is_probs)
     if seed is not None and offset is None:
         offset = torch.zeros(R, dtype=torch.int64, device=seed.device)
     _, impl = _registry.resolve(OP, target_logits.device)
     return impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                uniforms, seed, offset, max_depth)
+                uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
 
 
 def _fake(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-          uniforms, seed, offset, max_depth):
+          uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     R = _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                      uniforms, seed, offset, max_depth)
+                      uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
     return _outputs(R, max_depth, target_logits.device)
 
 
 define_op("rejection_sample(Tensor target_logits, Tensor draft_token_ids, Tensor cu_num_draft, Tensor? parents, "
           "Tensor? draft_probs, Tensor? temperature, Tensor? top_k, Tensor? top_p, Tensor? uniforms, "
-          "Tensor? seed, Tensor? offset, SymInt max_depth) -> (Tensor, Tensor, Tensor)", _kernel, _fake, cpu_twin=True)
+          "Tensor? seed, Tensor? offset, SymInt max_depth, Tensor? bonus_token_ids=None, bool target_is_probs=False) "
+          "-> (Tensor, Tensor, Tensor)", _kernel, _fake, cpu_twin=True)
 
 
 # ---- backends --------------------------------------------------------------------------------------
 
 @_registry.register(OP, "torch")
 def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                uniforms, seed, offset, max_depth):
+                uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     if not _config.validation_enabled():  # (with validation on, _kernel has checked them)
         V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents)
     if uniforms is None:
         uniforms = reference.coins_from_seed(cu_num_draft, seed, offset)
     return reference.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs,
-                                      temperature, top_k, top_p, uniforms, max_depth)
+                                      temperature, top_k, top_p, uniforms, max_depth, bonus_token_ids,
+                                      target_is_probs)
 
 
 def cpp_call(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-             uniforms, seed, offset, max_depth):
+             uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     """``(args, outputs, keep)``: the arguments of ``_C.rejection_sample`` for these inputs and the output
     tensors it writes. The extension takes raw pointers, so every tensor it reads must be contiguous; ``keep``
     holds the contiguous copies, if any, and must stay alive until the call returns. (The op's cpp backend
@@ -127,21 +159,24 @@ def cpp_call(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs,
         target_logits = target_logits.contiguous()
     t = [x if x is None or x.is_contiguous() else x.contiguous()
          for x in (draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
-                   offset)]
+                   offset, bonus_token_ids)]
     R = cu_num_draft.shape[0] - 1
     outs = _outputs(R, max_depth, target_logits.device)
+    bonus = t.pop()
     args = (target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
             target_logits.shape[1], t[0].data_ptr(), _cpp.INT_CODES[t[0].dtype],
             *[0 if x is None else x.data_ptr() for x in t[1:]],
-            R, t[0].shape[0], max_depth, *[o.data_ptr() for o in outs], _cpp.num_threads())
-    return args, outs, (target_logits, t)
+            R, t[0].shape[0], max_depth, *[o.data_ptr() for o in outs],
+            0 if bonus is None else bonus.data_ptr(), 0 if bonus is None else _cpp.INT_CODES[bonus.dtype],
+            int(bool(target_is_probs)), _cpp.num_threads())
+    return args, outs, (target_logits, t, bonus)
 
 
 @_registry.register(OP, "cpp")
 def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-              uniforms, seed, offset, max_depth):
+              uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     args, outs, keep = cpp_call(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature,
-                                top_k, top_p, uniforms, seed, offset, max_depth)
+                                top_k, top_p, uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
     if outs[1].shape[0] > 0:  # R > 0
         _cpp.load().rejection_sample(*args)
     return outs
@@ -149,20 +184,21 @@ def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs
 
 @_registry.register(OP, "triton")
 def _triton_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                 uniforms, seed, offset, max_depth):
+                 uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     from spdkernels.triton_kernels import rejection_sample as k
 
     return k.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature,
-                              top_k, top_p, uniforms, seed, offset, max_depth)
+                              top_k, top_p, uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
 
 
 @_registry.register(OP, "nki")
 def _nki_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-              uniforms, seed, offset, max_depth):
+              uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     from spdkernels.nki_kernels import _launch
 
     return _launch.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs,
-                                    temperature, top_k, top_p, uniforms, seed, offset, max_depth)
+                                    temperature, top_k, top_p, uniforms, seed, offset, max_depth, bonus_token_ids,
+                                    target_is_probs)
 
 
 # ---- public wrapper --------------------------------------------------------------------------------
@@ -181,6 +217,8 @@ def rejection_sample(
     seed: Optional[torch.Tensor] = None,
     offset: Optional[torch.Tensor] = None,
     max_depth: Optional[int] = None,
+    bonus_token_ids: Optional[torch.Tensor] = None,
+    target_is_probs: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lossless speculative sampling: emitted tokens are distributed exactly as if the target model had
     sampled them one at a time (Leviathan et al. 2023, Chen et al. 2023; SpecInfer's multi-step
@@ -212,6 +250,15 @@ def rejection_sample(
             (node index, stream, offset); a request's coins never depend on the rest of the batch, and
             no host sync is needed. ``offset`` defaults to zeros.
             With neither ``uniforms`` nor ``seed``, seeds are drawn from torch's default generator.
+        bonus_token_ids: int32/int64 ``[R]``, chains only (``parents=None``): the tokens that follow each
+            request's last draft, sampled by the caller (vLLM's layout). ``target_logits`` then has ``N`` rows,
+            row ``cu_num_draft[r] + i`` verifying draft ``i`` of request ``r``, and no row after a request's last
+            draft: a request that accepts all its drafts emits its bonus token there (one without drafts emits
+            it at once). Coins and outputs as without it.
+        target_is_probs: ``target_logits`` holds probabilities (>= 0, each row with positive mass; a row's
+            distribution is the row divided by its sum), as FlashInfer and sgl-kernel take them: no exponential
+            and no temperature are applied. A request with ``temperature`` 0 is greedy (the argmax of its rows);
+            any other temperature must be 1 (checked with validation on). ``top_k`` / ``top_p`` must be None.
 
     Returns:
         ``(output_token_ids [R, max_depth + 1], num_emitted [R], accepted_path [R, max_depth])``,
@@ -230,9 +277,11 @@ def rejection_sample(
         >>> out.tolist(), num.tolist()  # p(2) = 0.9997 >= 0.5: accepted; then the median token of row 1
         ([[2, 0]], [2])
     """
+    if not isinstance(target_is_probs, bool):
+        V.fail("target_is_probs", f"expected a bool, got {type(target_is_probs).__name__}")
     if max_depth is None or (uniforms is None and seed is None):  # these read the batch: check it first
         V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents,
-                                   0 if max_depth is None else max_depth)
+                                   0 if max_depth is None else max_depth, bonus_rows=bonus_token_ids is not None)
         if max_depth is None:
             max_depth = V.tree_max_depth(cu_num_draft, parents)
         if uniforms is None and seed is None:
@@ -241,5 +290,6 @@ def rejection_sample(
     # a non-tensor argument or a bad max_depth: a ValueError naming it, not the schema's error
     return call_draft_op(torch.ops.spdkernels.rejection_sample.default,
                          (target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k,
-                          top_p, uniforms, seed, offset, max_depth),
-                         target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+                          top_p, uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs),
+                         target_logits, draft_token_ids, cu_num_draft, parents, max_depth,
+                         bonus_rows=bonus_token_ids is not None)

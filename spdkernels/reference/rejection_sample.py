@@ -82,6 +82,17 @@ def target_weights(x: torch.Tensor, temperature: float, top_k: int, top_p: float
     return torch.where(kept(x, w, top_k, top_p), w, torch.zeros_like(w))
 
 
+def probs_weights(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The weights of a probability row (``target_is_probs``): the row itself in fp32, or the one-hot of its
+    argmax (lowest id on ties) for a greedy request."""
+    x = x.float()
+    if temperature == 0:
+        w = torch.zeros(x.shape[0])
+        w[int(x.argmax())] = 1.0
+        return w
+    return x.clone()
+
+
 def temperature_weights(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """exp((x - max x) / T) in fp32, before top-k / top-p."""
     return torch.exp((x - x.max()) / torch.tensor(temperature, dtype=torch.float32))
@@ -132,10 +143,18 @@ def rejection_sample(
     top_p: Optional[torch.Tensor],
     uniforms: torch.Tensor,
     max_depth: int,
+    bonus_token_ids: Optional[torch.Tensor] = None,
+    target_is_probs: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference walk with explicit ``uniforms [N + R]`` (see :func:`coins_from_seed`)."""
+    """Reference walk with explicit ``uniforms [N + R]`` (see :func:`coins_from_seed`).
+
+    ``target_is_probs``: the rows hold probabilities (a row's distribution is the row divided by its sum;
+    temperature 0 still means greedy, any other temperature is not applied). ``bonus_token_ids [R]`` (chains
+    only): the rows are ``[N, V]`` without the row after each chain's last draft; a request that accepts all
+    its drafts emits its bonus token there (a request without drafts emits it at once)."""
     device = target_logits.device
     R = cu_num_draft.shape[0] - 1
+    bonus = bonus_token_ids.tolist() if bonus_token_ids is not None else None
     N = draft_token_ids.shape[0]
     cu = cu_num_draft.tolist()
     tokens = draft_token_ids.tolist()
@@ -152,19 +171,26 @@ def rejection_sample(
     path = torch.full((R, max_depth), -1, dtype=torch.int32)
     num = torch.zeros(R, dtype=torch.int32)
     for r in range(R):
-        if temps[r] == 0:  # greedy requests: exactly verify_greedy
+        if temps[r] == 0 and bonus is None and not target_is_probs:  # greedy requests: exactly verify_greedy
             if greedy is None:
                 greedy = _verify_greedy(logits, draft_token_ids.cpu(), cu_num_draft.cpu(),
                                         parents.cpu() if parents is not None else None, max_depth)
             out[r], num[r], path[r] = greedy[0][r], greedy[1][r], greedy[2][r]
             continue
         start, k = cu[r], cu[r + 1] - cu[r]
-        row0 = start + r
+        row0 = start if bonus is not None else start + r
+        if bonus is not None and k == 0:  # no verification row: the bonus token
+            out[r, 0], num[r] = bonus[r], 1
+            continue
         local_par = par[start:start + k] if par is not None else None
         T_r, k_r, p_r = temps[r], ks[r], ps[r]
-        dist = lambda row, T_r=T_r, k_r=k_r, p_r=p_r: target_weights(logits[row], T_r, k_r, p_r)  # noqa: E731
+        if target_is_probs:  # the row is the distribution (a greedy request: the one-hot of its argmax)
+            T_r = 0.0 if T_r == 0 else 1.0
+            dist = lambda row, T_r=T_r: probs_weights(logits[row], T_r)  # noqa: E731
+        else:  # (greedy rows give the one-hot of the argmax, so the walk below is verify_greedy's)
+            dist = lambda row, T_r=T_r, k_r=k_r, p_r=p_r: target_weights(logits[row], T_r, k_r, p_r)  # noqa: E731
         p = normalise(dist(row0))
-        node, depth = -1, 0
+        node, depth, emitted_bonus = -1, 0, False
         while depth < max_depth:
             accepted = None
             for c in children_of(local_par, k, node):
@@ -187,7 +213,10 @@ def rejection_sample(
             path[r, depth] = accepted
             depth += 1
             node = accepted
+            if bonus is not None and node == k - 1:  # the chain's last draft: no row after it
+                emitted_bonus = True
+                break
             p = normalise(dist(row0 + 1 + node))
-        out[r, depth] = sample_inverse_cdf(p, u[N + r])
+        out[r, depth] = bonus[r] if emitted_bonus else sample_inverse_cdf(p, u[N + r])
         num[r] = depth + 1
     return out.to(device), num.to(device), path.to(device)
