@@ -817,12 +817,17 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
   std::vector<float>& w = s.w;
   LazyRow& lz = s.lazy;
   bool lazy = false;
+  // Probability rows are used as given (mass 1): p(t) is read from the row itself (`direct`), so an accepted
+  // row costs one load. The first rejection at a row, or the final draw, materialises it: its values as fp32
+  // weights, normalised from then on as the reference does (a residual by its own sum).
+  bool direct = false;
+  const void* drow = nullptr;
   double M = 0.0;
   auto load_row = [&](int64_t row) {
     lazy = !filtered && !P.probs;
-    if (P.probs) {  // the row is the distribution: its values as fp32 weights, their sum the mass
-      load_max(row_ptr(P, row), V, P.code, w.data());
-      M = block_sum(w.data(), V);
+    direct = P.probs;
+    if (direct) {
+      drow = row_ptr(P, row);
     } else if (lazy) {
       lz.init(row_ptr(P, row), P.code, V, T);
     } else {
@@ -842,10 +847,23 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
       const int64_t t = load_index(P.draft_ids, P.tok_code, start + c);
       const float* q = P.draft_probs ? P.draft_probs + (start + c) * V : nullptr;
       const float qt = q ? q[t] : 1.0f;
-      const float wt = lazy ? lz.weight(t) : w[t];
-      const float M32 = static_cast<float>(lazy ? lz.M : M);
+      const float wt = direct ? load_f(drow, t, P.code) : lazy ? lz.weight(t) : w[t];
+      const float M32 = direct ? 1.0f : static_cast<float>(lazy ? lz.M : M);
       const float pt = wt / M32;
       if (pt > 0.0f && coin(c) * qt <= pt) { accepted = c; break; }
+      if (direct) {  // the row as fp32 weights with mass 1 (p unchanged)
+        load_max(drow, V, P.code, w.data());
+        direct = false;
+        M = 1.0;
+        if (!q) {  // point mass: p without token t, normalised by what is left; kept as given if nothing is
+          const double S = block_sum(w.data(), V);
+          if (S - w[t] > 0.0) {
+            M = S - w[t];
+            w[t] = 0.0f;
+          }
+          continue;
+        }
+      }
       if (q) {  // residual max(0, p - q), renormalised; kept as is if it has no mass
         if (lazy) {
           lz.materialise(w.data());
@@ -876,6 +894,10 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
     load_row(row0 + 1 + node);
   }
   const float u = P.uniforms ? P.uniforms[P.N + r] : philox_uniform(P.seed[r], P.offset[r], 0, 1);
+  if (direct) {  // inverse CDF against the row's actual sum
+    load_max(drow, V, P.code, w.data());
+    M = block_sum(w.data(), V);
+  }
   out[depth] = lazy ? lz.sample(u) : sample_inverse_cdf(w, V, M, u);
   P.num[r] = static_cast<int32_t>(depth + 1);
   for (int64_t d = depth + 1; d <= P.max_depth; ++d) out[d] = -1;

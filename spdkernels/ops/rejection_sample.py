@@ -18,6 +18,8 @@ from spdkernels.ops._common import call_draft_op
 from spdkernels.ops._common import verify_outputs as _outputs
 
 OP = "rejection_sample"
+# How far from 1 a probability row's sum may be (validation on): rounding of fp32 / bf16 / fp16 softmax outputs
+PROBS_SUM_TOLERANCE = 1e-2
 
 
 def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
@@ -76,9 +78,12 @@ def _check_values(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
                 V.fail("target_logits", "contains NaN or inf (target_is_probs=True: probabilities)")
             if bool((target_logits < 0).any()):
                 V.fail("target_logits", "contains negative probabilities (target_is_probs=True)")
-            zero = target_logits.sum(dim=1, dtype=torch.float64) <= 0
-            if bool(zero.any()):
-                V.fail("target_logits", f"row {int(zero.nonzero()[0, 0])} has no probability mass")
+            sums = target_logits.sum(dim=1, dtype=torch.float64)
+            off = (sums - 1).abs() > PROBS_SUM_TOLERANCE
+            if bool(off.any()):
+                i = int(off.nonzero()[0, 0])
+                V.fail("target_logits", f"row {i} sums to {float(sums[i]):.6g}: probability rows are used as given "
+                       f"and must sum to 1 (within {PROBS_SUM_TOLERANCE}; target_is_probs=True)")
         if temperature is not None and temperature.numel() and bool(((temperature != 0) & (temperature != 1)).any()):
             V.fail("temperature", "with target_is_probs=True a request is greedy (0) or samples its row as given "
                    f"(1), got {temperature.tolist()[:8]}")
@@ -255,9 +260,10 @@ def rejection_sample(
             row ``cu_num_draft[r] + i`` verifying draft ``i`` of request ``r``, and no row after a request's last
             draft: a request that accepts all its drafts emits its bonus token there (one without drafts emits
             it at once). Coins and outputs as without it.
-        target_is_probs: ``target_logits`` holds probabilities (>= 0, each row with positive mass; a row's
-            distribution is the row divided by its sum), as FlashInfer and sgl-kernel take them: no exponential
-            and no temperature are applied. A request with ``temperature`` 0 is greedy (the argmax of its rows);
+        target_is_probs: ``target_logits`` holds probabilities, as vLLM, FlashInfer and sgl-kernel hand them
+            over: each row sums to 1 (checked to 1e-2 with validation on) and is used as given, ``p(t)`` being
+            the row's entry, so an accepted row costs one read (a residual after a rejection is normalised by its
+            own sum; the final token is drawn against the row's actual sum). No exponential, no temperature. A request with ``temperature`` 0 is greedy (the argmax of its rows);
             any other temperature must be 1 (checked with validation on). ``top_k`` / ``top_p`` must be None.
 
     Returns:

@@ -148,8 +148,9 @@ def rejection_sample(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference walk with explicit ``uniforms [N + R]`` (see :func:`coins_from_seed`).
 
-    ``target_is_probs``: the rows hold probabilities (a row's distribution is the row divided by its sum;
-    temperature 0 still means greedy, any other temperature is not applied). ``bonus_token_ids [R]`` (chains
+    ``target_is_probs``: the rows hold probabilities, used as given (p(t) is the row's entry: rows are expected
+    to sum to 1; a residual after a rejection is normalised by its own sum, and the final token is drawn by inverse
+    CDF against the actual sum); temperature 0 still means greedy, any other temperature is not applied. ``bonus_token_ids [R]`` (chains
     only): the rows are ``[N, V]`` without the row after each chain's last draft; a request that accepts all
     its drafts emits its bonus token there (a request without drafts emits it at once)."""
     device = target_logits.device
@@ -189,7 +190,9 @@ def rejection_sample(
             dist = lambda row, T_r=T_r: probs_weights(logits[row], T_r)  # noqa: E731
         else:  # (greedy rows give the one-hot of the argmax, so the walk below is verify_greedy's)
             dist = lambda row, T_r=T_r, k_r=k_r, p_r=p_r: target_weights(logits[row], T_r, k_r, p_r)  # noqa: E731
-        p = normalise(dist(row0))
+        # a probability row is used as given (mass 1, as the serving stacks use theirs): no pass over an accepted row
+        load = dist if target_is_probs else (lambda row: normalise(dist(row)))
+        p = load(row0)
         node, depth, emitted_bonus = -1, 0, False
         while depth < max_depth:
             accepted = None
@@ -216,7 +219,7 @@ def rejection_sample(
             if bonus is not None and node == k - 1:  # the chain's last draft: no row after it
                 emitted_bonus = True
                 break
-            p = normalise(dist(row0 + 1 + node))
+            p = load(row0 + 1 + node)
         out[r, depth] = bonus[r] if emitted_bonus else sample_inverse_cdf(p, u[N + r])
         num[r] = depth + 1
     return out.to(device), num.to(device), path.to(device)
