@@ -16,11 +16,12 @@ I32 = torch.int32
 
 
 def flashinfer_semantics(dp, tokens, tp, gen):
-    """FlashInfer's kernel, written as a loop; coins drawn in the adapter's documented order from ``gen``."""
+    """FlashInfer's kernel, written as a loop; coins drawn in the adapter's documented order from ``gen`` (one per
+    draft, request-major, and one final coin per request, in (0, 1); then one per draft for the recount)."""
     B, n, V = dp.shape
-    u = 1.0 - torch.rand((B, n), generator=gen)
+    coins = torch.rand(B * n + B, generator=gen).clamp(min=torch.finfo(torch.float32).tiny, max=1 - 2**-24)
+    u, uf = coins[:B * n].reshape(B, n), coins[B * n:]
     u2 = 1.0 - torch.rand((B, n), generator=gen)
-    uf = 1.0 - torch.rand((B,), generator=gen)
     out = torch.full((B, n + 1), -1, dtype=I32)
     acc, emitted = torch.zeros(B, dtype=I32), torch.zeros(B, dtype=I32)
     for b in range(B):
@@ -122,11 +123,20 @@ def test_emitted_tokens_follow_the_target():
     assert chi2_pvalue(first_tokens(4000, seed=2), P0.double().numpy()) > 1e-4
 
 
-def test_distribution_test_catches_a_wrong_correction(monkeypatch):
-    """Planted bug: draw the correction from the target row instead of relu(target - draft) (the draft
-    distribution dropped on the way to the op). The same test must reject it."""
+@pytest.mark.parametrize("bug", ["probabilities-read-as-logits", "wrong-draft-distribution"])
+def test_distribution_test_catches_a_wrong_adapter(monkeypatch, bug):
+    """Planted bugs on the way to the op: the probability rows read as logits (``target_is_probs`` forgotten), or
+    the accept test and residual against the wrong draft distribution (uniform rows instead of ``draft_probs``).
+    The same test must reject both."""
     real = spdkernels.rejection_sample
-    monkeypatch.setattr(spdkernels, "rejection_sample", lambda *a, draft_probs=None, **kw: real(*a, **kw))
+
+    def buggy(*a, draft_probs=None, target_is_probs=False, **kw):
+        if bug == "probabilities-read-as-logits":
+            return real(*a, draft_probs=draft_probs, **kw)
+        return real(*a, draft_probs=torch.full_like(draft_probs, 1.0 / draft_probs.shape[1]),
+                    target_is_probs=target_is_probs, **kw)
+
+    monkeypatch.setattr(spdkernels, "rejection_sample", buggy)
     assert chi2_pvalue(first_tokens(4000, seed=2), P0.double().numpy()) < 1e-6
 
 

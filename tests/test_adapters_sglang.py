@@ -8,6 +8,7 @@ import torch
 from conftest import backends_here, use_backend
 from scipy.stats import chisquare
 
+import spdkernels
 from spdkernels import tree
 from spdkernels.adapters import sglang as asg
 from spdkernels.testing import depths, random_parents
@@ -241,6 +242,14 @@ def test_distribution_test_catches_a_wrong_sibling_rule(monkeypatch):
     """Planted bug: compare each sibling's coin with its own probability instead of the running sum over the
     siblings tried so far. The same test must reject it."""
     monkeypatch.setattr(asg, "_sibling_running_sums", lambda p_child, par_q, ns: p_child)
+    assert chi2_pvalue(first_tokens(4000, seed=3), P0.double().numpy()) < 1e-6
+
+
+def test_distribution_test_catches_a_final_draw_keeping_tried_tokens(monkeypatch):
+    """Planted bug: the final draw removes only the first of the children tried at the last node (the op handed no
+    draft rows, so its one node is a point mass). The same test must reject it."""
+    real = spdkernels.rejection_sample
+    monkeypatch.setattr(spdkernels, "rejection_sample", lambda *a, draft_probs=None, **kw: real(*a, **kw))
     assert chi2_pvalue(first_tokens(4000, seed=3), P0.double().numpy()) < 1e-6
 
 

@@ -223,9 +223,8 @@ P0 = torch.softmax(P0_LOGITS, -1).double().numpy()
 @pytest.mark.parametrize("with_q,k", [(True, 2), (True, 1), (False, 2), (False, 1)],
                          ids=["draft-probs", "draft-probs-k1", "ngram", "ngram-k1"])
 def test_emitted_tokens_follow_the_target(with_q, k):
-    """Lossless: the first emitted token is distributed as softmax(target row 0), whatever the drafter, on both
-    of the adapter's paths (the op walks all drafts but the last; the last is settled by vLLM's test and a
-    residual sample with draft probabilities, by the op's sample of its row for n-gram drafts)."""
+    """Lossless: the first emitted token is distributed as softmax(target row 0), whatever the drafter, with and
+    without draft probabilities, for one draft and for two."""
     assert chi2_pvalue(first_tokens(4000, seed=1, with_q=with_q, k=k), P0) > 1e-4
 
 
@@ -238,16 +237,18 @@ def test_distribution_test_catches_an_off_by_one_draft_row(monkeypatch):
     assert chi2_pvalue(first_tokens(4000, seed=1, with_q=True, k=3), P0) < 1e-6
 
 
-def test_distribution_test_catches_a_residual_without_the_draft(monkeypatch):
-    """Planted bug on the last draft (k = 1): the correction drawn from p instead of max(p - q, 0)."""
-    real = av._sample_residual
-    monkeypatch.setattr(av, "_sample_residual", lambda p, q: real(p, torch.zeros_like(q)))
+def test_distribution_test_catches_a_wrong_draft_distribution(monkeypatch):
+    """Planted bug (k = 1): the op handed uniform rows instead of the drafter's q (accept test and residual against
+    the wrong distribution)."""
+    real = spdkernels.rejection_sample
+    monkeypatch.setattr(spdkernels, "rejection_sample", lambda *a, draft_probs=None, **kw: real(
+        *a, draft_probs=torch.full_like(draft_probs, 1.0 / draft_probs.shape[1]), **kw))
     assert chi2_pvalue(first_tokens(4000, seed=1, with_q=True, k=1), P0) < 1e-6
 
 
 def test_distribution_test_catches_a_fixed_final_coin(monkeypatch):
     """Planted bug on the n-gram path: the op's final coin left at a constant instead of drawn per call (the
-    last draft's sample, hence both its acceptance and the correction, become deterministic)."""
+    correction after a rejected draft becomes deterministic)."""
     real = spdkernels.rejection_sample
 
     def fixed(*a, uniforms=None, **kw):

@@ -2,28 +2,27 @@
 
 FlashInfer's layout is the dense batch of chains with ``n`` drafts per request: ``draft_probs [B, n, V]``,
 ``draft_token_ids [B, n]``, ``target_probs [B, n + 1, V]`` (its row ``i`` verifies draft ``i``, row ``n`` is the
-bonus row). The accept decisions are made here, in FlashInfer's fp32 arithmetic; the op then draws the token
-at the first rejection (from ``relu(target - draft)`` of that row, the rejected draft being its one node,
-forced to be rejected) or the bonus token: only those rows are converted to logits (``log``), one per request.
+bonus row). That is the op's own layout (``N + R`` rows, chains), read in place with ``target_is_probs=True``:
+the adapter reshapes, draws the coins and updates the counters; the op walks every chain, reads the probability
+of each draft from its row as given, and draws the correction or the bonus token.
 
-**FlashInfer's rules, reproduced:** draft ``i`` is accepted iff ``u * draft_prob(t) < target_prob(t)``
-(strict ``<``, fp32 product) with a coin ``u`` in (0, 1]; the first rejection stops the chain and the token at
-that position is drawn from ``relu(target - draft)`` of its row (the bonus row, with no draft, after ``n``
-acceptances) by inverse CDF (the first id whose running sum exceeds ``u * sum``); the rest of the row is
-``-1``. ``maybe_output_emitted_draft_token_num`` is incremented by the number of drafts emitted (accepted
-before the first rejection) and ``maybe_output_accepted_token_num`` by the number of drafts that pass the
-test *independently* (every position tested, those after the first rejection with fresh coins); both are
+**FlashInfer's rules, reproduced:** draft ``i`` is accepted iff ``u * draft_prob(t) < target_prob(t)`` with a
+coin ``u``; the first rejection stops the chain and the token at that position is drawn from
+``relu(target - draft)`` of its row (the bonus row, with no draft, after ``n`` acceptances) by inverse CDF (the
+first id whose running sum exceeds ``u * sum``); the rest of the row is ``-1``.
+``maybe_output_emitted_draft_token_num`` is incremented by the number of drafts emitted (accepted before the
+first rejection) and ``maybe_output_accepted_token_num`` by the number of drafts that pass the test
+*independently* (every position tested; those after the first rejection with coins of their own); both are
 accumulated with ``+=`` into the caller's tensors, which are also returned.
 
-**What differs** (``docs/adapters.md``): the op draws the correction from its own softmax of
-``log(target_probs)`` (a row that does not sum to exactly 1 is renormalised, and the running sums are
-computed in a different order, so a coin within ~1e-7 of a CDF step can pick the neighbouring token). The
-random stream is not curand's: coins come from ``generator``, or a ``torch.Generator`` seeded with
-``(seed, offset)``, or torch's default generator. A decision "reject" for a draft whose target probability
-is within one fp32 ulp of its draft probability (possible only for a coin within 2^-24 of 1) cannot be
-forced: that draft is then emitted at its position (the row still ends there). A zero-mass correction
-distribution (``target == draft`` at the rejected row, again only for such a coin) gives FlashInfer's
-undefined fallback; the op samples from the target row.
+**What differs** (``docs/adapters.md``): the accept test is the op's ``u * q(t) <= p(t)`` with ``u`` in (0, 1)
+(FlashInfer: ``<`` with ``u`` in (0, 1]; the two differ only when ``u * q(t)`` equals ``p(t)`` exactly). The
+random stream is not curand's: the coins are ``N + B`` fp32 uniforms (one per draft, request-major, then one
+final coin per request) and then ``B x n`` for the independent recount, drawn from ``generator``, or a
+``torch.Generator`` seeded with ``(seed, offset)``, or torch's default generator. The running sums of the draw
+are accumulated in a different order (a coin within ~1e-7 of a CDF step can pick the neighbouring token). A
+zero-mass correction distribution (``target == draft`` at the rejected row) is FlashInfer's undefined fallback;
+the op samples from the target row.
 ``deterministic`` has no effect (the op is deterministic).
 """
 
@@ -35,7 +34,7 @@ import torch
 
 import spdkernels
 
-from ._common import REJECT_COIN, check, fail, final_rows_logits, gather_rows, open_unit_fp32
+from ._common import check, fail, open_unit_fp32
 
 __all__ = ["chain_speculative_sampling"]
 
@@ -125,45 +124,38 @@ def chain_speculative_sampling(
         return torch.empty((0, n + 1), dtype=torch.int32, device=dev), acc_num, emitted_num
 
     gen = _generator(dev, generator, seed, offset)
-    u = _coins_in_0_1_closed_open((B, n), gen, dev)
-    u_recount = _coins_in_0_1_closed_open((B, n), gen, dev)
-    u_final = _coins_in_0_1_closed_open((B,), gen, dev)
-
-    t = draft_token_ids.long()
-    if n:
-        if bool(((t < 0) | (t >= V)).any()):
-            fail("draft_token_ids", f"token ids must be in [0, vocab_size) = [0, {V})")
-        p_draft = draft_probs.gather(2, t[..., None])[..., 0]
-        p_target = target_probs[:, :n].gather(2, t[..., None])[..., 0]
-        accept = u * p_draft < p_target  # FlashInfer: strict, fp32 product
-        idx = torch.arange(n, device=dev).expand(B, n)
-        pos = torch.where(accept, torch.full_like(idx, n), idx).amin(dim=1)  # first rejection, n if none
-        after = idx >= pos[:, None]
-        independent = pos + ((u_recount * p_draft < p_target) & after).sum(1)
-    else:
-        pos = torch.zeros(B, dtype=torch.long, device=dev)
-        independent = pos
-    acc_num += independent.to(acc_num.dtype)
-    emitted_num += pos.to(emitted_num.dtype)
-
-    # The accepted drafts are settled; what is left for the op is the draw of the token at ``pos``: from
-    # relu(target - draft) of that row when a draft was rejected there (the rejected draft is the op's only
-    # node, forced to be rejected), from the bonus row otherwise. Only those rows are converted to logits.
-    # One host sync (the positions).
-    pos_l = pos.tolist()
-    rejected = [b for b in range(B) if pos_l[b] < n]
-    leaves = [1 if pos_l[b] < n else 0 for b in range(B)]
-    finals = [b * (n + 1) + pos_l[b] for b in range(B)]
-    cu = torch.tensor([0] + leaves, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev)
-    nodes = torch.tensor([b * n + pos_l[b] for b in rejected], dtype=torch.long, device=dev)
-    uniforms = torch.cat([torch.full((len(rejected),), REJECT_COIN, dtype=torch.float32, device=dev),
-                          open_unit_fp32(u_final)])
-    sampled, _, _ = spdkernels.rejection_sample(
-        final_rows_logits(target_probs.reshape(B * (n + 1), V), finals, leaves),
-        draft_token_ids.reshape(B * n).index_select(0, nodes), cu,
-        draft_probs=gather_rows("q", draft_probs.reshape(B * n, V), nodes), uniforms=uniforms, max_depth=1)
-    out = torch.full((B, n + 1), -1, dtype=torch.int32, device=dev)
-    if n:
-        out[:, :n] = torch.where(idx < pos[:, None], draft_token_ids.to(torch.int32), out[:, :n])
-    out.scatter_(1, pos[:, None], sampled[:, :1])
+    N = B * n
+    # the op's coins: one per draft (request-major), then one final coin per request
+    coins = open_unit_fp32(torch.rand(N + B, generator=gen, device=dev))
+    out, num, _ = spdkernels.rejection_sample(
+        target_probs.reshape(N + B, V), draft_token_ids.reshape(N), _cu(B, n, dev),
+        draft_probs=draft_probs.reshape(N, V), uniforms=coins, max_depth=n, target_is_probs=True)
+    emitted = num - 1
+    emitted_num += emitted
+    if n:  # FlashInfer's accepted count: the drafts from the first rejection on tested again, independently
+        t = draft_token_ids.long()[..., None]
+        p_t = target_probs[:, :n].gather(2, t)[..., 0]
+        q_t = draft_probs.gather(2, t)[..., 0]
+        again = (_coins_in_0_1_closed_open((B, n), gen, dev) * q_t < p_t) & (_positions(n, dev) >= emitted[:, None])
+        acc_num += emitted + again.sum(1, dtype=emitted.dtype)
     return out, acc_num, emitted_num
+
+
+_CU: dict = {}
+
+
+def _cu(B: int, n: int, device) -> torch.Tensor:
+    """cu_num_draft of B chains of n drafts (cached: the adapter's layout is the op's)."""
+    key = ("cu", B, n, str(device))
+    t = _CU.get(key)
+    if t is None:
+        t = _CU[key] = torch.arange(B + 1, dtype=torch.int32, device=device) * n
+    return t
+
+
+def _positions(n: int, device) -> torch.Tensor:
+    key = ("pos", n, str(device))
+    t = _CU.get(key)
+    if t is None:
+        t = _CU[key] = torch.arange(n, dtype=torch.int32, device=device)[None]
+    return t

@@ -30,7 +30,7 @@ import torch
 
 import spdkernels
 
-from ._common import REJECT_COIN, check, check_shape, fail, final_rows_logits, gather_rows, open_unit_fp32
+from ._common import REJECT_COIN, check, check_shape, fail, gather_rows, open_unit_fp32, workspace
 
 __all__ = ["tree_speculative_sampling_target_only", "verify_tree_greedy"]
 
@@ -167,6 +167,18 @@ class _Batch:
         if self.to_orig is not None:
             q = torch.where(q > 0, self.to_orig.gather(1, q.clamp(min=0)), q)
         return torch.where(torch.cat([q[:, :1] >= 0, path >= 0], dim=1), q, torch.full_like(q, -1))
+
+
+_CU: dict = {}
+
+
+def _chain_cu(bs: int, device) -> torch.Tensor:
+    """cu_num_draft of ``bs`` requests of one node each (cached)."""
+    key = (bs, str(device))
+    t = _CU.get(key)
+    if t is None:
+        t = _CU[key] = torch.arange(bs + 1, dtype=torch.int32, device=device)
+    return t
 
 
 def _write(predicts, accept_index, accept_token_num, retrive_index, qpath, num, tokens):
@@ -313,11 +325,11 @@ def tree_speculative_sampling_target_only(
     ``uniform_samples_for_final_sampling[b]`` (first id whose running sum exceeds ``coin * sum``).
 
     The decisions are made here, in sgl-kernel's fp32 arithmetic (they need only the probabilities of the
-    drafted tokens), and give the accepted path; the op then draws the token after the path's last node, its
-    nodes being the children tried there, forced to be rejected, and its one row that node's
-    ``log(target_probs)`` (a row that does not sum to 1 is renormalised; a coin within ~1e-7 of a CDF step may
-    pick the neighbouring token). A tried child whose token holds all the remaining mass of that row (possible
-    only from fp32 rounding of ``S``) cannot be forced to be rejected: its token is then emitted.
+    drafted tokens), and give the accepted path; the op then draws the token after the path's last node from that
+    node's probability row, read as given (``target_is_probs``), without the tokens of the children tried there
+    (one forced rejection against their indicator row; a coin within ~1e-7 of a CDF step may pick the
+    neighbouring token). A tried child whose token holds all but 2^-24 of that row's mass (possible only from
+    fp32 rounding of ``S``) cannot be forced to be rejected: the token is then drawn from the whole row.
 
     Args:
         predicts, accept_index, accept_token_num: int32 outputs, in place (see the module docstring).
@@ -374,7 +386,7 @@ def tree_speculative_sampling_target_only(
     chosen = torch.full((bs, n), n, dtype=torch.long, device=dev)
     chosen.scatter_reduce_(1, tb.par_q.clamp(min=0), torch.where(accept & (tb.par_q >= 0), node, n), reduce="amin")
     chosen_l, nt_l, ns_l, cand_l = chosen.tolist(), nt.tolist(), ns.tolist(), candidates.tolist()
-    leaves, finals, leaf_tokens, qpaths, toks = [], [], [], [], []
+    tried_n, leaves_at, finals, leaf_tokens, leaf_req, qpaths, toks = [], [], [], [], [], [], []
     for b in range(bs):
         path = [0]
         while len(path) < num_spec and chosen_l[b][path[-1]] < n:
@@ -385,18 +397,33 @@ def tree_speculative_sampling_target_only(
             while c != -1:
                 tried.append(cand_l[b][c])
                 c = ns_l[b][c]
-        leaves.append(len(tried))
+        tried_n.append(len(tried))
+        leaves_at.append(len(path) - 1)
         leaf_tokens.extend(tried)
+        leaf_req.extend([b] * len(tried))
         finals.append(b * n + path[-1])
         qpaths.append(path + [-1] * (num_spec - len(path)))
         toks.append([cand_l[b][v] for v in path[1:]] + [-1] * (num_spec - len(path) + 1))
-    cu = torch.tensor([0] + leaves, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev)
-    uniforms = torch.cat([torch.full((len(leaf_tokens),), REJECT_COIN, dtype=torch.float32, device=dev),
-                          open_unit_fp32(uniform_samples_for_final_sampling)])
-    sampled, _, _ = spdkernels.rejection_sample(
-        final_rows_logits(target_probs.reshape(bs * n, V), finals, leaves),
-        torch.tensor(leaf_tokens, dtype=torch.int64, device=dev), cu,
-        parents=torch.full((len(leaf_tokens),), -1, dtype=torch.int32, device=dev), uniforms=uniforms, max_depth=1)
+    # The op's batch: one node per request, read as probability rows in place of a log: its row (the last path
+    # node's row, gathered) and, after it, the same row again. With children tried there the node is the first of
+    # them, its draft row the indicator of all of them and its coin REJECT_COIN: rejected, the residual is the row
+    # without those tokens. Without, its draft row is zero: accepted or not, the token drawn last is a sample of
+    # that row. Either way the draw is the request's last emitted token, with its final coin.
+    first_tried = [cand_l[b][nt_l[b][qpaths[b][leaves_at[b]]]] if tried_n[b] else 0 for b in range(bs)]
+    q = workspace("q", (bs, V), torch.float32, dev).zero_()
+    if leaf_tokens:
+        q[torch.tensor(leaf_req, dtype=torch.long, device=dev), torch.tensor(leaf_tokens, dtype=torch.long,
+                                                                             device=dev)] = 1.0
+    rows = gather_rows("rows", target_probs.reshape(bs * n, V),
+                       torch.tensor(finals, dtype=torch.long, device=dev).repeat_interleave(2))
+    coins = torch.empty(2 * bs, dtype=torch.float32, device=dev)
+    coins[:bs] = REJECT_COIN
+    coins[bs:] = uniform_samples_for_final_sampling
+    open_unit_fp32(coins)
+    o, num_op, _ = spdkernels.rejection_sample(
+        rows, torch.tensor(first_tried, dtype=torch.int64, device=dev), _chain_cu(bs, dev), draft_probs=q,
+        uniforms=coins, max_depth=1, target_is_probs=True)
+    sampled = o.gather(1, num_op.long()[:, None] - 1)
     qpath = torch.tensor(qpaths, dtype=torch.long, device=dev)
     a = (qpath[:, 1:] >= 0).sum(1)
     num = (a + 1).to(torch.int32)

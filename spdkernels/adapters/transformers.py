@@ -127,9 +127,11 @@ def verify_step(ids: torch.Tensor, drafts: List[int], rows: torch.Tensor, proces
     k = len(drafts)
     device = rows.device
     dt = torch.tensor(drafts, dtype=ids.dtype, device=device)
-    for i in range(k + 1):
-        prefix = torch.cat([ids, dt[None, :i]], dim=1) if i else ids
-        rows[i:i + 1] = processors(prefix, rows[i:i + 1])
+    if len(processors):  # row i sees the prefix ids + drafts[:i], as HF's assisted generation applies them
+        full = torch.cat([ids, dt[None]], dim=1)
+        L = ids.shape[1]
+        for i in range(k + 1):
+            rows[i:i + 1] = processors(full[:, :L + i], rows[i:i + 1])
     cu = torch.tensor([0, k], dtype=torch.int32, device=device)
     if do_sample:
         out, num, _ = spdkernels.rejection_sample(rows, dt, cu, draft_probs=q, max_depth=k)

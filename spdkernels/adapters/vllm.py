@@ -36,14 +36,12 @@ verifies it; no bonus rows), ``bonus_token_ids [B, 1]`` sampled outside, output
 **What differs** (see ``docs/adapters.md``): unseeded requests (no seed semantics to keep) get the op's own
 samples, distributed exactly as vLLM's but not the same tokens for the same default-generator state: the
 correction is drawn by inverse CDF from the same residual with a coin from the default generator (no
-``[B, V]`` noise is drawn), and, for n-gram drafts, the last draft of a request is settled by the op's
-sample of its row (accepted iff the sample equals it, which for a point-mass draft has vLLM's acceptance
-probability) so that the op can read vLLM's ``[N, V]`` rows without a copy. The acceptance walk runs in
-the op, which tests ``u * q(t) <= p(t)`` in fp32 with ``p`` from its own softmax (vLLM: ``p / q >= u``,
-``u`` float64), so a coin within ~1e-7 of the ratio can decide differently; a coin of exactly 0 (odds
-2^-53) accepts a zero-probability token in vLLM, not here. The positional 6th argument is
-``target_logits`` (current vLLM); the older ``target_probs=`` keyword is accepted and converted with
-``log`` (a full pass over the tensor).
+``[B, V]`` noise is drawn). The op reads vLLM's ``[N, V]`` rows in place (its ``bonus_token_ids`` layout) and
+tests ``u * q(t) <= p(t)`` in fp32 with ``p`` from its own softmax (vLLM: ``p / q >= u``, ``u`` float64), so a
+coin within ~1e-7 of the ratio can decide differently; a coin of exactly 0 (odds 2^-53) accepts a
+zero-probability token in vLLM, not here. The positional 6th argument is
+``target_logits`` (current vLLM); the older ``target_probs=`` keyword is accepted and read as probability rows
+(``target_is_probs``; converted with ``log`` only on the rare path with padded drafts).
 """
 
 from __future__ import annotations
@@ -302,6 +300,7 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     bonus = bonus_token_ids.reshape(B).to(torch.int32)
     out_shape = (B, max_spec_len + 1)
     all_greedy = bool(sampling_metadata.all_greedy)
+    all_random = bool(sampling_metadata.all_random) and not all_greedy  # no greedy request
     generators = sampling_metadata.generators if not all_greedy else {}
 
     # coins first, as vLLM does (its greedy kernel runs after they are drawn)
@@ -322,21 +321,25 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     tokens = draft_token_ids
     # seeded sampled requests emit exactly vLLM's tokens for their generator; the others get the op's own
     # (equally distributed) samples
-    exact = [r for r in generators if r < B]
-    if exact and not all_greedy:
+    exact = [r for r in generators if r < B and num_draft_tokens[r] > 0]
+    if exact and not all_random:
         exact = [r for r in exact if float(sampling_metadata.temperature[r]) != GREEDY_TEMPERATURE]
+    temperature = None if all_random else _op_temperature(greedy, B, device, all_greedy)
+    ctx = _Recovery(target_logits, target_probs, draft_probs, tokens, seeded_inv_q, noise_dtype, V)
+    # drafts vLLM rejects whatever the coin: padded ids, and q(t) == 0 for sampled requests (one host sync)
+    if draft_probs is not None and not all_greedy:
+        bad = draft_probs.gather(1, tokens.long().clamp(min=0)[:, None])[:, 0] <= 0
+        if not all_random:
+            bad &= ~_expand(greedy, num_draft_tokens)
+        bad |= tokens < 0
+        bad = bad if bool(bad.any()) else None
+    else:
+        bad = tokens < 0 if int(tokens.min()) < 0 else None
+    if bad is None:
+        return _bonus_path(target, probs_given, tokens, num_draft_tokens, draft_probs, uniform, temperature, exact,
+                           bonus, max_spec_len, ctx)
     logits = probs_to_logits(target) if probs_given else target
     temperature = torch.where(greedy, 0.0, 1.0).to(torch.float32)
-    ctx = _Recovery(target_logits, target_probs, draft_probs, tokens, seeded_inv_q, noise_dtype, V)
-    # drafts vLLM rejects whatever the coin: padded ids, and q(t) == 0 for sampled requests
-    bad = tokens < 0
-    if draft_probs is not None:
-        q_t = draft_probs.gather(1, tokens.long().clamp(min=0)[:, None])[:, 0]
-        bad = bad | ((q_t <= 0) & ~torch.repeat_interleave(
-            greedy, torch.tensor(num_draft_tokens, device=device), output_size=N))
-    if not bool(bad.any()):
-        return _zero_copy_path(logits, tokens, num_draft_tokens, draft_probs, uniform, greedy, exact, temperature,
-                               bonus, max_spec_len, ctx)
     k = torch.tensor(num_draft_tokens, dtype=torch.int64, device=device)
     starts = torch.cumsum(k, 0) - k
     req = torch.repeat_interleave(torch.arange(B, device=device), k, output_size=N)
@@ -348,6 +351,13 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     _gather_path(out, logits, tokens, draft_probs, k, starts, req, pos, bad, True, uniform, greedy, ex,
                  temperature, final_coins, bonus, max_spec_len, ctx)
     return out
+
+
+def _op_temperature(greedy: torch.Tensor, B: int, device, all_greedy: bool) -> torch.Tensor:
+    """The op's temperature: 0 for greedy requests, 1 for the others (vLLM's rows are already scaled)."""
+    if all_greedy:
+        return torch.zeros(B, dtype=torch.float32, device=device)
+    return (~greedy).to(torch.float32)
 
 
 class _Recovery:
@@ -375,104 +385,34 @@ class _Recovery:
         return _recover(res * inv_q, self.V).to(torch.int32)
 
 
-def _sample_residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """One token per row from ``normalise(max(p - q, 0))``, by inverse CDF with a coin from the default
-    generator (int32 ``[rows]``)."""
-    c = torch.clamp(p - q, min=0).double().cumsum(1)
-    u = torch.rand(c.shape[0], dtype=torch.float64, device=c.device) * c[:, -1]
-    return torch.searchsorted(c, u[:, None], right=True)[:, 0].clamp_(max=c.shape[1] - 1).to(torch.int32)
-
-
-def _zero_copy_path(logits, tokens, ks: List[int], draft_probs, uniform, greedy, exact: List[int], temperature,
-                    bonus, max_spec_len, recover) -> torch.Tensor:
-    """No padded draft: the op verifies all but the last draft of each request on vLLM's own ``[N, V]`` rows
-    (request r's ``k_r`` rows are exactly the op's ``(k_r - 1) + 1``: no copy), with vLLM's coins. The last
-    draft is then settled from its row:
-
-    * n-gram drafts and greedy requests: the op's final token ``x`` (a sample of that row, the argmax for a
-      greedy request) accepts the draft iff ``x`` equals it, and is the correction otherwise: for a point-mass
-      draft this is vLLM's accept rule in distribution (probability ``p(t)``), and ``x`` given ``x != t`` is
-      drawn from the row with the draft removed, as vLLM's recovery is;
-    * draft probabilities: vLLM's test ``p(t) / q(t) >= u`` with vLLM's coin, the correction drawn from
-      ``max(p - q, 0)`` by inverse CDF;
-    * seeded requests: vLLM's test and vLLM's recovery, exactly.
-
-    Index bookkeeping runs on host lists (``num_draft_tokens`` is a host list already)."""
+def _bonus_path(target, probs_given: bool, tokens, ks: List[int], draft_probs, uniform, temperature,
+                exact: List[int], bonus, max_spec_len: int, recover) -> torch.Tensor:
+    """No padded draft: the op verifies vLLM's own ``[N, V]`` rows in place (its ``bonus_token_ids`` layout: no
+    row after a request's last draft) with vLLM's coins and emits the bonus token after ``k_r`` acceptances;
+    probability rows (the older ``target_probs``) are read as given. Seeded requests then get vLLM's recovered
+    token at their first rejection."""
     dev = tokens.device
-    B = len(ks)
-    starts, s = [], 0
-    for kr in ks:
-        starts.append(s)
-        s += kr
-    ops = [r for r in range(B) if ks[r] > 0]
-    keep = [starts[r] + i for r in ops for i in range(ks[r] - 1)]
-    last = [starts[r] + ks[r] - 1 for r in ops]
+    B, N = len(ks), tokens.shape[0]
     cu = [0]
-    for r in ops:
-        cu.append(cu[-1] + ks[r] - 1)
-    keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
-    n_keep = len(keep)
-    coins = open_unit_fp32(torch.rand(n_keep + len(ops), device=dev))  # the final coins: fresh
-    if uniform is not None and n_keep:
-        coins[:n_keep] = open_unit_fp32(uniform.index_select(0, keep_t))
-    all_ops = len(ops) == B
-    ops_t = None if all_ops else torch.tensor(ops, dtype=torch.long, device=dev)
-    o, num, _ = spdkernels.rejection_sample(
-        logits, tokens.index_select(0, keep_t), torch.tensor(cu, dtype=torch.int32, device=dev),
-        draft_probs=None if draft_probs is None else gather_rows("q", draft_probs, keep_t),
-        temperature=temperature if all_ops else temperature.index_select(0, ops_t), uniforms=coins,
-        max_depth=max_spec_len)
-    kk = torch.tensor([ks[r] for r in ops], dtype=torch.long, device=dev)
-    last_t = torch.tensor(last, dtype=torch.long, device=dev)
-    j = torch.arange(len(ops), device=dev)
-    reached = num.long() == kk  # every draft but the last accepted
-    d_last = tokens.index_select(0, last_t).to(torch.int32)
-    bonus_ops = bonus if all_ops else bonus.index_select(0, ops_t)
-    if draft_probs is None:
-        accept_last = reached & (o[j, kk - 1] == d_last)
-    else:  # point-mass rule for greedy requests; vLLM's test for sampled ones
-        g_ops = greedy if all_ops else greedy.index_select(0, ops_t)
-        accept_last = reached & g_ops & (o[j, kk - 1] == d_last)
-        smp = (reached & ~g_ops).nonzero()[:, 0]
-        if smp.numel():
-            rows = last_t[smp]
-            p = recover.probs(rows)
-            q = draft_probs.index_select(0, rows)
-            t = d_last[smp].long()[:, None]
-            p_t, q_t = p.gather(1, t)[:, 0], q.gather(1, t)[:, 0]
-            ok = (q_t > 0) & ((p_t / q_t).double() >= uniform.index_select(0, rows))
-            accept_last[smp[ok]] = True
-            rej = smp[~ok]
-            if rej.numel():
-                o[rej, kk[rej] - 1] = _sample_residual(p[~ok], q[~ok])
-    o[j[accept_last], kk[accept_last]] = bonus_ops[accept_last]
-    o[j[accept_last], kk[accept_last] - 1] = d_last[accept_last]
-    if all_ops:
-        out = o
+    for kr in ks:
+        cu.append(cu[-1] + kr)
+    coins = torch.empty(N + B, dtype=torch.float32, device=dev)
+    if uniform is None:  # all greedy: the op reads no coin
+        coins.fill_(UNUSED_FINAL)
     else:
-        out = torch.full((B, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=dev)
-        out[ops_t] = o
-        out[[r for r in range(B) if ks[r] == 0], 0] = bonus[[r for r in range(B) if ks[r] == 0]]
-    for r in exact:  # vLLM's own decision and recovery, exactly
-        if ks[r] == 0:
-            continue
-        i = ops.index(r)
-        a = int(num[i]) - 1
-        kr = ks[r]
-        rej_pos = a
-        if a == kr - 1:
-            row = torch.tensor([last[i]], device=dev)
-            p_t = recover.probs(row)[0, int(tokens[last[i]])]
-            q_t = 1.0 if draft_probs is None else float(draft_probs[last[i], int(tokens[last[i]])])
-            if q_t > 0 and float((p_t / q_t).double()) >= float(uniform[last[i]]):
-                out[r, kr - 1] = int(tokens[last[i]])
-                out[r, kr] = bonus[r]
-                out[r, kr + 1:] = PLACEHOLDER_TOKEN_ID
-                continue
-            rej_pos = kr - 1
-        out[r, rej_pos:] = PLACEHOLDER_TOKEN_ID
-        rr = torch.tensor([r], device=dev)
-        out[r, rej_pos] = recover(rr, torch.tensor([starts[r] + rej_pos], device=dev))[0]
+        coins[:N] = uniform
+        coins[N:].uniform_()  # the final coins: fresh
+        open_unit_fp32(coins)
+    out, num, _ = spdkernels.rejection_sample(
+        target, tokens, torch.tensor(cu, dtype=torch.int32, device=dev), draft_probs=draft_probs,
+        temperature=temperature, uniforms=coins, max_depth=max_spec_len, bonus_token_ids=bonus,
+        target_is_probs=probs_given)
+    if exact:  # vLLM's own recovery, exactly, at the first rejection of each seeded request
+        nums = num[exact].tolist()
+        for r, m in zip(exact, nums):
+            pos = m - 1
+            if pos < ks[r]:
+                out[r, pos] = recover(torch.tensor([r], device=dev), torch.tensor([cu[r] + pos], device=dev))[0]
     return out
 
 
