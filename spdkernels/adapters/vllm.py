@@ -21,8 +21,9 @@ verifies it; no bonus rows), ``bonus_token_ids [B, 1]`` sampled outside, output
 
 **What is reproduced** (the tests re-express each rule):
 
-* coins: ``torch.rand(N, float64)`` on the device, then each seeded request's slice redrawn with
-  ``uniform_(generator=...)``, requests with no drafts skipped; no coin at all when ``all_greedy``;
+* coins of seeded requests: each one's slice drawn with ``uniform_(generator=...)`` in float64, as vLLM
+  redraws it (requests with no drafts skipped; no coin at all when ``all_greedy``), so its generator advances
+  exactly as in vLLM;
 * accept rule ``draft_prob > 0 and target_prob / draft_prob >= u``; a draft token id < 0 (padding) is
   rejected; greedy requests (``temperature == GREEDY_TEMPERATURE``) accept while the draft equals the
   argmax and emit the argmax at the first mismatch; the bonus token is ``bonus_token_ids`` when every draft
@@ -34,9 +35,9 @@ verifies it; no bonus rows), ``bonus_token_ids [B, 1]`` sampled outside, output
   ``draft_probs is None``.
 
 **What differs** (see ``docs/adapters.md``): unseeded requests (no seed semantics to keep) get the op's own
-samples, distributed exactly as vLLM's but not the same tokens for the same default-generator state: the
-correction is drawn by inverse CDF from the same residual with a coin from the default generator (no
-``[B, V]`` noise is drawn). The op reads vLLM's ``[N, V]`` rows in place (its ``bonus_token_ids`` layout) and
+samples, distributed exactly as vLLM's but not the same tokens for the same default-generator state: their coins
+are one fp32 draw of ``N + B`` from the default generator (vLLM: ``N`` float64), and the correction is drawn by
+inverse CDF from the same residual with the request's final coin (no ``[B, V]`` noise is drawn). The op reads vLLM's ``[N, V]`` rows in place (its ``bonus_token_ids`` layout) and
 tests ``u * q(t) <= p(t)`` in fp32 with ``p`` from its own softmax (vLLM: ``p / q >= u``, ``u`` float64), so a
 coin within ~1e-7 of the ratio can decide differently; a coin of exactly 0 (odds 2^-53) accepts a
 zero-probability token in vLLM, not here. The positional 6th argument is
@@ -160,6 +161,21 @@ def generate_uniform_probs(num_tokens: int, num_draft_tokens: List[int], generat
             u[start:start + n].uniform_(generator=gen)
         start += n
     return u
+
+
+def _coins(N: int, B: int, num_draft_tokens: List[int], generators: Dict[int, torch.Generator], device
+           ) -> torch.Tensor:
+    """fp32 ``[N + B]`` in (0, 1): the op's draft coins (each seeded request's slice drawn from its generator exactly
+    as :func:`generate_uniform_probs` draws it, the others from the default generator) and final coins."""
+    u = torch.rand((N + B,), dtype=torch.float32, device=device)
+    if generators:
+        start = 0
+        for r, n in enumerate(num_draft_tokens):
+            gen = generators.get(r)
+            if n and gen is not None:
+                u[start:start + n] = torch.empty(n, dtype=torch.float64, device=device).uniform_(generator=gen)
+            start += n
+    return open_unit_fp32(u)
 
 
 def _seeded_inv_q(num_draft_tokens: List[int], generators: Dict[int, torch.Generator], V: int, device,
@@ -297,16 +313,20 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     B, N, V = _check_args(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs, target,
                           "target_probs" if probs_given else "target_logits", bonus_token_ids)
     device = target.device
-    bonus = bonus_token_ids.reshape(B).to(torch.int32)
+    bonus = bonus_token_ids.reshape(B)
     out_shape = (B, max_spec_len + 1)
     all_greedy = bool(sampling_metadata.all_greedy)
     all_random = bool(sampling_metadata.all_random) and not all_greedy  # no greedy request
     generators = sampling_metadata.generators if not all_greedy else {}
 
-    # coins first, as vLLM does (its greedy kernel runs after they are drawn)
-    uniform = None if all_greedy else generate_uniform_probs(N, num_draft_tokens, generators, device)
+    # coins first, as vLLM does (its greedy kernel runs after they are drawn): the op's N + B fp32 coins in one
+    # draw, each seeded request's slice then redrawn from its generator as vLLM draws it (float64)
+    coins = None if all_greedy else _coins(N, B, num_draft_tokens, generators, device)
+    uniform = None if coins is None else coins[:N]
     if all_greedy:
         greedy = torch.ones(B, dtype=torch.bool, device=device)
+    elif all_random:
+        greedy = torch.zeros(B, dtype=torch.bool, device=device)
     else:
         greedy = sampling_metadata.temperature.to(device) == GREEDY_TEMPERATURE
     noise_dtype = torch.float64 if use_fp64_gumbel else torch.float32
@@ -336,7 +356,7 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     else:
         bad = tokens < 0 if int(tokens.min()) < 0 else None
     if bad is None:
-        return _bonus_path(target, probs_given, tokens, num_draft_tokens, draft_probs, uniform, temperature, exact,
+        return _bonus_path(target, probs_given, tokens, num_draft_tokens, draft_probs, coins, temperature, exact,
                            bonus, max_spec_len, ctx)
     logits = probs_to_logits(target) if probs_given else target
     temperature = torch.where(greedy, 0.0, 1.0).to(torch.float32)
@@ -385,7 +405,7 @@ class _Recovery:
         return _recover(res * inv_q, self.V).to(torch.int32)
 
 
-def _bonus_path(target, probs_given: bool, tokens, ks: List[int], draft_probs, uniform, temperature,
+def _bonus_path(target, probs_given: bool, tokens, ks: List[int], draft_probs, coins, temperature,
                 exact: List[int], bonus, max_spec_len: int, recover) -> torch.Tensor:
     """No padded draft: the op verifies vLLM's own ``[N, V]`` rows in place (its ``bonus_token_ids`` layout: no
     row after a request's last draft) with vLLM's coins and emits the bonus token after ``k_r`` acceptances;
@@ -396,13 +416,8 @@ def _bonus_path(target, probs_given: bool, tokens, ks: List[int], draft_probs, u
     cu = [0]
     for kr in ks:
         cu.append(cu[-1] + kr)
-    coins = torch.empty(N + B, dtype=torch.float32, device=dev)
-    if uniform is None:  # all greedy: the op reads no coin
-        coins.fill_(UNUSED_FINAL)
-    else:
-        coins[:N] = uniform
-        coins[N:].uniform_()  # the final coins: fresh
-        open_unit_fp32(coins)
+    if coins is None:  # all greedy: the op reads no coin
+        coins = torch.full((N + B,), UNUSED_FINAL, dtype=torch.float32, device=dev)
     out, num, _ = spdkernels.rejection_sample(
         target, tokens, torch.tensor(cu, dtype=torch.int32, device=dev), draft_probs=draft_probs,
         temperature=temperature, uniforms=coins, max_depth=max_spec_len, bonus_token_ids=bonus,
