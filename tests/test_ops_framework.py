@@ -32,6 +32,10 @@ def sample_inputs():
         cases.append((rs, (*b.args()[:4], q, None, torch.full((R,), 5, dtype=torch.int32, device=DEVICE),
                            torch.full((R,), 0.9, device=DEVICE), None, torch.arange(R, device=DEVICE),
                            torch.ones(R, dtype=torch.int64, device=DEVICE), b.max_depth)))
+        if not tree:  # probability rows with given bonus tokens (N rows: no row after a request's last draft)
+            probs = torch.softmax(b.target_logits[:N].float(), -1).to(b.target_logits.dtype)
+            cases.append((rs, (probs, *b.args()[1:4], None, None, None, None, None, torch.arange(R, device=DEVICE),
+                               None, b.max_depth, torch.full((R,), 3, device=DEVICE), True)))
     from test_tree_attention import make_batch
 
     ta = torch.ops.spdkernels.tree_attention.default
