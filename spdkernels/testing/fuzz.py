@@ -96,6 +96,15 @@ def cases(op: str, seed: int = 0, count: int = 20) -> Iterator[Case]:
             if j % 2:
                 q = torch.rand(draft.shape[0], V, generator=g)
                 kw["draft_probs"] = q / q.sum(-1, keepdim=True)
+            if parents is None and j % 3 == 2:
+                # vLLM's layout with bad probability rows too: one row per draft (no row after a request's last
+                # draft), NaN and negative entries, bonus tokens outside the vocabulary
+                N = draft.shape[0]
+                probs = torch.softmax(logits[:N], -1)
+                if N:
+                    probs[0, 0], probs[-1, -1] = float("nan"), -0.5
+                kw.update(target_logits=probs, target_is_probs=True,
+                          bonus_token_ids=torch.randint(-5, V + 5, (cu.shape[0] - 1,), generator=g))
         yield name, (lambda kw=kw: kw)
 
 
