@@ -56,6 +56,20 @@ def on_backend_device(t: torch.Tensor, backend: str) -> bool:
     return dev != "cpu" or backend.partition("@")[0] != "triton" or getattr(t, _PLACED, None) == dev
 
 
+def backend_generator(backend: str, seed: int) -> torch.Generator:
+    """A torch.Generator on the device of ``backend`` (a CUDA generator for Triton on a GPU machine), seeded."""
+    return torch.Generator(device=backend_device(backend)).manual_seed(seed)
+
+
+# the adapter test modules: every call of an adapter entry point with ``triton`` forced is device-checked like the
+# op calls below (the adapters create their own tensors on their inputs' device, so their inputs are what counts)
+ADAPTER_ENTRY_POINTS = {
+    "test_adapters_vllm": ("spdkernels.adapters.vllm", ("rejection_sample", "sample_recovered_tokens")),
+    "test_adapters_sglang": ("spdkernels.adapters.sglang", ("verify_tree_greedy",
+                                                             "tree_speculative_sampling_target_only")),
+    "test_adapters_flashinfer": ("spdkernels.adapters.flashinfer", ("chain_speculative_sampling",)),
+}
+
 # the op test modules whose calls of the public ops are checked (autouse fixture below)
 DEVICE_CHECKED_MODULES = {"test_rejection_sample", "test_verify_greedy", "test_tree_attention", "test_ops_framework",
                           "test_tree_utils"}
@@ -89,6 +103,29 @@ def _inputs_on_the_backend_device(request, monkeypatch):
     if request.module.__name__ in DEVICE_CHECKED_MODULES:
         for name in PUBLIC_OPS:
             monkeypatch.setattr(spdkernels, name, device_checked(name, getattr(spdkernels, name)))
+    if request.module.__name__ in ADAPTER_ENTRY_POINTS:
+        import importlib
+
+        mod_name, names = ADAPTER_ENTRY_POINTS[request.module.__name__]
+        mod = importlib.import_module(mod_name)
+        depth = [0]  # only the outermost adapter call is checked: inner calls get tensors the adapter derived
+
+        def outermost(name, fn):
+            checked = device_checked(name, fn)
+
+            def f(*a, **kw):
+                depth[0] += 1
+                try:
+                    return (checked if depth[0] == 1 else fn)(*a, **kw)
+                finally:
+                    depth[0] -= 1
+            return f
+
+        for name in names:
+            monkeypatch.setattr(mod, name, outermost(f"{mod_name}.{name}", getattr(mod, name)))
+        if hasattr(mod, "RejectionSampler"):
+            monkeypatch.setattr(mod.RejectionSampler, "forward",
+                                outermost("RejectionSampler.forward", mod.RejectionSampler.forward))
     yield
 
 

@@ -5,7 +5,7 @@ with the adapter on every backend; known answers; a distribution test with a pla
 import numpy as np
 import pytest
 import torch
-from conftest import backends_here, use_backend
+from conftest import backend_generator, backends_here, to_backend, use_backend
 from scipy.stats import chisquare
 
 import spdkernels
@@ -19,9 +19,11 @@ def flashinfer_semantics(dp, tokens, tp, gen):
     """FlashInfer's kernel, written as a loop; coins drawn in the adapter's documented order from ``gen`` (one per
     draft, request-major, and one final coin per request, in (0, 1); then one per draft for the recount)."""
     B, n, V = dp.shape
-    coins = torch.rand(B * n + B, generator=gen).clamp(min=torch.finfo(torch.float32).tiny, max=1 - 2**-24)
+    dev = dp.device  # (the generator lives there too)
+    coins = torch.rand(B * n + B, generator=gen, device=dev).clamp(min=torch.finfo(torch.float32).tiny,
+                                                                   max=1 - 2**-24)
     u, uf = coins[:B * n].reshape(B, n), coins[B * n:]
-    u2 = 1.0 - torch.rand((B, n), generator=gen)
+    u2 = 1.0 - torch.rand((B, n), generator=gen, device=dev)
     out = torch.full((B, n + 1), -1, dtype=I32)
     acc, emitted = torch.zeros(B, dtype=I32), torch.zeros(B, dtype=I32)
     for b in range(B):
@@ -57,17 +59,17 @@ def make(B, n, V, seed, agree=0.5):
 def test_equals_flashinfer_semantics(backend, B, n, V):
     """Same coins: tokens, padding and both counters equal FlashInfer's; counters are added to the caller's
     tensors (pre-filled here), which are also the ones returned."""
-    dp, tokens, tp = make(B, n, V, seed=B * 100 + n * 10 + V)
+    dp, tokens, tp = to_backend(backend, make(B, n, V, seed=B * 100 + n * 10 + V))
     acc0 = torch.arange(B, dtype=I32)
     emit0 = torch.full((B,), 7, dtype=I32)
-    acc, emit = acc0.clone(), emit0.clone()
+    acc, emit = to_backend(backend, (acc0.clone(), emit0.clone()))
     with use_backend(backend):
         out, acc_r, emit_r = af.chain_speculative_sampling(dp, tokens, tp, acc, emit,
-                                                           generator=torch.Generator().manual_seed(5))
-    want, want_acc, want_emit = flashinfer_semantics(dp, tokens, tp, torch.Generator().manual_seed(5))
+                                                           generator=backend_generator(backend, 5))
+    want, want_acc, want_emit = flashinfer_semantics(dp, tokens, tp, backend_generator(backend, 5))
     assert acc_r is acc and emit_r is emit
-    assert out.dtype == I32 and torch.equal(out, want)
-    assert torch.equal(acc, acc0 + want_acc) and torch.equal(emit, emit0 + want_emit)
+    assert out.dtype == I32 and torch.equal(out.cpu(), want)
+    assert torch.equal(acc.cpu(), acc0 + want_acc) and torch.equal(emit.cpu(), emit0 + want_emit)
 
 
 def test_seed_and_offset_pick_the_stream():
@@ -83,9 +85,9 @@ def test_known_answers(backend):
     """FlashInfer's documented example (first draft certain, second impossible, correction from the
     difference, -1 after), and a draft equal to the target: all accepted, the bonus from the last row."""
     with use_backend(backend):
-        dp = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]])
-        tp = torch.tensor([[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]])
-        out, acc, emit = af.chain_speculative_sampling(dp, torch.tensor([[2, 1]], dtype=I32), tp)
+        dp = to_backend(backend, torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]]))
+        tp = to_backend(backend, torch.tensor([[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]]))
+        out, acc, emit = af.chain_speculative_sampling(dp, to_backend(backend, torch.tensor([[2, 1]], dtype=I32)), tp)
         assert (out.tolist(), acc.tolist(), emit.tolist()) == ([[2, 0, -1]], [1], [1])
         one = torch.zeros(2, 3, 5)
         one[0, :, 1] = one[1, :, 3] = 1.0
@@ -93,7 +95,7 @@ def test_known_answers(backend):
         bonus[:, :3] = one
         bonus[:, 3, 4] = 1.0
         tok = torch.tensor([[1, 1, 1], [3, 3, 3]], dtype=I32)
-        out, acc, emit = af.chain_speculative_sampling(one, tok, bonus, seed=3)
+        out, acc, emit = af.chain_speculative_sampling(*to_backend(backend, (one, tok, bonus)), seed=3)
         assert out.tolist() == [[1, 1, 1, 4], [3, 3, 3, 4]] and acc.tolist() == [3, 3] and emit.tolist() == [3, 3]
 
 

@@ -5,7 +5,7 @@ known answers; a distribution test with a planted wrong variant; the layouts the
 import numpy as np
 import pytest
 import torch
-from conftest import backends_here, use_backend
+from conftest import backends_here, to_backend, use_backend
 from scipy.stats import chisquare
 
 import spdkernels
@@ -126,11 +126,11 @@ def test_verify_tree_greedy_equals_sgl_kernel(backend, bs, n, V, ragged):
     cand, ri, nt, ns, pred, num_spec = make_trees(bs, n, V, seed=bs * n + V, ragged=ragged)
     want = outputs(bs, n, num_spec)
     sgl_greedy(cand, ri, nt, ns, pred, num_spec, *want)
-    got = outputs(bs, n, num_spec)
+    got = to_backend(backend, outputs(bs, n, num_spec))
     with use_backend(backend):
-        asg.verify_tree_greedy(*got, cand, ri, nt, ns, pred)
+        asg.verify_tree_greedy(*got, *to_backend(backend, (cand, ri, nt, ns, pred)))
     for g, w in zip(got, want):
-        assert torch.equal(g, w)
+        assert torch.equal(g.cpu(), w)
     assert int(want[2].max()) >= 1 or n == 1  # some walks accept
 
 
@@ -150,12 +150,12 @@ def test_target_logits_extension_and_retrieve_spelling(backend):
     logits_flat[perm.reshape(-1)] = logits
     want = outputs(bs, n, num_spec)
     sgl_greedy(cand, perm, nt, ns, pred_flat.reshape(bs, n), num_spec, *want)
-    got = outputs(bs, n, num_spec)
+    got = to_backend(backend, outputs(bs, n, num_spec))
     with use_backend(backend):
-        asg.verify_tree_greedy(*got, cand, retrieve_index=perm, retrieve_next_token=nt, retrieve_next_sibling=ns,
-                               target_logits=logits_flat)
+        asg.verify_tree_greedy(*got, to_backend(backend, cand), **to_backend(backend, dict(
+            retrieve_index=perm, retrieve_next_token=nt, retrieve_next_sibling=ns, target_logits=logits_flat)))
     for a, b in zip(got, want):
-        assert torch.equal(a, b)
+        assert torch.equal(a.cpu(), b)
 
 
 def test_greedy_known_answer_chain_and_zero_draft_request():
@@ -196,14 +196,14 @@ def test_tree_speculative_sampling_target_only_equals_sgl_kernel(backend, bs, n,
     want = outputs(bs, n, num_spec)
     dp_want = torch.zeros(bs, n, V)
     sgl_target_only(cand, ri, nt, ns, coins, final, tp, num_spec, *want, dp_want, *th)
-    got = outputs(bs, n, num_spec)
-    dp_got = torch.zeros(bs, n, V)
+    got = to_backend(backend, outputs(bs, n, num_spec))
+    dp_got = to_backend(backend, torch.zeros(bs, n, V))
     with use_backend(backend):
-        asg.tree_speculative_sampling_target_only(*got, cand, ri, nt, ns, coins, final, tp, dp_got,
-                                                  threshold_single=th[0], threshold_acc=th[1])
+        asg.tree_speculative_sampling_target_only(*got, *to_backend(backend, (cand, ri, nt, ns, coins, final, tp)),
+                                                  dp_got, threshold_single=th[0], threshold_acc=th[1])
     for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    assert torch.equal(dp_got, dp_want)
+        assert torch.equal(a.cpu(), b)
+    assert torch.equal(dp_got.cpu(), dp_want)
     assert int(want[2].max()) >= (1 if ragged else 2)  # some walks go deep
 
 

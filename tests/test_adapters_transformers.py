@@ -3,10 +3,12 @@ LlamaForCausalLM and on the embedded SmolLM2 through transformers: greedy output
 with every drafter and with logits processors, the cache cropped after each verification, EOS inside an accepted
 run, a sampling distribution check with a planted wrong variant."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
-from conftest import backends_here, use_backend
+from conftest import backend_device, backends_here, to_backend, use_backend
 from scipy.stats import chisquare
 
 transformers = pytest.importorskip("transformers")
@@ -46,11 +48,15 @@ PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
 
 @pytest.mark.parametrize("backend", backends_here())
 def test_greedy_equals_generate_with_prompt_lookup(model, backend):
+    """On each backend, with the model on that backend's device (CUDA for Triton on a GPU machine)."""
     torch.manual_seed(1)
-    want = model.generate(PROMPT, do_sample=False, max_new_tokens=24)
+    dev = backend_device(backend)
+    m = model if dev == "cpu" else copy.deepcopy(model).to(dev)
+    prompt = to_backend(backend, PROMPT)
+    want = m.generate(prompt, do_sample=False, max_new_tokens=24)
     with use_backend(backend):
-        got = model.generate(PROMPT, do_sample=False, max_new_tokens=24, custom_generate=speculative_generate)
-    assert torch.equal(got, want)
+        got = m.generate(prompt, do_sample=False, max_new_tokens=24, custom_generate=speculative_generate)
+    assert torch.equal(got.cpu(), want.cpu())
 
 
 @pytest.mark.parametrize("drafter", ["draft-model", "self-draft", "ngram-proposer", "callable", "k1"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import backends_here, use_backend
+from conftest import backend_device, backend_generator, backends_here, to_backend, use_backend
 from scipy.stats import chisquare
 
 import spdkernels
@@ -25,18 +25,19 @@ def vllm_semantics(draft, ks, max_spec_len, draft_probs, target, bonus, temps, a
                    fp64=False, target_is_probs=False):
     """What vLLM's rejection_sample returns, written as a plain loop from its documented behaviour."""
     B, N, V = len(ks), sum(ks), target.shape[1]
+    dev = target.device  # (the generators live there too)
     out = torch.full((B, max_spec_len + 1), -1, dtype=I32)
     greedy = [True] * B if all_greedy else [float(t) == 0 for t in temps]
     probs = target.float() if target_is_probs else torch.softmax(target, dim=-1, dtype=torch.float32)
     if not all_greedy:
-        u = torch.rand(N, dtype=torch.float64)
+        u = torch.rand(N, dtype=torch.float64, device=dev)
         s = 0
         for r, n in enumerate(ks):
             if n:
                 if r in generators:
                     u[s:s + n].uniform_(generator=generators[r])
                 s += n
-        q = torch.empty(B, V, dtype=torch.float64 if fp64 else torch.float32).exponential_()
+        q = torch.empty(B, V, dtype=torch.float64 if fp64 else torch.float32, device=dev).exponential_()
         for r, g in generators.items():
             if ks[r] > 0:
                 q[r].exponential_(generator=g)
@@ -57,7 +58,7 @@ def vllm_semantics(draft, ks, max_spec_len, draft_probs, target, bonus, temps, a
             if t < 0:
                 acc = False
             else:
-                dp = torch.tensor(1.0) if draft_probs is None else draft_probs[j, t]
+                dp = torch.tensor(1.0, device=dev) if draft_probs is None else draft_probs[j, t]
                 acc = bool(dp > 0) and float(probs[j, t] / dp) >= float(u[j])
             if acc:
                 out[r, i] = t
@@ -94,8 +95,9 @@ def make_case(ks, V, seed, with_q, match=0.6, pad=False):
     return draft, cu, q, logits, bonus
 
 
-def gens(seeds):
-    return {r: torch.Generator().manual_seed(s) for r, s in seeds.items()}
+def gens(seeds, backend="cpp"):
+    """One generator per seeded request, on the backend's device (vLLM's generators live on its device)."""
+    return {r: backend_generator(backend, s) for r, s in seeds.items()}
 
 
 # ---- exact equality with vLLM's semantics ---------------------------------------------------------------------
@@ -113,15 +115,15 @@ def test_equals_vllm_semantics_with_seeded_requests(backend, ks, V, with_q, pad)
     batch mixing greedy (temperature 0) and sampled requests, requests with no drafts, padded (-1) drafts, and
     a spec length larger than the longest draft."""
     torch.manual_seed(0)
-    draft, cu, q, logits, bonus = make_case(ks, V, seed=len(ks) * 7 + V, with_q=with_q, pad=pad)
+    draft, cu, q, logits, bonus = to_backend(backend, make_case(ks, V, seed=len(ks) * 7 + V, with_q=with_q, pad=pad))
     B = len(ks)
-    temps = torch.tensor([0.0 if r % 3 == 1 else 1.0 for r in range(B)])
+    temps = to_backend(backend, torch.tensor([0.0 if r % 3 == 1 else 1.0 for r in range(B)]))
     seeds = {r: 100 + r for r in range(B) if r % 3 != 1}
     max_spec = max(ks, default=0) + 1
-    mine, ref = gens(seeds), gens(seeds)
+    mine, ref = gens(seeds, backend), gens(seeds, backend)
     sm = av.SamplingMetadata(temperature=temps, all_greedy=False, all_random=False, generators=mine)
     with use_backend(backend):
-        got = av.rejection_sample(draft, ks, max_spec, cu, q, logits.clone(), bonus, sm)
+        got = av.rejection_sample(draft, ks, max_spec, cu, q, to_backend(backend, logits.clone()), bonus, sm).cpu()
     want = vllm_semantics(draft, ks, max_spec, q, logits, bonus, temps.tolist(), False, ref)
     assert got.dtype == I32 and got.shape == (B, max_spec + 1)
     assert torch.equal(got, want)
@@ -160,8 +162,8 @@ def test_all_greedy_known_answer_and_no_randomness_consumed(backend):
     before = g.get_state()
     sm = av.SamplingMetadata(temperature=None, all_greedy=True, all_random=False, generators={0: g})
     with use_backend(backend):
-        out = av.rejection_sample(draft, [3, 0, 2], 4, torch.tensor([3, 3, 5], dtype=I32), None, logits,
-                                  torch.tensor([[1], [2], [8]], dtype=I32), sm)
+        out = av.rejection_sample(*to_backend(backend, (draft, [3, 0, 2], 4, torch.tensor([3, 3, 5], dtype=I32), None,
+                                                        logits, torch.tensor([[1], [2], [8]], dtype=I32))), sm)
     assert out.tolist() == [[3, 4, 5, -1, -1], [2, -1, -1, -1, -1], [6, 7, 8, -1, -1]]
     assert torch.equal(g.get_state(), before)
 
@@ -176,11 +178,11 @@ def test_padded_drafts_and_zero_draft_probability_are_rejected(backend):
     q = torch.full((4, V), 0.2)
     q[:, 2] = 0.0  # ... but the drafter gave it probability 0
     draft = torch.tensor([-1, 2, 2, 2], dtype=I32)
-    sm = av.SamplingMetadata(temperature=torch.tensor([0.0, 1.0, 1.0]), all_greedy=False, all_random=False,
-                             generators=gens({1: 1, 2: 2}))
+    sm = av.SamplingMetadata(temperature=to_backend(backend, torch.tensor([0.0, 1.0, 1.0])), all_greedy=False,
+                             all_random=False, generators=gens({1: 1, 2: 2}, backend))
     with use_backend(backend):
-        out = av.rejection_sample(draft, [1, 1, 2], 2, torch.tensor([1, 2, 4], dtype=I32), q, logits,
-                                  torch.tensor([[0], [0], [0]], dtype=I32), sm)
+        out = av.rejection_sample(*to_backend(backend, (draft, [1, 1, 2], 2, torch.tensor([1, 2, 4], dtype=I32), q,
+                                                        logits, torch.tensor([[0], [0], [0]], dtype=I32))), sm)
     # greedy request 0 emits the argmax at its padded draft; sampled requests reject the q = 0 draft at once and
     # recover from max(p - q, 0), which is all on token 2
     assert out.tolist() == [[2, -1, -1], [2, -1, -1], [2, -1, -1]]
@@ -326,9 +328,10 @@ def test_module_forward_greedy_equals_verify_greedy(backend):
     logits[0, 1] = logits[1, 2] = logits[4, 4] = 9.0
     sm = av.SamplingMetadata(temperature=None, all_greedy=True, all_random=False)
     with use_backend(backend):
-        got = av.RejectionSampler()(meta, None, logits, sm).sampled_token_ids
-        cu = torch.tensor([0, 3, 3, 5, 6], dtype=I32)
-        want, _, _ = spdkernels.verify_greedy(logits, meta.draft_token_ids, cu, max_depth=3)
+        got = av.RejectionSampler()(av.SpecDecodeMetadata.make_dummy(drafts, device=backend_device(backend)), None,
+                                    to_backend(backend, logits), sm).sampled_token_ids.cpu()
+    cu = torch.tensor([0, 3, 3, 5, 6], dtype=I32)
+    want, _, _ = spdkernels.verify_greedy(logits, meta.draft_token_ids, cu, max_depth=3)
     assert torch.equal(got, want)
     assert av.RejectionSampler.parse_output(got, V)[0] == [[t for t in row if t >= 0] for row in want.tolist()]
 

@@ -37,7 +37,8 @@ verifies it; no bonus rows), ``bonus_token_ids [B, 1]`` sampled outside, output
 **What differs** (see ``docs/adapters.md``): unseeded requests (no seed semantics to keep) get the op's own
 samples, distributed exactly as vLLM's but not the same tokens for the same default-generator state: their coins
 are one fp32 draw of ``N + B`` from the default generator (vLLM: ``N`` float64), and the correction is drawn by
-inverse CDF from the same residual with the request's final coin (no ``[B, V]`` noise is drawn). The op reads vLLM's ``[N, V]`` rows in place (its ``bonus_token_ids`` layout) and
+inverse CDF from the same residual with the request's final coin (no ``[B, V]`` noise is drawn). The op reads
+vLLM's ``[N, V]`` rows in place (its ``bonus_token_ids`` layout) and
 tests ``u * q(t) <= p(t)`` in fp32 with ``p`` from its own softmax (vLLM: ``p / q >= u``, ``u`` float64), so a
 coin within ~1e-7 of the ratio can decide differently; a coin of exactly 0 (odds 2^-53) accepts a
 zero-probability token in vLLM, not here. The positional 6th argument is

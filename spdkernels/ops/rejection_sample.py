@@ -263,7 +263,8 @@ def rejection_sample(
         target_is_probs: ``target_logits`` holds probabilities, as vLLM, FlashInfer and sgl-kernel hand them
             over: each row sums to 1 (checked to 1e-2 with validation on) and is used as given, ``p(t)`` being
             the row's entry, so an accepted row costs one read (a residual after a rejection is normalised by its
-            own sum; the final token is drawn against the row's actual sum). No exponential, no temperature. A request with ``temperature`` 0 is greedy (the argmax of its rows);
+            own sum; the final token is drawn against the row's actual sum). No exponential, no temperature.
+            A request with ``temperature`` 0 is greedy (the argmax of its rows);
             any other temperature must be 1 (checked with validation on). ``top_k`` / ``top_p`` must be None.
 
     Returns:

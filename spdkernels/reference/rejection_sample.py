@@ -150,7 +150,8 @@ def rejection_sample(
 
     ``target_is_probs``: the rows hold probabilities, used as given (p(t) is the row's entry: rows are expected
     to sum to 1; a residual after a rejection is normalised by its own sum, and the final token is drawn by inverse
-    CDF against the actual sum); temperature 0 still means greedy, any other temperature is not applied. ``bonus_token_ids [R]`` (chains
+    CDF against the actual sum); temperature 0 still means greedy, any other temperature is not applied.
+    ``bonus_token_ids [R]`` (chains
     only): the rows are ``[N, V]`` without the row after each chain's last draft; a request that accepts all
     its drafts emits its bonus token there (a request without drafts emits it at once)."""
     device = target_logits.device
@@ -191,7 +192,7 @@ def rejection_sample(
         else:  # (greedy rows give the one-hot of the argmax, so the walk below is verify_greedy's)
             dist = lambda row, T_r=T_r, k_r=k_r, p_r=p_r: target_weights(logits[row], T_r, k_r, p_r)  # noqa: E731
         # a probability row is used as given (mass 1, as the serving stacks use theirs): no pass over an accepted row
-        load = dist if target_is_probs else (lambda row: normalise(dist(row)))
+        load = dist if target_is_probs else (lambda row, dist=dist: normalise(dist(row)))  # noqa: E731
         p = load(row0)
         node, depth, emitted_bonus = -1, 0, False
         while depth < max_depth:
