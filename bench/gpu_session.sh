@@ -3,7 +3,8 @@
 # 10 minutes, its files come back from $OUT). Budget: within 8 minutes on an H100/H200, in this order:
 #   1. the device facts and versions                                   -> $OUT/env.txt
 #   2. the GPU test tier: the op tests with Triton compiled for real (TRITON_INTERPRET unset; every Triton test's
-#      inputs on CUDA, the chi-square distribution tests of the Triton sampler with their full samples)
+#      inputs on CUDA, the chi-square distribution tests of the Triton sampler with their full samples), the
+#      CUDA-graph capture of every op (tests/test_graph_safety.py) and the adapters of vLLM, sgl-kernel, FlashInfer
 #                                                                      -> $OUT/pytest.txt, $OUT/pytest-junit.xml
 #   3. spd-bench on the device (CUDA-graph replay where capturable)    -> $OUT/bench-gpu.{txt,json,png}
 #   4. the runtime demo on the device (when the embedded model's package is installed there)
@@ -27,7 +28,7 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cpu ]; then  # the rehearsal: short everything
   TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-120}; DEMO_BUDGET=${DEMO_BUDGET:-120}
-  TEST_K=${TEST_K-known_answer or one_hot or device_check or mask_semantics or tiny_mass}
+  TEST_K=${TEST_K-known_answer or one_hot or device_check or mask_semantics or tiny_mass or cuda_graph or harness}
   BENCH_ARGS=${BENCH_ARGS:---shapes tiny}
   DEMO_TOKENS=${DEMO_TOKENS:-16}
 else
@@ -65,7 +66,8 @@ cd "$SITE"
 # 2. the GPU test tier (on a GPU conftest leaves TRITON_INTERPRET unset: Triton compiles for the device)
 timeout "$TEST_BUDGET" "$PY" -m pytest -q -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/pytest-junit.xml" \
   tests/test_verify_greedy.py tests/test_rejection_sample.py tests/test_tree_attention.py tests/test_tree_utils.py \
-  tests/test_ops_framework.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
+  tests/test_ops_framework.py tests/test_graph_safety.py tests/test_adapters_vllm.py tests/test_adapters_sglang.py \
+  tests/test_adapters_flashinfer.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
 step pytest $?
 tail -n 30 "$OUT/pytest.txt"
 

@@ -21,24 +21,29 @@ from . import _validate as V
 # ---- masks and positions -------------------------------------------------------------------------------
 
 
-def _chain_parents(cu_num_draft: torch.Tensor) -> torch.Tensor:
-    N = int(cu_num_draft[-1])
+def _chain_parents(cu_num_draft: torch.Tensor, N: Optional[int] = None) -> torch.Tensor:
+    N = int(cu_num_draft[-1]) if N is None else N
     starts = torch.repeat_interleave(cu_num_draft[:-1], cu_num_draft.diff(), output_size=N)
     return (torch.arange(N, device=cu_num_draft.device) - starts - 1).to(torch.int32)
 
 
-def _query_layout(parents, cu_num_draft):
+def _query_layout(parents, cu_num_draft, N: Optional[int] = None):
     """For the N + R query tokens: owning request, local query index, and the query index of the parent
-    (-1 for roots). Query index = local node index + 1; the root is query 0."""
+    (-1 for roots). Query index = local node index + 1; the root is query 0. ``N`` (the number of draft nodes)
+    is read from ``parents`` or given; otherwise from ``cu_num_draft`` (a host sync)."""
     dev = cu_num_draft.device
     R = cu_num_draft.shape[0] - 1
     k = cu_num_draft.diff()
-    T = int(cu_num_draft[-1]) + R
+    if parents is not None:
+        N = parents.shape[0]
+    elif N is None:
+        N = int(cu_num_draft[-1])
+    T = N + R
     cu_q = cu_num_draft + torch.arange(R + 1, device=dev, dtype=torch.int32)
     req = torch.repeat_interleave(torch.arange(R, device=dev), k + 1, output_size=T)
     local = torch.arange(T, device=dev) - cu_q[req]
     is_root = local == 0
-    par = parents if parents is not None else _chain_parents(cu_num_draft)
+    par = parents if parents is not None else _chain_parents(cu_num_draft, N)
     node = (cu_num_draft[req] + local - 1).clamp(min=0)  # global node index (garbage for roots)
     if par.numel() == 0:  # no draft nodes at all: every query is a root
         return req, local, torch.full_like(local, -1), cu_q
@@ -47,13 +52,14 @@ def _query_layout(parents, cu_num_draft):
 
 
 def build_tree_mask(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor,
-                    max_q_len: Optional[int] = None) -> torch.Tensor:
+                    max_q_len: Optional[int] = None, num_draft_tokens: Optional[int] = None) -> torch.Tensor:
     """int32 ``[N + R, ceil(max_q_len / 32)]``: bit j of query i set iff local query j is query i itself
-    or one of its ancestors (the root included). ``max_q_len=None`` costs a host sync."""
+    or one of its ancestors (the root included). ``max_q_len=None`` costs a host sync, and so does a chain
+    (``parents=None``) without ``num_draft_tokens`` (N); with both, no host sync (CUDA-graph safe)."""
     V.check_tensor("cu_num_draft", cu_num_draft, 1, (torch.int32,))
     if parents is not None:
         V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device)
-    req, local, par_q, cu_q = _query_layout(parents, cu_num_draft)
+    req, local, par_q, cu_q = _query_layout(parents, cu_num_draft, num_draft_tokens)
     if max_q_len is None:
         max_q_len = int(cu_num_draft.diff().max()) + 1 if cu_num_draft.shape[0] > 1 else 1
     W = max(1, (max_q_len + 31) // 32)
@@ -63,7 +69,7 @@ def build_tree_mask(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor,
     cur = local.clone()  # walk up the ancestors: at most max_q_len steps
     alive = torch.ones(T, dtype=torch.bool, device=cu_num_draft.device)
     for _ in range(max_q_len):
-        bits[rows[alive], cur[alive]] = True
+        bits[rows, cur] |= alive  # (no boolean-mask indexing: no host sync)
         parent_local = par_q[cu_q[req] + cur]  # par_q indexed by global query index
         alive = alive & (parent_local >= 0)
         cur = torch.where(alive, parent_local, cur)
@@ -100,14 +106,15 @@ def tree_mask_to_dense(tree_mask: torch.Tensor, max_q_len: int) -> torch.Tensor:
 
 
 def tree_positions(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor, start_pos: torch.Tensor,
-                   max_q_len: Optional[int] = None) -> torch.Tensor:
-    """int64 ``[N + R]``: RoPE position of every query token: ``start_pos[r] + depth`` (root depth 0)."""
+                   max_q_len: Optional[int] = None, num_draft_tokens: Optional[int] = None) -> torch.Tensor:
+    """int64 ``[N + R]``: RoPE position of every query token: ``start_pos[r] + depth`` (root depth 0). Host
+    syncs as :func:`build_tree_mask`."""
     V.check_tensor("start_pos", start_pos, 1, (torch.int32, torch.int64))
     if start_pos.shape[0] != cu_num_draft.shape[0] - 1:
         V.fail("start_pos", f"expected shape [R] = [{cu_num_draft.shape[0] - 1}], got {tuple(start_pos.shape)}")
-    mask = build_tree_mask(parents, cu_num_draft, max_q_len)
+    mask = build_tree_mask(parents, cu_num_draft, max_q_len, num_draft_tokens)
     depth = unpack_bool_mask(mask, mask.shape[1] * 32).sum(-1) - 1  # ancestors incl. root, minus itself
-    req, _, _, _ = _query_layout(parents, cu_num_draft)
+    req, _, _, _ = _query_layout(parents, cu_num_draft, num_draft_tokens)
     return start_pos.long()[req] + depth
 
 

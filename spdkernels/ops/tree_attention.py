@@ -105,26 +105,51 @@ def _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask):
     return cu, q_len
 
 
-def _kernel(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+def _check_sizes(max_q_len, max_kv_len, num_splits) -> None:
+    for name, v in (("max_q_len", max_q_len), ("max_kv_len", max_kv_len), ("num_splits", num_splits)):
+        if v is not None and (not isinstance(v, (int, torch.SymInt)) or isinstance(v, bool)):
+            V.fail(name, f"expected an int or None, got {type(v).__name__}")
+        if isinstance(v, int) and v < (1 if name == "num_splits" else 0):
+            V.fail(name, f"expected >= {1 if name == 'num_splits' else 0}, got {v}")
+
+
+def _check_size_values(kv_lens, cu_q_lens, max_q_len, max_kv_len) -> None:
+    """With validation on: the size arguments bound the batch they describe (a host sync, as every value check)."""
+    if max_q_len is not None and cu_q_lens.shape[0] > 1 and int(cu_q_lens.diff().max()) > max_q_len:
+        V.fail("max_q_len", f"{max_q_len} is smaller than the longest request's {int(cu_q_lens.diff().max())} "
+               "query tokens")
+    if max_kv_len is not None and kv_lens.numel() and int(kv_lens.max()) > max_kv_len:
+        V.fail("max_kv_len", f"{max_kv_len} is smaller than the largest kv_len {int(kv_lens.max())}")
+
+
+def _kernel(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len=None, max_kv_len=None,
+            num_splits=None):
     _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    _check_sizes(max_q_len, max_kv_len, num_splits)
     if _config.validation_enabled():
         _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+        _check_size_values(kv_lens, cu_q_lens, max_q_len, max_kv_len)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.dtype == torch.float64:
-        impl = _torch_impl
-    else:
-        _, impl = _registry.resolve(OP, q.device)
+        return _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, float(scale))
+    name, impl = _registry.resolve(OP, q.device)
+    if name == "triton":  # the one backend whose launch depends on the sizes (grid, tiles, KV splits)
+        return impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, float(scale), max_q_len,
+                    max_kv_len, num_splits)
     return impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, float(scale))
 
 
-def _fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+def _fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len=None, max_kv_len=None,
+          num_splits=None):
     _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    _check_sizes(max_q_len, max_kv_len, num_splits)
     return torch.empty_like(q)
 
 
 define_op("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
-          "Tensor cu_q_lens, Tensor? tree_mask, float? scale) -> Tensor", _kernel, _fake)
+          "Tensor cu_q_lens, Tensor? tree_mask, float? scale, SymInt? max_q_len=None, SymInt? max_kv_len=None, "
+          "int? num_splits=None) -> Tensor", _kernel, _fake)
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -176,10 +201,13 @@ def _cpp_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, s
 
 
 @_registry.register(OP, "triton")
-def _triton_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
+def _triton_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len=None,
+                 max_kv_len=None, num_splits=None):
+    """Sync-free (CUDA-graph safe) when ``max_q_len`` and ``max_kv_len`` are given."""
     from spdkernels.triton_kernels import tree_attention as k
 
-    return k.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale)
+    return k.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale,
+                            num_splits=num_splits, max_kv_len=max_kv_len, max_q_len=max_q_len)
 
 
 @_registry.register(OP, "nki")
@@ -201,6 +229,10 @@ def tree_attention(
     tree_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
+    *,
+    max_q_len: Optional[int] = None,
+    max_kv_len: Optional[int] = None,
+    num_splits: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of the query tokens of each request (its root plus its draft nodes) to the committed
     prefix and to their own ancestors in the token tree, over a paged KV cache.
@@ -221,6 +253,12 @@ def tree_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         out: optional ``[T, Hq, D]`` tensor to write the result into (a copy: the op itself is
             functional).
+        max_q_len, max_kv_len: upper bounds of the query tokens of one request and of ``kv_lens`` (checked with
+            validation on). Without them the Triton backend reads them from the device (a host sync); with
+            them and validation off, the op launches without any host sync, so it can be captured in a CUDA
+            graph (the bounds then fix the launch: capture with the largest sizes the graph will replay).
+        num_splits: the Triton backend's split of the KV range (default: from the GPU's SM count and
+            ``max_kv_len``).
 
     Returns:
         ``[T, Hq, D]`` like ``q``.
@@ -233,8 +271,10 @@ def tree_attention(
     V.check_tensor("q", q, 3, DTYPES)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         V.fail("scale", f"expected a finite positive float, got {scale!r}")
+    _check_sizes(max_q_len, max_kv_len, num_splits)
     res = torch.ops.spdkernels.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
-                                              None if scale is None else float(scale))
+                                              None if scale is None else float(scale), max_q_len, max_kv_len,
+                                              num_splits)
     if out is not None:
         V.check_tensor("out", out, 3, (q.dtype,), q.device)
         if out.shape != q.shape:
