@@ -122,15 +122,16 @@ def tree_positions(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor, 
 
 
 def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
-               cu_q_lens: torch.Tensor, accepted_path: torch.Tensor) -> torch.Tensor:
+               cu_q_lens: torch.Tensor, accepted_path: torch.Tensor, sync_free: bool = False) -> torch.Tensor:
     """After verification, move the K/V of each request's accepted nodes to the slots right after its
     root, in place, and return the new ``kv_lens`` (prefix + root + accepted nodes).
 
     Before: request r's query tokens ``[root, node_0, ...]`` sit at positions ``P .. P + q_len - 1``
     (``P = kv_lens[r] - q_len``). ``accepted_path[r, d]`` (local node index, -1 padded, as the
     verification ops return it) moves from ``P + 1 + path[d]`` to ``P + 1 + d``. Sources are gathered
-    before anything is written, so overlapping moves are safe."""
-    src, dst, new_lens = compact_kv_moves(block_table, kv_lens, cu_q_lens, accepted_path, k_cache.shape[1])
+    before anything is written, so overlapping moves are safe. ``sync_free``: as :func:`compact_kv_moves`."""
+    src, dst, new_lens = compact_kv_moves(block_table, kv_lens, cu_q_lens, accepted_path, k_cache.shape[1],
+                                          sync_free)
     for cache in (k_cache, v_cache):
         flat = cache.view(-1, *cache.shape[2:])
         flat[dst] = flat[src]  # advanced indexing: the right side is a copy
@@ -138,11 +139,13 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.
 
 
 def compact_kv_moves(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_q_lens: torch.Tensor,
-                     accepted_path: torch.Tensor, block_size: int
+                     accepted_path: torch.Tensor, block_size: int, sync_free: bool = False
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The moves behind :func:`compact_kv` as flat slot indices (``block * block_size + offset``):
     ``(src, dst, new_kv_lens)``. A cache with several layers (``[layers, num_blocks * block_size, ...]``)
-    applies the same moves to every layer with one indexed copy. One host sync (the valid moves)."""
+    applies the same moves to every layer with one indexed copy. One host sync (selecting the valid moves);
+    ``sync_free=True`` returns all ``R * max_depth`` moves instead, each unused one a copy of the request's root
+    slot onto itself (a slot no real move reads or writes), so no host sync is needed (CUDA-graph safe)."""
     V.check_tensor("accepted_path", accepted_path, 2, (torch.int32, torch.int64))
     R, D = accepted_path.shape
     dev = block_table.device
@@ -160,6 +163,10 @@ def compact_kv_moves(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_q_lens
         return blk * block_size + pos % block_size
 
     new_lens = (P + 1 + valid.sum(1)).to(kv_lens.dtype)
+    if sync_free:
+        root = P[:, None].expand(R, D)
+        return (slot(torch.where(valid, src, root)).reshape(-1), slot(torch.where(valid, dst, root)).reshape(-1),
+                new_lens)
     return slot(src)[valid], slot(dst)[valid], new_lens
 
 

@@ -95,6 +95,28 @@ def test_tree_utilities_do_not_sync_with_their_sizes():
             tree.build_tree_mask(None, b.cu_num_draft, max_q_len=4)
 
 
+def test_compact_kv_sync_free_equals_the_selected_moves():
+    """compact_kv(sync_free=True) moves the same K/V (its unused moves copy each root slot onto itself) without a
+    host sync."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        q_lens, ctx = [7, 1, 4, 5], [19, 3, 33, 0]
+        _, kc, vc, bt, lens, cu_q, _ = make_batch(q_lens, ctx, 4, 2, 64, 16, torch.float32, False, g)
+        D = max(q_lens)  # wider than any path: unused columns too
+        path = torch.full((len(q_lens), D), -1, **I32)
+        for r, ql in enumerate(q_lens):  # an increasing run of node indices, as along any accepted path
+            nodes = sorted(torch.randperm(ql - 1, generator=g)[:int(torch.randint(0, ql, (1,), generator=g))].tolist())
+            path[r, :len(nodes)] = torch.tensor(nodes, **I32)
+        want_k, want_v = kc.clone(), vc.clone()
+        want_lens = tree.compact_kv(want_k, want_v, bt, lens, cu_q, path)
+        with no_host_sync():
+            got_lens = tree.compact_kv(kc, vc, bt, lens, cu_q, path, sync_free=True)
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v) and torch.equal(got_lens, want_lens)
+    with pytest.raises(HostSyncError):
+        with no_host_sync():
+            tree.compact_kv(kc, vc, bt, lens, cu_q, path)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
 def test_tree_attention_size_arguments_are_bounds(backend):
     """Bounds larger than the batch's sizes give the same output (the launch covers more, the kernel masks it), with
