@@ -14,7 +14,8 @@ void skinny_linear_f32(std::uintptr_t, int64_t, std::uintptr_t, std::uintptr_t, 
                        int64_t, int64_t, int);
 void tree_attention(std::uintptr_t, int, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
                     std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int);
+                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t,
+                    int64_t, int64_t, int64_t, int64_t, int);
 }
 
 namespace py = pybind11;

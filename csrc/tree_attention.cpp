@@ -65,6 +65,9 @@ struct Args {
   int64_t R, Hq, Hkv, D, block_size, max_blocks, mask_words;
   int64_t q_stride_t, q_stride_h, o_stride_t, o_stride_h;  // in elements
   float scale;
+  // cache strides of the block, slot and head dims, in elements (the head dim is unit-stride): K and V may be
+  // views of one fused cache, read in place
+  int64_t k_stride_b, k_stride_s, k_stride_h, v_stride_b, v_stride_s, v_stride_h;
 };
 
 // Partial softmax state of one chunk of KV positions for the rows of one item (m and l in the log2 domain,
@@ -228,13 +231,15 @@ void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t
                     std::uintptr_t block_table, std::uintptr_t kv_lens, std::uintptr_t cu_q, std::uintptr_t mask,
                     int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t num_blocks,
                     int64_t max_blocks, int64_t mask_words, int64_t q_stride_t, int64_t q_stride_h, int64_t o_stride_t,
-                    int64_t o_stride_h, double scale, int num_threads) {
+                    int64_t o_stride_h, double scale, int64_t k_stride_b, int64_t k_stride_s, int64_t k_stride_h,
+                    int64_t v_stride_b, int64_t v_stride_s, int64_t v_stride_h, int num_threads) {
   check_layout(ptr<const int32_t>(cu_q), ptr<const int32_t>(kv_lens), ptr<const int32_t>(block_table), R, T,
                max_blocks, block_size, num_blocks, mask != 0, mask_words);
   Args a{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
          ptr<const int32_t>(block_table), ptr<const int32_t>(kv_lens), ptr<const int32_t>(cu_q),
          mask ? ptr<const int32_t>(mask) : nullptr, R, Hq, Hkv, D, block_size, max_blocks, mask_words,
-         q_stride_t, q_stride_h, o_stride_t, o_stride_h, static_cast<float>(scale)};
+         q_stride_t, q_stride_h, o_stride_t, o_stride_h, static_cast<float>(scale), k_stride_b, k_stride_s,
+         k_stride_h, v_stride_b, v_stride_s, v_stride_h};
   if (code == kF32) run<kF32>(a, num_threads);
   else if (code == kBF16) run<kBF16>(a, num_threads);
   else run<kF16>(a, num_threads);

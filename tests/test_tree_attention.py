@@ -199,6 +199,32 @@ def test_triton_reads_strided_kv_caches_in_place(monkeypatch):
     assert seen["k"].stride() == k_view.stride()
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+def test_cpp_reads_strided_kv_caches_in_place(monkeypatch):
+    """The cpp backend hands strided caches to its kernel as they are (their data pointers and strides, no copy)."""
+    from spdkernels import _cpp
+
+    args = make_batch([3], [20], 4, 2, 64, 16, torch.float32, False, torch.Generator().manual_seed(9))
+    fused = torch.stack([args[1], args[2]], dim=2)
+    k_view, v_view = fused[:, :, 0], fused[:, :, 1]
+    real = _cpp.load()
+    seen = {}
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def tree_attention(self, *a):
+            seen["k"], seen["v"], seen["strides"] = a[2], a[3], a[-7:-1]
+            return real.tree_attention(*a)
+
+    monkeypatch.setattr(_cpp, "load", lambda: Spy())
+    with use_backend("cpp"):
+        spdkernels.tree_attention(args[0], k_view, v_view, *args[3:])
+    assert seen["k"] == k_view.data_ptr() and seen["v"] == v_view.data_ptr()
+    assert seen["strides"] == (*k_view.stride()[:3], *v_view.stride()[:3])
+
+
 # ---- validation -------------------------------------------------------------------------------------
 
 def good():

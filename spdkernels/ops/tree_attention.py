@@ -179,11 +179,15 @@ def _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
 def _cpp_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
     """csrc/tree_attention.cpp: flash-attention style over the pages in place, one work item per (request,
     KV head) with its query heads packed, the KV range split across threads when items are fewer than
-    threads. No host sync."""
+    threads. No host sync. The caches are read through their block / slot / head strides (e.g. K and V views of
+    one fused cache, no copy); only a head dim that is not unit-stride is copied."""
     C = _cpp.load()
     if q.stride(-1) != 1:
         q = q.contiguous()
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
     block_table, kv_lens, cu_q_lens = block_table.contiguous(), kv_lens.contiguous(), cu_q_lens.contiguous()
     mask = tree_mask.contiguous() if tree_mask is not None else None
     T, Hq, D = q.shape
@@ -196,7 +200,7 @@ def _cpp_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, s
                          mask.data_ptr() if mask is not None else 0, R, T, Hq, Hkv, D, bs, k_cache.shape[0],
                          block_table.shape[1],
                          mask.shape[1] if mask is not None else 0, q.stride(0), q.stride(1), out.stride(0),
-                         out.stride(1), scale, _cpp.num_threads())
+                         out.stride(1), scale, *k_cache.stride()[:3], *v_cache.stride()[:3], _cpp.num_threads())
     return out
 
 
