@@ -42,7 +42,8 @@ ARCHS = (90, 80)
 # its loop nest to the stack (8-24 B spill stores, e.g. a predicate via P2R + STL), whatever the register budget
 # (-maxrregcount=255, --regAllocOptLevel 1-3 change nothing). With --allow-known-spills (what CI runs) such a spill
 # up to this many bytes (stores + loads + stack) is printed as "known" instead of failing; any other spill, or a
-# larger one, still fails. Without the flag every spill fails.
+# larger one, still fails. Without the flag every spill fails. (The probability-row and bonus-token variants, PROBS /
+# BONUS, stay within the same bound: up to 24 B stores + 40 B loads, 88 B in all, in the --quick set.)
 KNOWN_SPILL_BYTES = {"_walk_kernel": 96}
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -137,6 +138,11 @@ def verify_greedy_launches(quick):
                 yield f"R{c['R']}-k{c['k']}-V{c['V']}", dtype, lambda b=batch: K.verify_greedy(*b)
 
 
+# rejection_sample's layouts (constexprs PROBS / BONUS of its kernels): logits with N + R rows, probability rows
+# (target_is_probs), given bonus tokens with N rows (chains only), and both
+RS_MODES = {"logits": (False, False), "probs": (True, False), "bonus": (False, True), "probs-bonus": (True, True)}
+
+
 def rejection_sample_launches(quick):
     from spdkernels.triton_kernels import rejection_sample as K
 
@@ -151,23 +157,35 @@ def rejection_sample_launches(quick):
         seen_shapes.add(shape)
         R, k, V = shape
         for dtype in DT:
-            for tree in (False, True):
-                for with_q in (False, True):
-                    for coins in ("seed", "uniforms"):
-                        logits, toks, cu, par, D = _draft_batch(R, k, V, dtype, tree)
-                        N = toks.shape[0]
-                        q = torch.empty((N, V), dtype=torch.float32) if with_q else None
-                        unif = torch.full((N + R,), 0.5) if coins == "uniforms" else None
-                        seed = torch.arange(R, dtype=torch.int64) if coins == "seed" else None
-                        off = torch.zeros(R, dtype=torch.int64) if coins == "seed" else None
-                        kw = dict(temperature=torch.ones(R), top_k=torch.full((R,), 50, dtype=torch.int32),
-                                  top_p=torch.full((R,), 0.9))
+            for mode, (probs, bonus) in RS_MODES.items():
+                for tree in (False, True):
+                    if bonus and tree:  # bonus tokens are for chains only
+                        continue
+                    for with_q in (False, True):
+                        for coins in ("seed", "uniforms"):
+                            logits, toks, cu, par, D = _draft_batch(R, k, V, dtype, tree)
+                            N = toks.shape[0]
+                            if bonus:
+                                logits = logits[:N]  # no row after each request's last draft
+                            q = torch.empty((N, V), dtype=torch.float32) if with_q else None
+                            unif = torch.full((N + R,), 0.5) if coins == "uniforms" else None
+                            seed = torch.arange(R, dtype=torch.int64) if coins == "seed" else None
+                            off = torch.zeros(R, dtype=torch.int64) if coins == "seed" else None
+                            if probs:  # top-k / top-p do not apply to probability rows
+                                kw = dict(temperature=torch.ones(R), top_k=None, top_p=None)
+                            else:
+                                kw = dict(temperature=torch.ones(R), top_k=torch.full((R,), 50, dtype=torch.int32),
+                                          top_p=torch.full((R,), 0.9))
+                            bt = torch.zeros(R, dtype=torch.int64) if bonus else None
 
-                        def launch(a=(logits, toks, cu, par, q), u=unif, s=seed, o=off, kw=kw, D=D):
-                            K.rejection_sample(*a, kw["temperature"], kw["top_k"], kw["top_p"], u, s, o, D)
+                            def launch(a=(logits, toks, cu, par, q), u=unif, s=seed, o=off, kw=kw, D=D, bt=bt,
+                                       probs=probs):
+                                K.rejection_sample(*a, kw["temperature"], kw["top_k"], kw["top_p"], u, s, o, D, bt,
+                                                   probs)
 
-                        yield (f"R{R}-k{k}-V{V}-{'tree' if tree else 'chain'}-{'q' if with_q else 'pm'}-{coins}",
-                               dtype, launch)
+                            name = "" if mode == "logits" else f"-{mode}"
+                            yield (f"R{R}-k{k}-V{V}-{'tree' if tree else 'chain'}-{'q' if with_q else 'pm'}-{coins}"
+                                   f"{name}", dtype, launch)
 
 
 def tree_attention_launches(quick, arch):
@@ -300,7 +318,8 @@ def write_markdown(rows, path: Path, elapsed: float, quick: bool = False) -> Non
     import triton
 
     scope = ("; --quick: the first shape of each op's default set, with every dtype, head dim 64/128, chain/tree, "
-             "with/without draft_probs, seed/uniforms" if quick else "")
+             "with/without draft_probs, seed/uniforms, logits/probability rows, with/without bonus tokens" if quick
+             else "")
     lines = ["# Triton compile check (bench/compile_check.py)", "",
              f"triton {triton.__version__}, ptxas from the Triton wheel; {len(rows)} kernel specialisations "
              f"compiled in {elapsed:.0f} s. Each row: one distinct specialisation the ops launch for the benchmark "

@@ -82,7 +82,7 @@ def run(stem: str, name: str, args: Sequence, device: torch.device, out_dtypes: 
 @dataclass
 class RequestLayout:
     K: int  # slots for nodes per request (max k_r, at least 1)
-    row_idx: torch.Tensor  # int32 [R, K + 1]: logit row of slot s (s = 0 root, 1 + i node i); OOB = N + R
+    row_idx: torch.Tensor  # int32 [R, K + 1]: logit row of slot s (s = 0 root, 1 + i node i); OOB = rows
     tokens: torch.Tensor  # int32 [R, K]: draft token of local node i (-1 padding)
     parents: torch.Tensor  # int32 [R, K]: local parent (-1 root; -2 padding: matches nothing)
     node_idx: torch.Tensor  # int32 [R, K]: global node index (OOB = N padding)
@@ -91,7 +91,9 @@ class RequestLayout:
 
 
 def request_layout(cu_num_draft: torch.Tensor, draft_token_ids: torch.Tensor, parents: Optional[torch.Tensor],
-                   rows: int) -> RequestLayout:
+                   rows: int, bonus_rows: bool = False) -> RequestLayout:
+    """``bonus_rows``: the layout with given bonus tokens (``[N, V]`` rows, request r's at ``cu[r] ..``): slot
+    ``k_r`` (after the last draft) has no row and is out of range like the slots past it."""
     dev = cu_num_draft.device
     cu = cu_num_draft.to(torch.int64)
     R = cu.shape[0] - 1
@@ -107,8 +109,12 @@ def request_layout(cu_num_draft: torch.Tensor, draft_token_ids: torch.Tensor, pa
     nidx = torch.full((R, K), N, dtype=torch.int32, device=dev)
     nidx[node_r, local] = torch.arange(N, device=dev, dtype=torch.int32)
     slots = torch.arange(K + 1, device=dev)
-    row = cu[:-1, None] + torch.arange(R, device=dev)[:, None] + slots[None, :]
-    row_idx = torch.where(slots[None, :] <= ks[:, None], row, rows).to(torch.int32)
+    if bonus_rows:
+        row = cu[:-1, None] + slots[None, :]
+        row_idx = torch.where(slots[None, :] < ks[:, None], row, rows).to(torch.int32)
+    else:
+        row = cu[:-1, None] + torch.arange(R, device=dev)[:, None] + slots[None, :]
+        row_idx = torch.where(slots[None, :] <= ks[:, None], row, rows).to(torch.int32)
     return RequestLayout(K, row_idx, tok, par, nidx, node_r, local)
 
 
@@ -211,7 +217,7 @@ def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tenso
 
 
 def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                     uniforms, seed, offset, max_depth):
+                     uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     from spdkernels.ops._common import verify_outputs
 
     R = cu_num_draft.shape[0] - 1
@@ -224,7 +230,11 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     if max(R, N) * Vv > MAX_FLAT_INDEX:
         V.fail("target_logits", f"the NKI rejection_sample kernel addresses rows by int32 element indices: "
                f"max(R, N) * V must be < 2**31, got {max(R, N)} * {Vv}")
-    lay = request_layout(cu_num_draft, draft_token_ids, parents, rows)
+    has_bonus = bonus_token_ids is not None  # (chains only: the op refuses parents with bonus tokens)
+    if rows == 0:  # no draft at all (bonus layout): a stand-in row, absent from the layout (so never read)
+        target_logits = torch.zeros(1, Vv, dtype=target_logits.dtype, device=dev)
+        rows = 1
+    lay = request_layout(cu_num_draft, draft_token_ids, parents, rows, bonus_rows=has_bonus)
     K = lay.K
     if uniforms is None:
         off = offset if offset is not None else torch.zeros_like(seed)
@@ -241,11 +251,13 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     any_k = bool(((tk > 0) & (tk < Vv) & sampled).any())  # host sync: skip the searches nobody needs
     any_p = bool(((tp < 1) & sampled).any())
     dp = draft_probs.contiguous() if draft_probs is not None else torch.zeros(1, Vv, device=dev)
+    # bonus tokens carried in fp32 like every id in the kernel (exact below 2**24 > V; validation keeps them in [0, V))
+    bonus = (bonus_token_ids.to(torch.float32)[:, None] if has_bonus else torch.zeros(R, 1, device=dev))
     out, num, path, conv = run(
         "rejection_sample", "rejection_sample_kernel",
         (target_logits.contiguous(), lay.row_idx, lay.tokens, lay.parents, lay.node_idx, coins, temp[:, None],
          tk[:, None], tp[:, None], dp, dp.view(-1, 1), int(max_depth), int(draft_probs is not None), int(any_k),
-         int(any_p), int(parents is None)),
+         int(any_p), int(parents is None), bonus.contiguous(), int(has_bonus), int(bool(target_is_probs))),
         dev, (torch.int32, torch.int32, torch.int32, torch.int32))
     if not bool(conv.all()):
         raise RuntimeError("rejection_sample (nki): the top-k/top-p threshold search did not close within "

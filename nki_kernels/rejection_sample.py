@@ -1,4 +1,5 @@
-"""NKI rejection_sample: lossless speculative sampling of chains and token trees, from logits (docs/contract.md 3).
+"""NKI rejection_sample: lossless speculative sampling of chains and token trees, from logits or probabilities
+(docs/contract.md 3).
 
 Layout (prepared by ``spdkernels.nki_kernels._launch``): requests on the partitions, 128 per request tile; slot
 ``s`` of a request on the free axis (slot 0 its root row, slot ``1 + i`` the row after node ``i``; ``row_idx``
@@ -26,6 +27,13 @@ scratch row (``pbuf``, normalised up to a per-request scale) that the walk reads
     one token by inverse CDF: the row total, then prefix sums tile by tile (``tensor_tensor_scan`` carrying the
     running sum), counting those ``<= u * total``. Greedy requests (T = 0) use the one-hot of the argmax as
     ``p``, which makes the same steps give verify_greedy's answer.
+  * compile-time modes: ``is_probs`` (``target_is_probs``): a row is used as given, its values the weights with
+    mass 1 (no exp, no temperature, no filters, no mass pass; greedy requests still take the argmax; residuals are
+    normalised by their own sums and the final draw is against the scratch row's actual total, as for logits);
+    ``has_bonus`` (``bonus_token_ids``, chains):
+    the launcher's ``row_idx`` holds rows ``cu[r] + s`` and leaves slot ``k_r`` absent (no row after the last
+    draft), so a walk whose accepted child has no row emits the request's bonus token next and stops, and a request
+    without drafts (no root row) emits it at once; the statistics skip slot ``K`` (never present).
 Engines: DMA (gathers, scratch rows, results), Vector (compares, reductions, scans, selects), Scalar (exp),
 GpSimd (iota, integer index arithmetic).
 """
@@ -64,8 +72,11 @@ def _neg(x, P, w):
     return n
 
 
-def _weights(wt, x, m, invT, tau, P, w):
-    """wt = exp((x - m) / T) on {x >= tau}, 0 elsewhere."""
+def _weights(wt, x, m, invT, tau, P, w, probs):
+    """wt = exp((x - m) / T) on {x >= tau}, 0 elsewhere; for probability rows (``probs``) the values themselves."""
+    if probs:
+        nisa.tensor_copy(dst=wt, src=x)
+        return
     nisa.tensor_scalar(dst=wt, data=x, op0=nl.subtract, operand0=m)
     nisa.activation(dst=wt, op=nl.exp, data=wt, scale=invT)
     ge = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
@@ -92,7 +103,8 @@ def _scratch_index(dst, base, v0, lanes, oob, P):
     nisa.tensor_copy_predicated(dst=dst, src=idx, predicate=lanes)
 
 
-def _materialize(pbuf, logits, rowcol, lanes, m, tau, mass, amax, invT, greedy_u8, iota_t, base, P, V, VT, oob):
+def _materialize(pbuf, logits, rowcol, lanes, m, tau, mass, amax, invT, greedy_u8, iota_t, base, P, V, VT, oob,
+                 probs):
     """The normalised distribution of row rowcol[p] (w / mass, or the one-hot of the argmax for greedy requests)
     into the scratch rows of the partitions in lanes: one more read of the row, tile by tile."""
     rm = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -101,7 +113,7 @@ def _materialize(pbuf, logits, rowcol, lanes, m, tau, mass, amax, invT, greedy_u
         w = min(VT, V - v0)
         x = _row_tile(logits, rowcol, v0, w, P, V)
         wt = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
-        _weights(wt, x, m, invT, tau, P, w)
+        _weights(wt, x, m, invT, tau, P, w, probs)
         nisa.tensor_scalar(dst=wt, data=wt, op0=nl.multiply, operand0=rm)
         oh = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=oh, data=iota_t[0:P, 0:w], op0=nl.add, operand0=float(v0), op1=nl.equal,
@@ -115,7 +127,8 @@ def _materialize(pbuf, logits, rowcol, lanes, m, tau, mass, amax, invT, greedy_u
 
 @nki.jit
 def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, temperature, top_k, top_p,
-                            draft_probs, draft_flat, max_depth, has_q, any_top_k, any_top_p, is_chain):
+                            draft_probs, draft_flat, max_depth, has_q, any_top_k, any_top_p, is_chain, bonus,
+                            has_bonus, is_probs):
     NR, V = logits.shape
     R, S = row_idx.shape
     K = S - 1
@@ -189,7 +202,12 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
         present = nl.ndarray((P, 1), dtype=nl.uint8, buffer=nl.sbuf)
 
         # ---- statistics of every slot's row ----
-        for s in range(S):
+        if has_bonus:  # slot K holds no row for any request: not read, its statistics a defined 0
+            nisa.memset(dst=m_tab, value=0.0)
+            nisa.memset(dst=tau_tab, value=0.0)
+            nisa.memset(dst=mass_tab, value=1.0)
+            nisa.memset(dst=amax_tab, value=0.0)
+        for s in range(S - has_bonus):
             rowcol = rows[0:P, s:s + 1]
             if NT == 1:
                 x1 = _row_tile(logits, rowcol, 0, V, P, V)
@@ -239,14 +257,14 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
                             else:
                                 x = _row_tile(logits, rowcol, v0, w, P, V)
                             wt = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
-                            _weights(wt, x, m, invT, tau, P, w)
+                            _weights(wt, x, m, invT, tau, P, w, is_probs)
                             nisa.tensor_reduce(dst=part, op=nl.add, data=wt, axis=1)
                             _acc_add(mass, part)
                         nisa.tensor_tensor(dst=need, data1=mass, data2=tp, op=nl.multiply)
                         _acc_max(lo, tau)
                         if NT == 1:  # a row in one tile: its top-k weights once for all passes
                             w1 = nl.ndarray((P, V), dtype=nl.float32, buffer=nl.sbuf)
-                            _weights(w1, x1, m, invT, tau, P, V)
+                            _weights(w1, x1, m, invT, tau, P, V, is_probs)
                     lo_w = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # the search's own bounds
                     nisa.tensor_copy(dst=lo_w, src=lo)
                     hi = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -288,7 +306,7 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
                                 if NT == 1:
                                     nisa.tensor_tensor(dst=scr, data1=w1, data2=ge, op=nl.multiply)
                                 else:
-                                    _weights(scr, x, m, invT, tau, P, w)
+                                    _weights(scr, x, m, invT, tau, P, w, is_probs)
                                     nisa.tensor_tensor(dst=scr, data1=scr, data2=ge, op=nl.multiply)
                                 nisa.tensor_reduce(dst=f_t, op=nl.add, data=scr, axis=1)
                             if NT > 1:
@@ -324,18 +342,21 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
                     nisa.tensor_scalar(dst=present, data=rows_f[0:P, s:s + 1], op0=nl.less, operand0=float(NR))
                     nisa.tensor_tensor(dst=on, data1=on, data2=present, op=nl.multiply)
                     nisa.tensor_copy_predicated(dst=conv, src=closed, predicate=on)
-            # the kept mass
-            nisa.memset(dst=mass, value=0.0)
-            for v0 in range(0, V, VT):
-                w = min(VT, V - v0)
-                if NT == 1:
-                    x = x1
-                else:
-                    x = _row_tile(logits, rowcol, v0, w, P, V)
-                wt = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
-                _weights(wt, x, m, invT, tau, P, w)
-                nisa.tensor_reduce(dst=part, op=nl.add, data=wt, axis=1)
-                _acc_add(mass, part)
+            # the kept mass (a probability row is used as given: mass 1, no pass)
+            if is_probs:
+                nisa.memset(dst=mass, value=1.0)
+            else:
+                nisa.memset(dst=mass, value=0.0)
+                for v0 in range(0, V, VT):
+                    w = min(VT, V - v0)
+                    if NT == 1:
+                        x = x1
+                    else:
+                        x = _row_tile(logits, rowcol, v0, w, P, V)
+                    wt = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
+                    _weights(wt, x, m, invT, tau, P, w, is_probs)
+                    nisa.tensor_reduce(dst=part, op=nl.add, data=wt, axis=1)
+                    _acc_add(mass, part)
             nisa.tensor_copy(dst=m_tab[0:P, s:s + 1], src=m)
             nisa.tensor_copy(dst=tau_tab[0:P, s:s + 1], src=tau)
             nisa.tensor_copy(dst=mass_tab[0:P, s:s + 1], src=mass)
@@ -345,8 +366,12 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
         nisa.tensor_copy(dst=tau, src=tau_tab[0:P, 0:1])
         nisa.tensor_copy(dst=mass, src=mass_tab[0:P, 0:1])
         nisa.tensor_copy(dst=amax, src=amax_tab[0:P, 0:1])
-        _materialize(pbuf, logits, rows[0:P, 0:1], all_lanes, m, tau, mass, amax, invT, greedy_u8, iota_t, base, P, V,
-                     VT, P_OOB)
+        root_lanes = all_lanes
+        if has_bonus:  # requests without drafts have no root row: their scratch rows are not written
+            root_lanes = nl.ndarray((P, 1), dtype=nl.uint8, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=root_lanes, data=rows_f[0:P, 0:1], op0=nl.less, operand0=float(NR))
+        _materialize(pbuf, logits, rows[0:P, 0:1], root_lanes, m, tau, mass, amax, invT, greedy_u8, iota_t, base, P, V,
+                     VT, P_OOB, is_probs)
 
         # ---- the walk ----
         tok = nl.ndarray((P, K), dtype=nl.float32, buffer=nl.sbuf)
@@ -369,6 +394,12 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
         nisa.memset(dst=cur, value=-1.0)
         alive = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.memset(dst=alive, value=1.0)
+        if has_bonus:
+            bon = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # the bonus token of each request
+            nisa.dma_copy(dst=bon, src=bonus[r0:r0 + P, 0:1])
+            # no root row (no drafts): the bonus token at once, and no walk
+            nisa.tensor_scalar(dst=alive, data=rows_f[0:P, 0:1], op0=nl.less, operand0=float(NR))
+            nisa.tensor_copy_predicated(dst=out_sb[0:P, 0:1], src=bon, predicate=root_lanes, reverse_pred=True)
         s_scr = nl.ndarray((P, S), dtype=nl.float32, buffer=nl.sbuf)
         s_pred = nl.ndarray((P, S), dtype=nl.uint8, buffer=nl.sbuf)
         a_u8 = nl.ndarray((P, 1), dtype=nl.uint8, buffer=nl.sbuf)
@@ -502,12 +533,23 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
             nisa.tensor_tensor(dst=num_sb, data1=num_sb, data2=acc_any, op=nl.add)
             if d < D:
                 # accepted walks move to the child: its row (read once more) becomes p
-                nisa.tensor_copy(dst=a_u8, src=acc_any)
-                nisa.tensor_copy_predicated(dst=cur, src=acc_j, predicate=a_u8)
                 slot = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.tensor_scalar(dst=slot, data=acc_j, op0=nl.add, operand0=1.0)
                 rsel = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
                 _pick(rsel, rows_f, slot, iota_s[0:P, 0:S], s_scr, s_pred)
+                if has_bonus:
+                    # an accepted child without a row is the chain's last draft: the bonus token follows, the walk ends
+                    fin = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+                    nisa.tensor_scalar(dst=fin, data=rsel, op0=nl.greater_equal, operand0=float(NR))
+                    nisa.tensor_tensor(dst=fin, data1=fin, data2=acc_any, op=nl.multiply)
+                    nisa.tensor_copy(dst=a_u8, src=fin)
+                    nisa.tensor_copy_predicated(dst=out_sb[0:P, d + 1:d + 2], src=bon, predicate=a_u8)
+                    nisa.tensor_tensor(dst=alive, data1=alive, data2=fin, op=nl.subtract)
+                    nisa.tensor_tensor(dst=fin, data1=acc_any, data2=fin, op=nl.subtract)
+                    nisa.tensor_copy(dst=a_u8, src=fin)
+                else:
+                    nisa.tensor_copy(dst=a_u8, src=acc_any)
+                nisa.tensor_copy_predicated(dst=cur, src=acc_j, predicate=a_u8)
                 oob = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(dst=oob, value=float(NR))
                 nisa.tensor_copy_predicated(dst=oob, src=rsel, predicate=a_u8)
@@ -518,7 +560,7 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
                 _pick(mass, mass_tab, slot, iota_s[0:P, 0:S], s_scr, s_pred)
                 _pick(amax, amax_tab, slot, iota_s[0:P, 0:S], s_scr, s_pred)
                 _materialize(pbuf, logits, ri, a_u8, m, tau, mass, amax, invT, greedy_u8, iota_t, base, P, V, VT,
-                             P_OOB)
+                             P_OOB, is_probs)
                 nisa.memset(dst=part, value=1.0)
                 nisa.tensor_copy_predicated(dst=pscale, src=part, predicate=a_u8)
 

@@ -1,10 +1,10 @@
-"""Triton rejection_sample: lossless speculative sampling of chains and token trees, from logits.
+"""Triton rejection_sample: lossless speculative sampling of chains and token trees, from logits or probabilities.
 
 Same algorithm and definitions as ``spdkernels/reference/rejection_sample.py``; probabilities are never
 materialised for a whole row unless a rejection forces a residual.
 
-Kernel 1, ``_row_stats_kernel``: grid (N + R,), one program per logit row (every row, so the whole GPU
-works even for small batches; a walk would visit them one after another). It reads the row's request
+Kernel 1, ``_row_stats_kernel``: grid (N + R,) (N with bonus tokens), one program per logit row (every row, so
+the whole GPU works even for small batches; a walk would visit them one after another). It reads the row's request
 from a row -> request map (``repeat_interleave`` on the device, no host sync) and computes, without
 sorting and without writing probabilities:
 
@@ -31,6 +31,19 @@ divide, per element). Sums are fp32 within a tile and fp64 only across tiles (fp
 L4/L40S/RTX parts, and [BLOCK] fp64 vectors cost twice the registers). Coins are explicit
 uniforms or Philox4x32-10 keyed by (seed, offset) with counter (node, stream): the same bits as the
 reference and the C++ backend, no host sync, CUDA-graph safe for a fixed max_depth.
+
+Two compile-time modes (``tl.constexpr`` flags; with both off the kernels compile to the logits code):
+
+* ``PROBS`` (``target_is_probs``): the rows hold probabilities, used as given. A sampled request's weights are the
+  row's values themselves (fp32; no max, no exponential, no temperature, no filters) with mass 1, so kernel 1 does
+  not read its rows (it only takes the argmax for greedy requests) and an accepted row costs the walk one load,
+  ``p(t) = x_t``. Where the row's actual sum matters it is summed in the walk (fp32 per tile, fp64 across tiles):
+  after a point-mass rejection at a row as given (the residual is normalised by its own sum, also when p(t) = 0)
+  and for a final draw from a row as given (inverse CDF against the actual sum). A residual against draft_probs is
+  ``max(0, x - q)`` normalised by its sum, as in the logits mode.
+* ``BONUS`` (``bonus_token_ids``, chains only): the rows are ``[N, V]``, request r's rows start at ``cu[r]`` (not
+  ``cu[r] + r``) and there is no row after its last draft. Accepting the last draft ends the walk with the given
+  bonus token; a request without drafts emits it at once and reads no row. Greedy requests take the same walk.
 """
 
 from __future__ import annotations
@@ -152,7 +165,7 @@ def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: t
 @triton.jit
 def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, topp_ptr,
                       m_ptr, tau_ptr, mass_ptr, amax_ptr,
-                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, P: tl.constexpr):
+                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, P: tl.constexpr, PROBS: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * row_stride
     r = tl.load(req_ptr + row)
@@ -162,6 +175,11 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
         tl.store(m_ptr + row, 0.0)
         tl.store(tau_ptr + row, -2147483648)
         tl.store(mass_ptr + row, tl.full([], 1.0, tl.float64))
+    elif PROBS:  # a probability row is used as given: weights its values, mass 1 (the row is not read here)
+        tl.store(m_ptr + row, 0.0)
+        tl.store(tau_ptr + row, -2147483648)
+        tl.store(mass_ptr + row, tl.full([], 1.0, tl.float64))
+        tl.store(amax_ptr + row, 0)
     else:
         K = tl.load(topk_ptr + r)
         TP = tl.load(topp_ptr + r)
@@ -206,11 +224,14 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
 # ---- kernel 2: the walk ------------------------------------------------------------------------------
 
 @triton.jit
-def _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok):
+def _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok, PROBS: tl.constexpr):
     """Unnormalised weights of the current distribution at ``cols``: the scratch row once a residual
-    was written, else the row's kept weights with the excluded token removed."""
+    was written, else the row's kept weights (PROBS: its values) with the excluded token removed."""
     if in_buf != 0:
         g = tl.load(buf + cols, mask=msk, other=0.0)
+    elif PROBS:
+        x = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
+        g = tl.where(msk & (cols != ex_tok), x, 0.0)
     else:
         x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
         g = tl.where(msk & (order_key(x) >= tau) & (cols != ex_tok), tl.exp2((x - m) * sc), 0.0)
@@ -218,7 +239,7 @@ def _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok):
 
 
 @triton.jit
-def _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, t, BLOCK: tl.constexpr):
+def _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, t, BLOCK: tl.constexpr, PROBS: tl.constexpr):
     """The current distribution's mass without token ``t``, summed again from the weights (fp32 per tile, fp64
     across tiles): after a cancellation, a mass that is truly zero comes out as zero and a tiny one exactly."""
     offs = tl.arange(0, BLOCK)
@@ -226,7 +247,7 @@ def _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, t, BLOCK: tl.constex
     for s0 in range(0, V, BLOCK):
         cols = s0 + offs
         msk = cols < V
-        g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
+        g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok, PROBS)
         acc += tl.sum(tl.where(cols == t, 0.0, g), 0).to(tl.float64)
     return acc
 
@@ -241,12 +262,16 @@ def _row_state(m_ptr, tau_ptr, mass_ptr, amax_ptr, row):
 def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_ptr, temp_ptr,
                  unif_ptr, seed_ptr, offset_ptr, N,
                  m_ptr, tau_ptr, mass_ptr, amax_ptr, buf_ptr,
-                 out_ptr, num_ptr, path_ptr, max_depth,
-                 IS_CHAIN: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIF: tl.constexpr, BLOCK: tl.constexpr):
+                 out_ptr, num_ptr, path_ptr, max_depth, bonus_ptr,
+                 IS_CHAIN: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIF: tl.constexpr, BLOCK: tl.constexpr,
+                 PROBS: tl.constexpr, BONUS: tl.constexpr):
     r = tl.program_id(0)
     start = tl.load(cu_ptr + r)
     k = tl.load(cu_ptr + r + 1) - start
-    row0 = start + r
+    if BONUS:  # rows [N, V]: no row after a chain's last draft (row cu[r] <= N: the statistics have N + 1 entries)
+        row0 = start
+    else:
+        row0 = start + r
     T = tl.load(temp_ptr + r)
     # greedy = (T == 0) is tested where needed, not held: ptxas spilled that predicate (P2R + STL) over the walk
     sc = LOG2E / tl.where(T == 0.0, 1.0, T)  # weights exp2((x - m) * sc); greedy requests never use it
@@ -262,6 +287,9 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
     node = r * 0 - 1
     depth = r * 0
     done = r * 0
+    if BONUS:  # emitted: the walk ended on the bonus token (at once without drafts: no row is read)
+        emitted = (k <= 0).to(tl.int32)
+        done = emitted
     for _d in range(0, max_depth):
         if done == 0:
             base = logits_ptr + row.to(tl.int64) * row_stride
@@ -280,10 +308,25 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                         t = tl.load(draft_ptr + start + j).to(tl.int32)
                         if T == 0.0:  # greedy
                             if t == amax:
-                                accepted = j
+                                if BONUS or PROBS:
+                                    if HAS_Q:  # p is the one-hot of the argmax: accept if u q(t) <= 1
+                                        if HAS_UNIF:
+                                            ug = tl.load(unif_ptr + start + j)
+                                        else:
+                                            ug = philox_uniform(tl.load(seed_ptr + r), tl.load(offset_ptr + r), j, 0)
+                                        qg = tl.load(q_ptr + (start + j).to(tl.int64) * V + t)
+                                        if ug * qg <= 1.0:
+                                            accepted = j
+                                    else:
+                                        accepted = j
+                                else:
+                                    accepted = j
                         else:
                             if in_buf != 0:
                                 gt = tl.load(buf + t)
+                            elif PROBS:
+                                xt = tl.load(base + t).to(tl.float32)
+                                gt = tl.where(t != ex_tok, xt, 0.0)
                             else:
                                 xt = tl.load(base + t).to(tl.float32)
                                 gt = tl.where((order_key(xt) >= tau) & (t != ex_tok), tl.exp2((xt - m) * sc), 0.0)
@@ -298,6 +341,10 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                             else:
                                 # seed and offset loaded where used (cached): not held in registers over the walk
                                 u = philox_uniform(tl.load(seed_ptr + r), tl.load(offset_ptr + r), j, 0)
+                            if PROBS:  # at a row as given a rejection normalises p, also where p(t) = 0
+                                pm_go = (pt > 0.0) | ((in_buf == 0) & (ex_tok < 0))
+                            else:
+                                pm_go = pt > 0.0
                             if (pt > 0.0) & (u * qt <= pt):
                                 accepted = j
                             elif HAS_Q:
@@ -307,7 +354,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                                 for s0 in range(0, V, BLOCK):
                                     cols = s0 + offs
                                     msk = cols < V
-                                    g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
+                                    g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok, PROBS)
                                     qv = tl.load(q_row + cols, mask=msk, other=0.0)
                                     res = tl.maximum(g / M32 - qv, 0.0)
                                     if in_buf == 0:  # the row form stays valid: write at once
@@ -324,11 +371,15 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                                     in_buf = r * 0 + 1
                                     M = S
                                 tl.debug_barrier()
-                            elif pt > 0.0:
+                            elif pm_go:
                                 # point mass: the residual is p without token t (if anything is left)
                                 left = M - gt.to(tl.float64)
-                                if left <= RESUM_BELOW * M:  # cancellation: decide on an exact re-sum
-                                    left = _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, t, BLOCK)
+                                if PROBS:  # a row as given: its actual mass is not known, sum what is left
+                                    resum = (left <= RESUM_BELOW * M) | ((in_buf == 0) & (ex_tok < 0))
+                                else:
+                                    resum = left <= RESUM_BELOW * M
+                                if resum:  # cancellation: decide on an exact re-sum
+                                    left = _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, t, BLOCK, PROBS)
                                 if left > 0.0:
                                     if in_buf != 0:
                                         tl.store(buf + t + offs, tl.zeros([BLOCK], tl.float32), mask=offs < 1)
@@ -338,7 +389,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                                         for s0 in range(0, V, BLOCK):
                                             cols = s0 + offs
                                             msk = cols < V
-                                            g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
+                                            g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok, PROBS)
                                             tl.store(buf + cols, tl.where(cols == t, 0.0, g), mask=msk)
                                         in_buf = r * 0 + 1
                                     M = left
@@ -349,13 +400,22 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                 depth += 1
                 node = accepted
                 row = row0 + 1 + node
+                if BONUS:
+                    if node == k - 1:  # the chain's last draft: the bonus token follows, there is no row
+                        emitted = r * 0 + 1
+                        done = r * 0 + 1
+                        row = row0
                 m, tau, M, amax = _row_state(m_ptr, tau_ptr, mass_ptr, amax_ptr, row)
                 in_buf = r * 0
                 ex_tok = r * 0 - 1
             else:
                 done = r * 0 + 1
 
-    if T == 0.0:  # greedy
+    if BONUS:
+        no_sample = (T == 0.0) | (emitted != 0)
+    else:
+        no_sample = T == 0.0
+    if no_sample:  # greedy (or the bonus token, below)
         tok = amax
     else:
         if HAS_UNIF:
@@ -363,6 +423,9 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
         else:
             u = philox_uniform(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r * 0, 1)
         base = logits_ptr + row.to(tl.int64) * row_stride
+        if PROBS:
+            if (in_buf == 0) & (ex_tok < 0):  # a row as given: the draw is against its actual sum
+                M = _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, r * 0 - 1, BLOCK, PROBS)
         thr = u.to(tl.float64) * M
         cum = tl.zeros([], tl.float64)
         found = r * 0 - 1
@@ -371,7 +434,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
             if found < 0:
                 cols = s0 + offs
                 msk = cols < V
-                g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok)
+                g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok, PROBS)
                 # fp32 within the tile, against what is left of the threshold; fp64 across tiles. The tile's mass
                 # is its cumsum's last entry (weights >= 0), so the hit test and the running sum agree exactly
                 cs = tl.cumsum(g, 0)
@@ -381,6 +444,9 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                 last = tl.maximum(last, tl.max(tl.where(g > 0.0, cols, -1), 0))
                 cum = cum + tl.max(cs, 0).to(tl.float64)
         tok = tl.where(found >= 0, found, tl.maximum(last, 0))
+    if BONUS:
+        if emitted != 0:
+            tok = tl.load(bonus_ptr + r).to(tl.int32)
     finish_walk(out_row, path_row, num_ptr, r, depth, tok, max_depth)
 
 
@@ -394,7 +460,7 @@ def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tenso
 
 
 def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                     uniforms, seed, offset, max_depth):
+                     uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     if target_logits.stride(-1) != 1:
         target_logits = target_logits.contiguous()
     rows, V = target_logits.shape
@@ -404,21 +470,29 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     out, num, path = verify_outputs(R, max_depth, dev)  # the kernels write every entry, padding included
     if R == 0:
         return out, num, path
+    bonus = bonus_token_ids is not None  # (chains only: the op refuses parents with bonus tokens)
+    probs = bool(target_is_probs)
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     cu = cu_num_draft.contiguous()
     temp = c(temperature) if temperature is not None else torch.ones(R, dtype=torch.float32, device=dev)
     tk = c(top_k) if top_k is not None else torch.zeros(R, dtype=torch.int32, device=dev)
     tp = c(top_p) if top_p is not None else torch.ones(R, dtype=torch.float32, device=dev)
-    m = torch.empty(rows, dtype=torch.float32, device=dev)
-    tau = torch.empty(rows, dtype=torch.int32, device=dev)
-    mass = torch.empty(rows, dtype=torch.float64, device=dev)
-    amax = torch.empty(rows, dtype=torch.int32, device=dev)
+    # with bonus tokens a request without drafts starts at row cu[r] = N at most: one entry more, never written
+    # and never used (its walk reads no statistics it acts on)
+    n_stats = rows + 1 if bonus else rows
+    m = torch.empty(n_stats, dtype=torch.float32, device=dev)
+    tau = torch.empty(n_stats, dtype=torch.int32, device=dev)
+    mass = torch.empty(n_stats, dtype=torch.float64, device=dev)
+    amax = torch.empty(n_stats, dtype=torch.int32, device=dev)
     block = min(BLOCK_V, triton.next_power_of_2(V))
-    # the request of each row (rows of request r: cu[r] + r .. cu[r + 1] + r), without a host sync
-    req = torch.repeat_interleave(torch.arange(R, dtype=torch.int32, device=dev), cu.diff() + 1, output_size=rows)
-    _row_stats_kernel[(rows,)](target_logits, target_logits.stride(0), V, req, temp, tk, tp, m, tau, mass, amax,
-                               BLOCK=block, BLOCK_S=min(BLOCK_S, triton.next_power_of_2(V)), P=PIVOTS,
-                               num_warps=STATS_WARPS)
+    # the request of each row (rows of request r: cu[r] + r .. cu[r + 1] + r; with bonus tokens cu[r] .. cu[r + 1] - 1),
+    # without a host sync
+    counts = cu.diff() if bonus else cu.diff() + 1
+    req = torch.repeat_interleave(torch.arange(R, dtype=torch.int32, device=dev), counts, output_size=rows)
+    if rows > 0:
+        _row_stats_kernel[(rows,)](target_logits, target_logits.stride(0), V, req, temp, tk, tp, m, tau, mass, amax,
+                                   BLOCK=block, BLOCK_S=min(BLOCK_S, triton.next_power_of_2(V)), P=PIVOTS,
+                                   PROBS=probs, num_warps=STATS_WARPS)
     # scratch rows for residuals: only trees (several siblings) and draft_probs can need them
     buf = (torch.empty((R, V), dtype=torch.float32, device=dev) if (parents is not None or draft_probs is not None)
            else m)
@@ -427,8 +501,10 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     par = c(parents) if parents is not None else cu
     sd = c(seed) if seed is not None else cu
     off = c(offset) if offset is not None else cu
+    # bonus_ptr None without bonus tokens: a constexpr, so the logits kernels keep their signature
     _walk_kernel[(R,)](target_logits, target_logits.stride(0), V, draft_token_ids.contiguous(), cu, par, q, temp,
                        unif, sd, off, N, m, tau, mass, amax, buf, out, num, path, max_depth,
+                       c(bonus_token_ids) if bonus else None,
                        IS_CHAIN=parents is None, HAS_Q=draft_probs is not None, HAS_UNIF=uniforms is not None,
-                       BLOCK=min(WALK_BLOCK, block), num_warps=WALK_WARPS)
+                       BLOCK=min(WALK_BLOCK, block), PROBS=probs, BONUS=bonus, num_warps=WALK_WARPS)
     return out, num, path
