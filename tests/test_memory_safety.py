@@ -56,6 +56,37 @@ def test_malformed_inputs_with_validation_off_give_value_errors(op, backend):
         assert verdict.startswith("error: ValueError: ") and verdict.split(": ")[2] in want, line
 
 
+@pytest.mark.parametrize("op", ["verify_greedy", "tree_attention"])
+def test_triton_kernels_guard_their_indices_with_validation_off(op):
+    """The Triton kernels clamp every index they follow (no host sync, so no error either): a malformed batch gives
+    a defined result or a static ValueError, never a crash. Under the interpreter an unguarded read this far out of
+    bounds (cu offsets of 2^30, block ids of 2^20) kills the child, as the planted variant below shows."""
+    count = 2 * len(ATTN_CORRUPTIONS if op == "tree_attention" else DRAFT_CORRUPTIONS)
+    p = _run(["-m", "spdkernels.testing.fuzz", "--op", op, "--backend", "triton", "--count", str(count),
+              "--seed", "11"])
+    lines = [x for x in p.stdout.splitlines() if x.startswith("case ")]
+    assert p.returncode == 0, f"the child died (rc {p.returncode}) after: {lines[-1:]}\n{p.stderr[-2000:]}"
+    assert len(lines) == count
+    for line in lines:
+        verdict = line.split(" ", 3)[3]
+        assert verdict == "ok" or verdict.startswith("error: ValueError: "), line
+
+
+def test_an_unguarded_triton_read_kills_the_interpreter_child():
+    """The planted variant of the test above: a Triton kernel reading 2^30 elements past its tensor, under the
+    interpreter, dies (so the test above would see an unguarded kernel)."""
+    code = ("import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch, triton, triton.language as tl\n"
+            "@triton.jit\n"
+            "def k(x, o, off):\n"
+            "    tl.store(o, tl.load(x + off))\n"
+            "print('case 0 planted: ', end='', flush=True)\n"
+            "k[(1,)](torch.zeros(16), torch.zeros(1), 1 << 30)\n"
+            "print('ok')\n")
+    p = _run(["-c", code])
+    assert p.returncode != 0 and "ok" not in p.stdout
+
+
 def test_the_harness_reports_a_crash():
     """The planted variant: a child that dies by a signal is seen as a failure, not a pass."""
     p = _run(["-c", "import ctypes; print('case 0 planted: ', end='', flush=True); ctypes.string_at(0)"])

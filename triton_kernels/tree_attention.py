@@ -31,10 +31,11 @@ LOG2E = 1.4426950408889634
 
 # sizes that change from step to step (token count, tiles, chunk, block-table width, mask words) are not specialised on
 # (Triton would compile a variant for each value's divisibility by 16 and for 1)
-@triton.jit(do_not_specialize=["n_rows", "m_tiles", "chunk", "bt_stride", "mask_stride"])
+@triton.jit(do_not_specialize=["n_rows", "m_tiles", "chunk", "bt_stride", "mask_stride", "T", "num_blocks",
+                                "max_blocks", "mask_words"])
 def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
                       qk_scale, bt_stride, mask_stride, m_tiles, chunk, n_rows,
-                      k_sb, k_ss, k_sh, v_sb, v_ss, v_sh,
+                      k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, T, num_blocks, max_blocks, mask_words,
                       Hq: tl.constexpr, Hkv: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
                       SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -43,9 +44,14 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
     mt = pid0 % m_tiles
     h = tl.program_id(1)
     s = tl.program_id(2)
-    q0 = tl.load(cuq_ptr + r)
-    ql = tl.load(cuq_ptr + r + 1) - q0
-    L = tl.load(kvlen_ptr + r)
+    # Index guards, always on (validation off included) and free of host syncs: the query offsets clamped into
+    # [0, T], the KV length into [q_len, max_blocks * BS], block ids into [0, num_blocks), mask words into
+    # [0, mask_words). A well-formed batch is unchanged; a malformed one gives a defined result, never an access
+    # outside q, the caches, the block table, the mask or the output.
+    q0 = tl.minimum(tl.maximum(tl.load(cuq_ptr + r), 0), T)
+    ql = tl.minimum(tl.maximum(tl.load(cuq_ptr + r + 1), q0), T) - q0
+    L = tl.minimum(tl.maximum(tl.load(kvlen_ptr + r), ql), max_blocks * BS)
+    ql = tl.minimum(ql, L)
     P = L - ql  # committed prefix
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = rows // G  # local query
@@ -75,11 +81,12 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
             if BLOCK_N <= BS:
                 # tiles start at multiples of BLOCK_N (the chunks do): a tile lies in one page, whose block id is
                 # one scalar load; 64-bit arithmetic only for the page's base
-                blk = tl.load(bt_row + start // BS).to(tl.int64)
+                blk = tl.minimum(tl.maximum(tl.load(bt_row + start // BS), 0), num_blocks - 1).to(tl.int64)
                 k_rows = k_ptr + (blk * k_sb + (start % BS) * k_ss) + k_in
                 v_rows = v_ptr + (blk * v_sb + (start % BS) * v_ss) + v_in
             else:  # pages smaller than a tile (block size < 16): one block id per position
-                blk_v = tl.load(bt_row + pos // BS, mask=pos_ok, other=0).to(tl.int64)
+                blk_v = tl.load(bt_row + pos // BS, mask=pos_ok, other=0)
+                blk_v = tl.minimum(tl.maximum(blk_v, 0), num_blocks - 1).to(tl.int64)
                 k_rows = k_ptr + (blk_v * k_sb + k_in)
                 v_rows = v_ptr + (blk_v * v_sb + v_in)
             k = tl.load(k_rows[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
@@ -95,7 +102,8 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
                 j = pos - P
                 if HAS_MASK:
                     jc = tl.maximum(j, 0)  # prefix columns (j < 0) see everything; a clamped index keeps the shift
-                    word = tl.load(mask_ptr + (q0 + qi).to(tl.int64)[:, None] * mask_stride + (jc // 32)[None, :],
+                    word = tl.load(mask_ptr + (q0 + qi).to(tl.int64)[:, None] * mask_stride
+                                   + tl.minimum(jc // 32, mask_words - 1)[None, :],
                                    mask=row_ok[:, None] & (j >= 0)[None, :] & pos_ok[None, :], other=0)
                     see = ((word >> (jc % 32)[None, :]) & 1) != 0  # shift in [0, 32): never negative (UB in LLVM)
                 else:
@@ -210,7 +218,8 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
     _tree_attn_kernel[grid](q, k_cache, v_cache, bt, kv_lens, cu_q_lens, mask, out, part, lse,
                             scale * LOG2E, bt.stride(0), mask.stride(0) if tree_mask is not None else 0, m_tiles, chunk,
                             T * Hq, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-                            v_cache.stride(1), v_cache.stride(2),
+                            v_cache.stride(1), v_cache.stride(2), T, nb, bt.shape[1],
+                            tree_mask.shape[1] if tree_mask is not None else 1,
                             Hq=Hq, Hkv=Hkv, G=G, D=D, BLOCK_D=BLOCK_D, BS=BS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                             HAS_MASK=tree_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
                             UPCAST=_interpreting() and q.dtype == torch.bfloat16, num_warps=num_warps)

@@ -34,12 +34,15 @@ def _row_argmax_kernel(logits_ptr, row_stride, V, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + row, argmax_row(logits_ptr + row * row_stride, V, BLOCK))
 
 
-@triton.jit(do_not_specialize=["max_depth"])
-def _greedy_walk_kernel(argmax_ptr, draft_ptr, cu_ptr, parents_ptr, out_ptr, num_ptr, path_ptr, max_depth,
+@triton.jit(do_not_specialize=["max_depth", "N"])
+def _greedy_walk_kernel(argmax_ptr, draft_ptr, cu_ptr, parents_ptr, out_ptr, num_ptr, path_ptr, max_depth, N,
                         IS_CHAIN: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
-    start = tl.load(cu_ptr + r)
-    k = tl.load(cu_ptr + r + 1) - start
+    # offsets clamped into [0, N] and non-decreasing: with validation off a malformed cu_num_draft gives a
+    # defined result, never a read outside the N + R argmax rows or the N drafts (parents and draft tokens are
+    # only compared, never used as addresses)
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + r), 0), N)
+    k = tl.minimum(tl.maximum(tl.load(cu_ptr + r + 1), start), N) - start
     row0 = start + r
     out_row = out_ptr + r.to(tl.int64) * (max_depth + 1)
     path_row = path_ptr + r.to(tl.int64) * max_depth
@@ -99,5 +102,5 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
     draft = draft_token_ids.contiguous()
     par = parents.contiguous() if parents is not None else cu_num_draft  # dummy pointer for chains
     _greedy_walk_kernel[(R,)](amax, draft, cu_num_draft.contiguous(), par, out, num, path, max_depth,
-                              IS_CHAIN=parents is None, BLOCK=BLOCK_K)
+                              draft.shape[0], IS_CHAIN=parents is None, BLOCK=BLOCK_K)
     return out, num, path

@@ -57,6 +57,8 @@ def _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mas
         V.check_tensor("tree_mask", tree_mask, 2, (torch.int32,), dev)
         if tree_mask.shape[0] != T:
             V.fail("tree_mask", f"expected shape [T, W] with T = {T}, got {tuple(tree_mask.shape)}")
+        if tree_mask.shape[1] < 1:
+            V.fail("tree_mask", f"expected at least one 32-bit word per query, got shape {tuple(tree_mask.shape)}")
 
 
 def _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask) -> None:
