@@ -56,11 +56,12 @@ def test_malformed_inputs_with_validation_off_give_value_errors(op, backend):
         assert verdict.startswith("error: ValueError: ") and verdict.split(": ")[2] in want, line
 
 
-@pytest.mark.parametrize("op", ["verify_greedy", "tree_attention"])
+@pytest.mark.parametrize("op", ["verify_greedy", "rejection_sample", "tree_attention"])
 def test_triton_kernels_guard_their_indices_with_validation_off(op):
     """The Triton kernels clamp every index they follow (no host sync, so no error either): a malformed batch gives
     a defined result or a static ValueError, never a crash. Under the interpreter an unguarded read this far out of
-    bounds (cu offsets of 2^30, block ids of 2^20) kills the child, as the planted variant below shows."""
+    bounds (cu offsets of 2^30, block ids of 2^20) kills the child, as the planted variant below shows (and as the
+    unguarded verify_greedy and rejection_sample kernels did at the 2^30 cu case)."""
     count = 2 * len(ATTN_CORRUPTIONS if op == "tree_attention" else DRAFT_CORRUPTIONS)
     p = _run(["-m", "spdkernels.testing.fuzz", "--op", op, "--backend", "triton", "--count", str(count),
               "--seed", "11"])

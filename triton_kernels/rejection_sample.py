@@ -266,8 +266,12 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                  IS_CHAIN: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIF: tl.constexpr, BLOCK: tl.constexpr,
                  PROBS: tl.constexpr, BONUS: tl.constexpr):
     r = tl.program_id(0)
-    start = tl.load(cu_ptr + r)
-    k = tl.load(cu_ptr + r + 1) - start
+    # Index guards, always on (validation off included) and free of host syncs: offsets clamped into [0, N] and
+    # non-decreasing, so every row and draft read stays in its tensor; a draft token outside [0, V) is never
+    # accepted and changes nothing (it is only ever used as an address after this test). A malformed batch gives
+    # a defined result, never an access out of bounds.
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + r), 0), N)
+    k = tl.minimum(tl.maximum(tl.load(cu_ptr + r + 1), start), N) - start
     if BONUS:  # rows [N, V]: no row after a chain's last draft (row cu[r] <= N: the statistics have N + 1 entries)
         row0 = start
     else:
@@ -304,8 +308,8 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
                         par = node
                     else:
                         par = tl.load(parents_ptr + start + j)
-                    if par == node:
-                        t = tl.load(draft_ptr + start + j).to(tl.int32)
+                    t = tl.load(draft_ptr + start + j).to(tl.int32)
+                    if (par == node) & (t >= 0) & (t < V):
                         if T == 0.0:  # greedy
                             if t == amax:
                                 if BONUS or PROBS:
@@ -487,8 +491,10 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     block = min(BLOCK_V, triton.next_power_of_2(V))
     # the request of each row (rows of request r: cu[r] + r .. cu[r + 1] + r; with bonus tokens cu[r] .. cu[r + 1] - 1),
     # without a host sync
-    counts = cu.diff() if bonus else cu.diff() + 1
-    req = torch.repeat_interleave(torch.arange(R, dtype=torch.int32, device=dev), counts, output_size=rows)
+    # (a search rather than repeat_interleave: defined, in [0, R), for any cu with validation off)
+    first = cu[1:] if bonus else cu[1:] + torch.arange(1, R + 1, dtype=torch.int32, device=dev)
+    req = torch.searchsorted(first, torch.arange(rows, dtype=torch.int32, device=dev), right=True, out_int32=True)
+    req = req.clamp_(max=R - 1)
     if rows > 0:
         _row_stats_kernel[(rows,)](target_logits, target_logits.stride(0), V, req, temp, tk, tp, m, tau, mass, amax,
                                    BLOCK=block, BLOCK_S=min(BLOCK_S, triton.next_power_of_2(V)), P=PIVOTS,

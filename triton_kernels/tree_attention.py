@@ -45,13 +45,16 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
     h = tl.program_id(1)
     s = tl.program_id(2)
     # Index guards, always on (validation off included) and free of host syncs: the query offsets clamped into
-    # [0, T], the KV length into [q_len, max_blocks * BS], block ids into [0, num_blocks), mask words into
-    # [0, mask_words). A well-formed batch is unchanged; a malformed one gives a defined result, never an access
-    # outside q, the caches, the block table, the mask or the output.
+    # [0, T], the query count to the mask's 32 * mask_words bits (a mask column j = pos - P stays below q_len,
+    # whatever kv_len is), block-table columns into [0, max_blocks), block ids into [0, num_blocks) (in-page
+    # offsets are in range by construction). A well-formed batch is unchanged; a malformed one never reads or
+    # writes outside q, the caches, the block table, the mask or the output (rows of queries cut off are left
+    # unwritten). (Clamping kv_len instead of the columns made ptxas spill the fp32 specialisations.)
     q0 = tl.minimum(tl.maximum(tl.load(cuq_ptr + r), 0), T)
     ql = tl.minimum(tl.maximum(tl.load(cuq_ptr + r + 1), q0), T) - q0
-    L = tl.minimum(tl.maximum(tl.load(kvlen_ptr + r), ql), max_blocks * BS)
-    ql = tl.minimum(ql, L)
+    if HAS_MASK:
+        ql = tl.minimum(ql, 32 * mask_words)
+    L = tl.load(kvlen_ptr + r)
     P = L - ql  # committed prefix
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = rows // G  # local query
@@ -69,7 +72,7 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo = s * chunk
-        hi = tl.minimum(lo + chunk, L)
+        hi = tl.minimum(lo + chunk, tl.minimum(L, max_blocks * BS))  # (a kv_len past the table: bounded work)
         bt_row = bt_ptr + r.to(tl.int64) * bt_stride
         n = tl.arange(0, BLOCK_N)
         # in-page offsets (int32: a page's elements fit) of this KV head's rows of a tile
@@ -81,11 +84,12 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
             if BLOCK_N <= BS:
                 # tiles start at multiples of BLOCK_N (the chunks do): a tile lies in one page, whose block id is
                 # one scalar load; 64-bit arithmetic only for the page's base
-                blk = tl.minimum(tl.maximum(tl.load(bt_row + start // BS), 0), num_blocks - 1).to(tl.int64)
+                blk = tl.load(bt_row + tl.minimum(start // BS, max_blocks - 1))
+                blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
                 k_rows = k_ptr + (blk * k_sb + (start % BS) * k_ss) + k_in
                 v_rows = v_ptr + (blk * v_sb + (start % BS) * v_ss) + v_in
             else:  # pages smaller than a tile (block size < 16): one block id per position
-                blk_v = tl.load(bt_row + pos // BS, mask=pos_ok, other=0)
+                blk_v = tl.load(bt_row + tl.minimum(pos // BS, max_blocks - 1), mask=pos_ok, other=0)
                 blk_v = tl.minimum(tl.maximum(blk_v, 0), num_blocks - 1).to(tl.int64)
                 k_rows = k_ptr + (blk_v * k_sb + k_in)
                 v_rows = v_ptr + (blk_v * v_sb + v_in)
@@ -102,8 +106,7 @@ def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, kvlen_ptr, cuq_ptr, mask_ptr,
                 j = pos - P
                 if HAS_MASK:
                     jc = tl.maximum(j, 0)  # prefix columns (j < 0) see everything; a clamped index keeps the shift
-                    word = tl.load(mask_ptr + (q0 + qi).to(tl.int64)[:, None] * mask_stride
-                                   + tl.minimum(jc // 32, mask_words - 1)[None, :],
+                    word = tl.load(mask_ptr + (q0 + qi).to(tl.int64)[:, None] * mask_stride + (jc // 32)[None, :],
                                    mask=row_ok[:, None] & (j >= 0)[None, :] & pos_ok[None, :], other=0)
                     see = ((word >> (jc % 32)[None, :]) & 1) != 0  # shift in [0, 32): never negative (UB in LLVM)
                 else:
