@@ -118,6 +118,17 @@ def request_layout(cu_num_draft: torch.Tensor, draft_token_ids: torch.Tensor, pa
     return RequestLayout(K, row_idx, tok, par, nidx, node_r, local)
 
 
+def _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens: bool = True) -> None:
+    """The index checks of the torch backend, made with validation off too (with it on, the op has made them): the
+    launchers read the batch on the host anyway (its sizes are the kernels' compile-time shapes), so they cost no
+    extra synchronisation, and a malformed batch is a ValueError naming the argument, never a layout built from
+    out-of-range offsets."""
+    from spdkernels import _config
+
+    if not _config.validation_enabled():
+        V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=tokens)
+
+
 def _check_vocab(target_logits: torch.Tensor) -> None:
     if target_logits.shape[1] >= FP32_EXACT_INT:
         V.fail("target_logits", f"the NKI kernels carry token ids in fp32: V must be < 2**24, got "
@@ -134,6 +145,7 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
     if R == 0:
         return verify_outputs(0, max_depth, dev)
     _check_vocab(target_logits)
+    _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=False)
     lay = request_layout(cu_num_draft, draft_token_ids, parents, target_logits.shape[0])
     out, num, path = run("verify_greedy", "verify_greedy_kernel",
                          (target_logits.contiguous(), lay.row_idx, lay.tokens, lay.parents, int(max_depth)),
@@ -159,6 +171,12 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
         V.fail("k_cache", f"block size {bs} exceeds the NKI kernel's {MAX_BLOCK_SIZE} (one P.V chunk)")
     if T == 0 or R == 0:
         return torch.empty_like(q)
+    from spdkernels import _config
+
+    if not _config.validation_enabled():  # the torch backend's layout checks (a host read the launcher makes anyway)
+        from spdkernels.ops.tree_attention import _check_layout
+
+        _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
     cu = cu_q_lens.to(torch.int64)
     q_len = cu[1:] - cu[:-1]
     Qmax = int(q_len.max())  # host sync: the tail tile's compile-time width
@@ -226,6 +244,7 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
         return verify_outputs(0, max_depth, dev)
     rows, Vv = target_logits.shape
     _check_vocab(target_logits)
+    _check_indices(target_logits, draft_token_ids, cu_num_draft, parents)
     N = draft_token_ids.shape[0]
     if max(R, N) * Vv > MAX_FLAT_INDEX:
         V.fail("target_logits", f"the NKI rejection_sample kernel addresses rows by int32 element indices: "

@@ -1,7 +1,8 @@
 """Validation off must never mean memory corruption: malformed inputs (draft tokens outside the vocabulary,
 ``cu`` not starting at 0 / decreasing / past N, parents out of range, block-table entries outside the cache,
 ``kv_lens`` past the table or below the query length, a tree mask too narrow) give a ValueError naming the
-argument on the ``torch`` and ``cpp`` backends (``verify_greedy`` only compares draft tokens, so one outside
+argument on the ``torch``, ``cpp`` and ``nki`` (emulated) backends, and a defined result on ``triton`` (its kernels
+clamp every index they follow: no host sync, so no error) (``verify_greedy`` only compares draft tokens, so one outside
 the vocabulary is a defined result there: never accepted), from the always-on index checks (csrc/common.h
 ``check_draft_batch``, csrc/tree_attention.cpp ``check_layout``, ``_validate.check_draft_batch_indices``).
 
@@ -25,13 +26,14 @@ EXPECTED = {"token_ge_V": "draft_token_ids", "token_negative": "draft_token_ids"
             "kv_len_below_q_len": "kv_lens", "mask_too_narrow": "tree_mask"}
 
 
-def _run(args, timeout=600):
+def _run(args, timeout=600, **env):
     # the child inherits the environment (make sanitize runs these children under its sanitizers too)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **env))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+# nki: its launchers read the batch on the host anyway, and make the torch backend's index checks there
+@pytest.mark.parametrize("backend", ["torch", "cpp", "nki"])
 @pytest.mark.parametrize("op", ["verify_greedy", "rejection_sample", "tree_attention"])
 def test_malformed_inputs_with_validation_off_give_value_errors(op, backend):
     if backend == "cpp":
@@ -41,7 +43,7 @@ def test_malformed_inputs_with_validation_off_give_value_errors(op, backend):
             pytest.skip(f"C++ extension unavailable: {_cpp.load_error()}")
     count = 3 * len(ATTN_CORRUPTIONS if op == "tree_attention" else DRAFT_CORRUPTIONS)
     p = _run(["-m", "spdkernels.testing.fuzz", "--op", op, "--backend", backend, "--count", str(count),
-              "--seed", "11"])
+              "--seed", "11"], **({"SPDKERNELS_NKI_EMULATE": "1"} if backend == "nki" else {}))
     lines = [x for x in p.stdout.splitlines() if x.startswith("case ")]
     assert p.returncode == 0, f"the child died (rc {p.returncode}) after: {lines[-1:]}\n{p.stderr[-2000:]}"
     assert len(lines) == count
