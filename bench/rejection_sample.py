@@ -22,9 +22,11 @@ from .verify_greedy import DT
 from .verify_greedy import check as check_exact
 
 
-def case(R, k, V, dtype="fp32", tree=False, top_k=0, top_p=1.0, temperature=1.0, peak=None):
+def case(R, k, V, dtype="fp32", tree=False, top_k=0, top_p=1.0, temperature=1.0, peak=None, layout=None):
+    """``layout``: None (logit rows, N + R), "probs" (the same rows as probabilities, target_is_probs), "bonus"
+    (vLLM's N rows with given bonus tokens) or "probs-bonus"."""
     return {"R": R, "k": k, "V": V, "dtype": dtype, "tree": tree, "top_k": top_k, "top_p": top_p,
-            "temperature": temperature, "peak": peak}
+            "temperature": temperature, "peak": peak, "layout": layout}
 
 
 SHAPE_SETS = {
@@ -32,14 +34,20 @@ SHAPE_SETS = {
                 case(16, 8, 32000, tree=True), case(16, 4, 32000, "bf16"), case(64, 4, 128256, "bf16"),
                 case(64, 4, 128256, "bf16", top_p=0.9), case(16, 4, 32000, peak=0.8),
                 case(64, 4, 128256, "bf16", peak=0.8)],
-    "tiny": [case(2, 3, 1000), case(3, 4, 1000, "bf16", tree=True, top_k=20, top_p=0.8)],
+    "tiny": [case(2, 3, 1000), case(3, 4, 1000, "bf16", tree=True, top_k=20, top_p=0.8),
+             case(3, 3, 1000, layout="probs-bonus")],
+    # the serving stacks' layouts side by side with the logits layout, on a trained-like target (p = 0.8 on the
+    # top token): probability rows read as given, N rows with given bonus tokens
+    "layouts": [case(16, 4, 32000, peak=0.8, layout=lay) for lay in (None, "probs", "bonus", "probs-bonus")]
+    + [case(64, 4, 128256, "bf16", peak=0.8, layout=lay) for lay in (None, "probs", "bonus", "probs-bonus")],
 }
 
 
 def label(c):
     filt = "".join([f"-topk{c['top_k']}" if c["top_k"] else "", f"-topp{c['top_p']}" if c["top_p"] < 1 else "",
                     f"-peak{c['peak']}" if c.get("peak") else ""])
-    return f"R{c['R']}-k{c['k']}-V{c['V']}-{c['dtype']}-{'tree' if c['tree'] else 'chain'}{filt}"
+    lay = f"-{c['layout']}" if c.get("layout") else ""
+    return f"R{c['R']}-k{c['k']}-V{c['V']}-{c['dtype']}-{'tree' if c['tree'] else 'chain'}{filt}{lay}"
 
 
 def make_inputs(c, device):
@@ -55,7 +63,17 @@ def make_inputs(c, device):
               top_p=torch.full((R,), c["top_p"], device=device) if c["top_p"] < 1 else None,
               seed=torch.arange(R, dtype=torch.int64, device=device), offset=torch.zeros(R, dtype=torch.int64,
                                                                                           device=device))
-    return (b.target_logits, b.draft_token_ids, b.cu_num_draft), kw
+    rows = b.target_logits
+    lay = c.get("layout") or ""
+    if "bonus" in lay:  # chains: drop the row after each request's last draft, bonus tokens given instead
+        keep = torch.ones(rows.shape[0], dtype=torch.bool, device=device)
+        keep[torch.arange(1, R + 1, device=device) * (c["k"] + 1) - 1] = False
+        rows = rows[keep]
+        kw["bonus_token_ids"] = torch.randint(0, c["V"], (R,), generator=gen).to(device)
+    if "probs" in lay:
+        rows = torch.softmax(rows.float(), -1).to(rows.dtype)
+        kw["target_is_probs"] = True
+    return (rows, b.draft_token_ids, b.cu_num_draft), kw
 
 
 def peaked(logits, p_top):
@@ -74,10 +92,11 @@ def run(inputs):
 
 
 def op_args(inputs):
-    """The op's 12 positional arguments (schema order) for this module's inputs."""
+    """The op's 14 positional arguments (schema order) for this module's inputs."""
     (logits, ids, cu), kw = inputs
     return (logits, ids, cu, *[kw.get(n) for n in ("parents", "draft_probs", "temperature", "top_k", "top_p",
-                                                   "uniforms", "seed", "offset")], kw["max_depth"])
+                                                   "uniforms", "seed", "offset")], kw["max_depth"],
+            kw.get("bonus_token_ids"), kw.get("target_is_probs", False))
 
 
 _prepared = {}
@@ -117,10 +136,19 @@ def cpp_kernel_here(name, device):
 
 
 def bytes_moved(c, num_emitted=None):
+    """The rows a walk must read: with logits, every visited row in full (root and each accepted node's); with
+    probability rows (read as given), one cache line of each accepted row and the row of the final draw in full;
+    with bonus tokens, no row after a chain whose drafts were all accepted."""
     R, k, V = c["R"], c["k"], c["V"]
     elt = torch.finfo(DT[c["dtype"]]).bits // 8
-    rows = int(num_emitted.sum()) if num_emitted is not None else R * (k + 1)
-    return rows * V * elt + R * k * 4 * (3 if c["tree"] else 2) + R * (k + 1) * 4 * 2 + R * 16
+    lay = c.get("layout") or ""
+    visited = int(num_emitted.sum()) if num_emitted is not None else R * (k + 1)
+    bonus_hits = int((num_emitted == k + 1).sum()) if num_emitted is not None and "bonus" in lay else 0
+    if "probs" in lay:
+        rows = (R - bonus_hits) * V * elt + (visited - R) * 64
+    else:
+        rows = (visited - bonus_hits) * V * elt
+    return rows + R * k * 4 * (3 if c["tree"] else 2) + R * (k + 1) * 4 * 2 + R * 16
 
 
 def nki_bytes(c):
@@ -134,6 +162,8 @@ def nki_bytes(c):
     from spdkernels.nki_kernels._launch import MAX_FLAT_INDEX
 
     R, k, V = c["R"], c["k"], c["V"]
+    if c.get("layout"):
+        return 0, "not modelled for probability rows / bonus tokens"
     if R * k * V > MAX_FLAT_INDEX:
         return 0, "N * V over 2**31 (int32 element indices)"
     elt = torch.finfo(DT[c["dtype"]]).bits // 8
@@ -157,6 +187,8 @@ def triton_bytes(c, num_emitted=None):
     elt = torch.finfo(DT[c["dtype"]]).bits // 8
     filters = (1 if 0 < c["top_k"] < V else 0) + (1 if c["top_p"] < 1 else 0)
     stats = R * (k + 1) * V * elt * (1 + 2 * filters) + R * (k + 1) * 20  # + m, tau, mass, argmax per row
+    if "probs" in (c.get("layout") or ""):  # kernel 1 reads no sampled probability row; the walk sums the last one
+        stats = R * (k + 1) * 20 + R * V * elt
     final = R * V * elt
     q = R * V * (elt + 4 + 4) if c.get("draft_probs") else 0
     visited = int(num_emitted.sum()) if num_emitted is not None else R * (k + 1)

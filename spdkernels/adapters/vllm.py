@@ -324,10 +324,8 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     # draw, each seeded request's slice then redrawn from its generator as vLLM draws it (float64)
     coins = None if all_greedy else _coins(N, B, num_draft_tokens, generators, device)
     uniform = None if coins is None else coins[:N]
-    if all_greedy:
-        greedy = torch.ones(B, dtype=torch.bool, device=device)
-    elif all_random:
-        greedy = torch.zeros(B, dtype=torch.bool, device=device)
+    if all_greedy or all_random:
+        greedy = None  # (made only if the rare padded-draft path needs it)
     else:
         greedy = sampling_metadata.temperature.to(device) == GREEDY_TEMPERATURE
     noise_dtype = torch.float64 if use_fp64_gumbel else torch.float32
@@ -360,6 +358,8 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
         return _bonus_path(target, probs_given, tokens, num_draft_tokens, draft_probs, coins, temperature, exact,
                            bonus, max_spec_len, ctx)
     logits = probs_to_logits(target) if probs_given else target
+    if greedy is None:
+        greedy = torch.full((B,), all_greedy, dtype=torch.bool, device=device)
     temperature = torch.where(greedy, 0.0, 1.0).to(torch.float32)
     k = torch.tensor(num_draft_tokens, dtype=torch.int64, device=device)
     starts = torch.cumsum(k, 0) - k
