@@ -92,6 +92,20 @@ def _acc_add(acc, part):
     nisa.tensor_tensor(dst=acc, data1=acc, data2=part, op=nl.add)
 
 
+def _add_kept_mass(mass, part, logits, rowcol, x1, NT, P, V, VT, m, invT, tau, probs):
+    """mass += the row's kept weights (``_weights``), one tile at a time (``x1``: the row when it is one tile)."""
+    for v0 in range(0, V, VT):
+        w = min(VT, V - v0)
+        if NT == 1:
+            x = x1
+        else:
+            x = _row_tile(logits, rowcol, v0, w, P, V)
+        wt = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
+        _weights(wt, x, m, invT, tau, P, w, probs)
+        nisa.tensor_reduce(dst=part, op=nl.add, data=wt, axis=1)
+        _acc_add(mass, part)
+
+
 def _scratch_index(dst, base, v0, lanes, oob, P):
     """dst[p] = base[p] + v0 (element index of a scratch row tile) where lanes[p], else oob (skipped). int32
     tiles only: GpSimd integer arithmetic, exact beyond 2**24."""
@@ -209,6 +223,7 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
             nisa.memset(dst=amax_tab, value=0.0)
         for s in range(S - has_bonus):
             rowcol = rows[0:P, s:s + 1]
+            x1 = None  # the row, when it is one tile
             if NT == 1:
                 x1 = _row_tile(logits, rowcol, 0, V, P, V)
                 n1 = _neg(x1, P, V)
@@ -250,16 +265,7 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
                     else:
                         # top-p of the top-k mass, searched above the top-k threshold
                         nisa.memset(dst=mass, value=0.0)
-                        for v0 in range(0, V, VT):
-                            w = min(VT, V - v0)
-                            if NT == 1:
-                                x = x1
-                            else:
-                                x = _row_tile(logits, rowcol, v0, w, P, V)
-                            wt = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
-                            _weights(wt, x, m, invT, tau, P, w, is_probs)
-                            nisa.tensor_reduce(dst=part, op=nl.add, data=wt, axis=1)
-                            _acc_add(mass, part)
+                        _add_kept_mass(mass, part, logits, rowcol, x1, NT, P, V, VT, m, invT, tau, is_probs)
                         nisa.tensor_tensor(dst=need, data1=mass, data2=tp, op=nl.multiply)
                         _acc_max(lo, tau)
                         if NT == 1:  # a row in one tile: its top-k weights once for all passes
@@ -347,16 +353,7 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
                 nisa.memset(dst=mass, value=1.0)
             else:
                 nisa.memset(dst=mass, value=0.0)
-                for v0 in range(0, V, VT):
-                    w = min(VT, V - v0)
-                    if NT == 1:
-                        x = x1
-                    else:
-                        x = _row_tile(logits, rowcol, v0, w, P, V)
-                    wt = nl.ndarray((P, w), dtype=nl.float32, buffer=nl.sbuf)
-                    _weights(wt, x, m, invT, tau, P, w, is_probs)
-                    nisa.tensor_reduce(dst=part, op=nl.add, data=wt, axis=1)
-                    _acc_add(mass, part)
+                _add_kept_mass(mass, part, logits, rowcol, x1, NT, P, V, VT, m, invT, tau, is_probs)
             nisa.tensor_copy(dst=m_tab[0:P, s:s + 1], src=m)
             nisa.tensor_copy(dst=tau_tab[0:P, s:s + 1], src=tau)
             nisa.tensor_copy(dst=mass_tab[0:P, s:s + 1], src=mass)
