@@ -705,22 +705,30 @@ def _probs_dist_case(R, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_probability_rows_emit_the_target_distribution(backend):
-    """Tokens emitted from probability rows follow the rows (first token: accepted draft or residual
-    sample; second token after an accepted draft: the next row). The planted bug (the flag forgotten: probabilities
-    read as logits) is rejected by the same test."""
+    """Tokens emitted from probability rows follow the rows (first token: accepted draft or residual sample; second
+    token after an accepted draft: the next row)."""
     R = 400 if backend == "triton" and not ON_GPU else (2500 if backend == "nki" else 20000)
     gen = torch.Generator().manual_seed(2024)
     rows, toks, cu, kw, p0, p1 = _probs_dist_case(R, gen)
     with use_backend(backend):
         out, num, _ = spdkernels.rejection_sample(*to_backend(backend, (rows, toks, cu)), max_depth=1,
                                                   target_is_probs=True, **to_backend(backend, kw))
-        bad, _, _ = spdkernels.rejection_sample(*to_backend(backend, (rows, toks, cu)), max_depth=1,
-                                                **to_backend(backend, kw))
-    out, num, bad = out.cpu(), num.cpu(), bad.cpu()
+    out, num = out.cpu(), num.cpu()
     assert chi2_pvalue(out[:, 0].numpy(), p0) > 1e-4
     acc = (num == 2).numpy()
     assert acc.sum() > min(150, R // 5)
     assert chi2_pvalue(out[:, 1].numpy()[acc], p1) > 1e-4
+
+
+@pytest.mark.parametrize("R", [400, 20000], ids=["interpreter-size", "full-size"])
+def test_probability_rows_distribution_test_catches_the_flag_forgotten(R):
+    """The planted bug (probabilities read as logits: target_is_probs forgotten) fails the same test, at the
+    smallest sample size the backends use above too."""
+    gen = torch.Generator().manual_seed(2024)
+    rows, toks, cu, kw, p0, _ = _probs_dist_case(R, gen)
+    backend = "cpp" if "cpp" in BACKENDS else "torch"
+    with use_backend(backend):
+        bad, _, _ = spdkernels.rejection_sample(rows, toks, cu, max_depth=1, **kw)
     assert chi2_pvalue(bad[:, 0].numpy(), p0) < 1e-6
 
 
