@@ -213,12 +213,11 @@ def hf_inputs(c, device):
 def hf_processors(inputs):
     """HF's own work in a verification step, which its assisted generation does as well: the logits processors on
     each of the k + 1 rows with that row's prefix (on a copy of the rows, as hf_run works on one)."""
+    from spdkernels.adapters.transformers import apply_processors
+
     ids, dl, rows, procs, sample = inputs
     rows = rows.clone()
-    if len(procs):
-        full = torch.cat([ids, torch.tensor(dl, dtype=ids.dtype, device=ids.device)[None]], dim=1)
-        for i in range(len(dl) + 1):
-            rows[i:i + 1] = procs(full[:, :ids.shape[1] + i], rows[i:i + 1])
+    apply_processors(ids, torch.tensor(dl, dtype=ids.dtype, device=ids.device), rows, procs)
     return rows
 
 

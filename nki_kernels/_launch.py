@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from spdkernels.nki_kernels import emulation_enabled, simulator_enabled
 
+from spdkernels import _config
 from spdkernels import _validate as V
 
 FP32_EXACT_INT = 2**24  # ids are carried in fp32 inside the kernels: exact below this
@@ -123,8 +124,6 @@ def _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens
     launchers read the batch on the host anyway (its sizes are the kernels' compile-time shapes), so they cost no
     extra synchronisation, and a malformed batch is a ValueError naming the argument, never a layout built from
     out-of-range offsets."""
-    from spdkernels import _config
-
     if not _config.validation_enabled():
         V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=tokens)
 
@@ -171,8 +170,6 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
         V.fail("k_cache", f"block size {bs} exceeds the NKI kernel's {MAX_BLOCK_SIZE} (one P.V chunk)")
     if T == 0 or R == 0:
         return torch.empty_like(q)
-    from spdkernels import _config
-
     if not _config.validation_enabled():  # the torch backend's layout checks (a host read the launcher makes anyway)
         from spdkernels.ops.tree_attention import _check_layout
 

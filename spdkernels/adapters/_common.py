@@ -25,6 +25,17 @@ def open_unit_fp32(u: torch.Tensor) -> torch.Tensor:
 
 
 _WS = threading.local()
+_ARANGE: dict = {}
+
+
+def cached_arange(n: int, device, step: int = 1) -> torch.Tensor:
+    """int32 ``[0, step, ..., (n - 1) * step]`` on ``device``, made once per (n, step, device): the offsets of the
+    stacks' dense layouts, which repeat from step to step. Never written to by the adapters."""
+    key = (n, step, str(device))
+    t = _ARANGE.get(key)
+    if t is None:
+        t = _ARANGE[key] = torch.arange(n, dtype=torch.int32, device=device) * step
+    return t
 
 
 def workspace(name: str, shape, dtype, device) -> torch.Tensor:
@@ -75,24 +86,3 @@ def check_shape(arg: str, t: torch.Tensor, shape, what: str) -> None:
 
 
 fail = V.fail
-
-
-def final_rows_logits(probs_flat: torch.Tensor, finals, leaves_per_request) -> torch.Tensor:
-    """The op's ``[sum(1 + m_r), V]`` logits for requests made of a root (the final row, ``log`` of
-    ``probs_flat[finals[r]]``) and ``m_r`` leaves whose rows the op never reads (zeros: finite, so the op's
-    value checks pass)."""
-    V = probs_flat.shape[1]
-    dev = probs_flat.device
-    T = sum(1 + m for m in leaves_per_request)
-    out = workspace("final_rows", (T, V), torch.float32, dev)
-    at, dummies, r = [], [], 0
-    for m in leaves_per_request:
-        at.append(r)
-        dummies.extend(range(r + 1, r + 1 + m))
-        r += 1 + m
-    at_t = torch.tensor(at, dtype=torch.long, device=dev)
-    rows = torch.index_select(probs_flat.to(torch.float32), 0, torch.as_tensor(finals, dtype=torch.long, device=dev))
-    out.index_copy_(0, at_t, torch.log_(rows))
-    if dummies:
-        out.index_fill_(0, torch.tensor(dummies, dtype=torch.long, device=dev), 0.0)
-    return out

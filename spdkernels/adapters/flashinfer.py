@@ -34,7 +34,7 @@ import torch
 
 import spdkernels
 
-from ._common import check, fail, open_unit_fp32
+from ._common import cached_arange, check, fail, open_unit_fp32
 
 __all__ = ["chain_speculative_sampling"]
 
@@ -128,7 +128,7 @@ def chain_speculative_sampling(
     # the op's coins: one per draft (request-major), then one final coin per request
     coins = open_unit_fp32(torch.rand(N + B, generator=gen, device=dev))
     out, num, _ = spdkernels.rejection_sample(
-        target_probs.reshape(N + B, V), draft_token_ids.reshape(N), _cu(B, n, dev),
+        target_probs.reshape(N + B, V), draft_token_ids.reshape(N), cached_arange(B + 1, dev, n),
         draft_probs=draft_probs.reshape(N, V), uniforms=coins, max_depth=n, target_is_probs=True)
     emitted = num - 1
     emitted_num += emitted
@@ -136,26 +136,8 @@ def chain_speculative_sampling(
         t = draft_token_ids.long()[..., None]
         p_t = target_probs[:, :n].gather(2, t)[..., 0]
         q_t = draft_probs.gather(2, t)[..., 0]
-        again = (_coins_in_0_1_closed_open((B, n), gen, dev) * q_t < p_t) & (_positions(n, dev) >= emitted[:, None])
+        retest = cached_arange(n, dev)[None] >= emitted[:, None]  # from the first rejection on
+        again = (_coins_in_0_1_closed_open((B, n), gen, dev) * q_t < p_t) & retest
         acc_num += emitted + again.sum(1, dtype=emitted.dtype)
     return out, acc_num, emitted_num
 
-
-_CU: dict = {}
-
-
-def _cu(B: int, n: int, device) -> torch.Tensor:
-    """cu_num_draft of B chains of n drafts (cached: the adapter's layout is the op's)."""
-    key = ("cu", B, n, str(device))
-    t = _CU.get(key)
-    if t is None:
-        t = _CU[key] = torch.arange(B + 1, dtype=torch.int32, device=device) * n
-    return t
-
-
-def _positions(n: int, device) -> torch.Tensor:
-    key = ("pos", n, str(device))
-    t = _CU.get(key)
-    if t is None:
-        t = _CU[key] = torch.arange(n, dtype=torch.int32, device=device)[None]
-    return t

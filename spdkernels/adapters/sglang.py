@@ -30,7 +30,7 @@ import torch
 
 import spdkernels
 
-from ._common import REJECT_COIN, check, check_shape, fail, gather_rows, open_unit_fp32, workspace
+from ._common import REJECT_COIN, cached_arange, check, check_shape, fail, gather_rows, open_unit_fp32, workspace
 
 __all__ = ["tree_speculative_sampling_target_only", "verify_tree_greedy"]
 
@@ -167,18 +167,6 @@ class _Batch:
         if self.to_orig is not None:
             q = torch.where(q > 0, self.to_orig.gather(1, q.clamp(min=0)), q)
         return torch.where(torch.cat([q[:, :1] >= 0, path >= 0], dim=1), q, torch.full_like(q, -1))
-
-
-_CU: dict = {}
-
-
-def _chain_cu(bs: int, device) -> torch.Tensor:
-    """cu_num_draft of ``bs`` requests of one node each (cached)."""
-    key = (bs, str(device))
-    t = _CU.get(key)
-    if t is None:
-        t = _CU[key] = torch.arange(bs + 1, dtype=torch.int32, device=device)
-    return t
 
 
 def _write(predicts, accept_index, accept_token_num, retrive_index, qpath, num, tokens):
@@ -421,7 +409,7 @@ def tree_speculative_sampling_target_only(
     coins[bs:] = uniform_samples_for_final_sampling
     open_unit_fp32(coins)
     o, num_op, _ = spdkernels.rejection_sample(
-        rows, torch.tensor(first_tried, dtype=torch.int64, device=dev), _chain_cu(bs, dev), draft_probs=q,
+        rows, torch.tensor(first_tried, dtype=torch.int64, device=dev), cached_arange(bs + 1, dev), draft_probs=q,
         uniforms=coins, max_depth=1, target_is_probs=True)
     sampled = o.gather(1, num_op.long()[:, None] - 1)
     qpath = torch.tensor(qpaths, dtype=torch.long, device=dev)

@@ -119,6 +119,16 @@ def _eos_ids(generation_config, device) -> Optional[torch.Tensor]:
     return None if eos is None else eos.reshape(-1).to(device)
 
 
+def apply_processors(ids: torch.Tensor, drafts: torch.Tensor, rows: torch.Tensor, processors) -> None:
+    """HF's logits processors on ``rows [k + 1, V]`` in place, row ``i`` with the prefix ``ids + drafts[:i]``, as HF's
+    assisted generation applies them."""
+    if len(processors):
+        full = torch.cat([ids, drafts[None]], dim=1)
+        L = ids.shape[1]
+        for i in range(drafts.shape[0] + 1):
+            rows[i:i + 1] = processors(full[:, :L + i], rows[i:i + 1])
+
+
 def verify_step(ids: torch.Tensor, drafts: List[int], rows: torch.Tensor, processors, q: Optional[torch.Tensor],
                 do_sample: bool):
     """One verification: ``rows [k + 1, V]`` fp32 target logits after ``ids`` and after each draft; the logits
@@ -127,11 +137,7 @@ def verify_step(ids: torch.Tensor, drafts: List[int], rows: torch.Tensor, proces
     k = len(drafts)
     device = rows.device
     dt = torch.tensor(drafts, dtype=ids.dtype, device=device)
-    if len(processors):  # row i sees the prefix ids + drafts[:i], as HF's assisted generation applies them
-        full = torch.cat([ids, dt[None]], dim=1)
-        L = ids.shape[1]
-        for i in range(k + 1):
-            rows[i:i + 1] = processors(full[:, :L + i], rows[i:i + 1])
+    apply_processors(ids, dt, rows, processors)
     cu = torch.tensor([0, k], dtype=torch.int32, device=device)
     if do_sample:
         out, num, _ = spdkernels.rejection_sample(rows, dt, cu, draft_probs=q, max_depth=k)

@@ -59,7 +59,7 @@ import torch
 import spdkernels
 from spdkernels import _config
 
-from ._common import check, check_shape, fail, gather_rows, open_unit_fp32, probs_to_logits
+from ._common import UNUSED_COIN, check, check_shape, fail, gather_rows, open_unit_fp32, probs_to_logits
 
 log = logging.getLogger("spdkernels.adapters.vllm")
 
@@ -67,8 +67,6 @@ PLACEHOLDER_TOKEN_ID = -1
 GREEDY_TEMPERATURE = 0
 # vLLM's bound on the draft tokens of one request in one step
 MAX_SPEC_LEN = 128
-# coin for entries the op never reads
-UNUSED_FINAL = 0.5
 
 __all__ = ["GREEDY_TEMPERATURE", "MAX_SPEC_LEN", "PLACEHOLDER_TOKEN_ID", "RejectionSampler", "SamplerOutput",
            "SamplingMetadata", "SpecDecodeMetadata", "apply_sampling_constraints", "generate_uniform_probs",
@@ -418,7 +416,7 @@ def _bonus_path(target, probs_given: bool, tokens, ks: List[int], draft_probs, c
     for kr in ks:
         cu.append(cu[-1] + kr)
     if coins is None:  # all greedy: the op reads no coin
-        coins = torch.full((N + B,), UNUSED_FINAL, dtype=torch.float32, device=dev)
+        coins = torch.full((N + B,), UNUSED_COIN, dtype=torch.float32, device=dev)
     out, num, _ = spdkernels.rejection_sample(
         target, tokens, torch.tensor(cu, dtype=torch.int32, device=dev), draft_probs=draft_probs,
         temperature=temperature, uniforms=coins, max_depth=max_spec_len, bonus_token_ids=bonus,
@@ -459,7 +457,7 @@ def _gather_path(out, logits, tokens, draft_probs, k, starts, req, pos, bad, any
     if draft_probs is not None:
         op_q = draft_probs if keep is None else draft_probs[keep]
     coins = torch.empty((T,), dtype=torch.float32, device=dev)
-    coins[:n_keep] = UNUSED_FINAL if uniform is None else open_unit_fp32(uniform if keep is None else uniform[keep])
+    coins[:n_keep] = UNUSED_COIN if uniform is None else open_unit_fp32(uniform if keep is None else uniform[keep])
     coins[n_keep:] = final_coins
     o, num, _ = spdkernels.rejection_sample(gather_rows("rows", logits, src), tokens if keep is None else tokens[keep],
                                             cu, draft_probs=op_q, temperature=temperature, uniforms=coins,

@@ -33,8 +33,6 @@ def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
             V.fail("bonus_token_ids", f"expected shape [R] = [{R}], got {tuple(bonus_token_ids.shape)}")
         if parents is not None:
             V.fail("bonus_token_ids", "only for chains (parents must be None): a tree needs the row after every leaf")
-    if not isinstance(target_is_probs, bool):
-        V.fail("target_is_probs", f"expected a bool, got {type(target_is_probs).__name__}")
     if target_is_probs:
         for name, t in (("top_k", top_k), ("top_p", top_p)):
             if t is not None:
