@@ -31,6 +31,7 @@ from spdkernels.runtime.spd.train import (
     TrainSettings,
     brute_force_mask,
     make_windows,
+    previous_types,
     structural_mask,
     untrained_pdm,
 )
@@ -44,9 +45,12 @@ def model():
     return LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float64)
 
 
-@pytest.fixture(scope="module")
-def pdm(model):
-    return untrained_pdm(model, ANCHORS, layers=2, intermediate=48, noise=0.05, anchor_norm=True)
+@pytest.fixture(scope="module", params=["anchor_norm", "shift"])
+def pdm(model, request):
+    """Both row variants: anchor norms, and the previous token's anchor in every row (``shift``, whose
+    weights start at zero: the noise makes the term matter)."""
+    return untrained_pdm(model, ANCHORS, layers=2, intermediate=48, noise=0.05, anchor_norm=True,
+                         shift=request.param == "shift")
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +115,16 @@ def test_structural_mask_rejects_bad_layouts():
 
 @pytest.mark.parametrize("mode,n,fill,segs", [("pipeline", 4, 4, []), ("pipeline", 4, 2, []),
                                               ("pipeline", 2, 2, []), ("proposer", 4, 0, [3, 2, 4])])
-@pytest.mark.parametrize("anchor_norm", [False, True])
-def test_training_forward_equals_inference(mode, n, fill, segs, anchor_norm):
+@pytest.mark.parametrize("variant", ["plain", "anchor_norm", "shift"])
+def test_training_forward_equals_inference(mode, n, fill, segs, variant):
     """The training net under the structural mask gives, at every depth-0 row, the logits the inference
-    module computes from the rows that inference would feed (the same weights, a fresh cache per view)."""
+    module computes from the rows that inference would feed (the same weights, a fresh cache per view;
+    with ``shift`` each row also gets the previous row of its view, which must match the training's
+    ``previous_types``)."""
     torch.manual_seed(0)
+    anchor_norm, shift = variant == "anchor_norm", variant == "shift"
     m = LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float32)
-    net = PDMNet(untrained_pdm(m, ANCHORS, layers=2, intermediate=48, anchor_norm=anchor_norm).cfg, m,
+    net = PDMNet(untrained_pdm(m, ANCHORS, layers=2, intermediate=48, anchor_norm=anchor_norm, shift=shift).cfg, m,
                  torch.arange(CFG.vocab_size), seed=3)
     with torch.no_grad():
         for p in net.parameters():
@@ -131,8 +138,9 @@ def test_training_forward_equals_inference(mode, n, fill, segs, anchor_norm):
     h = torch.randn(S, len(ANCHORS), CFG.hidden_size) * torch.tensor([1.0, 10.0, 50.0, 200.0, 700.0])[:, None]
     f = depth_types(ANCHORS, CFG.num_layers, n)
     mask, depths = structural_mask(S, f, mode, fill, segs)
+    prev = previous_types(S, f, mode, depths, fill, segs) if shift else None
     with torch.no_grad():
-        got = net(h, torch.arange(S), [f[d] for d in depths], mask, torch.arange(S))
+        got = net(h, torch.arange(S), [f[d] for d in depths], mask, torch.arange(S), prev)
     starts = []
     for i, L in enumerate(segs):
         starts += [sum(segs[:i])] * L
@@ -148,7 +156,10 @@ def test_training_forward_equals_inference(mode, n, fill, segs, anchor_norm):
                   torch.tensor(cache.slots(0, range(t + 1))),
                   torch.tensor([0, t + 1], dtype=torch.int32), torch.tensor([t + 1], dtype=torch.int32),
                   cache.block_table([0]))
-        out, _ = inf.tower.forward_layers(inf.rows(h[:t + 1], torch.tensor(types)), b, cache)
+        kw = {}
+        if shift:  # each row's previous token: the row before it in this view, with its type
+            kw = dict(prev_h=torch.cat([h[:1], h[:t]]), prev_types=torch.tensor([-1] + types[:-1]))
+        out, _ = inf.tower.forward_layers(inf.rows(h[:t + 1], torch.tensor(types), **kw), b, cache)
         want = inf.draft_logits(out[-1:])
         torch.testing.assert_close(got[t:t + 1], want, rtol=1e-4, atol=1e-4)
 
@@ -214,7 +225,7 @@ def test_forced_rejections_at_every_fill_level(model, pdm, prompts, n):
 @pytest.mark.parametrize("kw", [dict(k=3), dict(k=3, branching=2, width=2), dict(k=2, branching=3, width=3)])
 def test_pdm_proposer_greedy_equals_autoregressive(model, pdm, prompts, kw):
     ref = [greedy_reference(model, p, 20) for p in prompts]
-    res, met = Engine(model, PDMProposer(pdm, **kw), scrub_cache=True, validate_ops=True).generate(
+    res, met = Engine(model, PDMProposer(pdm, **kw, debug=True), scrub_cache=True, validate_ops=True).generate(
         [Request(p, _greedy(20)) for p in prompts])
     assert [r.output_ids for r in res] == ref
     assert met.drafted > 0

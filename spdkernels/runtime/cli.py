@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--anchor-norm", action="store_true",
                    help="RMS-normalise each anchor hidden state before the aggregation (weights initialised from "
                    "the target's own norms, trained)")
+    t.add_argument("--shift", action="store_true",
+                   help="give each row the previous token's deepest anchor too (EAGLE-style), not only through "
+                   "attention")
     t.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -396,7 +399,7 @@ def cmd_train_pdm(args) -> int:
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,
-              anchor_norm=args.anchor_norm, device=args.device)
+              anchor_norm=args.anchor_norm, device=args.device, shift=args.shift)
     return 0
 
 

@@ -1,24 +1,60 @@
 """Training data for the PDM: the target's own continuations of the training prompts
 (:mod:`.prompts`), generated in batches through the runtime's engine, and the target's hidden states at the
-PDM's anchors for every token of them."""
+PDM's anchors for every token of them (recorded while the text is generated: the engine computes them
+anyway, so no second pass over the text is needed)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..engine import Engine, Request, SamplingParams
 from ..model import LlamaModel, build_batch
+from ..proposers import Draft, Proposer
 from .prompts import training_prompts
 
 
+class AnchorRecorder(Proposer):
+    """A proposer that drafts nothing and records the hidden states at ``anchors`` of every token the engine
+    commits (prefill and decode passes), in host memory as ``dtype``: plain autoregressive decoding that
+    keeps the features the PDM is trained on."""
+    name = "anchor-recorder"
+
+    def __init__(self, anchors: Sequence[int], dtype=torch.float16):
+        super().__init__(1, 1)
+        self.taps = tuple(int(b) for b in anchors)
+        self.dtype = dtype
+        self.rows: Dict[object, Dict[int, torch.Tensor]] = {}
+
+    def propose(self, states, depth_limits):
+        return [Draft() for _ in states]
+
+    def observe(self, state, positions, hidden):
+        rows = self.rows.setdefault(state.rid, {})
+        hidden = hidden.to("cpu", self.dtype)
+        for i, p in enumerate(positions):
+            rows[p] = hidden[i]
+
+    def states(self, rid, length: int) -> torch.Tensor:
+        """``[length, len(anchors), hidden]``: the recorded rows of positions ``0 .. length - 1``."""
+        rows = self.rows.pop(rid)
+        missing = [p for p in range(length) if p not in rows]
+        if missing:
+            raise RuntimeError(f"anchor recorder: positions {missing[:5]} of request {rid!r} were never observed")
+        return torch.stack([rows[p] for p in range(length)])
+
+
 def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_tokens: int, seed: int,
-                    batch: int = 32, sampled_fraction: float = 0.2, log=print) -> List[Dict]:
-    """``[{"kind", "prompt_ids", "output_ids"}]``: greedy continuations, and for ``sampled_fraction`` of
-    the prompts continuations sampled at temperature 0.7 (seeded), so the text covers more than one path."""
+                    batch: int = 64, sampled_fraction: float = 0.2, log=print,
+                    anchors: Optional[Sequence[int]] = None) -> Tuple[List[Dict], Optional[List[torch.Tensor]]]:
+    """``(corpus, states)``. ``corpus = [{"kind", "prompt_ids", "output_ids"}]``: greedy continuations, and
+    for ``sampled_fraction`` of the prompts continuations sampled at temperature 0.7 (seeded), so the text
+    covers more than one path. With ``anchors``, ``states[i]`` holds the hidden states at the anchors of every
+    token of sequence ``i`` but its last (``[len(prompt) + len(output) - 1, len(anchors), hidden]`` fp16,
+    the rows :func:`anchor_states` computes, recorded during generation); otherwise ``states`` is None."""
     prompts = training_prompts(num_prompts, seed)
     reqs, kinds = [], []
     for i, (kind, text) in enumerate(prompts):
@@ -28,14 +64,18 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
                                                 top_p=0.95 if sampled else 1.0, seed=seed * 100003 + i)))
         kinds.append(kind)
     out: List[Dict] = []
+    states: Optional[List[torch.Tensor]] = [] if anchors is not None else None
     t0 = time.perf_counter()
     for s in range(0, len(reqs), batch):
-        res, _ = Engine(model, None).generate(reqs[s:s + batch])
+        rec = AnchorRecorder(anchors) if anchors is not None else None
+        res, _ = Engine(model, rec).generate(reqs[s:s + batch])
         for r, kind in zip(res, kinds[s:s + batch]):
             out.append(dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids))
+            if rec is not None:
+                states.append(rec.states(r.rid, len(r.prompt_ids) + len(r.output_ids) - 1))
         n = sum(len(x["output_ids"]) for x in out)
         log(f"data: {len(out)}/{len(reqs)} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
-    return out
+    return out, states
 
 
 def save_corpus(path: Path, corpus: Sequence[Dict], meta: Dict) -> None:

@@ -843,11 +843,12 @@ class DistributedSPD(SPDEngine):
         finally:
             self._prefilling = False
         first = self._sample_first([st], self._target_logits(last))
-        g = pdm.rows(anchors, torch.full((T,), self.m, dtype=torch.int64))
+        g = pdm.completed_rows(anchors, [T])
         b = self._batch(self.pdm_cache, [st.rid], [list(range(T))])
         pdm.tower.forward_layers(g, b, self.pdm_cache)
         self.pdm_cache.set_length(st.rid, T)
         st.spec_len = T
+        st.last_done = anchors[T - 1].clone()
         append_tokens(st, first, self.eos, self.tokenizer)
         if not st.done:
             e = model.embed_tokens(torch.tensor(first, device=self.rank0_device))[0]

@@ -68,6 +68,7 @@ class PDMConfig:
     target: Dict = field(default_factory=dict)  # target_fingerprint() of the target
     train_head: bool = False  # False: the head is the target's rows (not stored, rebuilt at load)
     anchor_norm: bool = False  # True: each anchor is RMS-normalised (weights ``anchor_norm.{j}.weight``) first
+    shift: bool = False  # True: each row also gets the previous token's deepest anchor (:func:`shift_rows`)
     training: Dict = field(default_factory=dict)  # how it was trained (informational)
     format: int = PDM_FORMAT
 
@@ -157,6 +158,24 @@ def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: to
     return out
 
 
+def shift_rows(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], prev_h: torch.Tensor,
+               prev_types: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The previous-token term of the rows (``PDMConfig.shift``): row ``i`` gets
+    ``S_k . n_k(h_{b_k})`` of the token before it, ``k = prev_types[i]`` the deepest anchor that token had
+    when the row was formed (``-1``: no previous token, the term is zero). ``prev_h: [T, m + 1, H]`` holds
+    the previous token's anchors (entries past its type are ignored), ``weights[k]: [H, H]``, ``norms[k]``
+    its RMSNorm weight. EAGLE-style: the deepest feature of the previous token reaches the row directly,
+    not only through attention."""
+    T, _, H = prev_h.shape
+    out = prev_h.new_zeros(T, H)
+    for k in torch.unique(prev_types).tolist():
+        if k < 0:
+            continue
+        idx = (prev_types == k).nonzero().view(-1)
+        out[idx] = linear(F.rms_norm(prev_h[idx, k], (H,), norms[k], eps), weights[k])
+    return out
+
+
 class PipelineDraftModule:
     """Inference-time PDM (fp32 or the target's dtype): aggregation weights, the tower (a
     :class:`LlamaModel` of ``L_s`` layers without embedding or head), the target's final norm and the draft
@@ -184,6 +203,16 @@ class PipelineDraftModule:
                 if w is None or tuple(w.shape) != (H,):
                     raise PDMError(f"anchor_norm.{j}.weight: missing or not of shape {(H,)}")
                 self.anchor_norms.append(w.to(dev, dt).contiguous())
+        self.shift_w = self.shift_norms = None
+        if cfg.shift:
+            self.shift_w, self.shift_norms = [], []
+            for k in range(cfg.m + 1):
+                w, nw = weights.get(f"shift.{k}.weight"), weights.get(f"shift_norm.{k}.weight")
+                if w is None or tuple(w.shape) != (H, H) or nw is None or tuple(nw.shape) != (H,):
+                    raise PDMError(f"shift.{k}.weight / shift_norm.{k}.weight: missing or not of shapes "
+                                   f"{(H, H)} / {(H,)}")
+                self.shift_w.append(w.to(dev, dt).contiguous())
+                self.shift_norms.append(nw.to(dev, dt).contiguous())
         ids = weights.get("vocab_ids")
         if ids is None or ids.shape != (cfg.draft_vocab,):
             raise PDMError("vocab_ids: missing or of the wrong length")
@@ -208,8 +237,38 @@ class PipelineDraftModule:
     def new_cache(self, num_blocks: int, block_size: int = 16, scrub: bool = False):
         return self.tower.new_cache(num_blocks, block_size, scrub=scrub)
 
-    def rows(self, anchor_h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        return aggregate(self.agg, anchor_h, types, self.anchor_norms, self.eps)
+    def rows(self, anchor_h: torch.Tensor, types: torch.Tensor, prev_h: Optional[torch.Tensor] = None,
+             prev_types: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tower's input rows for tokens with anchors ``anchor_h [T, m + 1, H]`` of types ``types [T]``;
+        a PDM with ``shift`` also needs each row's previous token: its anchors ``prev_h [T, m + 1, H]`` and
+        type ``prev_types [T]`` (-1: none), as they were when the row is formed."""
+        g = aggregate(self.agg, anchor_h, types, self.anchor_norms, self.eps)
+        if self.shift_w is not None:
+            if prev_h is None or prev_types is None:
+                raise ValueError("prev_h/prev_types: this PDM's rows need the previous token's anchors (shift)")
+            g = g + shift_rows(self.shift_w, self.shift_norms, prev_h, prev_types, self.eps)
+        return g
+
+    def completed_rows(self, anchor_h: torch.Tensor, lengths: Sequence[int],
+                       before: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """Rows of completed tokens (type ``m``) for consecutive runs of ``lengths[i]`` tokens of one request
+        each, stacked in ``anchor_h``; ``before[i]``: the anchors of the completed token preceding run ``i``
+        (None: the run starts the sequence)."""
+        T = anchor_h.shape[0]
+        types = torch.full((T,), self.cfg.m, dtype=torch.int64, device=anchor_h.device)
+        if self.shift_w is None:
+            return self.rows(anchor_h, types)
+        prev_h = torch.cat([anchor_h[:1], anchor_h[:-1]])
+        prev_t = types.clone()
+        i = 0
+        for j, n in enumerate(lengths):
+            b = before[j] if before is not None else None
+            if b is None:
+                prev_t[i] = -1
+            else:
+                prev_h[i] = b
+            i += n
+        return self.rows(anchor_h, types, prev_h, prev_t)
 
     def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tower output rows ``[T, H]`` -> draft-vocabulary logits ``[T, draft_vocab]``."""

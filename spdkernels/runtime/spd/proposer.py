@@ -29,20 +29,24 @@ class PDMProposer(Proposer):
     name = "pdm"
 
     def __init__(self, pdm: PipelineDraftModule, k: int = 4, branching: int = 1, width: int = 1,
-                 max_nodes: Optional[int] = None, sample: bool = True):
+                 max_nodes: Optional[int] = None, sample: bool = True, debug: bool = False):
         """``sample=False`` drafts argmax chains for sampled requests too (deterministic drafts, as a
-        :class:`~spdkernels.runtime.proposers.UnionProposer` part needs)."""
+        :class:`~spdkernels.runtime.proposers.UnionProposer` part needs). ``debug=True`` checks every draft
+        distribution against the PDM run from scratch over the node's whole view (tests)."""
         if k < 1:
             raise ValueError(f"k: expected at least 1 draft token, got {k}")
         if branching < 1 or width < 1:
             raise ValueError(f"branching/width: expected >= 1, got {branching}, {width}")
         super().__init__(max_nodes or k * width, k)
         self.pdm, self.k, self.branching, self.width, self.sample = pdm, k, branching, width, sample
+        self.debug = debug
+        self._done: Dict[object, List[torch.Tensor]] = {}  # debug: every completed row's anchors
         self.taps = tuple(pdm.cfg.anchors)
         self.m = pdm.cfg.m
         self._cache = None
         self._len: Dict[object, int] = {}
         self._pending: Dict[object, List[Tuple[int, torch.Tensor]]] = {}
+        self._last: Dict[object, torch.Tensor] = {}  # anchors of the newest completed row (a shift PDM's rows)
 
     def describe(self) -> str:
         s = f"pdm L_s={self.pdm.num_layers} k={self.k}"
@@ -54,7 +58,7 @@ class PDMProposer(Proposer):
                 (tc.hidden_size, tc.vocab_size, tc.num_layers):
             raise ValueError("pdm: this PDM was built for another target model")
         self._cache = self.pdm.new_cache(cache.num_blocks * cache.block_size // 16 + 1, 16, scrub=cache.scrub)
-        self._len, self._pending = {}, {}
+        self._len, self._pending, self._last = {}, {}, {}
         self._emb = target.embed_tokens
         self._device = target.device
 
@@ -72,14 +76,26 @@ class PDMProposer(Proposer):
             self._cache.release(state.rid)
             del self._len[state.rid]
             del self._pending[state.rid]
+            self._last.pop(state.rid, None)
+            self._done.pop(state.rid, None)
 
     # -- drafting -------------------------------------------------------------------------------------------
-    def _forward(self, rids, rows_h, rows_t, positions) -> torch.Tensor:
+    def _rows(self, rows_h, rows_t, prev=None) -> torch.Tensor:
+        """Tower input rows; ``prev``: each row's previous token ``(anchors, type)`` (a shift PDM)."""
+        pdm, dev = self.pdm, self._device
+        kw = {}
+        if pdm.cfg.shift:
+            kw = dict(prev_h=torch.stack([p[0] for p in prev]),
+                      prev_types=torch.tensor([p[1] for p in prev], dtype=torch.int64, device=dev))
+        return pdm.rows(torch.stack(rows_h), torch.tensor(rows_t, dtype=torch.int64, device=dev), **kw)
+
+    def _forward(self, rids, rows_h, rows_t, positions, prev=None, g=None) -> torch.Tensor:
         """Run PDM rows ``[T, m + 1, H]`` of types ``rows_t`` at ``positions`` (per request, a causal chain
-        written right after its cache length) and return the tower's output rows."""
+        written right after its cache length) and return the tower's output rows (``g``: the rows given)."""
         pdm, cache = self.pdm, self._cache
         b = build_batch(cache, rids, [self._len[rid] for rid in rids], positions, device=self._device)
-        g = pdm.rows(torch.stack(rows_h), torch.tensor(rows_t, dtype=torch.int64, device=self._device))
+        if g is None:
+            g = self._rows(rows_h, rows_t, prev)
         h, _ = pdm.tower.forward_layers(g, b, cache)
         return h
 
@@ -94,10 +110,14 @@ class PDMProposer(Proposer):
             assert ps[0] == self._len[s.rid] and ps == list(range(ps[0], ps[0] + len(ps))), "PDM rows not contiguous"
             rows += [h for _, h in self._pending[s.rid]]
             pos.append(ps)
-        self._forward([s.rid for s in todo], rows, [self.m] * len(rows), pos)
+        g = self.pdm.completed_rows(torch.stack(rows), [len(ps) for ps in pos], [self._last.get(s.rid) for s in todo])
+        self._forward([s.rid for s in todo], None, None, pos, g=g)
         for s, ps in zip(todo, pos):
             self._len[s.rid] += len(ps)
             self._cache.set_length(s.rid, self._len[s.rid])
+            self._last[s.rid] = self._pending[s.rid][-1][1]
+            if self.debug:
+                self._done.setdefault(s.rid, []).extend(h for _, h in self._pending[s.rid])
             self._pending[s.rid] = []
 
     def _root_rows(self, st) -> Tuple[torch.Tensor, int]:
@@ -106,6 +126,13 @@ class PDMProposer(Proposer):
         row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
         row[0] = e
         return row, pos
+
+    def _prev_of_root(self, st) -> Tuple[torch.Tensor, int]:
+        """The root's previous token for the shift term: the newest completed row (type ``m``), or none."""
+        last = self._last.get(st.rid)
+        if last is None:
+            return self.pdm.agg[0].new_zeros(self.m + 1, self.pdm.target_config.hidden_size), -1
+        return last, self.m
 
     @torch.inference_mode()
     def propose(self, states, depth_limits):
@@ -127,17 +154,23 @@ class PDMProposer(Proposer):
         qs: List[List[torch.Tensor]] = [[] for _ in states]
         live = [r for r in range(R) if depth_limits[r] > 0]
         cur: Dict[int, Tuple[torch.Tensor, int]] = {r: self._root_rows(states[r]) for r in live}
+        path = {r: [cur[r][0]] for r in live}  # debug: the chain's rows so far
+        prev = {r: self._prev_of_root(states[r]) for r in live}  # the shift term's previous token per chain
         written = {r: 0 for r in live}  # transient rows in the PDM cache past the completed ones
         level = 0
         while live and level < self.k:
             rids = [states[r].rid for r in live]
             for r in live:  # the transient rows of earlier levels stay cached: advance the write point
                 self._len[states[r].rid] += written[r]
-            h = self._forward(rids, [cur[r][0] for r in live], [0] * len(live), [[cur[r][1]] for r in live])
+            h = self._forward(rids, [cur[r][0] for r in live], [0] * len(live), [[cur[r][1]] for r in live],
+                              [prev[r] for r in live])
             for r in live:
                 self._len[states[r].rid] -= written[r]
                 written[r] += 1
             logits = pdm.draft_logits(h)
+            if self.debug:
+                for j, r in enumerate(live):
+                    self._check_view(states[r], path[r], logits[j])
             nxt = []
             for j, r in enumerate(live):
                 st = states[r]
@@ -151,7 +184,9 @@ class PDMProposer(Proposer):
                     e = self._emb(torch.tensor([tok], device=self._device))[0]
                     row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
                     row[0] = e
+                    prev[r] = (cur[r][0], 0)
                     cur[r] = (row, pos)
+                    path[r].append(row)
                     nxt.append(r)
             live = nxt
             level += 1
@@ -174,7 +209,7 @@ class PDMProposer(Proposer):
             active = [r for r in range(R) if frontier[r] and level < depth_limits[r]]
             if not active:
                 break
-            rows, types, positions, parents = [], [], [], []
+            rows, types, positions, parents, prev = [], [], [], [], []
             for r in active:
                 d = drafts[r]
                 root, rpos = roots[r]
@@ -183,9 +218,10 @@ class PDMProposer(Proposer):
                     depth.append(1 if p < 0 else depth[p] + 1)
                 rows += [root] + embs[r]
                 types += [0] * (1 + len(d))
+                prev += [self._prev_of_root(states[r])] + [(root if p < 0 else embs[r][p], 0) for p in d.parents]
                 positions.append([rpos] + [rpos + x for x in depth])
                 parents.append(list(d.parents))  # the tree over [root, nodes...], -1 = the root
-            h = self._forward_tree([states[r].rid for r in active], rows, types, positions, parents)
+            h = self._forward_tree([states[r].rid for r in active], rows, types, positions, parents, prev)
             cu = [0]
             for r in active:
                 cu.append(cu[-1] + 1 + len(drafts[r]))
@@ -193,7 +229,18 @@ class PDMProposer(Proposer):
             for i, r in enumerate(active):
                 for f in frontier[r]:
                     sel.append(cu[i] + (0 if f < 0 else 1 + f))
-            logp = torch.log_softmax(pdm.draft_logits(h[torch.tensor(sel, device=h.device)]).float(), dim=-1)
+            d_logits = pdm.draft_logits(h[torch.tensor(sel, device=h.device)])
+            if self.debug:
+                j = 0
+                for r in active:
+                    for f in frontier[r]:
+                        chain = []
+                        while f >= 0:
+                            chain.append(embs[r][f])
+                            f = drafts[r].parents[f]
+                        self._check_view(states[r], [roots[r][0]] + chain[::-1], d_logits[j])
+                        j += 1
+            logp = torch.log_softmax(d_logits.float(), dim=-1)
             top = logp.topk(self.branching, dim=-1)
             owners = [(r, f) for r in active for f in frontier[r]]
             for r, t in keep_best_children(drafts, scores, frontier, owners, top.values.tolist(),
@@ -207,12 +254,33 @@ class PDMProposer(Proposer):
                 self._cache.set_length(st.rid, self._len[st.rid])
         return drafts
 
-    def _forward_tree(self, rids, rows, types, positions, parents) -> torch.Tensor:
+    def _check_view(self, st, path: List[torch.Tensor], logits: torch.Tensor) -> None:
+        """Debug: ``logits`` (the draft distribution after ``path``: the root and the drafts down to a node)
+        equal the PDM run from scratch on a fresh cache over every completed row and ``path`` (each row's
+        previous token: the row before it)."""
+        pdm = self.pdm
+        done = self._done.get(st.rid, [])
+        rows = list(done) + list(path)
+        types = [self.m] * len(done) + [0] * len(path)
+        T, dev = len(rows), self._device
+        prev = [(rows[0], -1)] + [(rows[i - 1], types[i - 1]) for i in range(1, T)]
+        g = self._rows(rows, types, prev)
+        cache = pdm.new_cache(-(-T // 16), 16)
+        cache.add(0)
+        b = build_batch(cache, [0], [0], [list(range(T))], device=dev)
+        h, _ = pdm.tower.forward_layers(g, b, cache)
+        want = pdm.draft_logits(h[-1:])[0]
+        tol = 1e-6 if want.dtype == torch.float64 else 1e-3
+        assert torch.allclose(logits, want, rtol=tol, atol=tol), \
+            f"{st.rid!r}: the PDM's cached draft differs from its from-scratch run by " \
+            f"{float((logits - want).abs().max()):.3g}"
+
+    def _forward_tree(self, rids, rows, types, positions, parents, prev) -> torch.Tensor:
         """Query rows ``[root, nodes...]`` per request with the tree mask (root = parent -1 of the nodes;
         in the op's layout the root is the tree's row 0 and node ``i``'s parent ``p`` maps to ``p``)."""
         pdm, cache = self.pdm, self._cache
         b = build_batch(cache, rids, [self._len[rid] for rid in rids], positions, tree_parents=parents,
                         device=self._device)
-        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64, device=self._device))
+        g = self._rows(rows, types, prev)
         h, _ = pdm.tower.forward_layers(g, b, cache)
         return h

@@ -121,6 +121,8 @@ class _SPDState(RequestState):
         self.pipeline: List[_Entry] = []  # oldest first
         self.pending: Optional[torch.Tensor] = None  # anchors of the token that left the pipe last cycle
         self.spec_len = 0  # rows in the PDM cache: a contiguous prefix of completed tokens
+        self.last_done: Optional[torch.Tensor] = None  # anchors of the newest of them (a shift PDM's rows)
+        self.done_rows: List[torch.Tensor] = []  # debug: the anchors of every one of them
         self.q: Dict[int, Optional[torch.Tensor]] = {}  # position -> draft-vocabulary q of the draft there
 
 
@@ -252,12 +254,15 @@ class SPDEngine:
         last = torch.tensor([c - 1 for c in cu[1:]], device=h.device)
         first = self._sample_first(states, self._target_logits(h[last]))
         # the PDM: completed rows of every prompt position
-        g = pdm.rows(anchors, torch.full((anchors.shape[0],), self.m, dtype=torch.int64, device=anchors.device))
+        g = pdm.completed_rows(anchors, [len(s.prompt) for s in states])
         b = self._batch(self.pdm_cache, rids, positions)
         pdm.tower.forward_layers(g, b, self.pdm_cache)
-        for s, t in zip(states, first):
+        for j, (s, t) in enumerate(zip(states, first)):
             self.pdm_cache.set_length(s.rid, len(s.prompt))
             s.spec_len = len(s.prompt)
+            s.last_done = anchors[cu[j + 1] - 1].clone()
+            if self.debug:
+                s.done_rows = list(anchors[cu[j]:cu[j + 1]].clone())
             append_tokens(s, [t], self.eos, self.tokenizer)
             if not s.done:
                 e = model.embed_tokens(torch.tensor([t], device=h.device))[0]
@@ -270,30 +275,45 @@ class SPDEngine:
         its PDM cache length; returns the draft logits of each request's last row ``[R, Vd]`` and keeps only
         the pending row in the cache."""
         pdm = self.pdm
-        rows, types, positions = [], [], []
+        rows, types, positions, prev_rows, prev_types = [], [], [], [], []
         for s in active:
             p0 = s.spec_len
             ps = []
+            prev, prev_t = s.last_done, self.m  # a row's previous token: the row before it (the shift term)
             if s.pending is not None:
                 rows.append(s.pending)
                 types.append(self.m)
                 ps.append(p0)
+                prev_rows.append(prev)
+                prev_types.append(prev_t)
+                prev = s.pending
             for e in s.pipeline:
                 rows.append(e.anchors)
                 types.append(self.f[e.depth])
                 ps.append(p0 + len(ps))
+                prev_rows.append(prev)
+                prev_types.append(prev_t)
+                prev, prev_t = e.anchors, self.f[e.depth]
             if self.debug:
                 assert [e.pos for e in s.pipeline] == ps[len(ps) - len(s.pipeline):], \
                     f"PDM rows of {s.rid!r} not contiguous from its cache length {p0}"
             positions.append(ps)
-        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64, device=rows[0].device))
+        dev = rows[0].device
+        shift = dict(prev_h=torch.stack(prev_rows), prev_types=torch.tensor(prev_types, dtype=torch.int64,
+                                                                             device=dev)) if pdm.cfg.shift else {}
+        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64, device=dev), **shift)
         b = self._batch(self.pdm_cache, [s.rid for s in active], positions)
         h, _ = pdm.tower.forward_layers(g, b, self.pdm_cache)
         last = b.cu_q_lens[1:].long() - 1
         logits = pdm.draft_logits(h[last])
+        if self.debug:
+            self._check_draft(active, logits)
         for s in active:
             if s.pending is not None:
                 s.spec_len += 1
+                s.last_done = s.pending
+                if self.debug:
+                    s.done_rows.append(s.pending)
                 s.pending = None
             self.pdm_cache.set_length(s.rid, s.spec_len)
         return logits
@@ -407,6 +427,31 @@ class SPDEngine:
             self._check([s for s in active if not s.done])
         if self.on_step is not None:
             self.on_step(sum(len(s.output) for s in active))
+
+    def _check_draft(self, active: List[_SPDState], logits: torch.Tensor) -> None:
+        """Debug: the draft logits from the PDM's cache equal the PDM run from scratch over the request's
+        whole view (every completed row, the pending one, the tokens in flight at their depths; each row's
+        previous token is the row before it), on a fresh cache."""
+        pdm, H = self.pdm, self.model.config.hidden_size
+        for i, s in enumerate(active):
+            rows = list(s.done_rows) + ([s.pending] if s.pending is not None else []) + [e.anchors for e in s.pipeline]
+            types = [self.m] * (len(rows) - len(s.pipeline)) + [self.f[e.depth] for e in s.pipeline]
+            T = len(rows)
+            dev = rows[0].device
+            kw = {}
+            if pdm.cfg.shift:
+                kw = dict(prev_h=torch.stack([rows[0]] + rows[:-1]),
+                          prev_types=torch.tensor([-1] + types[:-1], dtype=torch.int64, device=dev))
+            g = pdm.rows(torch.stack(rows).reshape(T, self.m + 1, H), torch.tensor(types, device=dev), **kw)
+            cache = pdm.new_cache(-(-T // 16), 16)
+            cache.add(0)
+            b = build_batch(cache, [0], [0], [list(range(T))], device=dev)
+            h, _ = pdm.tower.forward_layers(g, b, cache)
+            want = pdm.draft_logits(h[-1:])[0]
+            tol = 1e-6 if want.dtype == torch.float64 else 1e-3
+            assert torch.allclose(logits[i], want, rtol=tol, atol=tol), \
+                f"{s.rid!r}: the PDM's cached draft differs from its from-scratch run by " \
+                f"{float((logits[i] - want).abs().max()):.3g}"
 
     def _check(self, states: List[_SPDState]) -> None:
         """The invariants of contract section 6, after a cycle (debug mode)."""

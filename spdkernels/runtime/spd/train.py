@@ -35,7 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from ..model import LlamaModel, decoder_layer, rope_tables
-from .pdm import PDMConfig, anchor_norm_init, depth_types, normalise_anchors, save_pdm, target_fingerprint
+from .pdm import (
+    PDMConfig,
+    anchor_norm_init,
+    depth_types,
+    normalise_anchors,
+    save_pdm,
+    shift_rows,
+    target_fingerprint,
+)
 
 
 # ---- the structural mask --------------------------------------------------------------------------------------
@@ -84,6 +92,29 @@ def structural_mask(S: int, f: Sequence[int], mode: str, fill: int = 0, segments
     else:
         raise ValueError(f"mode: expected 'pipeline' or 'proposer', got {mode!r}")
     return mask, depths
+
+
+def previous_types(S: int, f: Sequence[int], mode: str, depths: Sequence[int], fill: int = 0,
+                   segments: Sequence[int] = ()) -> torch.Tensor:
+    """``[len(depths), S]``: for the row of block ``depths[i]`` at position ``t``, the type (deepest anchor)
+    the token at ``t - 1`` had when that row was formed at inference, ``-1`` at ``t = 0``. Pipeline mode:
+    the previous token is one stage deeper (``depth(d + 1)``, completed past the fill; completed for the
+    completed block). Proposer mode: a draft's previous token is the draft before it in its segment (type 0)
+    or a completed token."""
+    n = len(f) - 1
+    out = torch.empty(len(depths), S, dtype=torch.int64)
+    for i, d in enumerate(depths):
+        if mode == "pipeline":
+            e = n if d == n or d + 1 >= fill else d + 1
+            out[i] = f[e]
+        elif d == n:
+            out[i] = f[n]
+        else:
+            start = torch.repeat_interleave(torch.tensor([sum(segments[:j]) for j in range(len(segments))]),
+                                            torch.tensor(list(segments)))
+            out[i] = torch.where(torch.arange(S) - 1 >= start, f[0], f[n])
+    out[:, 0] = -1
+    return out
 
 
 def brute_force_mask(S: int, f: Sequence[int], mode: str, fill: int = 0, segments: Sequence[int] = ()
@@ -160,6 +191,11 @@ class PDMNet(torch.nn.Module):
         if cfg.anchor_norm:
             self.anchor_norms = torch.nn.ParameterList(
                 [torch.nn.Parameter(w) for w in anchor_norm_init(target, cfg.anchors)])
+        self.shift_w = self.shift_norms = None
+        if cfg.shift:  # zero: training starts from the rows without the previous-token term
+            self.shift_w = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(H, H)) for _ in range(cfg.m + 1)])
+            self.shift_norms = torch.nn.ParameterList(
+                [torch.nn.Parameter(w) for w in anchor_norm_init(target, cfg.anchors)])
         self.layers = torch.nn.ModuleList([_TowerLayer(self.tower_cfg, g, cfg.num_layers)
                                            for _ in range(cfg.num_layers)])
         self.register_buffer("vocab_ids", vocab_ids.to(torch.int64).clone())
@@ -173,18 +209,25 @@ class PDMNet(torch.nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def rows(self, anchor_h: torch.Tensor, types: Sequence[int]) -> torch.Tensor:
+    def rows(self, anchor_h: torch.Tensor, types: Sequence[int], prev: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
         """``anchor_h [S, m + 1, H]`` -> the stacked blocks ``[len(types) * S, H]``, block ``i`` of type
-        ``types[i]``."""
+        ``types[i]``; with ``shift``, ``prev [len(types), S]`` (:func:`previous_types`) gives each row's
+        previous-token type."""
         S, _, H = anchor_h.shape
         x = normalise_anchors(anchor_h, self.anchor_norms, self.tc.rms_norm_eps)
-        return torch.cat([F.linear(x[:, :a + 1].reshape(S, (a + 1) * H), self.agg[a]) for a in types])
+        g = torch.cat([F.linear(x[:, :a + 1].reshape(S, (a + 1) * H), self.agg[a]) for a in types])
+        if self.shift_w is not None:
+            before = torch.cat([anchor_h[:1], anchor_h[:-1]])  # row t: the anchors of token t - 1
+            g = g + shift_rows(self.shift_w, self.shift_norms, before.repeat(len(types), 1, 1),
+                               prev.reshape(-1).to(anchor_h.device), self.tc.rms_norm_eps)
+        return g
 
     def forward(self, anchor_h: torch.Tensor, positions: torch.Tensor, types: Sequence[int], mask: torch.Tensor,
-                loss_rows: torch.Tensor) -> torch.Tensor:
+                loss_rows: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Draft logits ``[len(loss_rows), Vd]`` of the rows ``loss_rows`` (indices into the stacked blocks)."""
         c = self.tower_cfg
-        h = self.rows(anchor_h, types)
+        h = self.rows(anchor_h, types, prev)
         pos = positions.repeat(len(types))
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
         groups = c.num_heads // c.num_kv_heads
@@ -212,6 +255,9 @@ class PDMNet(torch.nn.Module):
         out: Dict[str, torch.Tensor] = {f"agg.{k}.weight": w.detach() for k, w in enumerate(self.agg)}
         if self.anchor_norms is not None:
             out.update({f"anchor_norm.{j}.weight": w.detach() for j, w in enumerate(self.anchor_norms)})
+        if self.shift_w is not None:
+            out.update({f"shift.{k}.weight": w.detach() for k, w in enumerate(self.shift_w)})
+            out.update({f"shift_norm.{k}.weight": w.detach() for k, w in enumerate(self.shift_norms)})
         for i, L in enumerate(self.layers):
             p = f"model.layers.{i}."
             q, k, v = L.w_qkv.detach().split([qd, kd, kd])
@@ -258,14 +304,17 @@ def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window:
     for h, seq in zip(states, corpus):
         ids = list(seq["prompt_ids"]) + list(seq["output_ids"])
         P = len(seq["prompt_ids"])
-        nxt = torch.tensor(ids[1:] + [-1])
+        T = h.shape[0]  # the rows with states: every token, or every token but the last (recorded in generation)
+        if T not in (len(ids), len(ids) - 1):
+            raise ValueError(f"states: {T} rows for a sequence of {len(ids)} tokens")
+        nxt = torch.tensor((ids[1:] + [-1])[:T])
         s = max(0, P - 1 - window // 4)  # keep some prompt context before the first generated token
-        while s < len(ids) - 1:
-            e = min(len(ids), s + window)
+        while s < T - 1:
+            e = min(T, s + window)
             fl = max(0, P - 1 - s)
             if fl < e - s - 1:
                 out.append(Window(h[s:e], s, fl, nxt[s:e]))
-            s = e - window // 4 if e < len(ids) else e  # overlap so every row has some context
+            s = e - window // 4 if e < T else e  # overlap so every row has some context
     return out
 
 
@@ -320,7 +369,9 @@ class Trainer:
         dev = self.device
         h = w.anchors.to(dev).float()
         rows, mask = rows.to(dev), mask.to(dev)
-        logits = self.net(h, torch.arange(w.start, w.start + S, device=dev), types, mask, rows)  # block 0 = depth 0
+        prev = previous_types(S, f, mode, depths, fill, segs) if self.cfg.shift else None
+        pos = torch.arange(w.start, w.start + S, device=dev)
+        logits = self.net(h, pos, types, mask, rows, prev)  # block 0 = depth 0
         with torch.no_grad():
             hl = h[rows, -1] if self.cfg.anchors[-1] == self.L else None
             t_logits = F.linear(F.rms_norm(hl, (hl.shape[-1],), self.net.norm, self.target.config.rms_norm_eps),
@@ -421,7 +472,7 @@ def select_vocab(corpus: Sequence[Dict], size: int, vocab_size: int, always: Seq
 def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_vocab: int = 8192,
               anchors: Optional[Sequence[int]] = None, num_prompts: int = 400, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
-              progress: bool = True, log=print, anchor_norm: bool = False, device="cpu") -> Dict:
+              progress: bool = True, log=print, anchor_norm: bool = False, device="cpu", shift: bool = False) -> Dict:
     """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
     held-out evaluation, and the PDM written to ``out`` with ``train_log.json`` and ``heldout.json``.
     The anchor states and the training run on ``device``; the text is generated by the runtime's engine on
@@ -435,21 +486,30 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_v
     if anchors[-1] != L:
         raise ValueError(f"anchors: the last anchor must be the target's last layer ({L}): the teacher reads it")
     cfg = PDMConfig(anchors=anchors, num_layers=layers, intermediate_size=intermediate or ck.config.intermediate_size,
-                    draft_vocab=min(draft_vocab, ck.config.vocab_size), anchor_norm=anchor_norm,
+                    draft_vocab=min(draft_vocab, ck.config.vocab_size), anchor_norm=anchor_norm, shift=shift,
                     target=target_fingerprint(ck.config, ck.state_dict))
     cfg.validate(ck.config)
     depth_types(anchors, L, stages)  # n fits the target
     work_p, out_p = Path(work), Path(out)
     t0 = time.perf_counter()
     cpath = work_p / f"corpus-{num_prompts}-{max_new_tokens}-s{st.seed}.json"
+    spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
+    states = None
     if cpath.exists():
-        corpus, _ = load_corpus(cpath)
-        log(f"data: {len(corpus)} sequences from {cpath}")
+        corpus, meta = load_corpus(cpath)
+        log(f"data: {len(corpus)} sequences from {cpath} (generated in {meta.get('generate_s', 0):.0f} s)")
     else:
-        gen_model = target if target.device.type == "cpu" else LlamaModel(ck.config, ck.state_dict)
-        corpus = generate_corpus(gen_model, ck.tokenizer, num_prompts, max_new_tokens, st.seed, log=log)
+        on_cpu = target.device.type == "cpu"
+        gen_model = target if on_cpu else LlamaModel(ck.config, ck.state_dict)
+        # on the CPU the anchor states are recorded while generating (no second pass over the text)
+        corpus, states = generate_corpus(gen_model, ck.tokenizer, num_prompts, max_new_tokens, st.seed, log=log,
+                                         anchors=anchors if on_cpu else None)
         del gen_model
-        save_corpus(cpath, corpus, dict(num_prompts=num_prompts, max_new_tokens=max_new_tokens, seed=st.seed))
+        meta = dict(num_prompts=num_prompts, max_new_tokens=max_new_tokens, seed=st.seed,
+                    generate_s=time.perf_counter() - t0, anchors_recorded=list(anchors) if states else None)
+        save_corpus(cpath, corpus, meta)
+        if states is not None:
+            torch.save(states, spath)
     t_data = time.perf_counter() - t0
     vocab = select_vocab(corpus, cfg.draft_vocab, ck.config.vocab_size, ck.config.eos_token_ids)
     cfg.draft_vocab = len(vocab)
@@ -464,13 +524,16 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_v
     held_idx, train_idx = sorted(perm[:n_held]), sorted(perm[n_held:])
     t1 = time.perf_counter()
     seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in corpus]
-    spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
-    states = torch.load(spath) if spath.exists() else None
-    if states is None or len(states) != len(seqs) or any(len(h) != len(s) for h, s in zip(states, seqs)):
+    if states is None and spath.exists():
+        states = torch.load(spath)
+    if states is None or len(states) != len(seqs) or any(len(h) not in (len(s), len(s) - 1)
+                                                         for h, s in zip(states, seqs)):
         states = anchor_states(target, seqs, anchors)
         torch.save(states, spath)
-    t_feat = time.perf_counter() - t1
-    log(f"anchor states: {sum(len(s) for s in seqs)} tokens in {t_feat:.0f} s")
+        t_feat = time.perf_counter() - t1
+        log(f"anchor states: {sum(len(s) for s in seqs)} tokens in {t_feat:.0f} s")
+    else:
+        t_feat = time.perf_counter() - t1
     train_w = make_windows([states[i] for i in train_idx], [corpus[i] for i in train_idx], st.window)
     held_w = make_windows([states[i] for i in held_idx], [corpus[i] for i in held_idx], st.window)
     cfg.training = dict(settings=dataclasses.asdict(st), stages_trained_for=list(sorted(set(st.stage_choices))),
@@ -486,8 +549,12 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 2, draft_v
     held = trainer.evaluate(held_w, layouts)
     log(f"held-out ({len(held_w)} windows, {len(held_idx)} sequences): " + json.dumps(held))
     trainer.save(out_p)
-    timing = dict(data_s=t_data, anchor_states_s=t_feat, train_s=res["train_s"], eval_s=time.perf_counter() - t2,
-                  total_s=time.perf_counter() - t0)
+    # generate_s: the text's generation (with the anchor states when recorded then), also when this run
+    # found it cached; total_s counts it once either way
+    gen_s = float(meta.get("generate_s", 0.0))
+    timing = dict(generate_s=gen_s, data_s=t_data, anchor_states_s=t_feat, train_s=res["train_s"],
+                  eval_s=time.perf_counter() - t2,
+                  total_s=time.perf_counter() - t0 + (gen_s if t_data < gen_s else 0.0))
     (out_p / "heldout.json").write_text(json.dumps(dict(held_out=held, windows=len(held_w), timing=timing,
                                                          vocab_coverage=coverage), indent=1))
     (out_p / "train_log.json").write_text(json.dumps(dict(history=res["history"], timing=timing), indent=0))
@@ -507,7 +574,8 @@ def stage_bounds_union(L: int, stages: Sequence[int] = (4,)) -> List[int]:
 
 
 def untrained_pdm(target: LlamaModel, anchors: Sequence[int], layers: int = 1, draft_vocab: int = 0,
-                  intermediate: int = 0, seed: int = 0, noise: float = 0.0, anchor_norm: bool = False):
+                  intermediate: int = 0, seed: int = 0, noise: float = 0.0, anchor_norm: bool = False,
+                  shift: bool = False):
     """A PDM at its initialisation (``noise`` > 0 perturbs every weight): the schedule's correctness does not
     depend on what the drafter predicts, so the tests run it with these."""
     from .pdm import PipelineDraftModule
@@ -515,8 +583,9 @@ def untrained_pdm(target: LlamaModel, anchors: Sequence[int], layers: int = 1, d
     c = target.config
     V = draft_vocab or c.vocab_size
     cfg = PDMConfig(anchors=list(anchors), num_layers=layers, intermediate_size=intermediate or c.intermediate_size,
-                    draft_vocab=V, anchor_norm=anchor_norm, target=dict(architecture=c.name, num_layers=c.num_layers,
-                                               hidden_size=c.hidden_size, vocab_size=c.vocab_size))
+                    draft_vocab=V, anchor_norm=anchor_norm, shift=shift,
+                    target=dict(architecture=c.name, num_layers=c.num_layers, hidden_size=c.hidden_size,
+                                vocab_size=c.vocab_size))
     net = PDMNet(cfg, target, torch.arange(V), seed=seed)
     sd = net.hf_state_dict()
     if noise:
