@@ -381,7 +381,18 @@ def test_pdm_file_round_trip_and_refusals(tmp_path, pdm):
     (d / "pdm.json").write_text(json.dumps(dict(cfg_j, anchor_norm=True)))
     with pytest.raises(PDMError, match="anchor_norm.0.weight"):
         load_pdm(str(d), m, sd)
+    # ... or the previous-token term's weights
+    (d / "pdm.json").write_text(json.dumps(dict(cfg_j, shift=True)))
+    with pytest.raises(PDMError, match="shift.0.weight"):
+        load_pdm(str(d), m, sd)
     (d / "pdm.json").write_text(json.dumps(cfg_j))
+    # a PDM with the previous-token term: round trip, and its rows refuse to be formed without that token
+    ds = _save(tmp_path / "shift", m, untrained_pdm(m, ANCHORS, layers=1, shift=True), sd)
+    ls = load_pdm(str(ds), m, sd)
+    assert ls.cfg.shift and len(ls.shift_w) == len(ANCHORS)
+    h = torch.randn(3, len(ANCHORS), CFG.hidden_size)
+    with pytest.raises(ValueError, match="prev_h"):
+        ls.rows(h, torch.zeros(3, dtype=torch.int64))
     # another checkpoint of the same architecture
     sd2 = {k: v.float() for k, v in random_state_dict(CFG, seed=9).items()}
     with pytest.raises(PDMError, match="weight hash"):

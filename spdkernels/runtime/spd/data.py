@@ -14,7 +14,7 @@ import torch
 from ..engine import Engine, Request, SamplingParams
 from ..model import LlamaModel, build_batch
 from ..proposers import Draft, Proposer
-from .prompts import training_prompts
+from .prompts import followup_prompts, training_prompts
 
 
 class AnchorRecorder(Proposer):
@@ -49,32 +49,46 @@ class AnchorRecorder(Proposer):
 
 def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_tokens: int, seed: int,
                     batch: int = 64, sampled_fraction: float = 0.2, log=print,
-                    anchors: Optional[Sequence[int]] = None) -> Tuple[List[Dict], Optional[List[torch.Tensor]]]:
+                    anchors: Optional[Sequence[int]] = None, followup_fraction: float = 0.3
+                    ) -> Tuple[List[Dict], Optional[List[torch.Tensor]]]:
     """``(corpus, states)``. ``corpus = [{"kind", "prompt_ids", "output_ids"}]``: greedy continuations, and
     for ``sampled_fraction`` of the prompts continuations sampled at temperature 0.7 (seeded), so the text
-    covers more than one path. With ``anchors``, ``states[i]`` holds the hidden states at the anchors of every
-    token of sequence ``i`` but its last (``[len(prompt) + len(output) - 1, len(anchors), hidden]`` fp16,
-    the rows :func:`anchor_states` computes, recorded during generation); otherwise ``states`` is None."""
-    prompts = training_prompts(num_prompts, seed)
-    reqs, kinds = [], []
-    for i, (kind, text) in enumerate(prompts):
-        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
-        sampled = (i * 7919 + seed) % 100 < sampled_fraction * 100
-        reqs.append(Request(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7 if sampled else 0.0,
-                                                top_p=0.95 if sampled else 1.0, seed=seed * 100003 + i)))
-        kinds.append(kind)
+    covers more than one path. Two rounds: ``1 - followup_fraction`` of the prompts from
+    :func:`~.prompts.training_prompts`, then the rest from :func:`~.prompts.followup_prompts` built on the
+    first round's replies (the target's own documents and code handed back to edit). With ``anchors``,
+    ``states[i]`` holds the hidden states at the anchors of every token of sequence ``i`` but its last
+    (``[len(prompt) + len(output) - 1, len(anchors), hidden]`` fp16, the rows :func:`anchor_states`
+    computes, recorded during generation); otherwise ``states`` is None."""
+    n2 = int(round(followup_fraction * num_prompts))
     out: List[Dict] = []
     states: Optional[List[torch.Tensor]] = [] if anchors is not None else None
     t0 = time.perf_counter()
-    for s in range(0, len(reqs), batch):
-        rec = AnchorRecorder(anchors) if anchors is not None else None
-        res, _ = Engine(model, rec).generate(reqs[s:s + batch])
-        for r, kind in zip(res, kinds[s:s + batch]):
-            out.append(dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids))
-            if rec is not None:
-                states.append(rec.states(r.rid, len(r.prompt_ids) + len(r.output_ids) - 1))
-        n = sum(len(x["output_ids"]) for x in out)
-        log(f"data: {len(out)}/{len(reqs)} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
+
+    def run(prompts: Sequence[Tuple[str, str]]) -> None:
+        reqs, kinds = [], []
+        for kind, text in prompts:
+            i = len(out) + len(reqs)  # the sequence's index in the corpus: its seed and sampling choice
+            ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+            sampled = (i * 7919 + seed) % 100 < sampled_fraction * 100
+            reqs.append(Request(ids, SamplingParams(max_new_tokens=max_new_tokens,
+                                                    temperature=0.7 if sampled else 0.0,
+                                                    top_p=0.95 if sampled else 1.0, seed=seed * 100003 + i)))
+            kinds.append(kind)
+        total = len(out) + len(reqs)
+        for s in range(0, len(reqs), batch):
+            rec = AnchorRecorder(anchors) if anchors is not None else None
+            res, _ = Engine(model, rec).generate(reqs[s:s + batch])
+            for r, kind in zip(res, kinds[s:s + batch]):
+                out.append(dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids))
+                if rec is not None:
+                    states.append(rec.states(r.rid, len(r.prompt_ids) + len(r.output_ids) - 1))
+            n = sum(len(x["output_ids"]) for x in out)
+            log(f"data: {len(out)}/{total} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
+
+    run(training_prompts(num_prompts - n2, seed))
+    if n2:
+        replies = [(x["kind"], tokenizer.decode(x["output_ids"])) for x in out]
+        run(followup_prompts(replies, n2, seed))
     return out, states
 
 

@@ -5,7 +5,7 @@ so the demo measures the drafter on prompts it has not seen."""
 from __future__ import annotations
 
 import random
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 CODE_TASKS = [
     "reverses a string", "checks whether a number is prime", "returns the n-th Fibonacci number",
@@ -151,6 +151,28 @@ CHAT_TEMPLATES = [
 ]
 
 
+DOC_SUBJECTS = [
+    "a new bus line in a small town", "a school science fair", "a bakery that opens a second shop",
+    "a hospital that hires more nurses", "a music festival moving to a new park", "a company switching to a "
+    "four-day week", "a river clean-up by volunteers", "a library that lends tools", "a football team's new "
+    "coach", "a city that bans cars from its centre on Sundays", "a startup building delivery robots",
+    "a museum exhibition about ancient Egypt", "a heat wave and water restrictions", "a new recycling plant",
+    "a university course on artificial intelligence", "a farmers' market that moves indoors for winter",
+    "a charity run raising money for a children's hospital", "a software update that broke a banking app",
+    "a theatre group performing in schools", "rising rents for students", "a new bike-sharing scheme",
+    "a zoo welcoming two baby elephants", "a power cut in a large office building", "a village getting fast "
+    "internet", "a team migrating its servers to the cloud", "a restaurant that only serves local food",
+    "a local election with record turnout", "a supermarket testing checkout-free shopping",
+]
+DOC_TEMPLATES = [
+    "Write a short news article (about 120 words) about {subject}.",
+    "Write the notes of a team meeting about {subject}: who said what, decisions, and open questions.",
+    "Write a short email to a colleague about {subject}.",
+    "Write a short blog post about {subject}.",
+    "Write a short press release about {subject}.",
+]
+
+
 def _typos(text: str, rng: random.Random, rate: float = 0.18) -> str:
     words = text.split(" ")
     out = []
@@ -165,12 +187,13 @@ def _typos(text: str, rng: random.Random, rate: float = 0.18) -> str:
 
 
 def training_prompts(count: int = 400, seed: int = 0) -> List[Tuple[str, str]]:
-    """``count`` prompts ``(kind, text)`` in a fixed mix: 30% code, 25% editing/summarising a given text,
-    45% instructions and open chat."""
+    """``count`` prompts ``(kind, text)`` in a fixed mix: 30% code, 20% editing/summarising a given text,
+    35% instructions and open chat, 15% writing a document (an article, notes, an email) that
+    :func:`followup_prompts` can hand back for editing."""
     rng = random.Random(seed)
     out: List[Tuple[str, str]] = []
     seen = set()
-    kinds = ["code"] * 6 + ["text"] * 5 + ["chat"] * 9
+    kinds = ["code"] * 6 + ["text"] * 4 + ["chat"] * 7 + ["doc"] * 3
     i = 0
     while len(out) < count and i < 50 * count:
         kind = kinds[len(out) % len(kinds)]
@@ -182,6 +205,8 @@ def training_prompts(count: int = 400, seed: int = 0) -> List[Tuple[str, str]]:
                 lang, code = rng.choice(SNIPPETS)
                 other = rng.choice([x for x in ("Python", "JavaScript", "Go", "Java") if x.lower() != lang])
                 p = rng.choice(SNIPPET_TEMPLATES).format(lang=lang, code=code, other=other)
+        elif kind == "doc":
+            p = rng.choice(DOC_TEMPLATES).format(subject=rng.choice(DOC_SUBJECTS))
         elif kind == "text":
             text = rng.choice(TEXTS)
             if rng.random() < 0.3:
@@ -195,6 +220,56 @@ def training_prompts(count: int = 400, seed: int = 0) -> List[Tuple[str, str]]:
             else:
                 p = rng.choice(CHAT_TEMPLATES).format(concept=rng.choice(CONCEPTS), audience=rng.choice(AUDIENCES),
                                                       activity=rng.choice(ACTIVITIES))
+        if p not in seen:
+            seen.add(p)
+            out.append((kind, p))
+    return out
+
+
+def _code_block(text: str) -> Optional[Tuple[str, str]]:
+    """``(language, code)`` of the first fenced code block of a reply, or None."""
+    start = text.find("```")
+    if start < 0:
+        return None
+    nl = text.find("\n", start)
+    end = text.find("```", nl + 1) if nl >= 0 else -1
+    if nl < 0 or end < 0:
+        return None
+    code = text[nl + 1:end]
+    lines = code.count("\n")
+    return (text[start + 3:nl].strip() or "python", code) if 2 <= lines <= 30 else None
+
+
+def followup_prompts(replies: Sequence[Tuple[str, str]], count: int, seed: int = 0) -> List[Tuple[str, str]]:
+    """Second-round prompts built on the target's own first-round replies ``(kind, reply text)``: its
+    documents handed back to summarise, proofread (with typos added), rewrite or turn into action items,
+    and the code it wrote handed back to annotate, explain, test, translate or fix. Up to ``count``
+    prompts ``(kind, text)``, seeded; tasks on text the target wrote itself, as in the editing and
+    summarising requests a drafter must serve."""
+    rng = random.Random(seed + 7)
+    docs = [r.strip() for k, r in replies if k == "doc" and len(r.split()) >= 40]
+    codes = [c for k, r in replies if k == "code" for c in [_code_block(r)] if c is not None]
+    out: List[Tuple[str, str]] = []
+    seen = set()
+    doc_templates = TEXT_TEMPLATES + [
+        "List the action items in this text as bullet points.\n\n{text}",
+        "Rewrite this text as a short formal email to the team.\n\n{text}",
+        "Summarise this text in three sentences.\n\n{text}",
+    ]
+    i = 0
+    while len(out) < count and i < 20 * count and (docs or codes):
+        i += 1
+        if codes and (not docs or rng.random() < 0.45):
+            lang, code = rng.choice(codes)
+            other = rng.choice([x for x in ("Python", "JavaScript", "Go", "Java", "TypeScript") if x.lower() != lang])
+            p, kind = rng.choice(SNIPPET_TEMPLATES).format(lang=lang, code=code, other=other), "code"
+        else:
+            text = rng.choice(docs)
+            if rng.random() < 0.3:
+                p = rng.choice(TYPO_TEMPLATES).format(text=_typos(text, rng))
+            else:
+                p = rng.choice(doc_templates).format(text=text)
+            kind = "text"
         if p not in seen:
             seen.add(p)
             out.append((kind, p))
