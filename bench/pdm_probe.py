@@ -4,7 +4,8 @@ PDM under several attention layouts, on the cached training text of ``spdkernels
 * ``pipe4``: the SPD staircase at n = 4 (what inference feeds);
 * ``proposer_segN``: draft-then-verify, every query seeing the completed rows before its segment of N
   (``seg1`` = completed features of every earlier token, the most a drafter can know);
-* ``self_only``: each row sees only its own position (no context at all);
+* ``self_only``: each row sees only its own position (no context through attention; a PDM with the
+  previous-token term still gets that token's deepest anchor in its row);
 * ``recent6``: the staircase restricted to the last 6 positions.
 
 If ``proposer_seg1`` is no better than ``pipe4``, the deep features of the completed tokens add nothing over
@@ -40,6 +41,10 @@ def load_net(pdm_dir: str, target):
         if net.anchor_norms is not None:
             for j in range(cfg.m + 1):
                 net.anchor_norms[j].copy_(sd[f"anchor_norm.{j}.weight"])
+        if net.shift_w is not None:
+            for k in range(cfg.m + 1):
+                net.shift_w[k].copy_(sd[f"shift.{k}.weight"])
+                net.shift_norms[k].copy_(sd[f"shift_norm.{k}.weight"])
         for i, L in enumerate(net.layers):
             p = f"model.layers.{i}."
             L.ln1.copy_(sd[p + "input_layernorm.weight"])
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
     from spdkernels.runtime import LlamaModel, load_checkpoint
     from spdkernels.runtime.spd.data import load_corpus
     from spdkernels.runtime.spd.pdm import depth_types
-    from spdkernels.runtime.spd.train import make_windows, structural_mask
+    from spdkernels.runtime.spd.train import make_windows, previous_types, structural_mask
 
     work = Path(args.work)
     corpora = sorted(work.glob("corpus-*.json"))
@@ -98,6 +103,7 @@ def main(argv=None) -> int:
             f = depth_types(cfg.anchors, L, n)
             segs = [] if mode == "pipeline" else [seg] * (S // seg) + ([S % seg] if S % seg else [])
             mask, depths = structural_mask(S, f, mode, n if mode == "pipeline" else 0, segs)
+            prev = previous_types(S, f, mode, depths, n if mode == "pipeline" else 0, segs) if cfg.shift else None
             if restrict is not None:
                 pos = torch.arange(mask.shape[0]) % S
                 mask = mask & restrict(pos[:, None] - pos[None, :])
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
             rows = rows[w.next_ids[rows] >= 0]
             h = w.anchors.float()
             with torch.no_grad():
-                logits = net(h, torch.arange(w.start, w.start + S), [f[d] for d in depths], mask, rows)
+                logits = net(h, torch.arange(w.start, w.start + S), [f[d] for d in depths], mask, rows, prev)
                 hl = h[rows, -1]
                 t = F.linear(F.rms_norm(hl, (hl.shape[-1],), net.norm, target.config.rms_norm_eps), head)
             agree += int((logits.argmax(-1) == t.argmax(-1)).sum())

@@ -490,3 +490,25 @@ def test_cli_train_pdm_bad_device_exits_2(tmp_path, capsys):
     rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), "--device", "tpu:x"])
     assert rc == 2 and not (tmp_path / "o").exists()
     assert "--device" in capsys.readouterr().err
+
+
+def test_pdm_probe_loads_every_tensor_of_the_file(tmp_path):
+    """The probe's loader rebuilds the training net with every tensor of a saved PDM (the options' tensors
+    included: a tensor it skipped would stay at its initialisation and the probe would score another PDM)."""
+    from spdkernels.bench.pdm_probe import load_net
+
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    for i, kw in enumerate([dict(), dict(anchor_norm=True, shift=True)]):
+        cfg = untrained_pdm(m, ANCHORS, layers=2, intermediate=48, **kw).cfg
+        cfg.target = target_fingerprint(m.config, sd)
+        net = PDMNet(cfg, m, torch.arange(CFG.vocab_size), seed=1)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        want = net.hf_state_dict()
+        d = save_pdm(str(tmp_path / f"p{i}"), cfg, want)
+        got = load_net(str(d), m).hf_state_dict()
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v.half().to(v.dtype) if v.is_floating_point() else v, rtol=0, atol=0)
