@@ -463,12 +463,12 @@ def _tiny_training_set(model, n_seq=6, seed=0):
     return make_windows(states, corpus, 16)
 
 
-@pytest.mark.parametrize("anchor_norm", [False, True])
-def test_trainer_is_reproducible_and_learns(anchor_norm):
+@pytest.mark.parametrize("anchor_norm,shift", [(False, False), (True, False), (False, True)])
+def test_trainer_is_reproducible_and_learns(anchor_norm, shift):
     """The same seed gives bit-identical weights; the training loss falls over a few dozen steps."""
     m = LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float32)
     wins = _tiny_training_set(m)
-    cfg = untrained_pdm(m, ANCHORS, layers=1, intermediate=32, anchor_norm=anchor_norm).cfg
+    cfg = untrained_pdm(m, ANCHORS, layers=1, intermediate=32, anchor_norm=anchor_norm, shift=shift).cfg
     cfg.training = dict(vocab_ids=list(range(CFG.vocab_size)))
 
     def run(steps):
@@ -481,6 +481,9 @@ def test_trainer_is_reproducible_and_learns(anchor_norm):
     sa, sb = a.net.hf_state_dict(), b.net.hf_state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert ("anchor_norm.0.weight" in sa) == anchor_norm
+    assert ("shift.0.weight" in sa) == shift
+    if shift:  # the previous-token term was trained away from its zero start
+        assert float(sa["shift.0.weight"].abs().max()) > 0
     _, res = run(60)
     loss = [h["loss"] for h in res["history"]]
     assert sum(loss[-10:]) / 10 < 0.8 * sum(loss[:10]) / 10, (loss[:10], loss[-10:])
@@ -512,3 +515,50 @@ def test_pdm_probe_loads_every_tensor_of_the_file(tmp_path):
         assert sorted(got) == sorted(want)
         for k, v in want.items():
             torch.testing.assert_close(got[k], v.half().to(v.dtype) if v.is_floating_point() else v, rtol=0, atol=0)
+
+
+class _ByteTokenizer:
+    """Enough of a tokenizer for generate_corpus on the tiny random model."""
+
+    def apply_chat_template(self, messages):
+        return messages[0]["content"]
+
+    def encode(self, text):
+        return [b % CFG.vocab_size for b in text.encode()][:12]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_anchor_states_recorded_during_generation_equal_a_prefill_pass():
+    """AnchorRecorder keeps, for every token but the last, the hidden states a separate prefill-style pass
+    over the generated text computes (fp16), and make_windows takes the one row fewer."""
+    from spdkernels.runtime.spd.data import anchor_states, generate_corpus
+
+    m = LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float64)
+    corpus, states = generate_corpus(m, _ByteTokenizer(), 5, 9, 0, batch=3, anchors=ANCHORS, log=lambda *a: None)
+    assert len(corpus) == len(states) >= 3
+    ref = anchor_states(m, [c["prompt_ids"] + c["output_ids"] for c in corpus], ANCHORS, dtype=torch.float64)
+    for c, h, r in zip(corpus, states, ref):
+        assert h.dtype == torch.float16 and h.shape[0] == len(c["prompt_ids"]) + len(c["output_ids"]) - 1
+        torch.testing.assert_close(h.double(), r[:h.shape[0]].half().double(), rtol=2e-3, atol=2e-3)
+    wins = make_windows(states, corpus, 8)
+    assert wins and all(int(w.next_ids.min()) >= 0 for w in wins)  # every recorded row has a next token
+    with pytest.raises(ValueError, match="states"):
+        make_windows([states[0][:-2]], corpus[:1], 8)
+
+
+def test_followup_prompts_hand_back_the_targets_own_text():
+    from spdkernels.runtime.spd.prompts import followup_prompts, training_prompts
+
+    doc = " ".join(f"word{i}" for i in range(60))
+    code = "Here:\n```python\ndef f(x):\n    return x + 1\n```\nDone."
+    out = followup_prompts([("doc", doc), ("code", code), ("chat", "hello " * 50)], 12, seed=0)
+    assert len(out) == 12 and len({p for _, p in out}) == 12
+    assert all(("def f(x):" in p) if k == "code" else ("word1" in p) for k, p in out)
+    assert any(k == "code" for k, _ in out) and any(k == "text" for k, _ in out)
+    assert followup_prompts([("chat", "hi")], 5) == []  # nothing to hand back
+    assert followup_prompts([("doc", doc), ("code", code)], 8, seed=3) == followup_prompts(
+        [("doc", doc), ("code", code)], 8, seed=3)
+    kinds = {k for k, _ in training_prompts(200, 0)}
+    assert kinds == {"code", "text", "chat", "doc"}

@@ -88,21 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (pdm.safetensors, pdm.json, train_log.json, heldout.json)")
     t.add_argument("--work", default=None, help="cache of the generated training text (default: <out>/work)")
     t.add_argument("--stages", type=int, default=4, help="the pipeline depth the anchors are cut for")
-    t.add_argument("--layers", type=int, default=2, help="tower decoder layers L_s")
+    t.add_argument("--layers", type=int, default=1, help="tower decoder layers L_s")
     t.add_argument("--intermediate", type=int, default=1024, help="the tower's MLP width")
     t.add_argument("--draft-vocab", type=int, default=8192)
-    t.add_argument("--prompts", type=int, default=400, help="training prompts (the target continues each)")
+    t.add_argument("--prompts", type=int, default=720, help="training prompts (the target continues each)")
     t.add_argument("--max-new-tokens", type=int, default=192)
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=1800)
     t.add_argument("--batch", type=int, default=4, help="training windows per step")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--anchor-norm", action="store_true",
                    help="RMS-normalise each anchor hidden state before the aggregation (weights initialised from "
                    "the target's own norms, trained)")
-    t.add_argument("--shift", action="store_true",
+    t.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
                    help="give each row the previous token's deepest anchor too (EAGLE-style), not only through "
-                   "attention")
+                   "attention (default: on)")
     t.add_argument("--no-progress", action="store_true")
     return ap
 
