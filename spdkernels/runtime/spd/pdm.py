@@ -270,6 +270,31 @@ class PipelineDraftModule:
             i += n
         return self.rows(anchor_h, types, prev_h, prev_t)
 
+    def view_logits(self, rows: Sequence[torch.Tensor], types: Sequence[int]) -> torch.Tensor:
+        """The draft logits ``[draft_vocab]`` after a whole view computed from scratch on a fresh cache: the
+        anchors ``rows[i]`` (``[m + 1, H]``) of consecutive positions from 0, of types ``types[i]``, each
+        row's previous token the row before it. The definition the cached drafting is checked against."""
+        from ..model import build_batch
+
+        T, dev = len(rows), rows[0].device
+        kw = {}
+        if self.shift_w is not None:
+            kw = dict(prev_h=torch.stack([rows[0]] + list(rows[:-1])),
+                      prev_types=torch.tensor([-1] + list(types[:-1]), dtype=torch.int64, device=dev))
+        g = self.rows(torch.stack(list(rows)), torch.tensor(list(types), dtype=torch.int64, device=dev), **kw)
+        cache = self.new_cache(-(-T // 16), 16)
+        cache.add(0)
+        h, _ = self.tower.forward_layers(g, build_batch(cache, [0], [0], [list(range(T))], device=dev), cache)
+        return self.draft_logits(h[-1:])[0]
+
+    def check_draft(self, rid, logits: torch.Tensor, rows: Sequence[torch.Tensor], types: Sequence[int]) -> None:
+        """Debug: ``logits`` of a cached draft equal :meth:`view_logits` of its view (fp64: 1e-6, else 1e-3)."""
+        want = self.view_logits(rows, types)
+        tol = 1e-6 if want.dtype == torch.float64 else 1e-3
+        assert torch.allclose(logits, want, rtol=tol, atol=tol), \
+            f"{rid!r}: the PDM's cached draft differs from its from-scratch run by " \
+            f"{float((logits - want).abs().max()):.3g}"
+
     def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tower output rows ``[T, H]`` -> draft-vocabulary logits ``[T, draft_vocab]``."""
         return linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.eps), self.head)

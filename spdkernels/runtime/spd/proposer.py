@@ -256,24 +256,9 @@ class PDMProposer(Proposer):
 
     def _check_view(self, st, path: List[torch.Tensor], logits: torch.Tensor) -> None:
         """Debug: ``logits`` (the draft distribution after ``path``: the root and the drafts down to a node)
-        equal the PDM run from scratch on a fresh cache over every completed row and ``path`` (each row's
-        previous token: the row before it)."""
-        pdm = self.pdm
+        equal the PDM run from scratch over every completed row and ``path``."""
         done = self._done.get(st.rid, [])
-        rows = list(done) + list(path)
-        types = [self.m] * len(done) + [0] * len(path)
-        T, dev = len(rows), self._device
-        prev = [(rows[0], -1)] + [(rows[i - 1], types[i - 1]) for i in range(1, T)]
-        g = self._rows(rows, types, prev)
-        cache = pdm.new_cache(-(-T // 16), 16)
-        cache.add(0)
-        b = build_batch(cache, [0], [0], [list(range(T))], device=dev)
-        h, _ = pdm.tower.forward_layers(g, b, cache)
-        want = pdm.draft_logits(h[-1:])[0]
-        tol = 1e-6 if want.dtype == torch.float64 else 1e-3
-        assert torch.allclose(logits, want, rtol=tol, atol=tol), \
-            f"{st.rid!r}: the PDM's cached draft differs from its from-scratch run by " \
-            f"{float((logits - want).abs().max()):.3g}"
+        self.pdm.check_draft(st.rid, logits, list(done) + list(path), [self.m] * len(done) + [0] * len(path))
 
     def _forward_tree(self, rids, rows, types, positions, parents, prev) -> torch.Tensor:
         """Query rows ``[root, nodes...]`` per request with the tree mask (root = parent -1 of the nodes;

@@ -430,28 +430,11 @@ class SPDEngine:
 
     def _check_draft(self, active: List[_SPDState], logits: torch.Tensor) -> None:
         """Debug: the draft logits from the PDM's cache equal the PDM run from scratch over the request's
-        whole view (every completed row, the pending one, the tokens in flight at their depths; each row's
-        previous token is the row before it), on a fresh cache."""
-        pdm, H = self.pdm, self.model.config.hidden_size
+        whole view (every completed row, the pending one, the tokens in flight at their depths)."""
         for i, s in enumerate(active):
             rows = list(s.done_rows) + ([s.pending] if s.pending is not None else []) + [e.anchors for e in s.pipeline]
             types = [self.m] * (len(rows) - len(s.pipeline)) + [self.f[e.depth] for e in s.pipeline]
-            T = len(rows)
-            dev = rows[0].device
-            kw = {}
-            if pdm.cfg.shift:
-                kw = dict(prev_h=torch.stack([rows[0]] + rows[:-1]),
-                          prev_types=torch.tensor([-1] + types[:-1], dtype=torch.int64, device=dev))
-            g = pdm.rows(torch.stack(rows).reshape(T, self.m + 1, H), torch.tensor(types, device=dev), **kw)
-            cache = pdm.new_cache(-(-T // 16), 16)
-            cache.add(0)
-            b = build_batch(cache, [0], [0], [list(range(T))], device=dev)
-            h, _ = pdm.tower.forward_layers(g, b, cache)
-            want = pdm.draft_logits(h[-1:])[0]
-            tol = 1e-6 if want.dtype == torch.float64 else 1e-3
-            assert torch.allclose(logits[i], want, rtol=tol, atol=tol), \
-                f"{s.rid!r}: the PDM's cached draft differs from its from-scratch run by " \
-                f"{float((logits[i] - want).abs().max()):.3g}"
+            self.pdm.check_draft(s.rid, logits[i], rows, types)
 
     def _check(self, states: List[_SPDState]) -> None:
         """The invariants of contract section 6, after a cycle (debug mode)."""
