@@ -849,6 +849,8 @@ class DistributedSPD(SPDEngine):
         self.pdm_cache.set_length(st.rid, T)
         st.spec_len = T
         st.last_done = anchors[T - 1].clone()
+        if self.debug:
+            st.done_rows = list(anchors.clone())
         append_tokens(st, first, self.eos, self.tokenizer)
         if not st.done:
             e = model.embed_tokens(torch.tensor(first, device=self.rank0_device))[0]
