@@ -249,6 +249,17 @@ class PipelineDraftModule:
             g = g + shift_rows(self.shift_w, self.shift_norms, prev_h, prev_types, self.eps)
         return g
 
+    def rows_of(self, rows: Sequence[torch.Tensor], types: Sequence[int],
+                prev: Sequence[tuple]) -> torch.Tensor:
+        """:meth:`rows` from lists: anchors ``rows[i]`` (``[m + 1, H]``) of type ``types[i]``, whose previous
+        token is ``prev[i] = (anchors, type)`` (type -1: none; read only by a PDM with ``shift``)."""
+        dev = rows[0].device
+        kw = {}
+        if self.shift_w is not None:
+            kw = dict(prev_h=torch.stack([p[0] for p in prev]),
+                      prev_types=torch.tensor([p[1] for p in prev], dtype=torch.int64, device=dev))
+        return self.rows(torch.stack(list(rows)), torch.tensor(list(types), dtype=torch.int64, device=dev), **kw)
+
     def completed_rows(self, anchor_h: torch.Tensor, lengths: Sequence[int],
                        before: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
         """Rows of completed tokens (type ``m``) for consecutive runs of ``lengths[i]`` tokens of one request
@@ -277,11 +288,7 @@ class PipelineDraftModule:
         from ..model import build_batch
 
         T, dev = len(rows), rows[0].device
-        kw = {}
-        if self.shift_w is not None:
-            kw = dict(prev_h=torch.stack([rows[0]] + list(rows[:-1])),
-                      prev_types=torch.tensor([-1] + list(types[:-1]), dtype=torch.int64, device=dev))
-        g = self.rows(torch.stack(list(rows)), torch.tensor(list(types), dtype=torch.int64, device=dev), **kw)
+        g = self.rows_of(rows, types, [(rows[0], -1)] + [(rows[i - 1], types[i - 1]) for i in range(1, T)])
         cache = self.new_cache(-(-T // 16), 16)
         cache.add(0)
         h, _ = self.tower.forward_layers(g, build_batch(cache, [0], [0], [list(range(T))], device=dev), cache)

@@ -82,12 +82,7 @@ class PDMProposer(Proposer):
     # -- drafting -------------------------------------------------------------------------------------------
     def _rows(self, rows_h, rows_t, prev=None) -> torch.Tensor:
         """Tower input rows; ``prev``: each row's previous token ``(anchors, type)`` (a shift PDM)."""
-        pdm, dev = self.pdm, self._device
-        kw = {}
-        if pdm.cfg.shift:
-            kw = dict(prev_h=torch.stack([p[0] for p in prev]),
-                      prev_types=torch.tensor([p[1] for p in prev], dtype=torch.int64, device=dev))
-        return pdm.rows(torch.stack(rows_h), torch.tensor(rows_t, dtype=torch.int64, device=dev), **kw)
+        return self.pdm.rows_of(rows_h, rows_t, prev if prev is not None else [])
 
     def _forward(self, rids, rows_h, rows_t, positions, prev=None, g=None) -> torch.Tensor:
         """Run PDM rows ``[T, m + 1, H]`` of types ``rows_t`` at ``positions`` (per request, a causal chain

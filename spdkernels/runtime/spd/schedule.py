@@ -275,33 +275,28 @@ class SPDEngine:
         its PDM cache length; returns the draft logits of each request's last row ``[R, Vd]`` and keeps only
         the pending row in the cache."""
         pdm = self.pdm
-        rows, types, positions, prev_rows, prev_types = [], [], [], [], []
+        rows, types, positions, prev = [], [], [], []
         for s in active:
             p0 = s.spec_len
             ps = []
-            prev, prev_t = s.last_done, self.m  # a row's previous token: the row before it (the shift term)
+            last, last_t = s.last_done, self.m  # a row's previous token: the row before it (the shift term)
             if s.pending is not None:
                 rows.append(s.pending)
                 types.append(self.m)
                 ps.append(p0)
-                prev_rows.append(prev)
-                prev_types.append(prev_t)
-                prev = s.pending
+                prev.append((last, last_t))
+                last = s.pending
             for e in s.pipeline:
                 rows.append(e.anchors)
                 types.append(self.f[e.depth])
                 ps.append(p0 + len(ps))
-                prev_rows.append(prev)
-                prev_types.append(prev_t)
-                prev, prev_t = e.anchors, self.f[e.depth]
+                prev.append((last, last_t))
+                last, last_t = e.anchors, self.f[e.depth]
             if self.debug:
                 assert [e.pos for e in s.pipeline] == ps[len(ps) - len(s.pipeline):], \
                     f"PDM rows of {s.rid!r} not contiguous from its cache length {p0}"
             positions.append(ps)
-        dev = rows[0].device
-        shift = dict(prev_h=torch.stack(prev_rows), prev_types=torch.tensor(prev_types, dtype=torch.int64,
-                                                                             device=dev)) if pdm.cfg.shift else {}
-        g = pdm.rows(torch.stack(rows), torch.tensor(types, dtype=torch.int64, device=dev), **shift)
+        g = pdm.rows_of(rows, types, prev)
         b = self._batch(self.pdm_cache, [s.rid for s in active], positions)
         h, _ = pdm.tower.forward_layers(g, b, self.pdm_cache)
         last = b.cu_q_lens[1:].long() - 1
