@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spdkernels-installed
-DEPS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/torch_ops/*.cpp)
+DEPS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 # torch 2.13.0: on the CPU machines here pip takes a local CPU build; elsewhere PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 

@@ -1,16 +1,17 @@
-"""Build script: the pure-Python package plus the optional C++ extension ``spdkernels._C``.
+"""Build script: the pure-Python package plus the C++ extension ``spdkernels._C`` (the CPU kernels, registered
+with torch's dispatcher; csrc/ops.cpp).
 
-The extension is built by CMake (found on PATH or from the ``cmake`` PyPI package in the build
-environment) with ``sys.executable`` as the Python it targets. Set ``SPDKERNELS_SKIP_CPP=1`` to skip
-it; a failed build is reported and skipped too, and the package then runs on its other backends.
+The extension links libtorch, so it is built against the torch of the environment the package is installed
+into: found by running that environment's Python with ``-I`` (which ignores the PYTHONPATH of pip's isolated
+build environment), never installed by the build. CMake (found on PATH or from the ``cmake`` PyPI package in the
+build environment) builds it with ``sys.executable`` as the Python it targets.
 
-A second, optional library ``spdkernels/_C_ops.so`` registers the CPU kernels with torch's dispatcher in
-C++ (csrc/torch_ops/dispatch.cpp). It links libtorch, so it is built against the torch of the environment
-the package is installed into: found by running that environment's Python with ``-I`` (which ignores the
-PYTHONPATH of pip's isolated build environment), never installed by the build. No torch there, or
-``SPDKERNELS_SKIP_TORCH_OPS=1``: it is skipped, and the ops run their Python CPU path. Its torch version is
-written beside it (``_C_ops.json``); spdkernels loads it only under that version.
-Nothing here imports torch, runs git or downloads anything.
+The package runs without the extension (the ops then take their pure-torch path on CPU), so a failed build does
+not fail the install unless ``SPDKERNELS_REQUIRE_CPP=1``; it is reported at the end of the build in a banner and
+recorded in ``spdkernels/_C.json``, which ``spdkernels`` reads to say why the cpp backend is unavailable
+(``spdkernels.backend_info()``, the warning at first use). On success the same file records the torch version the
+extension was built for; spdkernels loads the extension only under that version. ``SPDKERNELS_SKIP_CPP=1`` skips
+the build. Nothing here imports torch, runs git or downloads anything.
 """
 
 import json
@@ -24,6 +25,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+META = "_C.json"  # written beside the extension: the torch it was built for, or why it was not built
 
 
 class CMakeExtension(Extension):
@@ -45,64 +47,70 @@ def _cmake_exe() -> str:
 
 
 def _target_torch():
-    """(directory, version, C++11 ABI flag) of the torch the installed package will import, or None."""
-    if os.environ.get("SPDKERNELS_SKIP_TORCH_OPS", "0") not in ("", "0"):
-        return None
+    """(directory, version, C++11 ABI flag) of the torch the installed package will import; raises if none."""
     code = ("import json, os, torch; print(json.dumps([os.path.dirname(torch.__file__), torch.__version__, "
             "int(torch._C._GLIBCXX_USE_CXX11_ABI)]))")
-    try:
-        r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
-        return None
+        raise RuntimeError("no torch importable by the target environment's Python "
+                           f"({(r.stderr.strip().splitlines() or ['?'])[-1]}); install torch first")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# Files the CMake build writes beside _C that setuptools does not know of: copied like _C in editable installs.
-EXTRA_OUTPUTS = ("_C_ops.so", "_C_ops.json")
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
 
 
 class CMakeBuild(build_ext):
-    def _extra_files(self):
-        """(built, in-place) paths of EXTRA_OUTPUTS."""
-        built = os.path.join(self.build_lib, "spdkernels")
-        inplace = self.get_finalized_command("build_py").get_package_dir("spdkernels")
-        return [(os.path.join(built, n), os.path.join(inplace, n)) for n in EXTRA_OUTPUTS]
+    def _meta_paths(self):
+        """(built, in-place) paths of META: setuptools does not know the file, so it is copied like _C."""
+        built = os.path.join(self.build_lib, "spdkernels", META)
+        inplace = os.path.join(self.get_finalized_command("build_py").get_package_dir("spdkernels"), META)
+        return built, inplace
 
     def copy_extensions_to_source(self) -> None:
         super().copy_extensions_to_source()
-        for src, dst in self._extra_files():
-            if os.path.exists(src):
-                self.copy_file(src, dst, level=self.verbose)
-            elif os.path.exists(dst):  # left by an earlier build that had torch
-                os.remove(dst)
+        src, dst = self._meta_paths()
+        if os.path.exists(src):
+            self.copy_file(src, dst, level=self.verbose)
 
     def get_outputs(self):
-        return super().get_outputs() + [s for s, _ in self._extra_files() if os.path.exists(s)]
+        src, _ = self._meta_paths()
+        return super().get_outputs() + ([src] if os.path.exists(src) else [])
 
     def _get_output_mapping(self):
         yield from super()._get_output_mapping()
-        if self.inplace:
-            yield from ((s, d) for s, d in self._extra_files() if os.path.exists(s))
+        src, dst = self._meta_paths()
+        if self.inplace and os.path.exists(src):
+            yield src, dst
+
+    def _write_meta(self, meta: dict) -> None:
+        path = Path(self._meta_paths()[0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(meta) + "\n")
 
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
-        if os.environ.get("SPDKERNELS_SKIP_CPP", "0") not in ("", "0"):
+        if _flag("SPDKERNELS_SKIP_CPP"):
             print("spdkernels: SPDKERNELS_SKIP_CPP set, not building the C++ extension", file=sys.stderr)
+            self._write_meta({"error": "not built: SPDKERNELS_SKIP_CPP was set"})
             return
         try:
-            self._build_cmake(ext)
-        except Exception as e:  # the package works without the extension: say so, do not fail
-            if os.environ.get("SPDKERNELS_REQUIRE_CPP", "0") not in ("", "0"):
+            torch_info = self._build_cmake(ext)
+        except Exception as e:  # the package works without the extension: say so loudly, do not fail
+            self._write_meta({"error": f"the build failed: {e}"})
+            if _flag("SPDKERNELS_REQUIRE_CPP"):
                 raise
-            print(f"spdkernels: WARNING: C++ extension not built ({e}); "
-                  "the cpp backend will be unavailable", file=sys.stderr)
+            bar = "!" * 100
+            print(f"{bar}\nspdkernels: WARNING: the C++ extension was NOT built ({e}).\nThe cpp backend is "
+                  "unavailable; the ops run their pure-torch path on CPU. The compiler output is above.\n"
+                  f"Set SPDKERNELS_REQUIRE_CPP=1 to make this an error.\n{bar}", file=sys.stderr)
+            return
+        self._write_meta({"torch_version": torch_info[1], "cxx11_abi": torch_info[2]})
 
-    def _build_cmake(self, ext: CMakeExtension) -> None:
-        import pybind11
-
+    def _build_cmake(self, ext: CMakeExtension):
+        torch_info = _target_torch()
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         build_temp = Path(self.build_temp).resolve() / ext.name
@@ -110,36 +118,20 @@ class CMakeBuild(build_ext):
         cfg = "Debug" if self.debug else "Release"
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DSPD_OUTPUT_DIR={out.parent}",
             f"-DSPD_OUTPUT_NAME={out.name}",
+            f"-DSPD_TORCH_DIR={torch_info[0]}",
+            f"-DSPD_TORCH_CXX11_ABI={torch_info[2]}",
         ]
-        torch_info = _target_torch()
-        if torch_info:
-            args += [f"-DSPD_TORCH_DIR={torch_info[0]}", f"-DSPD_TORCH_CXX11_ABI={torch_info[2]}"]
         if shutil.which("ninja"):
             args.append("-GNinja")
         cmake = _cmake_exe()
         subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
         jobs = str(os.cpu_count() or 1)
-        build = [cmake, "--build", ".", "--config", cfg, "-j", jobs, "--target"]
-        subprocess.run([*build, "spd_C"], cwd=build_temp, check=True)
-        meta = out.parent / "_C_ops.json"
-        meta.unlink(missing_ok=True)
-        if not torch_info:
-            print("spdkernels: no torch found for the target environment; _C_ops (the C++ dispatcher "
-                  "registration) not built, the ops keep their Python CPU path", file=sys.stderr)
-            return
-        try:  # optional: its failure must not cost the _C module
-            subprocess.run([*build, "spd_C_ops"], cwd=build_temp, check=True)
-        except subprocess.CalledProcessError as e:
-            if os.environ.get("SPDKERNELS_REQUIRE_CPP", "0") not in ("", "0"):
-                raise
-            print(f"spdkernels: WARNING: _C_ops not built ({e}); the ops keep their Python CPU path",
-                  file=sys.stderr)
-            return
-        meta.write_text(json.dumps({"torch_version": torch_info[1], "cxx11_abi": torch_info[2]}) + "\n")
+        subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs, "--target", "spd_C"], cwd=build_temp,
+                       check=True)
+        return torch_info
 
 
 setup(

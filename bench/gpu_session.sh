@@ -55,7 +55,7 @@ step() { echo "$1: exit $2$( [ "$2" = 124 ] && echo " (stopped at its time limit
 # On a GPU the CPU extension is not needed (and a CPU build from this machine is not carried).
 SITE=$(mktemp -d)
 cp -r spdkernels tests pyproject.toml "$SITE/"
-if [ "$DEVICE" != cpu ]; then rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C_ops.json; fi
+if [ "$DEVICE" != cpu ]; then rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C.json; fi
 cp -r triton_kernels "$SITE/spdkernels/triton_kernels"
 cp -r nki_kernels "$SITE/spdkernels/nki_kernels"
 cp -r bench "$SITE/spdkernels/bench"

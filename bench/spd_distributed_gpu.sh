@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1
 if ! "$PY" -c "import spdkernels.runtime" 2>/dev/null; then
   SITE=$(mktemp -d)
   cp -r spdkernels "$SITE/"
-  rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C_ops.json
+  rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C.json
   [ -d triton_kernels ] && cp -r triton_kernels "$SITE/spdkernels/triton_kernels"
   cp -r bench "$SITE/spdkernels/bench"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"

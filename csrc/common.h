@@ -1,21 +1,20 @@
-// Shared helpers of the CPU backend: dtype codes, element loaders, a lane-wise argmax, OpenMP glue.
+// Shared helpers of the CPU kernels: dtype codes, element loaders, a lane-wise argmax, the parallel loops.
 //
-// The extension is plain pybind11 over raw pointers (no libtorch): Python passes data_ptr()s, sizes,
-// strides and dtype codes, and allocates every output. All checks of the op contract happen before the call
-// (in Python, or for the dispatcher kernels of csrc/torch_ops/dispatch.cpp a layout check in C++ that hands
-// anything unusual to Python); the functions here trust their arguments.
+// The kernels (verify_greedy.cpp, rejection_sample.cpp, tree_attention.cpp, linear.cpp) work on raw data
+// pointers, sizes, strides and dtype codes; csrc/ops.cpp checks the tensors of each op call (TORCH_CHECK),
+// allocates the outputs and hands the kernels their pointers. Beyond those checks the kernels make the always-on
+// index checks below themselves (before any parallel region) and otherwise trust their arguments.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
-
-#ifdef SPD_HAVE_OPENMP
-#include <omp.h>
-#endif
 
 namespace spd {
 
@@ -190,15 +189,16 @@ __attribute__((always_inline)) inline int32_t row_argmax_impl(const void* row, i
 // path a machine has through it). Kernels that pick their path by isa_level() follow the cap on every call;
 // functions cloned by SPD_V3_CLONES / SPD_CLONES are picked by the loader and follow the CPU only.
 //
-// SPD_V3 compiles one function for x86-64-v3, SPD_V4 for AVX-512 (both with FMA contraction on);
+// SPD_V3 compiles one function for x86-64-v3, SPD_V4 for AVX-512 (FMA contraction: the build's
+// -ffp-contract=fast, which only code compiled for an FMA target can use; baseline x86-64 has no FMA);
 // SPD_V3_CLONES clones a function for x86-64-v3 and for baseline x86-64. kHaveV3 / kHaveV4: this compiler
 // can build them.
 enum IsaLevel : int { kIsaBase = 0, kIsaV3 = 1, kIsaV4 = 2 };
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPD_V3 __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast")))
-#define SPD_V4 __attribute__((target("arch=x86-64-v3,avx512f,avx512dq,avx512bw,avx512vl"), optimize("fp-contract=fast")))
-#define SPD_V3_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#define SPD_V3 __attribute__((target("arch=x86-64-v3")))
+#define SPD_V4 __attribute__((target("arch=x86-64-v3,avx512f,avx512dq,avx512bw,avx512vl")))
+#define SPD_V3_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define SPD_HAVE_V4 1
 constexpr bool kHaveV3 = true;
 constexpr bool kHaveV4 = true;
@@ -288,6 +288,36 @@ inline void check_draft_batch(const int32_t* cu, int64_t R, int64_t N, const int
           fail("parents", "node " + std::to_string(j) + " of request " + std::to_string(r) + " has parent " +
                               std::to_string(p) + ": expected -1 (the root) or an earlier node of its request");
       }
+}
+
+// ---- parallel loops, on torch's intra-op thread pool (at::parallel_for: torch.set_num_threads applies) ----
+// at::parallel_for catches an exception thrown by a worker and rethrows it in the caller; the kernels make
+// their checks before the loops anyway, so none is thrown inside one.
+
+// f(i) for i in [0, n), in contiguous chunks; ranges shorter than `grain` run on the calling thread.
+template <typename F>
+inline void parallel_for_each(int64_t n, int64_t grain, const F& f) {
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(i);
+  });
+}
+
+// Dynamic scheduling for items of different cost: one worker per thread pulls item indices from a shared
+// counter. make_worker() runs once per worker and returns the function it calls for each item it takes (so
+// per-worker scratch lives in that function's captures).
+template <typename MakeWorker>
+inline void parallel_dynamic(int64_t n, const MakeWorker& make_worker) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      auto item = make_worker();
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        item(i);
+    }
+  });
 }
 
 }  // namespace spd

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace spd {
 namespace {
@@ -108,24 +109,19 @@ TileFn pick_tile() { return has_v3() ? tile_v3 : tile_base; }
 }  // namespace
 
 void skinny_linear_f32(std::uintptr_t x_, int64_t ldx, std::uintptr_t w_, std::uintptr_t bias_,
-                       std::uintptr_t y_, int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
+                       std::uintptr_t y_, int64_t ldy, int64_t M, int64_t N, int64_t K) {
   const float* x = ptr<const float>(x_);
   const float* w = ptr<const float>(w_);
   const float* bias = bias_ ? ptr<const float>(bias_) : nullptr;
   float* y = ptr<float>(y_);
   const TileFn tile = pick_tile();  // x86-64-v3 (AVX2 + FMA) when the CPU has it (and the ISA cap allows)
   const int64_t nblocks = (N + 3) / 4;
-#ifdef SPD_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-#else
-  (void)num_threads;
-#endif
-  for (int64_t bi = 0; bi < nblocks; ++bi) {
+  parallel_for_each(nblocks, 1, [&](int64_t bi) {
     const int64_t n = bi * 4;
     const int nr = static_cast<int>(N - n < 4 ? N - n : 4);
     tile(x, ldx, w + n * K, K, nr, M, y + n, ldy, bias ? bias + n : nullptr,
          n + 4 * kPrefetchBlocks < N ? w + (n + 4 * kPrefetchBlocks) * K : nullptr);
-  }
+  });
 }
 
 }  // namespace spd

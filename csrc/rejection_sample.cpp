@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 #include "vec_exp.h"
 
 #if SPD_HAVE_V4
@@ -927,7 +928,7 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
                       std::uintptr_t temperature, std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t uniforms,
                       std::uintptr_t seed, std::uintptr_t offset, int64_t R, int64_t N, int64_t max_depth,
                       std::uintptr_t out_tokens, std::uintptr_t num_emitted, std::uintptr_t accepted_path,
-                      std::uintptr_t bonus_token_ids, int bonus_code, int target_is_probs, int num_threads) {
+                      std::uintptr_t bonus_token_ids, int bonus_code, int target_is_probs) {
   check_draft_batch(ptr<const int32_t>(cu_num_draft), R, N, ptr<const int32_t>(parents), draft_ids, tok_code, V,
                     true);
   if (bonus_token_ids && parents)  // the rows of a tree cannot stop at its leaves
@@ -938,22 +939,15 @@ void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride,
                  ptr<const int64_t>(seed), ptr<const int64_t>(offset), R, N, max_depth,
                  ptr<int32_t>(out_tokens), ptr<int32_t>(num_emitted), ptr<int32_t>(accepted_path),
                  bonus_token_ids, bonus_code, target_is_probs != 0};
-  (void)num_threads;
-#ifdef SPD_HAVE_OPENMP
-#pragma omp parallel num_threads(num_threads) if (R > 1)
-#endif
-  {
-    static thread_local Scratch scratch;
-#ifdef SPD_HAVE_OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (int64_t r = 0; r < R; ++r) {
+  parallel_dynamic(R, [&P] {
+    return [&P](int64_t r) {
+      static thread_local Scratch scratch;  // per thread, kept across calls
       if (P.temperature && P.temperature[r] == 0.0f)
         greedy_request(P, r);
       else
         sampled_request(P, r, scratch);
-    }
-  }
+    };
+  });
 }
 
 }  // namespace spd

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 #include "vec_exp.h"
 
 namespace spd {
@@ -90,7 +91,6 @@ constexpr bool kAvx = false;
 #define SPD_TA_V3 1
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
-#pragma GCC optimize("fp-contract=fast")
 namespace v3 {
 constexpr bool kAvx = true;
 #include "tree_attention_kernel.inc"
@@ -110,7 +110,8 @@ ChunkFn pick_chunk_fn() {
 }
 
 template <int kCode>
-void run(const Args& a, int num_threads) {
+void run(const Args& a) {
+  const int64_t num_threads = at::get_num_threads();
   const ChunkFn chunk_fn = pick_chunk_fn<kCode>();  // per call: follows the ISA cap
   const int64_t G = a.Hq / a.Hkv, D = a.D;
   const int64_t items = a.R * a.Hkv;
@@ -128,27 +129,21 @@ void run(const Args& a, int num_threads) {
                                                     (max_L + kTile - 1) / kTile));
   const int64_t work = items * chunks;
   std::vector<State> states(work);
-#ifdef SPD_HAVE_OPENMP
-#pragma omp parallel num_threads(num_threads)
-#endif
-  {
-    // per-thread scratch
+  parallel_dynamic(work, [&] {
+    // per-worker scratch, owned by the function the worker calls for each item
     const int64_t wide = kCode == kF32 ? 0 : kTile * D;
-    std::vector<float> kbuf(wide), vbuf(wide), zero(D, 0.f), sc((kTile + 12) * kRowBlock), corr(kRowBlock),
-        qT(max_blocks * kRowBlock * D);
-#ifdef SPD_HAVE_OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (int64_t w = 0; w < work; ++w) {
+    return [&, kbuf = std::vector<float>(wide), vbuf = std::vector<float>(wide), zero = std::vector<float>(D, 0.f),
+            sc = std::vector<float>((kTile + 12) * kRowBlock), corr = std::vector<float>(kRowBlock),
+            qT = std::vector<float>(max_blocks * kRowBlock * D)](int64_t w) mutable {
       const int64_t item = w / chunks, c = w % chunks;
       const int64_t r = item / a.Hkv, h = item % a.Hkv;
       const int64_t q0 = a.cu_q[r], ql = a.cu_q[r + 1] - q0;
-      if (ql == 0) continue;
+      if (ql == 0) return;
       const int64_t L = a.kv_lens[r], rows = G * ql;
       const int64_t per = ((L + chunks - 1) / chunks + kTile - 1) / kTile * kTile;
       const int64_t lo = std::min(L, c * per), hi = std::min(L, lo + per);
       states[w].init(rows, (rows + kRowBlock - 1) / kRowBlock * kRowBlock, D);
-      if (lo >= hi) continue;
+      if (lo >= hi) return;
       // queries of row block b at qT + b * kRowBlock * D, as [D][RP_b] (RP_b = its rows rounded up to 8)
       const float qs = a.scale * 1.44269504088896341f;  // log2(e): the kernel works with exp2
       // zero this request's row blocks only (padding rows must be 0; the buffer is sized for the largest)
@@ -162,13 +157,10 @@ void run(const Args& a, int num_threads) {
       }
       chunk_fn(a, r, h, ql, rows, qT.data(), lo, hi, states[w], kbuf.data(), vbuf.data(), zero.data(), sc.data(),
                corr.data());
-    }
-  }
+    };
+  });
   // Merge the chunks of each item (log2 domain) and write the output.
-#ifdef SPD_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-#endif
-  for (int64_t item = 0; item < items; ++item) {
+  parallel_for_each(items, 1, [&](int64_t item) {
     const int64_t r = item / a.Hkv, h = item % a.Hkv;
     const int64_t q0 = a.cu_q[r], ql = a.cu_q[r + 1] - q0;
     const State* st = states.data() + item * chunks;
@@ -189,7 +181,7 @@ void run(const Args& a, int num_threads) {
       const float inv = 1.f / l;
       for (int64_t d = 0; d < D; ++d) store_elem<kCode>(a.out, off + d, o[d] * inv);
     }
-  }
+  });
 }
 
 }  // namespace
@@ -232,7 +224,7 @@ void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t
                     int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t num_blocks,
                     int64_t max_blocks, int64_t mask_words, int64_t q_stride_t, int64_t q_stride_h, int64_t o_stride_t,
                     int64_t o_stride_h, double scale, int64_t k_stride_b, int64_t k_stride_s, int64_t k_stride_h,
-                    int64_t v_stride_b, int64_t v_stride_s, int64_t v_stride_h, int num_threads) {
+                    int64_t v_stride_b, int64_t v_stride_s, int64_t v_stride_h) {
   check_layout(ptr<const int32_t>(cu_q), ptr<const int32_t>(kv_lens), ptr<const int32_t>(block_table), R, T,
                max_blocks, block_size, num_blocks, mask != 0, mask_words);
   Args a{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
@@ -240,9 +232,9 @@ void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t
          mask ? ptr<const int32_t>(mask) : nullptr, R, Hq, Hkv, D, block_size, max_blocks, mask_words,
          q_stride_t, q_stride_h, o_stride_t, o_stride_h, static_cast<float>(scale), k_stride_b, k_stride_s,
          k_stride_h, v_stride_b, v_stride_s, v_stride_h};
-  if (code == kF32) run<kF32>(a, num_threads);
-  else if (code == kBF16) run<kBF16>(a, num_threads);
-  else run<kF16>(a, num_threads);
+  if (code == kF32) run<kF32>(a);
+  else if (code == kBF16) run<kBF16>(a);
+  else run<kF16>(a);
 }
 
 }  // namespace spd

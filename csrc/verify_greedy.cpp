@@ -14,12 +14,8 @@ namespace spd {
 
 void greedy_walk(const int32_t* row_argmax_ids, std::uintptr_t draft_ids, int tok_code, const int32_t* cu,
                  const int32_t* parents, int64_t R, int64_t max_depth, int32_t* out_tokens,
-                 int32_t* num_emitted, int32_t* accepted_path, int num_threads) {
-  (void)num_threads;
-#ifdef SPD_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (R > 64)
-#endif
-  for (int64_t r = 0; r < R; ++r) {
+                 int32_t* num_emitted, int32_t* accepted_path) {
+  parallel_for_each(R, 64, [&](int64_t r) {
     const int64_t start = cu[r], k = cu[r + 1] - cu[r];
     const int64_t row0 = start + r;
     int32_t* out = out_tokens + r * (max_depth + 1);
@@ -44,28 +40,23 @@ void greedy_walk(const int32_t* row_argmax_ids, std::uintptr_t draft_ids, int to
     num_emitted[r] = static_cast<int32_t>(depth + 1);
     for (int64_t d = depth + 1; d <= max_depth; ++d) out[d] = -1;
     for (int64_t d = depth; d < max_depth; ++d) path[d] = -1;
-  }
+  });
 }
 
 void verify_greedy(std::uintptr_t logits, int logit_code, int64_t row_stride, int64_t V,
                    std::uintptr_t draft_ids, int tok_code, std::uintptr_t cu_num_draft,
                    std::uintptr_t parents, int64_t R, int64_t N, int64_t max_depth, std::uintptr_t out_tokens,
-                   std::uintptr_t num_emitted, std::uintptr_t accepted_path, int num_threads) {
+                   std::uintptr_t num_emitted, std::uintptr_t accepted_path) {
   const int32_t* cu = ptr<const int32_t>(cu_num_draft);
   check_draft_batch(cu, R, N, parents ? ptr<const int32_t>(parents) : nullptr, draft_ids, tok_code, V, false);
   const int64_t rows = R > 0 ? N + R : 0;
   std::vector<int32_t> amax(static_cast<size_t>(rows));
   const char* base = ptr<const char>(logits);
   const int64_t row_bytes = row_stride * element_size(logit_code);
-  (void)num_threads;
-#ifdef SPD_HAVE_OPENMP
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows > 1)
-#endif
-  for (int64_t i = 0; i < rows; ++i) amax[i] = row_argmax(base + i * row_bytes, V, logit_code);
+  parallel_for_each(rows, 1, [&](int64_t i) { amax[i] = row_argmax(base + i * row_bytes, V, logit_code); });
 
   greedy_walk(amax.data(), draft_ids, tok_code, cu, parents ? ptr<const int32_t>(parents) : nullptr, R,
-              max_depth, ptr<int32_t>(out_tokens), ptr<int32_t>(num_emitted), ptr<int32_t>(accepted_path),
-              num_threads);
+              max_depth, ptr<int32_t>(out_tokens), ptr<int32_t>(num_emitted), ptr<int32_t>(accepted_path));
 }
 
 }  // namespace spd

@@ -1,38 +1,41 @@
-"""Process-wide switches: argument validation that needs a host sync.
+"""Argument validation that needs a host sync: a process-wide default and a context-local override.
 
-Checks of shapes, dtypes and devices are always made (they are free). Checks that read tensor values
+Checks of shapes, dtypes and devices are always made (they are free), and so are the index checks that keep
+every kernel's reads and writes in bounds. Checks that read tensor values for the contract itself
 (`cu_num_draft` monotone, `parents` in topological order, token ids in range, NaN in logits, ...) need a
-device->host sync and a pass over the data; they are on by default and can be switched off for
-production with ``spdkernels.set_validation(False)`` or ``SPDKERNELS_VALIDATE=0``.
+device->host sync and a pass over the data; the public wrappers (``spdkernels.verify_greedy``, ...) make them by
+default. Switch them off for production with ``spdkernels.set_validation(False)`` or ``SPDKERNELS_VALIDATE=0``
+(the process-wide default), or for a block of code with ``with spdkernels.validation(False):``, which applies
+to the current thread (or asyncio task) only. Calls of ``torch.ops.spdkernels.*`` themselves, and calls traced
+by ``torch.compile``, make only the always-on checks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
-_validation = os.environ.get("SPDKERNELS_VALIDATE", "1").strip().lower() not in ("0", "false", "off", "no")
+_default = os.environ.get("SPDKERNELS_VALIDATE", "1").strip().lower() not in ("0", "false", "off", "no")
+_override: contextvars.ContextVar = contextvars.ContextVar("spdkernels_validation", default=None)
 
 
 def set_validation(enabled: bool) -> None:
-    """Switch the value checks (host syncs) on or off for the whole process."""
-    global _validation
-    _validation = bool(enabled)
-    from spdkernels import _cpp  # the C++ CPU kernels run calls themselves only with validation off
-
-    _cpp.refresh_fast_paths()
+    """Switch the value checks on or off for the whole process (every thread without its own setting)."""
+    global _default
+    _default = bool(enabled)
 
 
 def validation_enabled() -> bool:
-    return _validation
+    v = _override.get()
+    return _default if v is None else v
 
 
 @contextlib.contextmanager
 def validation(enabled: bool):
-    """Context manager form of :func:`set_validation`."""
-    old = _validation
-    set_validation(enabled)
+    """Context manager: value checks on or off inside the block, for this thread / task only."""
+    token = _override.set(bool(enabled))
     try:
         yield
     finally:
-        set_validation(old)
+        _override.reset(token)

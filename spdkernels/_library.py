@@ -1,10 +1,15 @@
 """The ``spdkernels`` torch.library namespace and the helper that defines each op in it.
 
-Ops are defined with the plain ``torch.library.Library`` API (schema + one CompositeExplicitAutograd
-kernel + a fake) rather than ``torch.library.custom_op``: measured on the CPU machine here, a call
-through ``custom_op`` costs ~18 us of Python dispatch more than the same kernel behind a Library
-definition (~4 us), which is a fifth of a cold R=16, V=32000 verify_greedy. Both register a real op
-in the dispatcher; opcheck and torch.compile treat them alike.
+Each op is defined here, in Python, so that the package works without its C++ extension: the schema, a fake
+(meta) kernel, and one Python kernel for every device (``CompositeExplicitAutograd``) that makes the static checks
+and runs the automatic backend choice for the tensors' device. The C++ extension (csrc/ops.cpp), once loaded,
+registers the CPU kernels of ``verify_greedy`` and ``rejection_sample`` for the ``CPU`` key, which then takes
+precedence over the Python kernel on CPU tensors.
+
+Ops are defined with the plain ``torch.library.Library`` API rather than ``torch.library.custom_op``: measured on
+the CPU machine here, a call through ``custom_op`` costs ~18 us of Python dispatch more than the same kernel behind
+a Library definition (~4 us). Both register a real op in the dispatcher; opcheck and torch.compile treat them
+alike.
 """
 
 from __future__ import annotations
@@ -14,20 +19,18 @@ from typing import Callable
 import torch
 
 LIB = torch.library.Library("spdkernels", "DEF")  # noqa: TOR901 - inference-only ops, no autograd
-DEFINED: list = []  # names of the ops defined so far, in definition order
+DEFINED: list = []  # names of the public ops defined so far, in definition order
 
 
-def define_op(schema: str, impl: Callable, fake: Callable, cpu_twin: bool = False) -> None:
-    """Define ``spdkernels::<schema>``, its kernel for every device, and its fake (meta) kernel.
+def define_op(schema: str, kernel: Callable, fake: Callable, integer_outputs: bool = False) -> None:
+    """Define ``spdkernels::<schema>`` with ``kernel`` for every device and ``fake`` as its meta kernel.
 
-    ``cpu_twin``: also define ``spdkernels::_<name>_python``, the same schema with the same kernels. The C++
-    CPU kernel of ``<name>`` in ``spdkernels/_C_ops.so`` (csrc/torch_ops/dispatch.cpp), when loaded, takes the
-    CPU key of ``<name>`` and hands every call it does not run itself to this twin, i.e. to ``impl``."""
-    name, rest = schema.split("(", 1)
-    for n in (name, f"_{name}_python") if cpu_twin else (name,):
-        LIB.define(f"{n}({rest}")
-        LIB.impl(n, impl, "CompositeExplicitAutograd")
-        if cpu_twin:  # integer outputs, nothing to differentiate: skip the boxed autograd fallback (~10 us cold)
-            LIB.impl(n, torch.library.fallthrough_kernel, "Autograd")
-        torch.library.register_fake(f"spdkernels::{n}", fake, lib=LIB)
+    ``integer_outputs``: the outputs are integers, nothing to differentiate: the Autograd key falls through
+    (skips the boxed autograd fallback, ~10 us on a cold call)."""
+    name = schema.split("(", 1)[0]
+    LIB.define(schema)
+    LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    if integer_outputs:
+        LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    torch.library.register_fake(f"spdkernels::{name}", fake, lib=LIB)
     DEFINED.append(name)

@@ -5,8 +5,11 @@ extension, CPU), ``torch`` (the pure-torch reference: any device, always last).
 
 * Automatic choice: the first backend that can run on the tensors' device and implements the op. The
   choice (and why better ones were skipped) is logged once per (op, device type).
-* ``SPDKERNELS_BACKEND=<name>`` or :func:`set_backend` forces one backend; if it cannot run the op on
-  that device the call raises :class:`BackendUnavailableError` instead of falling back.
+* ``SPDKERNELS_BACKEND=<name>`` or :func:`set_backend` forces one backend for the process, ``with
+  use_backend(name):`` for a block of code in the current thread (or asyncio task) only; if the forced backend
+  cannot run the op on that device the call raises :class:`BackendUnavailableError` instead of falling back.
+  The choice applies to the public wrappers (``spdkernels.verify_greedy``, ...). ``torch.ops.spdkernels.*``
+  runs the kernel torch's dispatcher holds for the device: the automatic choice.
 * The Triton interpreter (``TRITON_INTERPRET=1``) lets the ``triton`` backend run on CPU tensors. It is
   never chosen automatically on CPU (it is orders of magnitude slower than ``cpp``); tests and
   benchmarks force it.
@@ -17,6 +20,7 @@ extension, CPU), ``torch`` (the pure-torch reference: any device, always last).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -39,8 +43,10 @@ _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
 
 _impls: Dict[str, Dict[str, Callable]] = {}
 _resolved: Dict[Tuple[str, str, Optional[str]], Tuple[str, Callable]] = {}  # (op, device type, forced)
-_forced: Optional[str] = None
+_forced: Optional[str] = None  # set_backend: the process-wide choice
 _forced_set = False
+_UNSET = object()
+_forced_here: contextvars.ContextVar = contextvars.ContextVar("spdkernels_backend", default=_UNSET)  # use_backend
 _logged: set = set()
 _lock = threading.Lock()
 
@@ -57,7 +63,6 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     def deco(fn: Callable) -> Callable:
         _impls.setdefault(op, {})[backend] = fn
         _resolved.clear()
-        _backend_changed()
         return fn
 
     return deco
@@ -87,7 +92,7 @@ def _device_ok(backend: str, device_type: str) -> Tuple[bool, str]:
             return False, f"the C++ extension runs on cpu tensors, not {device_type}"
         from spdkernels import _cpp
 
-        if _cpp.load() is None:
+        if not _cpp.load():
             return False, f"C++ extension not loaded ({_cpp.load_error()})"
         return True, ""
     if backend == "triton":
@@ -123,23 +128,21 @@ def available_backends(device: torch.device | str | None = None, op: Optional[st
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force ``name`` for every op (``None`` restores the automatic choice and the env variable)."""
+    """Force ``name`` for every op in the process (``None`` restores the automatic choice and the env
+    variable). A ``use_backend`` block in progress keeps its own choice."""
     global _forced, _forced_set
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
     with _lock:
         _forced, _forced_set = name, name is not None
-    _backend_changed()
-
-
-def _backend_changed() -> None:
-    from spdkernels import _cpp  # the C++ CPU kernels run calls themselves only while cpp is the choice
-
-    _cpp.refresh_fast_paths()
 
 
 def forced_backend() -> Optional[str]:
-    """The forced backend: set_backend/use_backend if set, else ``SPDKERNELS_BACKEND`` (read once)."""
+    """The forced backend: this context's use_backend if any, else set_backend's, else ``SPDKERNELS_BACKEND``
+    (read once)."""
+    here = _forced_here.get()
+    if here is not _UNSET:
+        return here
     if _forced_set:
         return _forced
     return _env_backend()
@@ -157,28 +160,23 @@ def _env_backend() -> Optional[str]:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]):
-    """Context manager: force ``name`` inside the block (``None``: automatic)."""
-    global _forced, _forced_set
+    """Context manager: force ``name`` inside the block (``None``: automatic), for this thread / task only."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    with _lock:
-        old = (_forced, _forced_set)
-        _forced, _forced_set = name, True
-    _backend_changed()
+    token = _forced_here.set(name)
     try:
         yield
     finally:
-        with _lock:
-            _forced, _forced_set = old
-        _backend_changed()
+        _forced_here.reset(token)
 
 
-def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
-    """The (backend name, implementation) that runs ``op`` for tensors on ``device``.
+def resolve(op: str, device: torch.device, forced=_UNSET) -> Tuple[str, Callable]:
+    """The (backend name, implementation) that runs ``op`` for tensors on ``device``: the forced backend
+    (``forced``, by default :func:`forced_backend`), or the automatic choice when none is forced.
 
     Cached per (op, device type, forced backend): availability is probed once, not on every call.
     """
-    key = (op, device.type, forced_backend())
+    key = (op, device.type, forced_backend() if forced is _UNSET else forced)
     hit = _resolved.get(key)
     if hit is None:
         hit = _resolved[key] = _resolve(op, device.type, key[2])

@@ -23,7 +23,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 def backend_device(backend: str) -> str:
     """The device a backend's test inputs live on: ``triton`` (and ``torch``, which runs anywhere) on DEVICE, i.e.
-    CUDA where there is a GPU and CPU under the Triton interpreter elsewhere; cpp, cpp-dispatch, cpp@<level> and
+    CUDA where there is a GPU and CPU under the Triton interpreter elsewhere; cpp, cpp@<level> and
     nki (emulated) on CPU."""
     return DEVICE if backend.partition("@")[0] in ("triton", "torch") else "cpu"
 
@@ -155,30 +155,11 @@ def cpp_lower_isas():
     return [f"cpp@{name}" for name in _cpp.isas_here()[:-1]]
 
 
-def cpp_dispatch():
-    """['cpp-dispatch'] where the C++ dispatcher kernels (spdkernels/_C_ops.so) must run: the cpp backend with
-    value validation off, so that well-formed CPU calls of verify_greedy and rejection_sample run in C++ without
-    Python. Wherever the extension is built, _C_ops is built too (make install sets SPDKERNELS_REQUIRE_CPP), so
-    a _C_ops that does not load is a failure, not a skip."""
-    if "cpp" not in backends_here() or os.environ.get("SPDKERNELS_SKIP_TORCH_OPS", "0") not in ("", "0"):
-        return []
-    return ["cpp-dispatch"]
-
-
 @contextlib.contextmanager
 def use_backend(backend: str):
-    """spdkernels.use_backend, where 'cpp@<level>' also caps the C++ kernels' instruction set and 'cpp-dispatch'
-    is the cpp backend with validation off, checked to have run at least one call in the C++ dispatcher kernel."""
+    """spdkernels.use_backend, where 'cpp@<level>' also caps the C++ kernels' instruction set."""
     from spdkernels import _cpp
 
-    if backend == "cpp-dispatch":
-        assert _cpp.load_ops() is not None, f"_C_ops did not load: {_cpp.ops_load_error()}"
-        before = sum(_cpp.op_calls(op)[1] for op in _cpp.FAST_OPS)
-        with spdkernels.use_backend("cpp"), spdkernels.validation(False):
-            assert all(_cpp.fast_path(op) for op in _cpp.FAST_OPS)
-            yield
-        assert sum(_cpp.op_calls(op)[1] for op in _cpp.FAST_OPS) > before, "no call ran in the C++ kernel"
-        return
     name, _, isa = backend.partition("@")
     with contextlib.ExitStack() as stack:
         if name == "nki" and DEVICE == "cpu" and os.environ.get("SPDKERNELS_NKI_SIMULATE") != "1":

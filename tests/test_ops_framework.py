@@ -1,6 +1,5 @@
 """The op framework: torch.library registration (opcheck, torch.compile) and the backend registry."""
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here, cpp_dispatch, to_backend, use_backend
+from conftest import DEVICE, backends_here, to_backend, use_backend
 
 import spdkernels
 from spdkernels import _registry
@@ -58,7 +57,7 @@ def test_every_public_op_is_a_torch_op_and_covered():
     assert {op._schema.name.split("::")[1] for op, _ in sample_inputs()} == ALL_OPS
 
 
-@pytest.mark.parametrize("backend", backends_here() + cpp_dispatch())
+@pytest.mark.parametrize("backend", backends_here())
 def test_opcheck(backend):
     with use_backend(backend):
         for op, args in sample_inputs():
@@ -66,13 +65,7 @@ def test_opcheck(backend):
                 torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend", [None] + cpp_dispatch())
-def test_torch_compile_fullgraph(backend):
-    with use_backend(backend) if backend else contextlib.nullcontext():
-        _compile_fullgraph()
-
-
-def _compile_fullgraph():
+def test_torch_compile_fullgraph():
     def step(logits, toks, cu, parents):
         # some ordinary torch work around the op, so the graph is not just the op
         out, num, path = torch.ops.spdkernels.verify_greedy(logits * 2.0, toks, cu, parents, 3)
@@ -180,31 +173,93 @@ def test_package_works_without_the_extension():
     assert out.stderr.count("C++ extension spdkernels._C unavailable") == 1
 
 
-# ---- the C++ dispatcher kernels (spdkernels/_C_ops.so) ----------------------------------------------
+# ---- the dispatcher's kernels and the wrappers' policy ----------------------------------------------
 
-needs_c_ops = pytest.mark.skipif(not cpp_dispatch(), reason="the C++ extension is not built here "
-                                 "(SPDKERNELS_SKIP_CPP or SPDKERNELS_SKIP_TORCH_OPS set)")
+needs_cpp = pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here "
+                               "(SPDKERNELS_SKIP_CPP set)")
 
 
-@needs_c_ops
-def test_c_ops_fast_path_follows_validation_and_backend():
-    from spdkernels import _cpp
+@needs_cpp
+def test_cpu_kernels_are_the_extensions():
+    """The CPU key of verify_greedy and rejection_sample holds the C++ kernel of csrc/ops.cpp (no Python on a CPU
+    call of the torch op); tree_attention's CPU kernel is the private op _cpu_tree_attention."""
+    for name in ("verify_greedy", "rejection_sample", "_cpu_tree_attention", "_cpu_skinny_linear"):
+        dump = torch._C._dispatch_dump(f"spdkernels::{name}")
+        cpu = [line for line in dump.splitlines() if line.startswith("CPU:")]
+        assert len(cpu) == 1 and "csrc/ops.cpp" in cpu[0], dump
 
-    assert _cpp.load_ops() is not None, _cpp.ops_load_error()
-    ops = _cpp.FAST_OPS
-    assert not any(_cpp.fast_path(op) for op in ops)  # validation is on (the tests' default)
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op called from Python while active (not the ones a kernel calls inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_called(fn):
+    with _OpLog() as log:
+        fn()
+    return log.ops
+
+
+@needs_cpp
+def test_wrapper_policy_validation_and_forced_backend():
+    """With validation off and the automatic backend, the wrapper makes one call: the torch op (on CPU, the C++
+    kernel). Validation on adds the value checks (torch ops) before it; a forced torch backend runs the reference
+    directly, without the op."""
+    b = random_draft_batch([3, 0, 4], 40, tree=True, gen=torch.Generator().manual_seed(5), match_prob=0.7)
+    want = spdkernels.reference.verify_greedy(*b.args())
+    out = {}
+
+    def call(key):
+        def fn():
+            out[key] = spdkernels.verify_greedy(*b.args())
+        return fn
+
+    with spdkernels.validation(False):
+        assert _ops_called(call("off")) == ["spdkernels::verify_greedy"]
+        with spdkernels.use_backend("torch"):
+            forced = _ops_called(call("torch"))
+        assert "spdkernels::verify_greedy" not in forced and forced
+    on = _ops_called(call("on"))
+    assert on[-1] == "spdkernels::verify_greedy" and len(on) > 1
+    for key in ("off", "torch", "on"):
+        assert all(torch.equal(g, w) for g, w in zip(out[key], want)), key
+
+
+def test_policy_is_per_thread():
+    """use_backend / validation blocks hold in their own thread only; set_* change the process default."""
+    import threading
+
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with spdkernels.use_backend("torch"), spdkernels.validation(False):
+            seen["worker"] = (spdkernels.forced_backend(), spdkernels.validation_enabled())
+            inside.set()
+            release.wait(10)
+
+    th = threading.Thread(target=worker)
+    th.start()
+    assert inside.wait(10)
+    seen["main"] = (spdkernels.forced_backend(), spdkernels.validation_enabled())
+    release.set()
+    th.join()
+    assert seen == {"worker": ("torch", False), "main": (None, True)}
     spdkernels.set_validation(False)
-    assert all(_cpp.fast_path(op) for op in ops)  # the automatic choice on CPU is cpp
-    with spdkernels.use_backend("torch"):
-        assert not any(_cpp.fast_path(op) for op in ops)
-    assert all(_cpp.fast_path(op) for op in ops)
     spdkernels.set_backend("torch")
-    assert not any(_cpp.fast_path(op) for op in ops)
-    spdkernels.set_backend("cpp")
-    assert all(_cpp.fast_path(op) for op in ops)
-    with spdkernels.validation(True):
-        assert not any(_cpp.fast_path(op) for op in ops)
-    assert all(_cpp.fast_path(op) for op in ops)
+    th = threading.Thread(target=lambda: seen.update(t=(spdkernels.forced_backend(), spdkernels.validation_enabled())))
+    th.start()
+    th.join()
+    assert seen["t"] == ("torch", False)
+    with spdkernels.use_backend(None), spdkernels.validation(True):  # a block overrides the process default
+        assert (spdkernels.forced_backend(), spdkernels.validation_enabled()) == (None, True)
 
 
 def _rs_args(b, **kw):
@@ -215,40 +270,21 @@ def _rs_args(b, **kw):
     return (b.target_logits, b.draft_token_ids, b.cu_num_draft, *a.values(), max_depth)
 
 
-@needs_c_ops
-def test_c_ops_run_well_formed_calls_and_send_the_rest_to_python():
-    """With validation off, a well-formed call runs in C++; any other call goes to the Python kernel, which
-    gives the same result (a layout the C++ kernel does not take) or the same ValueError as with no _C_ops."""
-    from spdkernels import _cpp
-
+@needs_cpp
+def test_cpu_op_checks_its_arguments():
+    """Direct torch op calls: the C++ kernel's checks name the argument (ValueError) for every malformed layout,
+    and take what the contract allows (strided logit rows, offset omitted = zeros)."""
     gen = torch.Generator().manual_seed(5)
     b = random_draft_batch([3, 0, 4], 40, tree=True, gen=gen, match_prob=0.7)
     rs, vg = torch.ops.spdkernels.rejection_sample.default, torch.ops.spdkernels.verify_greedy.default
-    want_rs = rs(*_rs_args(b))  # validation on: the Python path
-    want_vg = vg(*b.args())
-
-    def calls():
-        return _cpp.op_calls("rejection_sample") + _cpp.op_calls("verify_greedy")
-
-    def path_of(fn):
-        c0 = calls()
-        out = fn()
-        d = [x - y for x, y in zip(calls(), c0)]
-        return out, ("cpp" if d == [0, 1, 0, 0] or d == [0, 0, 0, 1] else
-                     "python" if d == [1, 0, 0, 0] or d == [0, 0, 1, 0] else d)
-
-    spdkernels.set_validation(False)
-    for fn, want in ((lambda: rs(*_rs_args(b)), want_rs), (lambda: vg(*b.args()), want_vg)):
-        got, path = path_of(fn)
-        assert path == "cpp" and all(torch.equal(g, w) for g, w in zip(got, want))
-    # offset omitted (zeros) and offset given as zeros: the same coins
-    got, path = path_of(lambda: rs(*_rs_args(b, offset=torch.zeros(b.R, dtype=torch.int64))))
-    assert path == "cpp" and all(torch.equal(g, w) for g, w in zip(got, want_rs))
-    # logits with a column stride: Python makes them contiguous, same result
-    strided = b.target_logits.t().contiguous().t()
-    got, path = path_of(lambda: vg(strided, *b.args()[1:]))
-    assert path == "python" and all(torch.equal(g, w) for g, w in zip(got, want_vg))
-    # malformed calls: Python's ValueError, named as always
+    with spdkernels.use_backend("torch"):
+        want_rs = spdkernels.rejection_sample(*b.args()[:3], parents=b.parents, seed=torch.arange(b.R),
+                                              max_depth=b.max_depth)
+        want_vg = spdkernels.verify_greedy(*b.args())
+    for got, want in ((rs(*_rs_args(b)), want_rs), (vg(*b.args()), want_vg),
+                      (rs(*_rs_args(b, offset=torch.zeros(b.R, dtype=torch.int64))), want_rs),
+                      (vg(b.target_logits.t().contiguous().t(), *b.args()[1:]), want_vg)):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
     bad = {
         "cu_num_draft": lambda: vg(b.target_logits, b.draft_token_ids, b.cu_num_draft.long(), b.parents, b.max_depth),
         "parents": lambda: vg(b.target_logits, b.draft_token_ids, b.cu_num_draft, b.parents[1:], b.max_depth),
@@ -259,44 +295,28 @@ def test_c_ops_run_well_formed_calls_and_send_the_rest_to_python():
         "uniforms": lambda: rs(*_rs_args(b, uniforms=torch.full((b.N + b.R,), 0.5))),  # and a seed
         "seed": lambda: rs(*_rs_args(b, seed=None, offset=torch.zeros(b.R, dtype=torch.int64))),  # neither coin
         "target_logits": lambda: vg(b.target_logits[1:], *b.args()[1:]),
+        "draft_token_ids": lambda: vg(b.target_logits, b.draft_token_ids.float(), *b.args()[2:]),
     }
     for name, fn in bad.items():
-        c0 = calls()
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=f"^{name}: "):
             fn()
-        d = [x - y for x, y in zip(calls(), c0)]
-        assert d[1] == d[3] == 0 and d[0] + d[2] == 1, (name, d)
 
 
-def test_c_ops_load_only_into_the_torch_they_were_built_for():
-    from spdkernels._cpp import ops_compatible
+def test_extension_loads_only_into_the_torch_it_was_built_for():
+    from spdkernels._cpp import compatible
 
     meta = {"torch_version": "2.13.0+cpu", "cxx11_abi": 1}
-    assert ops_compatible(meta, "2.13.0+cpu", True) is None
-    assert "built for torch 2.13.0+cpu" in ops_compatible(meta, "2.14.1+cu128", True)
-    assert "ABI" in ops_compatible(meta, "2.13.0+cpu", False)
+    assert compatible(meta, "2.13.0+cpu", True) is None
+    assert "built for torch 2.13.0+cpu" in compatible(meta, "2.14.1+cu128", True)
+    assert "ABI" in compatible(meta, "2.13.0+cpu", False)
+    assert compatible({"error": "the build failed: boom"}, "2.13.0+cpu", True) == "the build failed: boom"
 
 
-@needs_c_ops
-def test_ops_work_with_c_ops_switched_off():
-    code = ("import torch, spdkernels; from spdkernels import _cpp\n"
-            "spdkernels.set_validation(False)\n"
-            "out = spdkernels.verify_greedy(torch.tensor([[0., 2.]]), torch.zeros(0, dtype=torch.int64),"
-            " torch.tensor([0, 0], dtype=torch.int32))\n"
-            "print(out[0].tolist(), _cpp.fast_path('verify_greedy'), _cpp.ops_load_error())")
-    env = {k: v for k, v in os.environ.items() if k not in ("SPDKERNELS_BACKEND", "TRITON_INTERPRET")}
-    env["SPDKERNELS_NO_C_OPS"] = "1"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "[[1]] False SPDKERNELS_NO_C_OPS is set"
-
-
-@needs_c_ops
-def test_c_ops_concurrent_calls_and_inference_mode():
+@needs_cpp
+def test_concurrent_calls_and_inference_mode():
     """Serving threads call the op at once (the GIL is released inside the dispatcher; each OS thread has its
     own kernel scratch), and under torch.inference_mode: every call equals the single-threaded result."""
     import threading
-
-    from spdkernels import _cpp
 
     gen = torch.Generator().manual_seed(8)
     batches = [random_draft_batch([4, 2, 5, 3], 3000, tree=t, gen=gen, match_prob=0.6) for t in (False, True)]
@@ -310,7 +330,6 @@ def test_c_ops_concurrent_calls_and_inference_mode():
                                            max_depth=b.max_depth, **kws[i])
 
     want = [call(i) for i in range(2)]
-    fast_before = _cpp.op_calls("rejection_sample")[1]
     got, errors = {}, []
 
     def worker(t):
@@ -326,7 +345,7 @@ def test_c_ops_concurrent_calls_and_inference_mode():
     for th in threads:
         th.join()
     assert not errors, errors
+    assert sorted(got) == [0, 1, 2, 3]
     for t, outs in got.items():
         for out in outs:
             assert all(torch.equal(g, w) for g, w in zip(out, want[t % 2]))
-    assert _cpp.op_calls("rejection_sample")[1] - fast_before == 80

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, backends_here, cpp_dispatch, cpp_lower_isas, nki_emulated, to_backend, use_backend
+from conftest import DEVICE, ON_GPU, backends_here, cpp_lower_isas, nki_emulated, to_backend, use_backend
 from scipy.stats import chisquare
 from test_verify_greedy import check_structure
 
@@ -16,10 +16,9 @@ from spdkernels._validate import tree_max_depth
 from spdkernels.reference.rejection_sample import kept, normalise, philox4x32, temperature_weights
 from spdkernels.testing import random_draft_batch
 
-# every backend implements rejection_sample; one that cannot load fails the run. 'cpp-dispatch': the same C++
-# kernel called from its C++ dispatcher registration (validation off), not from the op's Python kernel; 'nki':
-# the NKI kernel on the NumPy emulation (smaller shapes where the emulation is slow)
-BACKENDS = backends_here() + cpp_dispatch() + nki_emulated()
+# every backend implements rejection_sample; one that cannot load fails the run. 'nki': the NKI kernel on the
+# NumPy emulation (smaller shapes where the emulation is slow)
+BACKENDS = backends_here() + nki_emulated()
 FAST = [b for b in BACKENDS if b != "torch"] or ["torch"]
 # the C++ kernels' lower instruction-set paths (an AVX-512 machine also runs its AVX2 and baseline code)
 WITH_ISAS = BACKENDS + cpp_lower_isas()
@@ -278,19 +277,16 @@ def test_cpp_top_k_top_p_threshold_equals_reference(V, isa):
     from spdkernels import _cpp
 
     with _cpp.isa_cap(isa) if isa != "best" else contextlib.nullcontext():
-        _check_thresholds(_cpp, V)
+        _check_thresholds(V)
 
 
-def _check_thresholds(_cpp, V):
-    C = _cpp.load()
+def _check_thresholds(V):
     gen = torch.Generator().manual_seed(V)
     for name, row in _rows(V, gen).items():
         for T in (0.6, 1.5):
             for top_k, top_p in FILTERS:
                 x = row.float()
-                out = torch.empty(V)
-                mass, tau = C.target_weights(row.data_ptr(), _cpp.FLOAT_CODES[row.dtype], V, T, top_k, top_p,
-                                             out.data_ptr())
+                out, mass, tau = torch.ops.spdkernels._cpu_target_weights(row, T, top_k, top_p)
                 w_ref = temperature_weights(x, T)
                 keep = kept(x, w_ref, top_k, top_p)
                 got = x >= tau
@@ -355,7 +351,7 @@ def chi2_pvalue(samples, p):
 DIST = list(itertools.product([False, True], [False, True], [(0.8, 7, 0.85), (1.0, 0, 1.0), (1.7, 0, 0.6)]))
 # nki: the emulation runs ~10^5 instructions per 1000 requests here; 2500 keeps > 200 samples for the second
 # token in every case (the token-for-token comparison with the reference on shared coins is the sharper test)
-R_DIST = {"torch": 3000, "cpp": 30000, "cpp-dispatch": 30000, "triton": 3000, "nki": 2500}
+R_DIST = {"torch": 3000, "cpp": 30000, "triton": 3000, "nki": 2500}
 
 
 # The Triton interpreter runs ~15 requests a second here: two cases (a tree with draft_probs; a chain of point-mass

@@ -4,14 +4,14 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, backends_here, cpp_dispatch, nki_emulated, to_backend, use_backend
+from conftest import DEVICE, backends_here, nki_emulated, to_backend, use_backend
 
 import spdkernels
 from spdkernels import reference
 from spdkernels.testing import random_draft_batch
 
-# cpp-dispatch: the C++ kernel behind its dispatcher registration; nki: the NKI kernel on the NumPy emulation
-BACKENDS = backends_here() + cpp_dispatch() + nki_emulated()
+# nki: the NKI kernel on the NumPy emulation
+BACKENDS = backends_here() + nki_emulated()
 FAST = [b for b in BACKENDS if b != "triton" or DEVICE == "cuda"]  # interpreter: small shapes only
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -163,9 +163,8 @@ def test_max_depth_padding_and_cap(backend):
     assert num.tolist() == ref[1].tolist() == [5, 7, 1]
     assert torch.equal(out[:, : D + 1], ref[0]) and (out[:, D + 1:] == -1).all()
     assert torch.equal(path[:, :D], ref[2]) and (path[:, D:] == -1).all()
-    if backend != "cpp-dispatch":  # (that one runs with validation off)
-        with pytest.raises(ValueError, match="max_depth"):
-            run(backend, logits, toks, cu, par, max_depth=2)
+    with pytest.raises(ValueError, match="max_depth"):
+        run(backend, logits, toks, cu, par, max_depth=2)
     with spdkernels.validation(False):  # unchecked: walks stop accepting at max_depth, all backends alike
         out, num, path = run(backend, logits, toks, cu, par, max_depth=2)
     want = reference.verify_greedy(logits, toks, cu, par, 2)
@@ -253,15 +252,22 @@ def test_validation_errors(case):
         spdkernels.verify_greedy(**bad(**changes))
 
 
-def test_validation_through_torch_op_and_switch():
+def test_validation_switch_and_the_torch_op():
+    """Value checks are the wrapper's policy: on by default, off by the switch; the torch op itself makes only the
+    always-on checks (a token outside the vocabulary is compared, never accepted: a defined result)."""
     kw = bad(draft_token_ids=torch.tensor([0, 1, 11, 2, 3]))
     with pytest.raises(ValueError, match="draft_token_ids"):
-        torch.ops.spdkernels.verify_greedy(*kw.values())
+        spdkernels.verify_greedy(**kw)
+    direct = torch.ops.spdkernels.verify_greedy(*kw.values())
     spdkernels.set_validation(False)  # value checks off: no error, no crash (tokens are only compared)
-    out, num, _ = spdkernels.verify_greedy(**kw)
+    out, num, path = spdkernels.verify_greedy(**kw)
     assert out.shape == (2, kw["max_depth"] + 1)
-    with pytest.raises(ValueError, match="target_logits"):  # static checks stay on
-        spdkernels.verify_greedy(**bad(target_logits=torch.zeros(8, 11)))
+    assert all(torch.equal(a, b) for a, b in zip(direct, (out, num, path)))
+    assert 11 not in out.tolist()[0][: int(num[0]) - 1]
+    k = bad(target_logits=torch.zeros(8, 11))
+    for call in (lambda: spdkernels.verify_greedy(**k), lambda: torch.ops.spdkernels.verify_greedy(*k.values())):
+        with pytest.raises(ValueError, match="target_logits"):  # static checks stay on
+            call()
 
 
 def test_device_mismatch_is_a_value_error():

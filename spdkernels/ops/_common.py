@@ -1,4 +1,5 @@
-"""Pieces shared by the verification ops."""
+"""Pieces shared by the ops: the output layout of the verification ops, and the call path of every public
+wrapper (the policy: value validation and a forced backend)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from typing import Callable, Tuple
 
 import torch
 
-from spdkernels import _validate as V
+from spdkernels import _config, _registry
+
+_CPU = torch.device("cpu")
 
 
 def verify_outputs(R: int, max_depth: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -17,13 +20,45 @@ def verify_outputs(R: int, max_depth: int, device) -> Tuple[torch.Tensor, torch.
             torch.empty((R, max_depth), dtype=torch.int32, device=device))
 
 
-def call_draft_op(op: Callable, args: tuple, target_logits, draft_token_ids, cu_num_draft, parents, max_depth,
-                  bonus_rows: bool = False):
-    """``op(*args)`` for an op over a draft batch, where a schema error (a non-tensor argument, a max_depth that
-    is not an int) is turned into the static checks' ValueError naming the argument. The checks run only when the
-    call fails, so a well-formed call pays for them once, inside the op (in C++ on the CPU fast path)."""
-    try:
-        return op(*args)
-    except RuntimeError:
-        V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth, bonus_rows)
-        raise
+def call_op(op: str, overload, args: tuple, check_static: Callable, check_values: Callable, run: Callable):
+    """A public wrapper's call of ``op`` with ``args``, under this thread's policy.
+
+    With validation on, the static checks and the value checks (host syncs) run first. Then, when the backend
+    to use is the automatic choice for the device, the call goes through torch's dispatcher (``overload``: on CPU
+    the C++ kernel without Python); when another backend is forced, ``run(name, impl, *args)`` calls it directly
+    after the static checks. Under ``torch.compile`` the call is the dispatcher op as traced (no policy: value
+    checks cannot run on fake tensors).
+
+    A schema error raised by the dispatcher (a non-tensor argument, a float max_depth) is turned into the static
+    checks' ValueError naming the argument."""
+    if torch.compiler.is_compiling():
+        return overload(*args)
+    first = args[0]
+    dev = first.device if isinstance(first, torch.Tensor) else _CPU
+    name, impl = _registry.resolve(op, dev)
+    validate = _config.validation_enabled()
+    if validate:
+        check_static(*args)
+        check_values(*args)
+    if name == _registry.resolve(op, dev, None)[0]:
+        try:
+            return overload(*args)
+        except RuntimeError:
+            check_static(*args)
+            raise
+    if not validate:
+        check_static(*args)
+    return run(name, impl, *args)
+
+
+def op_kernel(op: str, check_static: Callable, run: Callable) -> Callable:
+    """The Python kernel of ``op`` for torch's dispatcher: static checks, then the automatic backend for the
+    tensors' device (the one the dispatcher stands for; no policy)."""
+
+    def kernel(*args):
+        check_static(*args)
+        name, impl = _registry.resolve(op, args[0].device, None)
+        return run(name, impl, *args)
+
+    kernel.__name__ = f"{op}_kernel"
+    return kernel

@@ -1,8 +1,10 @@
 """rejection_sample: lossless speculative sampling of draft chains and token trees, from logits.
 
-``torch.ops.spdkernels.rejection_sample`` takes explicit ``uniforms`` or ``seed``/``offset`` tensors;
-the Python wrapper below also accepts neither and then draws seeds from torch's default generator
-(outside the op, so the op itself stays a pure function of its inputs).
+``torch.ops.spdkernels.rejection_sample`` takes explicit ``uniforms`` or ``seed``/``offset`` tensors and runs
+the kernel torch's dispatcher holds for the tensors' device (on CPU the C++ kernel of csrc/ops.cpp when the
+extension is built); the Python wrapper below adds the policy (value validation, a forced backend) and also
+accepts neither coins nor seeds, drawing seeds from torch's default generator (outside the op, so the op itself
+stays a pure function of its inputs).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from spdkernels import _config, _cpp, _registry, reference
+from spdkernels import _registry, reference
 from spdkernels import _validate as V
 from spdkernels._library import define_op
-from spdkernels.ops._common import call_draft_op
+from spdkernels.ops._common import call_op, op_kernel
 from spdkernels.ops._common import verify_outputs as _outputs
 
 OP = "rejection_sample"
@@ -64,7 +66,7 @@ def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
 
 
 def _check_values(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                  uniforms, max_depth, bonus_token_ids=None, target_is_probs=False) -> None:
+                  uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False) -> None:
     V.check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
     if bonus_token_ids is not None and bonus_token_ids.numel():
         Vv = target_logits.shape[1]
@@ -111,16 +113,10 @@ def _check_values(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
             V.fail("uniforms", "must lie in the open interval (0, 1)")
 
 
-def _kernel(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-            uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
-    R = _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                      uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
-    if _config.validation_enabled():
-        _check_values(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-                      uniforms, max_depth, bonus_token_ids, target_is_probs)
+def _run(name, impl, target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
+         uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     if seed is not None and offset is None:
-        offset = torch.zeros(R, dtype=torch.int64, device=seed.device)
-    _, impl = _registry.resolve(OP, target_logits.device)
+        offset = torch.zeros(seed.shape[0], dtype=torch.int64, device=seed.device)
     return impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
                 uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
 
@@ -135,7 +131,7 @@ def _fake(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, te
 define_op("rejection_sample(Tensor target_logits, Tensor draft_token_ids, Tensor cu_num_draft, Tensor? parents, "
           "Tensor? draft_probs, Tensor? temperature, Tensor? top_k, Tensor? top_p, Tensor? uniforms, "
           "Tensor? seed, Tensor? offset, SymInt max_depth, Tensor? bonus_token_ids=None, bool target_is_probs=False) "
-          "-> (Tensor, Tensor, Tensor)", _kernel, _fake, cpu_twin=True)
+          "-> (Tensor, Tensor, Tensor)", op_kernel(OP, _check_static, _run), _fake, integer_outputs=True)
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -143,8 +139,7 @@ define_op("rejection_sample(Tensor target_logits, Tensor draft_token_ids, Tensor
 @_registry.register(OP, "torch")
 def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
                 uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
-    if not _config.validation_enabled():  # (with validation on, _kernel has checked them)
-        V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents)
+    V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents)  # always: it indexes
     if uniforms is None:
         uniforms = reference.coins_from_seed(cu_num_draft, seed, offset)
     return reference.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs,
@@ -152,37 +147,10 @@ def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_pro
                                       target_is_probs)
 
 
-def cpp_call(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-             uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
-    """``(args, outputs, keep)``: the arguments of ``_C.rejection_sample`` for these inputs and the output
-    tensors it writes. The extension takes raw pointers, so every tensor it reads must be contiguous; ``keep``
-    holds the contiguous copies, if any, and must stay alive until the call returns. (The op's cpp backend
-    and the bench's ``cpp-kernel`` row, which times the call alone, both build their call here.)"""
-    if target_logits.stride(-1) != 1:
-        target_logits = target_logits.contiguous()
-    t = [x if x is None or x.is_contiguous() else x.contiguous()
-         for x in (draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
-                   offset, bonus_token_ids)]
-    R = cu_num_draft.shape[0] - 1
-    outs = _outputs(R, max_depth, target_logits.device)
-    bonus = t.pop()
-    args = (target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
-            target_logits.shape[1], t[0].data_ptr(), _cpp.INT_CODES[t[0].dtype],
-            *[0 if x is None else x.data_ptr() for x in t[1:]],
-            R, t[0].shape[0], max_depth, *[o.data_ptr() for o in outs],
-            0 if bonus is None else bonus.data_ptr(), 0 if bonus is None else _cpp.INT_CODES[bonus.dtype],
-            int(bool(target_is_probs)), _cpp.num_threads())
-    return args, outs, (target_logits, t, bonus)
-
-
 @_registry.register(OP, "cpp")
-def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
-              uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
-    args, outs, keep = cpp_call(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature,
-                                top_k, top_p, uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
-    if outs[1].shape[0] > 0:  # R > 0
-        _cpp.load().rejection_sample(*args)
-    return outs
+def _cpp_impl(*args):
+    """csrc/rejection_sample.cpp through its dispatcher registration (csrc/ops.cpp)."""
+    return torch.ops.spdkernels.rejection_sample.default(*args)
 
 
 @_registry.register(OP, "triton")
@@ -292,9 +260,7 @@ def rejection_sample(
         if uniforms is None and seed is None:
             R = cu_num_draft.shape[0] - 1
             seed = torch.randint(0, 2**62, (R,), dtype=torch.int64, device=target_logits.device)
-    # a non-tensor argument or a bad max_depth: a ValueError naming it, not the schema's error
-    return call_draft_op(torch.ops.spdkernels.rejection_sample.default,
-                         (target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k,
-                          top_p, uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs),
-                         target_logits, draft_token_ids, cu_num_draft, parents, max_depth,
-                         bonus_rows=bonus_token_ids is not None)
+    return call_op(OP, torch.ops.spdkernels.rejection_sample.default,
+                   (target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
+                    uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs),
+                   _check_static, _check_values, _run)

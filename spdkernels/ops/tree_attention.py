@@ -5,6 +5,10 @@ the CPU, csrc/tree_attention.cpp), ``torch`` (per request:
 gather the pages, pack the query heads of each KV head into one matrix, one
 ``scaled_dot_product_attention`` call with a boolean mask; syncs with the host for the lengths). The
 readable oracle is ``spdkernels.reference.tree_attention``.
+
+The op's kernel is the Python one on every device (it sends fp64 to the torch backend; attention dwarfs the few
+microseconds of Python); on CPU it runs the C++ kernel registered as the private op ``_cpu_tree_attention``
+(csrc/ops.cpp).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from spdkernels import _config, _cpp, _registry
+from spdkernels import _registry
 from spdkernels import _validate as V
 from spdkernels._library import define_op
+from spdkernels.ops._common import call_op, op_kernel
 from spdkernels.reference.tree_attention import allowed_mask, gather_kv, request_spans
 
 OP = "tree_attention"
@@ -124,18 +129,24 @@ def _check_size_values(kv_lens, cu_q_lens, max_q_len, max_kv_len) -> None:
         V.fail("max_kv_len", f"{max_kv_len} is smaller than the largest kv_len {int(kv_lens.max())}")
 
 
-def _kernel(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len=None, max_kv_len=None,
-            num_splits=None):
+def _check_all_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len=None,
+                      max_kv_len=None, num_splits=None) -> None:
     _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask)
     _check_sizes(max_q_len, max_kv_len, num_splits)
-    if _config.validation_enabled():
-        _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
-        _check_size_values(kv_lens, cu_q_lens, max_q_len, max_kv_len)
+
+
+def _check_all_values(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len=None,
+                      max_kv_len=None, num_splits=None) -> None:
+    _check_values(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    _check_size_values(kv_lens, cu_q_lens, max_q_len, max_kv_len)
+
+
+def _run(name, impl, q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len=None,
+         max_kv_len=None, num_splits=None):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.dtype == torch.float64:
         return _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, float(scale))
-    name, impl = _registry.resolve(OP, q.device)
     if name == "triton":  # the one backend whose launch depends on the sizes (grid, tiles, KV splits)
         return impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, float(scale), max_q_len,
                     max_kv_len, num_splits)
@@ -151,7 +162,7 @@ def _fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale
 
 define_op("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
           "Tensor cu_q_lens, Tensor? tree_mask, float? scale, SymInt? max_q_len=None, SymInt? max_kv_len=None, "
-          "int? num_splits=None) -> Tensor", _kernel, _fake)
+          "int? num_splits=None) -> Tensor", op_kernel(OP, _check_all_static, _run), _fake)
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -161,8 +172,7 @@ def _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
     """Per request: the query heads sharing a KV head are stacked into one [G * q_len, D] matrix, so K/V
     are neither repeated nor copied per query head; one SDPA call per request with a boolean mask that is
     all-true over the prefix and the tree bits over the last q_len columns."""
-    if not _config.validation_enabled():  # (with validation on, _kernel has checked it)
-        _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)  # always: it indexes with them
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -183,27 +193,8 @@ def _cpp_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, s
     KV head) with its query heads packed, the KV range split across threads when items are fewer than
     threads. No host sync. The caches are read through their block / slot / head strides (e.g. K and V views of
     one fused cache, no copy); only a head dim that is not unit-stride is copied."""
-    C = _cpp.load()
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1:
-        k_cache = k_cache.contiguous()
-    if v_cache.stride(-1) != 1:
-        v_cache = v_cache.contiguous()
-    block_table, kv_lens, cu_q_lens = block_table.contiguous(), kv_lens.contiguous(), cu_q_lens.contiguous()
-    mask = tree_mask.contiguous() if tree_mask is not None else None
-    T, Hq, D = q.shape
-    _, bs, Hkv, _ = k_cache.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    R = cu_q_lens.shape[0] - 1
-    if T and R:
-        C.tree_attention(q.data_ptr(), _cpp.FLOAT_CODES[q.dtype], k_cache.data_ptr(), v_cache.data_ptr(),
-                         out.data_ptr(), block_table.data_ptr(), kv_lens.data_ptr(), cu_q_lens.data_ptr(),
-                         mask.data_ptr() if mask is not None else 0, R, T, Hq, Hkv, D, bs, k_cache.shape[0],
-                         block_table.shape[1],
-                         mask.shape[1] if mask is not None else 0, q.stride(0), q.stride(1), out.stride(0),
-                         out.stride(1), scale, *k_cache.stride()[:3], *v_cache.stride()[:3], _cpp.num_threads())
-    return out
+    return torch.ops.spdkernels._cpu_tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
+                                                    scale)
 
 
 @_registry.register(OP, "triton")
@@ -278,9 +269,10 @@ def tree_attention(
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         V.fail("scale", f"expected a finite positive float, got {scale!r}")
     _check_sizes(max_q_len, max_kv_len, num_splits)
-    res = torch.ops.spdkernels.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
-                                              None if scale is None else float(scale), max_q_len, max_kv_len,
-                                              num_splits)
+    res = call_op(OP, torch.ops.spdkernels.tree_attention.default,
+                  (q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
+                   None if scale is None else float(scale), max_q_len, max_kv_len, num_splits),
+                  _check_all_static, _check_all_values, _run)
     if out is not None:
         V.check_tensor("out", out, 3, (q.dtype,), q.device)
         if out.shape != q.shape:

@@ -1,8 +1,9 @@
 """verify_greedy: batched greedy verification of draft chains and token trees.
 
-The torch op ``torch.ops.spdkernels.verify_greedy`` (schema below) validates its arguments and runs the
-backend the registry picks for the tensors' device. Its fake implementation gives the output shapes
-from ``cu_num_draft``'s length and ``max_depth`` alone, so it traces under torch.compile.
+The torch op ``torch.ops.spdkernels.verify_greedy`` (schema below) runs the kernel torch's dispatcher holds for
+the tensors' device (on CPU the C++ kernel of csrc/ops.cpp when the extension is built). Its fake implementation
+gives the output shapes from ``cu_num_draft``'s length and ``max_depth`` alone, so it traces under torch.compile.
+The public wrapper :func:`verify_greedy` adds the policy: value validation and a forced backend.
 """
 
 from __future__ import annotations
@@ -11,27 +12,27 @@ from typing import Optional, Tuple
 
 import torch
 
-from spdkernels import _config, _cpp, _registry, reference
+from spdkernels import _registry, reference
 from spdkernels import _validate as V
 from spdkernels._library import define_op
-from spdkernels.ops._common import call_draft_op
+from spdkernels.ops._common import call_op, op_kernel
 from spdkernels.ops._common import verify_outputs as _outputs
 
 OP = "verify_greedy"
 
 
-def _check(target_logits, draft_token_ids, cu_num_draft, parents, max_depth) -> None:
+def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth) -> None:
     V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
-    if _config.validation_enabled():
-        V.check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
-        if bool(torch.isnan(target_logits).any()):
-            V.fail("target_logits", "contains NaN")
 
 
-def _kernel(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
-    _check(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
-    _, impl = _registry.resolve(OP, target_logits.device)
-    return impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+def _check_values(target_logits, draft_token_ids, cu_num_draft, parents, max_depth) -> None:
+    V.check_draft_batch_values(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+    if bool(torch.isnan(target_logits).any()):
+        V.fail("target_logits", "contains NaN")
+
+
+def _run(name, impl, *args):
+    return impl(*args)
 
 
 def _fake(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
@@ -40,35 +41,23 @@ def _fake(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
 
 
 define_op("verify_greedy(Tensor target_logits, Tensor draft_token_ids, Tensor cu_num_draft, Tensor? parents, "
-          "SymInt max_depth) -> (Tensor, Tensor, Tensor)", _kernel, _fake, cpu_twin=True)
+          "SymInt max_depth) -> (Tensor, Tensor, Tensor)", op_kernel(OP, _check_static, _run), _fake,
+          integer_outputs=True)
 
 
 # ---- backends --------------------------------------------------------------------------------------
 
 @_registry.register(OP, "torch")
 def _torch_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
-    if not _config.validation_enabled():  # (with validation on, _kernel has checked them)
-        V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=False)
+    V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=False)
     return reference.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
 
 
 @_registry.register(OP, "cpp")
 def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
-    C = _cpp.load()
-    if target_logits.stride(-1) != 1:
-        target_logits = target_logits.contiguous()
-    draft_token_ids = draft_token_ids.contiguous()
-    cu_num_draft = cu_num_draft.contiguous()
-    parents = parents.contiguous() if parents is not None else None
-    R = cu_num_draft.shape[0] - 1
-    out, num, path = _outputs(R, max_depth, target_logits.device)
-    if R > 0:
-        C.verify_greedy(target_logits.data_ptr(), _cpp.FLOAT_CODES[target_logits.dtype], target_logits.stride(0),
-                        target_logits.shape[1], draft_token_ids.data_ptr(), _cpp.INT_CODES[draft_token_ids.dtype],
-                        cu_num_draft.data_ptr(), parents.data_ptr() if parents is not None else 0, R,
-                        draft_token_ids.shape[0], max_depth,
-                        out.data_ptr(), num.data_ptr(), path.data_ptr(), _cpp.num_threads())
-    return out, num, path
+    """csrc/verify_greedy.cpp through its dispatcher registration (csrc/ops.cpp)."""
+    return torch.ops.spdkernels.verify_greedy.default(target_logits, draft_token_ids, cu_num_draft, parents,
+                                                      max_depth)
 
 
 @_registry.register(OP, "triton")
@@ -135,6 +124,6 @@ def verify_greedy(
     if max_depth is None:  # checks first: the depth is read from cu_num_draft and parents
         V.check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, 0)
         max_depth = V.tree_max_depth(cu_num_draft, parents)
-    return call_draft_op(torch.ops.spdkernels.verify_greedy.default,
-                         (target_logits, draft_token_ids, cu_num_draft, parents, max_depth),
-                         target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+    return call_op(OP, torch.ops.spdkernels.verify_greedy.default,
+                   (target_logits, draft_token_ids, cu_num_draft, parents, max_depth), _check_static, _check_values,
+                   _run)

@@ -1,0 +1,113 @@
+"""Two builds of the package side by side in one run: the same spd-bench cases, alternating between the builds.
+
+    python bench/compare_builds.py --old REV [--new WORKTREE] [--op verify_greedy rejection_sample]
+                                   [--backend cpp] [--rounds 5] [--repeats 30] [--json out.json]
+
+Each build is laid out as setup.py installs it (``triton_kernels/``, ``nki_kernels/``, ``bench/`` inside
+``spdkernels/``) in ``build/compare/<name>/site`` with its C++ extension built in place (``--old``: a git revision,
+checked out with ``git worktree``; ``--new``: the working tree, default ``.``), then ``spd-bench`` runs for each
+build in turn, ``--rounds`` times (old, new, old, new, ...), so that both see the same machine state. The table
+gives, per case and backend, the median over rounds of each build's median time and % of copy bandwidth, and the
+median over rounds of the per-round ratio new / old. Nothing is installed; the current Python (with torch) runs
+everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def prepare(name: str, src: Path, work: Path) -> Path:
+    """Build ``src``'s extension in place and lay the package out in ``work/<name>/site``; returns the site."""
+    env = dict(os.environ, SPDKERNELS_REQUIRE_CPP="1")
+    _run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env, stdout=subprocess.DEVNULL)
+    site = work / name / "site"
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(src / "spdkernels", site / "spdkernels", ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("triton_kernels", "nki_kernels", "bench"):
+        if (src / sub).exists():
+            shutil.copytree(src / sub, site / "spdkernels" / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def bench_once(site: Path, args, out: Path) -> list:
+    cmd = [sys.executable, "-m", "spdkernels.bench", "--op", *args.op, "--backend", *args.backend,
+           "--repeats", str(args.repeats), "--json", str(out), "--no-progress"]
+    if args.shapes:
+        cmd += ["--shapes", args.shapes]
+    env = dict(os.environ, PYTHONPATH=str(site))
+    _run(cmd, cwd=site, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["rows"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--old", required=True, help="git revision of the old build")
+    ap.add_argument("--new", default=".", help="directory of the new build (default: the working tree)")
+    ap.add_argument("--op", nargs="+", default=["verify_greedy", "rejection_sample"])
+    ap.add_argument("--backend", nargs="+", default=["cpp"])
+    ap.add_argument("--shapes", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    work = ROOT / "build" / "compare"
+    work.mkdir(parents=True, exist_ok=True)
+    old_src = work / "old" / "src"
+    if old_src.exists():
+        _run(["git", "worktree", "remove", "--force", str(old_src)], cwd=ROOT)
+    _run(["git", "worktree", "add", "--detach", str(old_src), args.old], cwd=ROOT, stdout=subprocess.DEVNULL)
+    old_rev = subprocess.run(["git", "rev-parse", "--short", args.old], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    new_src = Path(args.new).resolve()
+    new_rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=new_src, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    sites = {"old": prepare("old", old_src, work), "new": prepare("new", new_src, work)}
+    runs = {"old": [], "new": []}
+    for i in range(args.rounds):
+        for name in ("old", "new"):
+            runs[name].append(bench_once(sites[name], args, work / name / f"round{i}.json"))
+    table = []
+    keys = [(r["op"], r["case"], r["backend"]) for r in runs["new"][0]]
+    for key in keys:
+        per = {name: [next(r for r in rows if (r["op"], r["case"], r["backend"]) == key) for rows in runs[name]]
+               for name in runs}
+        row = dict(op=key[0], case=key[1], backend=key[2])
+        for name in runs:
+            row[f"{name}_ms"] = statistics.median(r["median_ms"] for r in per[name])
+            row[f"{name}_copy_bw"] = statistics.median(r["frac_copy_bw"] for r in per[name])
+            row[f"{name}_check"] = sorted({r["check"] for r in per[name]})
+        pairs = zip(per["new"], per["old"])
+        row["ratio_new_old"] = statistics.median(n["median_ms"] / o["median_ms"] for n, o in pairs)
+        table.append(row)
+    print(f"# old {old_rev} vs new {new_rev}: {args.rounds} alternating rounds of spd-bench --repeats {args.repeats}; "
+          "medians over rounds")
+    print(f"{'op':17} {'case':40} {'backend':14} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'old %BW':>8} "
+          f"{'new %BW':>8}  check")
+    for r in table:
+        ok = "ok" if r["old_check"] == r["new_check"] == ["ok"] else f"{r['old_check']} / {r['new_check']}"
+        print(f"{r['op']:17} {r['case']:40} {r['backend']:14} {r['old_ms']:9.4f} {r['new_ms']:9.4f} "
+              f"{r['ratio_new_old']:8.3f} {100 * r['old_copy_bw']:7.0f}% {100 * r['new_copy_bw']:7.0f}%  {ok}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(old=old_rev, new=new_rev, rounds=args.rounds,
+                                                   repeats=args.repeats, rows=table), indent=1) + "\n")
+    _run(["git", "worktree", "remove", "--force", str(old_src)], cwd=ROOT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+// The CPU kernels' entry points, called by csrc/ops.cpp once it has checked the tensors of an op call.
+// They take data pointers, sizes, strides and dtype codes (common.h) and write preallocated outputs; they make
+// the always-on index checks of docs/contract.md themselves (std::invalid_argument naming the argument) before
+// any parallel loop. Threads: torch's intra-op pool (at::parallel_for).
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "verify_greedy.h"
+
+namespace spd {
+
+void rejection_sample(std::uintptr_t logits, int logit_code, int64_t row_stride, int64_t V, std::uintptr_t draft_ids,
+                      int tok_code, std::uintptr_t cu_num_draft, std::uintptr_t parents, std::uintptr_t draft_probs,
+                      std::uintptr_t temperature, std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t uniforms,
+                      std::uintptr_t seed, std::uintptr_t offset, int64_t R, int64_t N, int64_t max_depth,
+                      std::uintptr_t out_tokens, std::uintptr_t num_emitted, std::uintptr_t accepted_path,
+                      std::uintptr_t bonus_token_ids, int bonus_code, int target_is_probs);
+
+// One row's kept target weights (unnormalised, fp32, into out[0:V)) and (mass, threshold), as the sampler
+// computes them (temperature > 0); for the tests.
+std::pair<double, float> target_weights_row(std::uintptr_t logits, int logit_code, int64_t V, float temperature,
+                                            int64_t top_k, float top_p, std::uintptr_t out);
+
+// y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ w[N, K]^T (+ bias[N]), fp32, for small M (decoding).
+void skinny_linear_f32(std::uintptr_t x, int64_t ldx, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y,
+                       int64_t ldy, int64_t M, int64_t N, int64_t K);
+
+void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                    std::uintptr_t block_table, std::uintptr_t kv_lens, std::uintptr_t cu_q, std::uintptr_t mask,
+                    int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t num_blocks,
+                    int64_t max_blocks, int64_t mask_words, int64_t q_stride_t, int64_t q_stride_h, int64_t o_stride_t,
+                    int64_t o_stride_h, double scale, int64_t k_stride_b, int64_t k_stride_s, int64_t k_stride_h,
+                    int64_t v_stride_b, int64_t v_stride_s, int64_t v_stride_h);
+
+}  // namespace spd

@@ -1,0 +1,298 @@
+// spdkernels._C: the CPU kernels registered with torch's dispatcher.
+//
+// The public ops (schemas in spdkernels/ops/*.py, defined in Python so that the package also works without this
+// extension) get their CPU kernels here: verify_greedy and rejection_sample. Each checks its tensors (dtype,
+// shape, device, with TORCH_CHECK_VALUE: a ValueError naming the argument in Python), allocates the outputs and
+// runs the kernel; the kernels' always-on index checks (token ids, cu_num_draft, parents, block tables) run with
+// the package's validation off too. Policy (value validation, a forced backend) lives in the Python wrappers,
+// not here: a call that reaches this kernel runs it.
+//
+// Private ops, defined here, for the Python side of the package:
+//   _cpu_tree_attention  the CPU tree_attention kernel (the public op's CPU kernel is Python: it sends fp64 to
+//                        the torch backend)
+//   _cpu_skinny_linear   the decode-time fp32 linear of the runtime (spdkernels/runtime/linear.py)
+//   _cpu_target_weights  one row's target weights as the sampler computes them (tests)
+//   _cpu_isa_level, _cpu_set_isa_cap  the instruction-set level of the hand-dispatched kernels
+//
+// The module is imported as spdkernels._C (PyInit__C below is all of its Python face): importing it runs the
+// registrations. It links the libtorch it was built against; spdkernels/_cpp.py loads it only under that torch.
+#include <Python.h>  // first, as Python asks
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Out3 = std::tuple<Tensor, Tensor, Tensor>;
+using uptr = std::uintptr_t;
+
+int float_code(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return spd::kF32;
+    case at::kHalf: return spd::kF16;
+    case at::kBFloat16: return spd::kBF16;
+    default: return -1;
+  }
+}
+
+int int_code(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kInt: return spd::kI32;
+    case at::kLong: return spd::kI64;
+    default: return -1;
+  }
+}
+
+std::string shape_of(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+// `arg` is a CPU tensor with `ndim` dimensions whose dtype passes `dtype_ok` (`dtypes` names them).
+template <typename DtypeOk>
+void check_tensor(const Tensor& t, const char* arg, int64_t ndim, DtypeOk dtype_ok, const char* dtypes) {
+  TORCH_CHECK_VALUE(t.defined(), arg, ": expected a tensor");
+  TORCH_CHECK_VALUE(t.dim() == ndim, arg, ": expected ", ndim, " dimension(s), got shape ", shape_of(t));
+  TORCH_CHECK_VALUE(dtype_ok(t), arg, ": expected dtype in (", dtypes, "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.layout() == at::kStrided, arg,
+                    ": expected a strided CPU tensor (like target_logits), got ", t.device());
+}
+
+void check_vec(const Tensor& t, const char* arg, at::ScalarType dt, int64_t n, const char* n_name) {
+  check_tensor(t, arg, 1, [dt](const Tensor& x) { return x.scalar_type() == dt; }, c10::toString(dt));
+  TORCH_CHECK_VALUE(t.size(0) == n, arg, ": expected shape [", n_name, "] = [", n, "], got ", shape_of(t));
+}
+
+void check_opt_vec(const OptTensor& t, const char* arg, at::ScalarType dt, int64_t n, const char* n_name) {
+  if (t.has_value()) check_vec(*t, arg, dt, n, n_name);
+}
+
+// Kernels read every tensor but the logits (whose rows may be strided) as dense arrays.
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+OptTensor dense(const OptTensor& t) { return t.has_value() ? OptTensor(dense(*t)) : std::nullopt; }
+uptr addr(const Tensor& t) { return reinterpret_cast<uptr>(t.data_ptr()); }
+uptr addr(const OptTensor& t) { return t.has_value() ? addr(*t) : 0; }
+
+// The draft batch of docs/contract.md section 3: logits [N + R, V] (or [N, V] with bonus tokens), tokens [N],
+// cu_num_draft [R + 1], parents [N] or none. Returns the logits with unit-stride rows; sets R, N, max depth.
+Tensor check_draft_batch(const Tensor& logits, const Tensor& ids, const Tensor& cu, const OptTensor& parents,
+                         const c10::SymInt& max_depth, int64_t& R, int64_t& N, int64_t& md, bool bonus_rows) {
+  check_tensor(logits, "target_logits", 2, [](const Tensor& t) { return float_code(t) >= 0; },
+               "float32, float16, bfloat16");
+  check_tensor(ids, "draft_token_ids", 1, [](const Tensor& t) { return int_code(t) >= 0; }, "int32, int64");
+  check_tensor(cu, "cu_num_draft", 1, [](const Tensor& t) { return t.scalar_type() == at::kInt; }, "int32");
+  TORCH_CHECK_VALUE(cu.size(0) >= 1, "cu_num_draft: expected shape [R + 1] with R >= 0, got an empty tensor");
+  R = cu.size(0) - 1;
+  N = ids.size(0);
+  const int64_t rows = bonus_rows ? N : N + R;
+  TORCH_CHECK_VALUE(logits.size(0) == rows, "target_logits: expected ", bonus_rows ? "[N, V] = [" : "[N + R, V] = [",
+                    rows, ", V] rows, got shape ", shape_of(logits));
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "target_logits: expected a vocabulary of at least one token");
+  check_opt_vec(parents, "parents", at::kInt, N, "N");
+  const auto m = max_depth.maybe_as_int();
+  TORCH_CHECK_VALUE(m.has_value() && *m >= 0, "max_depth: expected an int >= 0");
+  md = *m;
+  return logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+Out3 int_outputs(int64_t R, int64_t md) {
+  const auto o = at::TensorOptions().dtype(at::kInt);
+  return {at::empty({R, md + 1}, o), at::empty({R}, o), at::empty({R, md}, o)};
+}
+
+// The kernels' index checks throw std::invalid_argument ("arg: what"): a ValueError in Python.
+template <typename F>
+void run_checked(const F& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+Out3 verify_greedy_cpu(const Tensor& target_logits, const Tensor& draft_token_ids, const Tensor& cu_num_draft,
+                       const OptTensor& parents, c10::SymInt max_depth) {
+  int64_t R = 0, N = 0, md = 0;
+  const Tensor logits =
+      check_draft_batch(target_logits, draft_token_ids, cu_num_draft, parents, max_depth, R, N, md, false);
+  Out3 out = int_outputs(R, md);
+  if (R == 0) return out;
+  const Tensor ids = dense(draft_token_ids), cu = dense(cu_num_draft);
+  const OptTensor par = dense(parents);
+  run_checked([&] {
+    spd::verify_greedy(addr(logits), float_code(logits), logits.stride(0), logits.size(1), addr(ids), int_code(ids),
+                       addr(cu), addr(par), R, N, md, addr(std::get<0>(out)), addr(std::get<1>(out)),
+                       addr(std::get<2>(out)));
+  });
+  return out;
+}
+
+Out3 rejection_sample_cpu(const Tensor& target_logits, const Tensor& draft_token_ids, const Tensor& cu_num_draft,
+                          const OptTensor& parents, const OptTensor& draft_probs, const OptTensor& temperature,
+                          const OptTensor& top_k, const OptTensor& top_p, const OptTensor& uniforms,
+                          const OptTensor& seed, const OptTensor& offset, c10::SymInt max_depth,
+                          const OptTensor& bonus_token_ids, bool target_is_probs) {
+  int64_t R = 0, N = 0, md = 0;
+  const bool bonus = bonus_token_ids.has_value();
+  const Tensor logits =
+      check_draft_batch(target_logits, draft_token_ids, cu_num_draft, parents, max_depth, R, N, md, bonus);
+  const int64_t V = logits.size(1);
+  if (bonus) {
+    check_tensor(*bonus_token_ids, "bonus_token_ids", 1, [](const Tensor& t) { return int_code(t) >= 0; },
+                 "int32, int64");
+    TORCH_CHECK_VALUE(bonus_token_ids->size(0) == R, "bonus_token_ids: expected shape [R] = [", R, "], got ",
+                      shape_of(*bonus_token_ids));
+    TORCH_CHECK_VALUE(!parents.has_value(), "bonus_token_ids: only for chains (parents must be None): a tree needs "
+                      "the row after every leaf");
+  }
+  if (target_is_probs) {
+    TORCH_CHECK_VALUE(!top_k.has_value(), "top_k: not applied to probabilities (target_is_probs=True)");
+    TORCH_CHECK_VALUE(!top_p.has_value(), "top_p: not applied to probabilities (target_is_probs=True)");
+  }
+  if (draft_probs.has_value()) {
+    check_tensor(*draft_probs, "draft_probs", 2, [](const Tensor& t) { return t.scalar_type() == at::kFloat; },
+                 "float32");
+    TORCH_CHECK_VALUE(draft_probs->size(0) == N && draft_probs->size(1) == V, "draft_probs: expected shape [N, V] = [",
+                      N, ", ", V, "], got ", shape_of(*draft_probs));
+  }
+  check_opt_vec(temperature, "temperature", at::kFloat, R, "R");
+  check_opt_vec(top_k, "top_k", at::kInt, R, "R");
+  check_opt_vec(top_p, "top_p", at::kFloat, R, "R");
+  check_opt_vec(seed, "seed", at::kLong, R, "R");
+  check_opt_vec(offset, "offset", at::kLong, R, "R");
+  check_opt_vec(uniforms, "uniforms", at::kFloat, N + R, "N + R");
+  if (uniforms.has_value()) {
+    TORCH_CHECK_VALUE(!seed.has_value() && !offset.has_value(), "uniforms: pass either uniforms or seed/offset, not both");
+  } else {
+    TORCH_CHECK_VALUE(seed.has_value(), "seed: the op needs explicit uniforms or a seed tensor (spdkernels."
+                      "rejection_sample draws seeds from torch's default generator when given neither)");
+  }
+  Out3 out = int_outputs(R, md);
+  if (R == 0) return out;
+  const Tensor ids = dense(draft_token_ids), cu = dense(cu_num_draft);
+  const OptTensor par = dense(parents), dp = dense(draft_probs), temp = dense(temperature), tk = dense(top_k),
+                  tp = dense(top_p), u = dense(uniforms), sd = dense(seed), bon = dense(bonus_token_ids);
+  const OptTensor off = seed.has_value() && !offset.has_value()
+                            ? OptTensor(at::zeros({R}, at::TensorOptions().dtype(at::kLong)))
+                            : dense(offset);
+  run_checked([&] {
+    spd::rejection_sample(addr(logits), float_code(logits), logits.stride(0), V, addr(ids), int_code(ids), addr(cu),
+                          addr(par), addr(dp), addr(temp), addr(tk), addr(tp), addr(u), addr(sd), addr(off), R, N, md,
+                          addr(std::get<0>(out)), addr(std::get<1>(out)), addr(std::get<2>(out)), addr(bon),
+                          bon.has_value() ? int_code(*bon) : 0, target_is_probs ? 1 : 0);
+  });
+  return out;
+}
+
+// The CPU tree_attention kernel (the public op's checks have run in Python): q [T, Hq, D], caches
+// [num_blocks, block_size, Hkv, D] read through their strides, fp32/fp16/bf16.
+Tensor tree_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                          const Tensor& kv_lens, const Tensor& cu_q_lens, const OptTensor& tree_mask, double scale) {
+  const auto same = [&q](const Tensor& t) { return t.scalar_type() == q.scalar_type(); };
+  check_tensor(q, "q", 3, [](const Tensor& t) { return float_code(t) >= 0; }, "float32, float16, bfloat16");
+  check_tensor(k_cache, "k_cache", 4, same, "the dtype of q");
+  check_tensor(v_cache, "v_cache", 4, same, "the dtype of q");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "v_cache: expected the shape of k_cache ", shape_of(k_cache),
+                    ", got ", shape_of(v_cache));
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t nb = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, "k_cache: head dim ", k_cache.size(3), " differs from q's ", D);
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "k_cache: query heads (", Hq, ") must be a multiple of KV heads (",
+                    Hkv, ")");
+  TORCH_CHECK_VALUE(bs >= 1 && (bs & (bs - 1)) == 0, "k_cache: block size must be a power of two, got ", bs);
+  check_tensor(cu_q_lens, "cu_q_lens", 1, [](const Tensor& t) { return t.scalar_type() == at::kInt; }, "int32");
+  TORCH_CHECK_VALUE(cu_q_lens.size(0) >= 1, "cu_q_lens: expected shape [R + 1], got an empty tensor");
+  const int64_t R = cu_q_lens.size(0) - 1;
+  check_tensor(block_table, "block_table", 2, [](const Tensor& t) { return t.scalar_type() == at::kInt; }, "int32");
+  TORCH_CHECK_VALUE(block_table.size(0) == R, "block_table: expected shape [R, max_blocks] with R = ", R, ", got ",
+                    shape_of(block_table));
+  check_vec(kv_lens, "kv_lens", at::kInt, R, "R");
+  if (tree_mask.has_value()) {
+    check_tensor(*tree_mask, "tree_mask", 2, [](const Tensor& t) { return t.scalar_type() == at::kInt; }, "int32");
+    TORCH_CHECK_VALUE(tree_mask->size(0) == T && tree_mask->size(1) >= 1, "tree_mask: expected shape [T, W] with T = ",
+                      T, " and W >= 1, got ", shape_of(*tree_mask));
+  }
+  const Tensor qd = q.stride(2) == 1 ? q : q.contiguous();
+  const Tensor kd = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();  // strided blocks/slots/heads: in place
+  const Tensor vd = v_cache.stride(3) == 1 ? v_cache : v_cache.contiguous();
+  const Tensor bt = dense(block_table), lens = dense(kv_lens), cu = dense(cu_q_lens);
+  const OptTensor mask = dense(tree_mask);
+  Tensor out = at::empty(q.sizes(), q.options());
+  if (T == 0 || R == 0) return out;
+  run_checked([&] {
+    spd::tree_attention(addr(qd), float_code(qd), addr(kd), addr(vd), addr(out), addr(bt), addr(lens), addr(cu),
+                        addr(mask), R, T, Hq, Hkv, D, bs, nb, bt.size(1), mask.has_value() ? mask->size(1) : 0,
+                        qd.stride(0), qd.stride(1), out.stride(0), out.stride(1), scale, kd.stride(0), kd.stride(1),
+                        kd.stride(2), vd.stride(0), vd.stride(1), vd.stride(2));
+  });
+  return out;
+}
+
+// y = x @ weight^T (+ bias), fp32, for the few rows of a decoding step (x [M, K], weight [N, K] contiguous).
+Tensor skinny_linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  const auto f32 = [](const Tensor& t) { return t.scalar_type() == at::kFloat; };
+  check_tensor(x, "x", 2, f32, "float32");
+  check_tensor(weight, "weight", 2, f32, "float32");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == K, "weight: expected [N, ", K, "], got ", shape_of(weight));
+  check_opt_vec(bias, "bias", at::kFloat, N, "N");
+  const Tensor xd = x.stride(1) == 1 ? x : x.contiguous(), wd = dense(weight);
+  const OptTensor bd = dense(bias);
+  Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0) spd::skinny_linear_f32(addr(xd), xd.stride(0), addr(wd), addr(bd), addr(y), N, M, N, K);
+  return y;
+}
+
+std::tuple<Tensor, double, double> target_weights_cpu(const Tensor& row, double temperature, int64_t top_k,
+                                                      double top_p) {
+  check_tensor(row, "row", 1, [](const Tensor& t) { return float_code(t) >= 0; }, "float32, float16, bfloat16");
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature: expected > 0, got ", temperature);
+  const Tensor r = dense(row);
+  Tensor out = at::empty({r.size(0)}, r.options().dtype(at::kFloat));
+  const auto [mass, tau] = spd::target_weights_row(addr(r), float_code(r), r.size(0), static_cast<float>(temperature),
+                                                   top_k, static_cast<float>(top_p), addr(out));
+  return {out, mass, static_cast<double>(tau)};
+}
+
+int64_t isa_level_op() { return spd::isa_level(); }
+void set_isa_cap_op(int64_t level) { spd::set_isa_cap(static_cast<int>(level)); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spdkernels, m) {
+  m.def("_cpu_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
+        "Tensor cu_q_lens, Tensor? tree_mask, float scale) -> Tensor");
+  m.def("_cpu_skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("_cpu_target_weights(Tensor row, float temperature, int top_k, float top_p) -> (Tensor, float, float)");
+  m.def("_cpu_isa_level() -> int", &isa_level_op);
+  m.def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
+}
+
+TORCH_LIBRARY_IMPL(spdkernels, CPU, m) {
+  m.impl("verify_greedy", &verify_greedy_cpu);
+  m.impl("rejection_sample", &rejection_sample_cpu);
+  m.impl("_cpu_tree_attention", &tree_attention_cpu);
+  m.impl("_cpu_skinny_linear", &skinny_linear_cpu);
+  m.impl("_cpu_target_weights", &target_weights_cpu);
+}
+
+// `import spdkernels._C` loads this library (and so runs the registrations above); the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "spdkernels CPU kernels, registered with torch's "
+                            "dispatcher (torch.ops.spdkernels.*)", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}
