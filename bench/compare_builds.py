@@ -45,8 +45,12 @@ def prepare(name: str, src: Path, work: Path) -> Path:
 
 
 def bench_once(site: Path, args, out: Path) -> list:
-    cmd = [sys.executable, "-m", "spdkernels.bench", "--op", *args.op, "--backend", *args.backend,
-           "--repeats", str(args.repeats), "--json", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "spdkernels.bench", "--repeats", str(args.repeats), "--json", str(out),
+           "--no-progress"]
+    for op in args.op:
+        cmd += ["--op", op]
+    for b in args.backend:
+        cmd += ["--backend", b]
     if args.shapes:
         cmd += ["--shapes", args.shapes]
     env = dict(os.environ, PYTHONPATH=str(site))
