@@ -68,10 +68,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--reuse", action="store_true", help="summarise the rounds of the last run (no build, no bench)")
     args = ap.parse_args(argv)
     work = ROOT / "build" / "compare"
     work.mkdir(parents=True, exist_ok=True)
     old_src = work / "old" / "src"
+    if args.reuse:
+        runs = {name: [json.loads((work / name / f"round{i}.json").read_text())["rows"] for i in range(args.rounds)]
+                for name in ("old", "new")}
+        return summarise(runs, args, args.old, args.new)
     if old_src.exists():
         _run(["git", "worktree", "remove", "--force", str(old_src)], cwd=ROOT)
     _run(["git", "worktree", "add", "--detach", str(old_src), args.old], cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -85,11 +90,19 @@ def main(argv=None) -> int:
     for i in range(args.rounds):
         for name in ("old", "new"):
             runs[name].append(bench_once(sites[name], args, work / name / f"round{i}.json"))
+    _run(["git", "worktree", "remove", "--force", str(old_src)], cwd=ROOT)
+    return summarise(runs, args, old_rev, new_rev)
+
+
+def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
     table = []
-    keys = [(r["op"], r["case"], r["backend"]) for r in runs["new"][0]]
-    for key in keys:
-        per = {name: [next(r for r in rows if (r["op"], r["case"], r["backend"]) == key) for rows in runs[name]]
-               for name in runs}
+    # rows both builds have (a baseline row of one build only, e.g. a renamed one, is left out)
+    def key_of(r):
+        return r["op"], r["case"], r["backend"]
+
+    old_keys = {key_of(r) for r in runs["old"][0]}
+    for key in [key_of(r) for r in runs["new"][0] if key_of(r) in old_keys]:
+        per = {name: [next(r for r in rows if key_of(r) == key) for rows in runs[name]] for name in runs}
         row = dict(op=key[0], case=key[1], backend=key[2])
         for name in runs:
             row[f"{name}_ms"] = statistics.median(r["median_ms"] for r in per[name])
@@ -109,7 +122,6 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(old=old_rev, new=new_rev, rounds=args.rounds,
                                                    repeats=args.repeats, rows=table), indent=1) + "\n")
-    _run(["git", "worktree", "remove", "--force", str(old_src)], cwd=ROOT)
     return 0
 
 

@@ -33,22 +33,24 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
     checks' ValueError naming the argument."""
     if torch.compiler.is_compiling():
         return overload(*args)
-    first = args[0]
-    dev = first.device if isinstance(first, torch.Tensor) else _CPU
-    name, impl = _registry.resolve(op, dev)
+    forced = _registry.forced_backend()
     validate = _config.validation_enabled()
     if validate:
         check_static(*args)
         check_values(*args)
-    if name == _registry.resolve(op, dev, None)[0]:
-        try:
-            return overload(*args)
-        except RuntimeError:
-            check_static(*args)
-            raise
-    if not validate:
+    if forced is not None:  # (the common case, none forced, needs no lookup: the dispatcher's kernel is the choice)
+        first = args[0]
+        dev = first.device if isinstance(first, torch.Tensor) else _CPU
+        name, impl = _registry.resolve(op, dev, forced)
+        if name != _registry.resolve(op, dev, None)[0]:
+            if not validate:
+                check_static(*args)
+            return run(name, impl, *args)
+    try:
+        return overload(*args)
+    except RuntimeError:
         check_static(*args)
-    return run(name, impl, *args)
+        raise
 
 
 def op_kernel(op: str, check_static: Callable, run: Callable) -> Callable:
