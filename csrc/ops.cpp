@@ -20,7 +20,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -185,10 +184,8 @@ Out3 rejection_sample_cpu(const Tensor& target_logits, const Tensor& draft_token
   if (R == 0) return out;
   const Tensor ids = dense(draft_token_ids), cu = dense(cu_num_draft);
   const OptTensor par = dense(parents), dp = dense(draft_probs), temp = dense(temperature), tk = dense(top_k),
-                  tp = dense(top_p), u = dense(uniforms), sd = dense(seed), bon = dense(bonus_token_ids);
-  const OptTensor off = seed.has_value() && !offset.has_value()
-                            ? OptTensor(at::zeros({R}, at::TensorOptions().dtype(at::kLong)))
-                            : dense(offset);
+                  tp = dense(top_p), u = dense(uniforms), sd = dense(seed), bon = dense(bonus_token_ids),
+                  off = dense(offset);  // none: the kernel takes zeros
   run_checked([&] {
     spd::rejection_sample(addr(logits), float_code(logits), logits.stride(0), V, addr(ids), int_code(ids), addr(cu),
                           addr(par), addr(dp), addr(temp), addr(tk), addr(tp), addr(u), addr(sd), addr(off), R, N, md,

@@ -153,7 +153,7 @@ struct Params {
   const float* top_p;
   const float* uniforms;
   const int64_t* seed;
-  const int64_t* offset;
+  const int64_t* offset;  // null: zeros
   int64_t R, N, max_depth;
   int32_t* out;
   int32_t* num;
@@ -813,7 +813,7 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
   const float TP = P.top_p && !P.probs ? P.top_p[r] : 1.0f;
   const bool filtered = (K > 0 && K < V) || TP < 1.0f;
   auto coin = [&](int64_t i) {
-    return P.uniforms ? P.uniforms[start + i] : philox_uniform(P.seed[r], P.offset[r], static_cast<uint32_t>(i), 0);
+    return P.uniforms ? P.uniforms[start + i] : philox_uniform(P.seed[r], P.offset ? P.offset[r] : 0, static_cast<uint32_t>(i), 0);
   };
   std::vector<float>& w = s.w;
   LazyRow& lz = s.lazy;
@@ -894,7 +894,7 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
     if (emit_bonus(P, r, k, node, depth, out, path)) return;
     load_row(row0 + 1 + node);
   }
-  const float u = P.uniforms ? P.uniforms[P.N + r] : philox_uniform(P.seed[r], P.offset[r], 0, 1);
+  const float u = P.uniforms ? P.uniforms[P.N + r] : philox_uniform(P.seed[r], P.offset ? P.offset[r] : 0, 0, 1);
   if (direct) {  // inverse CDF against the row's actual sum
     load_max(drow, V, P.code, w.data());
     M = block_sum(w.data(), V);
