@@ -1,8 +1,9 @@
 """The ``spdkernels`` torch.library namespace and the helper that defines each op in it.
 
 Each op is defined here, in Python, so that the package works without its C++ extension: the schema, a fake
-(meta) kernel, and one Python kernel for every device (``CompositeExplicitAutograd``) that makes the static checks
-and runs the automatic backend choice for the tensors' device. The C++ extension (csrc/ops.cpp), once loaded,
+(meta) kernel, and a Python kernel that makes the static checks and runs the automatic backend choice for the
+tensors' device, registered for the ``CUDA`` key (the Triton kernels) and as ``CompositeExplicitAutograd`` (every
+other device: Neuron/XLA, and CPU without the extension). The C++ extension (csrc/ops.cpp), once loaded,
 registers the CPU kernels of ``verify_greedy`` and ``rejection_sample`` for the ``CPU`` key, which then takes
 precedence over the Python kernel on CPU tensors.
 
@@ -30,6 +31,7 @@ def define_op(schema: str, kernel: Callable, fake: Callable, integer_outputs: bo
     name = schema.split("(", 1)[0]
     LIB.define(schema)
     LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    LIB.impl(name, kernel, "CUDA")
     if integer_outputs:
         LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
     torch.library.register_fake(f"spdkernels::{name}", fake, lib=LIB)

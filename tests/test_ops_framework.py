@@ -187,6 +187,9 @@ def test_cpu_kernels_are_the_extensions():
         dump = torch._C._dispatch_dump(f"spdkernels::{name}")
         cpu = [line for line in dump.splitlines() if line.startswith("CPU:")]
         assert len(cpu) == 1 and "csrc/ops.cpp" in cpu[0], dump
+    for name in ("verify_greedy", "rejection_sample", "tree_attention"):  # the Triton kernels: CUDA's, in Python
+        dump = torch._C._dispatch_dump(f"spdkernels::{name}")
+        assert any(line.startswith("CUDA:") and "_library.py" in line for line in dump.splitlines()), dump
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
