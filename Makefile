@@ -41,4 +41,4 @@ sanitize: $(STAMP)
 	PY=$(PY) bash bench/sanitize.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info spdkernels/_C*.so bench_results
+	rm -rf $(VENV) build *.egg-info spdkernels/_C*.so spdkernels/_C.json bench_results

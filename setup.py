@@ -9,8 +9,11 @@ build environment) builds it with ``sys.executable`` as the Python it targets.
 The package runs without the extension (the ops then take their pure-torch path on CPU), so a failed build does
 not fail the install unless ``SPDKERNELS_REQUIRE_CPP=1``; it is reported at the end of the build in a banner and
 recorded in ``spdkernels/_C.json``, which ``spdkernels`` reads to say why the cpp backend is unavailable
-(``spdkernels.backend_info()``, the warning at first use). On success the same file records the torch version the
-extension was built for; spdkernels loads the extension only under that version. ``SPDKERNELS_SKIP_CPP=1`` skips
+(``spdkernels._cpp.load_error()``, the warning at first use). Build frontends that build in an environment of
+their own (``python -m build``, ``uv``) see no torch there: install torch first and build with
+``--no-build-isolation``; pip's own isolation works (``-I`` ignores its PYTHONPATH overlay). On success the
+same file records the torch version the extension was built for; spdkernels loads the extension only under that
+version. ``SPDKERNELS_SKIP_CPP=1`` skips
 the build. Nothing here imports torch, runs git or downloads anything.
 """
 
@@ -30,7 +33,7 @@ META = "_C.json"  # written beside the extension: the torch it was built for, or
 
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path):
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], optional=True)  # optional: a failed build leaves no file to copy
         self.sourcedir = str(sourcedir)
 
 

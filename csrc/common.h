@@ -18,7 +18,7 @@
 
 namespace spd {
 
-// Must match spdkernels/_cpp.py.
+// dtype codes of the kernels' arguments (csrc/ops.cpp maps torch dtypes to them).
 enum FloatCode : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 enum IntCode : int { kI32 = 0, kI64 = 1 };
 

@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
 #include <optional>
 #include <stdexcept>
@@ -103,7 +104,7 @@ Tensor check_draft_batch(const Tensor& logits, const Tensor& ids, const Tensor& 
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "target_logits: expected a vocabulary of at least one token");
   check_opt_vec(parents, "parents", at::kInt, N, "N");
   const auto m = max_depth.maybe_as_int();
-  TORCH_CHECK_VALUE(m.has_value() && *m >= 0, "max_depth: expected an int >= 0");
+  TORCH_CHECK_VALUE(m.has_value() && *m >= 0 && *m < INT32_MAX, "max_depth: expected an int in [0, 2^31 - 1)");
   md = *m;
   return logits.stride(1) == 1 ? logits : logits.contiguous();
 }
@@ -128,8 +129,7 @@ Out3 verify_greedy_cpu(const Tensor& target_logits, const Tensor& draft_token_id
   int64_t R = 0, N = 0, md = 0;
   const Tensor logits =
       check_draft_batch(target_logits, draft_token_ids, cu_num_draft, parents, max_depth, R, N, md, false);
-  Out3 out = int_outputs(R, md);
-  if (R == 0) return out;
+  Out3 out = int_outputs(R, md);  // (R == 0: the kernel still checks cu_num_draft == [N])
   const Tensor ids = dense(draft_token_ids), cu = dense(cu_num_draft);
   const OptTensor par = dense(parents);
   run_checked([&] {
@@ -180,8 +180,7 @@ Out3 rejection_sample_cpu(const Tensor& target_logits, const Tensor& draft_token
     TORCH_CHECK_VALUE(seed.has_value(), "seed: the op needs explicit uniforms or a seed tensor (spdkernels."
                       "rejection_sample draws seeds from torch's default generator when given neither)");
   }
-  Out3 out = int_outputs(R, md);
-  if (R == 0) return out;
+  Out3 out = int_outputs(R, md);  // (R == 0: the kernel still checks cu_num_draft == [N])
   const Tensor ids = dense(draft_token_ids), cu = dense(cu_num_draft);
   const OptTensor par = dense(parents), dp = dense(draft_probs), temp = dense(temperature), tk = dense(top_k),
                   tp = dense(top_p), u = dense(uniforms), sd = dense(seed), bon = dense(bonus_token_ids),
@@ -228,9 +227,8 @@ Tensor tree_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& 
   const Tensor vd = v_cache.stride(3) == 1 ? v_cache : v_cache.contiguous();
   const Tensor bt = dense(block_table), lens = dense(kv_lens), cu = dense(cu_q_lens);
   const OptTensor mask = dense(tree_mask);
-  Tensor out = at::empty(q.sizes(), q.options());
-  if (T == 0 || R == 0) return out;
-  run_checked([&] {
+  Tensor out = at::empty(q.sizes(), q.options());  // every row written (a query belongs to a request)
+  run_checked([&] {  // (empty batches too: the kernel's layout check needs cu_q_lens[R] == T)
     spd::tree_attention(addr(qd), float_code(qd), addr(kd), addr(vd), addr(out), addr(bt), addr(lens), addr(cu),
                         addr(mask), R, T, Hq, Hkv, D, bs, nb, bt.size(1), mask.has_value() ? mask->size(1) : 0,
                         qd.stride(0), qd.stride(1), out.stride(0), out.stride(1), scale, kd.stride(0), kd.stride(1),
@@ -257,6 +255,8 @@ Tensor skinny_linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor&
 std::tuple<Tensor, double, double> target_weights_cpu(const Tensor& row, double temperature, int64_t top_k,
                                                       double top_p) {
   check_tensor(row, "row", 1, [](const Tensor& t) { return float_code(t) >= 0; }, "float32, float16, bfloat16");
+  TORCH_CHECK_VALUE(row.size(0) >= 1, "row: expected at least one logit");
+  TORCH_CHECK_VALUE(top_k >= 0 && top_p > 0 && top_p <= 1, "top_k / top_p: expected top_k >= 0, top_p in (0, 1]");
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature: expected > 0, got ", temperature);
   const Tensor r = dense(row);
   Tensor out = at::empty({r.size(0)}, r.options().dtype(at::kFloat));

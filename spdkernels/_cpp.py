@@ -48,7 +48,7 @@ def _find() -> str | None:
         return why
     try:
         importlib.import_module("spdkernels._C")
-    except ImportError as e:
+    except (ImportError, OSError, RuntimeError) as e:  # dlopen failed, or torch refused a registration
         return f"{type(e).__name__}: {e}"
     return None
 

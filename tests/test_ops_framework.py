@@ -299,10 +299,31 @@ def test_cpu_op_checks_its_arguments():
         "seed": lambda: rs(*_rs_args(b, seed=None, offset=torch.zeros(b.R, dtype=torch.int64))),  # neither coin
         "target_logits": lambda: vg(b.target_logits[1:], *b.args()[1:]),
         "draft_token_ids": lambda: vg(b.target_logits, b.draft_token_ids.float(), *b.args()[2:]),
+        # no request but drafts: cu_num_draft = [0] must end at N (checked for an empty batch too)
+        "cu_num_draft: last entry": lambda: vg(b.target_logits[:2], b.draft_token_ids[:2],
+                                               torch.zeros(1, dtype=torch.int32), None, 0),
+        "max_depth: expected an int in": lambda: vg(*b.args()[:4], 2**31),
     }
     for name, fn in bad.items():
-        with pytest.raises(ValueError, match=f"^{name}: "):
+        with pytest.raises(ValueError, match=f"^{name}" if ":" in name else f"^{name}: "):
             fn()
+
+
+@needs_cpp
+def test_cpu_tree_attention_checks_an_empty_batch():
+    """No request but query rows: the layout check still runs (no uninitialised output)."""
+    from test_tree_attention import make_batch
+
+    q, kc, vc, bt, lens, cu, mask = make_batch([3], [20], 4, 2, 64, 16, torch.float32, False)
+    with pytest.raises(ValueError, match="^cu_q_lens: last entry"):
+        torch.ops.spdkernels._cpu_tree_attention(q, kc, vc, bt[:0], lens[:0], cu[:1], None, 0.125)
+
+
+def test_forced_backend_with_validation_off_names_a_bad_argument():
+    with spdkernels.validation(False), spdkernels.use_backend("torch"):
+        with pytest.raises(ValueError, match="^target_logits: expected a torch.Tensor"):
+            spdkernels.verify_greedy([[0.0, 1.0]], torch.zeros(0, dtype=torch.int64),
+                                     torch.zeros(2, dtype=torch.int32), None, 0)
 
 
 def test_extension_loads_only_into_the_torch_it_was_built_for():

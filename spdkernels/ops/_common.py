@@ -9,8 +9,6 @@ import torch
 
 from spdkernels import _config, _registry
 
-_CPU = torch.device("cpu")
-
 
 def verify_outputs(R: int, max_depth: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialised ``(output_token_ids [R, max_depth+1], num_emitted [R], accepted_path [R, max_depth])``,
@@ -26,8 +24,8 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
     With validation on, the static checks and the value checks (host syncs) run first. Then, when the backend
     to use is the automatic choice for the device, the call goes through torch's dispatcher (``overload``: on CPU
     the C++ kernel without Python); when another backend is forced, ``run(name, impl, *args)`` calls it directly
-    after the static checks. Under ``torch.compile`` the call is the dispatcher op as traced (no policy: value
-    checks cannot run on fake tensors).
+    after the static checks. Under ``torch.compile`` the call is the dispatcher op as traced: no policy (value
+    checks cannot run on fake tensors, and a forced backend is not applied: the compiled graph holds the op).
 
     A schema error raised by the dispatcher (a non-tensor argument, a float max_depth) is turned into the static
     checks' ValueError naming the argument."""
@@ -39,12 +37,10 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
         check_static(*args)
         check_values(*args)
     if forced is not None:  # (the common case, none forced, needs no lookup: the dispatcher's kernel is the choice)
-        first = args[0]
-        dev = first.device if isinstance(first, torch.Tensor) else _CPU
-        name, impl = _registry.resolve(op, dev, forced)
-        if name != _registry.resolve(op, dev, None)[0]:
-            if not validate:
-                check_static(*args)
+        if not validate:  # first: a bad argument is a ValueError naming it, not a backend error
+            check_static(*args)
+        name, impl = _registry.resolve(op, args[0].device, forced)
+        if name != _registry.resolve(op, args[0].device, None)[0]:
             return run(name, impl, *args)
     try:
         return overload(*args)
