@@ -144,11 +144,19 @@ _CTRL_C = textwrap.dedent("""
 """)
 
 
+def _sigint_as_in_a_shell():
+    """The child's SIGINT as a terminal gives it: default disposition, not blocked. A process started with SIGINT
+    ignored (which this pytest process may have become: some earlier test left it so, in the full suite) hands
+    that on, and Python then installs no KeyboardInterrupt handler, so Ctrl-C would never reach the script."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_shuts_every_rank_down(tmp_path):
     script = tmp_path / "ctrl_c.py"
     script.write_text(_CTRL_C)
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=_sigint_as_in_a_shell)
     pids = [int(x) for x in p.stdout.readline().split()]
     assert len(pids) == 2 and p.stdout.readline().strip() == "decoding"
     t0 = time.perf_counter()
