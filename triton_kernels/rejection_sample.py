@@ -63,6 +63,11 @@ STATS_WARPS = 8  # kernel 1 keeps three [BLOCK_V] lane states (max, sum, min key
 # has one program per request and is latency-bound: smaller tiles cost little.
 WALK_BLOCK = 2048
 WALK_WARPS = 4
+# ptxas' own register target for the walk (no .maxnreg) is 72-96 registers, and it keeps it by spilling a few cold
+# scalars (row addresses, a predicate: 16-96 B on 28 of the 148 --quick variants); with the cap stated as 128 it
+# allocates up to 128 and spills nothing. 128 registers x 128 threads still fit 4 programs per SM, and the walk
+# launches one program per request.
+WALK_MAXNREG = 128
 BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
 PIVOTS = 16
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(y / T) = exp2(y * LOG2E / T)
@@ -512,5 +517,6 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
                        unif, sd, off, N, m, tau, mass, amax, buf, out, num, path, max_depth,
                        c(bonus_token_ids) if bonus else None,
                        IS_CHAIN=parents is None, HAS_Q=draft_probs is not None, HAS_UNIF=uniforms is not None,
-                       BLOCK=min(WALK_BLOCK, block), PROBS=probs, BONUS=bonus, num_warps=WALK_WARPS)
+                       BLOCK=min(WALK_BLOCK, block), PROBS=probs, BONUS=bonus, num_warps=WALK_WARPS,
+                       maxnreg=WALK_MAXNREG)
     return out, num, path

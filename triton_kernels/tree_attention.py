@@ -168,18 +168,29 @@ def _sm_count(device) -> int:
     return 4
 
 
-def _tiles(dtype, D: int, BS: int, max_q_len: int, G: int):
+def _capability(device) -> tuple:
+    """The GPU's compute capability; (0, 0) off CUDA (the interpreter: no register cap applies)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return (0, 0)
+
+
+def _tiles(dtype, D: int, BS: int, max_q_len: int, G: int, capability: tuple = (0, 0)):
     """(BLOCK_M, BLOCK_N, num_warps) per dtype and head dim, chosen from bench/compile_check.py's ptxas reports: no
     spill on sm_90 or sm_80. fp32 scores use IEEE FMA dots, not tensor cores, so q, the accumulator and the K/V
     tiles all live in registers: fp32 with D=128 needs BLOCK_M=16 (sm_80 spilled 216-440 B at 32 rows on 4 or 8
-    warps). BLOCK_N <= BS keeps each tile of positions inside one page (BS >= 16); 16 is tl.dot's smallest tile."""
+    warps). BLOCK_N <= BS keeps each tile of positions inside one page (BS >= 16); 16 is tl.dot's smallest tile.
+    maxnreg: a register cap for ptxas, or None. fp32 with D=128 on sm_8x: ptxas' own target (96 registers) spilled
+    24 B in the tree variant; capped at 128 none spills. On sm_90 the same cap makes ptxas use all 128 and spill
+    72-116 B, while without it ~110 registers suffice: the cap is for sm_8x only."""
     fp32 = dtype == torch.float32
     rows_max = (32 if D <= 64 else 16) if fp32 else 64
     BLOCK_M = max(16, min(rows_max, triton.next_power_of_2(max_q_len * G)))
     BLOCK_N = (32 if fp32 else 64) if D <= 64 else (16 if fp32 else 32)
     BLOCK_N = max(16, min(BLOCK_N, BS))
     num_warps = 8 if D > 64 and not fp32 and BLOCK_M >= 64 else 4
-    return BLOCK_M, BLOCK_N, num_warps
+    maxnreg = 128 if fp32 and D > 64 and capability[0] == 8 else None
+    return BLOCK_M, BLOCK_N, num_warps, maxnreg
 
 
 def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, num_splits=None,
@@ -204,7 +215,7 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
         max_q_len = int(cu_q_lens.diff().max())
     if max_kv_len is None:
         max_kv_len = int(kv_lens.max())
-    BLOCK_M, BLOCK_N, num_warps = _tiles(q.dtype, D, BS, max_q_len, G)
+    BLOCK_M, BLOCK_N, num_warps, maxnreg = _tiles(q.dtype, D, BS, max_q_len, G, _capability(q.device))
     m_tiles = triton.cdiv(max_q_len * G, BLOCK_M)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if num_splits is None:  # enough programs for ~2 waves; each split at least 256 positions
@@ -225,7 +236,8 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
                             tree_mask.shape[1] if tree_mask is not None else 1,
                             Hq=Hq, Hkv=Hkv, G=G, D=D, BLOCK_D=BLOCK_D, BS=BS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                             HAS_MASK=tree_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
-                            UPCAST=_interpreting() and q.dtype == torch.bfloat16, num_warps=num_warps)
+                            UPCAST=_interpreting() and q.dtype == torch.bfloat16, num_warps=num_warps,
+                            **({"maxnreg": maxnreg} if maxnreg else {}))
     if split:
         _combine_kernel[(T * Hq,)](part, lse, out, T * Hq, num_splits, D=D, BLOCK_D=BLOCK_D,
                                    BLOCK_S=max(2, triton.next_power_of_2(num_splits)))

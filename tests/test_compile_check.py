@@ -1,0 +1,84 @@
+"""bench/compile_check.py fails on what it promises to fail on: a planted kernel that spills registers is failed,
+the same kernel within its register budget passes, and shared memory over the target's limit is failed (ptxas
+from the Triton wheel: no GPU). The check compiles real kernels, not the interpreter's, so it runs in a child
+process without TRITON_INTERPRET (the test session sets it)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = textwrap.dedent('''
+    import json, sys
+    import torch
+    import triton
+    import triton.language as tl
+    from bench import compile_check as cc
+
+    @triton.jit
+    def planted_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        # three [BLOCK] tiles live at once (each output needs reductions of the others): 3 x BLOCK / 32 values a
+        # thread on one warp
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs)
+        y = tl.load(x_ptr + BLOCK + offs)
+        z = tl.load(x_ptr + 2 * BLOCK + offs)
+        tl.store(out_ptr + offs, x * tl.max(y, 0) + y * tl.sum(z, 0) + z * tl.min(x, 0))
+
+    def row(arch, **launch):
+        seen = {}
+        x = torch.zeros(3 * launch["BLOCK"])
+        with cc.recording(arch, seen, "planted test fp32"):
+            planted_kernel[(1,)](x, x, **launch)
+        (rec,) = seen.values()
+        r = cc.compile_one(rec, arch)
+        r["verdict"] = cc.verdict(r, arch)
+        r["maxnreg"] = rec["options"].get("maxnreg")
+        return r
+
+    out = {}
+    for arch in cc.ARCHS:
+        out[f"ok{arch}"] = row(arch, BLOCK=512, num_warps=1)
+        out[f"capped{arch}"] = row(arch, BLOCK=512, num_warps=1, maxnreg=32)
+        big = dict(out[f"ok{arch}"], smem=cc.SMEM_LIMIT[arch] + 1)
+        out[f"smem{arch}"] = dict(big, verdict=cc.verdict(big, arch))
+    print(json.dumps({k: {f: v[f] for f in ("regs", "spills", "verdict", "error", "maxnreg")} for k, v in out.items()}))
+''')
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    script = tmp_path_factory.mktemp("compile_check") / "planted.py"  # Triton reads a jit function's source file
+    script.write_text(CHILD)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_the_planted_kernel_passes_within_its_register_budget(rows, arch):
+    r = rows[f"ok{arch}"]
+    assert r["error"] == "" and r["spills"] == 0 and r["verdict"] == "", r
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_a_register_cap_stated_at_the_launch_is_recorded_and_its_spill_fails(rows, arch):
+    r = rows[f"capped{arch}"]
+    assert r["maxnreg"] == 32, r  # the cap reaches the compile (the launch option, not the hook's arguments)
+    assert r["error"] == "" and r["regs"] <= 32 and r["spills"] > 0, r
+    assert r["verdict"].startswith("spills"), r
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_shared_memory_over_the_targets_limit_fails(rows, arch):
+    assert "shared memory" in rows[f"smem{arch}"]["verdict"]
