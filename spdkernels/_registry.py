@@ -42,7 +42,8 @@ _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
 }
 
 _impls: Dict[str, Dict[str, Callable]] = {}
-_resolved: Dict[Tuple[str, str, Optional[str]], Tuple[str, Callable]] = {}  # (op, device type, forced)
+# (op, device type, forced) -> resolve's answer; (op, device type, forced, "direct") -> direct's
+_resolved: Dict[tuple, Optional[Tuple[str, Callable]]] = {}
 _forced: Optional[str] = None  # set_backend: the process-wide choice
 _forced_set = False
 _UNSET = object()
@@ -180,6 +181,17 @@ def resolve(op: str, device: torch.device, forced=_UNSET) -> Tuple[str, Callable
     hit = _resolved.get(key)
     if hit is None:
         hit = _resolved[key] = _resolve(op, device.type, key[2])
+    return hit
+
+
+def direct(op: str, device: torch.device, forced: str) -> Optional[Tuple[str, Callable]]:
+    """For a forced backend: its (name, implementation) to call directly, or None where it is the automatic choice
+    for ``device`` (the dispatcher's kernel, which makes its own argument checks, is then the call). Cached."""
+    key = (op, device.type, forced, "direct")
+    hit = _resolved.get(key, _UNSET)
+    if hit is _UNSET:
+        chosen = resolve(op, device, forced)
+        hit = _resolved[key] = None if chosen[0] == resolve(op, device, None)[0] else chosen
     return hit
 
 

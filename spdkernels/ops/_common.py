@@ -22,10 +22,11 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
     """A public wrapper's call of ``op`` with ``args``, under this thread's policy.
 
     With validation on, the static checks and the value checks (host syncs) run first. Then, when the backend
-    to use is the automatic choice for the device, the call goes through torch's dispatcher (``overload``: on CPU
-    the C++ kernel without Python); when another backend is forced, ``run(name, impl, *args)`` calls it directly
-    after the static checks. Under ``torch.compile`` the call is the dispatcher op as traced: no policy (value
-    checks cannot run on fake tensors, and a forced backend is not applied: the compiled graph holds the op).
+    to use is the automatic choice for the device (none forced, or the forced one is that choice), the call goes
+    through torch's dispatcher (``overload``: on CPU the C++ kernel without Python, which checks its arguments
+    itself); when another backend is forced, ``run(name, impl, *args)`` calls it directly after the static checks.
+    Under ``torch.compile`` the call is the dispatcher op as traced: no policy (value checks cannot run on fake
+    tensors, and a forced backend is not applied: the compiled graph holds the op).
 
     A schema error raised by the dispatcher (a non-tensor argument, a float max_depth) is turned into the static
     checks' ValueError naming the argument."""
@@ -37,11 +38,15 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
         check_static(*args)
         check_values(*args)
     if forced is not None:  # (the common case, none forced, needs no lookup: the dispatcher's kernel is the choice)
-        if not validate:  # first: a bad argument is a ValueError naming it, not a backend error
+        try:
+            chosen = _registry.direct(op, args[0].device, forced)
+        except (AttributeError, _registry.BackendUnavailableError):  # a bad argument is named first
             check_static(*args)
-        name, impl = _registry.resolve(op, args[0].device, forced)
-        if name != _registry.resolve(op, args[0].device, None)[0]:
-            return run(name, impl, *args)
+            raise
+        if chosen is not None:  # another backend than the dispatcher's kernel: called directly
+            if not validate:  # first: a bad argument is a ValueError naming it, not a backend error
+                check_static(*args)
+            return run(chosen[0], chosen[1], *args)
     try:
         return overload(*args)
     except RuntimeError:
