@@ -102,6 +102,8 @@ Tensor check_draft_batch(const Tensor& logits, const Tensor& ids, const Tensor& 
   TORCH_CHECK_VALUE(logits.size(0) == rows, "target_logits: expected ", bonus_rows ? "[N, V] = [" : "[N + R, V] = [",
                     rows, ", V] rows, got shape ", shape_of(logits));
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "target_logits: expected a vocabulary of at least one token");
+  TORCH_CHECK_VALUE(logits.size(1) <= INT32_MAX,
+                    "target_logits: a vocabulary over 2^31 - 1 tokens (token ids are int32)");
   check_opt_vec(parents, "parents", at::kInt, N, "N");
   const auto m = max_depth.maybe_as_int();
   TORCH_CHECK_VALUE(m.has_value() && *m >= 0 && *m < INT32_MAX, "max_depth: expected an int in [0, 2^31 - 1)");
@@ -270,25 +272,35 @@ void set_isa_cap_op(int64_t level) { spd::set_isa_cap(static_cast<int>(level)); 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(spdkernels, m) {
-  m.def("_cpu_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
-        "Tensor cu_q_lens, Tensor? tree_mask, float scale) -> Tensor");
-  m.def("_cpu_skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("_cpu_target_weights(Tensor row, float temperature, int top_k, float top_p) -> (Tensor, float, float)");
-  m.def("_cpu_isa_level() -> int", &isa_level_op);
-  m.def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
+// The registrations run when Python imports the module (PyInit__C), not as static initialisers at dlopen: a
+// registration torch refuses (a stale build whose kernels no longer match the schemas the Python package defines)
+// is then an ImportError, which the package reports and falls back from, instead of an exception out of a static
+// constructor (std::terminate). The Library objects live as long as the process, as TORCH_LIBRARY's do.
+void register_kernels() {
+  auto* frag = new torch::Library(torch::Library::FRAGMENT, "spdkernels", std::nullopt, __FILE__, __LINE__);
+  frag->def("_cpu_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
+            "Tensor cu_q_lens, Tensor? tree_mask, float scale) -> Tensor");
+  frag->def("_cpu_skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  frag->def("_cpu_target_weights(Tensor row, float temperature, int top_k, float top_p) -> (Tensor, float, float)");
+  frag->def("_cpu_isa_level() -> int", &isa_level_op);
+  frag->def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
+  auto* cpu = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  cpu->impl("verify_greedy", &verify_greedy_cpu);
+  cpu->impl("rejection_sample", &rejection_sample_cpu);
+  cpu->impl("_cpu_tree_attention", &tree_attention_cpu);
+  cpu->impl("_cpu_skinny_linear", &skinny_linear_cpu);
+  cpu->impl("_cpu_target_weights", &target_weights_cpu);
 }
 
-TORCH_LIBRARY_IMPL(spdkernels, CPU, m) {
-  m.impl("verify_greedy", &verify_greedy_cpu);
-  m.impl("rejection_sample", &rejection_sample_cpu);
-  m.impl("_cpu_tree_attention", &tree_attention_cpu);
-  m.impl("_cpu_skinny_linear", &skinny_linear_cpu);
-  m.impl("_cpu_target_weights", &target_weights_cpu);
-}
-
-// `import spdkernels._C` loads this library (and so runs the registrations above); the module itself is empty.
+// `import spdkernels._C` registers the kernels above; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
+  try {
+    register_kernels();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, (std::string("spdkernels._C: torch refused a kernel registration: ") +
+                                        e.what()).c_str());
+    return nullptr;
+  }
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "spdkernels CPU kernels, registered with torch's "
                             "dispatcher (torch.ops.spdkernels.*)", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);

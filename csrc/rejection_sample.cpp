@@ -792,7 +792,7 @@ void greedy_request(const Params& P, int64_t r) {
   for (int64_t d = depth; d < P.max_depth; ++d) path[d] = -1;
 }
 
-// Per-thread scratch, kept across calls (OpenMP reuses its threads), so that a call allocates nothing
+// Per-thread scratch, kept across calls (torch's thread pool reuses its threads), so that a call allocates nothing
 // once a thread has seen the vocabulary size.
 struct Scratch {
   std::vector<float> w, w2, xs;
@@ -907,7 +907,7 @@ __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch&
 
 }  // namespace
 
-// One row's target distribution, for the tests (spdkernels._C.target_weights): out[0:V) <- the unnormalised
+// One row's target distribution, for the tests (torch.ops.spdkernels._cpu_target_weights): out[0:V) <- the unnormalised
 // kept weights (fp32); returns (mass, threshold), as target_weights above (temperature > 0).
 std::pair<double, float> target_weights_row(std::uintptr_t logits, int logit_code, int64_t V, float temperature,
                                             int64_t top_k, float top_p, std::uintptr_t out) {

@@ -5,7 +5,7 @@
 // and scaled by the softmax scale times log2(e). The KV positions are visited in tiles of kTile: scores of
 // all rows against the tile, an online softmax (running max m, running sum l, fp32 accumulator), no
 // [q, L] matrix. Positions before the request's query tokens need no mask; the last q_len positions apply
-// the tree bits (or causality when there is no mask). Work is spread over the OpenMP threads; when there
+// the tree bits (or causality when there is no mask). Work is spread over torch's intra-op threads; when there
 // are few items (batch 1, few KV heads) each item's KV range is split into chunks whose partial
 // (m, l, acc) states are merged at the end (flash-decoding), so every core has work.
 //

@@ -1,4 +1,5 @@
-"""Loads the C++ extension ``spdkernels._C`` lazily, once, and says once if it is unavailable and why.
+"""Loads the C++ extension ``spdkernels._C`` once (when ``spdkernels`` is imported), and says once if it is
+unavailable and why.
 
 The extension registers the CPU kernels with torch's dispatcher (csrc/ops.cpp): importing it is all there is to
 do. It links the libtorch it was built against, so it is loaded only under that torch version (``_C.json``,

@@ -39,7 +39,7 @@ def test_malformed_inputs_with_validation_off_give_value_errors(op, backend):
     if backend == "cpp":
         from spdkernels import _cpp
 
-        if _cpp.load() is None:
+        if not _cpp.load():
             pytest.skip(f"C++ extension unavailable: {_cpp.load_error()}")
     count = 3 * len(ATTN_CORRUPTIONS if op == "tree_attention" else DRAFT_CORRUPTIONS)
     p = _run(["-m", "spdkernels.testing.fuzz", "--op", op, "--backend", backend, "--count", str(count),

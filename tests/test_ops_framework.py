@@ -240,6 +240,7 @@ def test_policy_is_per_thread():
     import threading
 
     seen = {}
+    before = (spdkernels.forced_backend(), spdkernels.validation_enabled())  # (SPDKERNELS_BACKEND may force one)
     inside, release = threading.Event(), threading.Event()
 
     def worker():
@@ -254,7 +255,7 @@ def test_policy_is_per_thread():
     seen["main"] = (spdkernels.forced_backend(), spdkernels.validation_enabled())
     release.set()
     th.join()
-    assert seen == {"worker": ("torch", False), "main": (None, True)}
+    assert seen == {"worker": ("torch", False), "main": before}
     spdkernels.set_validation(False)
     spdkernels.set_backend("torch")
     th = threading.Thread(target=lambda: seen.update(t=(spdkernels.forced_backend(), spdkernels.validation_enabled())))
@@ -324,6 +325,25 @@ def test_forced_backend_with_validation_off_names_a_bad_argument():
         with pytest.raises(ValueError, match="^target_logits: expected a torch.Tensor"):
             spdkernels.verify_greedy([[0.0, 1.0]], torch.zeros(0, dtype=torch.int64),
                                      torch.zeros(2, dtype=torch.int32), None, 0)
+
+
+@needs_cpp
+def test_a_kernel_torch_refuses_is_an_import_error_not_an_abort():
+    """A stale build whose kernel no longer matches the package's schema: importing the extension raises ImportError
+    (the package then falls back and says why); the process survives (registration at import, not at dlopen)."""
+    import spdkernels._C
+
+    code = ("import importlib.util, sys, torch\n"
+            "lib = torch.library.Library('spdkernels', 'DEF')\n"
+            "lib.define('verify_greedy(Tensor x) -> Tensor')  # another schema than the kernel's\n"
+            f"spec = importlib.util.spec_from_file_location('spdkernels._C', {spdkernels._C.__file__!r})\n"
+            "try:\n"
+            "    importlib.util.module_from_spec(spec)\n"
+            "except ImportError as e:\n"
+            "    print('ImportError:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ImportError: spdkernels._C: torch refused a kernel registration" in out.stdout, out.stdout
 
 
 def test_extension_loads_only_into_the_torch_it_was_built_for():

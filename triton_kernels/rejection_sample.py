@@ -68,6 +68,7 @@ WALK_WARPS = 4
 # allocates up to 128 and spills nothing. 128 registers x 128 threads still fit 4 programs per SM, and the walk
 # launches one program per request.
 WALK_MAXNREG = 128
+_REG_CAP = {"maxnreg": WALK_MAXNREG} if torch.version.hip is None else {}  # (an NVIDIA option: ROCm has none)
 BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
 PIVOTS = 16
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(y / T) = exp2(y * LOG2E / T)
@@ -518,5 +519,5 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
                        c(bonus_token_ids) if bonus else None,
                        IS_CHAIN=parents is None, HAS_Q=draft_probs is not None, HAS_UNIF=uniforms is not None,
                        BLOCK=min(WALK_BLOCK, block), PROBS=probs, BONUS=bonus, num_warps=WALK_WARPS,
-                       maxnreg=WALK_MAXNREG)
+                       **_REG_CAP)
     return out, num, path

@@ -169,8 +169,8 @@ def _sm_count(device) -> int:
 
 
 def _capability(device) -> tuple:
-    """The GPU's compute capability; (0, 0) off CUDA (the interpreter: no register cap applies)."""
-    if device.type == "cuda":
+    """The NVIDIA GPU's compute capability; (0, 0) elsewhere (ROCm, the interpreter: no register cap applies)."""
+    if device.type == "cuda" and torch.version.hip is None:
         return torch.cuda.get_device_capability(device)
     return (0, 0)
 
@@ -180,16 +180,17 @@ def _tiles(dtype, D: int, BS: int, max_q_len: int, G: int, capability: tuple = (
     spill on sm_90 or sm_80. fp32 scores use IEEE FMA dots, not tensor cores, so q, the accumulator and the K/V
     tiles all live in registers: fp32 with D=128 needs BLOCK_M=16 (sm_80 spilled 216-440 B at 32 rows on 4 or 8
     warps). BLOCK_N <= BS keeps each tile of positions inside one page (BS >= 16); 16 is tl.dot's smallest tile.
-    maxnreg: a register cap for ptxas, or None. fp32 with D=128 on sm_8x: ptxas' own target (96 registers) spilled
+    maxnreg: a register cap for ptxas, or None. fp32 with D=128 on sm_80: ptxas' own target (96 registers) spilled
     24 B in the tree variant; capped at 128 none spills. On sm_90 the same cap makes ptxas use all 128 and spill
-    72-116 B, while without it ~110 registers suffice: the cap is for sm_8x only."""
+    72-116 B, while without it ~110 registers suffice: the cap is for sm_80 only (the compile check's targets are
+    sm_80 and sm_90; other GPUs get ptxas' own choice)."""
     fp32 = dtype == torch.float32
     rows_max = (32 if D <= 64 else 16) if fp32 else 64
     BLOCK_M = max(16, min(rows_max, triton.next_power_of_2(max_q_len * G)))
     BLOCK_N = (32 if fp32 else 64) if D <= 64 else (16 if fp32 else 32)
     BLOCK_N = max(16, min(BLOCK_N, BS))
     num_warps = 8 if D > 64 and not fp32 and BLOCK_M >= 64 else 4
-    maxnreg = 128 if fp32 and D > 64 and capability[0] == 8 else None
+    maxnreg = 128 if fp32 and D > 64 and capability == (8, 0) else None
     return BLOCK_M, BLOCK_N, num_warps, maxnreg
 
 
