@@ -15,9 +15,8 @@
 #   device run:   bash bench/gpu_session.sh                  (timeout_s 540)
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
-#                 script's paths and flags, not the GPU). Rehearsed at c103fd7 on the 2-core machine: pytest
-#                 53 passed, 1 skipped (the CUDA-graph test) in 15 s, spd-bench tiny exit 0, the demo loaded the
-#                 model and the PDM and was stopped at its 120 s limit (exit 124: 8 prompts x every proposer).
+#                 script's paths and flags, not the GPU). Rehearsed at abcf6f0 on the 2-core machine: 2.1 min in
+#                 all, pytest 46 passed, 1 skipped (the CUDA-graph test), spd-bench tiny exit 0, demo exit 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spd-gpu-out}
