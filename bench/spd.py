@@ -5,7 +5,9 @@ autoregressive decoding. The stages run one after another in this process: the w
 but is not the pipelined one (each cycle costs the n stage forwards in sequence plus the PDM); the
 equivalent speedup is what a pipeline of n workers reaches.
 
-    python -m spdkernels.bench.spd [--stages 2 4 8] [--pdm DIR ...] [--max-tokens 128] [--json F] [--plot F]
+With ``--lookup`` every n also runs with prompt lookup drafting where it matches (SPDEngine(lookup=...)).
+
+    python -m spdkernels.bench.spd [--stages 2 4 8] [--pdm DIR ...] [--lookup] [--max-tokens 128] [--json F] [--plot F]
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--pdm", action="append", default=None, help="PDM folder (repeat to compare tower depths; "
                     "default: the shipped one)")
+    ap.add_argument("--lookup", action="store_true", help="also run every n with prompt lookup (n-grams 2..3) "
+                    "drafting where it matches, the PDM elsewhere")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8, help="the first N prompts of the demo suite")
     ap.add_argument("--json", default=None)
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
 
     from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams, load_checkpoint
     from spdkernels.runtime.demo import SUITE
+    from spdkernels.runtime.proposers import NGramProposer
     from spdkernels.runtime.spd.pdm import load_pdm, shipped_pdm_path
     from spdkernels.runtime.spd.schedule import SPDEngine
 
@@ -61,8 +66,8 @@ def main(argv=None) -> int:
     rows = []
     for path in args.pdm or [str(shipped_pdm_path())]:
         pdm = load_pdm(path, model, ck.state_dict)
-        for n in args.stages:
-            eng = SPDEngine(model, pdm, n)
+        for n, lookup in [(n, lk) for lk in ([False, True] if args.lookup else [False]) for n in args.stages]:
+            eng = SPDEngine(model, pdm, n, lookup=NGramProposer(k=1, min_ngram=2, max_ngram=3) if lookup else None)
             tokens = cycles = accepted = drafted = identical = 0
             wall = pdm_s = stage_s = slow_s = 0.0
             for p, ref in zip(prompts, ar):
@@ -74,14 +79,14 @@ def main(argv=None) -> int:
                 wall += m.wall_s - m.prefill_s
                 pdm_s, stage_s, slow_s = pdm_s + m.pdm_s, stage_s + sum(m.stage_s) / n, slow_s + m.slowest_stage_s
             alpha = accepted / max(drafted, 1)
-            row = dict(pdm=path, draft_layers=pdm.num_layers, n=n, acceptance=alpha,
+            row = dict(pdm=path, draft_layers=pdm.num_layers, n=n, lookup=lookup, acceptance=alpha,
                        tokens_per_cycle=tokens / cycles,
                        equivalent_speedup=n * tokens / cycles, iid_model=n / (n - (n - 1) * alpha),
                        pdm_ms=1e3 * pdm_s / cycles, stage_ms=1e3 * stage_s / cycles,
                        wall_tokens_per_s_one_process=(tokens + len(prompts)) / wall,
                        identical=f"{identical}/{len(prompts)}")
             rows.append(row)
-            print(f"L_s={row['draft_layers']} n={n}: acceptance {alpha:.3f}, "
+            print(f"L_s={row['draft_layers']}{' + lookup' if lookup else ''} n={n}: acceptance {alpha:.3f}, "
                   f"tokens/cycle {row['tokens_per_cycle']:.3f}, "
                   f"equivalent speedup {row['equivalent_speedup']:.2f} (i.i.d. model {row['iid_model']:.2f}), PDM "
                   f"{row['pdm_ms']:.2f} ms vs stage {row['stage_ms']:.2f} ms, one-process wall "
@@ -105,12 +110,13 @@ def plot(out, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for ls in sorted({r["draft_layers"] for r in out["rows"]}):
-        rs = sorted([r for r in out["rows"] if r["draft_layers"] == ls], key=lambda r: r["n"])
-        a1.plot([r["n"] for r in rs], [r["equivalent_speedup"] for r in rs], "o-",
-                label=f"ours, L_s={ls} (SmolLM2-135M)")
-        a1.plot([r["n"] for r in rs], [r["iid_model"] for r in rs], ":", label=f"i.i.d. model, our alpha (L_s={ls})")
-        a2.plot([r["n"] for r in rs], [r["acceptance"] for r in rs], "o-", label=f"ours, L_s={ls}")
+    for ls, lk in sorted({(r["draft_layers"], r.get("lookup", False)) for r in out["rows"]}):
+        rs = sorted([r for r in out["rows"] if (r["draft_layers"], r.get("lookup", False)) == (ls, lk)],
+                    key=lambda r: r["n"])
+        name = f"L_s={ls}{' + lookup' if lk else ''}"
+        a1.plot([r["n"] for r in rs], [r["equivalent_speedup"] for r in rs], "o-", label=f"ours, {name} (SmolLM2-135M)")
+        a1.plot([r["n"] for r in rs], [r["iid_model"] for r in rs], ":", label=f"i.i.d. model, our alpha ({name})")
+        a2.plot([r["n"] for r in rs], [r["acceptance"] for r in rs], "o-", label=f"ours, {name}")
     pn = sorted(int(k) for k in out["paper"])
     a1.plot(pn, [out["paper"][str(k)]["equivalent_speedup"] for k in pn], "s--", label="paper (Qwen3.5-4B)")
     a1.set_xlabel("stages n")

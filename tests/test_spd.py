@@ -14,6 +14,7 @@ from spdkernels.reference.rejection_sample import STREAM_FINAL, philox_uniform, 
 from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams
 from spdkernels.runtime.cli import main as cli_main
 from spdkernels.runtime.model import Batch, greedy_reference, prefill_logits, random_config, random_state_dict
+from spdkernels.runtime.proposers import NGramProposer
 from spdkernels.runtime.spd.pdm import (
     PDMError,
     check_stages,
@@ -184,6 +185,19 @@ def test_greedy_spd_equals_autoregressive(model, pdm, prompts, n):
     assert met.equivalent_speedup == pytest.approx(n * met.steps / met.request_cycles)
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_greedy_spd_with_lookup_equals_autoregressive(model, pdm, prompts, n):
+    """Drafts from prompt lookup (over the committed tokens and those in flight) where it finds the newest tokens
+    earlier in the text, from the PDM elsewhere: outputs still equal autoregressive decoding, both kinds verified."""
+    ref = [greedy_reference(model, p, 30) for p in prompts]
+    eng = SPDEngine(model, pdm, n, debug=True, scrub_cache=True, lookup=NGramProposer(k=1, min_ngram=1, max_ngram=3))
+    res, met = eng.generate([Request(p, _greedy(30)) for p in prompts])
+    assert [r.output_ids for r in res] == ref
+    assert 0 < met.lookup_drafted < met.drafted
+    assert met.lookup_accepted <= met.lookup_drafted and met.lookup_accepted <= met.accepted
+    assert "lookup n=1..3" in eng.describe()
+
+
 class _OracleSPD(SPDEngine):
     """Drafts the target's greedy token, except at the planted positions, where it drafts a wrong one."""
 
@@ -344,6 +358,34 @@ def test_spd_sampling_is_lossless_and_planted_bugs_fail(small):
     assert pv_bad2 < 1e-6, pv_bad2
 
 
+class _LookupWithPDMq(SPDEngine):
+    """Planted bug: a lookup draft is verified against the PDM's q at that position, as if it had been drawn from
+    it (it was not: the lookup proposes deterministically, its q is the point mass)."""
+
+    def _draft(self, s, logits):
+        tok, q = super()._draft(s, logits)
+        if q is None and s.params.temperature > 0:
+            q = torch.softmax(logits.float() / s.params.temperature, dim=-1)
+        return tok, q
+
+
+def test_spd_sampling_with_lookup_is_lossless(small):
+    """Lookup drafts are point masses (q None) next to the PDM's sampled drafts with their q: still lossless; the
+    planted variant that verifies lookup drafts against the PDM's q fails the same test."""
+    m, pdm = small
+    prompt = [1, 3, 0, 2, 4, 1]
+
+    def run(cls):
+        return lambda r: cls(m, pdm, 2, lookup=NGramProposer(k=1, min_ngram=2, max_ngram=2)).generate(r)
+
+    pv, met = _pvalue(run(SPDEngine), m, prompt, 4000)
+    assert pv > 1e-3, pv
+    assert 0 < met.lookup_drafted < met.drafted  # both kinds of draft verified
+    assert 0 < met.lookup_accepted < met.lookup_drafted
+    pv_bad, _ = _pvalue(run(_LookupWithPDMq), m, prompt, 4000)
+    assert pv_bad < 1e-6, pv_bad
+
+
 def test_pdm_proposer_sampling_is_lossless(small):
     m, pdm = small
     prompt = [2, 2, 4, 0, 1, 3]
@@ -426,6 +468,10 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "0", "--json", str(out)])
     assert rc == 2 and not out.exists()
     assert "--stages" in capsys.readouterr().err
+    for extra in (["--proposer", "ngram", "--spd-lookup"], ["--proposer", "spd", "--spd-lookup", "--distributed"]):
+        rc = cli_main(["generate", "--prompt", "hi", *extra, "--json", str(out)])
+        assert rc == 2 and not out.exists()
+        assert "--spd-lookup" in capsys.readouterr().err
 
 
 def test_layer_range_model_and_stage_caches(model, prompts):

@@ -27,6 +27,9 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
                    help="spd: Speculative Pipeline Decoding (--stages); pdm: the SPD draft module as an ordinary "
                    "draft-then-verify proposer")
     g.add_argument("--stages", type=int, default=4, help="spd: pipeline stages n")
+    g.add_argument("--spd-lookup", action="store_true", help="spd: draft from prompt lookup (the newest "
+                   "--ngram-min..--ngram-max tokens, in flight included, found earlier in the text) where it matches, "
+                   "from the PDM elsewhere")
     g.add_argument("--pdm", default=None, help="pdm/spd: a trained PDM folder (default: the one shipped for the "
                    "embedded model)")
     g.add_argument("--k", type=int, default=4, help="draft depth (tokens per chain)")
@@ -220,6 +223,11 @@ def _check_args(args) -> None:
         raise ValueError(f"--draft-vocab: expected >= 0, got {args.draft_vocab}")
     if args.stages < 1:
         raise ValueError(f"--stages: expected >= 1, got {args.stages}")
+    if getattr(args, "spd_lookup", False):
+        if args.proposer != "spd":
+            raise ValueError(f"--spd-lookup: needs --proposer spd, got --proposer {args.proposer}")
+        if getattr(args, "distributed", False):
+            raise ValueError("--spd-lookup: the one-process schedule only (not with --distributed)")
     if getattr(args, "distributed", False):
         if args.proposer != "spd":
             raise ValueError(f"--distributed: needs --proposer spd, got --proposer {args.proposer}")
@@ -247,9 +255,11 @@ def cmd_generate(args) -> int:
 
         spec = AdaptiveSpeculation(max_depth=args.k)
     if args.proposer == "spd":
+        from .proposers import NGramProposer
         from .spd.schedule import SPDEngine
 
-        eng = SPDEngine(model, load_pdm_for(args, ck, model), args.stages, tokenizer=tok)
+        lookup = NGramProposer(k=1, max_ngram=args.ngram_max, min_ngram=args.ngram_min) if args.spd_lookup else None
+        eng = SPDEngine(model, load_pdm_for(args, ck, model), args.stages, tokenizer=tok, lookup=lookup)
         desc = eng.describe()
     else:
         eng = Engine(model, proposer, tokenizer=tok, speculation=spec)
@@ -277,7 +287,9 @@ def cmd_generate(args) -> int:
               f"acceptance {m.acceptance_rate:.2f}, "
               f"tokens/cycle {m.tokens_per_cycle:.2f}, equivalent speedup {m.equivalent_speedup:.2f}; per cycle: PDM "
               f"{d['pdm_ms_per_cycle']:.2f} ms, slowest stage {d['slowest_stage_ms_per_cycle']:.2f} ms, exit+verify "
-              f"{d['exit_verify_ms_per_cycle']:.2f} ms, slack {d['slack_ms_per_cycle']:.2f} ms")
+              f"{d['exit_verify_ms_per_cycle']:.2f} ms, slack {d['slack_ms_per_cycle']:.2f} ms"
+              + (f"; lookup drafts {m.lookup_accepted}/{m.lookup_drafted} accepted, PDM drafts "
+                 f"{m.accepted - m.lookup_accepted}/{m.drafted - m.lookup_drafted}" if args.spd_lookup else ""))
     if args.json:
         out = dict(model=ck.source, proposer=desc, metrics=m.as_dict(),
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,

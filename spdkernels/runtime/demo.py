@@ -100,11 +100,18 @@ def default_proposers(num_layers: int, pdm=None) -> List[Union[Proposer, Tuple[P
 def spd_engines(model: LlamaModel, pdm, tokenizer, stages: Sequence[int] = (2, 4, 8)) -> Dict[str, object]:
     """The demo's Speculative Pipeline Decoding runs (one process: the stages run one after another, so
     their wall clock is not the pipelined one; the equivalent speedup is what a pipeline of n workers
-    would reach)."""
+    would reach): the PDM alone, and the PDM where prompt lookup (n = 2..3, in-flight tokens included) finds
+    nothing."""
     from .spd.schedule import SPDEngine
 
-    return {f"ours spd n={n} (one process)": SPDEngine(model, pdm, n, tokenizer=tokenizer)
-            for n in stages if 2 <= n <= model.num_layers}
+    out = {}
+    for lookup in (False, True):
+        for n in stages:
+            if 2 <= n <= model.num_layers:
+                name = f"ours spd n={n}{' + lookup' if lookup else ''} (one process)"
+                out[name] = SPDEngine(model, pdm, n, tokenizer=tokenizer,
+                                      lookup=NGramProposer(k=1, min_ngram=2, max_ngram=3) if lookup else None)
+    return out
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
@@ -177,7 +184,9 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
                 n=met.n, cycles=met.cycles, tokens_per_cycle=met.tokens_per_cycle,
                 equivalent_speedup=met.equivalent_speedup, pdm_ms=d["pdm_ms_per_cycle"],
                 stage_ms=sum(d["stage_ms_per_cycle"]) / len(d["stage_ms_per_cycle"]),
-                slowest_stage_ms=d["slowest_stage_ms_per_cycle"], exit_verify_ms=d["exit_verify_ms_per_cycle"])
+                slowest_stage_ms=d["slowest_stage_ms_per_cycle"], exit_verify_ms=d["exit_verify_ms_per_cycle"],
+                drafted=met.drafted, accepted=met.accepted, lookup_drafted=met.lookup_drafted,
+                lookup_accepted=met.lookup_accepted)
         if pb:
             pb.update(done_before + max_new_tokens - pb.n)
 
@@ -243,6 +252,8 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
             row["equivalent_speedup_geomean"] = _geomean([p["equivalent_speedup"] for p in per])
             for k in ("pdm_ms", "stage_ms", "slowest_stage_ms", "exit_verify_ms"):
                 row[k] = sum(p[k] * p["cycles"] for p in per) / cyc
+            for k in ("drafted", "accepted", "lookup_drafted", "lookup_accepted"):
+                row[k] = sum(p[k] for p in per)
         r["speedups"] = sp
         table.append(row)
 
@@ -286,16 +297,22 @@ def format_table(table: List[Dict], summary: Dict) -> str:
     if spd:
         lines.append("")
         lines.append(f"{'Speculative Pipeline Decoding':44s} {'accept':>7s} {'tok/cycle':>9s} {'equiv.':>7s} "
-                     f"{'PDM ms':>7s} {'stage ms':>8s} {'PDM<stage':>9s} {'identical':>9s}")
+                     f"{'PDM ms':>7s} {'stage ms':>8s} {'PDM<stage':>9s} {'lookup':>9s} {'PDM drafts':>10s} "
+                     f"{'identical':>9s}")
         for t in spd:
+            lk = f"{t['lookup_accepted']}/{t['lookup_drafted']}" if t["lookup_drafted"] else "-"
+            pd = f"{t['accepted'] - t['lookup_accepted']}/{t['drafted'] - t['lookup_drafted']}"
             lines.append(f"{t['run']:44s} {t['acceptance_rate']:7.2f} {t['tokens_per_cycle']:9.2f} "
                          f"{t['equivalent_speedup']:6.2f}x {t['pdm_ms']:7.2f} {t['stage_ms']:8.2f} "
-                         f"{'yes' if t['pdm_ms'] < t['stage_ms'] else 'NO':>9s} {t['identical']:>9s}")
+                         f"{'yes' if t['pdm_ms'] < t['stage_ms'] else 'NO':>9s} {lk:>9s} {pd:>10s} "
+                         f"{t['identical']:>9s}")
         lines.append("SPD: accept = accepted / verified drafts; tok/cycle = committed tokens per pipeline cycle, "
                      "pooled "
                      "over the suite; equiv. = n x tok/cycle (the speedup a pipeline of n workers gets over "
                      "autoregressive decoding, whose token costs n cycles); PDM / stage ms = mean time of one PDM "
-                     "forward and of one stage forward per cycle (the PDM must be the cheaper to hide behind a stage)")
+                     "forward and of one stage forward per cycle (the PDM must be the cheaper to hide behind a stage); "
+                     "lookup / PDM drafts = accepted / verified drafts from each source, pooled (+ lookup: prompt "
+                     "lookup drafts where the newest 2-3 tokens, in flight included, occur earlier in the text)")
     b = summary.get("best")
     if b:
         s = f"best proposer: {b['run']}: {b['speedup_vs_ours_ar']:.2f}x ours autoregressive"

@@ -45,8 +45,11 @@ STREAM_DRAFT = 2  # Philox stream of the draft coins (0 and 1 are the verificati
 @dataclass
 class SPDRequestMetrics(RequestMetrics):
     """``steps`` = verifications (one committed token each), ``drafted`` = drafts verified,
-    ``accepted`` = drafts accepted; plus the request's cycles."""
+    ``accepted`` = drafts accepted; plus the request's cycles, and of the drafts verified those that came from the
+    lookup (``lookup_drafted``) and how many of them were accepted (``lookup_accepted``)."""
     cycles: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     @property
     def tokens_per_cycle(self) -> float:
@@ -66,6 +69,8 @@ class SPDRunMetrics(RunMetrics):
     slowest_stage_s: float = 0.0  # sum over cycles of the slowest stage of that cycle
     exit_verify_s: float = 0.0  # final norm + LM head of the exiting token + verification op
     slack_s: float = 0.0  # sum over cycles of (slowest stage - PDM): > 0 means drafting hides behind a stage
+    lookup_drafted: int = 0  # drafts verified that came from the lookup (SPDEngine(lookup=...))
+    lookup_accepted: int = 0
 
     @property
     def tokens_per_cycle(self) -> float:
@@ -124,6 +129,7 @@ class _SPDState(RequestState):
         self.last_done: Optional[torch.Tensor] = None  # anchors of the newest of them (a shift PDM's rows)
         self.done_rows: List[torch.Tensor] = []  # debug: the anchors of every one of them
         self.q: Dict[int, Optional[torch.Tensor]] = {}  # position -> draft-vocabulary q of the draft there
+        self.looked_up: set = set()  # positions whose draft came from the lookup
 
 
 class SPDEngine:
@@ -133,8 +139,11 @@ class SPDEngine:
 
     def __init__(self, model: LlamaModel, pdm: PipelineDraftModule, n: int, tokenizer=None,
                  eos_token_ids: Optional[Sequence[int]] = None, block_size: int = 16, debug: bool = False,
-                 scrub_cache: bool = False, validate_ops: bool = False):
+                 scrub_cache: bool = False, validate_ops: bool = False, lookup=None):
         self.f = check_stages(pdm.cfg, model.num_layers, n)
+        # lookup: an NGramProposer (or anything with its lookup(ctx, k)); when it finds the newest tokens (in flight
+        # included) earlier in the text, its next token is the draft (a point mass), else the PDM's
+        self.lookup = lookup
         self.model, self.pdm, self.n = model, pdm, n
         self.stages = model.stages(n)
         self.tokenizer = tokenizer
@@ -149,7 +158,9 @@ class SPDEngine:
         self.pdm_cache = None
 
     def describe(self) -> str:
-        return f"spd n={self.n} L_s={self.pdm.num_layers}"
+        s = f"spd n={self.n} L_s={self.pdm.num_layers}"
+        return s + (f" + {self.lookup.describe().split(' k=')[0]} lookup n={self.lookup.min_ngram}.."
+                    f"{self.lookup.max_ngram}" if self.lookup is not None else "")
 
     def _states(self, requests: Sequence[Request]) -> List[_SPDState]:
         """Validated requests (a prompt of at least n tokens, unique ids) as pipeline states."""
@@ -198,6 +209,8 @@ class SPDEngine:
         m.wall_s = time.perf_counter() - t0
         results = collect_results(states, self.tokenizer, m)
         m.request_cycles = sum(s.metrics.cycles for s in states)
+        m.lookup_drafted = sum(s.metrics.lookup_drafted for s in states)
+        m.lookup_accepted = sum(s.metrics.lookup_accepted for s in states)
         return results, m
 
     # -- pieces --------------------------------------------------------------------------------------------
@@ -365,6 +378,13 @@ class SPDEngine:
         return [(n == 2, o[0]) for n, o in zip(num.tolist(), out.tolist())]
 
     def _draft(self, s: _SPDState, logits: torch.Tensor) -> Tuple[int, Optional[torch.Tensor]]:
+        if self.lookup is not None:
+            done = s.tokens
+            ctx = done + [e.token for e in s.pipeline if e.pos >= len(done)]
+            found = self.lookup.lookup(ctx, 1)
+            if found:
+                s.looked_up.add(s.pipeline[-1].pos + 1)
+                return found[0][0], None  # a deterministic proposal: q is its point mass
         return draw_draft(self.pdm, logits, s.params.temperature, s.params.seed, s.pipeline[-1].pos + 1)
 
     def _cycle(self, active: List[_SPDState], m: SPDRunMetrics) -> None:
@@ -386,8 +406,11 @@ class SPDEngine:
             s.metrics.emitted += 1
             s.pending = e.anchors
             s.pipeline.pop(0)
+            looked_up = s.pipeline[0].pos in s.looked_up  # the verified draft
+            s.metrics.lookup_drafted += looked_up
             if ok:
                 s.metrics.accepted += 1
+                s.metrics.lookup_accepted += looked_up
             else:
                 rejected.add(s.rid)
                 keep = e.pos + 1  # every stage keeps the committed prefix, up to the exiting token
@@ -396,6 +419,7 @@ class SPDEngine:
                 s.pipeline = [_Entry(keep, tok, model.embed_tokens(torch.tensor([tok], device=model.device))[0],
                                      self.m)]
                 s.q = {p: q for p, q in s.q.items() if p < keep}
+                s.looked_up = {p for p in s.looked_up if p < keep}
             append_tokens(s, [tok], self.eos, self.tokenizer)
         for i, s in enumerate(active):
             s.metrics.cycles += 1
