@@ -159,8 +159,8 @@ class SPDEngine:
 
     def describe(self) -> str:
         s = f"spd n={self.n} L_s={self.pdm.num_layers}"
-        return s + (f" + {self.lookup.describe().split(' k=')[0]} lookup n={self.lookup.min_ngram}.."
-                    f"{self.lookup.max_ngram}" if self.lookup is not None else "")
+        lk = self.lookup
+        return s + (f" + lookup n={lk.min_ngram}..{lk.max_ngram}" if lk is not None else "")
 
     def _states(self, requests: Sequence[Request]) -> List[_SPDState]:
         """Validated requests (a prompt of at least n tokens, unique ids) as pipeline states."""
@@ -406,7 +406,10 @@ class SPDEngine:
             s.metrics.emitted += 1
             s.pending = e.anchors
             s.pipeline.pop(0)
-            looked_up = s.pipeline[0].pos in s.looked_up  # the verified draft
+            pos = s.pipeline[0].pos  # the verified draft's: its q and origin are no longer needed
+            looked_up = pos in s.looked_up
+            s.looked_up.discard(pos)
+            s.q.pop(pos, None)
             s.metrics.lookup_drafted += looked_up
             if ok:
                 s.metrics.accepted += 1
