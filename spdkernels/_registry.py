@@ -42,7 +42,8 @@ _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
 }
 
 _impls: Dict[str, Dict[str, Callable]] = {}
-# (op, device type, forced) -> resolve's answer; (op, device type, forced, "direct") -> direct's
+# (op, device type, forced) -> resolve's answer; (op, device type, forced, "direct") -> direct's (one dict, so that
+# whatever clears resolve's answers, tests included, clears direct's with them)
 _resolved: Dict[tuple, Optional[Tuple[str, Callable]]] = {}
 _forced: Optional[str] = None  # set_backend: the process-wide choice
 _forced_set = False

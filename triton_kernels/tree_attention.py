@@ -20,6 +20,7 @@ Kernel ``_tree_attn_kernel``, grid (R * m_tiles, Hkv, splits):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -162,16 +163,27 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _cuda_facts(index: int) -> tuple:
+    """(SM count, compute capability) of CUDA device ``index``, read once: every launch asks for them."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, (props.major, props.minor)
+
+
+def _index(device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def _sm_count(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_facts(_index(device))[0]
     return 4
 
 
 def _capability(device) -> tuple:
     """The NVIDIA GPU's compute capability; (0, 0) elsewhere (ROCm, the interpreter: no register cap applies)."""
     if device.type == "cuda" and torch.version.hip is None:
-        return torch.cuda.get_device_capability(device)
+        return _cuda_facts(_index(device))[1]
     return (0, 0)
 
 
