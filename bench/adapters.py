@@ -169,6 +169,19 @@ def sgl_run(inputs):
     return tuple(t.clone() for t in outs)
 
 
+def sgl_with_generic_baseline(c, device):
+    """sgl-kernel's baseline: the op call that the adapter's generic path makes (the spdkernels op on the converted
+    batch, reaching the same decisions), recorded and replayed. On CPU with the cpp backend the adapter itself runs
+    its fused kernel in sgl-kernel's layout instead, which makes no op call to record."""
+    inputs = sgl_inputs(c, device)
+    fused, asg._FUSED = asg._FUSED, False
+    try:
+        op = _captured_op_call(sgl_run, inputs)
+    finally:
+        asg._FUSED = fused
+    return inputs, op
+
+
 # ---- FlashInfer ----------------------------------------------------------------------------------------------
 
 def fi_case(B, n, V):
@@ -275,6 +288,7 @@ ADAPTERS = {
 }
 
 ADAPTERS["adapter_transformers"]["make_with_bare"] = hf_with_stack_baseline
+ADAPTERS["adapter_sglang"]["make_with_bare"] = sgl_with_generic_baseline
 
 for _name, _a in ADAPTERS.items():
     register(OpBench(_name, _a["shape_sets"], _a.get("make_with_bare") or _with_bare(_a["make"], _a["run"]),

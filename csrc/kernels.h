@@ -34,4 +34,24 @@ void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t
                     int64_t o_stride_h, double scale, int64_t k_stride_b, int64_t k_stride_s, int64_t k_stride_h,
                     int64_t v_stride_b, int64_t v_stride_s, int64_t v_stride_h);
 
+// sgl-kernel's tree batch (spdkernels/adapters/sglang.py): bs requests of n nodes (node 0 the root), int64 [bs, n]
+// candidates / retrive_index / retrive_next_token / retrive_next_sibling, and the in-place int32 outputs predicts
+// (flat_limit = min(bs * n, its length) bounds every retrive_index value), accept_index [bs, num_spec],
+// accept_num [bs] (csrc/adapters.cpp).
+struct SglTrees {
+  int64_t bs, n, num_spec, flat_limit;
+  const int64_t *cand, *ri, *nt, *ns;
+  int32_t *predicts, *accept_index, *accept_num;
+};
+
+// verify_tree_greedy: the prediction after node v is target_predict[ri[v]] (int64), or, with target_predict null,
+// the argmax of logits row ri[v] (rows of V, row_stride elements apart, dtype logit_code).
+void sgl_verify_tree_greedy(const SglTrees& t, const int64_t* target_predict, std::uintptr_t logits, int logit_code,
+                            int64_t row_stride, int64_t V);
+
+// tree_speculative_sampling_target_only: coins [bs, n], final_coins [bs], tp [bs, n, V] fp32 probabilities,
+// draft_probs [bs, n, V] or null (each rejected child's token gets its target probability, as in sgl-kernel).
+void sgl_tree_sampling_target_only(const SglTrees& t, const float* coins, const float* final_coins, const float* tp,
+                                   int64_t V, float* draft_probs, double threshold_single, double threshold_acc);
+
 }  // namespace spd

@@ -12,6 +12,8 @@
 //                        the torch backend)
 //   _cpu_skinny_linear   the decode-time fp32 linear of the runtime (spdkernels/runtime/linear.py)
 //   _cpu_target_weights  one row's target weights as the sampler computes them (tests)
+//   _cpu_sgl_verify_tree_greedy, _cpu_sgl_tree_sampling_target_only  sgl-kernel's ops in its layout, in place
+//                        (spdkernels/adapters/sglang.py; kernels in csrc/adapters.cpp)
 //   _cpu_isa_level, _cpu_set_isa_cap  the instruction-set level of the hand-dispatched kernels
 //
 // The module is imported as spdkernels._C (PyInit__C below is all of its Python face): importing it runs the
@@ -267,6 +269,101 @@ std::tuple<Tensor, double, double> target_weights_cpu(const Tensor& row, double 
   return {out, mass, static_cast<double>(tau)};
 }
 
+// sgl-kernel's tree batch, checked as sgl-kernel checks it (int64 [bs, n] trees, int32 outputs written in place,
+// which must therefore be contiguous: the adapter takes its generic path for any other output).
+spd::SglTrees sgl_trees(const Tensor& predicts, const Tensor& accept_index, const Tensor& accept_token_num,
+                        const Tensor& candidates, const Tensor& ri, const Tensor& nt, const Tensor& ns) {
+  const auto i64 = [](const Tensor& t) { return t.scalar_type() == at::kLong; };
+  const auto i32 = [](const Tensor& t) { return t.scalar_type() == at::kInt; };
+  check_tensor(candidates, "candidates", 2, i64, "int64");
+  const int64_t bs = candidates.size(0), n = candidates.size(1);
+  TORCH_CHECK_VALUE(n >= 1, "candidates: expected num_draft_tokens >= 1 (node 0 is the root)");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{ri, "retrive_index"},
+                                {nt, "retrive_next_token"}, {ns, "retrive_next_sibling"}}) {
+    check_tensor(t, name, 2, i64, "int64");
+    TORCH_CHECK_VALUE(t.size(0) == bs && t.size(1) == n, name, ": expected shape [bs, num_draft_tokens] = [", bs,
+                      ", ", n, "], got ", shape_of(t));
+  }
+  check_tensor(predicts, "predicts", 1, i32, "int32");
+  check_tensor(accept_index, "accept_index", 2, i32, "int32");
+  TORCH_CHECK_VALUE(accept_index.size(0) == bs && accept_index.size(1) >= 1,
+                    "accept_index: expected shape [bs, num_spec_step] = [", bs, ", >= 1], got ",
+                    shape_of(accept_index));
+  check_vec(accept_token_num, "accept_token_num", at::kInt, bs, "bs");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{predicts, "predicts"},
+                                {accept_index, "accept_index"}, {accept_token_num, "accept_token_num"}})
+    TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor (written in place)");
+  TORCH_CHECK_VALUE(candidates.is_contiguous() && ri.is_contiguous() && nt.is_contiguous() && ns.is_contiguous(),
+                    "candidates: the tree tensors must be contiguous");
+  return spd::SglTrees{bs, n, accept_index.size(1), std::min(bs * n, predicts.size(0)),
+                       candidates.const_data_ptr<int64_t>(), ri.const_data_ptr<int64_t>(),
+                       nt.const_data_ptr<int64_t>(), ns.const_data_ptr<int64_t>(), predicts.data_ptr<int32_t>(),
+                       accept_index.data_ptr<int32_t>(), accept_token_num.data_ptr<int32_t>()};
+}
+
+void sgl_verify_tree_greedy_cpu(const Tensor& predicts, const Tensor& accept_index, const Tensor& accept_token_num,
+                                const Tensor& candidates, const Tensor& ri, const Tensor& nt, const Tensor& ns,
+                                const OptTensor& target_predict, const OptTensor& target_logits) {
+  const spd::SglTrees t = sgl_trees(predicts, accept_index, accept_token_num, candidates, ri, nt, ns);
+  TORCH_CHECK_VALUE(target_predict.has_value() != target_logits.has_value(),
+                    "target_predict: pass exactly one of target_predict (sgl-kernel) and target_logits");
+  if (target_predict.has_value()) {
+    check_tensor(*target_predict, "target_predict", 2, [](const Tensor& x) { return x.scalar_type() == at::kLong; },
+                 "int64");
+    TORCH_CHECK_VALUE(target_predict->size(0) == t.bs && target_predict->size(1) == t.n,
+                      "target_predict: expected shape [bs, num_draft_tokens] = [", t.bs, ", ", t.n, "], got ",
+                      shape_of(*target_predict));
+    const Tensor tp = dense(*target_predict);
+    run_checked([&] { spd::sgl_verify_tree_greedy(t, tp.const_data_ptr<int64_t>(), 0, 0, 0, 0); });
+    return;
+  }
+  const Tensor& lg = *target_logits;
+  TORCH_CHECK_VALUE(lg.defined() && (lg.dim() == 2 || lg.dim() == 3) && float_code(lg) >= 0,
+                    "target_logits: expected float32/bfloat16/float16 [bs * n, V] or [bs, n, V]");
+  const int64_t V = lg.size(-1);
+  TORCH_CHECK_VALUE(lg.device().is_cpu() && V >= 1 && lg.numel() == t.bs * t.n * V,
+                    "target_logits: expected shape [bs * n, V] or [bs, n, V] with bs * n = ", t.bs * t.n, ", got ",
+                    shape_of(lg));
+  TORCH_CHECK_VALUE(V <= INT32_MAX, "target_logits: a vocabulary over 2^31 - 1 tokens (token ids are int32)");
+  const Tensor rows = dense(lg).reshape({t.bs * t.n, V});
+  run_checked([&] { spd::sgl_verify_tree_greedy(t, nullptr, addr(rows), float_code(rows), V, V); });
+}
+
+void sgl_tree_sampling_cpu(const Tensor& predicts, const Tensor& accept_index, const Tensor& accept_token_num,
+                           const Tensor& candidates, const Tensor& ri, const Tensor& nt, const Tensor& ns,
+                           const Tensor& uniform_samples, const Tensor& final_coins, const Tensor& target_probs,
+                           const OptTensor& draft_probs, double threshold_single, double threshold_acc) {
+  const spd::SglTrees t = sgl_trees(predicts, accept_index, accept_token_num, candidates, ri, nt, ns);
+  const auto f32 = [](const Tensor& x) { return x.scalar_type() == at::kFloat; };
+  check_tensor(uniform_samples, "uniform_samples", 2, f32, "float32");
+  TORCH_CHECK_VALUE(uniform_samples.size(0) == t.bs && uniform_samples.size(1) == t.n,
+                    "uniform_samples: expected shape [bs, num_draft_tokens] = [", t.bs, ", ", t.n, "], got ",
+                    shape_of(uniform_samples));
+  check_vec(final_coins, "uniform_samples_for_final_sampling", at::kFloat, t.bs, "bs");
+  check_tensor(target_probs, "target_probs", 3, f32, "float32");
+  TORCH_CHECK_VALUE(target_probs.size(0) == t.bs && target_probs.size(1) == t.n && target_probs.size(2) >= 1,
+                    "target_probs: expected shape [bs, num_draft_tokens, vocab_size] = [", t.bs, ", ", t.n,
+                    ", V], got ", shape_of(target_probs));
+  const int64_t V = target_probs.size(2);
+  if (draft_probs.has_value()) {
+    check_tensor(*draft_probs, "draft_probs", 3, f32, "float32");
+    TORCH_CHECK_VALUE(draft_probs->sizes() == target_probs.sizes(), "draft_probs: expected shape ",
+                      shape_of(target_probs), ", got ", shape_of(*draft_probs));
+    TORCH_CHECK_VALUE(draft_probs->is_contiguous(), "draft_probs: expected a contiguous tensor (written in place)");
+  }
+  TORCH_CHECK_VALUE(threshold_single >= 0 && threshold_single <= 1, "threshold_single: expected a value in [0, 1], got ",
+                    threshold_single);
+  TORCH_CHECK_VALUE(threshold_acc >= 0 && threshold_acc <= 1, "threshold_acc: expected a value in [0, 1], got ",
+                    threshold_acc);
+  const Tensor u = dense(uniform_samples), fc = dense(final_coins), tp = dense(target_probs);
+  run_checked([&] {
+    spd::sgl_tree_sampling_target_only(t, u.const_data_ptr<float>(), fc.const_data_ptr<float>(),
+                                       tp.const_data_ptr<float>(), V,
+                                       draft_probs.has_value() ? draft_probs->data_ptr<float>() : nullptr,
+                                       threshold_single, threshold_acc);
+  });
+}
+
 int64_t isa_level_op() { return spd::isa_level(); }
 void set_isa_cap_op(int64_t level) { spd::set_isa_cap(static_cast<int>(level)); }
 
@@ -282,6 +379,13 @@ void register_kernels() {
             "Tensor cu_q_lens, Tensor? tree_mask, float scale) -> Tensor");
   frag->def("_cpu_skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   frag->def("_cpu_target_weights(Tensor row, float temperature, int top_k, float top_p) -> (Tensor, float, float)");
+  frag->def("_cpu_sgl_verify_tree_greedy(Tensor(a!) predicts, Tensor(b!) accept_index, Tensor(c!) accept_token_num, "
+            "Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, Tensor retrive_next_sibling, "
+            "Tensor? target_predict, Tensor? target_logits) -> ()");
+  frag->def("_cpu_sgl_tree_sampling_target_only(Tensor(a!) predicts, Tensor(b!) accept_index, "
+            "Tensor(c!) accept_token_num, Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
+            "Tensor retrive_next_sibling, Tensor uniform_samples, Tensor uniform_samples_for_final_sampling, "
+            "Tensor target_probs, Tensor(d!)? draft_probs, float threshold_single, float threshold_acc) -> ()");
   frag->def("_cpu_isa_level() -> int", &isa_level_op);
   frag->def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
   auto* cpu = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -290,6 +394,8 @@ void register_kernels() {
   cpu->impl("_cpu_tree_attention", &tree_attention_cpu);
   cpu->impl("_cpu_skinny_linear", &skinny_linear_cpu);
   cpu->impl("_cpu_target_weights", &target_weights_cpu);
+  cpu->impl("_cpu_sgl_verify_tree_greedy", &sgl_verify_tree_greedy_cpu);
+  cpu->impl("_cpu_sgl_tree_sampling_target_only", &sgl_tree_sampling_cpu);
 }
 
 // `import spdkernels._C` registers the kernels above; the module itself is empty.

@@ -1,6 +1,10 @@
 """SGLang adapter: sgl-kernel's verify_tree_greedy and tree_speculative_sampling_target_only re-expressed here as
-loops over the linked lists, compared exactly with the adapter (in-place outputs included) on every backend;
-known answers; a distribution test with a planted wrong variant; the layouts the adapter refuses."""
+loops over the linked lists, compared exactly with the adapter (in-place outputs included) on every backend and on
+both of the adapter's paths (the C++ kernel in sgl-kernel's layout, "cpp", and the generic conversion to the
+spdkernels ops, "cpp-generic" and the other backends); known answers; a distribution test with planted wrong
+variants; the layouts the adapter refuses, with the same message on both paths."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -14,7 +18,31 @@ from spdkernels.adapters import sglang as asg
 from spdkernels.testing import depths, random_parents
 
 BACKENDS = backends_here()
+# the adapter's two paths on CPU: "cpp" = the fused C++ kernel, "cpp-generic" = the conversion to the cpp ops
+PATHS = BACKENDS + (["cpp-generic"] if "cpp" in BACKENDS else [])
 I32, I64 = torch.int32, torch.int64
+
+
+@contextlib.contextmanager
+def on(path, monkeypatch):
+    """Run the adapter on ``path``; for "cpp" also prove that the fused kernel ran (the public ops must not be
+    called), for "cpp-generic" that the generic path did."""
+    backend = path.replace("-generic", "")
+    calls = []
+    for name in ("verify_greedy", "rejection_sample"):
+        real = getattr(spdkernels, name)
+        monkeypatch.setattr(spdkernels, name, lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+    monkeypatch.setattr(asg, "_FUSED", not path.endswith("-generic"))
+    with use_backend(backend):
+        yield
+    if path == "cpp":
+        assert not calls, "the fused C++ kernel should have served the call"
+    elif path == "cpp-generic":
+        assert calls, "the generic path should have called the spdkernels op"
+
+
+def dev(path, x):
+    return to_backend(path.replace("-generic", ""), x)
 
 
 # ---- sgl-kernel's semantics, re-expressed ---------------------------------------------------------------------
@@ -117,25 +145,25 @@ def outputs(bs, n, num_spec):
 
 # ---- greedy ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bs,n,V,ragged", [(5, 8, 30, False), (3, 1, 10, False), (2, 16, 1000, False),
                                            (6, 8, 30, True)])
-def test_verify_tree_greedy_equals_sgl_kernel(backend, bs, n, V, ragged):
+def test_verify_tree_greedy_equals_sgl_kernel(path, bs, n, V, ragged, monkeypatch):
     """predicts / accept_index / accept_token_num written in place exactly as sgl-kernel writes them, untouched
     entries (off the path, after the path) left as they were; also with requests using fewer than n nodes."""
     cand, ri, nt, ns, pred, num_spec = make_trees(bs, n, V, seed=bs * n + V, ragged=ragged)
     want = outputs(bs, n, num_spec)
     sgl_greedy(cand, ri, nt, ns, pred, num_spec, *want)
-    got = to_backend(backend, outputs(bs, n, num_spec))
-    with use_backend(backend):
-        asg.verify_tree_greedy(*got, *to_backend(backend, (cand, ri, nt, ns, pred)))
+    got = dev(path, outputs(bs, n, num_spec))
+    with on(path, monkeypatch):
+        asg.verify_tree_greedy(*got, *dev(path, (cand, ri, nt, ns, pred)))
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w)
     assert int(want[2].max()) >= 1 or n == 1  # some walks accept
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_target_logits_extension_and_retrieve_spelling(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_target_logits_extension_and_retrieve_spelling(path, monkeypatch):
     """target_logits (argmax fused into the walk) gives the same outputs as target_predict = argmax(logits);
     the retrieve_* spelling is accepted; a permuted retrive_index is honoured."""
     bs, n, V = 4, 8, 40
@@ -150,9 +178,9 @@ def test_target_logits_extension_and_retrieve_spelling(backend):
     logits_flat[perm.reshape(-1)] = logits
     want = outputs(bs, n, num_spec)
     sgl_greedy(cand, perm, nt, ns, pred_flat.reshape(bs, n), num_spec, *want)
-    got = to_backend(backend, outputs(bs, n, num_spec))
-    with use_backend(backend):
-        asg.verify_tree_greedy(*got, to_backend(backend, cand), **to_backend(backend, dict(
+    got = dev(path, outputs(bs, n, num_spec))
+    with on(path, monkeypatch):
+        asg.verify_tree_greedy(*got, dev(path, cand), **dev(path, dict(
             retrieve_index=perm, retrieve_next_token=nt, retrieve_next_sibling=ns, target_logits=logits_flat)))
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
@@ -175,11 +203,11 @@ def test_greedy_known_answer_chain_and_zero_draft_request():
 
 # ---- target-only sampling -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bs,n,V,th,ragged", [(6, 8, 20, (1.0, 1.0), False), (4, 6, 300, (1.0, 1.0), False),
                                               (5, 8, 12, (0.3, 0.6), False), (7, 8, 20, (1.0, 1.0), True)],
                          ids=["V20", "V300", "thresholds", "ragged"])
-def test_tree_speculative_sampling_target_only_equals_sgl_kernel(backend, bs, n, V, th, ragged):
+def test_tree_speculative_sampling_target_only_equals_sgl_kernel(path, bs, n, V, th, ragged, monkeypatch):
     """Same coins: every in-place output, draft_probs' side effect included, equals sgl-kernel's, with the
     default thresholds, with threshold_single / threshold_acc below 1, and with requests using fewer nodes."""
     cand, ri, nt, ns, _, num_spec = make_trees(bs, n, V, seed=bs + n + V, ragged=ragged)
@@ -196,10 +224,10 @@ def test_tree_speculative_sampling_target_only_equals_sgl_kernel(backend, bs, n,
     want = outputs(bs, n, num_spec)
     dp_want = torch.zeros(bs, n, V)
     sgl_target_only(cand, ri, nt, ns, coins, final, tp, num_spec, *want, dp_want, *th)
-    got = to_backend(backend, outputs(bs, n, num_spec))
-    dp_got = to_backend(backend, torch.zeros(bs, n, V))
-    with use_backend(backend):
-        asg.tree_speculative_sampling_target_only(*got, *to_backend(backend, (cand, ri, nt, ns, coins, final, tp)),
+    got = dev(path, outputs(bs, n, num_spec))
+    dp_got = dev(path, torch.zeros(bs, n, V))
+    with on(path, monkeypatch):
+        asg.tree_speculative_sampling_target_only(*got, *dev(path, (cand, ri, nt, ns, coins, final, tp)),
                                                   dp_got, threshold_single=th[0], threshold_acc=th[1])
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
@@ -234,13 +262,16 @@ def chi2_pvalue(samples, p):
     return chisquare(counts, counts.sum() * p / p.sum()).pvalue
 
 
-def test_emitted_tokens_follow_the_target():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_emitted_tokens_follow_the_target(fused, monkeypatch):
+    monkeypatch.setattr(asg, "_FUSED", fused)
     assert chi2_pvalue(first_tokens(4000, seed=3), P0.double().numpy()) > 1e-4
 
 
 def test_distribution_test_catches_a_wrong_sibling_rule(monkeypatch):
-    """Planted bug: compare each sibling's coin with its own probability instead of the running sum over the
-    siblings tried so far. The same test must reject it."""
+    """Planted bug (in the generic path, whose steps are Python): compare each sibling's coin with its own
+    probability instead of the running sum over the siblings tried so far. The same test must reject it."""
+    monkeypatch.setattr(asg, "_FUSED", False)
     monkeypatch.setattr(asg, "_sibling_running_sums", lambda p_child, par_q, ns: p_child)
     assert chi2_pvalue(first_tokens(4000, seed=3), P0.double().numpy()) < 1e-6
 
@@ -248,9 +279,54 @@ def test_distribution_test_catches_a_wrong_sibling_rule(monkeypatch):
 def test_distribution_test_catches_a_final_draw_keeping_tried_tokens(monkeypatch):
     """Planted bug: the final draw removes only the first of the children tried at the last node (the op handed no
     draft rows, so its one node is a point mass). The same test must reject it."""
+    monkeypatch.setattr(asg, "_FUSED", False)
     real = spdkernels.rejection_sample
     monkeypatch.setattr(spdkernels, "rejection_sample", lambda *a, draft_probs=None, **kw: real(*a, **kw))
     assert chi2_pvalue(first_tokens(4000, seed=3), P0.double().numpy()) < 1e-6
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the fused path is the cpp backend's")
+@pytest.mark.parametrize("seed", range(12))
+def test_fused_kernel_equals_the_generic_path(seed, monkeypatch):
+    """Random batches (ragged or not, thresholds, permuted flat indices, draft_probs given or not, predictions or
+    logits in fp32 / bf16): the fused C++ kernel and the generic path write identical outputs."""
+    g = torch.Generator().manual_seed(100 + seed)
+    bs, n, V = 1 + seed % 5, 1 + (3 * seed) % 11, (7, 50, 1000)[seed % 3]
+    cand, _, nt, ns, pred, num_spec = make_trees(bs, n, V, seed=seed, ragged=seed % 2 == 1)
+    ri = torch.randperm(bs * n, generator=g).reshape(bs, n) if seed % 3 == 0 else torch.arange(bs * n).reshape(bs, n)
+    tp = torch.softmax(torch.randn(bs, n, V, generator=g) * 3, -1)
+    coins, final = torch.rand(bs, n, generator=g), torch.rand(bs, generator=g)
+    th = (1.0, 1.0) if seed % 4 else (0.4, 0.7)
+    logits = torch.randn(bs * n, V, generator=g).to(torch.bfloat16 if seed % 2 else torch.float32)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(asg, "_FUSED", fused)
+        greedy, greedy_l, sampled = outputs(bs, n, num_spec), outputs(bs, n, num_spec), outputs(bs, n, num_spec)
+        dp = torch.zeros(bs, n, V) if seed % 2 == 0 else None
+        with use_backend("cpp"):
+            asg.verify_tree_greedy(*greedy, cand, ri, nt, ns, pred)
+            asg.verify_tree_greedy(*greedy_l, cand, ri, nt, ns, target_logits=logits)
+            asg.tree_speculative_sampling_target_only(*sampled, cand, ri, nt, ns, coins, final, tp, dp,
+                                                      threshold_single=th[0], threshold_acc=th[1])
+        results.append((greedy, greedy_l, sampled, dp))
+    for a, b in zip(*results):
+        for x, y in zip(a, b) if a is not None else ():
+            assert torch.equal(x, y)
+
+
+def test_non_contiguous_outputs_take_the_generic_path(monkeypatch):
+    """Outputs are written in place: a strided predicts cannot go to the C++ kernel, and still gets its values."""
+    bs, n, V = 3, 6, 20
+    cand, ri, nt, ns, pred, num_spec = make_trees(bs, n, V, seed=4)
+    want = outputs(bs, n, num_spec)
+    sgl_greedy(cand, ri, nt, ns, pred, num_spec, *want)
+    wide = torch.full((bs * n, 2), -7, dtype=I32)
+    got = (wide[:, 0],) + outputs(bs, n, num_spec)[1:]
+    with on("cpp-generic" if "cpp" in BACKENDS else "torch", monkeypatch):
+        monkeypatch.setattr(asg, "_FUSED", True)
+        asg.verify_tree_greedy(*got, cand, ri, nt, ns, pred)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -275,15 +351,47 @@ def _deep_chain(a):
     ("target_predict", lambda a: a.update(target_predict=a["target_predict"].to(I32))),
     ("retrive_index", lambda a: a.update(retrieve_index=a["retrive_index"])),
     ("accept_index", _deep_chain),
-], ids=["cand-dtype", "out-dtype", "accept-shape", "tree-shape", "predict-dtype", "twice", "too-deep"])
-def test_layouts_refused_raise_value_errors(name, change):
+    ("retrive_index", lambda a: a["retrive_index"].__setitem__((1, 2), 10)),
+    ("retrive_index", lambda a: a["retrive_index"].__setitem__((0, 0), -1)),
+    ("retrive_next_token", lambda a: a["retrive_next_token"].__setitem__((0, 0), 7)),
+    ("retrive_next_sibling", lambda a: a.update(retrive_next_token=torch.tensor([[1, -1, -1, -1, -1]] * 2),
+                                                retrive_next_sibling=torch.tensor([[-1, 1, -1, -1, -1]] * 2))),
+    ("retrive_index", lambda a: a.update(retrive_index=a["retrive_index"].numpy())),
+    ("target_predict", lambda a: a.update(target_predict=a["target_predict"].tolist())),
+    ("target_predict", lambda a: a.pop("target_predict")),
+], ids=["cand-dtype", "out-dtype", "accept-shape", "tree-shape", "predict-dtype", "twice", "too-deep",
+        "flat-index-high", "flat-index-negative", "child-out-of-range", "sibling-loop", "index-numpy",
+        "predict-list", "predict-missing"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_layouts_refused_raise_value_errors(name, change, fused, monkeypatch):
+    """The same refusal, naming the argument, on both paths; outputs untouched."""
+    monkeypatch.setattr(asg, "_FUSED", fused)
     a = _good()
     change(a)
+    before = [a[k].clone() for k in ("predicts", "accept_index", "accept_token_num")]
     with pytest.raises(ValueError, match=name):
         asg.verify_tree_greedy(**a)
+    for x, k in zip(before, ("predicts", "accept_index", "accept_token_num")):
+        assert torch.equal(x, a[k])
 
 
-def test_non_topological_tree_and_bad_thresholds_are_refused():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_sampling_refuses_tokens_outside_the_vocabulary(fused, monkeypatch):
+    """A drafted token outside [0, V) would be read out of bounds: refused with validation off too."""
+    monkeypatch.setattr(asg, "_FUSED", fused)
+    b = _good()
+    b.pop("target_predict")
+    b["candidates"][1, 3] = 10  # V = 10
+    with spdkernels.validation(False):
+        with pytest.raises(ValueError, match="candidates: request 1: token 10 of node 3"):
+            asg.tree_speculative_sampling_target_only(**b, uniform_samples=torch.rand(2, 5),
+                                                      uniform_samples_for_final_sampling=torch.rand(2),
+                                                      target_probs=torch.softmax(torch.randn(2, 5, 10), -1))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_non_topological_tree_and_bad_thresholds_are_refused(fused, monkeypatch):
+    monkeypatch.setattr(asg, "_FUSED", fused)
     a = _good()
     a["retrive_next_token"] = torch.tensor([[2, -1, 1, -1, -1]] * 2, dtype=I64)  # 0 -> 2 -> 1: child before parent
     a["retrive_next_sibling"] = torch.tensor([[-1, -1, -1, -1, -1]] * 2, dtype=I64)

@@ -20,6 +20,13 @@ listed in increasing index order, or that are deeper than ``num_spec_step - 1`` 
 naming the argument (sgl-kernel walks the lists as given and silently stops at that depth).
 ``verify_tree_greedy`` also takes ``target_logits`` instead of ``target_predict`` (our extension: the argmax
 is then fused into the walk). See each function for its sampling rule.
+
+**Two paths, one behaviour.** On CPU with the ``cpp`` backend, each function is one call of a C++ kernel that walks
+sgl-kernel's lists in its layout and writes the outputs in place (``torch.ops.spdkernels._cpu_sgl_*``,
+``csrc/adapters.cpp``): no conversion, no host sync, no chain of small tensor operations. Everywhere else (GPUs,
+the ``torch`` and ``triton`` backends, non-contiguous outputs) the generic path converts the trees into the
+spdkernels layout and calls :func:`spdkernels.verify_greedy` / :func:`spdkernels.rejection_sample`. Both make the
+same checks with the same messages and give the same outputs (tests/test_adapters_sglang.py compares them).
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from typing import Optional, Tuple
 import torch
 
 import spdkernels
+from spdkernels import _config, _registry
 
+from ..ops.rejection_sample import PROBS_SUM_TOLERANCE
 from ._common import REJECT_COIN, cached_arange, check, check_shape, fail, gather_rows, open_unit_fp32, workspace
 
 __all__ = ["tree_speculative_sampling_target_only", "verify_tree_greedy"]
@@ -64,6 +73,55 @@ def _check_tree_args(predicts, accept_index, accept_token_num, candidates, ri, n
     if n < 1:
         fail("candidates", "expected num_draft_tokens >= 1 (node 0 is the root)")
     return bs, n, accept_index.shape[1]
+
+
+_CPU = torch.device("cpu")
+_AUTO: dict = {}  # op -> whether the automatic choice on CPU is cpp
+
+
+def _fused(op: str, candidates, *outputs) -> bool:
+    """Whether the C++ kernel in sgl-kernel's layout serves this call: CPU tensors, the ``cpp`` backend chosen for
+    ``op`` (forced or automatic), outputs contiguous (they are written in place). The kernel makes every check of
+    the generic path itself (dtypes, shapes, devices, the trees; arguments of the wrong type make the op raise a
+    TypeError or RuntimeError, and the generic path's checks then name them), so the fused path checks nothing else
+    in Python: after a forward pass has flushed the caches, each line of Python costs microseconds."""
+    if not (_FUSED and isinstance(candidates, torch.Tensor) and candidates.is_cpu):
+        return False
+    forced = _registry.forced_backend()
+    if forced is None:
+        auto = _AUTO.get(op)
+        if auto is None:
+            auto = _AUTO[op] = _registry.resolve(op, _CPU, None)[0] == "cpp"
+        if not auto:
+            return False
+    elif forced != "cpp" or _registry.resolve(op, _CPU)[0] != "cpp":
+        return False
+    for t in outputs:
+        if not (isinstance(t, torch.Tensor) and t.is_contiguous()):
+            return False
+    return True
+
+
+def _sgl_greedy_op():
+    return torch.ops.spdkernels._cpu_sgl_verify_tree_greedy.default
+
+
+def _sgl_sampling_op():
+    return torch.ops.spdkernels._cpu_sgl_tree_sampling_target_only.default
+
+
+# the generic path everywhere when False (tests and the benchmark's baseline switch it)
+_FUSED = True
+
+
+def _check_flat_index(ri: torch.Tensor, predicts: torch.Tensor, bs: int, n: int) -> None:
+    """Every ``retrive_index`` value indexes ``predicts`` and the per-node rows (the fused kernel checks the same)."""
+    lim = min(bs * n, predicts.shape[0])
+    if ri.numel():
+        lo, hi = (int(x) for x in ri.aminmax())
+        if lo < 0 or hi >= lim:
+            fail("retrive_index", f"values must lie in [0, {lim}) (bs * num_draft_tokens, and the length of "
+                 f"predicts), got {lo if lo < 0 else hi}")
 
 
 def tree_parents(retrive_next_token: torch.Tensor, retrive_next_sibling: torch.Tensor) -> torch.Tensor:
@@ -197,7 +255,8 @@ def verify_tree_greedy(
     retrieve_next_sibling: Optional[torch.Tensor] = None,
     target_logits: Optional[torch.Tensor] = None,
 ) -> None:
-    """sgl-kernel's greedy tree verification, through :func:`spdkernels.verify_greedy`.
+    """sgl-kernel's greedy tree verification (on CPU with the ``cpp`` backend one C++ kernel in sgl-kernel's layout;
+    elsewhere through :func:`spdkernels.verify_greedy`).
 
     From the root, among the children of the current node (in sibling order) accept the first whose token
     equals the target's prediction at the current node, and continue from it; stop when none matches or
@@ -222,15 +281,29 @@ def verify_tree_greedy(
     ri = _pick("retrive_index", retrive_index, retrieve_index)
     nt = _pick("retrive_next_token", retrive_next_token, retrieve_next_token)
     ns = _pick("retrive_next_sibling", retrive_next_sibling, retrieve_next_sibling)
+    if _fused("verify_greedy", candidates, predicts, accept_index, accept_token_num):
+        try:
+            return _sgl_greedy_op()(predicts, accept_index, accept_token_num, candidates, ri, nt, ns, target_predict,
+                                    target_logits)
+        except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the checks below name it
+            pass
     bs, n, num_spec = _check_tree_args(predicts, accept_index, accept_token_num, candidates, ri, nt, ns)
     dev = candidates.device
     if (target_predict is None) == (target_logits is None):
         fail("target_predict", "pass exactly one of target_predict (sgl-kernel) and target_logits")
-    tb = _Batch(candidates, nt, ns, num_spec)
-    flat_ri = ri.reshape(-1)
     if target_predict is not None:
         check("target_predict", target_predict, 2, I64, dev, contiguous=True)
         check_shape("target_predict", target_predict, (bs, n), "[bs, num_draft_tokens]")
+    else:
+        check("target_logits", target_logits, None, spdkernels._validate.FLOAT_DTYPES, dev)
+        V = target_logits.shape[-1] if target_logits.dim() else 0
+        if target_logits.numel() != bs * n * V or target_logits.dim() not in (2, 3) or V < 1:
+            fail("target_logits", f"expected shape [bs * n, V] or [bs, n, V] with bs * n = {bs * n}, "
+                 f"got {list(target_logits.shape)}")
+    _check_flat_index(ri, predicts, bs, n)
+    tb = _Batch(candidates, nt, ns, num_spec)
+    flat_ri = ri.reshape(-1)
+    if target_predict is not None:
         pred = target_predict.reshape(-1)[flat_ri].reshape(bs, n)  # prediction after each node, by node
         # the walk only compares a child's token with its parent's prediction: a two-token vocabulary
         # (0 = "matches", 1 = "differs") carries exactly that, so the op reads [N + bs, 2] logits
@@ -242,11 +315,6 @@ def verify_tree_greedy(
         qpath = tb.orig_path(path)
         tokens = pred.gather(1, qpath.clamp(min=0))
     else:
-        check("target_logits", target_logits, None, spdkernels._validate.FLOAT_DTYPES, dev)
-        V = target_logits.shape[-1]
-        if target_logits.numel() != bs * n * V or target_logits.dim() not in (2, 3):
-            fail("target_logits", f"expected shape [bs * n, V] or [bs, n, V] with bs * n = {bs * n}, "
-                 f"got {list(target_logits.shape)}")
         rows = target_logits.reshape(bs * n, V)
         if not torch.equal(flat_ri, torch.arange(bs * n, device=dev)):
             rows = gather_rows("perm", rows, flat_ri)
@@ -301,7 +369,8 @@ def tree_speculative_sampling_target_only(
     retrieve_next_token: Optional[torch.Tensor] = None,
     retrieve_next_sibling: Optional[torch.Tensor] = None,
 ) -> None:
-    """sgl-kernel's target-only tree speculative sampling, through :func:`spdkernels.rejection_sample`.
+    """sgl-kernel's target-only tree speculative sampling (on CPU with the ``cpp`` backend one C++ kernel in
+    sgl-kernel's layout; elsewhere through :func:`spdkernels.rejection_sample`).
 
     sgl-kernel's rule (reproduced): at the current node ``v`` with coin ``c = uniform_samples[b, v]`` (the
     root's coin first), walk ``v``'s children in sibling order keeping the running sum ``S`` of their tokens'
@@ -312,12 +381,14 @@ def tree_speculative_sampling_target_only(
     from its target row with the rejected children's tokens removed, by inverse CDF with
     ``uniform_samples_for_final_sampling[b]`` (first id whose running sum exceeds ``coin * sum``).
 
-    The decisions are made here, in sgl-kernel's fp32 arithmetic (they need only the probabilities of the
-    drafted tokens), and give the accepted path; the op then draws the token after the path's last node from that
-    node's probability row, read as given (``target_is_probs``), without the tokens of the children tried there
-    (one forced rejection against their indicator row; a coin within ~1e-7 of a CDF step may pick the
-    neighbouring token). A tried child whose token holds all but 2^-24 of that row's mass (possible only from
-    fp32 rounding of ``S``) cannot be forced to be rejected: the token is then drawn from the whole row.
+    The decisions are made in sgl-kernel's fp32 arithmetic (they need only the probabilities of the drafted
+    tokens) and give the accepted path; the token after the path's last node is drawn from that node's
+    probability row, read as given, without the tokens of the children tried there (a coin within ~1e-7 of a CDF
+    step may pick the neighbouring token). A tried child whose token holds all but 2^-24 of that row's mass
+    (possible only from fp32 rounding of ``S``) is not removed: the token is then drawn from the whole row. On CPU
+    with the ``cpp`` backend one C++ kernel does all of it; elsewhere the decisions are tensor operations and
+    :func:`spdkernels.rejection_sample` makes the draw (``target_is_probs``; one forced rejection against the
+    indicator row of the tried tokens).
 
     Args:
         predicts, accept_index, accept_token_num: int32 outputs, in place (see the module docstring).
@@ -337,6 +408,16 @@ def tree_speculative_sampling_target_only(
     ri = _pick("retrive_index", retrive_index, retrieve_index)
     nt = _pick("retrive_next_token", retrive_next_token, retrieve_next_token)
     ns = _pick("retrive_next_sibling", retrive_next_sibling, retrieve_next_sibling)
+    if _fused("rejection_sample", candidates, predicts, accept_index, accept_token_num,
+              *(() if draft_probs is None else (draft_probs,))):
+        if _config.validation_enabled() and isinstance(target_probs, torch.Tensor) and target_probs.dim() == 3:
+            _check_probs(target_probs)
+        try:
+            return _sgl_sampling_op()(predicts, accept_index, accept_token_num, candidates, ri, nt, ns, uniform_samples,
+                                      uniform_samples_for_final_sampling, target_probs, draft_probs,
+                                      float(threshold_single), float(threshold_acc))
+        except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the checks below name it
+            pass
     bs, n, num_spec = _check_tree_args(predicts, accept_index, accept_token_num, candidates, ri, nt, ns)
     dev = candidates.device
     check("uniform_samples", uniform_samples, 2, (torch.float32,), dev, contiguous=True)
@@ -355,7 +436,16 @@ def tree_speculative_sampling_target_only(
     for name, th in (("threshold_single", threshold_single), ("threshold_acc", threshold_acc)):
         if not 0.0 <= float(th) <= 1.0:
             fail(name, f"expected a value in [0, 1], got {th}")
+    if _config.validation_enabled():
+        _check_probs(target_probs)
+    _check_flat_index(ri, predicts, bs, n)
     tb = _Batch(candidates, nt, ns, num_spec)
+    reach = tb.par_q[:, 1:] >= 0
+    bad = reach & ((candidates[:, 1:] < 0) | (candidates[:, 1:] >= V))
+    if bool(bad.any()):
+        b, c = (int(x) for x in bad.nonzero()[0])
+        fail("candidates", f"request {b}: token {int(candidates[b, c + 1])} of node {c + 1} is outside the "
+             f"vocabulary [0, {V})")
 
     # sgl-kernel's decisions, in its fp32 arithmetic
     pq = tb.par_q.clamp(min=0)
@@ -421,6 +511,23 @@ def tree_speculative_sampling_target_only(
 
     if draft_probs is not None and n > 1:  # sgl-kernel's side effect: rejected children's target probability
         _mark_rejected(draft_probs, target_probs, candidates, tb.par_q, qpath, num, num_spec)
+
+
+def _check_probs(target_probs: torch.Tensor) -> None:
+    """(validation on) finite, non-negative rows that sum to 1: sgl-kernel's rows are used as given."""
+    if not target_probs.numel():
+        return
+    if not bool(torch.isfinite(target_probs).all()):
+        fail("target_probs", "contains NaN or inf")
+    if bool((target_probs < 0).any()):
+        fail("target_probs", "contains negative probabilities")
+    sums = target_probs.sum(dim=-1, dtype=torch.float64).reshape(-1)
+    off = (sums - 1).abs() > PROBS_SUM_TOLERANCE
+    if bool(off.any()):
+        i = int(off.nonzero()[0, 0])
+        n = target_probs.shape[1]
+        fail("target_probs", f"row [{i // n}, {i % n}] sums to {float(sums[i]):.6g}: probability rows must sum to 1 "
+             f"(within {PROBS_SUM_TOLERANCE})")
 
 
 def _mark_rejected(draft_probs, target_probs, candidates, par_q, qpath, num, num_spec) -> Tuple[()]:
