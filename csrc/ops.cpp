@@ -14,17 +14,23 @@
 //   _cpu_target_weights  one row's target weights as the sampler computes them (tests)
 //   _cpu_sgl_verify_tree_greedy, _cpu_sgl_tree_sampling_target_only  sgl-kernel's ops in its layout, in place
 //                        (spdkernels/adapters/sglang.py; kernels in csrc/adapters.cpp)
+//   _cpu_flashinfer_chain_sampling  FlashInfer's chain_speculative_sampling in its layout: the rejection_sample
+//                        kernel and FlashInfer's counters in one call (spdkernels/adapters/flashinfer.py)
 //   _cpu_isa_level, _cpu_set_isa_cap  the instruction-set level of the hand-dispatched kernels
 //
 // The module is imported as spdkernels._C (PyInit__C below is all of its Python face): importing it runs the
 // registrations. It links the libtorch it was built against; spdkernels/_cpp.py loads it only under that torch.
 #include <Python.h>  // first, as Python asks
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/rand.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
+#include <limits>
 #include <cmath>
 #include <optional>
 #include <stdexcept>
@@ -364,6 +370,83 @@ void sgl_tree_sampling_cpu(const Tensor& predicts, const Tensor& accept_index, c
   });
 }
 
+// FlashInfer's chain_speculative_sampling in its layout (spdkernels/adapters/flashinfer.py): draft_probs [B, n, V],
+// draft_token_ids [B, n], target_probs [B, n + 1, V] (the op's own row layout, read in place). The coins are one
+// draw of N + B + B n fp32 uniforms from `generator`, or from a CPU generator seeded with `seed`, or from torch's
+// default generator (the values torch.rand gives the adapter's generic path): the op's N + B coins (clamped into
+// (0, 1) as the adapter's open_unit_fp32 does), then the B x n coins of FlashInfer's independent recount. The counters given ([B], int32 or
+// int64, contiguous) get += as in FlashInfer. Returns the output tokens [B, n + 1] (-1 padded) and this call's
+// counts, int32 [B] each (accepted, emitted: the counters of a caller who passed none).
+Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_ids,
+                          const Tensor& target_probs, std::optional<at::Generator> generator,
+                          std::optional<int64_t> seed, const OptTensor& accepted_num, const OptTensor& emitted_num) {
+  const auto f32 = [](const Tensor& t) { return t.scalar_type() == at::kFloat; };
+  check_tensor(draft_probs, "draft_probs", 3, f32, "float32");
+  const int64_t B = draft_probs.size(0), n = draft_probs.size(1), V = draft_probs.size(2), N = B * n;
+  check_tensor(draft_token_ids, "draft_token_ids", 2, [](const Tensor& t) { return int_code(t) >= 0; },
+               "int32, int64");
+  TORCH_CHECK_VALUE(draft_token_ids.size(0) == B && draft_token_ids.size(1) == n,
+                    "draft_token_ids: expected shape [batch_size, num_speculate_tokens] = [", B, ", ", n, "], got ",
+                    shape_of(draft_token_ids));
+  check_tensor(target_probs, "target_probs", 3, f32, "float32");
+  TORCH_CHECK_VALUE(target_probs.size(0) == B && target_probs.size(1) == n + 1 && target_probs.size(2) == V,
+                    "target_probs: expected shape [batch_size, num_speculate_tokens + 1, vocab_size] = [", B, ", ",
+                    n + 1, ", ", V, "], got ", shape_of(target_probs));
+  for (const auto& [t, name] : {std::pair<const OptTensor&, const char*>{accepted_num, "maybe_output_accepted_token_num"},
+                                {emitted_num, "maybe_output_emitted_draft_token_num"}}) {
+    if (!t.has_value()) continue;
+    check_tensor(*t, name, 1, [](const Tensor& x) { return int_code(x) >= 0; }, "int32, int64");
+    TORCH_CHECK_VALUE(t->size(0) == B, name, ": expected shape [batch_size] = [", B, "], got ", shape_of(*t));
+    TORCH_CHECK_VALUE(t->is_contiguous(), name, ": expected a contiguous tensor (updated in place)");
+  }
+  TORCH_CHECK_VALUE(!(generator.has_value() && seed.has_value()), "generator: pass a generator or a seed, not both");
+  if (seed.has_value()) {
+    TORCH_CHECK_VALUE(*seed >= 0, "seed: expected a non-negative 63-bit seed, got ", *seed);
+    generator = at::detail::createCPUGenerator(static_cast<uint64_t>(*seed));  // = torch.Generator().manual_seed
+  }
+  const Tensor cd = at::rand({N + B + N}, generator, draft_probs.options());  // = torch.rand(..., generator=...)
+  const float* c = cd.const_data_ptr<float>();
+  Tensor u = at::empty({N + B}, cd.options());
+  float* up = u.data_ptr<float>();
+  const float lo = std::numeric_limits<float>::min(), hi = 1.0f - std::ldexp(1.0f, -24);
+  for (int64_t i = 0; i < N + B; ++i) up[i] = std::min(std::max(c[i], lo), hi);  // (NaN stays NaN, as in torch)
+  Tensor cu = at::empty({B + 1}, cd.options().dtype(at::kInt));
+  int32_t* cup = cu.data_ptr<int32_t>();
+  for (int64_t r = 0; r <= B; ++r) cup[r] = static_cast<int32_t>(r * n);
+  const Tensor ids = dense(draft_token_ids).reshape({N});
+  const Tensor tp = dense(target_probs), dp = dense(draft_probs);
+  Out3 res = rejection_sample_cpu(tp.reshape({N + B, V}), ids, cu, std::nullopt, dp.reshape({N, V}), std::nullopt,
+                                  std::nullopt, std::nullopt, u, std::nullopt, std::nullopt, c10::SymInt(n),
+                                  std::nullopt, true);  // (it checks the token ids against V)
+  const int32_t* num = std::get<1>(res).const_data_ptr<int32_t>();
+  const float* tpp = tp.const_data_ptr<float>();
+  const float* dpp = dp.const_data_ptr<float>();
+  const float* recount = c + N + B;
+  const int tc = int_code(ids);
+  Tensor acc_now = at::empty({B}, cu.options()), emit_now = at::empty({B}, cu.options());  // this call's, int32
+  int32_t* acc_p = acc_now.data_ptr<int32_t>();
+  int32_t* emit_p = emit_now.data_ptr<int32_t>();
+  const auto add = [](const OptTensor& t, int64_t b, int64_t v) {
+    if (!t.has_value()) return;
+    if (t->scalar_type() == at::kInt) t->data_ptr<int32_t>()[b] += static_cast<int32_t>(v);
+    else t->data_ptr<int64_t>()[b] += v;
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t emitted = num[b] - 1;
+    int64_t accepted = emitted;  // FlashInfer's count: the drafts from the first rejection on tested again
+    for (int64_t i = emitted; i < n; ++i) {
+      const int64_t t = spd::load_index(addr(ids), tc, b * n + i);
+      const float p = tpp[(b * (n + 1) + i) * V + t], q = dpp[(b * n + i) * V + t];
+      accepted += (1.0f - recount[b * n + i]) * q < p;
+    }
+    acc_p[b] = static_cast<int32_t>(accepted);
+    emit_p[b] = static_cast<int32_t>(emitted);
+    add(emitted_num, b, emitted);
+    add(accepted_num, b, accepted);
+  }
+  return {std::get<0>(res), acc_now, emit_now};
+}
+
 int64_t isa_level_op() { return spd::isa_level(); }
 void set_isa_cap_op(int64_t level) { spd::set_isa_cap(static_cast<int>(level)); }
 
@@ -386,6 +469,8 @@ void register_kernels() {
             "Tensor(c!) accept_token_num, Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
             "Tensor retrive_next_sibling, Tensor uniform_samples, Tensor uniform_samples_for_final_sampling, "
             "Tensor target_probs, Tensor(d!)? draft_probs, float threshold_single, float threshold_acc) -> ()");
+  frag->def("_cpu_flashinfer_chain_sampling(Tensor draft_probs, Tensor draft_token_ids, Tensor target_probs, "
+            "Generator? generator, int? seed, Tensor(a!)? accepted_num, Tensor(b!)? emitted_num) -> (Tensor, Tensor, Tensor)");
   frag->def("_cpu_isa_level() -> int", &isa_level_op);
   frag->def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
   auto* cpu = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -396,6 +481,7 @@ void register_kernels() {
   cpu->impl("_cpu_target_weights", &target_weights_cpu);
   cpu->impl("_cpu_sgl_verify_tree_greedy", &sgl_verify_tree_greedy_cpu);
   cpu->impl("_cpu_sgl_tree_sampling_target_only", &sgl_tree_sampling_cpu);
+  cpu->impl("_cpu_flashinfer_chain_sampling", &flashinfer_chain_cpu);
 }
 
 // `import spdkernels._C` registers the kernels above; the module itself is empty.

@@ -181,3 +181,34 @@ def _seed_and_reset():
     yield
     spdkernels.set_backend(None)
     spdkernels.set_validation(True)
+
+
+# ---- the adapters' two paths on CPU ------------------------------------------------------------------------------
+# "cpp" = the adapter's fused C++ op in the stack's layout, "cpp-generic" = its conversion to the public ops (the
+# path every other backend takes).
+
+def adapter_paths():
+    names = backends_here()
+    return names + (["cpp-generic"] if "cpp" in names else [])
+
+
+@contextlib.contextmanager
+def adapter_path(path: str, module, monkeypatch):
+    """Run ``module``'s adapter on ``path`` and prove that it took it: for "cpp" the public ops must not be called
+    (the fused op served the call), for "cpp-generic" they must be."""
+    calls = []
+    for name in ("verify_greedy", "rejection_sample"):
+        real = getattr(spdkernels, name)
+        monkeypatch.setattr(spdkernels, name, lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+    monkeypatch.setattr(module, "_FUSED", not path.endswith("-generic"))
+    with use_backend(path.replace("-generic", "")):
+        yield
+    if path == "cpp":
+        assert not calls, "the fused C++ op should have served the call"
+    elif path == "cpp-generic":
+        assert calls, "the generic path should have called the spdkernels op"
+
+
+def path_device(path: str, x):
+    """``x`` on the device of ``path``'s backend."""
+    return to_backend(path.replace("-generic", ""), x)

@@ -1,29 +1,32 @@
 """FlashInfer adapter: chain_speculative_sampling's rules (strict accept test with coins in (0, 1], correction
 from relu(target - draft), -1 padding, counters accumulated in place) re-expressed here and compared exactly
-with the adapter on every backend; known answers; a distribution test with a planted wrong variant."""
+with the adapter on every backend and on both of its CPU paths (the fused C++ op, "cpp", and the generic path,
+"cpp-generic"); known answers; a distribution test with planted wrong variants."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import backend_generator, backends_here, to_backend, use_backend
+from conftest import adapter_path, adapter_paths, backend_generator, backends_here, path_device, use_backend
 from scipy.stats import chisquare
 
 import spdkernels
 from spdkernels.adapters import flashinfer as af
 
 BACKENDS = backends_here()
+PATHS = adapter_paths()
 I32 = torch.int32
 
 
 def flashinfer_semantics(dp, tokens, tp, gen):
-    """FlashInfer's kernel, written as a loop; coins drawn in the adapter's documented order from ``gen`` (one per
-    draft, request-major, and one final coin per request, in (0, 1); then one per draft for the recount)."""
+    """FlashInfer's kernel, written as a loop; coins drawn in the adapter's documented order from ``gen``, in one
+    draw: one per draft, request-major, and one final coin per request, clamped into (0, 1); then one per draft for
+    the recount, in (0, 1]."""
     B, n, V = dp.shape
     dev = dp.device  # (the generator lives there too)
-    coins = torch.rand(B * n + B, generator=gen, device=dev).clamp(min=torch.finfo(torch.float32).tiny,
-                                                                   max=1 - 2**-24)
+    drawn = torch.rand(2 * B * n + B, generator=gen, device=dev)
+    coins = drawn[:B * n + B].clamp(min=torch.finfo(torch.float32).tiny, max=1 - 2**-24)
     u, uf = coins[:B * n].reshape(B, n), coins[B * n:]
-    u2 = 1.0 - torch.rand((B, n), generator=gen, device=dev)
+    u2 = 1.0 - drawn[B * n + B:].reshape(B, n)
     out = torch.full((B, n + 1), -1, dtype=I32)
     acc, emitted = torch.zeros(B, dtype=I32), torch.zeros(B, dtype=I32)
     for b in range(B):
@@ -54,22 +57,42 @@ def make(B, n, V, seed, agree=0.5):
     return dp, tokens, tp
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B,n,V", [(6, 3, 20), (3, 1, 7), (4, 5, 300), (2, 0, 5)])
-def test_equals_flashinfer_semantics(backend, B, n, V):
-    """Same coins: tokens, padding and both counters equal FlashInfer's; counters are added to the caller's
-    tensors (pre-filled here), which are also the ones returned."""
-    dp, tokens, tp = to_backend(backend, make(B, n, V, seed=B * 100 + n * 10 + V))
-    acc0 = torch.arange(B, dtype=I32)
-    emit0 = torch.full((B,), 7, dtype=I32)
-    acc, emit = to_backend(backend, (acc0.clone(), emit0.clone()))
-    with use_backend(backend):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("B,n,V,counter", [(6, 3, 20, I32), (3, 1, 7, I32), (4, 5, 300, torch.int64),
+                                           (2, 0, 5, I32)])
+def test_equals_flashinfer_semantics(path, B, n, V, counter, monkeypatch):
+    """Same coins: tokens, padding and both counters equal FlashInfer's; counters (int32 or int64) are added to
+    the caller's tensors (pre-filled here), which are also the ones returned."""
+    backend = path.replace("-generic", "")
+    dp, tokens, tp = path_device(path, make(B, n, V, seed=B * 100 + n * 10 + V))
+    acc0 = torch.arange(B, dtype=counter)
+    emit0 = torch.full((B,), 7, dtype=counter)
+    acc, emit = path_device(path, (acc0.clone(), emit0.clone()))
+    with adapter_path(path, af, monkeypatch):
         out, acc_r, emit_r = af.chain_speculative_sampling(dp, tokens, tp, acc, emit,
                                                            generator=backend_generator(backend, 5))
     want, want_acc, want_emit = flashinfer_semantics(dp, tokens, tp, backend_generator(backend, 5))
     assert acc_r is acc and emit_r is emit
     assert out.dtype == I32 and torch.equal(out.cpu(), want)
     assert torch.equal(acc.cpu(), acc0 + want_acc) and torch.equal(emit.cpu(), emit0 + want_emit)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the fused path is the cpp backend's")
+@pytest.mark.parametrize("seed", range(8))
+def test_fused_op_equals_the_generic_path(seed, monkeypatch):
+    """Random batches, counters given or not, seeded or from a generator: both paths give identical outputs."""
+    B, n, V = 1 + seed % 6, seed % 5, (5, 64, 2000)[seed % 3]
+    dp, tokens, tp = make(B, n, V, seed=seed, agree=0.2 + 0.1 * seed)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(af, "_FUSED", fused)
+        counters = (torch.full((B,), 3, dtype=I32), torch.ones(B, dtype=torch.int64)) if seed % 2 else (None, None)
+        with use_backend("cpp"):
+            rng = dict(seed=seed, offset=2) if seed % 3 else dict(generator=torch.Generator().manual_seed(seed))
+            results.append(af.chain_speculative_sampling(dp, tokens.long() if seed % 4 == 1 else tokens, tp,
+                                                         *counters, **rng))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_seed_and_offset_pick_the_stream():
@@ -80,14 +103,14 @@ def test_seed_and_offset_pick_the_stream():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_known_answers(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_known_answers(path, monkeypatch):
     """FlashInfer's documented example (first draft certain, second impossible, correction from the
     difference, -1 after), and a draft equal to the target: all accepted, the bonus from the last row."""
-    with use_backend(backend):
-        dp = to_backend(backend, torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]]))
-        tp = to_backend(backend, torch.tensor([[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]]))
-        out, acc, emit = af.chain_speculative_sampling(dp, to_backend(backend, torch.tensor([[2, 1]], dtype=I32)), tp)
+    with adapter_path(path, af, monkeypatch):
+        dp = path_device(path, torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]]))
+        tp = path_device(path, torch.tensor([[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]]))
+        out, acc, emit = af.chain_speculative_sampling(dp, path_device(path, torch.tensor([[2, 1]], dtype=I32)), tp)
         assert (out.tolist(), acc.tolist(), emit.tolist()) == ([[2, 0, -1]], [1], [1])
         one = torch.zeros(2, 3, 5)
         one[0, :, 1] = one[1, :, 3] = 1.0
@@ -95,7 +118,7 @@ def test_known_answers(backend):
         bonus[:, :3] = one
         bonus[:, 3, 4] = 1.0
         tok = torch.tensor([[1, 1, 1], [3, 3, 3]], dtype=I32)
-        out, acc, emit = af.chain_speculative_sampling(*to_backend(backend, (one, tok, bonus)), seed=3)
+        out, acc, emit = af.chain_speculative_sampling(*path_device(path, (one, tok, bonus)), seed=3)
         assert out.tolist() == [[1, 1, 1, 4], [3, 3, 3, 4]] and acc.tolist() == [3, 3] and emit.tolist() == [3, 3]
 
 
@@ -121,7 +144,9 @@ def chi2_pvalue(samples, p):
     return chisquare(counts, counts.sum() * p / p.sum()).pvalue
 
 
-def test_emitted_tokens_follow_the_target():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_emitted_tokens_follow_the_target(fused, monkeypatch):
+    monkeypatch.setattr(af, "_FUSED", fused)
     assert chi2_pvalue(first_tokens(4000, seed=2), P0.double().numpy()) > 1e-4
 
 
@@ -129,7 +154,8 @@ def test_emitted_tokens_follow_the_target():
 def test_distribution_test_catches_a_wrong_adapter(monkeypatch, bug):
     """Planted bugs on the way to the op: the probability rows read as logits (``target_is_probs`` forgotten), or
     the accept test and residual against the wrong draft distribution (uniform rows instead of ``draft_probs``).
-    The same test must reject both."""
+    The same test must reject both. (Planted in the generic path, whose steps are Python.)"""
+    monkeypatch.setattr(af, "_FUSED", False)
     real = spdkernels.rejection_sample
 
     def buggy(*a, draft_probs=None, target_is_probs=False, **kw):
@@ -152,8 +178,17 @@ def test_distribution_test_catches_a_wrong_adapter(monkeypatch, bug):
     ("target_probs", lambda dp, t, tp: (dp, t, tp[:, :3])),
     ("target_probs", lambda dp, t, tp: (dp, t, tp[..., :9])),
     ("maybe_output_accepted_token_num", lambda dp, t, tp: (dp, t, tp, torch.zeros(5, dtype=I32))),
-], ids=["rank", "dtype", "n", "token-dtype", "bonus-row", "vocab", "counter"])
-def test_layouts_flashinfer_rejects_raise_value_errors(name, args):
+    ("maybe_output_emitted_draft_token_num", lambda dp, t, tp: (dp, t, tp, None, torch.zeros(2, dtype=torch.float32))),
+    ("draft_token_ids", lambda dp, t, tp: (dp, t.tolist(), tp)),
+    ("draft_token_ids", lambda dp, t, tp: (dp, t.clamp(max=0) + 10, tp)),
+    ("draft_token_ids", lambda dp, t, tp: (dp, t.clamp(min=0) - 1, tp)),
+], ids=["rank", "dtype", "n", "token-dtype", "bonus-row", "vocab", "counter", "counter-dtype", "token-list",
+        "token-too-large", "token-negative"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_layouts_flashinfer_rejects_raise_value_errors(name, args, fused, monkeypatch):
+    """The same refusal, naming the argument, on both paths (token ids out of range with validation off too)."""
+    monkeypatch.setattr(af, "_FUSED", fused)
     dp, t, tp = make(2, 3, 10, seed=0)
-    with pytest.raises(ValueError, match=name):
-        af.chain_speculative_sampling(*args(dp, t, tp))
+    with spdkernels.validation(False):
+        with pytest.raises(ValueError, match=name):
+            af.chain_speculative_sampling(*args(dp, t, tp))

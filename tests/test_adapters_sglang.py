@@ -4,12 +4,10 @@ both of the adapter's paths (the C++ kernel in sgl-kernel's layout, "cpp", and t
 spdkernels ops, "cpp-generic" and the other backends); known answers; a distribution test with planted wrong
 variants; the layouts the adapter refuses, with the same message on both paths."""
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
-from conftest import backends_here, to_backend, use_backend
+from conftest import adapter_path, adapter_paths, backends_here, path_device, use_backend
 from scipy.stats import chisquare
 
 import spdkernels
@@ -18,31 +16,15 @@ from spdkernels.adapters import sglang as asg
 from spdkernels.testing import depths, random_parents
 
 BACKENDS = backends_here()
-# the adapter's two paths on CPU: "cpp" = the fused C++ kernel, "cpp-generic" = the conversion to the cpp ops
-PATHS = BACKENDS + (["cpp-generic"] if "cpp" in BACKENDS else [])
+PATHS = adapter_paths()
 I32, I64 = torch.int32, torch.int64
 
 
-@contextlib.contextmanager
 def on(path, monkeypatch):
-    """Run the adapter on ``path``; for "cpp" also prove that the fused kernel ran (the public ops must not be
-    called), for "cpp-generic" that the generic path did."""
-    backend = path.replace("-generic", "")
-    calls = []
-    for name in ("verify_greedy", "rejection_sample"):
-        real = getattr(spdkernels, name)
-        monkeypatch.setattr(spdkernels, name, lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
-    monkeypatch.setattr(asg, "_FUSED", not path.endswith("-generic"))
-    with use_backend(backend):
-        yield
-    if path == "cpp":
-        assert not calls, "the fused C++ kernel should have served the call"
-    elif path == "cpp-generic":
-        assert calls, "the generic path should have called the spdkernels op"
+    return adapter_path(path, asg, monkeypatch)
 
 
-def dev(path, x):
-    return to_backend(path.replace("-generic", ""), x)
+dev = path_device
 
 
 # ---- sgl-kernel's semantics, re-expressed ---------------------------------------------------------------------

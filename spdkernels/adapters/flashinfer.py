@@ -17,13 +17,18 @@ accumulated with ``+=`` into the caller's tensors, which are also returned.
 
 **What differs** (``docs/adapters.md``): the accept test is the op's ``u * q(t) <= p(t)`` with ``u`` in (0, 1)
 (FlashInfer: ``<`` with ``u`` in (0, 1]; the two differ only when ``u * q(t)`` equals ``p(t)`` exactly). The
-random stream is not curand's: the coins are ``N + B`` fp32 uniforms (one per draft, request-major, then one
-final coin per request) and then ``B x n`` for the independent recount, drawn from ``generator``, or a
+random stream is not curand's: the coins are one draw of ``N + B + B x n`` fp32 uniforms (one per draft,
+request-major, then one final coin per request, then ``B x n`` for the independent recount) from ``generator``, or a
 ``torch.Generator`` seeded with ``(seed, offset)``, or torch's default generator. The running sums of the draw
 are accumulated in a different order (a coin within ~1e-7 of a CDF step can pick the neighbouring token). A
 zero-mass correction distribution (``target == draft`` at the rejected row) is FlashInfer's undefined fallback;
 the op samples from the target row.
 ``deterministic`` has no effect (the op is deterministic).
+
+On CPU with the ``cpp`` backend the call is one C++ op (``torch.ops.spdkernels._cpu_flashinfer_chain_sampling``:
+the rejection_sample kernel and FlashInfer's counters, no small tensor operations around it); elsewhere the same
+steps are tensor operations around :func:`spdkernels.rejection_sample`. Same coins, same outputs
+(tests/test_adapters_flashinfer.py compares the two).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 import spdkernels
+from spdkernels import _config, _registry
+from spdkernels.ops.rejection_sample import _check_values as _op_check_values
 
 from ._common import cached_arange, check, fail, open_unit_fp32
 
@@ -41,22 +48,66 @@ __all__ = ["chain_speculative_sampling"]
 _MASK64 = (1 << 64) - 1
 
 
-def _generator(device, generator, seed, offset) -> Optional[torch.Generator]:
-    if generator is not None:
-        return generator
+def _stream_seed(seed, offset) -> Optional[int]:
+    """The seed of the stream of ``(seed, offset)`` (None when neither is given): a 64-bit mix, so that offset
+    advances give unrelated coins."""
     if seed is None and offset is None:
         return None
     s = int(seed.reshape(-1)[0]) if isinstance(seed, torch.Tensor) else int(seed or 0)
     o = int(offset.reshape(-1)[0]) if isinstance(offset, torch.Tensor) else int(offset or 0)
-    g = torch.Generator(device=device)
-    # one stream per (seed, offset): a 64-bit mix, so that offset advances give unrelated coins
-    g.manual_seed((s * 0x9E3779B97F4A7C15 + o * 0xBF58476D1CE4E5B9 + o) & _MASK64 >> 1)
-    return g
+    return (s * 0x9E3779B97F4A7C15 + o * 0xBF58476D1CE4E5B9 + o) & _MASK64 >> 1
 
 
-def _coins_in_0_1_closed_open(shape, gen, device) -> torch.Tensor:
-    """fp32 coins in (0, 1], the range of curand_uniform."""
-    return 1.0 - torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+def _generator(device, generator, seed, offset) -> Optional[torch.Generator]:
+    if generator is not None:
+        return generator
+    mixed = _stream_seed(seed, offset)
+    return None if mixed is None else torch.Generator(device=device).manual_seed(mixed)
+
+
+_CPU = torch.device("cpu")
+_AUTO: list = []  # [whether the automatic choice on CPU is cpp], once known
+
+# the generic path everywhere when False (tests and the benchmark's baseline switch it)
+_FUSED = True
+
+
+def _fused(draft_probs, *counters) -> bool:
+    """Whether the C++ op in FlashInfer's layout serves this call (the rejection_sample kernel and FlashInfer's
+    counters in one call): CPU tensors, the ``cpp`` backend chosen for ``rejection_sample`` (forced or automatic),
+    the counters given contiguous (they are updated in place) or not given. The op makes every check of the generic
+    path itself; arguments of the wrong type make it raise, and the generic path's checks then name them."""
+    if not (_FUSED and isinstance(draft_probs, torch.Tensor) and draft_probs.is_cpu and draft_probs.dim() == 3
+            and draft_probs.shape[0] > 0):
+        return False
+    forced = _registry.forced_backend()
+    if forced is None:
+        if not _AUTO:
+            _AUTO.append(_registry.resolve("rejection_sample", _CPU, None)[0] == "cpp")
+        if not _AUTO[0]:
+            return False
+    elif forced != "cpp" or _registry.resolve("rejection_sample", _CPU)[0] != "cpp":
+        return False
+    for c in counters:
+        if c is not None and not (isinstance(c, torch.Tensor) and c.is_contiguous()):
+            return False
+    return True
+
+
+def _fi_op():
+    return torch.ops.spdkernels._cpu_flashinfer_chain_sampling.default
+
+
+def _check_values(draft_probs, draft_token_ids, target_probs) -> None:
+    """(validation on) the op's value checks, on FlashInfer's tensors as the op reads them."""
+    if draft_probs.dim() != 3 or target_probs.dim() != 3 or draft_token_ids.dim() != 2:
+        return  # (the op names the shape error)
+    B, n, V = draft_probs.shape
+    if tuple(target_probs.shape) != (B, n + 1, V) or tuple(draft_token_ids.shape) != (B, n):
+        return
+    _op_check_values(target_probs.reshape(B * (n + 1), V), draft_token_ids.reshape(B * n),
+                     cached_arange(B + 1, _CPU, n), None, draft_probs.reshape(B * n, V), None, None, None, None,
+                     None, None, n, target_is_probs=True)
 
 
 def chain_speculative_sampling(
@@ -98,6 +149,19 @@ def chain_speculative_sampling(
         >>> out.tolist(), acc.tolist(), emitted.tolist()  # draft 2 is certain, draft 1 impossible, then token 0
         ([[2, 0, -1]], [1], [1])
     """
+    if _fused(draft_probs, maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num):
+        try:
+            if _config.validation_enabled():
+                _check_values(draft_probs, draft_token_ids, target_probs)
+            # the coins are drawn inside, as the generic path draws them (no Generator object made for a seed)
+            out, acc, emitted = _fi_op()(draft_probs, draft_token_ids, target_probs, generator,
+                                        None if generator is not None else _stream_seed(seed, offset),
+                                        maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num)
+        except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the checks below name it
+            pass
+        else:
+            return (out, acc if maybe_output_accepted_token_num is None else maybe_output_accepted_token_num,
+                    emitted if maybe_output_emitted_draft_token_num is None else maybe_output_emitted_draft_token_num)
     check("draft_probs", draft_probs, 3, (torch.float32,))
     dev = draft_probs.device
     check("draft_token_ids", draft_token_ids, 2, (torch.int32, torch.int64), dev)
@@ -123,10 +187,12 @@ def chain_speculative_sampling(
     if B == 0:
         return torch.empty((0, n + 1), dtype=torch.int32, device=dev), acc_num, emitted_num
 
-    gen = _generator(dev, generator, seed, offset)
     N = B * n
-    # the op's coins: one per draft (request-major), then one final coin per request
-    coins = open_unit_fp32(torch.rand(N + B, generator=gen, device=dev))
+    gen = _generator(dev, generator, seed, offset)
+    # one draw: the op's coins (one per draft, request-major, then one final coin per request), then FlashInfer's
+    # recount coins (B x n)
+    all_coins = torch.rand(N + B + N, generator=gen, device=dev)
+    coins = open_unit_fp32(all_coins[:N + B])
     out, num, _ = spdkernels.rejection_sample(
         target_probs.reshape(N + B, V), draft_token_ids.reshape(N), cached_arange(B + 1, dev, n),
         draft_probs=draft_probs.reshape(N, V), uniforms=coins, max_depth=n, target_is_probs=True)
@@ -137,7 +203,7 @@ def chain_speculative_sampling(
         p_t = target_probs[:, :n].gather(2, t)[..., 0]
         q_t = draft_probs.gather(2, t)[..., 0]
         retest = cached_arange(n, dev)[None] >= emitted[:, None]  # from the first rejection on
-        again = (_coins_in_0_1_closed_open((B, n), gen, dev) * q_t < p_t) & retest
+        again = ((1.0 - all_coins[N + B:].reshape(B, n)) * q_t < p_t) & retest  # coins in (0, 1], as curand's
         acc_num += emitted + again.sum(1, dtype=emitted.dtype)
     return out, acc_num, emitted_num
 
