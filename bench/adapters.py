@@ -4,15 +4,15 @@ against the bare op on inputs already in our layout (the ``bare-op`` baseline ro
 ``adapter overhead = adapter - bare op``: what a caller pays for calling with the stack's own layout and
 semantics. It includes, by adapter:
 
-* vLLM: the gather of the ``[N, V]`` verification rows into the op's ``[N + B, V]`` layout, vLLM's coin draws,
-  and vLLM's recovered-token rule (softmax of each rejected row, Exp(1) noise of ``V`` per rejected request);
-* sgl-kernel and FlashInfer on CPU with the cpp backend: the adapter is one fused C++ op in the stack's layout
-  (spdkernels/adapters/sglang.py, flashinfer.py); its baseline is the op call of the adapter's *generic* path
+* vLLM, sgl-kernel and FlashInfer on CPU with the cpp backend: the adapter is one fused C++ op in the stack's
+  layout (spdkernels/adapters/vllm.py for unseeded calls, sglang.py, flashinfer.py); its baseline is the op call
+  of the adapter's *generic* path
   (the public op on the batch converted to the spdkernels layout: for sgl-kernel greedy with ``target_predict``
   a two-token vocabulary, with ``target_logits`` the logits; for target-only sampling the final draw from the
-  last node's row; for FlashInfer the rows read in place), so a negative overhead means that the adapter costs
-  less than the public op would on already-converted inputs. FlashInfer's adapter also draws its coins (a
-  ``torch.Generator`` seeded per call with ``seed``) and keeps FlashInfer's two counters;
+  last node's row; for vLLM and FlashInfer the rows read in place), so a negative overhead means that the adapter
+  costs less than the public op would on already-converted inputs. The vLLM and FlashInfer adapters also draw
+  their coins (for FlashInfer from a generator seeded per call with ``seed``), and FlashInfer's keeps its two
+  counters;
 * transformers: the bookkeeping of one verification. Its baseline is the op call *and* HF's logits processors on
   each of the ``k + 1`` rows, which HF's own assisted generation applies as well (the stack's work, not the
   adapter's).
@@ -74,18 +74,30 @@ def _captured_op_call(run, inputs):
     return lambda: real[name](*a, **kw)
 
 
-def _with_generic_baseline(module, make, run):
+def _reseed():
+    torch.default_generator.manual_seed(0)  # (torch.manual_seed also seeds every accelerator: slower)
+
+
+def _with_generic_baseline(module, make, run, prelude=None):
     """make_inputs for an adapter with a fused C++ op (sgl-kernel, FlashInfer): the baseline is the op call that the
     adapter's generic path makes (the spdkernels op on the converted batch, reaching the same result), recorded and
     replayed. On CPU with the cpp backend the adapter itself runs its fused op in the stack's layout, which makes no
-    public op call to record."""
+    public op call to record. ``prelude``: what the timed adapter call does besides the adapter (a reseed of torch's
+    generator, for reproducible outputs), run before the replay too, so that it cancels out."""
     def make_inputs(c, device):
         inputs = make(c, device)
         fused, module._FUSED = module._FUSED, False
         try:
-            return inputs, _captured_op_call(run, inputs)
+            op = _captured_op_call(run, inputs)
         finally:
             module._FUSED = fused
+        if prelude is None:
+            return inputs, op
+
+        def bare():
+            prelude()
+            return op()
+        return inputs, bare
     return make_inputs
 
 
@@ -127,7 +139,7 @@ def vllm_inputs(c, device):
 
 
 def vllm_run(args):
-    torch.default_generator.manual_seed(0)  # (torch.manual_seed also seeds every accelerator: slower)
+    _reseed()
     return av.rejection_sample(*args)
 
 
@@ -245,6 +257,7 @@ def hf_with_stack_baseline(c, device):
     op = _captured_op_call(hf_run, inputs)
 
     def bare():
+        _reseed()  # (as hf_run does)
         hf_processors(inputs)
         return op()
     return inputs, bare
@@ -254,7 +267,7 @@ def hf_run(inputs):
     from spdkernels.adapters.transformers import verify_step
 
     ids, dl, rows, procs, sample = inputs
-    torch.default_generator.manual_seed(0)
+    _reseed()
     return verify_step(ids, dl, rows.clone(), procs, None, sample)[1]
 
 
@@ -293,6 +306,7 @@ ADAPTERS = {
 }
 
 ADAPTERS["adapter_transformers"]["make_with_bare"] = hf_with_stack_baseline
+ADAPTERS["adapter_vllm"]["make_with_bare"] = _with_generic_baseline(av, vllm_inputs, vllm_run, prelude=_reseed)
 ADAPTERS["adapter_sglang"]["make_with_bare"] = _with_generic_baseline(asg, sgl_inputs, sgl_run)
 ADAPTERS["adapter_flashinfer"]["make_with_bare"] = _with_generic_baseline(af, fi_inputs, fi_run)
 

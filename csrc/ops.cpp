@@ -16,6 +16,8 @@
 //                        (spdkernels/adapters/sglang.py; kernels in csrc/adapters.cpp)
 //   _cpu_flashinfer_chain_sampling  FlashInfer's chain_speculative_sampling in its layout: the rejection_sample
 //                        kernel and FlashInfer's counters in one call (spdkernels/adapters/flashinfer.py)
+//   _cpu_vllm_rejection_sample  vLLM's rejection_sample in its layout, calls without seeded requests
+//                        (spdkernels/adapters/vllm.py)
 //   _cpu_isa_level, _cpu_set_isa_cap  the instruction-set level of the hand-dispatched kernels
 //
 // The module is imported as spdkernels._C (PyInit__C below is all of its Python face): importing it runs the
@@ -25,6 +27,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/fill.h>
 #include <ATen/ops/rand.h>
 #include <torch/library.h>
 
@@ -447,6 +450,101 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
   return {std::get<0>(res), acc_now, emit_now};
 }
 
+// vLLM's rejection_sample in its layout (spdkernels/adapters/vllm.py), for the calls without seeded requests:
+// target [N, V] (logits, or probabilities with target_is_probs: vLLM's older target_probs) with one row per draft
+// and no bonus rows (the op's bonus_token_ids layout, read in place), draft_token_ids [N], num_draft_tokens (host
+// counts), cu_num_draft_tokens [B] (no leading zero; its values are checked against the counts in Python, with
+// validation on), draft_probs [N, V] or none, bonus_token_ids [B] or [B, 1], temperature [B] (0 = greedy; read
+// unless all_greedy or all_random). The coins are the generic path's: N + B fp32 from torch's default generator
+// (none when all_greedy), clamped into (0, 1). Returns [B, max_spec_len + 1] int32, -1 padded; or an empty tensor,
+// before any coin is drawn, for the calls the adapter's generic path serves: empty batches, padded drafts (id < 0)
+// and drafts with q(t) == 0 in sampled requests (vLLM rejects those whatever the coin).
+Tensor vllm_rejection_sample_cpu(const Tensor& target, const Tensor& draft_token_ids, c10::IntArrayRef num_draft_tokens,
+                                 int64_t max_spec_len, const Tensor& cu_num_draft_tokens, const OptTensor& draft_probs,
+                                 const Tensor& bonus_token_ids, const OptTensor& temperature, bool all_greedy,
+                                 bool all_random, bool target_is_probs) {
+  const char* tname = target_is_probs ? "target_probs" : "target_logits";
+  const auto contiguous = [](const Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got shape ", shape_of(t));
+  };
+  check_tensor(draft_token_ids, "draft_token_ids", 1, [](const Tensor& t) { return int_code(t) >= 0; }, "int32, int64");
+  contiguous(draft_token_ids, "draft_token_ids");
+  check_tensor(target, tname, 2, [](const Tensor& t) { return float_code(t) >= 0; }, "float32, float16, bfloat16");
+  contiguous(target, tname);
+  const int64_t N = draft_token_ids.size(0), V = target.size(1), B = static_cast<int64_t>(num_draft_tokens.size());
+  TORCH_CHECK_VALUE(target.size(0) == N, tname, ": expected shape [num_tokens, vocab_size] (one row per draft token) = [",
+                    N, ", ", V, "], got ", shape_of(target));
+  int64_t total = 0, longest = 0;
+  for (const int64_t k : num_draft_tokens) {
+    TORCH_CHECK_VALUE(k >= 0, "num_draft_tokens: expected counts >= 0, got ", k);
+    total += k;
+    longest = std::max(longest, k);
+  }
+  TORCH_CHECK_VALUE(total == N, "num_draft_tokens: expected ", B, " counts >= 0 summing to num_tokens = ", N, ", got a sum of ",
+                    total);
+  check_tensor(cu_num_draft_tokens, "cu_num_draft_tokens", 1, [](const Tensor& t) { return int_code(t) >= 0; },
+               "int32, int64");
+  TORCH_CHECK_VALUE(cu_num_draft_tokens.size(0) == B, "cu_num_draft_tokens: expected shape [batch_size] (no leading zero) = [",
+                    B, "], got ", shape_of(cu_num_draft_tokens));
+  if (draft_probs.has_value()) {
+    check_tensor(*draft_probs, "draft_probs", 2, [](const Tensor& t) { return t.scalar_type() == at::kFloat; }, "float32");
+    contiguous(*draft_probs, "draft_probs");
+    TORCH_CHECK_VALUE(draft_probs->size(0) == N && draft_probs->size(1) == V, "draft_probs: expected shape [num_tokens, "
+                      "vocab_size] = [", N, ", ", V, "], got ", shape_of(*draft_probs));
+  }
+  TORCH_CHECK_VALUE(bonus_token_ids.defined() && int_code(bonus_token_ids) >= 0 && bonus_token_ids.numel() == B &&
+                        (bonus_token_ids.dim() == 1 || bonus_token_ids.dim() == 2) && bonus_token_ids.device().is_cpu(),
+                    "bonus_token_ids: expected an int32/int64 CPU tensor of shape [batch_size, 1] = [", B, ", 1], got ",
+                    shape_of(bonus_token_ids));
+  contiguous(bonus_token_ids, "bonus_token_ids");
+  TORCH_CHECK_VALUE(max_spec_len >= longest && max_spec_len < INT32_MAX, "max_spec_len: expected an int >= "
+                    "max(num_draft_tokens) = ", longest, ", got ", max_spec_len);
+  const bool mixed = !all_greedy && !all_random;
+  if (mixed) {
+    TORCH_CHECK_VALUE(temperature.has_value(), "sampling_metadata: temperature is needed unless all_greedy or all_random");
+    check_vec(*temperature, "temperature", at::kFloat, B, "batch_size");
+  }
+  const auto none = at::empty({0}, target.options().dtype(at::kInt));
+  if (B == 0 || N == 0) return none;
+  // the drafts that vLLM rejects whatever the coin: the generic path serves those calls
+  const Tensor ids = draft_token_ids;
+  const int tc = int_code(ids);
+  const Tensor temp = mixed ? dense(*temperature) : Tensor();
+  const float* tp = mixed ? temp.const_data_ptr<float>() : nullptr;
+  const float* qp = draft_probs.has_value() ? draft_probs->const_data_ptr<float>() : nullptr;
+  for (int64_t r = 0, i = 0; r < B; ++r) {
+    const bool sampled = !all_greedy && (all_random || tp[r] != 0.0f);
+    for (int64_t j = 0; j < num_draft_tokens[r]; ++j, ++i) {
+      const int64_t t = spd::load_index(addr(ids), tc, i);
+      if (t < 0) return none;
+      if (qp && sampled && t < V && !(qp[i * V + t] > 0.0f)) return none;  // (t >= V: the op names it)
+    }
+  }
+  Tensor coins = at::empty({N + B}, target.options().dtype(at::kFloat));
+  if (all_greedy) {
+    coins.fill_(0.5);  // read by no one
+  } else {
+    coins = at::rand({N + B}, std::nullopt, coins.options());  // = torch.rand((N + B,)) of the generic path
+    float* c = coins.data_ptr<float>();
+    const float lo = std::numeric_limits<float>::min(), hi = 1.0f - std::ldexp(1.0f, -24);
+    for (int64_t i = 0; i < N + B; ++i) c[i] = std::min(std::max(c[i], lo), hi);
+  }
+  OptTensor op_temp;
+  if (!all_random) {
+    op_temp = at::empty({B}, coins.options());
+    float* o = op_temp->data_ptr<float>();
+    for (int64_t r = 0; r < B; ++r) o[r] = all_greedy ? 0.0f : (tp[r] != 0.0f ? 1.0f : 0.0f);
+  }
+  Tensor cu = at::empty({B + 1}, target.options().dtype(at::kInt));
+  int32_t* cup = cu.data_ptr<int32_t>();
+  cup[0] = 0;
+  for (int64_t r = 0; r < B; ++r) cup[r + 1] = static_cast<int32_t>(cup[r] + num_draft_tokens[r]);
+  Out3 res = rejection_sample_cpu(target, ids, cu, std::nullopt, draft_probs, op_temp, std::nullopt, std::nullopt, coins,
+                                  std::nullopt, std::nullopt, c10::SymInt(max_spec_len), bonus_token_ids.reshape({B}),
+                                  target_is_probs);
+  return std::get<0>(res);
+}
+
 int64_t isa_level_op() { return spd::isa_level(); }
 void set_isa_cap_op(int64_t level) { spd::set_isa_cap(static_cast<int>(level)); }
 
@@ -471,6 +569,9 @@ void register_kernels() {
             "Tensor target_probs, Tensor(d!)? draft_probs, float threshold_single, float threshold_acc) -> ()");
   frag->def("_cpu_flashinfer_chain_sampling(Tensor draft_probs, Tensor draft_token_ids, Tensor target_probs, "
             "Generator? generator, int? seed, Tensor(a!)? accepted_num, Tensor(b!)? emitted_num) -> (Tensor, Tensor, Tensor)");
+  frag->def("_cpu_vllm_rejection_sample(Tensor target, Tensor draft_token_ids, int[] num_draft_tokens, int max_spec_len, "
+            "Tensor cu_num_draft_tokens, Tensor? draft_probs, Tensor bonus_token_ids, Tensor? temperature, "
+            "bool all_greedy, bool all_random, bool target_is_probs) -> Tensor");
   frag->def("_cpu_isa_level() -> int", &isa_level_op);
   frag->def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
   auto* cpu = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -482,6 +583,7 @@ void register_kernels() {
   cpu->impl("_cpu_sgl_verify_tree_greedy", &sgl_verify_tree_greedy_cpu);
   cpu->impl("_cpu_sgl_tree_sampling_target_only", &sgl_tree_sampling_cpu);
   cpu->impl("_cpu_flashinfer_chain_sampling", &flashinfer_chain_cpu);
+  cpu->impl("_cpu_vllm_rejection_sample", &vllm_rejection_sample_cpu);
 }
 
 // `import spdkernels._C` registers the kernels above; the module itself is empty.

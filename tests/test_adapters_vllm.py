@@ -1,6 +1,8 @@
 """vLLM adapter: the V1 rejection sampler's rules re-expressed here in plain torch (coins from the per-request
 generators, recovered tokens by exponential race, accept rule, padding, bonus), compared exactly with the
-adapter on every backend; known answers; a distribution test with a planted wrong variant; the plugin."""
+adapter on every backend and on both CPU paths (the fused C++ op serves unseeded calls on the cpp backend; the generic
+path seeded ones and every other backend); known answers; a distribution test with planted wrong variants; the
+plugin."""
 
 import sys
 import types
@@ -166,6 +168,11 @@ def test_all_greedy_known_answer_and_no_randomness_consumed(backend):
                                                         logits, torch.tensor([[1], [2], [8]], dtype=I32))), sm)
     assert out.tolist() == [[3, 4, 5, -1, -1], [2, -1, -1, -1, -1], [6, 7, 8, -1, -1]]
     assert torch.equal(g.get_state(), before)
+    state = torch.default_generator.get_state()
+    with use_backend(backend):
+        av.rejection_sample(*to_backend(backend, (draft, [3, 0, 2], 4, torch.tensor([3, 3, 5], dtype=I32), None,
+                                                  logits, torch.tensor([[1], [2], [8]], dtype=I32))), sm)
+    assert torch.equal(torch.default_generator.get_state(), state)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -224,15 +231,18 @@ P0 = torch.softmax(P0_LOGITS, -1).double().numpy()
 
 @pytest.mark.parametrize("with_q,k", [(True, 2), (True, 1), (False, 2), (False, 1)],
                          ids=["draft-probs", "draft-probs-k1", "ngram", "ngram-k1"])
-def test_emitted_tokens_follow_the_target(with_q, k):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_emitted_tokens_follow_the_target(with_q, k, fused, monkeypatch):
     """Lossless: the first emitted token is distributed as softmax(target row 0), whatever the drafter, with and
-    without draft probabilities, for one draft and for two."""
+    without draft probabilities, for one draft and for two, on both paths."""
+    monkeypatch.setattr(av, "_FUSED", fused)
     assert chi2_pvalue(first_tokens(4000, seed=1, with_q=with_q, k=k), P0) > 1e-4
 
 
 def test_distribution_test_catches_an_off_by_one_draft_row(monkeypatch):
     """Planted bug: the draft probabilities handed to the op one row off (node i verified with node i+1's q).
     The same chi-square test must reject it."""
+    monkeypatch.setattr(av, "_FUSED", False)  # (planted in the generic path, whose steps are Python)
     real = spdkernels.rejection_sample
     monkeypatch.setattr(spdkernels, "rejection_sample",
                         lambda *a, draft_probs=None, **kw: real(*a, draft_probs=draft_probs.roll(-1, 0), **kw))
@@ -242,6 +252,7 @@ def test_distribution_test_catches_an_off_by_one_draft_row(monkeypatch):
 def test_distribution_test_catches_a_wrong_draft_distribution(monkeypatch):
     """Planted bug (k = 1): the op handed uniform rows instead of the drafter's q (accept test and residual against
     the wrong distribution)."""
+    monkeypatch.setattr(av, "_FUSED", False)  # (planted in the generic path, whose steps are Python)
     real = spdkernels.rejection_sample
     monkeypatch.setattr(spdkernels, "rejection_sample", lambda *a, draft_probs=None, **kw: real(
         *a, draft_probs=torch.full_like(draft_probs, 1.0 / draft_probs.shape[1]), **kw))
@@ -251,6 +262,7 @@ def test_distribution_test_catches_a_wrong_draft_distribution(monkeypatch):
 def test_distribution_test_catches_a_fixed_final_coin(monkeypatch):
     """Planted bug on the n-gram path: the op's final coin left at a constant instead of drawn per call (the
     correction after a rejected draft becomes deterministic)."""
+    monkeypatch.setattr(av, "_FUSED", False)  # (planted in the generic path, whose steps are Python)
     real = spdkernels.rejection_sample
 
     def fixed(*a, uniforms=None, **kw):
@@ -356,7 +368,7 @@ def _args():
                 draft_probs=q, target_logits=logits, bonus_token_ids=bonus, sampling_metadata=sm)
 
 
-@pytest.mark.parametrize("name,change", [
+REFUSED = [
     ("target_logits", lambda a: a.update(target_logits=a["target_logits"].t().contiguous().t())),
     ("target_logits", lambda a: a.update(target_logits=a["target_logits"][:2])),
     ("draft_probs", lambda a: a.update(draft_probs=a["draft_probs"][:, :5])),
@@ -366,12 +378,74 @@ def _args():
     ("max_spec_len", lambda a: a.update(max_spec_len=1)),
     ("target_logits", lambda a: a.update(target_probs=a["target_logits"])),
     ("draft_token_ids", lambda a: a.update(draft_token_ids=a["draft_token_ids"].float())),
-], ids=["non-contiguous", "rows", "vocab", "bonus", "cu", "counts", "spec-len", "both-targets", "dtype"])
-def test_layouts_vllm_rejects_raise_value_errors(name, change):
+    ("draft_token_ids", lambda a: a.update(draft_token_ids=a["draft_token_ids"].tolist())),
+    ("draft_token_ids", lambda a: a["draft_token_ids"].__setitem__(1, 9)),  # V = 9
+]
+REFUSED_IDS = ["non-contiguous", "rows", "vocab", "bonus", "cu", "counts", "spec-len", "both-targets", "dtype", "list",
+               "token-too-large"]
+
+
+@pytest.mark.parametrize("name,change,validate", [
+    (n, c, v) for (n, c), i in zip(REFUSED, REFUSED_IDS) for v in (True, False)
+    if v or n != "cu_num_draft_tokens"  # (its values are checked with validation on only: a host sync)
+], ids=[f"{i}-validation-{'on' if v else 'off'}" for (n, _), i in zip(REFUSED, REFUSED_IDS) for v in (True, False)
+        if v or n != "cu_num_draft_tokens"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_layouts_vllm_rejects_raise_value_errors(name, change, validate, fused, monkeypatch):
+    """The same refusal, naming the argument, on both paths, with validation on and off."""
+    monkeypatch.setattr(av, "_FUSED", fused)
     a = _args()
     change(a)
-    with pytest.raises(ValueError, match=name):
+    with spdkernels.validation(validate), pytest.raises(ValueError, match=name):
         av.rejection_sample(**a)
+
+
+UNSEEDED = [([3, 0, 2, 4, 1], 50, False, "random"), ([3, 0, 2, 4, 1], 50, True, "mixed"), ([2, 2], 7, True, "greedy"),
+            ([5], 1000, True, "random"), ([1, 4, 0, 2], 33, False, "mixed"), ([3, 0, 2, 4], 50, True, "probs"),
+            ([0, 0], 9, False, "random"), ([2, 3, 1], 40, False, "padded"), ([2, 3, 1], 40, True, "q-zero")]
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the fused path is the cpp backend's")
+@pytest.mark.parametrize("ks,V,with_q,mode", UNSEEDED, ids=[f"{m}-{i}" for i, (_, _, _, m) in enumerate(UNSEEDED)])
+@pytest.mark.parametrize("validate", [True, False], ids=["validation-on", "validation-off"])
+def test_fused_op_equals_the_generic_path(ks, V, with_q, mode, validate, monkeypatch):
+    """Unseeded calls (all sampled, mixed with greedy, all greedy, older target_probs, padded drafts and q(t) = 0,
+    which the op hands back to the generic path, empty drafts): both paths give the same tokens and leave torch's
+    default generator in the same state."""
+    draft, cu, q, logits, bonus = make_case(ks, V, seed=len(ks) + V, with_q=with_q, pad=mode == "padded")
+    B = len(ks)
+    if mode == "q-zero":
+        q[1, draft[1]] = 0.0
+    temps = torch.tensor([0.0 if r % 2 else 1.0 for r in range(B)]) if mode == "mixed" else torch.ones(B)
+    sm = av.SamplingMetadata(temperature=temps, all_greedy=mode == "greedy",
+                             all_random=mode not in ("mixed", "greedy"))
+    kw = dict(target_probs=torch.softmax(logits, -1)) if mode == "probs" else dict(target_logits=logits)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(av, "_FUSED", fused)
+        torch.manual_seed(7)
+        with use_backend("cpp"), spdkernels.validation(validate):
+            got = av.rejection_sample(draft, ks, max(ks) + 1, cu, q, bonus_token_ids=bonus, sampling_metadata=sm, **kw)
+        results.append((got, torch.default_generator.get_state()))
+    assert results[0][0].dtype == I32 and torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_the_fused_op_serves_unseeded_calls(monkeypatch):
+    """On the cpp backend an unseeded call makes no call of the public op (one C++ op), a seeded one does."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("the fused path is the cpp backend's")
+    calls = []
+    real = spdkernels.rejection_sample
+    monkeypatch.setattr(spdkernels, "rejection_sample", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    a = _args()
+    with use_backend("cpp"):
+        av.rejection_sample(**a)
+        assert not calls
+        a["sampling_metadata"] = av.SamplingMetadata(temperature=torch.ones(2), all_greedy=False, all_random=True,
+                                                     generators={0: torch.Generator().manual_seed(1)})
+        av.rejection_sample(**a)
+        assert calls
 
 
 # ---- the plugin ------------------------------------------------------------------------------------------------
