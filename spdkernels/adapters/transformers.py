@@ -29,6 +29,8 @@ import torch
 
 import spdkernels
 
+from ._common import cached_arange
+
 __all__ = ["speculative_generate"]
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
@@ -138,12 +140,12 @@ def verify_step(ids: torch.Tensor, drafts: List[int], rows: torch.Tensor, proces
     device = rows.device
     dt = torch.tensor(drafts, dtype=ids.dtype, device=device)
     apply_processors(ids, dt, rows, processors)
-    cu = torch.tensor([0, k], dtype=torch.int32, device=device)
+    cu = cached_arange(2, device, k)  # [0, k], made once per (k, device): each small tensor op costs (docs/adapters.md)
     if do_sample:
         out, num, _ = spdkernels.rejection_sample(rows, dt, cu, draft_probs=q, max_depth=k)
     else:
         out, num, _ = spdkernels.verify_greedy(rows, dt, cu, max_depth=k)
-    return int(num[0]) - 1, out[0]
+    return num.item() - 1, out[0]
 
 
 def speculative_generate(
