@@ -296,6 +296,31 @@ def test_fused_kernel_equals_the_generic_path(seed, monkeypatch):
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_links_of_unreachable_nodes_are_never_read(path, monkeypatch):
+    """Padded requests whose unused nodes hold arbitrary links (to reachable nodes, out of range): sgl-kernel never
+    reads them, and neither does the adapter (greedy and sampling equal the re-expression)."""
+    bs, n, V = 6, 8, 20
+    cand, ri, nt, ns, pred, num_spec = make_trees(bs, n, V, seed=21, ragged=True)
+    reach = asg.tree_parents(nt, ns) != -2
+    g = torch.Generator().manual_seed(2)
+    junk = torch.randint(-3, n + 3, (2, bs, n), generator=g)
+    junk[1, :, ::2] = 1  # half of them name node 1, the root's first child where it has one
+    nt_j, ns_j = torch.where(reach, nt, junk[0]), torch.where(reach, ns, junk[1])
+    assert not torch.equal(nt_j, nt) and not torch.equal(ns_j, ns)
+    tp = torch.softmax(torch.randn(bs, n, V, generator=g), -1)
+    coins, final = torch.rand(bs, n, generator=g), torch.rand(bs, generator=g)
+    want_g, want_s = outputs(bs, n, num_spec), outputs(bs, n, num_spec)
+    sgl_greedy(cand, ri, nt, ns, pred, num_spec, *want_g)
+    sgl_target_only(cand, ri, nt, ns, coins, final, tp, num_spec, *want_s, torch.zeros(bs, n, V))
+    got_g, got_s = dev(path, outputs(bs, n, num_spec)), dev(path, outputs(bs, n, num_spec))
+    with on(path, monkeypatch):
+        asg.verify_tree_greedy(*got_g, *dev(path, (cand, ri, nt_j, ns_j, pred)))
+        asg.tree_speculative_sampling_target_only(*got_s, *dev(path, (cand, ri, nt_j, ns_j, coins, final, tp)))
+    for a, b in zip(got_g + got_s, want_g + want_s):
+        assert torch.equal(a.cpu(), b)
+
+
 def test_non_contiguous_outputs_take_the_generic_path(monkeypatch):
     """Outputs are written in place: a strided predicts cannot go to the C++ kernel, and still gets its values."""
     bs, n, V = 3, 6, 20

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from spdkernels.testing.fuzz import ATTN_CORRUPTIONS, DRAFT_CORRUPTIONS
+from spdkernels.testing.fuzz import ADAPTER_OPS, ATTN_CORRUPTIONS, DRAFT_CORRUPTIONS
 
 # the argument each corruption must be reported against
 EXPECTED = {"token_ge_V": "draft_token_ids", "token_negative": "draft_token_ids", "token_huge": "draft_token_ids",
@@ -94,3 +94,27 @@ def test_the_harness_reports_a_crash():
     """The planted variant: a child that dies by a signal is seen as a failure, not a pass."""
     p = _run(["-c", "import ctypes; print('case 0 planted: ', end='', flush=True); ctypes.string_at(0)"])
     assert p.returncode < 0 and p.stdout.startswith("case 0 planted")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"], ids=["fused", "generic"])
+@pytest.mark.parametrize("op", ADAPTER_OPS)
+def test_adapters_with_malformed_integers_never_crash(op, backend):
+    """The adapters' own integer arguments (sgl-kernel's tree links and flat indices, drafted tokens, vLLM's counts)
+    with one entry poked to an edge value (2^62, -2^62, -2, 2^31, ...), validation off, through the fused C++ ops
+    (cpp) and the generic path (torch): a ValueError naming an argument, or a result; never a crash or another
+    error type."""
+    if backend == "cpp":
+        from spdkernels import _cpp
+
+        if not _cpp.load():
+            pytest.skip(f"C++ extension unavailable: {_cpp.load_error()}")
+    count = 60
+    p = _run(["-m", "spdkernels.testing.fuzz", "--op", op, "--backend", backend, "--count", str(count),
+              "--seed", "5"])
+    lines = [x for x in p.stdout.splitlines() if x.startswith("case ")]
+    assert p.returncode == 0, f"the child died (rc {p.returncode}) after: {lines[-1:]}\n{p.stderr[-2000:]}"
+    assert len(lines) == count
+    errors = [x for x in lines if "error:" in x]
+    assert errors, "no case was refused: the corruptions do not reach the checks"
+    for line in errors:
+        assert "error: ValueError: " in line, line

@@ -333,7 +333,8 @@ def _sibling_running_sums(p_child: torch.Tensor, par_q: torch.Tensor, ns: torch.
     first = torch.zeros((bs, n), dtype=torch.bool, device=dev)
     # first children: those not named as anybody's next sibling
     is_next = torch.zeros((bs, n), dtype=torch.bool, device=dev)
-    b, c = (ns >= 0).nonzero(as_tuple=True)
+    # links of reachable nodes only (sgl-kernel never reads an unreachable node's, which may hold anything)
+    b, c = ((ns >= 0) & (ns < n) & (par_q >= 0)).nonzero(as_tuple=True)
     is_next[b, ns[b, c]] = True
     first[:, 1:] = ~is_next[:, 1:] & (par_q[:, 1:] >= 0)
     acc = torch.where(first, p_child, acc)
@@ -450,7 +451,8 @@ def tree_speculative_sampling_target_only(
     # sgl-kernel's decisions, in its fp32 arithmetic
     pq = tb.par_q.clamp(min=0)
     b_idx = torch.arange(bs, device=dev)[:, None]
-    p_child = target_probs[b_idx, pq, candidates.clamp(min=0)]  # [bs, n]: p_parent(token of the node)
+    # [bs, n]: p_parent(token of the node) (the root's and unreachable nodes' tokens, never used, clamped)
+    p_child = target_probs[b_idx, pq, candidates.clamp(min=0, max=V - 1)]
     p_child[:, 0] = 0
     running = _sibling_running_sums(p_child, tb.par_q, ns)
     coin = uniform_samples.gather(1, pq)

@@ -18,6 +18,9 @@ from typing import Callable, Dict, Iterator, Tuple
 import torch
 
 OPS = ("verify_greedy", "rejection_sample", "tree_attention")
+# the adapters' entry points, fuzzed through their fused C++ ops (backend cpp) and their generic paths (torch)
+ADAPTER_OPS = ("sglang.verify_tree_greedy", "sglang.tree_speculative_sampling_target_only",
+               "flashinfer.chain_speculative_sampling", "vllm.rejection_sample")
 
 Case = Tuple[str, Callable[[], Dict]]
 
@@ -142,6 +145,92 @@ def _attn_case(g: torch.Generator, name: str) -> Callable[[], Dict]:
     return lambda: dict(q=q, k_cache=k, v_cache=v, block_table=bt, kv_lens=kv_lens, cu_q_lens=cu, tree_mask=mask)
 
 
+_BIG = (1 << 62, -(1 << 62), -2, -1, 0, 1, 3, 7, 1 << 31)
+
+
+def _poke(g: torch.Generator, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (an integer tensor) with one entry set to a value from the edges of its range or a random one."""
+    t = t.clone()
+    if t.numel():
+        i = int(torch.randint(0, t.numel(), (1,), generator=g))
+        j = int(torch.randint(0, len(_BIG) + 1, (1,), generator=g))
+        v = _BIG[j] if j < len(_BIG) else int(torch.randint(-20, 20, (1,), generator=g))
+        info = torch.iinfo(t.dtype)
+        t.view(-1)[i] = max(info.min, min(info.max, v))
+    return t
+
+
+def adapter_cases(op: str, seed: int = 0, count: int = 20) -> Iterator[Case]:
+    """``count`` malformed calls of an adapter entry point (a random integer argument with one entry poked to an
+    edge value: tree links, flat indices, draft tokens, counts), each ``(name, make)``."""
+    from spdkernels import tree as tr
+
+    g = torch.Generator().manual_seed(seed)
+    for j in range(count):
+        if op.startswith("sglang."):
+            bs, n, V = 1 + j % 3, 1 + j % 7, 20
+            par = [int(torch.randint(-1, i, (1,), generator=g)) for i in range(n - 1)]
+            nt, ns = (torch.tensor([x] * bs, dtype=torch.int64) for x in tr.to_sglang(par))
+            kw = dict(predicts=torch.zeros(bs * n, dtype=torch.int32),
+                      accept_index=torch.zeros(bs, n, dtype=torch.int32),
+                      accept_token_num=torch.zeros(bs, dtype=torch.int32),
+                      candidates=torch.randint(0, V, (bs, n), generator=g),
+                      retrive_index=torch.arange(bs * n).reshape(bs, n), retrive_next_token=nt,
+                      retrive_next_sibling=ns)
+            if op.endswith("greedy"):
+                kw["target_predict"] = torch.randint(0, V, (bs, n), generator=g)
+            else:
+                kw.update(uniform_samples=torch.rand(bs, n, generator=g),
+                          uniform_samples_for_final_sampling=torch.rand(bs, generator=g),
+                          target_probs=torch.softmax(torch.randn(bs, n, V, generator=g), -1),
+                          draft_probs=torch.zeros(bs, n, V))
+            names = ("candidates", "retrive_index", "retrive_next_token", "retrive_next_sibling")
+        elif op.startswith("flashinfer."):
+            B, n, V = 1 + j % 4, j % 4, 20
+            kw = dict(draft_probs=torch.softmax(torch.randn(B, n, V, generator=g), -1),
+                      draft_token_ids=torch.randint(0, V, (B, n), generator=g),
+                      target_probs=torch.softmax(torch.randn(B, n + 1, V, generator=g), -1), seed=j)
+            names = ("draft_token_ids",)
+        else:
+            ks = [int(x) for x in torch.randint(0, 4, (1 + j % 4,), generator=g)]
+            N, V = sum(ks), 20
+            from spdkernels.adapters.vllm import SamplingMetadata
+
+            kw = dict(draft_token_ids=torch.randint(0, V, (N,), generator=g, dtype=torch.int32),
+                      num_draft_tokens=ks, max_spec_len=max(ks, default=0),
+                      cu_num_draft_tokens=torch.tensor(ks, dtype=torch.int32).cumsum(0).to(torch.int32),
+                      draft_probs=torch.softmax(torch.randn(N, V, generator=g), -1) if j % 2 else None,
+                      target_logits=torch.randn(N, V, generator=g),
+                      bonus_token_ids=torch.randint(0, V, (len(ks), 1), generator=g, dtype=torch.int32),
+                      sampling_metadata=SamplingMetadata(temperature=(torch.arange(len(ks)) % 2).float(),
+                                                         all_greedy=False, all_random=False))
+            names = ("draft_token_ids", "cu_num_draft_tokens")
+        name = names[j % len(names)]
+        kw[name] = _poke(g, kw[name])
+        yield name, (lambda kw=kw: kw)
+
+
+def run_adapter_case(op: str, backend: str, kw: Dict) -> str:
+    """One adapter call with validation off under ``backend`` (``cpp``: the fused C++ op where the adapter has one):
+    ``"ok"`` or ``"error: <type>: <message>"``; the outputs (in place or returned) are read."""
+    import importlib
+
+    import spdkernels
+
+    mod, fn = op.split(".")
+    f = getattr(importlib.import_module(f"spdkernels.adapters.{mod}"), fn)
+    with spdkernels.validation(False), spdkernels.use_backend(backend):
+        try:
+            out = f(**kw)
+        except (ValueError, RuntimeError, IndexError) as e:
+            return f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    outs = out if isinstance(out, tuple) else (out,) if out is not None else tuple(
+        v for k, v in kw.items() if k in ("predicts", "accept_index", "accept_token_num"))
+    for t in outs:
+        t.float().sum().item() if t.is_floating_point() else int(t.sum())
+    return "ok"
+
+
 def run_case(op: str, backend: str, kw: Dict) -> str:
     """Run one case with validation off under ``backend``: ``"ok"`` or ``"error: <type>: <message>"``."""
     import spdkernels
@@ -160,14 +249,15 @@ def run_case(op: str, backend: str, kw: Dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spdkernels.testing.fuzz", description=__doc__.split("\n")[0])
-    ap.add_argument("--op", choices=OPS, required=True)
+    ap.add_argument("--op", choices=OPS + ADAPTER_OPS, required=True)
     ap.add_argument("--backend", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=20)
     args = ap.parse_args(argv)
-    for j, (name, make) in enumerate(cases(args.op, args.seed, args.count)):
+    adapter = args.op in ADAPTER_OPS
+    for j, (name, make) in enumerate((adapter_cases if adapter else cases)(args.op, args.seed, args.count)):
         print(f"case {j} {name}: ", end="", flush=True)
-        print(run_case(args.op, args.backend, make()), flush=True)
+        print((run_adapter_case if adapter else run_case)(args.op, args.backend, make()), flush=True)
     return 0
 
 
