@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make sanitize: build the C++ kernels (spdkernels._C) with AddressSanitizer + UBSan into build/sanitize and
-# run the cpp backend's tests and the validation-off fuzzer against that build. Any out-of-bounds access,
+# run the cpp backend's tests (the adapters' fused ops included) and the validation-off fuzzer against that build. Any out-of-bounds access,
 # use after free or undefined behaviour (signed overflow, bad shift, misaligned load, ...) aborts the run.
 #   PY=.venv/bin/python bash bench/sanitize.sh [extra pytest args]
 set -euo pipefail
@@ -31,4 +31,5 @@ where=$("$PY" -c "import spdkernels._C as c; print(c.__file__)")
 case "$where" in "$ROOT/$B/pkg/"*) echo "sanitized module: $where" ;; *) echo "wrong module: $where" >&2; exit 1 ;; esac
 "$PY" -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/tests/test_memory_safety.py" \
   "$ROOT/tests/test_verify_greedy.py" "$ROOT/tests/test_rejection_sample.py" "$ROOT/tests/test_tree_attention.py" \
-  "$ROOT/tests/test_ops_framework.py" -k "cpp or memory or malformed or cpu or concurrent" "$@"
+  "$ROOT/tests/test_ops_framework.py" "$ROOT/tests/test_adapters_sglang.py" "$ROOT/tests/test_adapters_flashinfer.py" \
+  "$ROOT/tests/test_adapters_vllm.py" -k "cpp or memory or malformed or cpu or concurrent or fused" "$@"
