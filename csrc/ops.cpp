@@ -405,7 +405,10 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
   TORCH_CHECK_VALUE(!(generator.has_value() && seed.has_value()), "generator: pass a generator or a seed, not both");
   if (seed.has_value()) {
     TORCH_CHECK_VALUE(*seed >= 0, "seed: expected a non-negative 63-bit seed, got ", *seed);
-    generator = at::detail::createCPUGenerator(static_cast<uint64_t>(*seed));  // = torch.Generator().manual_seed
+    // = torch.Generator().manual_seed(seed): one generator per thread, reseeded (a fresh one costs ~50 us cold)
+    static thread_local at::Generator seeded = at::detail::createCPUGenerator(0);
+    seeded.set_current_seed(static_cast<uint64_t>(*seed));
+    generator = seeded;
   }
   const Tensor cd = at::rand({N + B + N}, generator, draft_probs.options());  // = torch.rand(..., generator=...)
   const float* c = cd.const_data_ptr<float>();

@@ -88,14 +88,15 @@ def _fused(draft_probs, *counters) -> bool:
             return False
     elif forced != "cpp" or _registry.resolve("rejection_sample", _CPU)[0] != "cpp":
         return False
+    if not _OP:
+        _OP.append(torch.ops.spdkernels._cpu_flashinfer_chain_sampling.default)
     for c in counters:
         if c is not None and not (isinstance(c, torch.Tensor) and c.is_contiguous()):
             return False
     return True
 
 
-def _fi_op():
-    return torch.ops.spdkernels._cpu_flashinfer_chain_sampling.default
+_OP: list = []  # [the fused op], looked up by _fused once the cpp backend is known to be there
 
 
 def _check_values(draft_probs, draft_token_ids, target_probs) -> None:
@@ -154,9 +155,10 @@ def chain_speculative_sampling(
             if _config.validation_enabled():
                 _check_values(draft_probs, draft_token_ids, target_probs)
             # the coins are drawn inside, as the generic path draws them (no Generator object made for a seed)
-            out, acc, emitted = _fi_op()(draft_probs, draft_token_ids, target_probs, generator,
-                                        None if generator is not None else _stream_seed(seed, offset),
-                                        maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num)
+            out, acc, emitted = _OP[0](draft_probs, draft_token_ids, target_probs, generator,
+                                       None if generator is not None or (seed is None and offset is None)
+                                       else _stream_seed(seed, offset),
+                                       maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num)
         except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the checks below name it
             pass
         else:
