@@ -82,8 +82,8 @@ def _with_generic_baseline(module, make, run, prelude=None):
     """make_inputs for an adapter with a fused C++ op (sgl-kernel, FlashInfer): the baseline is the op call that the
     adapter's generic path makes (the spdkernels op on the converted batch, reaching the same result), recorded and
     replayed. On CPU with the cpp backend the adapter itself runs its fused op in the stack's layout, which makes no
-    public op call to record. ``prelude``: what the timed adapter call does besides the adapter (a reseed of torch's
-    generator, for reproducible outputs), run before the replay too, so that it cancels out."""
+    public op call to record. ``prelude(inputs)``: what the timed adapter call does besides the adapter (a reseed of
+    torch's generator, for reproducible outputs), run before the replay too, so that it cancels out."""
     def make_inputs(c, device):
         inputs = make(c, device)
         fused, module._FUSED = module._FUSED, False
@@ -95,7 +95,7 @@ def _with_generic_baseline(module, make, run, prelude=None):
             return inputs, op
 
         def bare():
-            prelude()
+            prelude(inputs)
             return op()
         return inputs, bare
     return make_inputs
@@ -201,8 +201,11 @@ def sgl_run(inputs):
 
 # ---- FlashInfer ----------------------------------------------------------------------------------------------
 
-def fi_case(B, n, V):
-    return {"B": B, "n": n, "V": V}
+def fi_case(B, n, V, seeded=False):
+    """``seeded``: each call passes ``seed=0`` (FlashInfer's (seed, offset) stream; a generator seeded per call),
+    else the call passes none, as the stacks usually call it (torch's default generator, reseeded before each
+    timed call and before its baseline alike, for reproducible outputs)."""
+    return {"B": B, "n": n, "V": V, "seeded": seeded}
 
 
 def fi_inputs(c, device):
@@ -212,11 +215,16 @@ def fi_inputs(c, device):
     dp = torch.softmax(torch.randn(B, n, V, generator=g) * 3, -1)
     tokens = torch.multinomial(dp.reshape(B * n, V), 1, generator=g).reshape(B, n)
     tl = _peaked(torch.randn(B * (n + 1), V, generator=g) * 3, torch.cat([tokens, tokens[:, :1]], 1).reshape(-1), 0.8)
-    return dp.to(device), tokens.to(I32).to(device), torch.softmax(tl, -1).reshape(B, n + 1, V).to(device)
+    return (dp.to(device), tokens.to(I32).to(device), torch.softmax(tl, -1).reshape(B, n + 1, V).to(device),
+            c["seeded"])
 
 
 def fi_run(args):
-    return af.chain_speculative_sampling(*args, seed=0)
+    dp, tokens, tp, seeded = args
+    if seeded:
+        return af.chain_speculative_sampling(dp, tokens, tp, seed=0)
+    _reseed()
+    return af.chain_speculative_sampling(dp, tokens, tp)
 
 
 # ---- transformers --------------------------------------------------------------------------------------------
@@ -293,10 +301,11 @@ ADAPTERS = {
                                else c["bs"] * c["n"] * 40),
         label=lambda c: f"bs{c['bs']}-n{c['n']}-V{c['V']}-{c['mode']}"),
     "adapter_flashinfer": dict(
-        shape_sets={"default": [fi_case(16, 4, 32000), fi_case(64, 4, 32000)], "tiny": [fi_case(3, 2, 300)]},
+        shape_sets={"default": [fi_case(16, 4, 32000), fi_case(16, 4, 32000, seeded=True), fi_case(64, 4, 32000)],
+                    "tiny": [fi_case(3, 2, 300), fi_case(3, 2, 300, seeded=True)]},
         make=fi_inputs, run=fi_run, op="rejection_sample",
         bytes_moved=lambda c: _bytes_rows(c["B"] * (2 * c["n"] + 1), c["V"]),
-        label=lambda c: f"B{c['B']}-n{c['n']}-V{c['V']}"),
+        label=lambda c: f"B{c['B']}-n{c['n']}-V{c['V']}{'-seed' if c['seeded'] else ''}"),
     "adapter_transformers": dict(
         shape_sets={"default": [hf_case(4, 49152, False), hf_case(4, 49152, True), hf_case(8, 128256, True)],
                     "tiny": [hf_case(3, 300, True)]},
@@ -306,9 +315,11 @@ ADAPTERS = {
 }
 
 ADAPTERS["adapter_transformers"]["make_with_bare"] = hf_with_stack_baseline
-ADAPTERS["adapter_vllm"]["make_with_bare"] = _with_generic_baseline(av, vllm_inputs, vllm_run, prelude=_reseed)
+ADAPTERS["adapter_vllm"]["make_with_bare"] = _with_generic_baseline(av, vllm_inputs, vllm_run,
+                                                                   prelude=lambda x: _reseed())
 ADAPTERS["adapter_sglang"]["make_with_bare"] = _with_generic_baseline(asg, sgl_inputs, sgl_run)
-ADAPTERS["adapter_flashinfer"]["make_with_bare"] = _with_generic_baseline(af, fi_inputs, fi_run)
+ADAPTERS["adapter_flashinfer"]["make_with_bare"] = _with_generic_baseline(
+    af, fi_inputs, fi_run, prelude=lambda x: None if x[3] else _reseed())
 
 for _name, _a in ADAPTERS.items():
     register(OpBench(_name, _a["shape_sets"], _a.get("make_with_bare") or _with_bare(_a["make"], _a["run"]),
