@@ -25,16 +25,17 @@
 #include <Python.h>  // first, as Python asks
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/fill.h>
-#include <ATen/ops/rand.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
-#include <limits>
 #include <cmath>
+#include <limits>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -373,6 +374,21 @@ void sgl_tree_sampling_cpu(const Tensor& predicts, const Tensor& accept_index, c
   });
 }
 
+// n fp32 uniforms in [0, 1), the values torch.rand(n, generator=gen) gives on CPU (torch's default generator without
+// one), drawn as ATen's CPU uniform_ kernel draws them (one generator->random() per value, in order, under the
+// generator's lock, through at::uniform_real_distribution; a value that rounds to 1 becomes 0), so the generator
+// advances exactly as under torch.rand, without a tensor op's dispatch (~30-60 us right after a cache flush). The
+// adapters' tests compare these coins' outcomes and the generator's state with torch.rand's on every call path.
+void torch_rand_f32(const std::optional<at::Generator>& gen, float* out, int64_t n) {
+  auto* impl = at::get_generator_or_default<at::CPUGeneratorImpl>(gen, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(impl->mutex_);
+  at::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(uniform(impl));
+    out[i] = v == 1.0f ? 0.0f : v;
+  }
+}
+
 // FlashInfer's chain_speculative_sampling in its layout (spdkernels/adapters/flashinfer.py): draft_probs [B, n, V],
 // draft_token_ids [B, n], target_probs [B, n + 1, V] (the op's own row layout, read in place). The coins are one
 // draw of N + B + B n fp32 uniforms from `generator`, or from a CPU generator seeded with `seed`, or from torch's
@@ -410,7 +426,8 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
     seeded.set_current_seed(static_cast<uint64_t>(*seed));
     generator = seeded;
   }
-  const Tensor cd = at::rand({N + B + N}, generator, draft_probs.options());  // = torch.rand(..., generator=...)
+  Tensor cd = at::empty({N + B + N}, draft_probs.options());
+  torch_rand_f32(generator, cd.data_ptr<float>(), N + B + N);  // = torch.rand(N + B + N, generator=generator)
   const float* c = cd.const_data_ptr<float>();
   Tensor u = at::empty({N + B}, cd.options());
   float* up = u.data_ptr<float>();
@@ -527,8 +544,8 @@ Tensor vllm_rejection_sample_cpu(const Tensor& target, const Tensor& draft_token
   if (all_greedy) {
     coins.fill_(0.5);  // read by no one
   } else {
-    coins = at::rand({N + B}, std::nullopt, coins.options());  // = torch.rand((N + B,)) of the generic path
     float* c = coins.data_ptr<float>();
+    torch_rand_f32(std::nullopt, c, N + B);  // = torch.rand((N + B,)) of the generic path
     const float lo = std::numeric_limits<float>::min(), hi = 1.0f - std::ldexp(1.0f, -24);
     for (int64_t i = 0; i < N + B; ++i) c[i] = std::min(std::max(c[i], lo), hi);
   }

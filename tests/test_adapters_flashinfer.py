@@ -80,19 +80,25 @@ def test_equals_flashinfer_semantics(path, B, n, V, counter, monkeypatch):
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the fused path is the cpp backend's")
 @pytest.mark.parametrize("seed", range(8))
 def test_fused_op_equals_the_generic_path(seed, monkeypatch):
-    """Random batches, counters given or not, seeded or from a generator: both paths give identical outputs."""
+    """Random batches, counters given or not, coins from (seed, offset), a generator or torch's default generator:
+    both paths give identical outputs and leave the generators in the same state."""
     B, n, V = 1 + seed % 6, seed % 5, (5, 64, 2000)[seed % 3]
     dp, tokens, tp = make(B, n, V, seed=seed, agree=0.2 + 0.1 * seed)
-    results = []
+    results, states = [], []
     for fused in (True, False):
         monkeypatch.setattr(af, "_FUSED", fused)
         counters = (torch.full((B,), 3, dtype=I32), torch.ones(B, dtype=torch.int64)) if seed % 2 else (None, None)
+        gen = torch.Generator().manual_seed(seed)
+        rng = (dict(seed=seed, offset=2), dict(generator=gen), {})[seed % 3]  # {}: torch's default generator
+        torch.manual_seed(11)
         with use_backend("cpp"):
-            rng = dict(seed=seed, offset=2) if seed % 3 else dict(generator=torch.Generator().manual_seed(seed))
             results.append(af.chain_speculative_sampling(dp, tokens.long() if seed % 4 == 1 else tokens, tp,
                                                          *counters, **rng))
+        states.append((gen.get_state(), torch.default_generator.get_state()))
     for a, b in zip(*results):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(*states):  # the generator drawn from advanced alike
+        assert torch.equal(a, b)
 
 
 def test_seed_and_offset_pick_the_stream():
