@@ -17,6 +17,7 @@ import torch
 from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams
 from spdkernels.runtime.cli import main as cli_main
 from spdkernels.runtime.model import greedy_reference, random_config, random_state_dict
+from spdkernels.runtime.proposers import NGramProposer
 from spdkernels.runtime.spd.distributed import DistributedSPD, SPDDistributedError, format_report
 from spdkernels.runtime.spd.schedule import SPDEngine
 from spdkernels.runtime.spd.train import untrained_pdm
@@ -71,6 +72,27 @@ def test_identical_to_single_process_spd(tiny, prompts, n):
     assert met.cycles == sum(g[3] for g in got[4:]) and len(met.stage_s) == n and min(met.stage_cpu_s) > 0
     assert "slack" in report and "cost model" in report
     assert eng.exitcodes == [0] * n  # SHUTDOWN: every worker left cleanly
+
+
+def test_lookup_identical_to_single_process_spd(tiny, prompts):
+    """With prompt lookup drafting next to the PDM (rank 0 drafts from the tokens it holds), every request gives
+    the single-process SPDEngine(lookup=...)'s tokens and counters, lookup counts included, greedy and sampled."""
+    sd, model, pdm = tiny
+    reqs = _requests(prompts, n_tokens=40)
+    want, looked = [], 0
+    for r in reqs:
+        res, met = SPDEngine(model, pdm, 2, lookup=NGramProposer(k=1, min_ngram=1, max_ngram=2)).generate([r])
+        want.append((res[0].output_ids, met.accepted, met.drafted, met.lookup_accepted, met.lookup_drafted))
+        looked += met.lookup_drafted
+    assert looked > 0  # the lookup drafted in these runs
+    with DistributedSPD(CFG, sd, pdm, 2, dtype=torch.float64, debug=True, timeout_s=5,
+                        lookup=NGramProposer(k=1, min_ngram=1, max_ngram=2)) as eng:
+        assert "lookup" in eng.describe()
+        got = []
+        for r in reqs:
+            res, met = eng.generate([r])
+            got.append((res[0].output_ids, met.accepted, met.drafted, met.lookup_accepted, met.lookup_drafted))
+    assert got == want
 
 
 def _faulty(tiny, **kw):

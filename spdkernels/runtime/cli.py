@@ -226,8 +226,6 @@ def _check_args(args) -> None:
     if getattr(args, "spd_lookup", False):
         if args.proposer != "spd":
             raise ValueError(f"--spd-lookup: needs --proposer spd, got --proposer {args.proposer}")
-        if getattr(args, "distributed", False):
-            raise ValueError("--spd-lookup: the one-process schedule only (not with --distributed)")
     if getattr(args, "distributed", False):
         if args.proposer != "spd":
             raise ValueError(f"--distributed: needs --proposer spd, got --proposer {args.proposer}")
@@ -316,8 +314,11 @@ def _generate_distributed(args) -> int:
     head = LlamaModel(ck.config, ck.state_dict, layers=(0, 0), device="cuda" if args.dist_backend == "nccl" else "cpu")
     pdm = load_pdm_for(args, ck, head)
     reqs = _requests(args, tok)
+    from .proposers import NGramProposer
+
+    lookup = NGramProposer(k=1, max_ngram=args.ngram_max, min_ngram=args.ngram_min) if args.spd_lookup else None
     eng = DistributedSPD(ck.config, ck.state_dict, pdm, args.stages, tokenizer=tok, backend=args.dist_backend,
-                         threads=args.threads, timeout_s=args.dist_timeout, model_source=args.model)
+                         threads=args.threads, timeout_s=args.dist_timeout, model_source=args.model, lookup=lookup)
     try:
         results, m = eng.generate(reqs)
     except SPDDistributedError as e:
@@ -335,6 +336,9 @@ def _generate_distributed(args) -> int:
     print(f"--- {m.new_tokens} tokens in {m.wall_s:.2f} s: {m.tokens_per_s:.1f} tok/s (prefill {m.prefill_s:.2f} s; "
           f"decode {m.decode_tokens_per_s:.1f} tok/s) ({eng.describe()})")
     print(format_report(m, cores=os.cpu_count()))
+    if args.spd_lookup:
+        print(f"--- lookup drafts {m.lookup_accepted}/{m.lookup_drafted} accepted, PDM drafts "
+              f"{m.accepted - m.lookup_accepted}/{m.drafted - m.lookup_drafted}")
     if args.json:
         out = dict(model=ck.source, proposer=eng.describe(), metrics=m.as_dict(),
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,

@@ -486,12 +486,13 @@ class DistributedSPD(SPDEngine):
     :meth:`start`, stopped by :meth:`close` or the context manager). ``pdm`` may be built on any model with
     this checkpoint's head. Rank 0 keeps only the embedding, final norm, LM head and the PDM; each worker
     gets only its stage's tensors. ``threads`` per rank default to the cores over ``n + 1`` (at least 1).
+    ``lookup``: as in :class:`SPDEngine` (prompt-lookup drafts where the newest tokens occur earlier, made on rank 0).
     ``timeout_s``: the grace of every wait beyond four running mean cycle times."""
 
     def __init__(self, config: LlamaConfig, state_dict: Dict[str, torch.Tensor], pdm: PipelineDraftModule, n: int,
                  tokenizer=None, eos_token_ids: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32,
                  block_size: int = 16, backend: str = "gloo", threads: Optional[int] = None, timeout_s: float = 5.0,
-                 debug: bool = False, model_source: Optional[str] = None, fault: Optional[Dict] = None):
+                 debug: bool = False, model_source: Optional[str] = None, fault: Optional[Dict] = None, lookup=None):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
         if threads is not None and threads < 1:
@@ -501,7 +502,7 @@ class DistributedSPD(SPDEngine):
         self.rank0_device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         head = LlamaModel(config, state_dict, dtype=dtype, device=self.rank0_device, layers=(0, 0), head=True)
         super().__init__(head, pdm, n, tokenizer=tokenizer, eos_token_ids=eos_token_ids, block_size=block_size,
-                         debug=debug)
+                         debug=debug, lookup=lookup)  # (the lookup drafts on rank 0, where the tokens are)
         self.state_dict = state_dict
         self.spec = PipelineSpec(n=n, config=config, stages=self.stages, stage_taps=self.stage_taps,
                                  dtype=str(dtype).replace("torch.", ""), block_size=block_size, backend=backend,
@@ -516,7 +517,9 @@ class DistributedSPD(SPDEngine):
         self._reset_request()
 
     def describe(self) -> str:
-        return f"spd n={self.n} L_s={self.pdm.num_layers} distributed ({self.spec.backend}, {self.n + 1} ranks)"
+        lk = self.lookup
+        return (f"spd n={self.n} L_s={self.pdm.num_layers} distributed ({self.spec.backend}, {self.n + 1} ranks)"
+                + (f" + lookup n={lk.min_ngram}..{lk.max_ngram}" if lk is not None else ""))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> DistributedSPD:
@@ -752,6 +755,8 @@ class DistributedSPD(SPDEngine):
         m.wall_s = time.perf_counter() - t0
         results = collect_results(states, self.tokenizer, m)
         m.request_cycles = sum(s.metrics.cycles for s in states)
+        m.lookup_drafted = sum(s.metrics.lookup_drafted for s in states)
+        m.lookup_accepted = sum(s.metrics.lookup_accepted for s in states)
         return results, m
 
     def _one(self, st: _SPDState, r: Request, m: DistSPDRunMetrics) -> None:
