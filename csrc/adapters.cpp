@@ -71,6 +71,14 @@ std::vector<uint8_t> check_sgl_trees(const SglTrees& t) {
   return reach;
 }
 
+// The token of every reachable node but the root lies in [0, V).
+void check_drafted_tokens(const SglTrees& t, const std::vector<uint8_t>& reach, int64_t V) {
+  for (int64_t i = 0; i < t.bs * t.n; ++i)
+    if (reach[i] && i % t.n != 0 && (t.cand[i] < 0 || t.cand[i] >= V))
+      fail("candidates", req(i / t.n) + "token " + std::to_string(t.cand[i]) + " of node " + std::to_string(i % t.n) +
+                             " is outside the vocabulary [0, " + std::to_string(V) + ")");
+}
+
 // The outputs of one request from its path (node ids, root first) and the token after its last node.
 void write_path(const SglTrees& t, int64_t b, const std::vector<int64_t>& path, int64_t last_token) {
   const int64_t n = t.n;
@@ -98,30 +106,49 @@ SPD_CLONES double block_mass(const float* row, int64_t len) {
   return s;
 }
 
-// One token from a probability row without the tokens in `ex` (a few), by inverse CDF with `coin`: the first id whose
-// running sum of mass exceeds coin * (the row's mass without ex). Block sums of 512 entries find the block, then
-// that block is summed entry by entry in double (a coin within ~1e-7 of a step may land on the neighbouring
-// token, as with any fp32 row). Without mass left after the exclusion the whole row is used; a row without any
-// mass (invalid input, validation off) gives its argmax, so the token is always in [0, V).
+// One token from a probability row without the tokens in `ex` (the children tried at the node, in sibling order), by
+// inverse CDF with `coin`: the first id whose running sum of mass exceeds coin * (the row's mass without ex). The
+// tried tokens are removed as the generic path's forced rejection removes them: unless the first of them holds at
+// least 1 - 2^-24 of the row (the rejection cannot be forced) or nothing is left without them (then the whole
+// row). Block sums of 512 entries find the block (fp32 lanes: a coin within ~1e-7 of a step may land on the
+// neighbouring token), then that block is summed entry by entry in double; the blocks holding a tried token are
+// summed entry by entry, so a small remaining mass is not lost to rounding. A row without any mass (invalid input,
+// validation off) gives its argmax, so the token is always in [0, V).
 int64_t draw_excluding(const float* row, int64_t V, const std::vector<int64_t>& ex, float coin) {
   constexpr int64_t kBlock = 512;
   const int64_t nblocks = (V + kBlock - 1) / kBlock;
-  std::vector<double> blocks(nblocks);
-  double total = 0.0;
-  for (int64_t k = 0; k < nblocks; ++k) total += blocks[k] = block_mass(row + k * kBlock, std::min(kBlock, V - k * kBlock));
   std::vector<int64_t> excl(ex);
   std::sort(excl.begin(), excl.end());
   excl.erase(std::unique(excl.begin(), excl.end()), excl.end());
-  double kept = total;
-  for (int64_t x : excl) kept -= mass(row[x]);
-  const bool use_excl = !excl.empty() && kept > 0.0 && std::isfinite(kept) &&
-                        kept > total * 0x1p-24;  // else the tried tokens held all but fp32 rounding of its mass
-  if (!use_excl) {
-    excl.clear();
-    kept = total;
+  const auto excluded = [&](int64_t i) { return std::binary_search(excl.begin(), excl.end(), i); };
+  std::vector<double> blocks(nblocks);
+  std::vector<uint8_t> has_excl(nblocks, 0);
+  for (int64_t x : excl) has_excl[x / kBlock] = 1;
+  const auto sum_blocks = [&](bool exclude) {
+    double total = 0.0;
+    for (int64_t k = 0; k < nblocks; ++k) {
+      const int64_t lo = k * kBlock, len = std::min(kBlock, V - lo);
+      if (exclude && has_excl[k]) {
+        double b = 0.0;
+        for (int64_t i = lo; i < lo + len; ++i)
+          if (!excluded(i)) b += mass(row[i]);
+        blocks[k] = b;
+      } else {
+        blocks[k] = block_mass(row + lo, len);
+      }
+      total += blocks[k];
+    }
+    return total;
+  };
+  const float never_rejected = 1.0f - std::ldexp(1.0f, -24);
+  bool use_excl = !ex.empty() && !(row[ex[0]] >= never_rejected);
+  double kept = sum_blocks(use_excl);
+  if (use_excl && !(kept > 0.0 && std::isfinite(kept))) {  // nothing left without the tried tokens: the whole row
+    use_excl = false;
+    kept = sum_blocks(false);
   }
+  if (!use_excl) excl.clear();
   if (!(kept > 0.0) || !std::isfinite(kept)) return row_argmax(row, V, kF32);
-  for (int64_t x : excl) blocks[x / kBlock] -= mass(row[x]);
   const double target = static_cast<double>(coin) * kept;
   double run = 0.0;
   int64_t last_pos = -1;
@@ -133,7 +160,7 @@ int64_t draw_excluding(const float* row, int64_t V, const std::vector<int64_t>& 
     const int64_t end = std::min(V, (k + 1) * kBlock);
     for (int64_t i = k * kBlock; i < end; ++i) {
       const double w = mass(row[i]);
-      if (w <= 0.0 || std::binary_search(excl.begin(), excl.end(), i)) continue;
+      if (w <= 0.0 || excluded(i)) continue;
       run += w;
       last_pos = i;
       if (run > target) return i;
@@ -141,7 +168,7 @@ int64_t draw_excluding(const float* row, int64_t V, const std::vector<int64_t>& 
   }
   if (last_pos >= 0) return last_pos;  // rounding: the coin at the very top
   for (int64_t i = V - 1; i >= 0; --i)  // (blocks skipped by rounding held the last mass)
-    if (mass(row[i]) > 0.0f && !std::binary_search(excl.begin(), excl.end(), i)) return i;
+    if (mass(row[i]) > 0.0f && !excluded(i)) return i;
   return row_argmax(row, V, kF32);
 }
 
@@ -149,7 +176,8 @@ int64_t draw_excluding(const float* row, int64_t V, const std::vector<int64_t>& 
 
 void sgl_verify_tree_greedy(const SglTrees& t, const int64_t* target_predict, std::uintptr_t logits, int logit_code,
                             int64_t row_stride, int64_t V) {
-  check_sgl_trees(t);
+  const std::vector<uint8_t> reach = check_sgl_trees(t);
+  if (!target_predict) check_drafted_tokens(t, reach, V);  // (with logits: a token outside [0, V) is a caller's bug)
   const int64_t n = t.n;
   const size_t esz = static_cast<size_t>(element_size(logit_code));
   std::vector<int64_t> path;
@@ -178,10 +206,7 @@ void sgl_tree_sampling_target_only(const SglTrees& t, const float* coins, const 
                                    int64_t V, float* draft_probs, double threshold_single, double threshold_acc) {
   const std::vector<uint8_t> reach = check_sgl_trees(t);
   const int64_t bs = t.bs, n = t.n;
-  for (int64_t i = 0; i < bs * n; ++i)  // the tokens whose probabilities the walk reads
-    if (reach[i] && i % n != 0 && (t.cand[i] < 0 || t.cand[i] >= V))
-      fail("candidates", req(i / n) + "token " + std::to_string(t.cand[i]) + " of node " + std::to_string(i % n) +
-                             " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  check_drafted_tokens(t, reach, V);  // the tokens whose probabilities the walk reads
   // sgl-kernel's fp32 arithmetic: accept child c of node v iff coin(v) <= S / max(threshold_acc, 1e-9) or
   // p(c) >= threshold_single, S the running sum of v's row over the children tried so far, c included
   const float th_acc = static_cast<float>(std::max(threshold_acc, 1e-9));

@@ -303,8 +303,10 @@ spd::SglTrees sgl_trees(const Tensor& predicts, const Tensor& accept_index, cons
   for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{predicts, "predicts"},
                                 {accept_index, "accept_index"}, {accept_token_num, "accept_token_num"}})
     TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor (written in place)");
-  TORCH_CHECK_VALUE(candidates.is_contiguous() && ri.is_contiguous() && nt.is_contiguous() && ns.is_contiguous(),
-                    "candidates: the tree tensors must be contiguous");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{candidates, "candidates"}, {ri, "retrive_index"},
+                                {nt, "retrive_next_token"}, {ns, "retrive_next_sibling"}})
+    TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides(),
+                      " for shape ", shape_of(t));
   return spd::SglTrees{bs, n, accept_index.size(1), std::min(bs * n, predicts.size(0)),
                        candidates.const_data_ptr<int64_t>(), ri.const_data_ptr<int64_t>(),
                        nt.const_data_ptr<int64_t>(), ns.const_data_ptr<int64_t>(), predicts.data_ptr<int32_t>(),
@@ -323,7 +325,8 @@ void sgl_verify_tree_greedy_cpu(const Tensor& predicts, const Tensor& accept_ind
     TORCH_CHECK_VALUE(target_predict->size(0) == t.bs && target_predict->size(1) == t.n,
                       "target_predict: expected shape [bs, num_draft_tokens] = [", t.bs, ", ", t.n, "], got ",
                       shape_of(*target_predict));
-    const Tensor tp = dense(*target_predict);
+    TORCH_CHECK_VALUE(target_predict->is_contiguous(), "target_predict: expected a contiguous tensor");
+    const Tensor& tp = *target_predict;
     run_checked([&] { spd::sgl_verify_tree_greedy(t, tp.const_data_ptr<int64_t>(), 0, 0, 0, 0); });
     return;
   }
@@ -365,7 +368,10 @@ void sgl_tree_sampling_cpu(const Tensor& predicts, const Tensor& accept_index, c
                     threshold_single);
   TORCH_CHECK_VALUE(threshold_acc >= 0 && threshold_acc <= 1, "threshold_acc: expected a value in [0, 1], got ",
                     threshold_acc);
-  const Tensor u = dense(uniform_samples), fc = dense(final_coins), tp = dense(target_probs);
+  for (const auto& [x, name] : {std::pair<const Tensor&, const char*>{uniform_samples, "uniform_samples"},
+                                {final_coins, "uniform_samples_for_final_sampling"}, {target_probs, "target_probs"}})
+    TORCH_CHECK_VALUE(x.is_contiguous(), name, ": expected a contiguous tensor");  // (as sgl-kernel requires)
+  const Tensor &u = uniform_samples, &fc = final_coins, &tp = target_probs;
   run_checked([&] {
     spd::sgl_tree_sampling_target_only(t, u.const_data_ptr<float>(), fc.const_data_ptr<float>(),
                                        tp.const_data_ptr<float>(), V,
@@ -451,8 +457,13 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
   int32_t* emit_p = emit_now.data_ptr<int32_t>();
   const auto add = [](const OptTensor& t, int64_t b, int64_t v) {
     if (!t.has_value()) return;
-    if (t->scalar_type() == at::kInt) t->data_ptr<int32_t>()[b] += static_cast<int32_t>(v);
-    else t->data_ptr<int64_t>()[b] += v;
+    if (t->scalar_type() == at::kInt) {  // wraps on overflow, as torch's += does (no signed overflow)
+      int32_t* c = t->data_ptr<int32_t>() + b;
+      *c = static_cast<int32_t>(static_cast<uint32_t>(*c) + static_cast<uint32_t>(v));
+    } else {
+      int64_t* c = t->data_ptr<int64_t>() + b;
+      *c = static_cast<int64_t>(static_cast<uint64_t>(*c) + static_cast<uint64_t>(v));
+    }
   };
   for (int64_t b = 0; b < B; ++b) {
     const int64_t emitted = num[b] - 1;

@@ -212,3 +212,19 @@ def adapter_path(path: str, module, monkeypatch):
 def path_device(path: str, x):
     """``x`` on the device of ``path``'s backend."""
     return to_backend(path.replace("-generic", ""), x)
+
+
+@contextlib.contextmanager
+def adapter_refusal_path(fused: bool, module, monkeypatch):
+    """For the refusal tests: ``module``'s fused op (``fused``, on the cpp backend) or its generic path; with the
+    fused op, prove that it ran (no public op was called before the refusal)."""
+    calls = []
+    for name in ("verify_greedy", "rejection_sample"):
+        real = getattr(spdkernels, name)
+        monkeypatch.setattr(spdkernels, name, lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+    monkeypatch.setattr(module, "_FUSED", fused)
+    cpp = "cpp" in backends_here()
+    with (use_backend("cpp") if cpp else contextlib.nullcontext()):
+        yield
+    if fused and cpp:
+        assert not calls, "the fused C++ op should have served (and refused) the call"

@@ -6,7 +6,15 @@ with the adapter on every backend and on both of its CPU paths (the fused C++ op
 import numpy as np
 import pytest
 import torch
-from conftest import adapter_path, adapter_paths, backend_generator, backends_here, path_device, use_backend
+from conftest import (
+    adapter_path,
+    adapter_paths,
+    adapter_refusal_path,
+    backend_generator,
+    backends_here,
+    path_device,
+    use_backend,
+)
 from scipy.stats import chisquare
 
 import spdkernels
@@ -190,11 +198,11 @@ def test_distribution_test_catches_a_wrong_adapter(monkeypatch, bug):
     ("draft_token_ids", lambda dp, t, tp: (dp, t.clamp(min=0) - 1, tp)),
 ], ids=["rank", "dtype", "n", "token-dtype", "bonus-row", "vocab", "counter", "counter-dtype", "token-list",
         "token-too-large", "token-negative"])
+@pytest.mark.parametrize("validate", [True, False], ids=["validation-on", "validation-off"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
-def test_layouts_flashinfer_rejects_raise_value_errors(name, args, fused, monkeypatch):
-    """The same refusal, naming the argument, on both paths (token ids out of range with validation off too)."""
-    monkeypatch.setattr(af, "_FUSED", fused)
+def test_layouts_flashinfer_rejects_raise_value_errors(name, args, fused, validate, monkeypatch):
+    """The same refusal, naming the argument, on both paths, with validation on and off."""
     dp, t, tp = make(2, 3, 10, seed=0)
-    with spdkernels.validation(False):
+    with adapter_refusal_path(fused, af, monkeypatch), spdkernels.validation(validate):
         with pytest.raises(ValueError, match=name):
             af.chain_speculative_sampling(*args(dp, t, tp))

@@ -7,7 +7,7 @@ variants; the layouts the adapter refuses, with the same message on both paths."
 import numpy as np
 import pytest
 import torch
-from conftest import adapter_path, adapter_paths, backends_here, path_device, use_backend
+from conftest import adapter_path, adapter_paths, adapter_refusal_path, backends_here, path_device, use_backend
 from scipy.stats import chisquare
 
 import spdkernels
@@ -372,44 +372,87 @@ def _deep_chain(a):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
 def test_layouts_refused_raise_value_errors(name, change, fused, monkeypatch):
     """The same refusal, naming the argument, on both paths; outputs untouched."""
-    monkeypatch.setattr(asg, "_FUSED", fused)
     a = _good()
     change(a)
     before = [a[k].clone() for k in ("predicts", "accept_index", "accept_token_num")]
-    with pytest.raises(ValueError, match=name):
+    with adapter_refusal_path(fused, asg, monkeypatch), pytest.raises(ValueError, match=name):
         asg.verify_tree_greedy(**a)
     for x, k in zip(before, ("predicts", "accept_index", "accept_token_num")):
         assert torch.equal(x, a[k])
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
-def test_sampling_refuses_tokens_outside_the_vocabulary(fused, monkeypatch):
-    """A drafted token outside [0, V) would be read out of bounds: refused with validation off too."""
-    monkeypatch.setattr(asg, "_FUSED", fused)
+@pytest.mark.parametrize("validate", [True, False], ids=["validation-on", "validation-off"])
+def test_drafted_tokens_outside_the_vocabulary_are_refused(fused, validate, monkeypatch):
+    """A drafted token outside [0, V) would be read out of bounds (sampling) or could never be accepted (greedy with
+    target_logits, our extension): refused on both paths, with validation on and off, naming candidates."""
     b = _good()
     b.pop("target_predict")
     b["candidates"][1, 3] = 10  # V = 10
-    with spdkernels.validation(False):
+    reach = asg.tree_parents(b["retrive_next_token"], b["retrive_next_sibling"])
+    assert int(reach[1, 3]) >= 0  # (node 3 is on a tree)
+    with adapter_refusal_path(fused, asg, monkeypatch), spdkernels.validation(validate):
         with pytest.raises(ValueError, match="candidates: request 1: token 10 of node 3"):
             asg.tree_speculative_sampling_target_only(**b, uniform_samples=torch.rand(2, 5),
                                                       uniform_samples_for_final_sampling=torch.rand(2),
                                                       target_probs=torch.softmax(torch.randn(2, 5, 10), -1))
+        with pytest.raises(ValueError, match="candidates: request 1: token 10 of node 3"):
+            asg.verify_tree_greedy(**b, target_logits=torch.randn(10, 10))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_value_checks_with_validation_on(fused, monkeypatch):
+    """With validation on, NaN logits (greedy with target_logits) and probability rows that do not sum to 1
+    (sampling) are refused on both paths, naming the argument; non-contiguous coins too (as sgl-kernel requires)."""
+    b = _good()
+    b.pop("target_predict")
+    logits = torch.randn(10, 10)
+    logits[4, 2] = float("nan")
+    tp = torch.softmax(torch.randn(2, 5, 10), -1)
+    with adapter_refusal_path(fused, asg, monkeypatch):
+        with pytest.raises(ValueError, match="target_logits: contains NaN"):
+            asg.verify_tree_greedy(**b, target_logits=logits)
+        with pytest.raises(ValueError, match="target_probs: row"):
+            asg.tree_speculative_sampling_target_only(**b, uniform_samples=torch.rand(2, 5),
+                                                      uniform_samples_for_final_sampling=torch.rand(2),
+                                                      target_probs=tp * 1.5)
+        with pytest.raises(ValueError, match="uniform_samples"):
+            asg.tree_speculative_sampling_target_only(**b, uniform_samples=torch.rand(5, 2).t(),
+                                                      uniform_samples_for_final_sampling=torch.rand(2),
+                                                      target_probs=tp)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_final_draw_keeps_a_small_remaining_mass(path, monkeypatch):
+    """The children tried at the last node hold all but 5e-9 of its row: the token drawn there is the one left
+    (token 2), never a rejected child's, on every path (as in sgl-kernel)."""
+    par = [-1, -1]  # root -> children 1, 2 (tokens 0 and 1)
+    nxt, sib = tree.to_sglang(par)
+    cand = torch.tensor([[9, 0, 1]], dtype=I64)
+    row = torch.tensor([0.5, 0.49, 5e-9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    tp = row[None, None].repeat(1, 3, 1).contiguous()
+    outs = path_device(path, outputs(1, 3, 3))
+    with on(path, monkeypatch):
+        asg.tree_speculative_sampling_target_only(
+            *outs, *path_device(path, (cand, torch.arange(3).reshape(1, 3), torch.tensor([nxt]), torch.tensor([sib]),
+                                       torch.tensor([[0.995, 0.5, 0.5]]), torch.tensor([0.3]), tp)))
+    assert outs[2].tolist() == [0] and outs[0].tolist()[0] == 2
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
 def test_non_topological_tree_and_bad_thresholds_are_refused(fused, monkeypatch):
-    monkeypatch.setattr(asg, "_FUSED", fused)
     a = _good()
     a["retrive_next_token"] = torch.tensor([[2, -1, 1, -1, -1]] * 2, dtype=I64)  # 0 -> 2 -> 1: child before parent
     a["retrive_next_sibling"] = torch.tensor([[-1, -1, -1, -1, -1]] * 2, dtype=I64)
     a["retrive_next_token"][:, 1] = 3
     a["retrive_next_token"][:, 3] = 4
-    with pytest.raises(ValueError, match="topological"):
-        asg.verify_tree_greedy(**a)
     b = _good()
     b.pop("target_predict")
     tp = torch.softmax(torch.randn(2, 5, 10), -1)
-    with pytest.raises(ValueError, match="threshold_acc"):
-        asg.tree_speculative_sampling_target_only(**b, uniform_samples=torch.rand(2, 5),
-                                                  uniform_samples_for_final_sampling=torch.rand(2), target_probs=tp,
-                                                  threshold_acc=1.5)
+    with adapter_refusal_path(fused, asg, monkeypatch):
+        with pytest.raises(ValueError, match="topological"):
+            asg.verify_tree_greedy(**a)
+        with pytest.raises(ValueError, match="threshold_acc"):
+            asg.tree_speculative_sampling_target_only(**b, uniform_samples=torch.rand(2, 5),
+                                                      uniform_samples_for_final_sampling=torch.rand(2),
+                                                      target_probs=tp, threshold_acc=1.5)

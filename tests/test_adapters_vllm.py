@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import backend_device, backend_generator, backends_here, to_backend, use_backend
+from conftest import adapter_refusal_path, backend_device, backend_generator, backends_here, to_backend, use_backend
 from scipy.stats import chisquare
 
 import spdkernels
@@ -393,33 +393,38 @@ REFUSED_IDS = ["non-contiguous", "rows", "vocab", "bonus", "cu", "counts", "spec
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
 def test_layouts_vllm_rejects_raise_value_errors(name, change, validate, fused, monkeypatch):
     """The same refusal, naming the argument, on both paths, with validation on and off."""
-    monkeypatch.setattr(av, "_FUSED", fused)
     a = _args()
     change(a)
-    with spdkernels.validation(validate), pytest.raises(ValueError, match=name):
-        av.rejection_sample(**a)
+    with adapter_refusal_path(fused, av, monkeypatch), spdkernels.validation(validate):
+        with pytest.raises(ValueError, match=name):
+            av.rejection_sample(**a)
 
 
 UNSEEDED = [([3, 0, 2, 4, 1], 50, False, "random"), ([3, 0, 2, 4, 1], 50, True, "mixed"), ([2, 2], 7, True, "greedy"),
             ([5], 1000, True, "random"), ([1, 4, 0, 2], 33, False, "mixed"), ([3, 0, 2, 4], 50, True, "probs"),
-            ([0, 0], 9, False, "random"), ([2, 3, 1], 40, False, "padded"), ([2, 3, 1], 40, True, "q-zero")]
+            ([0, 0], 9, False, "random"), ([2, 3, 1], 40, False, "padded"), ([2, 3, 1], 40, True, "q-zero"),
+            ([2, 1, 3], 30, True, "probs-mixed"), ([2, 1, 3], 30, False, "mixed-fp64")]
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the fused path is the cpp backend's")
 @pytest.mark.parametrize("ks,V,with_q,mode", UNSEEDED, ids=[f"{m}-{i}" for i, (_, _, _, m) in enumerate(UNSEEDED)])
 @pytest.mark.parametrize("validate", [True, False], ids=["validation-on", "validation-off"])
 def test_fused_op_equals_the_generic_path(ks, V, with_q, mode, validate, monkeypatch):
-    """Unseeded calls (all sampled, mixed with greedy, all greedy, older target_probs, padded drafts and q(t) = 0,
-    which the op hands back to the generic path, empty drafts): both paths give the same tokens and leave torch's
-    default generator in the same state."""
+    """Unseeded calls (all sampled, mixed with greedy at fp32 / fp64 temperatures, all greedy, older target_probs,
+    padded drafts and q(t) = 0, which the op hands back to the generic path, empty drafts): both paths give the same
+    tokens and leave torch's default generator in the same state."""
     draft, cu, q, logits, bonus = make_case(ks, V, seed=len(ks) + V, with_q=with_q, pad=mode == "padded")
     B = len(ks)
     if mode == "q-zero":
         q[1, draft[1]] = 0.0
-    temps = torch.tensor([0.0 if r % 2 else 1.0 for r in range(B)]) if mode == "mixed" else torch.ones(B)
+    # mixed batches: greedy (0) and sampled requests at temperatures other than 1 (the rows are already scaled), the
+    # temperatures in fp32 or fp64
+    temps = torch.tensor([0.0 if r % 2 else 0.7 for r in range(B)]) if "mixed" in mode else torch.ones(B)
+    if mode == "mixed-fp64":
+        temps = temps.double()
     sm = av.SamplingMetadata(temperature=temps, all_greedy=mode == "greedy",
-                             all_random=mode not in ("mixed", "greedy"))
-    kw = dict(target_probs=torch.softmax(logits, -1)) if mode == "probs" else dict(target_logits=logits)
+                             all_random="mixed" not in mode and mode != "greedy")
+    kw = dict(target_probs=torch.softmax(logits, -1)) if "probs" in mode else dict(target_logits=logits)
     results = []
     for fused in (True, False):
         monkeypatch.setattr(av, "_FUSED", fused)
@@ -526,3 +531,19 @@ def test_adapters_import_none_of_the_stacks():
             "print([m for m in ('vllm', 'sglang', 'sgl_kernel', 'flashinfer', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_extension_without_the_fused_op_takes_the_generic_path(monkeypatch):
+    """A C++ build older than the Python package (no _cpu_vllm_rejection_sample in it): the generic path serves the
+    call, with the same result, instead of an AttributeError."""
+    from spdkernels.adapters import _common
+
+    a = _args()
+    torch.manual_seed(3)
+    want = av.rejection_sample(**a)
+    monkeypatch.setattr(_common, "_FUSED_OPS", {"_cpu_vllm_rejection_sample": None})
+    calls = []
+    real = spdkernels.rejection_sample
+    monkeypatch.setattr(spdkernels, "rejection_sample", lambda *x, **kw: calls.append(1) or real(*x, **kw))
+    torch.manual_seed(3)
+    assert torch.equal(av.rejection_sample(**a), want) and calls

@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from spdkernels import _registry
 from spdkernels import _validate as V
 
 # The op accepts a child iff p(t) > 0 and u * q(t) <= p(t), with u in the open interval (0, 1).
@@ -86,3 +87,28 @@ def check_shape(arg: str, t: torch.Tensor, shape, what: str) -> None:
 
 
 fail = V.fail
+
+
+_CPU = torch.device("cpu")
+_AUTO_CPP: dict = {}  # public op -> whether the automatic backend on CPU is cpp
+_FUSED_OPS: dict = {}  # private op name -> its overload, or None when the loaded extension lacks it
+
+
+def fused_op(public_op: str, name: str):
+    """An adapter's fused C++ op (``torch.ops.spdkernels.<name>.default``) when it may serve a CPU call now: the
+    ``cpp`` backend is the one chosen for ``public_op`` (forced or automatic) and the loaded extension has the op (a
+    build older than the Python package lacks it: the generic path then serves the call). None otherwise. Cached:
+    after a forward pass has flushed the caches, each line of Python costs microseconds."""
+    forced = _registry.forced_backend()
+    if forced is None:
+        auto = _AUTO_CPP.get(public_op)
+        if auto is None:
+            auto = _AUTO_CPP[public_op] = _registry.resolve(public_op, _CPU, None)[0] == "cpp"
+        if not auto:
+            return None
+    elif forced != "cpp" or _registry.resolve(public_op, _CPU)[0] != "cpp":
+        return None
+    op = _FUSED_OPS.get(name, _CPU)
+    if op is _CPU:
+        op = _FUSED_OPS[name] = getattr(getattr(torch.ops.spdkernels, name, None), "default", None)
+    return op

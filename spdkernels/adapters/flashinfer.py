@@ -38,10 +38,10 @@ from typing import Optional, Tuple, Union
 import torch
 
 import spdkernels
-from spdkernels import _config, _registry
+from spdkernels import _config
 from spdkernels.ops.rejection_sample import _check_values as _op_check_values
 
-from ._common import cached_arange, check, fail, open_unit_fp32
+from ._common import _CPU, cached_arange, check, fail, fused_op, open_unit_fp32
 
 __all__ = ["chain_speculative_sampling"]
 
@@ -65,42 +65,28 @@ def _generator(device, generator, seed, offset) -> Optional[torch.Generator]:
     return None if mixed is None else torch.Generator(device=device).manual_seed(mixed)
 
 
-_CPU = torch.device("cpu")
-_AUTO: list = []  # [whether the automatic choice on CPU is cpp], once known
-
 # the generic path everywhere when False (tests and the benchmark's baseline switch it)
 _FUSED = True
 
 
-def _fused(draft_probs, *counters) -> bool:
-    """Whether the C++ op in FlashInfer's layout serves this call (the rejection_sample kernel and FlashInfer's
-    counters in one call): CPU tensors, the ``cpp`` backend chosen for ``rejection_sample`` (forced or automatic),
-    the counters given contiguous (they are updated in place) or not given. The op makes every check of the generic
-    path itself; arguments of the wrong type make it raise, and the generic path's checks then name them."""
+def _fused(draft_probs, *counters):
+    """The C++ op in FlashInfer's layout when it serves this call (the rejection_sample kernel and FlashInfer's
+    counters in one call), else None: CPU tensors, the ``cpp`` backend chosen for ``rejection_sample``, the counters
+    given contiguous (they are updated in place) or not given. The op makes every check of the generic path itself;
+    an argument of the wrong type makes it raise, and the generic path's checks then name it."""
     if not (_FUSED and isinstance(draft_probs, torch.Tensor) and draft_probs.is_cpu and draft_probs.dim() == 3
             and draft_probs.shape[0] > 0):
-        return False
-    forced = _registry.forced_backend()
-    if forced is None:
-        if not _AUTO:
-            _AUTO.append(_registry.resolve("rejection_sample", _CPU, None)[0] == "cpp")
-        if not _AUTO[0]:
-            return False
-    elif forced != "cpp" or _registry.resolve("rejection_sample", _CPU)[0] != "cpp":
-        return False
-    if not _OP:
-        _OP.append(torch.ops.spdkernels._cpu_flashinfer_chain_sampling.default)
+        return None
     for c in counters:
         if c is not None and not (isinstance(c, torch.Tensor) and c.is_contiguous()):
-            return False
-    return True
-
-
-_OP: list = []  # [the fused op], looked up by _fused once the cpp backend is known to be there
+            return None
+    return fused_op("rejection_sample", "_cpu_flashinfer_chain_sampling")
 
 
 def _check_values(draft_probs, draft_token_ids, target_probs) -> None:
     """(validation on) the op's value checks, on FlashInfer's tensors as the op reads them."""
+    if not all(isinstance(t, torch.Tensor) for t in (draft_probs, draft_token_ids, target_probs)):
+        return  # (the op raises; the generic path's checks name the argument)
     if draft_probs.dim() != 3 or target_probs.dim() != 3 or draft_token_ids.dim() != 2:
         return  # (the op names the shape error)
     B, n, V = draft_probs.shape
@@ -150,15 +136,16 @@ def chain_speculative_sampling(
         >>> out.tolist(), acc.tolist(), emitted.tolist()  # draft 2 is certain, draft 1 impossible, then token 0
         ([[2, 0, -1]], [1], [1])
     """
-    if _fused(draft_probs, maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num):
+    op = _fused(draft_probs, maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num)
+    if op is not None:
         try:
             if _config.validation_enabled():
                 _check_values(draft_probs, draft_token_ids, target_probs)
             # the coins are drawn inside, as the generic path draws them (no Generator object made for a seed)
-            out, acc, emitted = _OP[0](draft_probs, draft_token_ids, target_probs, generator,
-                                       None if generator is not None or (seed is None and offset is None)
-                                       else _stream_seed(seed, offset),
-                                       maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num)
+            out, acc, emitted = op(draft_probs, draft_token_ids, target_probs, generator,
+                                   None if generator is not None or (seed is None and offset is None)
+                                   else _stream_seed(seed, offset),
+                                   maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num)
         except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the checks below name it
             pass
         else:

@@ -36,10 +36,20 @@ from typing import Optional, Tuple
 import torch
 
 import spdkernels
-from spdkernels import _config, _registry
+from spdkernels import _config
 
 from ..ops.rejection_sample import PROBS_SUM_TOLERANCE
-from ._common import REJECT_COIN, cached_arange, check, check_shape, fail, gather_rows, open_unit_fp32, workspace
+from ._common import (
+    REJECT_COIN,
+    cached_arange,
+    check,
+    check_shape,
+    fail,
+    fused_op,
+    gather_rows,
+    open_unit_fp32,
+    workspace,
+)
 
 __all__ = ["tree_speculative_sampling_target_only", "verify_tree_greedy"]
 
@@ -75,39 +85,18 @@ def _check_tree_args(predicts, accept_index, accept_token_num, candidates, ri, n
     return bs, n, accept_index.shape[1]
 
 
-_CPU = torch.device("cpu")
-_AUTO: dict = {}  # op -> whether the automatic choice on CPU is cpp
-
-
-def _fused(op: str, candidates, *outputs) -> bool:
-    """Whether the C++ kernel in sgl-kernel's layout serves this call: CPU tensors, the ``cpp`` backend chosen for
-    ``op`` (forced or automatic), outputs contiguous (they are written in place). The kernel makes every check of
-    the generic path itself (dtypes, shapes, devices, the trees; arguments of the wrong type make the op raise a
-    TypeError or RuntimeError, and the generic path's checks then name them), so the fused path checks nothing else
-    in Python: after a forward pass has flushed the caches, each line of Python costs microseconds."""
+def _fused(op: str, name: str, candidates, *outputs):
+    """The C++ op in sgl-kernel's layout when it serves this call (else None): CPU tensors, the ``cpp`` backend
+    chosen for ``op``, outputs contiguous (they are written in place). The op makes every check of the generic path
+    itself, with the same messages (dtypes, shapes, contiguity, devices, the trees; an argument of the wrong type makes
+    it raise a TypeError or RuntimeError, and the generic path's checks then name it), so this path checks little
+    in Python."""
     if not (_FUSED and isinstance(candidates, torch.Tensor) and candidates.is_cpu):
-        return False
-    forced = _registry.forced_backend()
-    if forced is None:
-        auto = _AUTO.get(op)
-        if auto is None:
-            auto = _AUTO[op] = _registry.resolve(op, _CPU, None)[0] == "cpp"
-        if not auto:
-            return False
-    elif forced != "cpp" or _registry.resolve(op, _CPU)[0] != "cpp":
-        return False
+        return None
     for t in outputs:
         if not (isinstance(t, torch.Tensor) and t.is_contiguous()):
-            return False
-    return True
-
-
-def _sgl_greedy_op():
-    return torch.ops.spdkernels._cpu_sgl_verify_tree_greedy.default
-
-
-def _sgl_sampling_op():
-    return torch.ops.spdkernels._cpu_sgl_tree_sampling_target_only.default
+            return None
+    return fused_op(op, name)
 
 
 # the generic path everywhere when False (tests and the benchmark's baseline switch it)
@@ -281,10 +270,12 @@ def verify_tree_greedy(
     ri = _pick("retrive_index", retrive_index, retrieve_index)
     nt = _pick("retrive_next_token", retrive_next_token, retrieve_next_token)
     ns = _pick("retrive_next_sibling", retrive_next_sibling, retrieve_next_sibling)
-    if _fused("verify_greedy", candidates, predicts, accept_index, accept_token_num):
+    if target_logits is not None and _config.validation_enabled():
+        _check_logits(target_logits)
+    op = _fused("verify_greedy", "_cpu_sgl_verify_tree_greedy", candidates, predicts, accept_index, accept_token_num)
+    if op is not None:
         try:
-            return _sgl_greedy_op()(predicts, accept_index, accept_token_num, candidates, ri, nt, ns, target_predict,
-                                    target_logits)
+            return op(predicts, accept_index, accept_token_num, candidates, ri, nt, ns, target_predict, target_logits)
         except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the checks below name it
             pass
     bs, n, num_spec = _check_tree_args(predicts, accept_index, accept_token_num, candidates, ri, nt, ns)
@@ -315,6 +306,11 @@ def verify_tree_greedy(
         qpath = tb.orig_path(path)
         tokens = pred.gather(1, qpath.clamp(min=0))
     else:
+        bad = (tb.par_q[:, 1:] >= 0) & ((candidates[:, 1:] < 0) | (candidates[:, 1:] >= V))
+        if bool(bad.any()):
+            b, c = (int(x) for x in bad.nonzero()[0])
+            fail("candidates", f"request {b}: token {int(candidates[b, c + 1])} of node {c + 1} is outside the "
+                 f"vocabulary [0, {V})")
         rows = target_logits.reshape(bs * n, V)
         if not torch.equal(flat_ri, torch.arange(bs * n, device=dev)):
             rows = gather_rows("perm", rows, flat_ri)
@@ -385,8 +381,9 @@ def tree_speculative_sampling_target_only(
     The decisions are made in sgl-kernel's fp32 arithmetic (they need only the probabilities of the drafted
     tokens) and give the accepted path; the token after the path's last node is drawn from that node's
     probability row, read as given, without the tokens of the children tried there (a coin within ~1e-7 of a CDF
-    step may pick the neighbouring token). A tried child whose token holds all but 2^-24 of that row's mass
-    (possible only from fp32 rounding of ``S``) is not removed: the token is then drawn from the whole row. On CPU
+    step may pick the neighbouring token). If the first child tried there holds at least 1 - 2^-24 of that row
+    (possible only from fp32 rounding of ``S``), or nothing is left without the tried tokens, the token is drawn from
+    the whole row. On CPU
     with the ``cpp`` backend one C++ kernel does all of it; elsewhere the decisions are tensor operations and
     :func:`spdkernels.rejection_sample` makes the draw (``target_is_probs``; one forced rejection against the
     indicator row of the tried tokens).
@@ -409,14 +406,15 @@ def tree_speculative_sampling_target_only(
     ri = _pick("retrive_index", retrive_index, retrieve_index)
     nt = _pick("retrive_next_token", retrive_next_token, retrieve_next_token)
     ns = _pick("retrive_next_sibling", retrive_next_sibling, retrieve_next_sibling)
-    if _fused("rejection_sample", candidates, predicts, accept_index, accept_token_num,
-              *(() if draft_probs is None else (draft_probs,))):
+    op = _fused("rejection_sample", "_cpu_sgl_tree_sampling_target_only", candidates, predicts, accept_index,
+                accept_token_num, *(() if draft_probs is None else (draft_probs,)))
+    if op is not None:
         if _config.validation_enabled() and isinstance(target_probs, torch.Tensor) and target_probs.dim() == 3:
             _check_probs(target_probs)
         try:
-            return _sgl_sampling_op()(predicts, accept_index, accept_token_num, candidates, ri, nt, ns, uniform_samples,
-                                      uniform_samples_for_final_sampling, target_probs, draft_probs,
-                                      float(threshold_single), float(threshold_acc))
+            return op(predicts, accept_index, accept_token_num, candidates, ri, nt, ns, uniform_samples,
+                      uniform_samples_for_final_sampling, target_probs, draft_probs, float(threshold_single),
+                      float(threshold_acc))
         except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the checks below name it
             pass
     bs, n, num_spec = _check_tree_args(predicts, accept_index, accept_token_num, candidates, ri, nt, ns)
@@ -513,6 +511,13 @@ def tree_speculative_sampling_target_only(
 
     if draft_probs is not None and n > 1:  # sgl-kernel's side effect: rejected children's target probability
         _mark_rejected(draft_probs, target_probs, candidates, tb.par_q, qpath, num, num_spec)
+
+
+def _check_logits(target_logits) -> None:
+    """(validation on) no NaN in the logits (as spdkernels.verify_greedy checks)."""
+    if isinstance(target_logits, torch.Tensor) and target_logits.is_floating_point() and target_logits.numel():
+        if bool(torch.isnan(target_logits).any()):
+            fail("target_logits", "contains NaN")
 
 
 def _check_probs(target_probs: torch.Tensor) -> None:

@@ -57,10 +57,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import spdkernels
-from spdkernels import _config, _registry
+from spdkernels import _config
 from spdkernels.ops.rejection_sample import _check_values as _op_check_values
 
-from ._common import UNUSED_COIN, check, check_shape, fail, gather_rows, open_unit_fp32, probs_to_logits
+from ._common import UNUSED_COIN, check, check_shape, fail, fused_op, gather_rows, open_unit_fp32, probs_to_logits
 
 log = logging.getLogger("spdkernels.adapters.vllm")
 
@@ -311,9 +311,10 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     probs_given = target_probs is not None
     target = target_probs if probs_given else target_logits
     all_greedy = bool(sampling_metadata.all_greedy)
-    if _fused(target) and (all_greedy or not sampling_metadata.generators):
-        out = _fused_call(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs, target,
-                          probs_given, bonus_token_ids, sampling_metadata, all_greedy)
+    op = _fused(target)
+    if op is not None and (all_greedy or not sampling_metadata.generators):
+        out = _fused_call(op, draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs,
+                          target, probs_given, bonus_token_ids, sampling_metadata, all_greedy)
         if out is not None:
             return out
     B, N, V = _check_args(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs, target,
@@ -383,30 +384,28 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
 
 # the generic path everywhere when False (tests and the benchmark's baseline switch it)
 _FUSED = True
-_CPU = torch.device("cpu")
-_AUTO: list = []  # [whether the automatic choice on CPU is cpp], once known
 
 
-def _fused(target) -> bool:
-    """Whether the C++ op in vLLM's layout may serve this call: CPU tensors and the ``cpp`` backend chosen for
-    ``rejection_sample`` (forced or automatic). The op makes the checks of the generic path itself (with validation
-    on, the generic path's checks run first) and hands back the calls it does not serve (seeded requests are not
-    given to it, padded drafts and empty batches it returns): the generic path then runs."""
+def _fused(target):
+    """The C++ op in vLLM's layout when it may serve this call (else None): CPU tensors and the ``cpp`` backend chosen
+    for ``rejection_sample``. The op makes the checks of the generic path itself (with validation on, the generic
+    path's checks run first) and hands back the calls it does not serve (seeded requests are not given to it, padded
+    drafts and empty batches it returns): the generic path then runs."""
     if not (_FUSED and isinstance(target, torch.Tensor) and target.is_cpu):
-        return False
-    forced = _registry.forced_backend()
-    if forced is None:
-        if not _AUTO:
-            _AUTO.append(_registry.resolve("rejection_sample", _CPU, None)[0] == "cpp")
-        return _AUTO[0]
-    return forced == "cpp" and _registry.resolve("rejection_sample", _CPU)[0] == "cpp"
+        return None
+    return fused_op("rejection_sample", "_cpu_vllm_rejection_sample")
 
 
-def _fused_call(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs, target, probs_given,
-                bonus_token_ids, sampling_metadata, all_greedy) -> Optional[torch.Tensor]:
+def _fused_call(op, draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs, target,
+                probs_given, bonus_token_ids, sampling_metadata, all_greedy) -> Optional[torch.Tensor]:
     """One C++ op (csrc/ops.cpp, vllm_rejection_sample_cpu): the generic path's coins (N + B fp32 from the default
     generator), temperatures and op call in vLLM's layout. None when the generic path must serve the call."""
     all_random = bool(sampling_metadata.all_random) and not all_greedy
+    temperature = None
+    if not (all_greedy or all_random):  # (the op reads fp32 temperatures; vLLM's are fp32 already)
+        temperature = sampling_metadata.temperature
+        if isinstance(temperature, torch.Tensor) and temperature.dtype != torch.float32:
+            temperature = temperature.to(torch.float32)
     if _config.validation_enabled():
         if isinstance(draft_token_ids, torch.Tensor) and draft_token_ids.numel() and int(draft_token_ids.min()) < 0:
             return None  # padded drafts: the generic path (the op's value checks refuse negative ids)
@@ -414,20 +413,17 @@ def _fused_call(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_to
                               target, "target_probs" if probs_given else "target_logits", bonus_token_ids)
         cu = torch.zeros(B + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(num_draft_tokens, dtype=torch.int32).cumsum(0)
-        temp = None if all_greedy or all_random else sampling_metadata.temperature
+        # the temperatures the op is given on the generic path: 0 (greedy) or 1 (vLLM's rows are already scaled)
+        temp = _op_temperature(temperature.to(bonus_token_ids.device) == GREEDY_TEMPERATURE, B, target.device,
+                               all_greedy) if temperature is not None else None
         _op_check_values(target, draft_token_ids, cu, None, draft_probs, temp, None, None, None, None, None,
                          max_spec_len, bonus_token_ids.reshape(B), target_is_probs=probs_given)
     try:
-        out = _vllm_op()(target, draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs,
-                         bonus_token_ids, None if all_greedy or all_random else sampling_metadata.temperature,
-                         all_greedy, all_random, probs_given)
+        out = op(target, draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs,
+                 bonus_token_ids, temperature, all_greedy, all_random, probs_given)
     except (TypeError, RuntimeError):  # an argument of the wrong type (the schema): the generic path's checks name it
         return None
     return out if out.numel() else None
-
-
-def _vllm_op():
-    return torch.ops.spdkernels._cpu_vllm_rejection_sample.default
 
 
 def _op_temperature(greedy: torch.Tensor, B: int, device, all_greedy: bool) -> torch.Tensor:
