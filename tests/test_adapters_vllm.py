@@ -422,6 +422,7 @@ def test_fused_op_equals_the_generic_path(ks, V, with_q, mode, validate, monkeyp
     temps = torch.tensor([0.0 if r % 2 else 0.7 for r in range(B)]) if "mixed" in mode else torch.ones(B)
     if mode == "mixed-fp64":
         temps = temps.double()
+        temps[0] = 1e-50  # sampled (not greedy), though it rounds to 0 in fp32
     sm = av.SamplingMetadata(temperature=temps, all_greedy=mode == "greedy",
                              all_random="mixed" not in mode and mode != "greedy")
     kw = dict(target_probs=torch.softmax(logits, -1)) if "probs" in mode else dict(target_logits=logits)
@@ -547,3 +548,26 @@ def test_an_extension_without_the_fused_op_takes_the_generic_path(monkeypatch):
     monkeypatch.setattr(spdkernels, "rejection_sample", lambda *x, **kw: calls.append(1) or real(*x, **kw))
     torch.manual_seed(3)
     assert torch.equal(av.rejection_sample(**a), want) and calls
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_a_tiny_fp64_temperature_is_sampling_not_greedy(fused, monkeypatch):
+    """vLLM marks greedy requests by temperature == 0 exactly: an fp64 temperature of 1e-50 (0 once rounded to fp32)
+    is a sampled request on both paths."""
+    monkeypatch.setattr(av, "_FUSED", fused)
+    g = torch.Generator().manual_seed(4)
+    V, ks = 30, [3, 2]
+    logits = torch.randn(5, V, generator=g) * 0.1  # flat rows: sampling and greedy part ways
+    draft = torch.randint(0, V, (5,), generator=g, dtype=I32)
+    args = (draft, ks, 3, torch.tensor([3, 5], dtype=I32), None, logits, torch.zeros(2, 1, dtype=I32))
+
+    def run(temps):
+        sm = av.SamplingMetadata(temperature=temps, all_greedy=False, all_random=False)
+        torch.manual_seed(5)
+        with use_backend("cpp" if "cpp" in BACKENDS else "torch"):
+            return av.rejection_sample(*args, sm)
+
+    sampled = run(torch.tensor([1.0, 0.0]))
+    greedy = run(torch.tensor([0.0, 0.0]))
+    assert not torch.equal(sampled[0], greedy[0])  # (the case tells the two apart)
+    assert torch.equal(run(torch.tensor([1e-50, 0.0], dtype=torch.float64)), sampled)

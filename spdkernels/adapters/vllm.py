@@ -405,7 +405,8 @@ def _fused_call(op, draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draf
     if not (all_greedy or all_random):  # (the op reads fp32 temperatures; vLLM's are fp32 already)
         temperature = sampling_metadata.temperature
         if isinstance(temperature, torch.Tensor) and temperature.dtype != torch.float32:
-            temperature = temperature.to(torch.float32)
+            # only "greedy or not" matters to the op: kept exactly (an fp64 1e-50 must not round to greedy)
+            temperature = (temperature != GREEDY_TEMPERATURE).to(torch.float32)
     if _config.validation_enabled():
         if isinstance(draft_token_ids, torch.Tensor) and draft_token_ids.numel() and int(draft_token_ids.min()) < 0:
             return None  # padded drafts: the generic path (the op's value checks refuse negative ids)
