@@ -140,8 +140,7 @@ int64_t draw_excluding(const float* row, int64_t V, const std::vector<int64_t>& 
     }
     return total;
   };
-  const float never_rejected = 1.0f - std::ldexp(1.0f, -24);
-  bool use_excl = !ex.empty() && !(row[ex[0]] >= never_rejected);
+  bool use_excl = !ex.empty() && !(row[ex[0]] >= kRejectCoin);  // (the generic path's forced rejection fails there)
   double kept = sum_blocks(use_excl);
   if (use_excl && !(kept > 0.0 && std::isfinite(kept))) {  // nothing left without the tried tokens: the whole row
     use_excl = false;
@@ -158,9 +157,10 @@ int64_t draw_excluding(const float* row, int64_t V, const std::vector<int64_t>& 
       continue;
     }
     const int64_t end = std::min(V, (k + 1) * kBlock);
+    const bool look_up = !excl.empty() && has_excl[k];  // (binary searches only in the blocks holding a tried token)
     for (int64_t i = k * kBlock; i < end; ++i) {
       const double w = mass(row[i]);
-      if (w <= 0.0 || excluded(i)) continue;
+      if (w <= 0.0 || (look_up && excluded(i))) continue;
       run += w;
       last_pos = i;
       if (run > target) return i;

@@ -255,6 +255,16 @@ inline int32_t row_argmax(const void* row, int64_t V, int code) {
 
 inline int element_size(int code) { return code == kF32 ? 4 : 2; }
 
+// The open interval (0, 1) the sampler's coins live in, as fp32 (spdkernels/adapters/_common.py has the same two):
+// a coin of kRejectCoin rejects every draft but one holding at least 1 - 2^-24 of its row.
+constexpr float kAcceptCoin = 1.17549435e-38f;  // the smallest normal fp32
+constexpr float kRejectCoin = 1.0f - 5.9604645e-08f;  // 1 - 2^-24
+
+// Coins drawn in [0, 1) into (0, 1), in place (NaN stays NaN, as torch.clamp leaves it).
+inline void open_unit(float* c, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) c[i] = std::min(std::max(c[i], kAcceptCoin), kRejectCoin);
+}
+
 // Always-on structural checks of a draft batch (docs/contract.md section 3), made before any kernel reads
 // through these indices, with validation on or off: O(N + R) integer reads, nothing measurable next to
 // reading N + R logit rows. A bad value throws std::invalid_argument naming the argument (Python sees a

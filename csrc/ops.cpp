@@ -34,7 +34,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <limits>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -435,10 +434,8 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
   Tensor cd = at::empty({N + B + N}, draft_probs.options());
   torch_rand_f32(generator, cd.data_ptr<float>(), N + B + N);  // = torch.rand(N + B + N, generator=generator)
   const float* c = cd.const_data_ptr<float>();
-  Tensor u = at::empty({N + B}, cd.options());
-  float* up = u.data_ptr<float>();
-  const float lo = std::numeric_limits<float>::min(), hi = 1.0f - std::ldexp(1.0f, -24);
-  for (int64_t i = 0; i < N + B; ++i) up[i] = std::min(std::max(c[i], lo), hi);  // (NaN stays NaN, as in torch)
+  Tensor u = cd.slice(0, 0, N + B).clone();  // the op's coins; the recount's stay as drawn
+  spd::open_unit(u.data_ptr<float>(), N + B);
   Tensor cu = at::empty({B + 1}, cd.options().dtype(at::kInt));
   int32_t* cup = cu.data_ptr<int32_t>();
   for (int64_t r = 0; r <= B; ++r) cup[r] = static_cast<int32_t>(r * n);
@@ -555,10 +552,8 @@ Tensor vllm_rejection_sample_cpu(const Tensor& target, const Tensor& draft_token
   if (all_greedy) {
     coins.fill_(0.5);  // read by no one
   } else {
-    float* c = coins.data_ptr<float>();
-    torch_rand_f32(std::nullopt, c, N + B);  // = torch.rand((N + B,)) of the generic path
-    const float lo = std::numeric_limits<float>::min(), hi = 1.0f - std::ldexp(1.0f, -24);
-    for (int64_t i = 0; i < N + B; ++i) c[i] = std::min(std::max(c[i], lo), hi);
+    torch_rand_f32(std::nullopt, coins.data_ptr<float>(), N + B);  // = torch.rand((N + B,)) of the generic path
+    spd::open_unit(coins.data_ptr<float>(), N + B);
   }
   OptTensor op_temp;
   if (!all_random) {
