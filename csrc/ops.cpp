@@ -25,6 +25,7 @@
 #include <Python.h>  // first, as Python asks
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/DistributionsHelper.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,6 +40,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 #include "kernels.h"
@@ -203,6 +205,40 @@ Out3 rejection_sample_cpu(const Tensor& target_logits, const Tensor& draft_token
                           addr(par), addr(dp), addr(temp), addr(tk), addr(tp), addr(u), addr(sd), addr(off), R, N, md,
                           addr(std::get<0>(out)), addr(std::get<1>(out)), addr(std::get<2>(out)), addr(bon),
                           bon.has_value() ? int_code(*bon) : 0, target_is_probs ? 1 : 0);
+  });
+  return out;
+}
+
+// The fused adapter ops run right after a model's forward pass has flushed the CPU caches, where every dispatched
+// tensor operation (at::empty, a view, a clone) costs ~10-30 us: they allocate what they return without a dispatch
+// and keep their scratch arrays per thread (nothing here calls back into Python or into another op).
+Tensor empty_i32(at::IntArrayRef size) { return Tensor(at::detail::empty_cpu(size, at::kInt)); }
+
+template <typename T, int Slot = 0>  // (one array per (type, slot): the arrays of one call must not alias)
+T* scratch(int64_t n) {
+  static thread_local std::vector<T> v;
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// The rejection_sample kernel on chains (no parents) with explicit coins, for the fused adapter ops, whose callers
+// have checked the shapes and dtypes (the kernel checks the token ids, cu_num_draft and bonus ids itself).
+// `target` has unit-stride rows; the outputs: tokens [R, max_depth + 1] (returned), the emitted counts [R] into
+// `num` when given (scratch otherwise).
+Tensor chain_rejection(const char* tname, const Tensor& target, int64_t row_stride, int64_t V, uptr ids, int id_code, const int32_t* cu,
+                       uptr draft_probs, const float* temperature, const float* coins, int64_t R, int64_t N,
+                       int64_t md, uptr bonus, int bonus_code, bool target_is_probs, int32_t* num = nullptr) {
+  TORCH_CHECK_VALUE(V >= 1, tname, ": expected a vocabulary of at least one token");
+  TORCH_CHECK_VALUE(V <= INT32_MAX, tname, ": a vocabulary over 2^31 - 1 tokens (token ids are int32)");
+
+  Tensor out = empty_i32({R, md + 1});
+  int32_t* path = scratch<int32_t>(R * md + R);
+  if (num == nullptr) num = path + R * md;
+  run_checked([&] {
+    spd::rejection_sample(addr(target), float_code(target), row_stride, V, ids, id_code,
+                          reinterpret_cast<uptr>(cu), 0, draft_probs, reinterpret_cast<uptr>(temperature), 0, 0,
+                          reinterpret_cast<uptr>(coins), 0, 0, R, N, md, addr(out), reinterpret_cast<uptr>(num),
+                          reinterpret_cast<uptr>(path), bonus, bonus_code, target_is_probs ? 1 : 0);
   });
   return out;
 }
@@ -423,6 +459,7 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
     TORCH_CHECK_VALUE(t->size(0) == B, name, ": expected shape [batch_size] = [", B, "], got ", shape_of(*t));
     TORCH_CHECK_VALUE(t->is_contiguous(), name, ": expected a contiguous tensor (updated in place)");
   }
+  TORCH_CHECK_VALUE(n < INT32_MAX, "draft_probs: expected fewer than 2^31 - 1 drafts per request, got ", n);
   TORCH_CHECK_VALUE(!(generator.has_value() && seed.has_value()), "generator: pass a generator or a seed, not both");
   if (seed.has_value()) {
     TORCH_CHECK_VALUE(*seed >= 0, "seed: expected a non-negative 63-bit seed, got ", *seed);
@@ -431,27 +468,25 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
     seeded.set_current_seed(static_cast<uint64_t>(*seed));
     generator = seeded;
   }
-  Tensor cd = at::empty({N + B + N}, draft_probs.options());
-  torch_rand_f32(generator, cd.data_ptr<float>(), N + B + N);  // = torch.rand(N + B + N, generator=generator)
-  const float* c = cd.const_data_ptr<float>();
-  Tensor u = cd.slice(0, 0, N + B).clone();  // the op's coins; the recount's stay as drawn
-  spd::open_unit(u.data_ptr<float>(), N + B);
-  Tensor cu = at::empty({B + 1}, cd.options().dtype(at::kInt));
-  int32_t* cup = cu.data_ptr<int32_t>();
+  float* c = scratch<float>(N + B + N + N + B);
+  torch_rand_f32(generator, c, N + B + N);  // = torch.rand(N + B + N, generator=generator)
+  float* u = c + N + B + N;  // the op's coins, clamped; the recount's stay as drawn
+  std::copy(c, c + N + B, u);
+  spd::open_unit(u, N + B);
+  int32_t* cup = scratch<int32_t, 1>(B + 1);
   for (int64_t r = 0; r <= B; ++r) cup[r] = static_cast<int32_t>(r * n);
-  const Tensor ids = dense(draft_token_ids).reshape({N});
+  const Tensor ids = dense(draft_token_ids);
   const Tensor tp = dense(target_probs), dp = dense(draft_probs);
-  Out3 res = rejection_sample_cpu(tp.reshape({N + B, V}), ids, cu, std::nullopt, dp.reshape({N, V}), std::nullopt,
-                                  std::nullopt, std::nullopt, u, std::nullopt, std::nullopt, c10::SymInt(n),
-                                  std::nullopt, true);  // (it checks the token ids against V)
-  const int32_t* num = std::get<1>(res).const_data_ptr<int32_t>();
+  Tensor acc_now = empty_i32({B}), emit_now = empty_i32({B});  // this call's counts, int32
+  int32_t* acc_p = acc_now.data_ptr<int32_t>();
+  int32_t* emit_p = emit_now.data_ptr<int32_t>();
+  const Tensor out = chain_rejection("target_probs", tp, V, V, addr(ids), int_code(ids), cup, addr(dp), nullptr, u,
+                                     B, N, n, 0, 0, true, emit_p);
+  const int32_t* num = emit_p;  // the emitted counts + 1, overwritten by this call's emitted counts below
   const float* tpp = tp.const_data_ptr<float>();
   const float* dpp = dp.const_data_ptr<float>();
   const float* recount = c + N + B;
   const int tc = int_code(ids);
-  Tensor acc_now = at::empty({B}, cu.options()), emit_now = at::empty({B}, cu.options());  // this call's, int32
-  int32_t* acc_p = acc_now.data_ptr<int32_t>();
-  int32_t* emit_p = emit_now.data_ptr<int32_t>();
   const auto add = [](const OptTensor& t, int64_t b, int64_t v) {
     if (!t.has_value()) return;
     if (t->scalar_type() == at::kInt) {  // wraps on overflow, as torch's += does (no signed overflow)
@@ -475,7 +510,7 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
     add(emitted_num, b, emitted);
     add(accepted_num, b, accepted);
   }
-  return {std::get<0>(res), acc_now, emit_now};
+  return {out, acc_now, emit_now};
 }
 
 // vLLM's rejection_sample in its layout (spdkernels/adapters/vllm.py), for the calls without seeded requests:
@@ -532,43 +567,39 @@ Tensor vllm_rejection_sample_cpu(const Tensor& target, const Tensor& draft_token
     TORCH_CHECK_VALUE(temperature.has_value(), "sampling_metadata: temperature is needed unless all_greedy or all_random");
     check_vec(*temperature, "temperature", at::kFloat, B, "batch_size");
   }
-  const auto none = at::empty({0}, target.options().dtype(at::kInt));
-  if (B == 0 || N == 0) return none;
+  const auto none = [] { return empty_i32({0}); };
+  if (B == 0 || N == 0) return none();
   // the drafts that vLLM rejects whatever the coin: the generic path serves those calls
-  const Tensor ids = draft_token_ids;
-  const int tc = int_code(ids);
+  const uptr ids = addr(draft_token_ids);
+  const int tc = int_code(draft_token_ids);
   const Tensor temp = mixed ? dense(*temperature) : Tensor();
   const float* tp = mixed ? temp.const_data_ptr<float>() : nullptr;
   const float* qp = draft_probs.has_value() ? draft_probs->const_data_ptr<float>() : nullptr;
   for (int64_t r = 0, i = 0; r < B; ++r) {
     const bool sampled = !all_greedy && (all_random || tp[r] != 0.0f);
     for (int64_t j = 0; j < num_draft_tokens[r]; ++j, ++i) {
-      const int64_t t = spd::load_index(addr(ids), tc, i);
-      if (t < 0) return none;
-      if (qp && sampled && t < V && !(qp[i * V + t] > 0.0f)) return none;  // (t >= V: the op names it)
+      const int64_t t = spd::load_index(ids, tc, i);
+      if (t < 0) return none();
+      if (qp && sampled && t < V && !(qp[i * V + t] > 0.0f)) return none();  // (t >= V: the kernel names it)
     }
   }
-  Tensor coins = at::empty({N + B}, target.options().dtype(at::kFloat));
+  float* coins = scratch<float>(N + B + B);
   if (all_greedy) {
-    coins.fill_(0.5);  // read by no one
+    std::fill(coins, coins + N + B, 0.5f);  // read by no one
   } else {
-    torch_rand_f32(std::nullopt, coins.data_ptr<float>(), N + B);  // = torch.rand((N + B,)) of the generic path
-    spd::open_unit(coins.data_ptr<float>(), N + B);
+    torch_rand_f32(std::nullopt, coins, N + B);  // = torch.rand((N + B,)) of the generic path
+    spd::open_unit(coins, N + B);
   }
-  OptTensor op_temp;
+  float* op_temp = nullptr;  // all_random: every request sampled at the temperature the logits already carry
   if (!all_random) {
-    op_temp = at::empty({B}, coins.options());
-    float* o = op_temp->data_ptr<float>();
-    for (int64_t r = 0; r < B; ++r) o[r] = all_greedy ? 0.0f : (tp[r] != 0.0f ? 1.0f : 0.0f);
+    op_temp = coins + N + B;
+    for (int64_t r = 0; r < B; ++r) op_temp[r] = all_greedy ? 0.0f : (tp[r] != 0.0f ? 1.0f : 0.0f);
   }
-  Tensor cu = at::empty({B + 1}, target.options().dtype(at::kInt));
-  int32_t* cup = cu.data_ptr<int32_t>();
-  cup[0] = 0;
-  for (int64_t r = 0; r < B; ++r) cup[r + 1] = static_cast<int32_t>(cup[r] + num_draft_tokens[r]);
-  Out3 res = rejection_sample_cpu(target, ids, cu, std::nullopt, draft_probs, op_temp, std::nullopt, std::nullopt, coins,
-                                  std::nullopt, std::nullopt, c10::SymInt(max_spec_len), bonus_token_ids.reshape({B}),
-                                  target_is_probs);
-  return std::get<0>(res);
+  int32_t* cu = scratch<int32_t, 1>(B + 1);
+  cu[0] = 0;
+  for (int64_t r = 0; r < B; ++r) cu[r + 1] = static_cast<int32_t>(cu[r] + num_draft_tokens[r]);
+  return chain_rejection(tname, target, target.stride(0), V, ids, tc, cu, addr(draft_probs), op_temp, coins, B, N,
+                         max_spec_len, addr(bonus_token_ids), int_code(bonus_token_ids), target_is_probs);
 }
 
 int64_t isa_level_op() { return spd::isa_level(); }
