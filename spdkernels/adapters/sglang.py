@@ -85,6 +85,15 @@ def _check_tree_args(predicts, accept_index, accept_token_num, candidates, ri, n
     return bs, n, accept_index.shape[1]
 
 
+def _check_candidates(candidates: torch.Tensor, tb, V: int) -> None:
+    """Every token of a node reachable from the root lies in the vocabulary (its row is read at that token)."""
+    bad = (tb.par_q[:, 1:] >= 0) & ((candidates[:, 1:] < 0) | (candidates[:, 1:] >= V))
+    if bool(bad.any()):
+        b, c = (int(x) for x in bad.nonzero()[0])
+        fail("candidates", f"request {b}: token {int(candidates[b, c + 1])} of node {c + 1} is outside the "
+             f"vocabulary [0, {V})")
+
+
 def _fused(op: str, name: str, candidates, *outputs):
     """The C++ op in sgl-kernel's layout when it serves this call (else None): CPU tensors, the ``cpp`` backend
     chosen for ``op``, outputs contiguous (they are written in place). The op makes every check of the generic path
@@ -306,11 +315,7 @@ def verify_tree_greedy(
         qpath = tb.orig_path(path)
         tokens = pred.gather(1, qpath.clamp(min=0))
     else:
-        bad = (tb.par_q[:, 1:] >= 0) & ((candidates[:, 1:] < 0) | (candidates[:, 1:] >= V))
-        if bool(bad.any()):
-            b, c = (int(x) for x in bad.nonzero()[0])
-            fail("candidates", f"request {b}: token {int(candidates[b, c + 1])} of node {c + 1} is outside the "
-                 f"vocabulary [0, {V})")
+        _check_candidates(candidates, tb, V)
         rows = target_logits.reshape(bs * n, V)
         if not torch.equal(flat_ri, torch.arange(bs * n, device=dev)):
             rows = gather_rows("perm", rows, flat_ri)
@@ -439,12 +444,7 @@ def tree_speculative_sampling_target_only(
         _check_probs(target_probs)
     _check_flat_index(ri, predicts, bs, n)
     tb = _Batch(candidates, nt, ns, num_spec)
-    reach = tb.par_q[:, 1:] >= 0
-    bad = reach & ((candidates[:, 1:] < 0) | (candidates[:, 1:] >= V))
-    if bool(bad.any()):
-        b, c = (int(x) for x in bad.nonzero()[0])
-        fail("candidates", f"request {b}: token {int(candidates[b, c + 1])} of node {c + 1} is outside the "
-             f"vocabulary [0, {V})")
+    _check_candidates(candidates, tb, V)
 
     # sgl-kernel's decisions, in its fp32 arithmetic
     pq = tb.par_q.clamp(min=0)
