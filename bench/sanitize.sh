@@ -32,4 +32,4 @@ case "$where" in "$ROOT/$B/pkg/"*) echo "sanitized module: $where" ;; *) echo "w
 "$PY" -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/tests/test_memory_safety.py" \
   "$ROOT/tests/test_verify_greedy.py" "$ROOT/tests/test_rejection_sample.py" "$ROOT/tests/test_tree_attention.py" \
   "$ROOT/tests/test_ops_framework.py" "$ROOT/tests/test_adapters_sglang.py" "$ROOT/tests/test_adapters_flashinfer.py" \
-  "$ROOT/tests/test_adapters_vllm.py" -k "cpp or memory or malformed or cpu or concurrent or fused" "$@"
+  "$ROOT/tests/test_adapters_vllm.py" "$ROOT/tests/test_adapters_transformers.py" -k "cpp or memory or malformed or cpu or concurrent or fused" "$@"

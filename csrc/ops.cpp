@@ -18,6 +18,8 @@
 //                        kernel and FlashInfer's counters in one call (spdkernels/adapters/flashinfer.py)
 //   _cpu_vllm_rejection_sample  vLLM's rejection_sample in its layout, calls without seeded requests
 //                        (spdkernels/adapters/vllm.py)
+//   _cpu_hf_verify_greedy  the greedy verification step of the transformers adapter (spdkernels/adapters/
+//                        transformers.py): drafts and committed tokens as host ints
 //   _cpu_isa_level, _cpu_set_isa_cap  the instruction-set level of the hand-dispatched kernels
 //
 // The module is imported as spdkernels._C (PyInit__C below is all of its Python face): importing it runs the
@@ -602,6 +604,32 @@ Tensor vllm_rejection_sample_cpu(const Tensor& target, const Tensor& draft_token
                          max_spec_len, addr(bonus_token_ids), int_code(bonus_token_ids), target_is_probs);
 }
 
+// Hugging Face transformers' greedy verification step (spdkernels/adapters/transformers.py, verify_step): rows
+// [k + 1, V] (the target's processed logits after the prefix and after each of the k drafts), the drafts as host
+// ints. Returns the tokens the step commits, the accepted drafts and then the argmax of the row after them:
+// verify_greedy's kernel (its tie rule and index checks) on one chain, with no tensor made for the drafts or the
+// outputs. Errors name verify_greedy's arguments, as the adapter's generic path does.
+std::vector<int64_t> hf_verify_greedy_cpu(const Tensor& rows, c10::IntArrayRef drafts) {
+  check_tensor(rows, "target_logits", 2, [](const Tensor& t) { return float_code(t) >= 0; }, "float32, float16, bfloat16");
+  const int64_t k = static_cast<int64_t>(drafts.size()), V = rows.size(1);
+  TORCH_CHECK_VALUE(rows.size(0) == k + 1, "target_logits: expected [k + 1, V] = [", k + 1, ", V] rows, got shape ",
+                    shape_of(rows));
+  TORCH_CHECK_VALUE(V >= 1, "target_logits: expected a vocabulary of at least one token");
+  TORCH_CHECK_VALUE(V <= INT32_MAX, "target_logits: a vocabulary over 2^31 - 1 tokens (token ids are int32)");
+  TORCH_CHECK_VALUE(k < INT32_MAX, "draft_token_ids: expected fewer than 2^31 - 1 drafts, got ", k);
+  const Tensor r = rows.stride(1) == 1 ? rows : rows.contiguous();
+  int32_t* cu = scratch<int32_t, 1>(2);
+  cu[0] = 0;
+  cu[1] = static_cast<int32_t>(k);
+  int32_t* o = scratch<int32_t>(2 * k + 2);  // tokens [k + 1], then the emitted count, then the path [k]
+  run_checked([&] {
+    spd::verify_greedy(addr(r), float_code(r), r.stride(0), V, reinterpret_cast<uptr>(drafts.data()), spd::kI64,
+                       reinterpret_cast<uptr>(cu), 0, 1, k, k, reinterpret_cast<uptr>(o),
+                       reinterpret_cast<uptr>(o + k + 1), reinterpret_cast<uptr>(o + k + 2));
+  });
+  return std::vector<int64_t>(o, o + o[k + 1]);
+}
+
 int64_t isa_level_op() { return spd::isa_level(); }
 void set_isa_cap_op(int64_t level) { spd::set_isa_cap(static_cast<int>(level)); }
 
@@ -629,6 +657,7 @@ void register_kernels() {
   frag->def("_cpu_vllm_rejection_sample(Tensor target, Tensor draft_token_ids, int[] num_draft_tokens, int max_spec_len, "
             "Tensor cu_num_draft_tokens, Tensor? draft_probs, Tensor bonus_token_ids, Tensor? temperature, "
             "bool all_greedy, bool all_random, bool target_is_probs) -> Tensor");
+  frag->def("_cpu_hf_verify_greedy(Tensor rows, int[] drafts) -> int[]");
   frag->def("_cpu_isa_level() -> int", &isa_level_op);
   frag->def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
   auto* cpu = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -641,6 +670,7 @@ void register_kernels() {
   cpu->impl("_cpu_sgl_tree_sampling_target_only", &sgl_tree_sampling_cpu);
   cpu->impl("_cpu_flashinfer_chain_sampling", &flashinfer_chain_cpu);
   cpu->impl("_cpu_vllm_rejection_sample", &vllm_rejection_sample_cpu);
+  cpu->impl("_cpu_hf_verify_greedy", &hf_verify_greedy_cpu);
 }
 
 // `import spdkernels._C` registers the kernels above; the module itself is empty.

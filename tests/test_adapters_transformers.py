@@ -8,7 +8,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import backend_device, backends_here, to_backend, use_backend
+from conftest import adapter_path, adapter_paths, adapter_refusal_path, backend_device, backends_here, to_backend, \
+    use_backend
 from scipy.stats import chisquare
 
 transformers = pytest.importorskip("transformers")
@@ -46,17 +47,90 @@ def model():
 PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
 
 
-@pytest.mark.parametrize("backend", backends_here())
-def test_greedy_equals_generate_with_prompt_lookup(model, backend):
-    """On each backend, with the model on that backend's device (CUDA for Triton on a GPU machine)."""
+@pytest.mark.parametrize("path", adapter_paths())
+def test_greedy_equals_generate_with_prompt_lookup(model, path, monkeypatch):
+    """On each backend, with the model on that backend's device (CUDA for Triton on a GPU machine); on CPU with the
+    cpp backend through the fused greedy op ("cpp", no public op called) and through the public op ("cpp-generic")."""
     torch.manual_seed(1)
+    backend = path.replace("-generic", "")
     dev = backend_device(backend)
     m = model if dev == "cpu" else copy.deepcopy(model).to(dev)
     prompt = to_backend(backend, PROMPT)
     want = m.generate(prompt, do_sample=False, max_new_tokens=24)
-    with use_backend(backend):
+    with adapter_path(path, ahf, monkeypatch):
         got = m.generate(prompt, do_sample=False, max_new_tokens=24, custom_generate=speculative_generate)
     assert torch.equal(got.cpu(), want.cpu())
+
+
+def _step_rows(g, k, V, dtype, accept):
+    """``k + 1`` rows of logits on a coarse grid (ties within rows are common) and ``k`` drafts, the first ``accept``
+    of them each row's first argmax (so the step accepts exactly those), the next one another token."""
+    rows = torch.randint(-3, 4, (k + 1, V), generator=g).to(dtype)
+    best = rows.float().argmax(-1)
+    drafts = best[:k].tolist()
+    if accept < k:
+        drafts[accept] = (drafts[accept] + 1 + int(torch.randint(0, V - 1, (1,), generator=g))) % V
+    for i in range(accept + 1, k):
+        drafts[i] = int(torch.randint(0, V, (1,), generator=g))
+    return rows, drafts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_step_is_the_same_on_the_fused_op_and_the_public_op(dtype, monkeypatch):
+    """verify_step's greedy decision through the fused C++ op (cpp) and through verify_greedy (cpp-generic): the
+    same accepted count and committed tokens (dtype included) for chains of 0-6 drafts on rows full of ties, every
+    acceptance length, validation on and off; and the known answer (the drafts up to the first mismatch, then that
+    row's first argmax)."""
+    if "cpp" not in backends_here():
+        pytest.skip("the cpp backend is not built here (SPDKERNELS_NO_CPP)")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.tensor([[1, 2, 3]])
+    procs = LogitsProcessorList()
+    cases = 0
+    for k in range(7):
+        for accept in range(k + 1):
+            rows, drafts = _step_rows(g, k, 9, dtype, accept)
+            got = {}
+            for path in ("cpp", "cpp-generic"):
+                for validate in (True, False):
+                    with adapter_path(path, ahf, monkeypatch), spdkernels.validation(validate):
+                        got[path, validate] = ahf.verify_step(ids, drafts, rows.clone(), procs, None, False)
+            a, new = got["cpp", False]
+            want = drafts[:accept] + [int(rows[accept].float().argmax())]
+            assert a == accept and new.tolist() == want and new.dtype == ids.dtype
+            for (a2, new2) in got.values():
+                assert a2 == a and torch.equal(new2, new) and new2.dtype == new.dtype
+            cases += 1
+    assert cases == 28
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("validate", [True, False], ids=["validation-on", "validation-off"])
+def test_greedy_step_refuses_bad_drafts_and_rows_on_both_paths(fused, validate, monkeypatch):
+    """A draft outside the vocabulary (a drafter with another vocabulary): with validation on the ValueError naming
+    verify_greedy's argument, with it off that draft rejected (greedy verification reads no memory at a draft's id;
+    no id outside the vocabulary equals an argmax), on both paths; rows that do not match the drafts, and
+    (validation on) NaN logits: the same ValueError on both paths."""
+    ids = torch.tensor([[1, 2]])
+    procs = LogitsProcessorList()
+    rows = torch.randn(4, 10)
+    best = rows.argmax(-1).tolist()
+    with adapter_refusal_path(fused, ahf, monkeypatch), spdkernels.validation(validate):
+        for bad in (10, -1):
+            drafts = [best[0], bad, best[2]]
+            if validate:
+                with pytest.raises(ValueError, match="draft_token_ids"):
+                    ahf.verify_step(ids, drafts, rows.clone(), procs, None, False)
+            else:
+                a, new = ahf.verify_step(ids, drafts, rows.clone(), procs, None, False)
+                assert a == 1 and new.tolist() == best[:2]
+        with pytest.raises(ValueError, match="target_logits"):
+            ahf.verify_step(ids, [1, 2], rows.clone(), procs, None, False)  # 4 rows for 2 drafts
+        if validate:
+            nan = rows.clone()
+            nan[2, 3] = float("nan")
+            with pytest.raises(ValueError, match="target_logits"):
+                ahf.verify_step(ids, [1, 2, 3], nan, procs, None, False)
 
 
 @pytest.mark.parametrize("drafter", ["draft-model", "self-draft", "ngram-proposer", "callable", "k1"])

@@ -28,8 +28,11 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 import spdkernels
+from spdkernels import _config
+from spdkernels.ops.verify_greedy import _check_static as _vg_check_static
+from spdkernels.ops.verify_greedy import _check_values as _vg_check_values
 
-from ._common import cached_arange
+from ._common import _CPU, cached_arange, fused_op
 
 __all__ = ["speculative_generate"]
 
@@ -135,17 +138,52 @@ def verify_step(ids: torch.Tensor, drafts: List[int], rows: torch.Tensor, proces
                 do_sample: bool):
     """One verification: ``rows [k + 1, V]`` fp32 target logits after ``ids`` and after each draft; the logits
     processors are applied to row ``i`` with the prefix ``ids + drafts[:i]`` (in place), then the op decides.
-    Returns (accepted drafts, ``tokens [k + 1]`` int32: the accepted drafts, one more token, -1 padding)."""
+    Returns (accepted drafts ``a``, the committed tokens ``[a + 1]`` in ``ids``' dtype: the accepted drafts and one
+    more token)."""
     k = len(drafts)
     device = rows.device
-    dt = torch.tensor(drafts, dtype=ids.dtype, device=device)
-    apply_processors(ids, dt, rows, processors)
+    dt = None
+    if len(processors):
+        dt = torch.tensor(drafts, dtype=ids.dtype, device=device)
+        apply_processors(ids, dt, rows, processors)
+    if not do_sample:
+        new = _fused_greedy(rows, drafts)
+        if new is not None:
+            return len(new) - 1, torch.tensor(new, dtype=ids.dtype)
+    if dt is None:
+        dt = torch.tensor(drafts, dtype=ids.dtype, device=device)
     cu = cached_arange(2, device, k)  # [0, k], made once per (k, device): each small tensor op costs (docs/adapters.md)
     if do_sample:
         out, num, _ = spdkernels.rejection_sample(rows, dt, cu, draft_probs=q, max_depth=k)
     else:
         out, num, _ = spdkernels.verify_greedy(rows, dt, cu, max_depth=k)
-    return num.item() - 1, out[0]
+    a = num.item() - 1
+    return a, out[0, :a + 1].to(ids.dtype)
+
+
+# the generic path everywhere when False (tests and the benchmark's baseline switch it)
+_FUSED = True
+
+
+def _fused_greedy(rows: torch.Tensor, drafts: List[int]) -> Optional[List[int]]:
+    """The greedy decision as one C++ op (``_cpu_hf_verify_greedy``: verify_greedy's kernel on the chain, the drafts
+    and the committed tokens as host ints) when it serves this call: CPU rows and the ``cpp`` backend chosen for
+    ``verify_greedy``. None otherwise, and for arguments the op's schema refuses (the generic path then names them).
+    With validation on, the op's value checks run first, as on the generic path."""
+    if not (_FUSED and rows.is_cpu):
+        return None
+    op = fused_op("verify_greedy", "_cpu_hf_verify_greedy")
+    if op is None:
+        return None
+    try:
+        if _config.validation_enabled():
+            k = len(drafts)
+            args = (rows, torch.tensor(drafts, dtype=torch.int64), cached_arange(2, _CPU, k), None, k)
+            _vg_check_static(*args)
+            _vg_check_values(*args)
+        return op(rows, drafts)
+    except (TypeError, RuntimeError):
+        return None
 
 
 def speculative_generate(
@@ -223,8 +261,7 @@ def speculative_generate(
         rows, cache = _forward(model, feed, cache, k + 1)
         if q is not None and q.shape[-1] != rows.shape[-1]:
             raise ValueError(f"draft_model: vocabulary of {q.shape[-1]} tokens, the target has {rows.shape[-1]}")
-        a, out = verify_step(ids, drafts, rows.to(device), processors, q, do_sample)
-        new = out[:a + 1].to(ids.dtype)
+        a, new = verify_step(ids, drafts, rows.to(device), processors, q, do_sample)
         if eos is not None:  # stop at the first end-of-sequence token of the run
             hit = torch.isin(new, eos).nonzero()
             if hit.numel():
