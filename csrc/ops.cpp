@@ -19,7 +19,7 @@
 //   _cpu_vllm_rejection_sample  vLLM's rejection_sample in its layout, calls without seeded requests
 //                        (spdkernels/adapters/vllm.py)
 //   _cpu_hf_verify_greedy  the greedy verification step of the transformers adapter (spdkernels/adapters/
-//                        transformers.py): drafts and committed tokens as host ints
+//                        transformers.py): the drafts as host ints
 //   _cpu_isa_level, _cpu_set_isa_cap  the instruction-set level of the hand-dispatched kernels
 //
 // The module is imported as spdkernels._C (PyInit__C below is all of its Python face): importing it runs the
@@ -606,10 +606,10 @@ Tensor vllm_rejection_sample_cpu(const Tensor& target, const Tensor& draft_token
 
 // Hugging Face transformers' greedy verification step (spdkernels/adapters/transformers.py, verify_step): rows
 // [k + 1, V] (the target's processed logits after the prefix and after each of the k drafts), the drafts as host
-// ints. Returns the tokens the step commits, the accepted drafts and then the argmax of the row after them:
+// ints. Returns the tokens the step commits (int64 [a + 1]), the accepted drafts and then the argmax of the row after them:
 // verify_greedy's kernel (its tie rule and index checks) on one chain, with no tensor made for the drafts or the
 // outputs. Errors name verify_greedy's arguments, as the adapter's generic path does.
-std::vector<int64_t> hf_verify_greedy_cpu(const Tensor& rows, c10::IntArrayRef drafts) {
+Tensor hf_verify_greedy_cpu(const Tensor& rows, c10::IntArrayRef drafts) {
   check_tensor(rows, "target_logits", 2, [](const Tensor& t) { return float_code(t) >= 0; }, "float32, float16, bfloat16");
   const int64_t k = static_cast<int64_t>(drafts.size()), V = rows.size(1);
   TORCH_CHECK_VALUE(rows.size(0) == k + 1, "target_logits: expected [k + 1, V] = [", k + 1, ", V] rows, got shape ",
@@ -627,7 +627,9 @@ std::vector<int64_t> hf_verify_greedy_cpu(const Tensor& rows, c10::IntArrayRef d
                        reinterpret_cast<uptr>(cu), 0, 1, k, k, reinterpret_cast<uptr>(o),
                        reinterpret_cast<uptr>(o + k + 1), reinterpret_cast<uptr>(o + k + 2));
   });
-  return std::vector<int64_t>(o, o + o[k + 1]);
+  Tensor out = Tensor(at::detail::empty_cpu({o[k + 1]}, at::kLong));
+  std::copy(o, o + o[k + 1], out.data_ptr<int64_t>());
+  return out;
 }
 
 int64_t isa_level_op() { return spd::isa_level(); }
@@ -657,7 +659,7 @@ void register_kernels() {
   frag->def("_cpu_vllm_rejection_sample(Tensor target, Tensor draft_token_ids, int[] num_draft_tokens, int max_spec_len, "
             "Tensor cu_num_draft_tokens, Tensor? draft_probs, Tensor bonus_token_ids, Tensor? temperature, "
             "bool all_greedy, bool all_random, bool target_is_probs) -> Tensor");
-  frag->def("_cpu_hf_verify_greedy(Tensor rows, int[] drafts) -> int[]");
+  frag->def("_cpu_hf_verify_greedy(Tensor rows, int[] drafts) -> Tensor");
   frag->def("_cpu_isa_level() -> int", &isa_level_op);
   frag->def("_cpu_set_isa_cap(int level) -> ()", &set_isa_cap_op);
   auto* cpu = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::CPU, __FILE__, __LINE__);

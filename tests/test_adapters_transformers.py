@@ -8,8 +8,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import adapter_path, adapter_paths, adapter_refusal_path, backend_device, backends_here, to_backend, \
-    use_backend
+from conftest import (
+    adapter_path,
+    adapter_paths,
+    adapter_refusal_path,
+    backend_device,
+    backends_here,
+    to_backend,
+)
 from scipy.stats import chisquare
 
 transformers = pytest.importorskip("transformers")

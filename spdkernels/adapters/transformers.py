@@ -149,7 +149,7 @@ def verify_step(ids: torch.Tensor, drafts: List[int], rows: torch.Tensor, proces
     if not do_sample:
         new = _fused_greedy(rows, drafts)
         if new is not None:
-            return len(new) - 1, torch.tensor(new, dtype=ids.dtype)
+            return new.shape[0] - 1, (new if new.dtype == ids.dtype else new.to(ids.dtype))
     if dt is None:
         dt = torch.tensor(drafts, dtype=ids.dtype, device=device)
     cu = cached_arange(2, device, k)  # [0, k], made once per (k, device): each small tensor op costs (docs/adapters.md)
@@ -165,9 +165,9 @@ def verify_step(ids: torch.Tensor, drafts: List[int], rows: torch.Tensor, proces
 _FUSED = True
 
 
-def _fused_greedy(rows: torch.Tensor, drafts: List[int]) -> Optional[List[int]]:
-    """The greedy decision as one C++ op (``_cpu_hf_verify_greedy``: verify_greedy's kernel on the chain, the drafts
-    and the committed tokens as host ints) when it serves this call: CPU rows and the ``cpp`` backend chosen for
+def _fused_greedy(rows: torch.Tensor, drafts: List[int]) -> Optional[torch.Tensor]:
+    """The committed tokens (int64 ``[a + 1]``) from one C++ op (``_cpu_hf_verify_greedy``: verify_greedy's kernel on
+    the chain, the drafts as host ints) when it serves this call: CPU rows and the ``cpp`` backend chosen for
     ``verify_greedy``. None otherwise, and for arguments the op's schema refuses (the generic path then names them).
     With validation on, the op's value checks run first, as on the generic path."""
     if not (_FUSED and rows.is_cpu):
