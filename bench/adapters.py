@@ -4,18 +4,20 @@ against the bare op on inputs already in our layout (the ``bare-op`` baseline ro
 ``adapter overhead = adapter - bare op``: what a caller pays for calling with the stack's own layout and
 semantics. It includes, by adapter:
 
-* vLLM, sgl-kernel and FlashInfer on CPU with the cpp backend: the adapter is one fused C++ op in the stack's
-  layout (spdkernels/adapters/vllm.py for unseeded calls, sglang.py, flashinfer.py); its baseline is the op call
-  of the adapter's *generic* path
+* vLLM, sgl-kernel, FlashInfer and transformers greedy on CPU with the cpp backend: the adapter is one fused C++ op
+  in the stack's layout (spdkernels/adapters/vllm.py for unseeded calls, sglang.py, flashinfer.py,
+  transformers.py's greedy step); its baseline is the op call of the adapter's *generic* path
   (the public op on the batch converted to the spdkernels layout: for sgl-kernel greedy with ``target_predict``
   a two-token vocabulary, with ``target_logits`` the logits; for target-only sampling the final draw from the
-  last node's row; for vLLM and FlashInfer the rows read in place), so a negative overhead means that the adapter
-  costs less than the public op would on already-converted inputs. The vLLM and FlashInfer adapters also draw
-  their coins (for FlashInfer from a generator seeded per call with ``seed``), and FlashInfer's keeps its two
-  counters;
-* transformers: the bookkeeping of one verification. Its baseline is the op call *and* HF's logits processors on
-  each of the ``k + 1`` rows, which HF's own assisted generation applies as well (the stack's work, not the
-  adapter's).
+  last node's row; for vLLM and FlashInfer the rows read in place; for transformers greedy verify_greedy on the
+  drafts' tensor), so a negative overhead means that the adapter costs less than the public op would on
+  already-converted inputs. The vLLM and FlashInfer adapters also draw their coins (for FlashInfer from a
+  generator seeded per call with ``seed``), and FlashInfer's keeps its two counters;
+* transformers sampling: the bookkeeping of one verification around the op call the adapter makes (its offsets,
+  the committed tokens read back; the drafts' tensor is made in both rows, for HF's processors).
+* Both transformers rows carry HF's logits processors on each of the ``k + 1`` rows in the baseline too, which HF's
+  own assisted generation applies as well (the stack's work, not the adapter's; none in the greedy case), and the
+  copy of the rows into the step's work buffer.
 
 Run ``python -m spdkernels.bench.adapters`` for the overhead table (median of wall-clock repeats, CPU caches flushed
 between repeats, validation off), or ``spd-bench --op adapter_vllm ...`` for the usual rows.

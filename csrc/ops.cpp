@@ -223,6 +223,12 @@ T* scratch(int64_t n) {
   return v.data();
 }
 
+// (before any coin is drawn: a refused call leaves the generator as it was)
+void check_vocab(const char* tname, int64_t V) {
+  TORCH_CHECK_VALUE(V >= 1, tname, ": expected a vocabulary of at least one token");
+  TORCH_CHECK_VALUE(V <= INT32_MAX, tname, ": a vocabulary over 2^31 - 1 tokens (token ids are int32)");
+}
+
 // The rejection_sample kernel on chains (no parents) with explicit coins, for the fused adapter ops, whose callers
 // have checked the shapes and dtypes (the kernel checks the token ids, cu_num_draft and bonus ids itself).
 // `target` has unit-stride rows; the outputs: tokens [R, max_depth + 1] (returned), the emitted counts [R] into
@@ -230,8 +236,7 @@ T* scratch(int64_t n) {
 Tensor chain_rejection(const char* tname, const Tensor& target, int64_t row_stride, int64_t V, uptr ids, int id_code, const int32_t* cu,
                        uptr draft_probs, const float* temperature, const float* coins, int64_t R, int64_t N,
                        int64_t md, uptr bonus, int bonus_code, bool target_is_probs, int32_t* num = nullptr) {
-  TORCH_CHECK_VALUE(V >= 1, tname, ": expected a vocabulary of at least one token");
-  TORCH_CHECK_VALUE(V <= INT32_MAX, tname, ": a vocabulary over 2^31 - 1 tokens (token ids are int32)");
+  check_vocab(tname, V);
 
   Tensor out = empty_i32({R, md + 1});
   int32_t* path = scratch<int32_t>(R * md + R);
@@ -462,6 +467,7 @@ Out3 flashinfer_chain_cpu(const Tensor& draft_probs, const Tensor& draft_token_i
     TORCH_CHECK_VALUE(t->is_contiguous(), name, ": expected a contiguous tensor (updated in place)");
   }
   TORCH_CHECK_VALUE(n < INT32_MAX, "draft_probs: expected fewer than 2^31 - 1 drafts per request, got ", n);
+  check_vocab("target_probs", V);
   TORCH_CHECK_VALUE(!(generator.has_value() && seed.has_value()), "generator: pass a generator or a seed, not both");
   if (seed.has_value()) {
     TORCH_CHECK_VALUE(*seed >= 0, "seed: expected a non-negative 63-bit seed, got ", *seed);
@@ -571,6 +577,7 @@ Tensor vllm_rejection_sample_cpu(const Tensor& target, const Tensor& draft_token
   }
   const auto none = [] { return empty_i32({0}); };
   if (B == 0 || N == 0) return none();
+  check_vocab(tname, V);
   // the drafts that vLLM rejects whatever the coin: the generic path serves those calls
   const uptr ids = addr(draft_token_ids);
   const int tc = int_code(draft_token_ids);

@@ -81,26 +81,37 @@ def _step_rows(g, k, V, dtype, accept):
     return rows, drafts
 
 
+def _strided(rows, layout):
+    """``rows`` as given ("dense"), as a column slice of a wider tensor (row stride > V), or column-major."""
+    if layout == "wide":
+        wide = torch.zeros(rows.shape[0], rows.shape[1] + 5, dtype=rows.dtype)
+        wide[:, :rows.shape[1]] = rows
+        return wide[:, :rows.shape[1]]
+    return rows.t().contiguous().t() if layout == "column-major" else rows.clone()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_greedy_step_is_the_same_on_the_fused_op_and_the_public_op(dtype, monkeypatch):
     """verify_step's greedy decision through the fused C++ op (cpp) and through verify_greedy (cpp-generic): the
-    same accepted count and committed tokens (dtype included) for chains of 0-6 drafts on rows full of ties, every
-    acceptance length, validation on and off; and the known answer (the drafts up to the first mismatch, then that
-    row's first argmax)."""
+    same accepted count and committed tokens (dtype included: int64 and int32 prompts) for chains of 0-6 drafts on
+    rows full of ties (37 tokens: ties across the kernel's vector lanes and its scalar tail), dense, strided and
+    column-major rows, every acceptance length, validation on and off; and the known answer (the drafts up to the
+    first mismatch, then that row's first argmax)."""
     if "cpp" not in backends_here():
         pytest.skip("the cpp backend is not built here (SPDKERNELS_NO_CPP)")
     g = torch.Generator().manual_seed(5)
-    ids = torch.tensor([[1, 2, 3]])
     procs = LogitsProcessorList()
     cases = 0
     for k in range(7):
         for accept in range(k + 1):
-            rows, drafts = _step_rows(g, k, 9, dtype, accept)
+            rows, drafts = _step_rows(g, k, 37, dtype, accept)
+            layout = ("dense", "wide", "column-major")[cases % 3]
+            ids = torch.tensor([[1, 2, 3]], dtype=(torch.int64, torch.int32)[cases % 2])
             got = {}
             for path in ("cpp", "cpp-generic"):
                 for validate in (True, False):
                     with adapter_path(path, ahf, monkeypatch), spdkernels.validation(validate):
-                        got[path, validate] = ahf.verify_step(ids, drafts, rows.clone(), procs, None, False)
+                        got[path, validate] = ahf.verify_step(ids, drafts, _strided(rows, layout), procs, None, False)
             a, new = got["cpp", False]
             want = drafts[:accept] + [int(rows[accept].float().argmax())]
             assert a == accept and new.tolist() == want and new.dtype == ids.dtype
@@ -108,6 +119,32 @@ def test_greedy_step_is_the_same_on_the_fused_op_and_the_public_op(dtype, monkey
                 assert a2 == a and torch.equal(new2, new) and new2.dtype == new.dtype
             cases += 1
     assert cases == 28
+
+
+def test_greedy_with_processors_runs_the_fused_op_and_equals_generate(model, monkeypatch):
+    """With a logits processor (repetition penalty) the greedy steps still go through the fused op on CPU ("cpp":
+    no public op called) and the output equals generate(do_sample=False)."""
+    if "cpp" not in backends_here():
+        pytest.skip("the cpp backend is not built here (SPDKERNELS_NO_CPP)")
+    want = model.generate(PROMPT, do_sample=False, max_new_tokens=16, repetition_penalty=1.3)
+    with adapter_path("cpp", ahf, monkeypatch):
+        got = model.generate(PROMPT, do_sample=False, max_new_tokens=16, repetition_penalty=1.3,
+                             custom_generate=speculative_generate)
+    assert torch.equal(got, want)
+
+
+def test_an_extension_without_the_fused_greedy_op_takes_the_generic_path(model, monkeypatch):
+    """A C++ build older than the Python package (no _cpu_hf_verify_greedy in it): the public op serves the greedy
+    steps, with the same output, instead of an AttributeError."""
+    from spdkernels.adapters import _common
+
+    want = model.generate(PROMPT, do_sample=False, max_new_tokens=12)
+    monkeypatch.setattr(_common, "_FUSED_OPS", {"_cpu_hf_verify_greedy": None})
+    calls = []
+    real = spdkernels.verify_greedy
+    monkeypatch.setattr(spdkernels, "verify_greedy", lambda *x, **kw: calls.append(1) or real(*x, **kw))
+    got = model.generate(PROMPT, do_sample=False, max_new_tokens=12, custom_generate=speculative_generate)
+    assert torch.equal(got, want) and calls
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
