@@ -33,7 +33,7 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 # the C++ kernels under AddressSanitizer + UBSan (a separate build in build/sanitize), their tests and the
 # validation-off fuzzer; not part of `make test` (a few minutes more)
