@@ -12,7 +12,9 @@ Each step drafts up to ``k`` tokens (prompt lookup by default, or an HF draft mo
 runs the target once over ``[last token, drafts]``, applies the logits processors to every row with its own
 prefix, verifies with :func:`spdkernels.verify_greedy` (``do_sample=False``; the output equals
 ``model.generate(do_sample=False)``) or :func:`spdkernels.rejection_sample` (``do_sample=True``: the tokens are
-distributed as the processed target's), and crops the cache to the committed tokens.
+distributed as the processed target's), and crops the cache to the committed tokens. On CPU with the ``cpp``
+backend the greedy step is one C++ op (``torch.ops.spdkernels._cpu_hf_verify_greedy``: verify_greedy's kernel on
+the chain, the drafts as host ints, the committed tokens returned), with the same result.
 
 Limits, by design of this adapter: batch size 1 and chains only (no token trees); the returned sequences carry
 no scores, logits, attentions or hidden states; EOS and ``max_length`` are honoured inside an accepted run,
