@@ -95,7 +95,13 @@ def test_backends_match_reference_with_explicit_uniforms(backend, R, V, tree, wi
     ratio or CDF step). None were seen here; the bound below allows 1 request in 200."""
     gen = torch.Generator().manual_seed(R * 31 + V + 2 * tree + with_q)
     mismatched = total = 0
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if backend == "triton" and not ON_GPU and R > 3:
+        # the interpreter runs ~15 requests a second: its 17-request cases take one dtype each, rotating over the
+        # sweep so that each dtype meets both layouts (the 1- and 3-request cases take all three, as every case
+        # does on a GPU)
+        dtypes = (dtypes[(2 * tree + with_q + (V > 7)) % 3],)
+    for dtype in dtypes:
         ks = torch.randint(0, 9, (R,), generator=gen).tolist()
         batch = random_draft_batch(ks, V, tree=tree, dtype=dtype, match_prob=0.6, gen=gen)
         N = batch.N
