@@ -233,13 +233,12 @@ void check_vocab(const char* tname, int64_t V) {
 // have checked the shapes and dtypes (the kernel checks the token ids, cu_num_draft and bonus ids itself).
 // `target` has unit-stride rows; the outputs: tokens [R, max_depth + 1] (returned), the emitted counts [R] into
 // `num` when given (scratch otherwise).
-Tensor chain_rejection(const char* tname, const Tensor& target, int64_t row_stride, int64_t V, uptr ids, int id_code, const int32_t* cu,
-                       uptr draft_probs, const float* temperature, const float* coins, int64_t R, int64_t N,
+Tensor chain_rejection(const char* tname, const Tensor& target, int64_t row_stride, int64_t V, uptr ids, int id_code,
+                       const int32_t* cu, uptr draft_probs, const float* temperature, const float* coins, int64_t R, int64_t N,
                        int64_t md, uptr bonus, int bonus_code, bool target_is_probs, int32_t* num = nullptr) {
   check_vocab(tname, V);
-
   Tensor out = empty_i32({R, md + 1});
-  int32_t* path = scratch<int32_t>(R * md + R);
+  int32_t* path = scratch<int32_t>(R * md + R);  // int32 slot 0: the callers keep their int32 arrays in slot 1
   if (num == nullptr) num = path + R * md;
   run_checked([&] {
     spd::rejection_sample(addr(target), float_code(target), row_stride, V, ids, id_code,

@@ -90,6 +90,11 @@ def _strided(rows, layout):
     return rows.t().contiguous().t() if layout == "column-major" else rows.clone()
 
 
+needs_cpp = pytest.mark.skipif("cpp" not in backends_here(),
+                               reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_greedy_step_is_the_same_on_the_fused_op_and_the_public_op(dtype, monkeypatch):
     """verify_step's greedy decision through the fused C++ op (cpp) and through verify_greedy (cpp-generic): the
@@ -97,8 +102,6 @@ def test_greedy_step_is_the_same_on_the_fused_op_and_the_public_op(dtype, monkey
     rows full of ties (37 tokens: ties across the kernel's vector lanes and its scalar tail), dense, strided and
     column-major rows, every acceptance length, validation on and off; and the known answer (the drafts up to the
     first mismatch, then that row's first argmax)."""
-    if "cpp" not in backends_here():
-        pytest.skip("the cpp backend is not built here (SPDKERNELS_NO_CPP)")
     g = torch.Generator().manual_seed(5)
     procs = LogitsProcessorList()
     cases = 0
@@ -121,11 +124,10 @@ def test_greedy_step_is_the_same_on_the_fused_op_and_the_public_op(dtype, monkey
     assert cases == 28
 
 
+@needs_cpp
 def test_greedy_with_processors_runs_the_fused_op_and_equals_generate(model, monkeypatch):
     """With a logits processor (repetition penalty) the greedy steps still go through the fused op on CPU ("cpp":
     no public op called) and the output equals generate(do_sample=False)."""
-    if "cpp" not in backends_here():
-        pytest.skip("the cpp backend is not built here (SPDKERNELS_NO_CPP)")
     want = model.generate(PROMPT, do_sample=False, max_new_tokens=16, repetition_penalty=1.3)
     with adapter_path("cpp", ahf, monkeypatch):
         got = model.generate(PROMPT, do_sample=False, max_new_tokens=16, repetition_penalty=1.3,
