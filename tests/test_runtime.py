@@ -257,6 +257,47 @@ def test_cli_user_errors_exit_2_without_traceback(argv, needle, capsys):
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["none", "ngram-chain", "draft-model-tree"])
+def test_continuous_batching_gives_the_same_outputs(model, prompts, reference, name):
+    """max_batch=2 over requests of different lengths (greedy, and seeded sampling): the same outputs as one
+    batch, every request admitted as another leaves (never more than 2 in flight), a cache sized for 2,
+    the progress callback counting every request's tokens."""
+    lengths = [24, 6, 24, 11, 3, 24]
+    ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
+
+    def reqs(**kw):
+        return [Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)) for p, n in zip(ps, lengths)]
+
+    prop = None if name == "none" else proposers(model)[name]
+    eng = Engine(model, prop, scrub_cache=True)
+    in_flight, progress = [], []
+    orig_step = eng._step
+
+    def step(active, m):
+        in_flight.append(len(active))
+        orig_step(active, m)
+
+    eng._step = step
+    eng.on_step = progress.append
+    res, m = eng.generate(reqs(), max_batch=2)
+    assert [r.output_ids for r in res] == [reference[i % len(prompts)][:n] for i, n in enumerate(lengths)]
+    assert max(in_flight) == 2 and in_flight.count(1) <= 1 + lengths[-1]  # refilled, not drained per pair
+    assert progress == sorted(progress) and progress[-1] == sum(lengths)
+    room = 1 + (prop.max_nodes if prop else 0)
+    per_req = sorted((-(-(len(p) + n + room) // 16) + 1 for p, n in zip(ps, lengths)), reverse=True)
+    assert eng.cache.num_blocks == sum(per_req[:2])
+    if name == "none":  # seeded sampling: each request's coins are its own, whatever shares its batch
+        a = [r.output_ids for r in Engine(model).generate(reqs(temperature=0.9, seed=3))[0]]
+        b = [r.output_ids for r in Engine(model).generate(reqs(temperature=0.9, seed=3), max_batch=2)[0]]
+        assert a == b
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_max_batch_is_checked(model, prompts, bad):
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(model).generate([Request(prompts[0], params(4))], max_batch=bad)
+
+
 def test_engine_rejects_bad_requests(model):
     eng = Engine(model, None)
     with pytest.raises(ValueError, match="prompt_ids"):

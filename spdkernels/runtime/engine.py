@@ -153,7 +153,10 @@ class Engine:
     applies stop strings; ``eos_token_ids`` default to the model config's. ``block_size``: KV page size.
     ``scrub_cache``: poison every KV entry past the committed length after each step (tests).
     ``speculation``: an :class:`AdaptiveSpeculation` that sets every request's draft depth per step from
-    the measured verification cost and acceptance (None: the proposer's own depth)."""
+    the measured verification cost and acceptance (None: the proposer's own depth).
+    ``generate(requests, max_batch=N)`` keeps at most ``N`` requests in flight and admits the next one
+    (prefill, then decoding with the others) as soon as one finishes: continuous batching, so a long
+    request does not leave the batch nearly empty, and the KV cache holds ``N`` requests, not all."""
 
     def __init__(self, model: LlamaModel, proposer: Optional[Proposer] = None, tokenizer=None,
                  eos_token_ids: Optional[Sequence[int]] = None, block_size: int = 16, scrub_cache: bool = False,
@@ -167,36 +170,43 @@ class Engine:
         self.scrub = scrub_cache
         self.validate_ops = validate_ops
         self.cache = None
-        self.on_step: Optional[Callable[[int], None]] = None  # called after each step with the tokens emitted
+        # called after each step with the number of tokens generated so far by all the run's requests
+        self.on_step: Optional[Callable[[int], None]] = None
+        self._run: List[RequestState] = []
 
     # -- public ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, requests: Sequence[Request]) -> Tuple[List[Result], RunMetrics]:
+    def generate(self, requests: Sequence[Request], max_batch: Optional[int] = None
+                 ) -> Tuple[List[Result], RunMetrics]:
         if not requests:
             return [], RunMetrics()
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                      or max_batch < 1):
+            raise ValueError(f"max_batch: expected a positive int or None, got {max_batch!r}")
         room = 1 + (self.proposer.max_nodes if self.proposer else 0)
         validate_requests(self.model.config, requests)
         bs = self.block_size
-        blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens + room) // bs) + 1 for r in requests)
+        need = sorted((-(-(len(r.prompt_ids) + r.params.max_new_tokens + room) // bs) + 1 for r in requests),
+                      reverse=True)
+        limit = len(requests) if max_batch is None else min(max_batch, len(requests))
+        blocks = sum(need[:limit])  # room for the `limit` largest requests at once
         self.cache = cache = self.model.new_cache(blocks, bs, scrub=self.scrub)
         if self.proposer is not None:
             self.proposer.bind(self.model, cache)
         states = [RequestState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
         if len({s.rid for s in states}) != len(states):
             raise ValueError("rid: request ids must be unique")
+        self._run = states
         m = RunMetrics()
         old_validation = spdkernels.validation_enabled()
         spdkernels.set_validation(self.validate_ops)
         t_start = time.perf_counter()
         try:
-            for st in states:
-                cache.add(st.rid)
-            self._prefill(states)
-            self._sync()
-            m.prefill_s = time.perf_counter() - t_start
-            active = [s for s in states if not s.done]
-            while active:
-                self._step(active, m)
+            waiting = states[limit:][::-1]  # popped from the end: request order
+            active = self._admit(states[:limit], m)
+            while active or waiting:
+                if active:
+                    self._step(active, m)
                 for s in active:
                     if s.done:
                         cache.release(s.rid)
@@ -205,6 +215,8 @@ class Engine:
                         if self.speculation is not None:
                             self.speculation.release(s.rid)
                 active = [s for s in active if not s.done]
+                if waiting and len(active) < limit:
+                    active += self._admit([waiting.pop() for _ in range(min(limit - len(active), len(waiting)))], m)
         finally:
             spdkernels.set_validation(old_validation)
         self._sync()
@@ -212,6 +224,17 @@ class Engine:
         return collect_results(states, self.tokenizer, m), m
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _admit(self, states: List[RequestState], m: RunMetrics) -> List[RequestState]:
+        """Give ``states`` their cache entries and prefill them (timed into ``m.prefill_s``); returns those
+        with tokens left to generate."""
+        t0 = time.perf_counter()
+        for st in states:
+            self.cache.add(st.rid)
+        self._prefill(states)
+        self._sync()
+        m.prefill_s += time.perf_counter() - t0
+        return [s for s in states if not s.done]
+
     def _sync(self) -> None:
         """Wait for the device before reading a clock (CUDA work is asynchronous)."""
         sync_device(self.model.device)
@@ -357,7 +380,7 @@ class Engine:
             self._append(s, o[:n])
         m.engine_steps += 1
         if self.on_step is not None:
-            self.on_step(sum(len(s.output) for s in active))
+            self.on_step(sum(len(s.output) for s in self._run))
         t5 = time.perf_counter()
         m.draft_s += t1 - t0
         m.verify_s += t3 - t2

@@ -48,12 +48,13 @@ class AnchorRecorder(Proposer):
 
 
 def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_tokens: int, seed: int,
-                    batch: int = 64, sampled_fraction: float = 0.2, log=print,
+                    batch: int = 128, sampled_fraction: float = 0.2, log=print,
                     anchors: Optional[Sequence[int]] = None, followup_fraction: float = 0.3
                     ) -> Tuple[List[Dict], Optional[List[torch.Tensor]]]:
     """``(corpus, states)``. ``corpus = [{"kind", "prompt_ids", "output_ids"}]``: greedy continuations, and
     for ``sampled_fraction`` of the prompts continuations sampled at temperature 0.7 (seeded), so the text
-    covers more than one path. Two rounds: ``1 - followup_fraction`` of the prompts from
+    covers more than one path; ``batch`` requests in flight at a time (continuous batching: a finished
+    request's place goes to the next prompt at once). Two rounds: ``1 - followup_fraction`` of the prompts from
     :func:`~.prompts.training_prompts`, then the rest from :func:`~.prompts.followup_prompts` built on the
     first round's replies (the target's own documents and code handed back to edit). With ``anchors``,
     ``states[i]`` holds the hidden states at the anchors of every token of sequence ``i`` but its last
@@ -75,15 +76,25 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
                                                     top_p=0.95 if sampled else 1.0, seed=seed * 100003 + i)))
             kinds.append(kind)
         total = len(out) + len(reqs)
-        for s in range(0, len(reqs), batch):
-            rec = AnchorRecorder(anchors) if anchors is not None else None
-            res, _ = Engine(model, rec).generate(reqs[s:s + batch])
-            for r, kind in zip(res, kinds[s:s + batch]):
-                out.append(dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids))
-                if rec is not None:
-                    states.append(rec.states(r.rid, len(r.prompt_ids) + len(r.output_ids) - 1))
-            n = sum(len(x["output_ids"]) for x in out)
-            log(f"data: {len(out)}/{total} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
+        before = sum(len(x["output_ids"]) for x in out)
+        last = [time.perf_counter()]
+
+        def progress(generated: int) -> None:
+            if time.perf_counter() - last[0] >= 60:
+                last[0] = time.perf_counter()
+                done = before + generated
+                log(f"data: {done} tokens generated, {done / (last[0] - t0):.0f} tok/s")
+
+        rec = AnchorRecorder(anchors) if anchors is not None else None
+        eng = Engine(model, rec)
+        eng.on_step = progress
+        res, _ = eng.generate(reqs, max_batch=batch)
+        for r, kind in zip(res, kinds):
+            out.append(dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids))
+            if rec is not None:
+                states.append(rec.states(r.rid, len(r.prompt_ids) + len(r.output_ids) - 1))
+        n = sum(len(x["output_ids"]) for x in out)
+        log(f"data: {len(out)}/{total} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
 
     run(training_prompts(num_prompts - n2, seed))
     if n2:

@@ -148,6 +148,9 @@ CHAT_TEMPLATES = [
     "Explain {concept} to {audience}.", "What is {concept}? Give a short example.",
     "Give step-by-step instructions for {activity}.", "What are five tips for {activity}?",
     "What mistakes do people often make when {activity}?", "Write a short checklist for {activity}.",
+    "Why does {concept} matter? Answer in a short paragraph.", "What are common misconceptions about {concept}?",
+    "Give me a short history of {concept}.", "I want to start {activity}. Where should I begin?",
+    "How long does it take to get good at {activity}, and how should I practise?",
 ]
 
 
@@ -163,6 +166,21 @@ DOC_SUBJECTS = [
     "a zoo welcoming two baby elephants", "a power cut in a large office building", "a village getting fast "
     "internet", "a team migrating its servers to the cloud", "a restaurant that only serves local food",
     "a local election with record turnout", "a supermarket testing checkout-free shopping",
+    "a swimming pool closing for repairs", "a company launching a budget smartphone", "a storm that closed the "
+    "airport", "a primary school starting a chess club", "a town festival celebrating its 500th birthday",
+    "a bookshop that stays open all night", "a new law on electric scooters", "a hospital opening a new "
+    "children's ward", "a factory switching to solar power", "a volunteer group repairing old computers",
+    "a cinema showing silent films with live music", "a bakery donating bread to a shelter", "a train strike "
+    "next week", "a website outage at an online shop", "a city opening a public rooftop garden",
+    "a company's annual staff survey", "a marathon changing its route", "a school replacing textbooks with "
+    "tablets", "a new vaccination campaign for older people", "a game studio releasing its first game",
+    "a mountain village attracting young families", "a delay in building a new bridge", "an office moving to "
+    "a new building", "a team adopting a new project management tool", "a food festival with dishes from "
+    "twenty countries", "a bank closing branches in small towns", "a scientist winning a national prize",
+    "a park getting new lights and benches", "a company offering free language classes to staff",
+    "a river flooding after heavy rain", "a youth orchestra touring abroad", "an app that helps people share "
+    "leftover food", "a data breach at a small company", "a summer reading challenge for children",
+    "a plan to build affordable housing", "a local radio station celebrating 50 years",
 ]
 DOC_TEMPLATES = [
     "Write a short news article (about 120 words) about {subject}.",
@@ -170,6 +188,8 @@ DOC_TEMPLATES = [
     "Write a short email to a colleague about {subject}.",
     "Write a short blog post about {subject}.",
     "Write a short press release about {subject}.",
+    "Write a short report for a manager about {subject}, with a recommendation.",
+    "Write a short social media post and a longer newsletter paragraph about {subject}.",
 ]
 
 
@@ -194,8 +214,9 @@ def training_prompts(count: int = 400, seed: int = 0) -> List[Tuple[str, str]]:
     out: List[Tuple[str, str]] = []
     seen = set()
     kinds = ["code"] * 6 + ["text"] * 4 + ["chat"] * 7 + ["doc"] * 3
+    misses = dict.fromkeys(kinds, 0)  # draws of a kind in a row that gave no new prompt
     i = 0
-    while len(out) < count and i < 50 * count:
+    while len(out) < count and i < 50 * count and kinds:
         kind = kinds[len(out) % len(kinds)]
         i += 1
         if kind == "code":
@@ -223,6 +244,11 @@ def training_prompts(count: int = 400, seed: int = 0) -> List[Tuple[str, str]]:
         if p not in seen:
             seen.add(p)
             out.append((kind, p))
+            misses[kind] = 0
+        else:
+            misses[kind] += 1
+            if misses[kind] >= 200:  # this kind is used up: the others fill the rest
+                kinds = [k for k in kinds if k != kind]
     return out
 
 
