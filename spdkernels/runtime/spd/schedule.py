@@ -153,7 +153,8 @@ class SPDEngine:
         # anchor taps each stage produces: model layer index (b - 1) -> anchor index
         self.stage_taps = [{b - 1: k for k, b in enumerate(anchors) if s < b <= e} for s, e in self.stages]
         self.m = pdm.cfg.m
-        self.on_step = None
+        self.on_step = None  # called after each cycle with the tokens generated so far by all the run's requests
+        self._run: List[_SPDState] = []
         self.caches: List = []
         self.pdm_cache = None
 
@@ -180,7 +181,7 @@ class SPDEngine:
         m = SPDRunMetrics(n=self.n, stage_s=[0.0] * self.n)
         if not requests:
             return [], m
-        states = self._states(requests)
+        states = self._run = self._states(requests)
         bs = self.block_size
         blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens + self.n + 2) // bs) + 1 for r in requests)
         self.caches = [self.model.new_cache(blocks, bs, layers=se, scrub=self.scrub) for se in self.stages]
@@ -448,7 +449,7 @@ class SPDEngine:
         if self.debug:
             self._check([s for s in active if not s.done])
         if self.on_step is not None:
-            self.on_step(sum(len(s.output) for s in active))
+            self.on_step(sum(len(s.output) for s in self._run))
 
     def _check_draft(self, active: List[_SPDState], logits: torch.Tensor) -> None:
         """Debug: the draft logits from the PDM's cache equal the PDM run from scratch over the request's
