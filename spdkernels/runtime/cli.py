@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, default=1, help="tower decoder layers L_s")
     t.add_argument("--intermediate", type=int, default=1024, help="the tower's MLP width")
     t.add_argument("--draft-vocab", type=int, default=8192)
-    t.add_argument("--prompts", type=int, default=720, help="training prompts (the target continues each)")
+    t.add_argument("--prompts", type=int, default=1800, help="training prompts (the target continues each)")
     t.add_argument("--max-new-tokens", type=int, default=192)
     t.add_argument("--steps", type=int, default=1800)
     t.add_argument("--batch", type=int, default=4, help="training windows per step")

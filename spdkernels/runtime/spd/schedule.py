@@ -164,7 +164,8 @@ class SPDEngine:
         return s + (f" + lookup n={lk.min_ngram}..{lk.max_ngram}" if lk is not None else "")
 
     def _states(self, requests: Sequence[Request]) -> List[_SPDState]:
-        """Validated requests (a prompt of at least n tokens, unique ids) as pipeline states."""
+        """Validated requests (a prompt of at least n tokens, unique ids) as pipeline states, which become the
+        run's (those ``on_step`` counts)."""
         validate_requests(self.model.config, requests, extra=self.n + 1)
         for i, r in enumerate(requests):
             if len(r.prompt_ids) < self.n:
@@ -173,6 +174,7 @@ class SPDEngine:
         states = [_SPDState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
         if len({s.rid for s in states}) != len(states):
             raise ValueError("rid: request ids must be unique")
+        self._run = states
         return states
 
     # -- public ------------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ class SPDEngine:
         m = SPDRunMetrics(n=self.n, stage_s=[0.0] * self.n)
         if not requests:
             return [], m
-        states = self._run = self._states(requests)
+        states = self._states(requests)
         bs = self.block_size
         blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens + self.n + 2) // bs) + 1 for r in requests)
         self.caches = [self.model.new_cache(blocks, bs, layers=se, scrub=self.scrub) for se in self.stages]

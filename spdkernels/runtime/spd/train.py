@@ -470,7 +470,7 @@ def select_vocab(corpus: Sequence[Dict], size: int, vocab_size: int, always: Seq
 
 
 def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_vocab: int = 8192,
-              anchors: Optional[Sequence[int]] = None, num_prompts: int = 720, max_new_tokens: int = 192,
+              anchors: Optional[Sequence[int]] = None, num_prompts: int = 1800, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
               progress: bool = True, log=print, anchor_norm: bool = False, device="cpu", shift: bool = True) -> Dict:
     """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
