@@ -6,8 +6,13 @@ but is not the pipelined one (each cycle costs the n stage forwards in sequence 
 equivalent speedup is what a pipeline of n workers reaches.
 
 With ``--lookup`` every n also runs with prompt lookup drafting where it matches (SPDEngine(lookup=...)).
+With ``--corpus WORK/corpus-*.json`` (the text ``train-pdm`` generated) every run is repeated on the prompts of
+the first held-out and the first training sequences of that corpus (``train-pdm``'s split), so the drafter's
+acceptance on its training distribution, on unseen text of that distribution and on the demo's prompts stand
+side by side (the gap between them is what more or more varied training text would close).
 
-    python -m spdkernels.bench.spd [--stages 2 4 8] [--pdm DIR ...] [--lookup] [--max-tokens 128] [--json F] [--plot F]
+    python -m spdkernels.bench.spd [--stages 2 4 8] [--pdm DIR ...] [--lookup] [--max-tokens 128]
+                                   [--corpus F] [--json F] [--plot F]
 """
 from __future__ import annotations
 
@@ -38,10 +43,29 @@ def main(argv=None) -> int:
     ap.add_argument("--lookup", action="store_true", help="also run every n with prompt lookup (n-grams 2..3) "
                     "drafting where it matches, the PDM elsewhere")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--prompts", type=int, default=8, help="the first N prompts of the demo suite")
+    ap.add_argument("--prompts", type=int, default=8, help="the first N prompts of the demo suite (and of each "
+                    "--corpus set)")
+    ap.add_argument("--corpus", default=None, help="a train-pdm corpus (WORK/corpus-*.json): also run the prompts "
+                    "of its first held-out and first training sequences")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
+    if args.prompts < 1:
+        ap.error("--prompts must be at least 1")
+    corpus_sets = {}
+    if args.corpus:
+        from spdkernels.runtime.spd.data import load_corpus
+        from spdkernels.runtime.spd.train import held_out_split
+
+        try:
+            corpus, meta = load_corpus(Path(args.corpus))
+            held_idx, train_idx = held_out_split(len(corpus), int(meta["seed"]))
+            corpus_sets = {"held-out": [[int(t) for t in corpus[i]["prompt_ids"]] for i in held_idx[:args.prompts]],
+                           "training": [[int(t) for t in corpus[i]["prompt_ids"]] for i in train_idx[:args.prompts]]}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            ap.error(f"--corpus: not a train-pdm corpus ({args.corpus}): {e}")
+        if not all(corpus_sets.values()):
+            ap.error(f"--corpus: {args.corpus} has too few sequences for a held-out and a training set")
 
     import torch
 
@@ -54,23 +78,29 @@ def main(argv=None) -> int:
     ck = load_checkpoint()
     model = LlamaModel(ck.config, ck.state_dict)
     tok = ck.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for _, p in SUITE[:args.prompts]]
+    sets = {"demo": [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+                     for _, p in SUITE[:args.prompts]], **corpus_sets}
     params = SamplingParams(max_new_tokens=args.max_tokens)
-    ar = []
+    ar = {}
     ar_wall = 0.0
-    for p in prompts:
-        res, m = Engine(model, None).generate([Request(p, params)])
-        ar.append(res[0].output_ids)
-        ar_wall += m.wall_s - m.prefill_s
-    ar_tps = sum(len(o) for o in ar) / ar_wall
+    for name, prompts in sets.items():
+        ar[name] = []
+        for p in prompts:
+            res, m = Engine(model, None).generate([Request(p, params)])
+            ar[name].append(res[0].output_ids)
+            if name == "demo":
+                ar_wall += m.wall_s - m.prefill_s
+    ar_tps = sum(len(o) for o in ar["demo"]) / ar_wall
     rows = []
+    runs = [(name, n, lk) for name in sets for lk in ([False, True] if args.lookup else [False]) for n in args.stages]
     for path in args.pdm or [str(shipped_pdm_path())]:
         pdm = load_pdm(path, model, ck.state_dict)
-        for n, lookup in [(n, lk) for lk in ([False, True] if args.lookup else [False]) for n in args.stages]:
+        for prompt_set, n, lookup in runs:
+            prompts = sets[prompt_set]
             eng = SPDEngine(model, pdm, n, lookup=NGramProposer(k=1, min_ngram=2, max_ngram=3) if lookup else None)
             tokens = cycles = accepted = drafted = identical = 0
             wall = pdm_s = stage_s = slow_s = 0.0
-            for p, ref in zip(prompts, ar):
+            for p, ref in zip(prompts, ar[prompt_set]):
                 res, m = eng.generate([Request(p, params)])
                 identical += res[0].output_ids == ref
                 tokens += len(res[0].output_ids) - 1
@@ -79,21 +109,24 @@ def main(argv=None) -> int:
                 wall += m.wall_s - m.prefill_s
                 pdm_s, stage_s, slow_s = pdm_s + m.pdm_s, stage_s + sum(m.stage_s) / n, slow_s + m.slowest_stage_s
             alpha = accepted / max(drafted, 1)
-            row = dict(pdm=path, draft_layers=pdm.num_layers, n=n, lookup=lookup, acceptance=alpha,
+            row = dict(pdm=path, draft_layers=pdm.num_layers, n=n, lookup=lookup, prompt_set=prompt_set,
+                       acceptance=alpha,
                        tokens_per_cycle=tokens / cycles,
                        equivalent_speedup=n * tokens / cycles, iid_model=n / (n - (n - 1) * alpha),
                        pdm_ms=1e3 * pdm_s / cycles, stage_ms=1e3 * stage_s / cycles,
                        wall_tokens_per_s_one_process=(tokens + len(prompts)) / wall,
                        identical=f"{identical}/{len(prompts)}")
             rows.append(row)
-            print(f"L_s={row['draft_layers']}{' + lookup' if lookup else ''} n={n}: acceptance {alpha:.3f}, "
+            print(f"{prompt_set} prompts, L_s={row['draft_layers']}{' + lookup' if lookup else ''} n={n}: "
+                  f"acceptance {alpha:.3f}, "
                   f"tokens/cycle {row['tokens_per_cycle']:.3f}, "
                   f"equivalent speedup {row['equivalent_speedup']:.2f} (i.i.d. model {row['iid_model']:.2f}), PDM "
                   f"{row['pdm_ms']:.2f} ms vs stage {row['stage_ms']:.2f} ms, one-process wall "
                   f"{row['wall_tokens_per_s_one_process']:.1f} tok/s (AR {ar_tps:.1f}), identical {row['identical']}",
                   flush=True)
     out = dict(commit=_commit(), machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-               max_new_tokens=args.max_tokens, prompts=len(prompts), ar_tokens_per_s=ar_tps, rows=rows,
+               max_new_tokens=args.max_tokens, prompts=len(sets["demo"]), corpus=args.corpus, ar_tokens_per_s=ar_tps,
+               rows=rows,
                paper={str(k): dict(draft_layers=v[0], equivalent_speedup=v[1]) for k, v in PAPER.items()})
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -110,13 +143,17 @@ def plot(out, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for ls, lk in sorted({(r["draft_layers"], r.get("lookup", False)) for r in out["rows"]}):
-        rs = sorted([r for r in out["rows"] if (r["draft_layers"], r.get("lookup", False)) == (ls, lk)],
-                    key=lambda r: r["n"])
-        name = f"L_s={ls}{' + lookup' if lk else ''}"
-        a1.plot([r["n"] for r in rs], [r["equivalent_speedup"] for r in rs], "o-", label=f"ours, {name} (SmolLM2-135M)")
-        a1.plot([r["n"] for r in rs], [r["iid_model"] for r in rs], ":", label=f"i.i.d. model, our alpha ({name})")
-        a2.plot([r["n"] for r in rs], [r["acceptance"] for r in rs], "o-", label=f"ours, {name}")
+    keys = sorted({(r.get("prompt_set", "demo"), r["draft_layers"], r.get("lookup", False)) for r in out["rows"]})
+    for ps, ls, lk in keys:
+        rs = sorted([r for r in out["rows"] if (r.get("prompt_set", "demo"), r["draft_layers"], r.get("lookup", False))
+                     == (ps, ls, lk)], key=lambda r: r["n"])
+        name = f"L_s={ls}{' + lookup' if lk else ''}{'' if ps == 'demo' else f', {ps} prompts'}"
+        if ps == "demo":
+            a1.plot([r["n"] for r in rs], [r["equivalent_speedup"] for r in rs], "o-",
+                    label=f"ours, {name} (SmolLM2-135M)")
+            a1.plot([r["n"] for r in rs], [r["iid_model"] for r in rs], ":", label=f"i.i.d. model, our alpha ({name})")
+        a2.plot([r["n"] for r in rs], [r["acceptance"] for r in rs], "o-" if ps == "demo" else "x--",
+                label=f"ours, {name}")
     pn = sorted(int(k) for k in out["paper"])
     a1.plot(pn, [out["paper"][str(k)]["equivalent_speedup"] for k in pn], "s--", label="paper (Qwen3.5-4B)")
     a1.set_xlabel("stages n")

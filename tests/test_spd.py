@@ -563,6 +563,32 @@ def test_pdm_probe_loads_every_tensor_of_the_file(tmp_path):
             torch.testing.assert_close(got[k], v.half().to(v.dtype) if v.is_floating_point() else v, rtol=0, atol=0)
 
 
+def test_held_out_split_is_seeded_disjoint_and_complete():
+    """train_pdm and `bench/spd.py --corpus` take the held-out sequences from this one function."""
+    from spdkernels.runtime.spd.train import held_out_split
+
+    held, train = held_out_split(100, 0)
+    assert len(held) == 8 and len(train) == 92 and sorted(held + train) == list(range(100))
+    assert held == sorted(held) and train == sorted(train)
+    assert held_out_split(100, 0) == (held, train) and held_out_split(100, 1)[0] != held
+    assert held_out_split(5, 0)[0] and len(held_out_split(5, 0)[0]) == 1  # at least one held out
+
+
+def test_bench_spd_refuses_a_bad_corpus(tmp_path, capsys):
+    from spdkernels.bench.spd import main as bench_spd
+
+    bad = tmp_path / "corpus.json"
+    for text in ["{not json", json.dumps(dict(meta={}, sequences=[])),
+                 json.dumps(dict(meta=dict(seed=0), sequences=[dict(prompt_ids=[1, 2])]))]:
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            bench_spd(["--corpus", str(bad)])
+        assert e.value.code == 2 and "--corpus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_spd(["--corpus", str(tmp_path / "missing.json")])
+    assert e.value.code == 2 and "--corpus" in capsys.readouterr().err
+
+
 class _ByteTokenizer:
     """Enough of a tokenizer for generate_corpus on the tiny random model."""
 

@@ -469,6 +469,15 @@ def select_vocab(corpus: Sequence[Dict], size: int, vocab_size: int, always: Seq
     return sorted(keep)[:size]
 
 
+def held_out_split(num_sequences: int, seed: int, fraction: float = 0.08) -> Tuple[List[int], List[int]]:
+    """``(held_idx, train_idx)``, both sorted: the corpus sequences ``train_pdm`` keeps out of training (a seeded
+    shuffle, ``max(1, int(fraction * num_sequences))`` of them) and the rest."""
+    perm = list(range(num_sequences))
+    random.Random(seed).shuffle(perm)
+    n_held = max(1, int(fraction * num_sequences))
+    return sorted(perm[:n_held]), sorted(perm[n_held:])
+
+
 def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_vocab: int = 8192,
               anchors: Optional[Sequence[int]] = None, num_prompts: int = 1800, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
@@ -518,10 +527,7 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     gen = torch.cat([torch.tensor(s["output_ids"], dtype=torch.int64) for s in corpus])
     coverage = float(in_vocab[gen].float().mean())
     log(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.4f} of the generated tokens")
-    perm = list(range(len(corpus)))
-    random.Random(st.seed).shuffle(perm)
-    n_held = max(1, int(held_fraction * len(corpus)))
-    held_idx, train_idx = sorted(perm[:n_held]), sorted(perm[n_held:])
+    held_idx, train_idx = held_out_split(len(corpus), st.seed, held_fraction)
     t1 = time.perf_counter()
     seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in corpus]
     if states is None and spath.exists():
