@@ -7,7 +7,8 @@ equivalent speedup is what a pipeline of n workers reaches.
 
 With ``--lookup`` every n also runs with prompt lookup drafting where it matches (SPDEngine(lookup=...)).
 With ``--corpus WORK/corpus-*.json`` (the text ``train-pdm`` generated) every run is repeated on the prompts of
-the first held-out and the first training sequences of that corpus (``train-pdm``'s split), so the drafter's
+the first held-out sequences of that corpus (``train-pdm``'s split) and of as many training sequences of the
+same kinds (code, text editing, documents, chat, ...; kind for kind), so the drafter's
 acceptance on its training distribution, on unseen text of that distribution and on the demo's prompts stand
 side by side (the gap between them is what more or more varied training text would close).
 
@@ -35,6 +36,24 @@ def _commit() -> str:
         return "unknown"
 
 
+def corpus_prompt_sets(corpus, seed: int, count: int) -> dict:
+    """``{"held-out": prompts, "training": prompts}`` from a train-pdm corpus: the prompts of the first ``count``
+    held-out sequences (``train_pdm``'s split for ``seed``) and of training sequences matched to them kind for
+    kind (kinds differ in difficulty: editing and rewriting requests copy much of their prompt), so the two
+    sets differ only in having been trained on."""
+    from spdkernels.runtime.spd.train import held_out_split
+
+    held_idx, train_idx = held_out_split(len(corpus), seed)
+    held_sel, train_sel, left = held_idx[:count], [], list(train_idx)
+    for i in held_sel:
+        j = next((j for j in left if corpus[j].get("kind") == corpus[i].get("kind")), left[0] if left else None)
+        if j is not None:
+            train_sel.append(j)
+            left.remove(j)
+    return {"held-out": [[int(t) for t in corpus[i]["prompt_ids"]] for i in held_sel],
+            "training": [[int(t) for t in corpus[j]["prompt_ids"]] for j in train_sel]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spdkernels.bench.spd", description=__doc__.split("\n")[0])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
@@ -46,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8, help="the first N prompts of the demo suite (and of each "
                     "--corpus set)")
     ap.add_argument("--corpus", default=None, help="a train-pdm corpus (WORK/corpus-*.json): also run the prompts "
-                    "of its first held-out and first training sequences")
+                    "of its first held-out sequences and of training sequences of the same kinds")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
@@ -55,14 +74,11 @@ def main(argv=None) -> int:
     corpus_sets = {}
     if args.corpus:
         from spdkernels.runtime.spd.data import load_corpus
-        from spdkernels.runtime.spd.train import held_out_split
 
         try:
             corpus, meta = load_corpus(Path(args.corpus))
-            held_idx, train_idx = held_out_split(len(corpus), int(meta["seed"]))
-            corpus_sets = {"held-out": [[int(t) for t in corpus[i]["prompt_ids"]] for i in held_idx[:args.prompts]],
-                           "training": [[int(t) for t in corpus[i]["prompt_ids"]] for i in train_idx[:args.prompts]]}
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            corpus_sets = corpus_prompt_sets(corpus, int(meta["seed"]), args.prompts)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             ap.error(f"--corpus: not a train-pdm corpus ({args.corpus}): {e}")
         if not all(corpus_sets.values()):
             ap.error(f"--corpus: {args.corpus} has too few sequences for a held-out and a training set")
