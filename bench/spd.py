@@ -7,8 +7,8 @@ equivalent speedup is what a pipeline of n workers reaches.
 
 With ``--lookup`` every n also runs with prompt lookup drafting where it matches (SPDEngine(lookup=...)).
 With ``--corpus WORK/corpus-*.json`` (the text ``train-pdm`` generated) every run is repeated on the prompts of
-the first held-out sequences of that corpus (``train-pdm``'s split) and of as many training sequences of the
-same kinds (code, text editing, documents, chat, ...; kind for kind), so the drafter's
+held-out sequences of that corpus (``train-pdm``'s split; drawn at random) and of as many training sequences
+of the same kinds (code, text editing, documents, chat, ...; kind for kind), so the drafter's
 acceptance on its training distribution, on unseen text of that distribution and on the demo's prompts stand
 side by side (the gap between them is what more or more varied training text would close).
 
@@ -37,19 +37,23 @@ def _commit() -> str:
 
 
 def corpus_prompt_sets(corpus, seed: int, count: int) -> dict:
-    """``{"held-out": prompts, "training": prompts}`` from a train-pdm corpus: the prompts of the first ``count``
-    held-out sequences (``train_pdm``'s split for ``seed``) and of training sequences matched to them kind for
-    kind (kinds differ in difficulty: editing and rewriting requests copy much of their prompt), so the two
-    sets differ only in having been trained on."""
+    """``{"held-out": prompts, "training": prompts}`` from a train-pdm corpus: the prompts of ``count`` held-out
+    sequences drawn at random (seeded) from ``train_pdm``'s held-out split for ``seed``, and of as many training
+    sequences drawn at random among those of the same kind, one for each (kinds differ in difficulty: editing
+    requests copy much of their prompt), so that the two sets differ only in having been trained on."""
+    import random
+
     from spdkernels.runtime.spd.train import held_out_split
 
     held_idx, train_idx = held_out_split(len(corpus), seed)
-    held_sel, train_sel, left = held_idx[:count], [], list(train_idx)
+    rng = random.Random(seed + 1)
+    held_sel = rng.sample(held_idx, min(count, len(held_idx)))
+    train_sel = []
     for i in held_sel:
-        j = next((j for j in left if corpus[j].get("kind") == corpus[i].get("kind")), left[0] if left else None)
-        if j is not None:
-            train_sel.append(j)
-            left.remove(j)
+        same = [j for j in train_idx if corpus[j].get("kind") == corpus[i].get("kind") and j not in train_sel]
+        pool = same or [j for j in train_idx if j not in train_sel]
+        if pool:
+            train_sel.append(rng.choice(pool))
     return {"held-out": [[int(t) for t in corpus[i]["prompt_ids"]] for i in held_sel],
             "training": [[int(t) for t in corpus[j]["prompt_ids"]] for j in train_sel]}
 
@@ -65,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8, help="the first N prompts of the demo suite (and of each "
                     "--corpus set)")
     ap.add_argument("--corpus", default=None, help="a train-pdm corpus (WORK/corpus-*.json): also run the prompts "
-                    "of its first held-out sequences and of training sequences of the same kinds")
+                    "of held-out sequences and of training sequences of the same kinds")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)

@@ -591,16 +591,19 @@ def test_bench_spd_refuses_a_bad_corpus(tmp_path, capsys):
 
 def test_bench_spd_corpus_sets_are_held_out_and_kind_matched():
     from spdkernels.bench.spd import corpus_prompt_sets
+
     from spdkernels.runtime.spd.train import held_out_split
 
     kinds = ["code", "text", "chat", "doc"]
     corpus = [dict(kind=kinds[(i * i) % 4], prompt_ids=[i, i + 1], output_ids=[0]) for i in range(200)]
     held, train = held_out_split(200, 3)
     sets = corpus_prompt_sets(corpus, 3, 6)
-    assert [p[0] for p in sets["held-out"]] == held[:6]
+    assert len({p[0] for p in sets["held-out"]}) == 6 and {p[0] for p in sets["held-out"]} <= set(held)
+    assert corpus_prompt_sets(corpus, 3, 6) == sets  # seeded
+    held = [p[0] for p in sets["held-out"]]
     picked = [p[0] for p in sets["training"]]
     assert len(set(picked)) == 6 and set(picked) <= set(train)
-    assert [corpus[i]["kind"] for i in picked] == [corpus[i]["kind"] for i in held[:6]]
+    assert [corpus[i]["kind"] for i in picked] == [corpus[i]["kind"] for i in held]
 
 
 class _ByteTokenizer:
