@@ -595,7 +595,7 @@ def test_bench_spd_corpus_sets_are_held_out_and_kind_matched():
     from spdkernels.runtime.spd.train import held_out_split
 
     kinds = ["code", "text", "chat", "doc"]
-    corpus = [dict(kind=kinds[(i * i) % 4], prompt_ids=[i, i + 1], output_ids=[0]) for i in range(200)]
+    corpus = [dict(kind=kinds[(i * 7) % 4], prompt_ids=[i, i + 1], output_ids=[0]) for i in range(200)]
     held, train = held_out_split(200, 3)
     sets = corpus_prompt_sets(corpus, 3, 6)
     assert len({p[0] for p in sets["held-out"]}) == 6 and {p[0] for p in sets["held-out"]} <= set(held)

@@ -178,11 +178,11 @@ class Engine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], max_batch: Optional[int] = None
                  ) -> Tuple[List[Result], RunMetrics]:
-        if not requests:
-            return [], RunMetrics()
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                       or max_batch < 1):
             raise ValueError(f"max_batch: expected a positive int or None, got {max_batch!r}")
+        if not requests:
+            return [], RunMetrics()
         room = 1 + (self.proposer.max_nodes if self.proposer else 0)
         validate_requests(self.model.config, requests)
         bs = self.block_size

@@ -207,7 +207,8 @@ def _typos(text: str, rng: random.Random, rate: float = 0.18) -> str:
 
 
 def training_prompts(count: int = 400, seed: int = 0) -> List[Tuple[str, str]]:
-    """``count`` prompts ``(kind, text)`` in a fixed mix: 30% code, 20% editing/summarising a given text,
+    """Up to ``count`` prompts ``(kind, text)`` in a fixed mix (a kind whose templates are used up leaves the
+    mix, so fewer may come back): 30% code, 20% editing/summarising a given text,
     35% instructions and open chat, 15% writing a document (an article, notes, an email) that
     :func:`followup_prompts` can hand back for editing."""
     rng = random.Random(seed)
