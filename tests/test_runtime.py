@@ -173,6 +173,11 @@ def test_cache_rollback_restores():
     assert lens == [6]  # P = 9 - 6 = 3: root at 3, nodes 1 and 4 (positions 5 and 8) move to 4 and 5
     got = c.v[1].view(-1, 1, 4)[torch.tensor(c.slots("a", range(4, 6)))]
     assert torch.equal(got[:, 0, 0], torch.tensor([-102.0, -105.0], dtype=torch.float64))
+    held = c.blocks("a")
+    c.release("a")  # a released request's blocks go back NaN-filled: a reader that reuses one sees no old K/V
+    assert c.free_blocks == 6 and torch.isnan(c.k[:, held]).all() and torch.isnan(c.v[:, held]).all()
+    with pytest.raises(KeyError):
+        c.length("a")
 
 
 def test_stages_and_taps_equal_the_full_forward(model, prompts):
@@ -265,8 +270,9 @@ def test_continuous_batching_gives_the_same_outputs(model, prompts, reference, n
     lengths = [24, 6, 24, 11, 3, 24]
     ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
 
-    def reqs(**kw):
-        return [Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)) for p, n in zip(ps, lengths)]
+    def reqs(seed=None, **kw):
+        return [Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True, seed=None if seed is None else seed + i,
+                                          **kw)) for i, (p, n) in enumerate(zip(ps, lengths))]
 
     prop = None if name == "none" else proposers(model)[name]
     eng = Engine(model, prop, scrub_cache=True)
@@ -286,10 +292,10 @@ def test_continuous_batching_gives_the_same_outputs(model, prompts, reference, n
     room = 1 + (prop.max_nodes if prop else 0)
     per_req = sorted((-(-(len(p) + n + room) // 16) + 1 for p, n in zip(ps, lengths)), reverse=True)
     assert eng.cache.num_blocks == sum(per_req[:2])
-    if name == "none":  # seeded sampling: each request's coins are its own, whatever shares its batch
-        a = [r.output_ids for r in Engine(model).generate(reqs(temperature=0.9, seed=3))[0]]
+    if name == "none":  # seeded sampling, a seed per request: its coins are its own, whatever shares its batch
+        a = [Engine(model).generate([r])[0][0].output_ids for r in reqs(temperature=0.9, seed=3)]
         b = [r.output_ids for r in Engine(model).generate(reqs(temperature=0.9, seed=3), max_batch=2)[0]]
-        assert a == b
+        assert a == b and len({tuple(o[:3]) for o in a}) > 1
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])

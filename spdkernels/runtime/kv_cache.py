@@ -21,7 +21,7 @@ class PagedKVCache:
     staggered lengths and are truncated one by one. ``length(rid)`` positions of
     request ``rid`` are committed; positions past it (draft tree nodes being verified) are scratch until
     :meth:`commit` keeps the accepted ones. ``scrub=True`` fills every position past the committed length
-    with NaN after each commit or roll back, so a read of a stale tree entry poisons the output (tests)."""
+    with NaN after each commit, roll back or release, so a read of a stale tree entry poisons the output (tests)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device="cpu", scrub: bool = False, first_layer: int = 0):
@@ -47,8 +47,10 @@ class PagedKVCache:
         self._len[rid] = 0
 
     def release(self, rid: Hashable) -> None:
-        self._free.extend(reversed(self._blocks.pop(rid)))
-        del self._len[rid]
+        """Give back all of request ``rid``'s blocks (NaN-filled first when ``scrub`` is on, so a later reader of
+        a reused block that skipped writing it sees NaN, not another request's K/V)."""
+        self.set_length(rid, 0)
+        del self._blocks[rid], self._len[rid]
 
     def length(self, rid: Hashable) -> int:
         return self._len[rid]

@@ -4,6 +4,7 @@ PDM's anchors for every token of them (recorded while the text is generated: the
 anyway, so no second pass over the text is needed)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from ..engine import Engine, Request, SamplingParams
 from ..model import LlamaModel, build_batch
 from ..proposers import Draft, Proposer
+from . import prompts as _prompts
 from .prompts import followup_prompts, training_prompts
 
 
@@ -101,6 +103,17 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
         replies = [(x["kind"], tokenizer.decode(x["output_ids"])) for x in out]
         run(followup_prompts(replies, n2, seed))
     return out, states
+
+
+def corpus_version(target_sha256: str) -> str:
+    """A 10-hex tag of what a generated corpus depends on besides its size and seed: the target's weights
+    (``target_fingerprint(...)["weights_sha256"]``) and the source of this module and of :mod:`.prompts`
+    (templates, the mix, sampling settings). ``train-pdm`` puts it in the corpus file's name, so a cached
+    corpus is reused only while regenerating it would give the same text."""
+    h = hashlib.sha256(target_sha256.encode())
+    for path in (__file__, _prompts.__file__):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:10]
 
 
 def save_corpus(path: Path, corpus: Sequence[Dict], meta: Dict) -> None:
