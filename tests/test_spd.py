@@ -541,10 +541,12 @@ def test_cli_train_pdm_bad_device_exits_2(tmp_path, capsys):
     assert "--device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--stages", "--layers", "--intermediate", "--draft-vocab", "--prompts",
-                                  "--max-new-tokens", "--gen-batch", "--steps", "--batch", "--lr"])
-def test_cli_train_pdm_bad_numbers_exit_2(tmp_path, capsys, flag):
-    rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), flag, "0"])
+@pytest.mark.parametrize("flag,value", [(f, "0") for f in ("--stages", "--layers", "--intermediate", "--draft-vocab",
+                                                            "--prompts", "--max-new-tokens", "--gen-batch", "--steps",
+                                                            "--batch", "--lr")]
+                         + [("--self-prompts", "1.5"), ("--self-prompts", "-0.1"), ("--self-prompts", "nan")])
+def test_cli_train_pdm_bad_numbers_exit_2(tmp_path, capsys, flag, value):
+    rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), flag, value])
     assert rc == 2 and not (tmp_path / "o").exists()
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag}:") and "Traceback" not in err
@@ -678,6 +680,61 @@ def test_anchor_states_recorded_during_generation_equal_a_prefill_pass():
     assert wins and all(int(w.next_ids.min()) >= 0 for w in wins)  # every recorded row has a next token
     with pytest.raises(ValueError, match="states"):
         make_windows([states[0][:-2]], corpus[:1], 8)
+
+
+class _ChatByteTokenizer(_ByteTokenizer):
+    def apply_chat_template(self, messages):
+        return "<u>" + messages[0]["content"] + "</u>"
+
+    def encode(self, text):
+        return [b % CFG.vocab_size for b in text.encode()]
+
+
+def test_self_prompts_are_the_targets_own_finished_messages():
+    """self_prompts samples the user's message from the chat template's prefix (here ``<u>``): each one the
+    model ended itself (end-of-turn token, dropped from the text) with at least 3 words, none twice, seeded."""
+    import dataclasses
+
+    from spdkernels.runtime.spd.data import self_prompts
+
+    c = dataclasses.replace(CFG, eos_token_ids=[5, 17, 40])
+    m = LlamaModel(c, random_state_dict(c), dtype=torch.float64)
+    tok = _ChatByteTokenizer()
+    out = self_prompts(m, tok, 6, 0, batch=4, max_tokens=24, log=lambda *a: None)
+    assert len(out) == 6 and len({t for _, t in out}) == 6 and all(k == "self" for k, _ in out)
+    prefix = [b % c.vocab_size for b in b"<u>"]
+    ref = Engine(m).generate([Request(prefix, SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95,
+                                                             seed=700001 + j)) for j in range(10)])[0]
+    finished = [" ".join(map(str, r.output_ids[:-1])) for r in ref if r.output_ids[-1] in (5, 17, 40)]
+    kept = [t for t in finished if len(t.split()) >= 3]
+    assert kept and [t for _, t in out][:len(kept)] == kept[:6]  # the first round, in order, ends cut off
+    assert all(int(w) not in (5, 17, 40) or i < len(t.split()) - 1 for _, t in out for i, w in enumerate(t.split()))
+    assert self_prompts(m, tok, 6, 0, batch=4, max_tokens=24, log=lambda *a: None) == out
+    assert self_prompts(m, tok, 6, 1, batch=4, max_tokens=24, log=lambda *a: None) != out
+    with pytest.raises(ValueError, match="chat template"):
+        self_prompts(m, _ByteTokenizer(), 2, 0)  # the message alone: no user-turn prefix to continue
+
+    class Rewrites(_ChatByteTokenizer):
+        def apply_chat_template(self, messages):
+            return "<u>" + messages[0]["content"].upper() + "</u>"
+
+    with pytest.raises(ValueError, match="verbatim"):
+        self_prompts(m, Rewrites(), 2, 0)
+
+
+def test_generate_corpus_mixes_in_self_written_prompts():
+    import dataclasses
+
+    from spdkernels.runtime.spd.data import generate_corpus
+
+    c = dataclasses.replace(CFG, eos_token_ids=[5, 17, 40])
+    m = LlamaModel(c, random_state_dict(c), dtype=torch.float64)
+    corpus, _ = generate_corpus(m, _ChatByteTokenizer(), 10, 6, 0, batch=4, log=lambda *a: None, self_fraction=0.5,
+                                followup_fraction=0.0)
+    kinds = [s["kind"] for s in corpus]
+    assert kinds.count("self") == 5 and len(corpus) == 10
+    prefix = [b % c.vocab_size for b in b"<u>"]
+    assert all(s["prompt_ids"][:3] == prefix for s in corpus)
 
 
 def test_followup_prompts_hand_back_the_targets_own_text():

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, default=192)
     t.add_argument("--gen-batch", type=int, default=128, help="requests in flight while the target generates the "
                    "training text (continuous batching; raise it on a GPU)")
+    t.add_argument("--self-prompts", type=float, default=0.0, metavar="FRACTION",
+                   help="the fraction of first-round prompts the target writes itself (sampled from its chat "
+                   "template's user turn) instead of taking them from the templates (default: 0)")
     t.add_argument("--steps", type=int, default=1800)
     t.add_argument("--batch", type=int, default=4, help="training windows per step")
     t.add_argument("--lr", type=float, default=2e-3)
@@ -410,6 +413,8 @@ def cmd_train_pdm(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr: expected > 0, got {args.lr}")
+    if not 0.0 <= args.self_prompts <= 1.0:
+        raise ValueError(f"--self-prompts: expected a fraction in [0, 1], got {args.self_prompts}")
     _device(args.device)
     ck, _ = _load(args.model, args.threads)
     if args.stages > ck.config.num_layers:
@@ -418,7 +423,8 @@ def cmd_train_pdm(args) -> int:
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,
-              anchor_norm=args.anchor_norm, device=args.device, shift=args.shift, gen_batch=args.gen_batch)
+              anchor_norm=args.anchor_norm, device=args.device, shift=args.shift, gen_batch=args.gen_batch,
+              self_fraction=args.self_prompts)
     return 0
 
 

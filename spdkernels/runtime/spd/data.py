@@ -49,16 +49,56 @@ class AnchorRecorder(Proposer):
         return torch.stack([rows[p] for p in range(length)])
 
 
+def self_prompts(model: LlamaModel, tokenizer, count: int, seed: int, batch: int = 128, max_tokens: int = 96,
+                 temperature: float = 1.0, log=print) -> List[Tuple[str, str]]:
+    """Up to ``count`` user requests ``("self", text)`` written by the target itself: it is given its chat
+    template up to where the user's message begins (the template rendered around a marker, cut at the
+    marker) and samples the message (at ``temperature``, top-p 0.95, a seed per request), as an instruction-tuned
+    model writes the kind of requests it was tuned on. A message counts when the model ended it itself
+    (end of turn within ``max_tokens``), has at least 3 words and is new; up to 4 rounds make up for the others.
+    Prompts no template list can exhaust, in the model's own idea of what users ask."""
+    marker = "\x00user-message\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}])
+    if marker not in rendered:
+        raise ValueError("self_prompts: the chat template does not place the user's message verbatim")
+    prefix = tokenizer.encode(rendered[:rendered.index(marker)])
+    if not prefix:
+        raise ValueError("self_prompts: the chat template puts nothing before the user's message to continue")
+    out: List[Tuple[str, str]] = []
+    seen = set()
+    drawn = 0
+    for _ in range(4):
+        want = count - len(out)
+        if want <= 0:
+            break
+        n = want + want // 2 + 1
+        reqs = [Request(list(prefix), SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                                                     seed=seed * 1000003 + 700001 + drawn + j)) for j in range(n)]
+        drawn += n
+        res, _ = Engine(model).generate(reqs, max_batch=batch)
+        for r in res:
+            if r.finish_reason != "eos":  # cut off at max_tokens: not a whole message
+                continue
+            text = tokenizer.decode(r.output_ids[:-1]).strip()  # without the end-of-turn token
+            if len(text.split()) >= 3 and text not in seen and len(out) < count:
+                seen.add(text)
+                out.append(("self", text))
+    log(f"data: {len(out)} self-written prompts from {drawn} drawn")
+    return out
+
+
 def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_tokens: int, seed: int,
                     batch: int = 128, sampled_fraction: float = 0.2, log=print,
-                    anchors: Optional[Sequence[int]] = None, followup_fraction: float = 0.3
-                    ) -> Tuple[List[Dict], Optional[List[torch.Tensor]]]:
+                    anchors: Optional[Sequence[int]] = None, followup_fraction: float = 0.3,
+                    self_fraction: float = 0.0) -> Tuple[List[Dict], Optional[List[torch.Tensor]]]:
     """``(corpus, states)``. ``corpus = [{"kind", "prompt_ids", "output_ids"}]``: greedy continuations, and
     for ``sampled_fraction`` of the prompts continuations sampled at temperature 0.7 (seeded), so the text
     covers more than one path; ``batch`` requests in flight at a time (continuous batching: a finished
     request's place goes to the next prompt at once). Two rounds: ``1 - followup_fraction`` of the prompts from
     :func:`~.prompts.training_prompts`, then the rest from :func:`~.prompts.followup_prompts` built on the
-    first round's replies (the target's own documents and code handed back to edit). With ``anchors``,
+    first round's replies (the target's own documents and code handed back to edit); ``self_fraction`` of the
+    first round's prompts are written by the target itself (:func:`self_prompts`, kind ``"self"``) instead of
+    the templates. With ``anchors``,
     ``states[i]`` holds the hidden states at the anchors of every token of sequence ``i`` but its last
     (``[len(prompt) + len(output) - 1, len(anchors), hidden]`` fp16, the rows :func:`anchor_states`
     computes, recorded during generation); otherwise ``states`` is None."""
@@ -98,19 +138,24 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
         n = sum(len(x["output_ids"]) for x in out)
         log(f"data: {len(out)}/{total} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
 
-    run(training_prompts(num_prompts - n2, seed))
+    n_self = int(round(self_fraction * (num_prompts - n2)))
+    first = training_prompts(num_prompts - n2 - n_self, seed)
+    if n_self:
+        first += self_prompts(model, tokenizer, n_self, seed, batch=batch, log=log)
+    run(first)
     if n2:
         replies = [(x["kind"], tokenizer.decode(x["output_ids"])) for x in out]
         run(followup_prompts(replies, n2, seed))
     return out, states
 
 
-def corpus_version(target_sha256: str) -> str:
+def corpus_version(target_sha256: str, settings: str = "") -> str:
     """A 10-hex tag of what a generated corpus depends on besides its size and seed: the target's weights
     (``target_fingerprint(...)["weights_sha256"]``) and the source of this module and of :mod:`.prompts`
-    (templates, the mix, sampling settings). ``train-pdm`` puts it in the corpus file's name, so a cached
-    corpus is reused only while regenerating it would give the same text."""
-    h = hashlib.sha256(target_sha256.encode())
+    (templates, the mix, sampling settings), and ``settings`` (generation options not in the file name).
+    ``train-pdm`` puts it in the corpus file's name, so a cached corpus is reused only while regenerating it
+    would give the same text."""
+    h = hashlib.sha256((target_sha256 + settings).encode())
     for path in (__file__, _prompts.__file__):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:10]

@@ -482,11 +482,12 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
               anchors: Optional[Sequence[int]] = None, num_prompts: int = 1800, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
               progress: bool = True, log=print, anchor_norm: bool = False, device="cpu", shift: bool = True,
-              gen_batch: int = 128) -> Dict:
+              gen_batch: int = 128, self_fraction: float = 0.0) -> Dict:
     """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
     held-out evaluation, and the PDM written to ``out`` with ``train_log.json`` and ``heldout.json``.
     Everything runs on ``device``: the text is generated (and its anchor states recorded) by the runtime's
-    engine there, with ``gen_batch`` requests in flight."""
+    engine there, with ``gen_batch`` requests in flight; ``self_fraction`` of the first-round prompts are
+    written by the target itself (:func:`~.data.self_prompts`)."""
     from .data import anchor_states, corpus_version, generate_corpus, load_corpus, save_corpus
 
     st = settings or TrainSettings()
@@ -502,7 +503,9 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     depth_types(anchors, L, stages)  # n fits the target
     work_p, out_p = Path(work), Path(out)
     t0 = time.perf_counter()
-    version = corpus_version(cfg.target["weights_sha256"])
+    if not 0.0 <= self_fraction <= 1.0:
+        raise ValueError(f"self_fraction: expected a fraction in [0, 1], got {self_fraction}")
+    version = corpus_version(cfg.target["weights_sha256"], f"self={self_fraction}" if self_fraction else "")
     cpath = work_p / f"corpus-{num_prompts}-{max_new_tokens}-s{st.seed}-{version}.json"
     spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
     states = None
@@ -512,8 +515,9 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     else:
         # the anchor states are recorded while generating (no second pass over the text)
         corpus, states = generate_corpus(target, ck.tokenizer, num_prompts, max_new_tokens, st.seed, log=log,
-                                         anchors=anchors, batch=gen_batch)
+                                         anchors=anchors, batch=gen_batch, self_fraction=self_fraction)
         meta = dict(num_prompts=num_prompts, max_new_tokens=max_new_tokens, seed=st.seed, version=version,
+                    self_fraction=self_fraction,
                     target_sha256=cfg.target["weights_sha256"],
                     generate_s=time.perf_counter() - t0, anchors_recorded=list(anchors) if states else None)
         save_corpus(cpath, corpus, meta)
