@@ -108,6 +108,8 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
     t0 = time.perf_counter()
 
     def run(prompts: Sequence[Tuple[str, str]]) -> None:
+        if not prompts:  # e.g. no first-round reply long enough to hand back
+            return
         reqs, kinds = [], []
         for kind, text in prompts:
             i = len(out) + len(reqs)  # the sequence's index in the corpus: its seed and sampling choice
