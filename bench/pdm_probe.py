@@ -72,20 +72,22 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from spdkernels.runtime import LlamaModel, load_checkpoint
-    from spdkernels.runtime.spd.data import load_corpus
+    from spdkernels.runtime.spd.data import load_corpus, newest_corpus
     from spdkernels.runtime.spd.pdm import depth_types
     from spdkernels.runtime.spd.train import make_windows, previous_types, structural_mask
 
     work = Path(args.work)
-    corpora = sorted(work.glob("corpus-*.json"))
-    if not corpora:
-        raise SystemExit(f"--work: no corpus-*.json in {work}")
+    try:
+        cpath = newest_corpus(work)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--work: {e}") from None
+    print(f"corpus: {cpath}")
     ck = load_checkpoint()
     target = LlamaModel(ck.config, ck.state_dict)
     net = load_net(args.pdm, target)
     cfg = net.cfg
-    corpus, _ = load_corpus(corpora[0])
-    spath = corpora[0].with_suffix(f".anchors-{'-'.join(map(str, cfg.anchors))}.pt")
+    corpus, _ = load_corpus(cpath)
+    spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, cfg.anchors))}.pt")
     if not spath.exists():
         raise SystemExit(f"--work: no anchor-state cache {spath.name} for this PDM's anchors")
     states = torch.load(spath)

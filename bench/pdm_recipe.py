@@ -33,20 +33,22 @@ def main(argv=None) -> int:
     import torch
 
     from spdkernels.runtime import LlamaModel, load_checkpoint
-    from spdkernels.runtime.spd.data import load_corpus
+    from spdkernels.runtime.spd.data import load_corpus, newest_corpus
     from spdkernels.runtime.spd.pdm import PDMConfig, target_fingerprint
     from spdkernels.runtime.spd.train import Trainer, TrainSettings, make_windows, select_vocab
 
     anchors = [0, 8, 15, 22, 30]
-    corpora = sorted(Path(args.work).glob("corpus-*.json"))
-    if not corpora:
-        raise SystemExit(f"--work: no corpus-*.json in {args.work}")
-    spath = corpora[0].with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
+    try:
+        cpath = newest_corpus(Path(args.work))
+    except FileNotFoundError as e:
+        raise SystemExit(f"--work: {e}") from None
+    print(f"corpus: {cpath}")
+    spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
     if not spath.exists():
         raise SystemExit(f"--work: no anchor-state cache {spath.name}")
     ck = load_checkpoint()
     target = LlamaModel(ck.config, ck.state_dict)
-    corpus, _ = load_corpus(corpora[0])
+    corpus, _ = load_corpus(cpath)
     states = torch.load(spath)
     vocab = select_vocab(corpus, 8192, ck.config.vocab_size, ck.config.eos_token_ids)
     perm = list(range(len(corpus)))

@@ -612,11 +612,14 @@ def test_bench_spd_refuses_another_models_corpus():
     ck = SimpleNamespace(config=CFG, state_dict=random_state_dict(CFG))
     sha = target_fingerprint(CFG, ck.state_dict)["weights_sha256"]
     good = {"held-out": [[1, 2, 3, 4, 5, 6]], "training": [[7, 8, 9, 10, 11]]}
-    assert corpus_misfit(dict(target_sha256=sha), good, ck, extra=5) is None
-    assert corpus_misfit({}, good, ck, extra=5) is None  # corpora from before the fingerprint was recorded
-    assert "another target" in corpus_misfit(dict(target_sha256="0" * 64), good, ck, extra=5)
+    assert corpus_misfit(dict(target_sha256=sha), good, ck, extra=5, max_new_tokens=8) is None
+    assert corpus_misfit({}, good, ck, extra=5, max_new_tokens=8) is None  # corpora from before the fingerprint
+    assert "another target" in corpus_misfit(dict(target_sha256="0" * 64), good, ck, extra=5, max_new_tokens=8)
     past = {"held-out": [[1, 2, CFG.vocab_size, 4, 5]], "training": [[1, 2, 3, 4, 5]]}
-    assert "cannot run" in corpus_misfit(dict(target_sha256=sha), past, ck, extra=5)
+    assert "cannot run" in corpus_misfit(dict(target_sha256=sha), past, ck, extra=5, max_new_tokens=8)
+    room = CFG.max_position - 6 - 5  # the longest prompt (6) + max_new_tokens + extra fill the context
+    assert corpus_misfit({}, good, ck, extra=5, max_new_tokens=room) is None
+    assert "cannot run" in corpus_misfit({}, good, ck, extra=5, max_new_tokens=room + 1)
 
 
 def test_corpus_version_follows_the_target_and_the_prompt_code(monkeypatch, tmp_path):
@@ -627,10 +630,26 @@ def test_corpus_version_follows_the_target_and_the_prompt_code(monkeypatch, tmp_
 
     v = corpus_version("a" * 64)
     assert len(v) == 10 and int(v, 16) >= 0 and corpus_version("a" * 64) == v and corpus_version("b" * 64) != v
+    assert corpus_version("a" * 64, "self=0.4") != v
     edited = tmp_path / "prompts.py"
     edited.write_bytes(open(prompts.__file__, "rb").read() + b"\n# another template\n")
     monkeypatch.setattr(prompts, "__file__", str(edited))
     assert corpus_version("a" * 64) != v
+
+
+def test_newest_corpus_picks_the_latest_version(tmp_path):
+    """bench/pdm_probe.py and bench/pdm_recipe.py read a work folder's newest corpus: older versions stay beside it."""
+    import os
+
+    from spdkernels.runtime.spd.data import newest_corpus
+
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        newest_corpus(tmp_path)
+    for name, mtime in [("corpus-9-9-s0-ffff.json", 1000), ("corpus-9-9-s0-0000.json", 3000),
+                        ("corpus-9-9-s0-aaaa.json", 2000)]:
+        (tmp_path / name).write_text("{}")
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert newest_corpus(tmp_path).name == "corpus-9-9-s0-0000.json"
 
 
 def test_bench_spd_corpus_sets_are_held_out_and_kind_matched():
@@ -725,16 +744,18 @@ def test_self_prompts_are_the_targets_own_finished_messages():
 def test_generate_corpus_mixes_in_self_written_prompts():
     import dataclasses
 
-    from spdkernels.runtime.spd.data import generate_corpus
+    from spdkernels.runtime.spd.data import generate_corpus, self_prompts
 
     c = dataclasses.replace(CFG, eos_token_ids=[5, 17, 40])
     m = LlamaModel(c, random_state_dict(c), dtype=torch.float64)
-    corpus, _ = generate_corpus(m, _ChatByteTokenizer(), 10, 6, 0, batch=4, log=lambda *a: None, self_fraction=0.5,
+    tok = _ChatByteTokenizer()
+    corpus, _ = generate_corpus(m, tok, 10, 6, 0, batch=4, log=lambda *a: None, self_fraction=0.5,
                                 followup_fraction=0.0)
-    kinds = [s["kind"] for s in corpus]
-    assert kinds.count("self") == 5 and len(corpus) == 10
-    prefix = [b % c.vocab_size for b in b"<u>"]
-    assert all(s["prompt_ids"][:3] == prefix for s in corpus)
+    want = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}]))
+            for _, t in self_prompts(m, tok, 5, 0, batch=4, log=lambda *a: None)]
+    assert [s["prompt_ids"] for s in corpus if s["kind"] == "self"] == want and len(corpus) == 10
+    with pytest.raises(ValueError, match="self_fraction"):
+        generate_corpus(m, tok, 10, 6, 0, self_fraction=-0.1)
 
 
 def test_followup_prompts_hand_back_the_targets_own_text():

@@ -57,6 +57,8 @@ def self_prompts(model: LlamaModel, tokenizer, count: int, seed: int, batch: int
     model writes the kind of requests it was tuned on. A message counts when the model ended it itself
     (end of turn within ``max_tokens``), has at least 3 words and is new; up to 4 rounds make up for the others.
     Prompts no template list can exhaust, in the model's own idea of what users ask."""
+    if count <= 0:
+        return []
     marker = "\x00user-message\x00"
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}])
     if marker not in rendered:
@@ -102,6 +104,8 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
     ``states[i]`` holds the hidden states at the anchors of every token of sequence ``i`` but its last
     (``[len(prompt) + len(output) - 1, len(anchors), hidden]`` fp16, the rows :func:`anchor_states`
     computes, recorded during generation); otherwise ``states`` is None."""
+    if not 0.0 <= self_fraction <= 1.0:
+        raise ValueError(f"self_fraction: expected a fraction in [0, 1], got {self_fraction}")
     n2 = int(round(followup_fraction * num_prompts))
     out: List[Dict] = []
     states: Optional[List[torch.Tensor]] = [] if anchors is not None else None
@@ -140,11 +144,8 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
         n = sum(len(x["output_ids"]) for x in out)
         log(f"data: {len(out)}/{total} prompts, {n} tokens generated, {n / (time.perf_counter() - t0):.0f} tok/s")
 
-    n_self = int(round(self_fraction * (num_prompts - n2)))
-    first = training_prompts(num_prompts - n2 - n_self, seed)
-    if n_self:
-        first += self_prompts(model, tokenizer, n_self, seed, batch=batch, log=log)
-    run(first)
+    mine = self_prompts(model, tokenizer, int(round(self_fraction * (num_prompts - n2))), seed, batch=batch, log=log)
+    run(training_prompts(num_prompts - n2 - len(mine), seed) + mine)  # the templates make up for any shortfall
     if n2:
         replies = [(x["kind"], tokenizer.decode(x["output_ids"])) for x in out]
         run(followup_prompts(replies, n2, seed))
@@ -155,12 +156,21 @@ def corpus_version(target_sha256: str, settings: str = "") -> str:
     """A 10-hex tag of what a generated corpus depends on besides its size and seed: the target's weights
     (``target_fingerprint(...)["weights_sha256"]``) and the source of this module and of :mod:`.prompts`
     (templates, the mix, sampling settings), and ``settings`` (generation options not in the file name).
-    ``train-pdm`` puts it in the corpus file's name, so a cached corpus is reused only while regenerating it
-    would give the same text."""
+    ``train-pdm`` puts it in the corpus file's name, so a change of target, templates or generation code gives
+    another file (changes elsewhere, in the engine or the kernels, are not hashed)."""
     h = hashlib.sha256((target_sha256 + settings).encode())
     for path in (__file__, _prompts.__file__):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:10]
+
+
+def newest_corpus(work: Path) -> Path:
+    """The most recently written ``corpus-*.json`` of a train-pdm work folder (a change of target, templates or
+    options leaves the older ones beside it); ``FileNotFoundError`` when there is none."""
+    corpora = sorted(Path(work).glob("corpus-*.json"), key=lambda p: p.stat().st_mtime)
+    if not corpora:
+        raise FileNotFoundError(f"no corpus-*.json in {work}")
+    return corpora[-1]
 
 
 def save_corpus(path: Path, corpus: Sequence[Dict], meta: Dict) -> None:

@@ -490,6 +490,8 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     written by the target itself (:func:`~.data.self_prompts`)."""
     from .data import anchor_states, corpus_version, generate_corpus, load_corpus, save_corpus
 
+    if not 0.0 <= self_fraction <= 1.0:
+        raise ValueError(f"self_fraction: expected a fraction in [0, 1], got {self_fraction}")
     st = settings or TrainSettings()
     target = LlamaModel(ck.config, ck.state_dict, device=device)
     L = target.num_layers
@@ -503,8 +505,6 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     depth_types(anchors, L, stages)  # n fits the target
     work_p, out_p = Path(work), Path(out)
     t0 = time.perf_counter()
-    if not 0.0 <= self_fraction <= 1.0:
-        raise ValueError(f"self_fraction: expected a fraction in [0, 1], got {self_fraction}")
     version = corpus_version(cfg.target["weights_sha256"], f"self={self_fraction}" if self_fraction else "")
     cpath = work_p / f"corpus-{num_prompts}-{max_new_tokens}-s{st.seed}-{version}.json"
     spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
