@@ -255,6 +255,8 @@ def test_first_token_distribution_matches_softmax(model, name):
     (["generate", "--prompt", "hi", "--ngram-min", "4", "--ngram-max", "2"], "--ngram-min"),
     (["generate", "--prompt", "hi", "--max-tokens", "0"], "max_new_tokens"),
     (["generate", "--prompt-file", "/no/such/prompts.txt"], "--prompt-file"),
+    (["generate", "--prompt", "hi", "--max-batch", "0"], "--max-batch"),
+    (["generate", "--prompt", "hi", "--max-batch", "2", "--proposer", "spd"], "--max-batch"),
 ])
 def test_cli_user_errors_exit_2_without_traceback(argv, needle, capsys):
     assert cli_main(argv) == 2

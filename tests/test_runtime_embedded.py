@@ -106,6 +106,8 @@ def test_cli_sampling_seeds_fresh_unless_given(tmp_path):
     assert len(set(seeds)) == 4 and all(isinstance(x, int) for x in seeds)
     c, d = run("c", "--seed", "5"), run("d", "--seed", "5")
     assert [r["seed"] for r in c] == [5, 6] and [r["output_ids"] for r in c] == [r["output_ids"] for r in d]
+    e = run("e", "--seed", "5", "--max-batch", "1")  # one in flight at a time: the same seeds, the same tokens
+    assert [(r["seed"], r["output_ids"]) for r in e] == [(r["seed"], r["output_ids"]) for r in c]
 
 
 def test_shipped_pdm_spd_and_proposer_equal_autoregressive(ck, model):

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
     g.add_argument("--batch", type=int, default=1,
                    help="repeat each prompt this many times (with --seed S: seeds S, S+1, ...)")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help="at most this many requests in flight, a finished one's place going to the next at once "
+                   "(continuous batching; default: all at once; not with --proposer spd)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -215,6 +218,11 @@ def _check_args(args) -> None:
 
     if args.batch < 1:
         raise ValueError(f"--batch: expected >= 1, got {args.batch}")
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            raise ValueError(f"--max-batch: expected >= 1, got {args.max_batch}")
+        if args.proposer == "spd":
+            raise ValueError("--max-batch: the SPD schedule runs all its requests at once; drop --max-batch")
     SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=tuple(args.stop)).validate()
     for name in ("k", "ngram_max", "ngram_min", "branches", "tree_branching", "tree_width"):
@@ -273,7 +281,7 @@ def cmd_generate(args) -> int:
 
         pb = tqdm(total=sum(r.params.max_new_tokens for r in reqs), unit="tok", leave=False, file=sys.stderr)
         eng.on_step = lambda n: pb.update(n - pb.n)
-    results, m = eng.generate(reqs)
+    results, m = eng.generate(reqs) if args.proposer == "spd" else eng.generate(reqs, max_batch=args.max_batch)
     if pb:
         pb.close()
     for i, r in enumerate(results):
