@@ -187,11 +187,14 @@ def plot(out, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = sorted({(r.get("prompt_set", "demo"), r["draft_layers"], r.get("lookup", False)) for r in out["rows"]})
-    for ps, ls, lk in keys:
-        rs = sorted([r for r in out["rows"] if (r.get("prompt_set", "demo"), r["draft_layers"], r.get("lookup", False))
-                     == (ps, ls, lk)], key=lambda r: r["n"])
-        name = f"L_s={ls}{' + lookup' if lk else ''}{'' if ps == 'demo' else f', {ps} prompts'}"
+    def series(r):  # one line per prompt set, PDM and lookup setting, over n
+        return r.get("prompt_set", "demo"), r["pdm"], r["draft_layers"], r.get("lookup", False)
+
+    several = len({r["pdm"] for r in out["rows"]}) > 1
+    for ps, pdm, ls, lk in sorted({series(r) for r in out["rows"]}):
+        rs = sorted([r for r in out["rows"] if series(r) == (ps, pdm, ls, lk)], key=lambda r: r["n"])
+        name = (f"{Path(pdm).name + ' ' if several else ''}L_s={ls}{' + lookup' if lk else ''}"
+                f"{'' if ps == 'demo' else f', {ps} prompts'}")
         if ps == "demo":
             a1.plot([r["n"] for r in rs], [r["equivalent_speedup"] for r in rs], "o-",
                     label=f"ours, {name} (SmolLM2-135M)")
