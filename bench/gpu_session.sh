@@ -52,13 +52,9 @@ step() { echo "$1: exit $2$( [ "$2" = 124 ] && echo " (stopped at its time limit
 # with the tests and pytest's configuration beside it. Every step runs from that copy: from the repository root,
 # Python would import the repository's spdkernels/ (no triton_kernels inside) first.
 # On a GPU the CPU extension is not needed (and a CPU build from this machine is not carried).
-SITE=$(mktemp -d)
-cp -r spdkernels tests pyproject.toml "$SITE/"
-if [ "$DEVICE" != cpu ]; then rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C.json; fi
-cp -r triton_kernels "$SITE/spdkernels/triton_kernels"
-cp -r nki_kernels "$SITE/spdkernels/nki_kernels"
-cp -r bench "$SITE/spdkernels/bench"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+. bench/site.sh
+spd_site "$DEVICE"
+cp -r tests pyproject.toml "$SITE/"
 cd "$SITE"
 "$PY" -c "import spdkernels; print(spdkernels.__file__, 'backends on $DEVICE:', spdkernels.available_backends('$DEVICE'))" 2>&1 | tee -a "$OUT/env.txt"
 

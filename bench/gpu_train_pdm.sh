@@ -112,13 +112,9 @@ fi
 MODEL_ARGS=()
 [ -n "${MODEL:-}" ] && MODEL_ARGS+=(--model "$(realpath "$MODEL")")
 
-# the package importable without installing (the layout setup.py installs), as bench/gpu_session.sh does
-SITE=$(mktemp -d)
-cp -r spdkernels "$SITE/"
-[ "$DEVICE" != cpu ] && rm -f "$SITE"/spdkernels/_C*.so "$SITE"/spdkernels/_C.json
-cp -r triton_kernels "$SITE/spdkernels/triton_kernels"
-cp -r bench "$SITE/spdkernels/bench"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# the package importable without installing (the layout setup.py installs)
+. bench/site.sh
+spd_site "$DEVICE"
 WORK=$(realpath -m "${WORK:-/tmp/spd-gpu-train-work}")
 cd "$SITE"  # python -m puts the working folder first on the path: the copy, not the repository's spdkernels/
 timeout "$BUDGET" "$PY" -m spdkernels train-pdm "${MODEL_ARGS[@]}" --device "$DEVICE" --prompts "$PROMPTS" \
