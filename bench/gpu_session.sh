@@ -15,8 +15,11 @@
 #   device run:   bash bench/gpu_session.sh                  (timeout_s 540)
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
-#                 script's paths and flags, not the GPU). Rehearsed at abcf6f0 on the 2-core machine: 2.1 min in
-#                 all, pytest 46 passed, 1 skipped (the CUDA-graph test), spd-bench tiny exit 0, demo exit 0.
+#                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine after 8b25268 (the demo
+#                 with its SPD and PDM rows, 300 s allowed): 4.3 min in all, pytest 51 passed, 1 skipped (the
+#                 CUDA-graph test), spd-bench tiny exit 0, demo exit 0.
+# Device time is 15 minutes per session (the machine's start included): this script, or bench/gpu_train_pdm.sh
+# (three calls), not both. This one first; the PDM training run in the next session lent a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spd-gpu-out}
@@ -26,7 +29,7 @@ PY=${PY:-python3}
 [ -x .venv/bin/python ] && [ "${PY}" = python3 ] && [ "${DEVICE:-cuda}" = cpu ] && PY=$PWD/.venv/bin/python
 DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cpu ]; then  # the rehearsal: short everything
-  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-120}; DEMO_BUDGET=${DEMO_BUDGET:-120}
+  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-120}; DEMO_BUDGET=${DEMO_BUDGET:-300}  # SPD/PDM rows
   TEST_K=${TEST_K-known_answer or one_hot or device_check or mask_semantics or tiny_mass or cuda_graph or harness}
   BENCH_ARGS=${BENCH_ARGS:---shapes tiny}
   DEMO_TOKENS=${DEMO_TOKENS:-16}

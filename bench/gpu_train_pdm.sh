@@ -14,7 +14,8 @@
 #   device 2:  run(command="true", carry=[".carry2"])
 #   device 3:  run(command="bash bench/gpu_train_pdm.sh", carry=[".carry3"], timeout_s=480)
 # Device time is 15 minutes in all (the machine's start included), so the defaults give train-pdm 400 s; a
-# run stopped at its limit returns only its log.
+# run stopped at its limit returns only its log. That leaves no time for bench/gpu_session.sh, which goes first:
+# run this script in a session lent a GPU after the one that ran gpu_session.sh.
 #   here:      bash bench/gpu_train_pdm.sh join FILES_AT DIR      # the PDM files back together in DIR, checked
 # then measure it beside the shipped PDM:
 #   .venv/bin/python -m spdkernels.bench.spd --stages 2 4 8 --pdm DIR --lookup

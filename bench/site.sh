@@ -1,4 +1,5 @@
-# Sourced by the device scripts (bench/gpu_session.sh, bench/gpu_train_pdm.sh), from the repository root:
+# Sourced by the device scripts (bench/gpu_session.sh, bench/gpu_train_pdm.sh, bench/spd_distributed_gpu.sh), from
+# the repository root:
 # `spd_site DEVICE` lays the package out as setup.py installs it (triton_kernels/, nki_kernels/ and bench/ inside
 # spdkernels/) in a fresh temporary folder, puts that folder first on PYTHONPATH and sets SITE to it. On a GPU the
 # CPU extension built here is left out (it is built for this machine's Python and CPU). Run Python from "$SITE":
