@@ -251,6 +251,7 @@ def test_first_token_distribution_matches_softmax(model, name):
     (["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"], "no such file"),
     (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
     (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "hi", "--temperature", "1e-300"], "temperature: expected 0 (greedy) or >= 1e-06"),
     (["generate", "--prompt", "hi", "--k", "0"], "--k"),
     (["generate", "--prompt", "hi", "--ngram-min", "4", "--ngram-max", "2"], "--ngram-min"),
     (["generate", "--prompt", "hi", "--max-tokens", "0"], "max_new_tokens"),

@@ -5,6 +5,7 @@ rollbacks forced at every fill level, the lossless sampling distribution of the 
 planted bugs (the residual forgotten, the wrong row) that the same test rejects, and the PDM file's refusal
 of other targets and corrupt files."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,6 +256,31 @@ def test_spd_stops_at_eos_and_budget(model, pdm, prompts):
     assert res[0].output_ids == ref[:1] and res[0].finish_reason == "length"
 
 
+def test_spd_runs_a_request_that_fills_the_context_exactly(model, pdm, prompts):
+    """prompt + max_new_tokens == the model's context: the ordinary engine runs it, so SPD must too (the
+    pipeline never drafts past the budget), with the same tokens."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, max_position=len(prompts[1]) + 12)
+    m = LlamaModel(cfg, random_state_dict(CFG), dtype=torch.float64)
+    ref, _ = Engine(m).generate([Request(prompts[1], _greedy(12))])
+    res, _ = SPDEngine(m, pdm, 4, debug=True).generate([Request(prompts[1], _greedy(12))])
+    assert res[0].output_ids == ref[0].output_ids and len(ref[0].output_ids) == 12
+    with pytest.raises(ValueError, match="more than the model's context"):
+        SPDEngine(m, pdm, 4).generate([Request(prompts[1], _greedy(13))])
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 16])
+def test_pdm_proposer_fits_any_block_size_and_many_requests(model, pdm, block_size):
+    """The proposer's own cache follows the target's block size: twelve requests on blocks of 1 or 2 slots
+    (each request rounds up to whole blocks) fit, with outputs equal to autoregressive decoding."""
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(0, CFG.vocab_size, (10,), generator=g).tolist() for _ in range(12)]
+    ref = [greedy_reference(model, p, 10) for p in ps]
+    res, _ = Engine(model, PDMProposer(pdm, k=4), block_size=block_size).generate([Request(p, _greedy(10)) for p in ps])
+    assert [r.output_ids for r in res] == ref
+
+
 def test_spd_bad_input(model, pdm):
     with pytest.raises(ValueError, match="stages"):
         SPDEngine(model, pdm, CFG.num_layers + 1)
@@ -459,6 +485,46 @@ def test_pdm_file_round_trip_and_refusals(tmp_path, pdm):
         read_pdm(str(tmp_path / "bad"))
 
 
+@pytest.mark.parametrize("field,value", [
+    ("target", None), ("num_layers", "1"), ("draft_vocab", None), ("anchors", [0, 1.5, 2, 3, 4]),
+    ("anchors", "0,1,2,3,4"), ("intermediate_size", 2.0), ("shift", 1), ("training", []), ("format", True),
+])
+def test_pdm_config_of_the_wrong_type_is_refused(tmp_path, field, value):
+    """json gives any type anywhere: a field of the wrong type is a PDMError naming it, never a TypeError or
+    AttributeError later (and never silently used: a fractional anchor matches no layer, its rows stay empty)."""
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    d = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1), sd)
+    load_pdm(str(d), m, sd)
+    cfg_j = json.loads((d / "pdm.json").read_text())
+    (d / "pdm.json").write_text(json.dumps(dict(cfg_j, **{field: value})))
+    with pytest.raises(PDMError, match=f"not a PDM config.*{field}"):
+        load_pdm(str(d), m, sd)
+
+
+def test_pdm_with_a_repeated_vocabulary_id_is_refused(tmp_path):
+    """A repeated draft-vocabulary id would be drawn with both entries' probability and verified against one
+    of them (sampling no longer lossless); an id list of floats would be truncated silently."""
+    from safetensors.torch import load_file, save_file
+
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    d = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1, draft_vocab=8), sd)
+    w = load_file(str(d / "pdm.safetensors"))
+    good = w["vocab_ids"].clone()
+    w["vocab_ids"][1] = w["vocab_ids"][0]
+    save_file(w, str(d / "pdm.safetensors"))
+    with pytest.raises(PDMError, match="more than once"):
+        load_pdm(str(d), m, sd)
+    w["vocab_ids"] = good.double()
+    save_file(w, str(d / "pdm.safetensors"))
+    with pytest.raises(PDMError, match="not integers"):
+        load_pdm(str(d), m, sd)
+    w["vocab_ids"] = good
+    save_file(w, str(d / "pdm.safetensors"))
+    assert load_pdm(str(d), m, sd).vocab_ids.tolist() == good.tolist()
+
+
 def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     out = tmp_path / "o.json"
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--pdm", str(tmp_path / "none"),
@@ -471,6 +537,58 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "ngram", "--spd-lookup", "--json", str(out)])
     assert rc == 2 and not out.exists()
     assert "--spd-lookup" in capsys.readouterr().err
+    rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "1", "--json", str(out)])
+    assert rc == 2 and not out.exists()
+    assert "--stages: expected >= 2" in capsys.readouterr().err
+
+
+def test_cli_unwritable_outputs_exit_2_before_the_model_loads(tmp_path, capsys):
+    """An output path that cannot be written is refused before any work (the model load included: a missing
+    model would be the error otherwise), never a traceback after the run."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    nomodel = str(tmp_path / "no-model.gguf")
+    cases = [
+        (["generate", "--model", nomodel, "--prompt", "hi", "--json", str(afile / "o.json")], "--json"),
+        (["generate", "--model", nomodel, "--prompt", "hi", "--json", str(tmp_path)], "--json"),
+        (["demo", "--model", nomodel, "--json", str(afile / "d.json")], "--json"),
+        (["demo", "--model", nomodel, "--json", str(tmp_path / "d.json"), "--plot", str(afile / "d.png")], "--plot"),
+        (["train-pdm", "--model", nomodel, "--out", str(afile)], "--out"),
+        (["train-pdm", "--model", nomodel, "--out", str(tmp_path / "o"), "--work", str(afile / "w")], "--work"),
+    ]
+    for argv, needle in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {needle}:") and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "o"]  # --out was creatable, nothing else
+    assert afile.read_text() == "x"
+
+
+def test_atomic_writes_leave_the_old_file_or_none(tmp_path):
+    from spdkernels.runtime.files import write_atomic, write_text_atomic
+
+    p = tmp_path / "sub" / "f.json"
+    write_text_atomic(p, "old")
+    assert p.read_text() == "old" and oct(p.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    def broken(tmp):
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(p, broken)
+    assert p.read_text() == "old" and sorted(x.name for x in p.parent.iterdir()) == ["f.json"]
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "new.json", broken)
+    assert not (tmp_path / "new.json").exists() and sorted(x.name for x in tmp_path.iterdir()) == ["sub"]
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_layer_range_model_and_stage_caches(model, prompts):
@@ -801,3 +919,20 @@ def test_train_pdm_end_to_end_on_a_tiny_model_reuses_its_corpus(tmp_path):
     assert runs[0][0]["held_out"] == runs[1][0]["held_out"]
     pdm = load_pdm(str(tmp_path / "b"), LlamaModel(CFG, sd), sd)
     assert pdm.cfg.anchors == [0, 1, 2, 3, 4]
+    # caches cut short (an interrupted write of an older version): read as unreadable, made again, same PDM
+    for f in (tmp_path / "work").glob("corpus-*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    log = []
+    res = train_pdm(ck, str(tmp_path / "c"), str(tmp_path / "work"), stages=4, layers=1, num_prompts=6,
+                    max_new_tokens=6, intermediate=32, settings=st, progress=False, log=log.append)
+    assert any("cached text is unreadable" in line for line in log), log
+    assert res["held_out"] == runs[0][0]["held_out"]
+    (spath,) = (tmp_path / "work").glob("corpus-*.anchors-*.pt")
+    spath.write_bytes(spath.read_bytes()[:100])
+    log = []
+    res = train_pdm(ck, str(tmp_path / "d"), str(tmp_path / "work"), stages=4, layers=1, num_prompts=6,
+                    max_new_tokens=6, intermediate=32, settings=st, progress=False, log=log.append)
+    assert any("anchor states: the cached file is unreadable" in line for line in log), log
+    # recomputed by a prefill pass instead of recorded while decoding: the same states up to rounding
+    assert res["held_out"] == pytest.approx(runs[0][0]["held_out"], rel=1e-4)
+    assert not [x.name for x in (tmp_path / "work").iterdir() if x.name.endswith(".tmp")]

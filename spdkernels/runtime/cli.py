@@ -10,6 +10,7 @@ import sys
 import time
 from typing import List, Optional
 
+from .files import check_output_file, check_output_folder, write_text_atomic
 from .weights import ModelLoadError
 
 
@@ -234,8 +235,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--max-nodes: expected 1 to 64, got {args.max_nodes}")
     if args.draft_vocab < 0:
         raise ValueError(f"--draft-vocab: expected >= 0, got {args.draft_vocab}")
-    if args.stages < 1:
-        raise ValueError(f"--stages: expected >= 1, got {args.stages}")
+    if args.stages < 1 or (args.proposer == "spd" and args.stages < 2):
+        raise ValueError(f"--stages: expected >= {2 if args.proposer == 'spd' else 1}, got {args.stages}")
     if getattr(args, "spd_lookup", False):
         if args.proposer != "spd":
             raise ValueError(f"--spd-lookup: needs --proposer spd, got --proposer {args.proposer}")
@@ -244,6 +245,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--distributed: needs --proposer spd, got --proposer {args.proposer}")
         if not args.dist_timeout > 0:
             raise ValueError(f"--dist-timeout: expected > 0, got {args.dist_timeout}")
+    if args.json:
+        check_output_file(args.json, "--json")
 
 
 def cmd_generate(args) -> int:
@@ -284,14 +287,21 @@ def cmd_generate(args) -> int:
     results, m = eng.generate(reqs) if args.proposer == "spd" else eng.generate(reqs, max_batch=args.max_batch)
     if pb:
         pb.close()
+    spd = args.proposer == "spd"  # one draft verified per cycle: no accepted length; its time is per phase
     for i, r in enumerate(results):
         print(f"--- request {i} ({r.finish_reason}, {len(r.output_ids)} tokens, accept "
-              f"{r.metrics.acceptance_rate:.2f}, mean len {r.metrics.mean_accepted_length:.2f})")
+              f"{r.metrics.acceptance_rate:.2f}"
+              + (")" if spd else f", mean len {r.metrics.mean_accepted_length:.2f})"))
         print(r.text)
+    if spd:
+        phases = (f"prefill {m.prefill_s:.2f} s, PDM {m.pdm_s:.2f} s, stages {sum(m.stage_s):.2f} s, exit + verify "
+                  f"{m.exit_verify_s:.2f} s, bookkeeping {m.bookkeeping_s:.2f} s")
+    else:
+        phases = (f"prefill {m.prefill_s:.2f} s, draft {m.draft_s:.2f} s, verify {m.verify_s:.2f} s, sampling "
+                  f"{m.sampling_s:.2f} s, bookkeeping {m.bookkeeping_s:.2f} s")
     print(f"--- {m.new_tokens} tokens in {m.wall_s:.2f} s: {m.tokens_per_s:.1f} tok/s; acceptance "
-          f"{m.acceptance_rate:.2f}, mean accepted length {m.mean_accepted_length:.2f}; time: prefill "
-          f"{m.prefill_s:.2f} s, draft {m.draft_s:.2f} s, verify {m.verify_s:.2f} s, sampling {m.sampling_s:.2f} s, "
-          f"bookkeeping {m.bookkeeping_s:.2f} s ({desc})")
+          f"{m.acceptance_rate:.2f}" + ("" if spd else f", mean accepted length {m.mean_accepted_length:.2f}")
+          + f"; time: {phases} ({desc})")
     if args.proposer == "spd":
         d = m.as_dict()
         print(f"--- SPD n={args.stages}: {m.cycles} cycles, {m.steps} verifications, "
@@ -306,8 +316,7 @@ def cmd_generate(args) -> int:
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,
                                  acceptance_rate=r.metrics.acceptance_rate,
                                  mean_accepted_length=r.metrics.mean_accepted_length) for r in results])
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_text_atomic(args.json, json.dumps(out, indent=1))
     return 0
 
 
@@ -356,8 +365,7 @@ def _generate_distributed(args) -> int:
         out = dict(model=ck.source, proposer=eng.describe(), metrics=m.as_dict(),
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,
                                  acceptance_rate=r.metrics.acceptance_rate) for r in results])
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_text_atomic(args.json, json.dumps(out, indent=1))
     return 0
 
 
@@ -380,6 +388,9 @@ def cmd_demo(args) -> int:
 
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens: expected >= 1, got {args.max_tokens}")
+    for name in ("json", "plot"):
+        if getattr(args, name):
+            check_output_file(getattr(args, name), f"--{name}")
     t = time.perf_counter()
     ck, model = _load(args.model, args.threads, args.device)
     dt = time.perf_counter() - t
@@ -424,6 +435,9 @@ def cmd_train_pdm(args) -> int:
     if not 0.0 <= args.self_prompts <= 1.0:
         raise ValueError(f"--self-prompts: expected a fraction in [0, 1], got {args.self_prompts}")
     _device(args.device)
+    check_output_folder(args.out, "--out")
+    if args.work:
+        check_output_folder(args.work, "--work")
     ck, _ = _load(args.model, args.threads)
     if args.stages > ck.config.num_layers:
         raise ValueError(f"--stages: expected at most the target's {ck.config.num_layers} layers, got {args.stages}")

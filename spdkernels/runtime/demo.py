@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .engine import Engine, Request, SamplingParams
+from .files import write_text_atomic
 from .model import LlamaModel, prefill_logits
 from .proposers import EarlyExitProposer, NGramProposer, Proposer, UnionProposer
 from .speculation import AdaptiveSpeculation
@@ -271,8 +272,7 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
             [p["tokens_per_s"] for p in runs[hf_pl["run"]]["per_prompt"]])]) if hf_pl else None))
     log(format_table(table, summary))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(summary, indent=1))
+        write_text_atomic(json_path, json.dumps(summary, indent=1))
         log(f"wrote {json_path}")
     if plot_path:
         plot(runs, plot_path)

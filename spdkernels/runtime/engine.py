@@ -21,6 +21,9 @@ from .model import LlamaModel, build_batch, sync_device
 from .proposers import Draft, Proposer
 from .speculation import AdaptiveSpeculation
 
+# The smallest non-zero temperature: below it, logits / T overflow fp32 (a NaN distribution); it is greedy already.
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass
 class SamplingParams:
@@ -41,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
         if not (self.temperature >= 0 and self.temperature < float("inf")):
             raise ValueError(f"temperature: expected a finite value >= 0, got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow fp32 into NaN probabilities
+            raise ValueError(f"temperature: expected 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (0 < self.top_p <= 1):

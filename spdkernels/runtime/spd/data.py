@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..engine import Engine, Request, SamplingParams
+from ..files import write_text_atomic
 from ..model import LlamaModel, build_batch
 from ..proposers import Draft, Proposer
 from . import prompts as _prompts
@@ -174,13 +175,25 @@ def newest_corpus(work: Path) -> Path:
 
 
 def save_corpus(path: Path, corpus: Sequence[Dict], meta: Dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(meta=meta, sequences=list(corpus))))
+    write_text_atomic(path, json.dumps(dict(meta=meta, sequences=list(corpus))))
+
+
+class CorpusError(ValueError):
+    """A cached training text that cannot be read back."""
 
 
 def load_corpus(path: Path) -> tuple:
-    d = json.loads(path.read_text())
-    return d["sequences"], d["meta"]
+    """``(sequences, meta)`` of a file written by :func:`save_corpus`; :class:`CorpusError` when it is not one."""
+    try:
+        d = json.loads(Path(path).read_text())
+        seqs, meta = d["sequences"], d["meta"]
+        if not isinstance(seqs, list) or not isinstance(meta, dict) or not all(
+                isinstance(s, dict) and isinstance(s.get("prompt_ids"), list) and isinstance(s.get("output_ids"), list)
+                for s in seqs):
+            raise TypeError("sequences: expected a list of {prompt_ids, output_ids}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorpusError(f"{path}: not a training text written by train-pdm ({type(e).__name__}: {e})") from None
+    return seqs, meta
 
 
 @torch.inference_mode()

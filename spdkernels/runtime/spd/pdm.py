@@ -84,6 +84,8 @@ class PDMConfig:
             raise PDMError(f"num_layers: expected >= 1 tower layers, got {self.num_layers}")
         if not 1 <= self.draft_vocab <= target.vocab_size:
             raise PDMError(f"draft_vocab: expected 1..{target.vocab_size}, got {self.draft_vocab}")
+        if self.intermediate_size < 1:
+            raise PDMError(f"intermediate_size: expected >= 1, got {self.intermediate_size}")
 
     def tower_config(self, target: LlamaConfig) -> LlamaConfig:
         return dataclasses.replace(target, num_layers=self.num_layers, intermediate_size=self.intermediate_size,
@@ -214,11 +216,14 @@ class PipelineDraftModule:
                 self.shift_w.append(w.to(dev, dt).contiguous())
                 self.shift_norms.append(nw.to(dev, dt).contiguous())
         ids = weights.get("vocab_ids")
-        if ids is None or ids.shape != (cfg.draft_vocab,):
-            raise PDMError("vocab_ids: missing or of the wrong length")
+        if ids is None or ids.shape != (cfg.draft_vocab,) or ids.is_floating_point() or ids.is_complex():
+            raise PDMError("vocab_ids: missing, of the wrong length or not integers")
         self.vocab_ids = ids.to(dev, torch.int64)
         if int(self.vocab_ids.min()) < 0 or int(self.vocab_ids.max()) >= tc.vocab_size:
             raise PDMError(f"vocab_ids: ids outside the target's vocabulary [0, {tc.vocab_size})")
+        if int(torch.unique(self.vocab_ids).numel()) != cfg.draft_vocab:
+            # a repeated id would be drawn with the summed probability but verified against one entry
+            raise PDMError("vocab_ids: an id appears more than once")
         self.tower = LlamaModel(cfg.tower_config(tc), weights, dtype=dt, device=dev, head=False)
         self.norm = target.norm
         if cfg.train_head:
@@ -317,12 +322,14 @@ def save_pdm(path: str, cfg: PDMConfig, weights: Dict[str, torch.Tensor], dtype=
     """Write ``pdm.safetensors`` (weights in ``dtype``; ``vocab_ids`` as int64) and ``pdm.json``."""
     from safetensors.torch import save_file
 
+    from ..files import write_atomic, write_text_atomic
+
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     out = {k: (v.detach().to("cpu", torch.int64) if k == "vocab_ids" else v.detach().to("cpu", dtype)).contiguous()
            for k, v in weights.items()}
-    save_file(out, str(d / WEIGHTS_FILE))
-    (d / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    write_atomic(d / WEIGHTS_FILE, lambda tmp: save_file(out, tmp))
+    write_text_atomic(d / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=1))
     return d
 
 
@@ -341,6 +348,7 @@ def read_pdm(path: str) -> tuple:
     try:
         raw = json.loads(cj.read_text())
         cfg = PDMConfig(**raw)
+        _check_field_types(cfg)
     except (ValueError, TypeError) as e:
         raise PDMError(f"pdm: {cj} is not a PDM config ({e})") from None
     if cfg.format != PDM_FORMAT:
@@ -350,6 +358,24 @@ def read_pdm(path: str) -> tuple:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PDMError(f"pdm: cannot read {wf} ({e})") from None
     return cfg, weights
+
+
+def _check_field_types(cfg: PDMConfig) -> None:
+    """A config read from a file has the types its fields declare (json gives any type anywhere)."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(cfg.anchors, list) or not all(is_int(a) for a in cfg.anchors):
+        raise TypeError(f"anchors: expected a list of layer indices, got {cfg.anchors!r}")
+    for name in ("num_layers", "intermediate_size", "draft_vocab", "format"):
+        if not is_int(getattr(cfg, name)):
+            raise TypeError(f"{name}: expected an integer, got {getattr(cfg, name)!r}")
+    for name in ("train_head", "anchor_norm", "shift"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"{name}: expected true or false, got {getattr(cfg, name)!r}")
+    for name in ("target", "training"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise TypeError(f"{name}: expected an object, got {getattr(cfg, name)!r}")
 
 
 def check_target(cfg: PDMConfig, target_config: LlamaConfig, fingerprint: Optional[Dict]) -> None:

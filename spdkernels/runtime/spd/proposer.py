@@ -57,7 +57,9 @@ class PDMProposer(Proposer):
         if (target.config.hidden_size, target.config.vocab_size, target.num_layers) != \
                 (tc.hidden_size, tc.vocab_size, tc.num_layers):
             raise ValueError("pdm: this PDM was built for another target model")
-        self._cache = self.pdm.new_cache(cache.num_blocks * cache.block_size // 16 + 1, 16, scrub=cache.scrub)
+        # the target's block size (each request rounds up to whole blocks as it does there) and twice its blocks:
+        # a request's PDM rows never outnumber its target tokens, and one tower layer's K/V is cheap
+        self._cache = self.pdm.new_cache(2 * cache.num_blocks, cache.block_size, scrub=cache.scrub)
         self._len, self._pending, self._last = {}, {}, {}
         self._emb = target.embed_tokens
         self._device = target.device

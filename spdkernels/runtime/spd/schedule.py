@@ -166,7 +166,7 @@ class SPDEngine:
     def _states(self, requests: Sequence[Request]) -> List[_SPDState]:
         """Validated requests (a prompt of at least n tokens, unique ids) as pipeline states, which become the
         run's (those ``on_step`` counts)."""
-        validate_requests(self.model.config, requests, extra=self.n + 1)
+        validate_requests(self.model.config, requests)
         for i, r in enumerate(requests):
             if len(r.prompt_ids) < self.n:
                 raise ValueError(f"prompt_ids: request {i} has {len(r.prompt_ids)} tokens, SPD with n={self.n} "

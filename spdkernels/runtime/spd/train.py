@@ -488,7 +488,11 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     Everything runs on ``device``: the text is generated (and its anchor states recorded) by the runtime's
     engine there, with ``gen_batch`` requests in flight; ``self_fraction`` of the first-round prompts are
     written by the target itself (:func:`~.data.self_prompts`)."""
-    from .data import anchor_states, corpus_version, generate_corpus, load_corpus, save_corpus
+    from ..files import write_atomic, write_text_atomic
+    from .data import CorpusError, anchor_states, corpus_version, generate_corpus, load_corpus, save_corpus
+
+    def save_states(states, path):
+        write_atomic(path, lambda tmp: torch.save(states, tmp))
 
     if not 0.0 <= self_fraction <= 1.0:
         raise ValueError(f"self_fraction: expected a fraction in [0, 1], got {self_fraction}")
@@ -508,11 +512,14 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     version = corpus_version(cfg.target["weights_sha256"], f"self={self_fraction}" if self_fraction else "")
     cpath = work_p / f"corpus-{num_prompts}-{max_new_tokens}-s{st.seed}-{version}.json"
     spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
-    states = None
+    states, corpus = None, None
     if cpath.exists():
-        corpus, meta = load_corpus(cpath)
-        log(f"data: {len(corpus)} sequences from {cpath} (generated in {meta.get('generate_s', 0):.0f} s)")
-    else:
+        try:
+            corpus, meta = load_corpus(cpath)
+            log(f"data: {len(corpus)} sequences from {cpath} (generated in {meta.get('generate_s', 0):.0f} s)")
+        except CorpusError as e:
+            log(f"data: the cached text is unreadable, generating it again ({e})")
+    if corpus is None:
         # the anchor states are recorded while generating (no second pass over the text)
         corpus, states = generate_corpus(target, ck.tokenizer, num_prompts, max_new_tokens, st.seed, log=log,
                                          anchors=anchors, batch=gen_batch, self_fraction=self_fraction)
@@ -522,7 +529,7 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
                     generate_s=time.perf_counter() - t0, anchors_recorded=list(anchors) if states else None)
         save_corpus(cpath, corpus, meta)
         if states is not None:
-            torch.save(states, spath)
+            save_states(states, spath)
     t_data = time.perf_counter() - t0
     vocab = select_vocab(corpus, cfg.draft_vocab, ck.config.vocab_size, ck.config.eos_token_ids)
     cfg.draft_vocab = len(vocab)
@@ -535,11 +542,17 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     t1 = time.perf_counter()
     seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in corpus]
     if states is None and spath.exists():
-        states = torch.load(spath)
+        try:
+            states = torch.load(spath)
+        except Exception as e:  # a file torch cannot read back: recompute it below
+            log(f"anchor states: the cached file is unreadable, computing them again ({type(e).__name__}: {e})")
+            states = None
+        if not isinstance(states, list) or not all(isinstance(h, torch.Tensor) for h in states):
+            states = None
     if states is None or len(states) != len(seqs) or any(len(h) not in (len(s), len(s) - 1)
                                                          for h, s in zip(states, seqs)):
         states = anchor_states(target, seqs, anchors)
-        torch.save(states, spath)
+        save_states(states, spath)
         t_feat = time.perf_counter() - t1
         log(f"anchor states: {sum(len(s) for s in seqs)} tokens in {t_feat:.0f} s")
     else:
@@ -565,9 +578,9 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     timing = dict(generate_s=gen_s, data_s=t_data, anchor_states_s=t_feat, train_s=res["train_s"],
                   eval_s=time.perf_counter() - t2,
                   total_s=time.perf_counter() - t0 + (gen_s if t_data < gen_s else 0.0))
-    (out_p / "heldout.json").write_text(json.dumps(dict(held_out=held, windows=len(held_w), timing=timing,
+    write_text_atomic(out_p / "heldout.json", json.dumps(dict(held_out=held, windows=len(held_w), timing=timing,
                                                          vocab_coverage=coverage), indent=1))
-    (out_p / "train_log.json").write_text(json.dumps(dict(history=res["history"], timing=timing), indent=0))
+    write_text_atomic(out_p / "train_log.json", json.dumps(dict(history=res["history"], timing=timing), indent=0))
     log(f"wrote {out_p} ({timing['total_s'] / 60:.1f} min: data {t_data:.0f} s, anchor states {t_feat:.0f} s, "
         f"training {res['train_s']:.0f} s)")
     return dict(held_out=held, timing=timing)

@@ -1,0 +1,74 @@
+"""Output files of the runtime's commands: checked before the work that fills them, written whole or not at all.
+
+A file is written to a temporary name beside it and renamed over the final name (``os.replace`` is atomic on
+POSIX and Windows), so an interrupted run leaves the previous file or none, never a truncated one that a later
+run would trust (the training text and anchor-state caches of ``train-pdm`` are read back by every later run)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def check_output_file(path: PathLike, arg: str) -> Path:
+    """Refuse (``ValueError`` naming ``arg``) an output path that cannot be written: a folder, or one whose
+    parent is a file or cannot be created. Creates the missing parent folders; writes nothing else."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{arg}: {p} is a folder, expected a file path")
+    _check_folder(p.parent, arg)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{arg}: {p} is not writable")
+    return p
+
+
+def check_output_folder(path: PathLike, arg: str) -> Path:
+    """Like :func:`check_output_file` for a folder the command writes into (created when missing)."""
+    p = Path(path)
+    _check_folder(p, arg)
+    return p
+
+
+def _check_folder(d: Path, arg: str) -> None:
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"{arg}: {d} is a file, expected a folder")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{arg}: cannot create the folder {d} ({e.strerror or e})") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"{arg}: the folder {d} is not writable")
+
+
+def write_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one step; on any
+    error the temporary file is removed and ``path`` is left as it was."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what a plain open() would have given
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return p
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """:func:`write_atomic` for text (UTF-8)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
