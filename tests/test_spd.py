@@ -542,6 +542,19 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     assert "--stages: expected >= 2" in capsys.readouterr().err
 
 
+def test_shipped_pdm_refused_for_another_model_says_how_to_get_one(tmp_path):
+    from types import SimpleNamespace
+
+    from spdkernels.runtime.cli import load_pdm_for
+
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    with pytest.raises(PDMError, match=r"made for a target.*train-pdm --model MODEL --out DIR\) and pass --pdm DIR"):
+        load_pdm_for(SimpleNamespace(pdm=None), SimpleNamespace(state_dict=sd), m)
+    d = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1), sd)  # a PDM of its own loads
+    assert load_pdm_for(SimpleNamespace(pdm=str(d)), SimpleNamespace(state_dict=sd), m).cfg.anchors == ANCHORS
+
+
 def test_cli_unwritable_outputs_exit_2_before_the_model_loads(tmp_path, capsys):
     """An output path that cannot be written is refused before any work (the model load included: a missing
     model would be the error otherwise), never a traceback after the run."""

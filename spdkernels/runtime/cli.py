@@ -166,10 +166,15 @@ def _requests(args, tok):
 
 
 def load_pdm_for(args, ck, model):
-    from .spd.pdm import load_pdm, shipped_pdm_path
+    from .spd.pdm import PDMError, load_pdm, shipped_pdm_path
 
-    path = args.pdm or str(shipped_pdm_path())
-    return load_pdm(path, model, ck.state_dict)
+    if args.pdm:
+        return load_pdm(args.pdm, model, ck.state_dict)
+    try:
+        return load_pdm(str(shipped_pdm_path()), model, ck.state_dict)
+    except PDMError as e:  # the shipped PDM belongs to the embedded model only
+        raise PDMError(f"{e}; the shipped PDM is for the embedded SmolLM2-135M-Instruct: train one for this model "
+                       f"(spdkernels train-pdm --model MODEL --out DIR) and pass --pdm DIR") from None
 
 
 def make_proposer(args, model, ck=None):
