@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -72,29 +71,29 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from spdkernels.runtime import LlamaModel, load_checkpoint
-    from spdkernels.runtime.spd.data import load_corpus, newest_corpus
+    from spdkernels.runtime.spd.data import corpus_families, held_out_windows, load_corpus, trained_corpus
     from spdkernels.runtime.spd.pdm import depth_types
-    from spdkernels.runtime.spd.train import make_windows, previous_types, structural_mask
+    from spdkernels.runtime.spd.train import held_out_split, make_windows, previous_types, structural_mask
 
     work = Path(args.work)
-    try:
-        cpath = newest_corpus(work)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--work: {e}") from None
-    print(f"corpus: {cpath}")
     ck = load_checkpoint()
     target = LlamaModel(ck.config, ck.state_dict)
     net = load_net(args.pdm, target)
     cfg = net.cfg
+    try:
+        cpath = trained_corpus(work, cfg.training)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--work: {e}") from None
+    print(f"corpus: {cpath}" + ("" if cfg.training.get("corpus") == cpath.name else
+                                " (the newest: the PDM does not name the text it was trained on)"))
     corpus, _ = load_corpus(cpath)
     spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, cfg.anchors))}.pt")
     if not spath.exists():
         raise SystemExit(f"--work: no anchor-state cache {spath.name} for this PDM's anchors")
     states = torch.load(spath)
-    perm = list(range(len(corpus)))
-    random.Random(args.seed).shuffle(perm)
-    held = sorted(perm[:max(1, int(0.08 * len(corpus)))])  # train_pdm's held_fraction
-    wins = make_windows([states[i] for i in held], [corpus[i] for i in held], 256)[:args.windows]
+    held, _ = held_out_split(len(corpus), args.seed, families=corpus_families(corpus))  # train_pdm's split
+    wins = held_out_windows(make_windows([states[i] for i in held], [corpus[i] for i in held], 256), args.windows,
+                            args.seed)
     L = target.num_layers
     head = target.lm_head[net.vocab_ids].float()
 

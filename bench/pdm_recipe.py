@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -33,30 +32,35 @@ def main(argv=None) -> int:
     import torch
 
     from spdkernels.runtime import LlamaModel, load_checkpoint
-    from spdkernels.runtime.spd.data import load_corpus, newest_corpus
+    from spdkernels.runtime.spd.data import corpus_families, held_out_windows, load_corpus, newest_corpus
     from spdkernels.runtime.spd.pdm import PDMConfig, target_fingerprint
-    from spdkernels.runtime.spd.train import Trainer, TrainSettings, make_windows, select_vocab
+    from spdkernels.runtime.spd.train import (
+        Trainer,
+        TrainSettings,
+        held_out_split,
+        make_windows,
+        select_vocab,
+        stage_bounds_union,
+    )
 
-    anchors = [0, 8, 15, 22, 30]
     try:
         cpath = newest_corpus(Path(args.work))
     except FileNotFoundError as e:
         raise SystemExit(f"--work: {e}") from None
     print(f"corpus: {cpath}")
+    ck = load_checkpoint()
+    anchors = stage_bounds_union(ck.config.num_layers, (4,))  # train-pdm's default anchors (n = 4)
     spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
     if not spath.exists():
         raise SystemExit(f"--work: no anchor-state cache {spath.name}")
-    ck = load_checkpoint()
     target = LlamaModel(ck.config, ck.state_dict)
     corpus, _ = load_corpus(cpath)
     states = torch.load(spath)
-    vocab = select_vocab(corpus, 8192, ck.config.vocab_size, ck.config.eos_token_ids)
-    perm = list(range(len(corpus)))
-    random.Random(args.seed).shuffle(perm)
-    nh = max(1, int(0.08 * len(corpus)))  # train_pdm's held_fraction
-    held, train = sorted(perm[:nh]), sorted(perm[nh:])
+    held, train = held_out_split(len(corpus), args.seed, families=corpus_families(corpus))  # train_pdm's split
+    vocab = select_vocab([corpus[i] for i in train], 8192, ck.config.vocab_size, ck.config.eos_token_ids)
     tw = make_windows([states[i] for i in train], [corpus[i] for i in train], 256)
-    hw = make_windows([states[i] for i in held], [corpus[i] for i in held], 256)
+    hw = held_out_windows(make_windows([states[i] for i in held], [corpus[i] for i in held], 256),
+                          args.held_windows, args.seed)
     cfg = PDMConfig(anchors=anchors, num_layers=args.layers, intermediate_size=args.intermediate,
                     draft_vocab=len(vocab), shift=args.shift, target=target_fingerprint(ck.config, ck.state_dict))
     cfg.training = dict(vocab_ids=vocab)
@@ -65,14 +69,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = tr.run(None, progress=False)
     t = time.perf_counter() - t0
-    ev = tr.evaluate(hw[:args.held_windows], {"pipe4": ("pipeline", 4, 4, 0), "prop4": ("proposer", 4, 0, 4),
+    ev = tr.evaluate(hw, {"pipe4": ("pipeline", 4, 4, 0), "prop4": ("proposer", 4, 0, 4),
                                               "pipe2": ("pipeline", 2, 2, 0)})
     last = res["history"][-20:]
     line = dict(layers=args.layers, shift=args.shift, steps=args.steps, lr=args.lr, intermediate=args.intermediate,
                 train_s=round(t), s_per_step=round(t / args.steps, 3),
                 train_top1_last20=round(sum(x["top1"] for x in last) / len(last), 3),
                 **{k: round(v, 4) for k, v in ev.items()}, windows=len(tw),
-                held_windows=min(len(hw), args.held_windows))
+                held_windows=len(hw))
     print(json.dumps(line))
     if args.json:
         with open(args.json, "a") as f:

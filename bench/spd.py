@@ -39,20 +39,26 @@ def _commit() -> str:
 def corpus_prompt_sets(corpus, seed: int, count: int) -> dict:
     """``{"held-out": prompts, "training": prompts}`` from a train-pdm corpus: the prompts of ``count`` held-out
     sequences drawn at random (seeded) from ``train_pdm``'s held-out split for ``seed``, and of as many training
-    sequences drawn at random among those of the same kind, one for each (kinds differ in difficulty: editing
-    requests copy much of their prompt), so that the two sets differ mainly in having been trained on. Not
-    only: a held-out follow-up prompt embeds a first-round reply, which may be training text (held-out
-    acceptance reads a little high), and a kind with no training sequence left is matched from the others."""
+    sequences drawn at random among those of the same round and kind, one for each (kinds differ in difficulty:
+    editing requests copy much of their prompt), so that the two sets differ mainly in having been trained on.
+    The split keeps a second-round prompt with the first-round reply it hands back (``corpus_families``); in a
+    corpus written before that was recorded a held-out follow-up may embed training text (held-out acceptance
+    then reads a little high). A kind with no training sequence left is matched from the others."""
     import random
 
+    from spdkernels.runtime.spd.data import corpus_families
     from spdkernels.runtime.spd.train import held_out_split
 
-    held_idx, train_idx = held_out_split(len(corpus), seed)
+    held_idx, train_idx = held_out_split(len(corpus), seed, families=corpus_families(corpus))
     rng = random.Random(seed + 1)
     held_sel = rng.sample(held_idx, min(count, len(held_idx)))
     train_sel = []
+
+    def kind(i):
+        return corpus[i].get("round"), corpus[i].get("kind")
+
     for i in held_sel:
-        same = [j for j in train_idx if corpus[j].get("kind") == corpus[i].get("kind") and j not in train_sel]
+        same = [j for j in train_idx if kind(j) == kind(i) and j not in train_sel]
         pool = same or [j for j in train_idx if j not in train_sel]
         if pool:
             train_sel.append(rng.choice(pool))
@@ -125,16 +131,14 @@ def main(argv=None) -> int:
             ap.error(f"--corpus: {args.corpus} {problem}")
     sets = {"demo": [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
                      for _, p in SUITE[:args.prompts]], **corpus_sets}
-    ar = {}
-    ar_wall = 0.0
+    ar, ar_tps = {}, {}  # outputs and decode rate of autoregressive decoding, per prompt set
     for name, prompts in sets.items():
-        ar[name] = []
+        ar[name], wall = [], 0.0
         for p in prompts:
             res, m = Engine(model, None).generate([Request(p, params)])
             ar[name].append(res[0].output_ids)
-            if name == "demo":
-                ar_wall += m.wall_s - m.prefill_s
-    ar_tps = sum(len(o) for o in ar["demo"]) / ar_wall
+            wall += m.wall_s - m.prefill_s
+        ar_tps[name] = sum(len(o) for o in ar[name]) / wall
     rows = []
     runs = [(name, n, lk) for name in sets for lk in ([False, True] if args.lookup else [False]) for n in args.stages]
     for path in args.pdm or [str(shipped_pdm_path())]:
@@ -166,10 +170,12 @@ def main(argv=None) -> int:
                   f"tokens/cycle {row['tokens_per_cycle']:.3f}, "
                   f"equivalent speedup {row['equivalent_speedup']:.2f} (i.i.d. model {row['iid_model']:.2f}), PDM "
                   f"{row['pdm_ms']:.2f} ms vs stage {row['stage_ms']:.2f} ms, one-process wall "
-                  f"{row['wall_tokens_per_s_one_process']:.1f} tok/s (AR {ar_tps:.1f}), identical {row['identical']}",
+                  f"{row['wall_tokens_per_s_one_process']:.1f} tok/s (AR on these prompts {ar_tps[prompt_set]:.1f}), "
+                  f"identical {row['identical']}",
                   flush=True)
     out = dict(commit=_commit(), machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-               max_new_tokens=args.max_tokens, prompts=len(sets["demo"]), corpus=args.corpus, ar_tokens_per_s=ar_tps,
+               max_new_tokens=args.max_tokens, prompts=len(sets["demo"]), corpus=args.corpus,
+               ar_tokens_per_s=ar_tps["demo"], ar_tokens_per_s_by_set=ar_tps,
                rows=rows,
                paper={str(k): dict(draft_layers=v[0], equivalent_speedup=v[1]) for k, v in PAPER.items()})
     if args.json:

@@ -716,6 +716,109 @@ def test_held_out_split_is_seeded_disjoint_and_complete():
     assert held_out_split(5, 0)[0] and len(held_out_split(5, 0)[0]) == 1  # at least one held out
 
 
+def test_held_out_split_keeps_a_followup_with_the_reply_it_hands_back():
+    """A second-round prompt embeds a first-round reply: with families the split holds out or trains on the
+    two together (no held-out text was trained on through its follow-up, and the reverse); seeded; the
+    sequences it holds out are at least the fraction asked."""
+    from spdkernels.runtime.spd.data import corpus_families
+    from spdkernels.runtime.spd.train import held_out_split
+
+    corpus = [dict(kind="doc", round=1) for _ in range(140)]
+    corpus += [dict(kind="text", round=2, source=(7 * j) % 140) for j in range(60)]  # some replies twice
+    fam = corpus_families(corpus)
+    assert fam[:140] == list(range(140)) and fam[140] == 0 and fam[141] == 7
+    for seed in range(5):
+        held, train = held_out_split(200, seed, families=fam)
+        assert sorted(held + train) == list(range(200)) and held == sorted(held) and train == sorted(train)
+        assert len(held) >= 16
+        hs = set(held)
+        assert all((i in hs) == (fam[i] in hs) for i in range(200)), seed
+        assert held_out_split(200, seed, families=fam) == (held, train)
+    # the split without families (a corpus that predates sources) puts some follow-ups across from their reply
+    crossed = 0
+    for seed in range(5):
+        hs = set(held_out_split(200, seed)[0])
+        crossed += sum((i in hs) != (fam[i] in hs) for i in range(140, 200))
+    assert crossed > 0
+    with pytest.raises(ValueError, match="families"):
+        held_out_split(200, 0, families=fam[:10])
+
+
+def test_generate_corpus_records_the_source_of_each_followup(monkeypatch):
+    import dataclasses
+
+    from spdkernels.runtime.spd import data
+
+    seen = {}
+
+    def fake_followups(replies, count, seed, with_source=False):
+        assert with_source
+        seen["replies"] = replies
+        return [("text", f"edit: {replies[i][1]}", i) for i in (2, 0, 2)][:count]
+
+    monkeypatch.setattr(data, "followup_prompts", fake_followups)
+    c = dataclasses.replace(CFG, eos_token_ids=[5, 17, 40])
+    m = LlamaModel(c, random_state_dict(c), dtype=torch.float64)
+    corpus, _ = data.generate_corpus(m, _ChatByteTokenizer(), 10, 4, 0, batch=4, log=lambda *a: None,
+                                     followup_fraction=0.3)
+    assert len(corpus) == 10 and [s["round"] for s in corpus] == [1] * 7 + [2] * 3
+    assert [s.get("source") for s in corpus[7:]] == [2, 0, 2] and all("source" not in s for s in corpus[:7])
+    assert data.corpus_families(corpus) == list(range(7)) + [2, 0, 2]
+
+
+def test_followup_prompts_name_their_source():
+    from spdkernels.runtime.spd.prompts import followup_prompts
+
+    docs = [("doc", " ".join(f"w{j}x{i}" for i in range(50))) for j in range(3)]
+    code = ("code", "Here:\n```python\ndef g(y):\n    return y * 2\n```")
+    replies = docs + [("chat", "hi")] + [code]
+    out = followup_prompts(replies, 10, seed=1, with_source=True)
+    assert len(out) == 10 and [(k, p) for k, p, _ in out] == followup_prompts(replies, 10, seed=1)
+    for kind, text, src in out:
+        assert src != 3  # the chat reply is never handed back
+        if kind == "code":
+            assert src == 4 and "def g(y):" in text
+        else:  # a doc (maybe with typos): most of its source's words, none of the other docs'
+            words = set(text.split())
+            overlap = [len(words & set(d.split())) for _, d in docs]
+            assert overlap[src] >= 25 and sum(overlap) == overlap[src], (src, overlap)
+
+
+def test_trained_corpus_and_held_out_windows(tmp_path):
+    import os
+
+    from spdkernels.runtime.spd.data import held_out_windows, trained_corpus
+
+    for i, name in enumerate(["corpus-1-1-s0-a.json", "corpus-1-1-s0-b.json"]):
+        (tmp_path / name).write_text("{}")
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    assert trained_corpus(tmp_path, {"corpus": "corpus-1-1-s0-a.json"}).name == "corpus-1-1-s0-a.json"
+    assert trained_corpus(tmp_path, {"corpus": "gone.json"}).name == "corpus-1-1-s0-b.json"  # the newest
+    assert trained_corpus(tmp_path, None).name == "corpus-1-1-s0-b.json"
+    w = list(range(100))
+    got = held_out_windows(w, 12, 0)
+    assert len(got) == 12 and got == sorted(got) and got != w[:12] and got == held_out_windows(w, 12, 0)
+    assert held_out_windows(w[:5], 12, 0) == w[:5]
+
+
+def test_train_pdm_on_a_target_of_three_layers(tmp_path):
+    """Fewer layers than the fixed n = 4 evaluation layouts: they shrink to the target (and the PDM is saved
+    before its evaluation)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from spdkernels.runtime.spd.train import train_pdm
+
+    c = dataclasses.replace(CFG, num_layers=3)
+    sd = {k: v.float() for k, v in random_state_dict(c).items()}
+    ck = SimpleNamespace(config=c, state_dict=sd, tokenizer=_ByteTokenizer())
+    res = train_pdm(ck, str(tmp_path / "o"), str(tmp_path / "w"), stages=3, layers=1, num_prompts=4,
+                    max_new_tokens=4, intermediate=32, settings=TrainSettings(steps=1, window=16, batch=1),
+                    progress=False, log=lambda *a: None)
+    assert set(res["held_out"]) >= {"pipe2_top1", "proposer_chain3_top1"} and (tmp_path / "o" / "pdm.json").exists()
+    assert json.loads((tmp_path / "o" / "pdm.json").read_text())["training"]["corpus"].startswith("corpus-4-4-s0-")
+
+
 def test_bench_spd_refuses_a_bad_corpus(tmp_path, capsys):
     from spdkernels.bench.spd import main as bench_spd
 

@@ -94,7 +94,8 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
                     batch: int = 128, sampled_fraction: float = 0.2, log=print,
                     anchors: Optional[Sequence[int]] = None, followup_fraction: float = 0.3,
                     self_fraction: float = 0.0) -> Tuple[List[Dict], Optional[List[torch.Tensor]]]:
-    """``(corpus, states)``. ``corpus = [{"kind", "prompt_ids", "output_ids"}]``: greedy continuations, and
+    """``(corpus, states)``. ``corpus = [{"kind", "round", "prompt_ids", "output_ids"}]`` (``"source"`` too in
+    round 2: the index of the first-round sequence whose reply the prompt hands back): greedy continuations, and
     for ``sampled_fraction`` of the prompts continuations sampled at temperature 0.7 (seeded), so the text
     covers more than one path; ``batch`` requests in flight at a time (continuous batching: a finished
     request's place goes to the next prompt at once). Two rounds: ``1 - followup_fraction`` of the prompts from
@@ -112,7 +113,7 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
     states: Optional[List[torch.Tensor]] = [] if anchors is not None else None
     t0 = time.perf_counter()
 
-    def run(prompts: Sequence[Tuple[str, str]]) -> None:
+    def run(prompts: Sequence[Tuple[str, str]], sources: Optional[Sequence[int]] = None) -> None:
         if not prompts:  # e.g. no first-round reply long enough to hand back
             return
         reqs, kinds = [], []
@@ -138,8 +139,11 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
         eng = Engine(model, rec)
         eng.on_step = progress
         res, _ = eng.generate(reqs, max_batch=batch)
-        for r, kind in zip(res, kinds):
-            out.append(dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids))
+        for j, (r, kind) in enumerate(zip(res, kinds)):
+            seq = dict(kind=kind, prompt_ids=r.prompt_ids, output_ids=r.output_ids, round=1 if sources is None else 2)
+            if sources is not None:
+                seq["source"] = sources[j]  # the first-round sequence whose reply this prompt hands back
+            out.append(seq)
             if rec is not None:
                 states.append(rec.states(r.rid, len(r.prompt_ids) + len(r.output_ids) - 1))
         n = sum(len(x["output_ids"]) for x in out)
@@ -149,8 +153,16 @@ def generate_corpus(model: LlamaModel, tokenizer, num_prompts: int, max_new_toke
     run(training_prompts(num_prompts - n2 - len(mine), seed) + mine)  # the templates make up for any shortfall
     if n2:
         replies = [(x["kind"], tokenizer.decode(x["output_ids"])) for x in out]
-        run(followup_prompts(replies, n2, seed))
+        follow = followup_prompts(replies, n2, seed, with_source=True)
+        run([(k, p) for k, p, _ in follow], [i for _, _, i in follow])
     return out, states
+
+
+def corpus_families(corpus: Sequence[Dict]) -> List[int]:
+    """Per sequence, the first-round sequence it descends from: itself, or for a second-round prompt the
+    sequence whose reply it hands back (``source``; a corpus written before sources were recorded has none,
+    and each sequence is then its own family)."""
+    return [int(s.get("source", i)) for i, s in enumerate(corpus)]
 
 
 def corpus_version(target_sha256: str, settings: str = "") -> str:
@@ -172,6 +184,27 @@ def newest_corpus(work: Path) -> Path:
     if not corpora:
         raise FileNotFoundError(f"no corpus-*.json in {work}")
     return corpora[-1]
+
+
+def trained_corpus(work: Path, training: Optional[Dict] = None) -> Path:
+    """The corpus a PDM was trained on (``training``: its ``pdm.json`` ``training`` record, which names the
+    file) when the work folder has it, else :func:`newest_corpus` (a PDM trained before the name was
+    recorded)."""
+    name = (training or {}).get("corpus")
+    if name and (Path(work) / name).exists():
+        return Path(work) / name
+    return newest_corpus(Path(work))
+
+
+def held_out_windows(windows: Sequence, count: int, seed: int) -> List:
+    """``count`` of a held-out split's windows drawn at random (seeded), in their order: the first ones all
+    come from the first sequences, which are all of the first round."""
+    import random
+
+    if count >= len(windows):
+        return list(windows)
+    keep = sorted(random.Random(seed + 2).sample(range(len(windows)), count))
+    return [windows[i] for i in keep]
 
 
 def save_corpus(path: Path, corpus: Sequence[Dict], meta: Dict) -> None:

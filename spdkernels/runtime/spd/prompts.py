@@ -267,15 +267,17 @@ def _code_block(text: str) -> Optional[Tuple[str, str]]:
     return (text[start + 3:nl].strip() or "python", code) if 2 <= lines <= 30 else None
 
 
-def followup_prompts(replies: Sequence[Tuple[str, str]], count: int, seed: int = 0) -> List[Tuple[str, str]]:
+def followup_prompts(replies: Sequence[Tuple[str, str]], count: int, seed: int = 0,
+                     with_source: bool = False) -> List[tuple]:
     """Second-round prompts built on the target's own first-round replies ``(kind, reply text)``: its
     documents handed back to summarise, proofread (with typos added), rewrite or turn into action items,
     and the code it wrote handed back to annotate, explain, test, translate or fix. Up to ``count``
     prompts ``(kind, text)``, seeded; tasks on text the target wrote itself, as in the editing and
-    summarising requests a drafter must serve."""
+    summarising requests a drafter must serve. ``with_source``: ``(kind, text, i)``, ``i`` the index in
+    ``replies`` of the reply the prompt hands back (a held-out split must keep the two on one side)."""
     rng = random.Random(seed + 7)
-    docs = [r.strip() for k, r in replies if k == "doc" and len(r.split()) >= 40]
-    codes = [c for k, r in replies if k == "code" for c in [_code_block(r)] if c is not None]
+    docs = [(r.strip(), i) for i, (k, r) in enumerate(replies) if k == "doc" and len(r.split()) >= 40]
+    codes = [(c, i) for i, (k, r) in enumerate(replies) if k == "code" for c in [_code_block(r)] if c is not None]
     out: List[Tuple[str, str]] = []
     seen = set()
     doc_templates = TEXT_TEMPLATES + [
@@ -287,11 +289,11 @@ def followup_prompts(replies: Sequence[Tuple[str, str]], count: int, seed: int =
     while len(out) < count and i < 20 * count and (docs or codes):
         i += 1
         if codes and (not docs or rng.random() < 0.45):
-            lang, code = rng.choice(codes)
+            (lang, code), src = rng.choice(codes)
             other = rng.choice([x for x in ("Python", "JavaScript", "Go", "Java", "TypeScript") if x.lower() != lang])
             p, kind = rng.choice(SNIPPET_TEMPLATES).format(lang=lang, code=code, other=other), "code"
         else:
-            text = rng.choice(docs)
+            text, src = rng.choice(docs)
             if rng.random() < 0.3:
                 p = rng.choice(TYPO_TEMPLATES).format(text=_typos(text, rng))
             else:
@@ -299,5 +301,5 @@ def followup_prompts(replies: Sequence[Tuple[str, str]], count: int, seed: int =
             kind = "text"
         if p not in seen:
             seen.add(p)
-            out.append((kind, p))
+            out.append((kind, p, src) if with_source else (kind, p))
     return out

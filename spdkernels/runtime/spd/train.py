@@ -469,13 +469,31 @@ def select_vocab(corpus: Sequence[Dict], size: int, vocab_size: int, always: Seq
     return sorted(keep)[:size]
 
 
-def held_out_split(num_sequences: int, seed: int, fraction: float = 0.08) -> Tuple[List[int], List[int]]:
+def held_out_split(num_sequences: int, seed: int, fraction: float = 0.08,
+                   families: Optional[Sequence[int]] = None) -> Tuple[List[int], List[int]]:
     """``(held_idx, train_idx)``, both sorted: the corpus sequences ``train_pdm`` keeps out of training (a seeded
-    shuffle, ``max(1, int(fraction * num_sequences))`` of them) and the rest."""
+    shuffle, ``max(1, int(fraction * num_sequences))`` of them) and the rest. With ``families``
+    (:func:`~.data.corpus_families`) whole families are held out, in the seeded order of their first-round
+    sequence, until that many sequences are: a second-round prompt, which hands back a first-round reply, is
+    never on the other side of the split from that reply."""
     perm = list(range(num_sequences))
     random.Random(seed).shuffle(perm)
     n_held = max(1, int(fraction * num_sequences))
-    return sorted(perm[:n_held]), sorted(perm[n_held:])
+    if families is None:
+        return sorted(perm[:n_held]), sorted(perm[n_held:])
+    if len(families) != num_sequences:
+        raise ValueError(f"families: expected {num_sequences} entries, got {len(families)}")
+    members: Dict[int, List[int]] = {}
+    for i, f in enumerate(families):
+        members.setdefault(int(f), []).append(i)
+    held: List[int] = []
+    for i in perm:
+        if len(held) >= n_held:
+            break
+        if i in members:  # a family's turn comes with its first-round sequence
+            held += members.pop(i)
+    held_set = set(held)
+    return sorted(held), [i for i in range(num_sequences) if i not in held_set]
 
 
 def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_vocab: int = 8192,
@@ -489,7 +507,15 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     engine there, with ``gen_batch`` requests in flight; ``self_fraction`` of the first-round prompts are
     written by the target itself (:func:`~.data.self_prompts`)."""
     from ..files import write_atomic, write_text_atomic
-    from .data import CorpusError, anchor_states, corpus_version, generate_corpus, load_corpus, save_corpus
+    from .data import (
+        CorpusError,
+        anchor_states,
+        corpus_families,
+        corpus_version,
+        generate_corpus,
+        load_corpus,
+        save_corpus,
+    )
 
     def save_states(states, path):
         write_atomic(path, lambda tmp: torch.save(states, tmp))
@@ -531,14 +557,20 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
         if states is not None:
             save_states(states, spath)
     t_data = time.perf_counter() - t0
-    vocab = select_vocab(corpus, cfg.draft_vocab, ck.config.vocab_size, ck.config.eos_token_ids)
+    families = corpus_families(corpus)
+    held_idx, train_idx = held_out_split(len(corpus), st.seed, held_fraction, families)
+    if not any("round" in s for s in corpus):
+        log("held-out split: this cached text does not record which reply a second-round prompt hands back, so "
+            "the split cannot keep the two together (generate it again for a clean held-out split)")
+    # the draft vocabulary from the training sequences only (the held-out ones are scored, not learnt from)
+    vocab = select_vocab([corpus[i] for i in train_idx], cfg.draft_vocab, ck.config.vocab_size,
+                         ck.config.eos_token_ids)
     cfg.draft_vocab = len(vocab)
     in_vocab = torch.zeros(ck.config.vocab_size, dtype=torch.bool)
     in_vocab[torch.tensor(vocab)] = True
     gen = torch.cat([torch.tensor(s["output_ids"], dtype=torch.int64) for s in corpus])
     coverage = float(in_vocab[gen].float().mean())
     log(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.4f} of the generated tokens")
-    held_idx, train_idx = held_out_split(len(corpus), st.seed, held_fraction)
     t1 = time.perf_counter()
     seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in corpus]
     if states is None and spath.exists():
@@ -562,16 +594,16 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     cfg.training = dict(settings=dataclasses.asdict(st), stages_trained_for=list(sorted(set(st.stage_choices))),
                         num_prompts=num_prompts, max_new_tokens=max_new_tokens, sequences=len(corpus),
                         held_out_sequences=len(held_idx), tokens=sum(len(s) for s in seqs),
-                        vocab_coverage=coverage, vocab_ids=vocab)
+                        vocab_coverage=coverage, corpus=cpath.name, vocab_ids=vocab)
     trainer = Trainer(target, cfg, train_w, held_w, st, log=log)
     res = trainer.run(work_p / "checkpoints", progress=progress)
+    trainer.save(out_p)  # before the evaluation: its weights do not depend on it
     layouts = {f"pipe{n}": ("pipeline", n, n, 0) for n in (2, 4, 8) if n <= L}
-    layouts.update({f"pipe{n}_fill1": ("pipeline", n, 1, 0) for n in (4,)})
-    layouts.update({"proposer_chain4": ("proposer", 4, 0, 4)})
+    layouts.update({f"pipe{n}_fill1": ("pipeline", n, 1, 0) for n in (4,) if n <= L})
+    layouts.update({f"proposer_chain{n}": ("proposer", n, 0, n) for n in (min(4, L),)})
     t2 = time.perf_counter()
     held = trainer.evaluate(held_w, layouts)
     log(f"held-out ({len(held_w)} windows, {len(held_idx)} sequences): " + json.dumps(held))
-    trainer.save(out_p)
     # generate_s: the text's generation (with the anchor states when recorded then), also when this run
     # found it cached; total_s counts it once either way
     gen_s = float(meta.get("generate_s", 0.0))
