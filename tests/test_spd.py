@@ -784,6 +784,17 @@ def test_followup_prompts_name_their_source():
             assert overlap[src] >= 25 and sum(overlap) == overlap[src], (src, overlap)
 
 
+def test_corpus_settings_follow_the_tokenizer_template_and_eos():
+    from spdkernels.runtime.spd.data import corpus_settings
+
+    tok = _ChatByteTokenizer()
+    base = corpus_settings(tok, [5, 17])
+    assert corpus_settings(_ChatByteTokenizer(), [17, 5]) == base  # deterministic, order of ids irrelevant
+    assert corpus_settings(tok, [5]) != base
+    assert corpus_settings(tok, [5, 17], 0.4) != base and corpus_settings(tok, [5, 17], 0.0) == base
+    assert corpus_settings(_ByteTokenizer(), [5, 17]) != base  # another chat template
+
+
 def test_trained_corpus_and_held_out_windows(tmp_path):
     import os
 
@@ -1014,7 +1025,7 @@ def test_train_pdm_end_to_end_on_a_tiny_model_reuses_its_corpus(tmp_path):
     trains the same PDM from it (seeded), without generating again."""
     from types import SimpleNamespace
 
-    from spdkernels.runtime.spd.data import corpus_version
+    from spdkernels.runtime.spd.data import corpus_settings, corpus_version
     from spdkernels.runtime.spd.pdm import load_pdm, target_fingerprint
     from spdkernels.runtime.spd.train import train_pdm
 
@@ -1027,7 +1038,8 @@ def test_train_pdm_end_to_end_on_a_tiny_model_reuses_its_corpus(tmp_path):
         res = train_pdm(ck, str(tmp_path / out), str(tmp_path / "work"), stages=4, layers=1, num_prompts=6,
                         max_new_tokens=6, intermediate=32, settings=st, progress=False, log=log.append)
         runs.append((res, log))
-    version = corpus_version(target_fingerprint(CFG, sd)["weights_sha256"])
+    version = corpus_version(target_fingerprint(CFG, sd)["weights_sha256"],
+                             corpus_settings(ck.tokenizer, CFG.eos_token_ids))
     cached = sorted(p.name for p in (tmp_path / "work").glob("corpus-*.json"))
     assert cached == [f"corpus-6-6-s0-{version}.json"]
     assert not any("from" in line and "corpus-" in line for line in runs[0][1])

@@ -177,6 +177,16 @@ def corpus_version(target_sha256: str, settings: str = "") -> str:
     return h.hexdigest()[:10]
 
 
+def corpus_settings(tokenizer, eos_token_ids: Sequence[int], self_fraction: float = 0.0) -> str:
+    """The ``settings`` of :func:`corpus_version` that the weights' hash misses: the tokenizer and chat template
+    (the ids of one fixed chat turn), the end-of-sequence ids and the share of self-written prompts."""
+    probe = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Fix this: def f(x):\n    return x+1  # ok?"}]))
+    tok = hashlib.sha256(json.dumps([int(t) for t in probe]).encode()).hexdigest()[:16]
+    out = f"tok={tok};eos={sorted(int(t) for t in eos_token_ids)}"
+    return out + (f";self={self_fraction}" if self_fraction else "")
+
+
 def newest_corpus(work: Path) -> Path:
     """The most recently written ``corpus-*.json`` of a train-pdm work folder (a change of target, templates or
     options leaves the older ones beside it); ``FileNotFoundError`` when there is none."""

@@ -511,6 +511,7 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
         CorpusError,
         anchor_states,
         corpus_families,
+        corpus_settings,
         corpus_version,
         generate_corpus,
         load_corpus,
@@ -535,7 +536,8 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     depth_types(anchors, L, stages)  # n fits the target
     work_p, out_p = Path(work), Path(out)
     t0 = time.perf_counter()
-    version = corpus_version(cfg.target["weights_sha256"], f"self={self_fraction}" if self_fraction else "")
+    version = corpus_version(cfg.target["weights_sha256"],
+                             corpus_settings(ck.tokenizer, ck.config.eos_token_ids, self_fraction))
     cpath = work_p / f"corpus-{num_prompts}-{max_new_tokens}-s{st.seed}-{version}.json"
     spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
     states, corpus = None, None
