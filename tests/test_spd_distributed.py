@@ -3,13 +3,17 @@ identity with the single-process SPDEngine (greedy and sampled, n = 2 and 4, seq
 same workers), the faults (a worker killed, one hanging past the timeout, a corrupted cycle id, Ctrl-C:
 every rank stops with an error within the timeout, never a hang), bad input and the CLI's exit codes, and a short run of
 the CLI on the embedded model against autoregressive decoding."""
+import datetime
+import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import weakref
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams
 from spdkernels.runtime.cli import main as cli_main
 from spdkernels.runtime.model import greedy_reference, random_config, random_state_dict
 from spdkernels.runtime.proposers import NGramProposer
+from spdkernels.runtime.spd import distributed
 from spdkernels.runtime.spd.distributed import DistributedSPD, SPDDistributedError, format_report
 from spdkernels.runtime.spd.schedule import SPDEngine
 from spdkernels.runtime.spd.train import untrained_pdm
@@ -136,7 +141,7 @@ def test_hung_worker_times_out_on_every_rank(tiny, prompts):
     eng = _faulty(tiny, fault=dict(rank=2, kind="hang", cycle=30, seconds=20))
     err = _expect_failure(eng, prompts, r"rank 2 \(stage 1\) timed out", 1.5 + 6)
     assert "workers: rank 1 (stage 0): rank 0 aborted the pipeline: rank 2 (stage 1) timed out" in err
-    assert eng.exitcodes[1] == 143  # the hung worker was terminated (SIGTERM) by the launcher
+    assert eng.exitcodes[1] == -signal.SIGTERM  # the hung worker was terminated (SIGTERM's default action)
 
 
 def test_wrong_cycle_id_stops_every_rank(tiny, prompts):
@@ -261,3 +266,256 @@ def test_cli_exit_codes(cli_checkpoint, monkeypatch, capsys):
                    "--distributed", "--no-progress"])
     assert rc == 1
     assert "error: distributed SPD stopped: rank 1 (stage 0) closed its connection" in capsys.readouterr().err
+
+
+# ---- review fixes: message order, start-up and shutdown, long prompts, argument checks ----------------------------
+class _FifoOp:
+    """One operation of :class:`_FifoLink`: really posted once every earlier one with the same peer completed."""
+
+    def __init__(self, link, kind, t, peer, tag):
+        self.link, self.kind, self.t, self.peer, self.tag, self.real, self.done = link, kind, t, peer, tag, None, False
+
+    def is_completed(self):
+        return self.done  # (gloo's works complete only in wait())
+
+    def wait(self, timeout=None):
+        self.link._complete(self, time.monotonic() + (timeout.total_seconds() if timeout is not None else 60.0))
+
+
+_RealLink = distributed._Link
+
+
+class _FifoLink(_RealLink):
+    """Rank 0's link with NCCL's ordering: the sends and receives between one pair of ranks share one stream, so
+    each starts only when the previous one with that peer has completed. A receive posted before the send its
+    reply depends on then never completes, as on NCCL (gloo alone would not notice)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.queues, self.log = {}, []
+
+    def _post(self, kind, t, peer, tag):
+        op = _FifoOp(self, kind, t, peer, tag)
+        q = self.queues.setdefault(peer, [])
+        q.append(op)
+        self.log.append((kind, peer, tag))
+        if len(q) == 1:
+            self._start(op)
+        return op
+
+    def _start(self, op):
+        op.real = (_RealLink.isend if op.kind == "send" else _RealLink.irecv)(self, op.t, op.peer, op.tag)
+
+    def isend(self, t, dst, tag):
+        return self._post("send", t, dst, tag)
+
+    def irecv(self, t, src, tag):
+        return self._post("recv", t, src, tag)
+
+    def _complete(self, op, end):
+        """Complete the operations with ``op``'s peer in order, up to ``op``; each next one starts then."""
+        q = self.queues[op.peer]
+        while not op.done:
+            head = q[0]
+            try:
+                head.real.wait(datetime.timedelta(seconds=max(0.001, end - time.monotonic())))
+            except RuntimeError as e:
+                behind = [o.kind for o in q[1:]]
+                raise RuntimeError(f"{e} ({head.kind} with rank {op.peer}, tag {head.tag}; queued behind it: "
+                                   f"{behind}: with a send among them, NCCL would deadlock)") from None
+            head.done = True
+            q.pop(0)
+            if q:
+                self._start(q[0])
+
+
+def test_sends_posted_before_receives_nccl_order(tiny, prompts, monkeypatch):
+    """Rank 0 under NCCL's per-pair ordering (start-up pings, prefill, cycles with rollbacks, END, SHUTDOWN): the
+    run completes with the single-process engine's tokens. Posting a receive before the send it depends on (the
+    ping, the prompt, the END timings, as before the fix) deadlocks here."""
+    sd, model, pdm = tiny
+    monkeypatch.setattr(distributed, "_Link", _FifoLink)  # rank 0 only: the workers are other processes
+    reqs = _requests(prompts[:2], n_tokens=12)
+    want = [SPDEngine(model, pdm, 2).generate([r])[0][0].output_ids for r in reqs]
+    with DistributedSPD(CFG, sd, pdm, 2, dtype=torch.float64, timeout_s=1.0, debug=True) as eng:
+        link = eng.link
+        got = [eng.generate([r])[0][0].output_ids for r in reqs]
+    assert got == want
+    assert isinstance(link, _FifoLink) and {("recv", 1, distributed.TAG_STATS), ("send", 1, distributed.TAG_TOKENS),
+                                            ("recv", 2, distributed.TAG_OUT)} <= set(link.log)
+    assert eng.exitcodes == [0, 0]
+
+
+def test_startup_failures_raise_spd_error(tiny, monkeypatch):
+    """A worker that dies during start-up, or a process group that cannot form, ends in SPDDistributedError with
+    the reason, and no worker is left behind."""
+    sd, _, pdm = tiny
+    ping = DistributedSPD._ping
+
+    def kill_then_ping(self, rounds=20):
+        os.kill(self.procs[0].pid, signal.SIGKILL)
+        self.procs[0].join(5)
+        return ping(self, rounds)
+
+    monkeypatch.setattr(DistributedSPD, "_ping", kill_then_ping)
+    eng = DistributedSPD(CFG, sd, pdm, 2, dtype=torch.float64, timeout_s=1.0)
+    with pytest.raises(SPDDistributedError, match=r"rank 1 \(stage 0\) closed its connection"):
+        eng.start()
+    assert all(c is not None for c in eng.exitcodes), eng.exitcodes
+    monkeypatch.undo()
+
+    def broken_group(*a, **kw):
+        raise RuntimeError("no process group today")
+
+    monkeypatch.setattr(distributed, "_Link", broken_group)
+    eng = DistributedSPD(CFG, sd, pdm, 2, dtype=torch.float64, timeout_s=1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(SPDDistributedError, match="rank 0 failed .*RuntimeError: no process group today"):
+        eng.generate([Request([1, 2, 3], SamplingParams(max_new_tokens=2))])
+    assert time.perf_counter() - t0 < 30
+    assert all(c is not None for c in eng.exitcodes), eng.exitcodes
+
+
+def test_close_with_a_dead_worker_shuts_the_live_ones(tiny, prompts):
+    """close() sends SHUTDOWN to each worker on its own: a dead one does not keep it from the live ones (which
+    leave cleanly, exit code 0, rather than being terminated)."""
+    sd, _, pdm = tiny
+    eng = DistributedSPD(CFG, sd, pdm, 3, dtype=torch.float64, timeout_s=1.0).start()
+    os.kill(eng.procs[0].pid, signal.SIGKILL)
+    eng.procs[0].join(5)
+    time.sleep(0.3)  # rank 0 notices the closed connection
+    eng.close()
+    assert eng.exitcodes == [-signal.SIGKILL, 0, 0]
+
+
+def test_sigterm_ends_a_blocked_worker_at_once(tiny):
+    """A worker blocked in a wait (here: idle, waiting for the next request's control) dies on SIGTERM at once
+    (a Python handler would only run when the wait returns)."""
+    sd, _, pdm = tiny
+    eng = DistributedSPD(CFG, sd, pdm, 2, dtype=torch.float64, timeout_s=1.0).start()
+    try:
+        time.sleep(0.2)
+        eng.procs[1].terminate()
+        eng.procs[1].join(3)
+        assert eng.procs[1].exitcode == -signal.SIGTERM
+    finally:
+        eng.close()
+
+
+def test_long_prompt_with_the_default_timeout():
+    """A 6000-token prompt at the default timeout: the prefill deadlines grow with the prompt, and the first control
+    after the prefill (which waits for every stage's prefill and rank 0's PDM prefill) gets the prefill's deadline."""
+    cfg = random_config(num_layers=4, max_position=6200)
+    sd = random_state_dict(cfg)
+    model = LlamaModel(cfg, sd)
+    pdm = untrained_pdm(model, [0, 2, 4], layers=1)
+    prompt = torch.randint(0, cfg.vocab_size, (6000,), generator=torch.Generator().manual_seed(5)).tolist()
+    r = Request(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    with DistributedSPD(cfg, sd, pdm, 2) as eng:
+        res, met = eng.generate([r])
+    assert len(res[0].output_ids) == 6 and eng.exitcodes == [0, 0]
+    assert met.prefill_s > 0
+
+
+def test_spec_travels_as_json_and_prefill_deadline_grows():
+    spec = distributed.PipelineSpec(n=2, config=CFG, stages=[(0, 2), (2, 4)], stage_taps=[{0: 1}, {3: 2}],
+                                    timeout_s=5.0, fault=dict(rank=1, kind="die"))
+    assert distributed.PipelineSpec.from_json(spec.to_json()) == spec  # no pickle through the store
+    assert spec.prefill_deadline(6000) > spec.prefill_deadline(10) >= 30.0
+
+
+def test_worker_timeout_names_that_worker(tiny, prompts):
+    """Rank 0 stalls between cycles: the workers' waits for the control time out (gloo then closes their
+    connections). The error names the worker that timed out, with its own reason, not as a crashed rank."""
+    eng = _faulty(tiny)
+    eng.on_step = lambda n: n == 5 and time.sleep(6)
+    err = _expect_failure(eng, prompts, r"rank \d \(stage \d\) stopped at cycle \d+: rank 0 \(control\) timed out "
+                          r"\(waiting for the control", 6 + 1.5 + 8)
+    assert "closed its connection" not in err.split("; workers:")[0]
+
+
+def test_worker_cache_invariant_checked(tiny, prompts):
+    """The stage cache length invariant (debug mode's on the single-process engine) is checked by every worker
+    before every forward, where the cache lives: a stage whose cache lost a position stops the run, named."""
+    eng = _faulty(tiny, fault=dict(rank=2, kind="cache", cycle=30))
+    err = _expect_failure(eng, prompts, r"rank 2 \(stage 1\) stopped at cycle \d+: .*cache holds", 1.5 + 8)
+    assert "expected" not in err or "cache" in err
+
+
+def test_nccl_wait_surfaces_the_work_exception(tiny):
+    """NCCL: a completed work that failed raises with its message (not a wrong cycle id later)."""
+
+    class Failed:
+        def is_completed(self):
+            return True
+
+        def exception(self):
+            return RuntimeError("NCCL error: unhandled system error")
+
+    link = object.__new__(_RealLink)
+    link.spec = distributed.PipelineSpec(n=2, config=CFG, stages=[], stage_taps=[], backend="nccl")
+    with pytest.raises(distributed._PeerError, match="unhandled system error") as e:
+        link.wait(Failed(), 1.0, 2, "cycle 3: waiting for stage 1")
+    assert e.value.peer == 2 and e.value.reason == 4
+
+
+def test_engine_freed_after_close_releases_its_port(tiny):
+    """close() drops the store and the atexit hook holds only a weak reference: a closed, unreferenced pipeline is
+    garbage, and its store's port (on the loopback interface only) is free again."""
+    sd, _, pdm = tiny
+    eng = DistributedSPD(CFG, sd, pdm, 2, dtype=torch.float64, timeout_s=1.0).start()
+    port = eng.port
+    with pytest.raises(OSError):  # the store listens on 127.0.0.1
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    eng.close()
+    ref = weakref.ref(eng)
+    del eng
+    gc.collect()
+    assert ref() is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_bad_timeouts_and_nccl_without_gpus(tiny, cli_checkpoint, monkeypatch, capsys):
+    """--dist-timeout must be finite and <= 3600 s; --dist-backend nccl needs n + 1 GPUs: both refused with exit 2
+    before the model loads."""
+    import spdkernels.runtime.weights as weights
+
+    sd, _, pdm = tiny
+    for bad in ("inf", "nan", "1e9"):
+        assert cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--distributed",
+                         "--dist-timeout", bad]) == 2
+        assert "--dist-timeout" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="timeout_s"):
+        DistributedSPD(CFG, sd, pdm, 2, timeout_s=float("inf"))
+    loads = []
+    monkeypatch.setattr(weights, "load_checkpoint", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for available in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "2", "--distributed",
+                         "--dist-backend", "nccl"]) == 2
+        err = capsys.readouterr().err
+        assert ("needs 3 GPUs" in err) if available else ("CUDA is not available" in err), err
+        with pytest.raises(ValueError, match="nccl"):
+            DistributedSPD(CFG, sd, pdm, 2, backend="nccl")
+    assert loads == []  # refused before loading anything
+
+
+def test_torchrun_bad_input_exits_2_on_every_rank(cli_checkpoint, monkeypatch, capsys):
+    """Under torchrun every rank (a worker too) checks the world size (before loading) and the prompts' lengths
+    (with the checkpoint it needs anyway) and exits with 2 at once instead of waiting for its peers."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens there: a worker that went on would fail, not exit 2
+    t0 = time.perf_counter()
+    assert cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "2", "--distributed"]) == 2
+    assert "WORLD_SIZE: --stages 2 needs 3 ranks" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    assert cli_main(["generate", "--prompt", "hi", "--no-chat", "--proposer", "spd", "--stages", "4",
+                     "--distributed"]) == 2
+    assert "prompt_ids: request 0 has" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 20
+    assert distributed._PRELOADED == {}

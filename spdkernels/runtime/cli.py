@@ -50,7 +50,7 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed", action="store_true", help="spd: one process per stage + rank 0 (spawned, or the "
                    "ranks of torchrun); --threads is then per rank (default: cores / (stages + 1))")
     g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo", help="--distributed: gloo (CPU) or nccl "
-                   "(a GPU per rank, round-robin)")
+                   "(one GPU per rank: n + 1 GPUs; rank r on GPU r, LOCAL_RANK under torchrun)")
     g.add_argument("--dist-timeout", type=float, default=5.0, help="--distributed: seconds a rank waits beyond four "
                    "mean cycle times before it declares a peer dead or hung")
 
@@ -246,10 +246,34 @@ def _check_args(args) -> None:
         if args.proposer != "spd":
             raise ValueError(f"--spd-lookup: needs --proposer spd, got --proposer {args.proposer}")
     if getattr(args, "distributed", False):
+        from .spd.distributed import check_nccl_devices, check_timeout, preload_checkpoint, torchrun_rank
+
         if args.proposer != "spd":
             raise ValueError(f"--distributed: needs --proposer spd, got --proposer {args.proposer}")
-        if not args.dist_timeout > 0:
-            raise ValueError(f"--dist-timeout: expected > 0, got {args.dist_timeout}")
+        check_timeout(args.dist_timeout, "--dist-timeout")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads: expected >= 1, got {args.threads}")
+        if args.dist_backend == "nccl":
+            check_nccl_devices(args.stages)  # one GPU per rank, before any rank loads anything
+        rank = torchrun_rank()
+        if rank is not None:  # under torchrun every rank checks the input, so bad input exits 2 on each
+            world = int(os.environ["WORLD_SIZE"])
+            if world != args.stages + 1:
+                raise ValueError(f"WORLD_SIZE: --stages {args.stages} needs {args.stages + 1} ranks (torchrun "
+                                 f"--nproc-per-node={args.stages + 1}), got {world}")
+            from .weights import load_checkpoint
+
+            # the prompts' token counts need the tokenizer, which comes with the checkpoint: load it once here
+            # (every rank needs it anyway) and hand it on
+            ck = load_checkpoint(args.model)
+            if not 2 <= args.stages <= ck.config.num_layers:
+                raise ValueError(f"--stages: expected 2 <= n <= {ck.config.num_layers} (the model's layers), got "
+                                 f"{args.stages}")
+            for i, r in enumerate(_requests(args, ck.tokenizer)):
+                if len(r.prompt_ids) < args.stages:
+                    raise ValueError(f"prompt_ids: request {i} has {len(r.prompt_ids)} tokens; --stages "
+                                     f"{args.stages} needs at least {args.stages}")
+            preload_checkpoint(args.model, ck)
     if args.json:
         check_output_file(args.json, "--json")
 
@@ -328,17 +352,18 @@ def cmd_generate(args) -> int:
 def _generate_distributed(args) -> int:
     """``generate --proposer spd --distributed``: rank 0 here, one worker process per stage."""
     from .model import LlamaModel
-    from .spd.distributed import DistributedSPD, SPDDistributedError, format_report
+    from .spd.distributed import DistributedSPD, SPDDistributedError, _local_rank, format_report, take_preloaded
     from .weights import load_checkpoint
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: expected >= 1, got {args.threads}")
-    ck = load_checkpoint(args.model)
+    ck = take_preloaded(args.model) or load_checkpoint(args.model)
     if not 2 <= args.stages <= ck.config.num_layers:
         raise ValueError(f"--stages: expected 2 <= n <= {ck.config.num_layers} (the model's layers), got {args.stages}")
     tok = ck.tokenizer
     # rank 0: embedding, final norm, LM head (and the PDM) only
-    head = LlamaModel(ck.config, ck.state_dict, layers=(0, 0), device="cuda" if args.dist_backend == "nccl" else "cpu")
+    device = f"cuda:{_local_rank(0)}" if args.dist_backend == "nccl" else "cpu"
+    head = LlamaModel(ck.config, ck.state_dict, layers=(0, 0), device=device)
     pdm = load_pdm_for(args, ck, head)
     reqs = _requests(args, tok)
     from .proposers import NGramProposer

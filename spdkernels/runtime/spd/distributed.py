@@ -35,18 +35,29 @@ Launch: :class:`DistributedSPD` (rank 0 in the calling process) starts the ``n``
 forkserver), setting ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` for them, and hands each one
 only its stage's tensors (shared memory). Under ``torchrun`` (those variables
 already set) nothing is spawned: rank 0 runs the command, the other ranks call :func:`worker_from_env`,
-load the checkpoint and keep only their stage. Backends: gloo (CPU) and NCCL (one GPU per rank, or ranks
-sharing GPUs round-robin)."""
+load the checkpoint and keep only their stage. Backends: gloo (CPU) and NCCL (one GPU per rank: rank ``r`` on
+GPU ``r``, or ``LOCAL_RANK`` under torchrun; NCCL refuses two ranks on one GPU, so fewer than ``n + 1`` visible
+GPUs is refused up front).
+
+Between any two ranks a send is always posted before a receive whose message depends on it: NCCL runs the
+sends and receives of one pair of ranks in order on one stream, so a receive posted first would block the send
+its peer is waiting for (a deadlock). The protocol is request / response: rank 0 sends a control (and, at the
+prefill, the prompt) and only then posts the receives of the replies."""
 from __future__ import annotations
 
 import atexit
+import contextlib
+import dataclasses
 import datetime
+import functools
+import json
+import math
 import os
-import pickle
 import signal
 import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -71,6 +82,8 @@ MAGIC = 0x5350D
 REASONS = {1: "timed out", 2: "closed its connection (it exited or crashed)", 3: "sent a wrong cycle id",
            4: "failed", 5: "interrupted (Ctrl-C)"}
 STATS = ("ctrl_wait", "input_wait", "compute", "compute_cpu", "send", "send_wait")
+MAX_TIMEOUT_S = 3600.0  # the largest --dist-timeout / timeout_s accepted
+PREFILL_S_PER_TOKEN = 0.01  # the prefill's deadlines grow by this much per prompt token (on top of 6 x timeout_s)
 
 
 class SPDDistributedError(RuntimeError):
@@ -79,7 +92,7 @@ class SPDDistributedError(RuntimeError):
 
 @dataclass
 class PipelineSpec:
-    """What every rank needs to know (pickled to the workers)."""
+    """What every rank needs to know (sent to the workers through the store as JSON: never unpickled)."""
     n: int
     config: LlamaConfig
     stages: List[Tuple[int, int]]
@@ -96,6 +109,24 @@ class PipelineSpec:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["stage_taps"] = [sorted(t.items()) for t in self.stage_taps]  # JSON keys would become strings
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text) -> PipelineSpec:
+        d = json.loads(text)
+        d["config"] = LlamaConfig(**d["config"])
+        d["stages"] = [tuple(x) for x in d["stages"]]
+        d["stage_taps"] = [{int(k): int(v) for k, v in t} for t in d["stage_taps"]]
+        return cls(**d)
+
+    def prefill_deadline(self, T: int) -> float:
+        """Seconds any rank waits on a prefill message for a ``T``-token prompt: the prefill of every stage and
+        rank 0's PDM prefill run one after another, so the grace grows with the prompt."""
+        return 6 * self.timeout_s + PREFILL_S_PER_TOKEN * T
+
     def out_rows(self, s: int) -> int:
         """Hidden-state rows stage ``s`` sends rank 0 per token: its anchors, + the final state (last stage)."""
         return len(self.stage_taps[s]) + (1 if s == self.n - 1 else 0)
@@ -106,10 +137,36 @@ def default_threads(n: int) -> int:
     return max(1, (os.cpu_count() or 1) // (n + 1))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _loopback_listener() -> Tuple[int, int]:
+    """A listening socket on 127.0.0.1 only (the spawned pipeline is on one machine): (fd, port). The store
+    server takes over the descriptor, so there is no window in which another process can take the port."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(128)
+    port = s.getsockname()[1]
+    return s.detach(), port
+
+
+def check_timeout(timeout_s: float, name: str = "timeout_s") -> None:
+    """A finite number of seconds in (0, MAX_TIMEOUT_S]."""
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S):
+        raise ValueError(f"{name}: expected a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}, got {timeout_s}")
+
+
+def check_nccl_devices(n: int) -> None:
+    """NCCL needs one GPU per rank (a communicator refuses two ranks on one GPU): ``n + 1`` visible GPUs."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"--dist-backend nccl: needs CUDA and {n + 1} GPUs (one per rank); CUDA is not available "
+                         f"(torch {torch.__version__}); use --dist-backend gloo")
+    have = torch.cuda.device_count()
+    if have < n + 1:
+        raise ValueError(f"--dist-backend nccl: --stages {n} needs {n + 1} GPUs (one per rank: NCCL refuses two ranks "
+                         f"on one GPU), {have} visible")
+
+
+def _local_rank(rank: int) -> int:
+    """The GPU of ``rank``: ``LOCAL_RANK`` under torchrun, else the rank (one machine)."""
+    return int(os.environ.get("LOCAL_RANK", rank)) if torchrun_rank() is not None else rank
 
 
 # ---- communication ---------------------------------------------------------------------------------------
@@ -123,7 +180,9 @@ class _Link:
         if spec.backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
         elif spec.backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(store, rank, world)
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(store, rank, world, opts)
         else:
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {spec.backend!r}")
         self.store = store
@@ -151,6 +210,10 @@ class _Link:
                     if time.monotonic() > end:
                         raise RuntimeError("Timed out waiting")
                     time.sleep(0.0001)
+                exc = work.exception()  # a completed work may have failed (the peer or the communicator)
+                if exc is not None:
+                    raise _PeerError(peer, 4, f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                                     if str(exc) else f"{what}: {type(exc).__name__}")
         except RuntimeError as e:
             msg = str(e)
             reason = 1 if "Timed out" in msg or "timed out" in msg else 2
@@ -207,9 +270,10 @@ class _StageWorker:
         self.ema = 0.0
         self.t_last = None
         self.fired = False
+        self.grace = 0.0  # after a prefill: its deadline, for the first control (rank 0's PDM prefill comes first)
 
     def _timeout(self) -> float:
-        return self.spec.timeout_s + 4 * self.ema
+        return max(self.spec.timeout_s + 4 * self.ema, self.grace)
 
     def _fault(self, kind: str) -> bool:
         """Tests: inject fault ``kind`` once, in the first cycle at or after the given control id where this
@@ -260,6 +324,7 @@ class _StageWorker:
                 self._prefill(c)
                 continue
             # GO / DISCARD: one cycle
+            self.grace = 0.0
             if self.t_last is not None:
                 dt = t0 - self.t_last
                 self.ema = dt if self.ema == 0 else 0.9 * self.ema + 0.1 * dt
@@ -294,6 +359,8 @@ class _StageWorker:
                 h = payload.view(1, self.H).clone()
             t4 = time.perf_counter()
             c4 = time.thread_time()
+            if self._fault("cache"):  # tests: a stage cache that lost a position
+                self.cache.set_length(0, self.cache.length(0) - 1)
             if self.cache.length(0) != pos:
                 raise _PeerError(0, 4, f"cycle {cycle}: stage {self.s} cache holds {self.cache.length(0)} "
                                  f"positions, the token is at {pos}")
@@ -329,7 +396,7 @@ class _StageWorker:
         rank 0 (the last stage also sends the final hidden state of the last prompt token)."""
         spec, link = self.spec, self.link
         T = c[C_T]
-        deadline = 6 * spec.timeout_s
+        deadline = self.grace = spec.prefill_deadline(T)
         self.cache = self.model.new_cache(c[C_BLOCKS], spec.block_size)
         self.cache.add(0)
         self.ema, self.t_last = 0.0, None
@@ -357,8 +424,10 @@ class _StageWorker:
 
 
 def _device_for(spec: PipelineSpec, rank: int):
+    """NCCL: one GPU per rank (``LOCAL_RANK`` under torchrun, else the rank); gloo: the CPU."""
     if spec.backend == "nccl":
-        d = torch.device("cuda", rank % torch.cuda.device_count())
+        check_nccl_devices(spec.n)
+        d = torch.device("cuda", _local_rank(rank))
         torch.cuda.set_device(d)
         return d
     return torch.device("cpu")
@@ -377,24 +446,26 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
                  agent_store: bool = False) -> None:
     """Entry point of a worker rank (spawned, or under torchrun with ``weights=None``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 shuts us down
-    signal.signal(signal.SIGTERM, lambda *a: (_say(rank, "terminated by the launcher"), os._exit(143)))
+    # SIGTERM keeps its default action (the process dies at once): a Python handler would only run once the
+    # C++ wait it is blocked in returns, i.e. not before its deadline
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR=addr, MASTER_PORT=str(port))
     store = None
     code = 1
     try:
         store = dist.PrefixStore("spd", dist.TCPStore(addr, port, world, False, timeout=datetime.timedelta(
             seconds=120)))
-        spec: PipelineSpec = pickle.loads(store.get("spec"))
+        spec = PipelineSpec.from_json(store.get("spec").decode())
         torch.set_num_threads(spec.threads)
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
         device = _device_for(spec, rank)
-        if weights is None:  # torchrun: load the checkpoint, keep this stage's tensors
+        if weights is None:  # torchrun: load the checkpoint (unless the CLI did), keep this stage's tensors
             from ..weights import load_checkpoint
 
-            ck = load_checkpoint(spec.model_source, dtype=spec.torch_dtype)
+            ck = _PRELOADED.pop(spec.model_source, None) or load_checkpoint(spec.model_source, dtype=spec.torch_dtype)
             weights = _stage_weights(spec, ck.state_dict, rank - 1)
             del ck
         store.set(f"ready/{rank}", "1")
@@ -405,6 +476,8 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
     except _PeerError as e:
         msg = f"{_stage_name(e.peer)} {REASONS[e.reason]} ({e.detail})"
         reason = None
+        if store is not None and e.detail != "ABORT":  # our own finding (a timeout, say): rank 0 reads it at once
+            _say(rank, msg, store, quiet=True)
         if store is not None:  # rank 0 stops the run by closing its connections: why is in the store
             try:
                 store.wait(["abort"], datetime.timedelta(seconds=2))
@@ -421,13 +494,26 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
     os._exit(code)
 
 
-def _say(rank: int, msg: str, store=None) -> None:
-    print(f"spd {_stage_name(rank)}: error: {msg}", file=sys.stderr, flush=True)
+def _say(rank: int, msg: str, store=None, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"spd {_stage_name(rank)}: error: {msg}", file=sys.stderr, flush=True)
     if store is not None:
         try:
             store.set(f"error/{rank}", msg)
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0
             pass
+
+
+_PRELOADED: Dict = {}  # model source -> checkpoint the CLI loaded to check the prompts (torchrun workers)
+
+
+def preload_checkpoint(source: Optional[str], ck) -> None:
+    """Hand a torchrun worker the checkpoint already loaded (the CLI checks the prompts on every rank)."""
+    _PRELOADED[source] = ck
+
+
+def take_preloaded(source: Optional[str]):
+    return _PRELOADED.pop(source, None)
 
 
 def worker_from_env() -> int:
@@ -445,6 +531,13 @@ def torchrun_rank() -> Optional[int]:
 
 
 # ---- rank 0 ----------------------------------------------------------------------------------------------
+def _close_ref(ref) -> None:
+    """atexit: close the pipeline if it still exists (a weak reference: the registration keeps nothing alive)."""
+    eng = ref()
+    if eng is not None:
+        eng.close()
+
+
 @dataclass
 class DistSPDRunMetrics(SPDRunMetrics):
     """:class:`SPDRunMetrics` measured across processes, plus the per-cycle split of every rank: rank 0's
@@ -497,9 +590,10 @@ class DistributedSPD(SPDEngine):
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected >= 1, got {threads}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s: expected > 0, got {timeout_s}")
-        self.rank0_device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        check_timeout(timeout_s)
+        if backend == "nccl":
+            check_nccl_devices(n)  # before anything lands on a GPU
+        self.rank0_device = torch.device("cuda", _local_rank(0)) if backend == "nccl" else torch.device("cpu")
         head = LlamaModel(config, state_dict, dtype=dtype, device=self.rank0_device, layers=(0, 0), head=True)
         super().__init__(head, pdm, n, tokenizer=tokenizer, eos_token_ids=eos_token_ids, block_size=block_size,
                          debug=debug, lookup=lookup)  # (the lookup drafts on rank 0, where the tokens are)
@@ -511,9 +605,11 @@ class DistributedSPD(SPDEngine):
         self.link: Optional[_Link] = None
         self.procs: List = []
         self.store = None
+        self.port: Optional[int] = None
         self.cycle_id = 0
         self.closed = False
-        self._prefilling = False
+        self._prefilling = 0  # the prompt length while the prefill runs (its waits get the prefill deadline)
+        self._atexit = None
         self._reset_request()
 
     def describe(self) -> str:
@@ -523,27 +619,56 @@ class DistributedSPD(SPDEngine):
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> DistributedSPD:
-        """Start the workers (spawned, or the other torchrun ranks) and connect to them."""
+        """Start the workers (spawned, or the other torchrun ranks) and connect to them. A failure (a worker
+        that dies or does not start, a process group that cannot form) shuts every rank down and raises
+        :class:`SPDDistributedError` with the reason."""
         if self.link is not None:
             return self
         if self.closed:
             raise SPDDistributedError("this pipeline was shut down; make a new DistributedSPD")
-        spec, world = self.spec, self.n + 1
         env_rank = torchrun_rank()
-        torchrun = env_rank is not None
-        if torchrun:
-            if env_rank != 0 or int(os.environ["WORLD_SIZE"]) != world:
-                raise ValueError(f"WORLD_SIZE: --stages {self.n} needs {world} ranks and this process as rank 0, "
-                                 f"got rank {env_rank} of {os.environ['WORLD_SIZE']}")
-            addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
-            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        else:
-            addr, port, agent = "127.0.0.1", _free_port(), False
+        if env_rank is not None and (env_rank != 0 or int(os.environ["WORLD_SIZE"]) != self.n + 1):
+            raise ValueError(f"WORLD_SIZE: --stages {self.n} needs {self.n + 1} ranks and this process as rank 0, "
+                             f"got rank {env_rank} of {os.environ['WORLD_SIZE']}")
+        with self._guard():
+            self._start(env_rank is not None)
+        return self
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Any failure inside: every worker is told (ABORT), joined or terminated, and the failure raised as
+        :class:`SPDDistributedError` naming the culprit (Ctrl-C: the same shutdown, then KeyboardInterrupt)."""
+        try:
+            yield
+        except _PeerError as e:
+            raise self._abort(e.peer, e.reason, e.detail) from None
+        except KeyboardInterrupt:
+            self._abort(0, 5, "Ctrl-C")
+            raise
+        except SPDDistributedError:
+            if not self.closed:
+                self._abort(0, 4, "stopped")
+            raise
+        except BaseException as e:
+            raise self._abort(0, 4, f"{type(e).__name__}: {e}") from e
+
+    def _start(self, torchrun: bool) -> None:
+        spec, world = self.spec, self.n + 1
         timeout = datetime.timedelta(seconds=120)
-        base = (dist.TCPStore(addr, port, world, False, timeout=timeout) if agent else
-                dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False))
+        if torchrun:
+            addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                base = dist.TCPStore(addr, port, world, False, timeout=timeout)
+            else:
+                base = dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False)
+        else:  # one machine: the store listens on the loopback interface only
+            fd, port = _loopback_listener()
+            addr = "127.0.0.1"
+            base = dist.TCPStore(addr, port, world, True, timeout=timeout, wait_for_workers=False,
+                                 master_listen_fd=fd)
+        self.port = port
         self.store = dist.PrefixStore("spd", base)
-        self.store.set("spec", pickle.dumps(spec))
+        self.store.set("spec", spec.to_json())
         if not torchrun:
             import torch.multiprocessing as mp
 
@@ -563,28 +688,46 @@ class DistributedSPD(SPDEngine):
         end = time.monotonic() + 300
         ready = [f"ready/{r}" for r in range(1, world)]
         while not self.store.check(ready):
-            dead = [p for p in self.procs if not p.is_alive()]
-            if dead or time.monotonic() > end:
-                self._kill_workers(0.0)
-                raise SPDDistributedError(f"workers did not start: {self._worker_errors() or 'timed out'}")
+            dead = [r for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+            if dead:
+                time.sleep(0.1)  # its message may be on its way to the store
+                raise _PeerError(dead[0], 2, f"exited with code {self.procs[dead[0] - 1].exitcode} during start-up")
+            if time.monotonic() > end:
+                raise _PeerError(0, 1, "the workers did not load their stages within 300 s")
             time.sleep(0.02)
+        # a script that never calls close() still shuts its workers down cleanly; a weak reference, so that
+        # the registration does not keep the pipeline (and its store's port) alive
+        self._atexit = functools.partial(_close_ref, weakref.ref(self))
+        atexit.register(self._atexit)
         self.link = _Link(spec, 0, self.store, self.rank0_device)
-        atexit.register(self.close)  # a script that never calls close() still shuts its workers down cleanly
         self.p2p_rtt_s = self._ping()
-        return self
 
     def close(self) -> None:
-        """Shut the workers down (SHUTDOWN control), join them. Idempotent."""
+        """Shut the workers down (a SHUTDOWN control to each, tolerating dead ones), join them, release the
+        store (and its port). Idempotent."""
         if self.link is not None and not self.closed:
-            try:
-                self._send_ctrl(self._ctrl(OP_SHUTDOWN))
-                self._wait_ctrl_sends()
-            except _PeerError:
-                pass
+            grace = min(2.0, self.spec.timeout_s)
+            pending = getattr(self, "_ctrl_sends", [])  # the last control's sends
+            self._ctrl_sends = []
+            t = self._ctrl(OP_SHUTDOWN)
+            for r in range(1, self.n + 1):  # each worker on its own: a dead one does not stop the others'
+                try:
+                    pending.append((self.link.isend(t, r, TAG_CTRL), r))
+                except _PeerError:
+                    pass
+            for w, r in pending:
+                try:
+                    self.link.wait(w, grace, r, "shutting down")
+                except _PeerError:
+                    pass  # that worker is gone (joined or terminated below)
         if any(p.is_alive() for p in self.procs):
             self._kill_workers(self.spec.timeout_s)
         self.closed = True
         self.link = None
+        self.store = None
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
+            self._atexit = None
 
     def __enter__(self):
         return self.start()
@@ -599,6 +742,7 @@ class DistributedSPD(SPDEngine):
             pass
 
     def _kill_workers(self, grace: float) -> None:
+        """Join the spawned workers; terminate (then kill) those still alive after ``grace`` seconds."""
         end = time.monotonic() + grace
         for p in self.procs:
             p.join(max(0.0, end - time.monotonic()))
@@ -629,7 +773,11 @@ class DistributedSPD(SPDEngine):
         reason goes to the store first: a gloo timeout closes all of a rank's connections, which is what the
         workers see (their next wait fails at once), and they read why from the store."""
         who = _stage_name(culprit) if culprit > 0 else "rank 0"
-        what = f"{who} {REASONS.get(reason, 'failed')} at cycle {self.cycle_id} ({detail})"
+        own = self._own_error(culprit) if reason in (1, 2) and culprit > 0 else None
+        if own is not None:  # it left on an error of its own (its timeout, say): name it and say why
+            what = f"{who} stopped at cycle {self.cycle_id}: {own}"
+        else:
+            what = f"{who} {REASONS.get(reason, 'failed')} at cycle {self.cycle_id} ({detail})"
         try:
             self.store.set("abort", what)
         except Exception:  # noqa: BLE001 - best effort
@@ -642,11 +790,30 @@ class DistributedSPD(SPDEngine):
                     self._poll(self.link.isend(t, r, TAG_CTRL), 0.5)
                 except (_PeerError, RuntimeError):
                     pass
+        if self.procs:
             self._kill_workers(min(2.0, self.spec.timeout_s))
         self.link, self.closed = None, True
         time.sleep(0.05)
         others = self._worker_errors()
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
+            self._atexit = None
         return SPDDistributedError(f"distributed SPD stopped: {what}" + (f"; workers: {others}" if others else ""))
+
+    def _own_error(self, rank: int, grace: float = 0.5) -> Optional[str]:
+        """The message a worker whose connection closed left in the store (None: it died without one)."""
+        if self.store is None:
+            return None
+        end = time.monotonic() + grace
+        while True:
+            try:
+                if self.store.check([f"error/{rank}"]):
+                    return self.store.get(f"error/{rank}").decode()
+            except Exception:  # noqa: BLE001 - best effort
+                return None
+            if time.monotonic() > end:
+                return None
+            time.sleep(0.02)
 
     # -- messages ----------------------------------------------------------------------------------------------
     def _ctrl(self, op: int) -> torch.Tensor:
@@ -667,7 +834,9 @@ class DistributedSPD(SPDEngine):
         self._ctrl_sends = []
 
     def _timeout(self) -> float:
-        return 6 * self.spec.timeout_s if self._prefilling else self.spec.timeout_s + 4 * self._ema
+        if self._prefilling:
+            return self.spec.prefill_deadline(self._prefilling)
+        return self.spec.timeout_s + 4 * self._ema
 
     def _ping(self, rounds: int = 20) -> float:
         """Median round trip: a control to every worker, an empty reply from each."""
@@ -675,9 +844,9 @@ class DistributedSPD(SPDEngine):
         for _ in range(rounds):
             t0 = time.perf_counter()
             cyc = self.cycle_id
+            self._send_ctrl(self._ctrl(OP_PING))  # the send first, then the receive of the reply (NCCL)
             bufs = [torch.empty(HEADER * 8, dtype=torch.uint8, device=self.rank0_device) for _ in range(self.n)]
             works = [self.link.irecv(b, r, TAG_OUT) for r, b in enumerate(bufs, 1)]
-            self._send_ctrl(self._ctrl(OP_PING))
             for r, (w, b) in enumerate(zip(works, bufs), 1):
                 self.link.wait(w, 6 * self.spec.timeout_s, r, "ping")
                 if b.view(torch.int64)[0].item() != cyc:
@@ -735,21 +904,15 @@ class DistributedSPD(SPDEngine):
         if not requests:
             return [], m
         states = self._states(requests)
-        self.start()
+        self.start()  # (its failures go through the same shutdown as the run's)
         m.p2p_rtt_s = self.p2p_rtt_s
         old_threads = torch.get_num_threads()
         torch.set_num_threads(self.spec.threads)  # rank 0 is one of the n + 1 ranks sharing the cores
         t0 = time.perf_counter()
         try:
-            for st, r in zip(states, requests):
-                self._one(st, r, m)
-        except _PeerError as e:
-            raise self._abort(e.peer, e.reason, e.detail) from None
-        except KeyboardInterrupt:
-            self._abort(0, 5, "Ctrl-C")
-            raise
-        except BaseException as e:
-            raise self._abort(0, 4, f"{type(e).__name__}: {e}") from e
+            with self._guard():
+                for st, r in zip(states, requests):
+                    self._one(st, r, m)
         finally:
             torch.set_num_threads(old_threads)
         m.wall_s = time.perf_counter() - t0
@@ -781,10 +944,10 @@ class DistributedSPD(SPDEngine):
         self.pdm_cache.release(st.rid)
         # the end of the request: workers drop what is in flight and send their per-cycle timings
         cycles = len(self._rec)
+        self._send_ctrl(self._ctrl(OP_END))  # the send first, then the receives of the replies (NCCL)
         bufs = [torch.empty((cycles + 1) * len(STATS), dtype=torch.float64, device=self.rank0_device)
                 for _ in range(self.n)]
         works = [self.link.irecv(b, s + 1, TAG_STATS) for s, b in enumerate(bufs)]
-        self._send_ctrl(self._ctrl(OP_END))
         for s, (w, b) in enumerate(zip(works, bufs)):
             self.link.wait(w, self._timeout(), s + 1, "waiting for the timings")
             if int(b[0]) != cycles:
@@ -825,15 +988,16 @@ class DistributedSPD(SPDEngine):
         ctrl[C_T], ctrl[C_BLOCKS] = T, blocks
         ctrl[C_POS:] = T
         positions = [T] * self.n
-        self._send_ctrl(ctrl)
-        self._post_outputs(positions, T)
-        ids = torch.tensor(st.prompt, dtype=torch.int64, device=self.rank0_device)
-        tok_work = self.link.isend(ids, 1, TAG_TOKENS)
-        h0 = model.embed_tokens(ids)
-        anchors = h0.new_full((T, self.m + 1, self.H), float("nan"))
-        anchors[:, 0] = h0
-        self._prefilling = True
+        self._prefilling = T
         try:
+            # every send to a stage before any receive from it (NCCL): the control, the prompt, then the outputs
+            self._send_ctrl(ctrl)
+            ids = torch.tensor(st.prompt, dtype=torch.int64, device=self.rank0_device)
+            tok_work = self.link.isend(ids, 1, TAG_TOKENS)
+            self._post_outputs(positions, T)
+            h0 = model.embed_tokens(ids)
+            anchors = h0.new_full((T, self.m + 1, self.H), float("nan"))
+            anchors[:, 0] = h0
             self.link.wait(tok_work, self._timeout(), 1, "prefill: sending the prompt")
             last = None
             for s in range(self.n - 1, -1, -1):
@@ -846,7 +1010,7 @@ class DistributedSPD(SPDEngine):
                 if s == self.n - 1:
                     last = rows[k * T:]
         finally:
-            self._prefilling = False
+            self._prefilling = 0
         first = self._sample_first([st], self._target_logits(last))
         g = pdm.completed_rows(anchors, [T])
         b = self._batch(self.pdm_cache, [st.rid], [list(range(T))])
