@@ -266,9 +266,7 @@ def _check_args(args) -> None:
             # the prompts' token counts need the tokenizer, which comes with the checkpoint: load it once here
             # (every rank needs it anyway) and hand it on
             ck = load_checkpoint(args.model)
-            if not 2 <= args.stages <= ck.config.num_layers:
-                raise ValueError(f"--stages: expected 2 <= n <= {ck.config.num_layers} (the model's layers), got "
-                                 f"{args.stages}")
+            _check_stages_fit(args.stages, ck)
             for i, r in enumerate(_requests(args, ck.tokenizer)):
                 if len(r.prompt_ids) < args.stages:
                     raise ValueError(f"prompt_ids: request {i} has {len(r.prompt_ids)} tokens; --stages "
@@ -349,17 +347,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_stages_fit(n: int, ck) -> None:
+    if not 2 <= n <= ck.config.num_layers:
+        raise ValueError(f"--stages: expected 2 <= n <= {ck.config.num_layers} (the model's layers), got {n}")
+
+
 def _generate_distributed(args) -> int:
     """``generate --proposer spd --distributed``: rank 0 here, one worker process per stage."""
     from .model import LlamaModel
     from .spd.distributed import DistributedSPD, SPDDistributedError, _local_rank, format_report, take_preloaded
     from .weights import load_checkpoint
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads: expected >= 1, got {args.threads}")
-    ck = take_preloaded(args.model) or load_checkpoint(args.model)
-    if not 2 <= args.stages <= ck.config.num_layers:
-        raise ValueError(f"--stages: expected 2 <= n <= {ck.config.num_layers} (the model's layers), got {args.stages}")
+    ck = take_preloaded(args.model) or load_checkpoint(args.model)  # --threads etc. checked in _check_args
+    _check_stages_fit(args.stages, ck)
     tok = ck.tokenizer
     # rank 0: embedding, final norm, LM head (and the PDM) only
     device = f"cuda:{_local_rank(0)}" if args.dist_backend == "nccl" else "cpu"

@@ -725,9 +725,7 @@ class DistributedSPD(SPDEngine):
         self.closed = True
         self.link = None
         self.store = None
-        if self._atexit is not None:
-            atexit.unregister(self._atexit)
-            self._atexit = None
+        self._unregister_atexit()
 
     def __enter__(self):
         return self.start()
@@ -795,10 +793,13 @@ class DistributedSPD(SPDEngine):
         self.link, self.closed = None, True
         time.sleep(0.05)
         others = self._worker_errors()
+        self._unregister_atexit()
+        return SPDDistributedError(f"distributed SPD stopped: {what}" + (f"; workers: {others}" if others else ""))
+
+    def _unregister_atexit(self) -> None:
         if self._atexit is not None:
             atexit.unregister(self._atexit)
             self._atexit = None
-        return SPDDistributedError(f"distributed SPD stopped: {what}" + (f"; workers: {others}" if others else ""))
 
     def _own_error(self, rank: int, grace: float = 0.5) -> Optional[str]:
         """The message a worker whose connection closed left in the store (None: it died without one)."""
