@@ -27,6 +27,14 @@ std::pair<double, float> target_weights_row(std::uintptr_t logits, int logit_cod
 void skinny_linear_f32(std::uintptr_t x, int64_t ldx, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y,
                        int64_t ldy, int64_t M, int64_t N, int64_t K);
 
+// The same product with the weights in a compact exact form (csrc/linear.cpp): fmt kWeightF16 (w fp16 [N, K]),
+// kWeightQ8_0 (w int8 [N, K], scale fp32 [N, K / 32]; K % 32 == 0), kWeightQ4_1 (w uint8 [N, K / 2], two
+// weights a byte: byte i of a block of 16 holds weight i low and i + 16 high, as in GGUF; scale and min fp32 [N, K / 32]; K % 32 == 0) or kWeightF32.
+enum WeightFormat : int { kWeightF32 = 0, kWeightF16 = 1, kWeightQ8_0 = 2, kWeightQ4_1 = 3 };
+void skinny_linear_packed(std::uintptr_t x, int64_t ldx, int fmt, std::uintptr_t w, std::uintptr_t scale,
+                          std::uintptr_t min, std::uintptr_t bias, std::uintptr_t y, int64_t ldy, int64_t M, int64_t N,
+                          int64_t K);
+
 void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                     std::uintptr_t block_table, std::uintptr_t kv_lens, std::uintptr_t cu_q, std::uintptr_t mask,
                     int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t num_blocks,

@@ -11,6 +11,7 @@
 //   _cpu_tree_attention  the CPU tree_attention kernel (the public op's CPU kernel is Python: it sends fp64 to
 //                        the torch backend)
 //   _cpu_skinny_linear   the decode-time fp32 linear of the runtime (spdkernels/runtime/linear.py)
+//   _cpu_skinny_linear_packed   the same with compact exact weights (fp16, Q8_0, Q4_1 blocks)
 //   _cpu_target_weights  one row's target weights as the sampler computes them (tests)
 //   _cpu_sgl_verify_tree_greedy, _cpu_sgl_tree_sampling_target_only  sgl-kernel's ops in its layout, in place
 //                        (spdkernels/adapters/sglang.py; kernels in csrc/adapters.cpp)
@@ -304,6 +305,53 @@ Tensor skinny_linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor&
   const OptTensor bd = dense(bias);
   Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) spd::skinny_linear_f32(addr(xd), xd.stride(0), addr(wd), addr(bd), addr(y), N, M, N, K);
+  return y;
+}
+
+// The same product with compact exact weights (csrc/linear.cpp, spdkernels/runtime/linear.py PackedWeight):
+// format "f16" (weight float16 [N, K]), "q8_0" (weight int8 [N, K], scale float32 [N, K / 32]) or "q4_1"
+// (weight uint8 [N, K / 2], byte i of a block of 16 holds weight i low and i + 16 high; scale and min float32 [N, K / 32]).
+Tensor skinny_linear_packed_cpu(const Tensor& x, c10::string_view format, const Tensor& weight, const OptTensor& scale,
+                                const OptTensor& min, const OptTensor& bias) {
+  check_tensor(x, "x", 2, [](const Tensor& t) { return t.scalar_type() == at::kFloat; }, "float32");
+  const int64_t M = x.size(0), K = x.size(1);
+  int fmt;
+  at::ScalarType wdt;
+  int64_t wcols = K;
+  if (format == "f16") {
+    fmt = spd::kWeightF16, wdt = at::kHalf;
+  } else if (format == "q8_0") {
+    fmt = spd::kWeightQ8_0, wdt = at::kChar;
+  } else if (format == "q4_1") {
+    fmt = spd::kWeightQ4_1, wdt = at::kByte, wcols = K / 2;
+  } else {
+    TORCH_CHECK_VALUE(false, "format: expected 'f16', 'q8_0' or 'q4_1', got '", std::string(format), "'");
+  }
+  check_tensor(weight, "weight", 2, [wdt](const Tensor& t) { return t.scalar_type() == wdt; }, c10::toString(wdt));
+  const int64_t N = weight.size(0);
+  const bool blocks = fmt != spd::kWeightF16;
+  TORCH_CHECK_VALUE(!blocks || K % 32 == 0, "x: format '", std::string(format),
+                    "' needs K (x.size(1)) a multiple of 32, got ", K);
+  TORCH_CHECK_VALUE(weight.size(1) == wcols, "weight: expected [N, ", wcols, "] for K = ", K, ", got ",
+                    shape_of(weight));
+  const auto check_blocks = [&](const OptTensor& t, const char* arg, bool wanted) {
+    if (!wanted) {
+      TORCH_CHECK_VALUE(!t.has_value(), arg, ": format '", std::string(format), "' takes none");
+      return;
+    }
+    TORCH_CHECK_VALUE(t.has_value(), arg, ": format '", std::string(format), "' needs one");
+    check_tensor(*t, arg, 2, [](const Tensor& u) { return u.scalar_type() == at::kFloat; }, "float32");
+    TORCH_CHECK_VALUE(t->size(0) == N && t->size(1) == K / 32, arg, ": expected [N, K / 32] = [", N, ", ", K / 32,
+                      "], got ", shape_of(*t));
+  };
+  check_blocks(scale, "scale", blocks);
+  check_blocks(min, "min", fmt == spd::kWeightQ4_1);
+  check_opt_vec(bias, "bias", at::kFloat, N, "N");
+  const Tensor xd = x.stride(1) == 1 ? x : x.contiguous(), wd = dense(weight);
+  const OptTensor sd = dense(scale), md = dense(min), bd = dense(bias);
+  Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0)
+    spd::skinny_linear_packed(addr(xd), xd.stride(0), fmt, addr(wd), addr(sd), addr(md), addr(bd), addr(y), N, M, N, K);
   return y;
 }
 
@@ -652,6 +700,8 @@ void register_kernels() {
   frag->def("_cpu_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
             "Tensor cu_q_lens, Tensor? tree_mask, float scale) -> Tensor");
   frag->def("_cpu_skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  frag->def("_cpu_skinny_linear_packed(Tensor x, str format, Tensor weight, Tensor? scale, Tensor? min, Tensor? bias) "
+            "-> Tensor");
   frag->def("_cpu_target_weights(Tensor row, float temperature, int top_k, float top_p) -> (Tensor, float, float)");
   frag->def("_cpu_sgl_verify_tree_greedy(Tensor(a!) predicts, Tensor(b!) accept_index, Tensor(c!) accept_token_num, "
             "Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, Tensor retrive_next_sibling, "
@@ -673,6 +723,7 @@ void register_kernels() {
   cpu->impl("rejection_sample", &rejection_sample_cpu);
   cpu->impl("_cpu_tree_attention", &tree_attention_cpu);
   cpu->impl("_cpu_skinny_linear", &skinny_linear_cpu);
+  cpu->impl("_cpu_skinny_linear_packed", &skinny_linear_packed_cpu);
   cpu->impl("_cpu_target_weights", &target_weights_cpu);
   cpu->impl("_cpu_sgl_verify_tree_greedy", &sgl_verify_tree_greedy_cpu);
   cpu->impl("_cpu_sgl_tree_sampling_target_only", &sgl_tree_sampling_cpu);

@@ -342,3 +342,130 @@ def test_skinny_linear_matches_torch(isa, M, N, K):
     tol = 2e-6 * K ** 0.5 * float(want.abs().max())
     torch.testing.assert_close(got, want, rtol=0, atol=tol)
     torch.testing.assert_close(got_nobias, want - b, rtol=0, atol=tol)
+
+
+def _exact_weights(fmt, N, K, g):
+    """fp32 weights whose values a format holds exactly, as GGUF's quantisers make them (per block of 32 the
+    largest |q| is 127 for Q8_0; the nibbles reach 0 and 15 for Q4_1; scales and mins binary16)."""
+    if fmt == "f16":
+        return torch.randn(N, K, generator=g).half().float()
+    nb = K // 32
+    d = (torch.rand(N, nb, 1, generator=g) * 0.02 + 1e-3).half().float()
+    if fmt == "q8_0":
+        q = torch.randint(-127, 128, (N, nb, 32), generator=g).float()
+        q[..., 5] = 127 * torch.sign(torch.randn(N, nb, generator=g)).clamp_min(0).mul(2).sub(1)
+        return (q * d).view(N, K)
+    q = torch.randint(0, 16, (N, nb, 32), generator=g).float()
+    q[..., 3], q[..., 20] = 0, 15
+    m = (torch.randn(N, nb, 1, generator=g) * 0.05).half().float()
+    return (q * d + m).view(N, K)
+
+
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here "
+                    "(SPDKERNELS_SKIP_CPP); runtime.linear then is F.linear itself")
+@pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
+@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_1"])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 64), (2, 64, 96), (3, 130, 576), (8, 33, 1024), (48, 5, 32), (49, 9, 64)])
+def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
+    """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened in registers) give exactly the fp32 kernel's
+    output for the same values, on every instruction-set path (1-2 rows: one pass; more: a widened buffer;
+    > 48 rows: F.linear on the dequantised matrix), and f16 rows with a K tail."""
+    from spdkernels import _cpp
+    from spdkernels.runtime.linear import PackedWeight, linear, pack_exact
+
+    if fmt == "f16" and K % 8 == 0:
+        K += 5  # the f16 path has a scalar K tail; the block formats need K % 32 == 0
+    g = torch.Generator().manual_seed(M * 7919 + N * 31 + K)
+    w = _exact_weights(fmt, N, K, g)
+    x, b = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    p = pack_exact(w, formats=(fmt,))
+    assert isinstance(p, PackedWeight) and p.format == fmt and p.shape == (N, K)
+    assert torch.equal(p.dequantize(), w)
+    assert p.nbytes < w.numel() * 4
+    with contextlib.ExitStack() as stack:
+        if isa != "best":
+            stack.enter_context(_cpp.isa_cap(isa))
+        want, got = linear(x, w, b), linear(x, p, b)
+        want0, got0 = linear(x, w), linear(x, p)
+        rows = torch.tensor([N - 1, 0])
+        sub = linear(x, p.index_rows(rows))
+        sl = linear(x, p[1:N])
+    assert torch.equal(got, want) and torch.equal(got0, want0)
+    assert torch.equal(sub, want0[:, rows]) and torch.equal(sl, want0[:, 1:N])
+    ref = (x.double() @ w.double().T + b.double()).float()  # and both are the product, to fp32 rounding
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6 * K ** 0.5 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+def test_packed_linear_layout_errors_are_caught():
+    """The bitwise comparison above catches a wrong layout: the same Q4_1 bytes read with the nibbles of a
+    block in pairs (2i, 2i + 1) instead of (i, i + 16), or a scale moved to the next block, change the output."""
+    from spdkernels.runtime.linear import PackedWeight, linear, pack_exact
+
+    g = torch.Generator().manual_seed(3)
+    w = _exact_weights("q4_1", 8, 64, g)
+    x = torch.randn(2, 64, generator=g)
+    p = pack_exact(w, formats=("q4_1",))
+    q = torch.cat([p.data.view(8, 2, 16) & 15, p.data.view(8, 2, 16) >> 4], -1)  # [N, blocks, 32]
+    pairs = (q[..., 0::2] | (q[..., 1::2] << 4)).view(8, 32)  # weights 2i / 2i+1 in byte i
+    wrong = PackedWeight("q4_1", pairs.contiguous(), p.scale, p.min, p.shape)
+    assert not torch.equal(linear(x, wrong), linear(x, w))
+    rolled = PackedWeight("q4_1", p.data, p.scale.roll(1, dims=1).contiguous(), p.min, p.shape)
+    assert not torch.equal(linear(x, rolled), linear(x, w))
+
+
+def test_pack_exact_keeps_what_it_cannot_hold_exactly():
+    """pack_exact only packs values it reproduces bit for bit: random fp32, non-finite values, a Q8_0 block
+    whose largest |q| is not 127, K not a multiple of 32 for the block formats, non-fp32 or 1-D input come back
+    unchanged (or in a wider format that holds them); an unknown format is a ValueError."""
+    from spdkernels.runtime.linear import PackedWeight, pack_exact
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(16, 64, generator=g)
+    assert pack_exact(r) is r
+    q8 = _exact_weights("q8_0", 4, 64, g)
+    assert pack_exact(q8).format == "q8_0"
+    bad = q8.clone()
+    bad[0, 0] = float("nan")
+    assert pack_exact(bad) is bad
+    half = q8 * 0.5 + 1e-7  # no longer scale x int8 with a 127 in every block
+    assert not isinstance(pack_exact(half, formats=("q8_0",)), PackedWeight)
+    f16 = _exact_weights("f16", 4, 40, g)  # K = 40: only f16 applies
+    assert pack_exact(f16).format == "f16"
+    assert not isinstance(pack_exact(_exact_weights("q4_1", 4, 64, g)[:, :40].contiguous(),
+                                     formats=("q4_1", "q8_0")), PackedWeight)
+    for x in (r.double(), r[0]):
+        assert pack_exact(x) is x
+    q4 = _exact_weights("q4_1", 4, 64, g)
+    assert pack_exact(q4).format == "q4_1" and pack_exact(q4, formats=("f16",)) is q4
+    with pytest.raises(ValueError, match="formats"):
+        pack_exact(q4, formats=("q5_k",))
+
+
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+def test_packed_linear_op_refuses_bad_input():
+    """The packed op checks every tensor against its format before reading it: a ValueError naming it."""
+    op = torch.ops.spdkernels._cpu_skinny_linear_packed.default
+    x = torch.randn(2, 64)
+    q = torch.zeros(3, 64, dtype=torch.int8)
+    s = torch.ones(3, 2)
+    cases = [
+        (("q5", q, s, None, None), "format"),
+        (("q8_0", q.float(), s, None, None), "weight"),
+        (("q8_0", q[:, :32], s, None, None), "weight"),
+        (("q8_0", q, None, None, None), "scale"),
+        (("q8_0", q, s[:, :1], None, None), "scale"),
+        (("q8_0", q, s.double(), None, None), "scale"),
+        (("q8_0", q, s, s, None), "min"),
+        (("q4_1", torch.zeros(3, 32, dtype=torch.uint8), s, None, None), "min"),
+        (("q4_1", torch.zeros(3, 64, dtype=torch.uint8), s, s, None), "weight"),
+        (("f16", q.half(), s, None, None), "scale"),
+        (("q8_0", q, s, None, torch.ones(4)), "bias"),
+    ]
+    for args, name in cases:
+        with pytest.raises(ValueError, match=name):
+            op(x, *args)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        op(torch.randn(2, 48), "q8_0", torch.zeros(3, 48, dtype=torch.int8), torch.ones(3, 1), None, None)
+    with pytest.raises(ValueError, match="x"):
+        op(x.double(), "f16", q.half(), None, None, None)

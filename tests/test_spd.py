@@ -439,6 +439,26 @@ def _save(tmp_path, model, pdm, target_sd):
     return save_pdm(str(tmp_path / "pdm"), cfg, net.hf_state_dict())
 
 
+def test_loaded_pdm_is_packed_and_drafts_the_same_logits(tmp_path):
+    """A loaded PDM (fp16 file) on a CPU fp32 target holds its matrices packed (fp16, the head Q8_0 where the
+    target's head rows are Q8_0 values, as in a GGUF file) and gives the unpacked PDM's logits bit for bit."""
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    e = sd["lm_head.weight"].view(CFG.vocab_size, -1, 32)  # Q8_0 values: scale x int8, a 127 in every block
+    d = (e.abs().amax(-1, keepdim=True) / 127).half().float()
+    sd["lm_head.weight"] = (torch.round(e / d).clamp(-127, 127) * d).view(CFG.vocab_size, -1)
+    m = LlamaModel(CFG, sd)
+    path = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1, shift=True), sd)
+    packed, plain = load_pdm(str(path), m, sd), load_pdm(str(path), m, sd, packed=False)
+    fm = packed.weight_formats()
+    # (the untrained previous-token matrices are zeros: Q4_1 holds them exactly too)
+    assert fm["q8_0"] == 1 and "fp32" not in fm and sum(fm.values()) == 2 * len(ANCHORS) + 5
+    assert plain.weight_formats() == {"fp32": 2 * len(ANCHORS) + 5}
+    g = torch.Generator().manual_seed(0)
+    rows = list(torch.randn(6, len(ANCHORS), CFG.hidden_size, generator=g))
+    types = [4, 4, 3, 2, 1, 0]
+    assert torch.equal(packed.view_logits(rows, types), plain.view_logits(rows, types))
+
+
 def test_pdm_file_round_trip_and_refusals(tmp_path, pdm):
     sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
     m = LlamaModel(CFG, sd)

@@ -1,8 +1,15 @@
 """``linear(x, w, b)`` for the runtime's forward passes: the C++ skinny GEMM (csrc/linear.cpp) for fp32
-CPU inputs with few rows (decode, verification, drafting), ``torch.nn.functional.linear`` otherwise."""
+CPU inputs with few rows (decode, verification, drafting), ``torch.nn.functional.linear`` otherwise.
+
+``w`` may be a :class:`PackedWeight`: the same fp32 values held in a smaller exact form (fp16, or blocks of
+32 along K as Q8_0 = int8 x scale or Q4_1 = 4-bit x scale + min, the layouts of GGUF checkpoints). The
+kernel widens them in registers and accumulates in the fp32 kernel's order, so ``linear(x, pack_exact(w))``
+equals ``linear(x, w)`` bit for bit while streaming 2-6x fewer bytes; :func:`pack_exact` only packs a
+matrix whose values it reproduces exactly."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +18,140 @@ from spdkernels import _cpp
 
 # Above this many rows (prefill), BLAS's blocked GEMM wins.
 SKINNY_MAX_ROWS = 48
+FORMATS = ("q4_1", "q8_0", "f16")  # smallest first
+BLOCK = 32  # Q8_0 / Q4_1 block length along K
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A weight ``[N, K]`` in a compact exact form: ``format`` "f16" (``data`` float16 ``[N, K]``), "q8_0"
+    (``data`` int8 ``[N, K]``, ``scale`` float32 ``[N, K / 32]``: w = scale x q) or "q4_1" (``data`` uint8
+    ``[N, K / 2]``, 16 bytes a block of 32: byte i holds weight i in its low nibble and weight i + 16 in its
+    high one, as in GGUF; ``scale``, ``min`` float32 ``[N, K / 32]``: w = scale x q + min). Build with
+    :func:`pack_exact`."""
+    format: str
+    data: torch.Tensor
+    scale: Optional[torch.Tensor]
+    min: Optional[torch.Tensor]
+    shape: Tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.min) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight ``[N, K]`` (exactly the values the kernel computes with)."""
+        N, K = self.shape
+        if self.format == "f16":
+            return self.data.float()
+        if self.format == "q8_0":
+            q = self.data.float().view(N, K // BLOCK, BLOCK)
+            return (q * self.scale.unsqueeze(-1)).view(N, K)
+        b = self.data.view(N, K // BLOCK, BLOCK // 2)
+        q = torch.cat([b & 15, b >> 4], dim=-1).float()
+        return (q * self.scale.unsqueeze(-1) + self.min.unsqueeze(-1)).view(N, K)
+
+    def index_rows(self, idx: torch.Tensor) -> PackedWeight:
+        """Rows ``idx`` (a 1-D index tensor), still packed."""
+        sel = [None if t is None else t.index_select(0, idx.to(t.device)).contiguous()
+               for t in (self.data, self.scale, self.min)]
+        return PackedWeight(self.format, sel[0], sel[1], sel[2], (int(idx.numel()), self.shape[1]))
+
+    def __getitem__(self, rows: slice) -> PackedWeight:
+        """A slice of rows (step 1), still packed."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("PackedWeight: only row slices w[a:b] are supported")
+        a, b, _ = rows.indices(self.shape[0])
+        b = max(a, b)
+        sel = [None if t is None else t[a:b] for t in (self.data, self.scale, self.min)]
+        return PackedWeight(self.format, sel[0], sel[1], sel[2], (b - a, self.shape[1]))
+
+
+Weight = Union[torch.Tensor, PackedWeight]
+
+
+def _pack_f16(w: torch.Tensor) -> Optional[PackedWeight]:
+    h = w.half()
+    if not torch.equal(h.float(), w):
+        return None
+    return PackedWeight("f16", h.contiguous(), None, None, tuple(w.shape))
+
+
+def _pack_q8_0(w: torch.Tensor) -> Optional[PackedWeight]:
+    N, K = w.shape
+    b = w.view(N, K // BLOCK, BLOCK)
+    d = b.abs().amax(-1) / 127  # exact when the block's largest |q| is 127, as GGUF's quantiser makes it
+    q = torch.where(d.unsqueeze(-1) > 0, torch.round(b / d.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)),
+                    torch.zeros_like(b))
+    if q.abs().max() > 127 or not torch.equal(q * d.unsqueeze(-1), b):
+        return None
+    return PackedWeight("q8_0", q.to(torch.int8).view(N, K).contiguous(), d.contiguous(), None, (N, K))
+
+
+def _pack_q4_1(w: torch.Tensor) -> Optional[PackedWeight]:
+    N, K = w.shape
+    b = w.view(N, K // BLOCK, BLOCK)
+    m = b.amin(-1, keepdim=True)
+    span = (b.amax(-1, keepdim=True) - m) / 15
+    # the scale is a binary16 value in GGUF's Q4_1 (so scale x q is exact in fp32): try the nearest three
+    s16 = span.half()
+    cands = [s16.float(), torch.nextafter(s16, torch.full_like(s16, float("inf"))).float(),
+             torch.nextafter(s16, torch.full_like(s16, -float("inf"))).float()]
+    best_q = torch.zeros_like(b)
+    best_d = torch.zeros_like(m)
+    done = torch.zeros_like(m, dtype=torch.bool)
+    for d in cands:
+        if not torch.isfinite(d).all():
+            continue
+        q = torch.where(d > 0, torch.round((b - m) / d.clamp_min(torch.finfo(torch.float32).tiny)), torch.zeros_like(b))
+        ok = ((q >= 0) & (q <= 15) & ((q * d + m) == b)).all(-1, keepdim=True) & ~done
+        best_q = torch.where(ok, q, best_q)
+        best_d = torch.where(ok, d, best_d)
+        done |= ok
+    if not bool(done.all()):
+        return None
+    qi = best_q.to(torch.uint8)  # [N, K / 32, 32]: byte i of a block holds weights i (low) and i + 16 (high)
+    data = (qi[..., :BLOCK // 2] | (qi[..., BLOCK // 2:] << 4)).view(N, K // 2).contiguous()
+    return PackedWeight("q4_1", data, best_d.view(N, K // BLOCK).contiguous(), m.view(N, K // BLOCK).contiguous(),
+                        (N, K))
+
+
+def pack_exact(w: torch.Tensor, formats: Sequence[str] = FORMATS) -> Weight:
+    """``w`` (fp32 ``[N, K]``, CPU) in the first of ``formats`` that holds its values exactly, else ``w``
+    itself. Q8_0 / Q4_1 need K a multiple of 32 and finite values."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"formats: unknown format {unknown[0]!r} (expected some of {FORMATS})")
+    if (not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.dim() != 2 or w.device.type != "cpu"
+            or w.numel() == 0 or not bool(torch.isfinite(w).all())):
+        return w
+    src = w.detach().contiguous()
+    for f in formats:
+        if f != "f16" and src.shape[1] % BLOCK:
+            continue
+        p = {"f16": _pack_f16, "q8_0": _pack_q8_0, "q4_1": _pack_q4_1}[f](src)
+        if p is not None:
+            return p
+    return w
+
+
+def linear(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x [M, K] @ w[N, K]^T (+ b)``."""
     M = x.shape[0]
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or M > SKINNY_MAX_ROWS
-            or w.dtype != torch.float32 or not w.is_contiguous() or x.requires_grad):
-        return F.linear(x, w, b)
-    if not _cpp.load():
+    skinny = (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and M <= SKINNY_MAX_ROWS
+              and not x.requires_grad and _cpp.load())
+    if isinstance(w, PackedWeight):
+        if not skinny:
+            return F.linear(x, w.dequantize(), b)
+        return torch.ops.spdkernels._cpu_skinny_linear_packed.default(x, w.format, w.data, w.scale, w.min, b)
+    if not skinny or w.dtype != torch.float32 or not w.is_contiguous():
         return F.linear(x, w, b)
     return torch.ops.spdkernels._cpu_skinny_linear.default(x, w, b)

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..linear import linear
+from ..linear import Weight, linear, pack_exact
 from ..model import LlamaModel
 from ..weights import LlamaConfig, layer_shapes
 
@@ -181,9 +181,14 @@ def shift_rows(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], p
 class PipelineDraftModule:
     """Inference-time PDM (fp32 or the target's dtype): aggregation weights, the tower (a
     :class:`LlamaModel` of ``L_s`` layers without embedding or head), the target's final norm and the draft
-    head. Build with :func:`load_pdm` or from a trained :class:`~.train.PDMTrainer`."""
+    head. Build with :func:`load_pdm` or from a trained :class:`~.train.PDMTrainer`.
 
-    def __init__(self, cfg: PDMConfig, weights: Dict[str, torch.Tensor], target: LlamaModel):
+    ``packed`` (CPU fp32 only): hold each matrix in the smallest exact compact form
+    (:func:`~spdkernels.runtime.linear.pack_exact`: the shipped weights are fp16, a GGUF target's head rows
+    Q8_0), which the skinny GEMM reads widening in registers: the same logits bit for bit, fewer bytes per
+    forward (the PDM's cost is its weight traffic on a CPU)."""
+
+    def __init__(self, cfg: PDMConfig, weights: Dict[str, torch.Tensor], target: LlamaModel, packed: bool = True):
         tc = target.config
         cfg.validate(tc)
         self.cfg = cfg
@@ -234,6 +239,26 @@ class PipelineDraftModule:
         else:
             self.head = target.lm_head[self.vocab_ids].contiguous()
         self.eps = tc.rms_norm_eps
+        self.packed = packed and dev.type == "cpu" and dt == torch.float32
+        if self.packed:
+            self.agg = [pack_exact(w) for w in self.agg]
+            if self.shift_w is not None:
+                self.shift_w = [pack_exact(w) for w in self.shift_w]
+            self.head = pack_exact(self.head)
+            for L in self.tower.layers:
+                L.w_qkv, L.w_o = pack_exact(L.w_qkv), pack_exact(L.w_o)
+                L.w_gate_up, L.w_down = pack_exact(L.w_gate_up), pack_exact(L.w_down)
+
+    def weight_formats(self) -> Dict[str, int]:
+        """How many of the PDM's matrices are held in each format (``fp32`` or a packed one)."""
+        mats: List[Weight] = list(self.agg) + list(self.shift_w or []) + [self.head]
+        for L in self.tower.layers:
+            mats += [L.w_qkv, L.w_o, L.w_gate_up, L.w_down]
+        out: Dict[str, int] = {}
+        for w in mats:
+            f = getattr(w, "format", "fp32")
+            out[f] = out.get(f, 0) + 1
+        return out
 
     @property
     def num_layers(self) -> int:
@@ -392,10 +417,10 @@ def check_target(cfg: PDMConfig, target_config: LlamaConfig, fingerprint: Option
                        f"{str(want.get('weights_sha256'))[:12]}...)")
 
 
-def load_pdm(path: str, target: LlamaModel, state_dict: Optional[Dict[str, torch.Tensor]] = None
-             ) -> PipelineDraftModule:
+def load_pdm(path: str, target: LlamaModel, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+             packed: bool = True) -> PipelineDraftModule:
     """Load a PDM for ``target``; ``state_dict`` (the target's checkpoint tensors) enables the weight-hash
-    check, which the runtime always passes."""
+    check, which the runtime always passes. ``packed``: see :class:`PipelineDraftModule`."""
     cfg, weights = read_pdm(path)
     fp = target_fingerprint(target.config, state_dict) if state_dict is not None else None
     check_target(cfg, target.config, fp)
@@ -408,7 +433,7 @@ def load_pdm(path: str, target: LlamaModel, state_dict: Optional[Dict[str, torch
     for name, shape in want.items():
         if name not in weights or tuple(weights[name].shape) != tuple(shape):
             raise PDMError(f"pdm: {name} missing or not of shape {shape}")
-    return PipelineDraftModule(cfg, weights, target)
+    return PipelineDraftModule(cfg, weights, target, packed=packed)
 
 
 def shipped_pdm_path(name: str = "smollm2-135m-instruct") -> Path:

@@ -128,7 +128,7 @@ class PDMProposer(Proposer):
         """The root's previous token for the shift term: the newest completed row (type ``m``), or none."""
         last = self._last.get(st.rid)
         if last is None:
-            return self.pdm.agg[0].new_zeros(self.m + 1, self.pdm.target_config.hidden_size), -1
+            return self.pdm.norm.new_zeros(self.m + 1, self.pdm.target_config.hidden_size), -1
         return last, self.m
 
     @torch.inference_mode()
