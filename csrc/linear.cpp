@@ -69,7 +69,7 @@ struct Args {
 };
 
 namespace base {
-constexpr bool kAvx = false;
+constexpr bool kAvx = false, kAvx512 = false;
 #include "linear_kernel.inc"
 }  // namespace base
 
@@ -78,18 +78,26 @@ constexpr bool kAvx = false;
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace v3 {
-constexpr bool kAvx = true;
+constexpr bool kAvx = true, kAvx512 = false;
 #include "linear_kernel.inc"
 }  // namespace v3
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3,avx512f,avx512dq,avx512bw,avx512vl")
+namespace v4 {
+constexpr bool kAvx = true, kAvx512 = true;
+#include "linear_kernel.inc"
+}  // namespace v4
 #pragma GCC pop_options
 #endif
 
 using BlockFn = void (*)(const Args&, int64_t, int);
 
-// Every block of 4 weight rows, threads splitting N; the x86-64-v3 copy (AVX2 + FMA + F16C) when the CPU has
-// it (and the ISA cap allows).
-void run_blocks(const Args& a, BlockFn base_fn, BlockFn v3_fn) {
-  const BlockFn fn = v3_fn != nullptr && has_v3() ? v3_fn : base_fn;
+// Every block of 4 weight rows, threads splitting N; the AVX-512 copy (16-lane tile) or the x86-64-v3 copy
+// (AVX2 + FMA + F16C) when the CPU has it (and the ISA cap allows).
+void run_blocks(const Args& a, BlockFn base_fn, BlockFn v3_fn, BlockFn v4_fn) {
+  const int isa = isa_level();
+  const BlockFn fn = v4_fn != nullptr && isa >= kIsaV4 ? v4_fn : v3_fn != nullptr && isa >= kIsaV3 ? v3_fn : base_fn;
   parallel_for_each((a.N + 3) / 4, 1, [&](int64_t bi) {
     const int64_t n0 = bi * 4;
     fn(a, n0, static_cast<int>(a.N - n0 < 4 ? a.N - n0 : 4));
@@ -97,9 +105,9 @@ void run_blocks(const Args& a, BlockFn base_fn, BlockFn v3_fn) {
 }
 
 #ifdef SPD_LINEAR_V3
-#define SPD_BLOCKS(kFmt) base::block_fn<kFmt>, v3::block_fn<kFmt>
+#define SPD_BLOCKS(kFmt) base::block_fn<kFmt>, v3::block_fn<kFmt>, v4::block_fn<kFmt>
 #else
-#define SPD_BLOCKS(kFmt) base::block_fn<kFmt>, nullptr
+#define SPD_BLOCKS(kFmt) base::block_fn<kFmt>, nullptr, nullptr
 #endif
 
 }  // namespace

@@ -414,6 +414,43 @@ def test_packed_linear_layout_errors_are_caught():
     assert not torch.equal(linear(x, rolled), linear(x, w))
 
 
+def _gguf_like(sd, g):
+    """A state dict with every matrix whose K is a multiple of 32 made of Q4_1 values (the LM head Q8_0), as
+    a GGUF checkpoint dequantised at load; other tensors unchanged."""
+    out = {}
+    for k, v in sd.items():
+        v = v.float()
+        if v.dim() == 2 and v.shape[1] % 32 == 0 and "embed" not in k:
+            v = _exact_weights("q8_0" if k == "lm_head.weight" else "q4_1", *v.shape, g)
+        out[k] = v
+    return out
+
+
+def test_packed_model_equals_unpacked_model():
+    """A model whose checkpoint holds GGUF block values runs packed by default (CPU fp32): its logits (prefill
+    and decode rows) and its greedy tokens, autoregressive and speculative, are the unpacked model's bit for bit."""
+    from spdkernels.runtime.linear import PackedWeight
+
+    cfg = random_config(num_layers=2, intermediate_size=128)
+    sd = _gguf_like(random_state_dict(cfg), torch.Generator().manual_seed(5))
+    packed, plain = LlamaModel(cfg, sd), LlamaModel(cfg, sd, packed=False)
+    assert packed.packed and not plain.packed
+    assert isinstance(packed.head_weight, PackedWeight) and packed.head_weight.format == "q8_0"
+    assert all(isinstance(getattr(L, n), PackedWeight) and getattr(L, n).format == "q4_1"
+               for L in packed.layers for n in ("w_qkv", "w_o", "w_gate_up", "w_down"))
+    assert torch.equal(packed.lm_head, plain.lm_head)  # the fp32 head stays for indexing
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 8, 41]
+    rows = list(range(len(prompt)))  # 20 rows: the skinny kernel; and 60 rows: F.linear on the dequantised weights
+    assert torch.equal(prefill_logits(packed, prompt, rows), prefill_logits(plain, prompt, rows))
+    assert torch.equal(prefill_logits(packed, prompt * 3, [59]), prefill_logits(plain, prompt * 3, [59]))
+    p = SamplingParams(max_new_tokens=24)
+    for prop in (None, NGramProposer(k=4, max_ngram=2)):
+        a = Engine(packed, prop).generate([Request(prompt, p)])[0][0].output_ids
+        b = Engine(plain, prop).generate([Request(prompt, p)])[0][0].output_ids
+        assert a == b and len(a) == 24
+    assert not LlamaModel(cfg, {k: v.double() for k, v in sd.items()}, dtype=torch.float64).packed
+
+
 def test_pack_exact_keeps_what_it_cannot_hold_exactly():
     """pack_exact only packs values it reproduces bit for bit: random fp32, non-finite values, a Q8_0 block
     whose largest |q| is not 127, K not a multiple of 32 for the block formats, non-fp32 or 1-D input come back

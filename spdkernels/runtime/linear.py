@@ -20,6 +20,7 @@ from spdkernels import _cpp
 SKINNY_MAX_ROWS = 48
 FORMATS = ("q4_1", "q8_0", "f16")  # smallest first
 BLOCK = 32  # Q8_0 / Q4_1 block length along K
+_CHUNK = 8192  # blocks per piece when packing
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,41 +88,47 @@ def _pack_f16(w: torch.Tensor) -> Optional[PackedWeight]:
 
 def _pack_q8_0(w: torch.Tensor) -> Optional[PackedWeight]:
     N, K = w.shape
-    b = w.view(N, K // BLOCK, BLOCK)
-    d = b.abs().amax(-1) / 127  # exact when the block's largest |q| is 127, as GGUF's quantiser makes it
-    q = torch.where(d.unsqueeze(-1) > 0, torch.round(b / d.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)),
-                    torch.zeros_like(b))
-    if q.abs().max() > 127 or not torch.equal(q * d.unsqueeze(-1), b):
-        return None
-    return PackedWeight("q8_0", q.to(torch.int8).view(N, K).contiguous(), d.contiguous(), None, (N, K))
+    b = w.reshape(-1, BLOCK)
+    B = b.shape[0]
+    data = torch.empty(B, BLOCK, dtype=torch.int8)
+    d_all = torch.empty(B, 1)
+    for i in range(0, B, _CHUNK):
+        c = b[i:i + _CHUNK]
+        d = c.abs().amax(1, keepdim=True) / 127  # exact when the block's largest |q| is 127, as GGUF makes it
+        q = torch.round(c / torch.where(d > 0, d, torch.ones_like(d)))
+        if q.abs().max() > 127 or not torch.equal(q * d, c):
+            return None
+        data[i:i + _CHUNK], d_all[i:i + _CHUNK] = q.to(torch.int8), d
+    return PackedWeight("q8_0", data.view(N, K), d_all.view(N, K // BLOCK), None, (N, K))
+
+
+def _q4_1_fit(b: torch.Tensor, m: torch.Tensor, d: torch.Tensor):
+    """Nibbles of blocks ``b [B, 32]`` for scales ``d`` and mins ``m`` ``[B, 1]``, and which blocks they
+    reproduce exactly."""
+    q = torch.round((b - m) / torch.where(d > 0, d, torch.ones_like(d)))
+    q = torch.where(d > 0, q, torch.zeros_like(q))
+    ok = ((q >= 0) & (q <= 15) & (q * d + m == b)).all(1)
+    return q, ok
 
 
 def _pack_q4_1(w: torch.Tensor) -> Optional[PackedWeight]:
     N, K = w.shape
-    b = w.view(N, K // BLOCK, BLOCK)
-    m = b.amin(-1, keepdim=True)
-    span = (b.amax(-1, keepdim=True) - m) / 15
-    # the scale is a binary16 value in GGUF's Q4_1 (so scale x q is exact in fp32): try the nearest three
-    s16 = span.half()
-    cands = [s16.float(), torch.nextafter(s16, torch.full_like(s16, float("inf"))).float(),
-             torch.nextafter(s16, torch.full_like(s16, -float("inf"))).float()]
-    best_q = torch.zeros_like(b)
-    best_d = torch.zeros_like(m)
-    done = torch.zeros_like(m, dtype=torch.bool)
-    for d in cands:
-        if not torch.isfinite(d).all():
-            continue
-        q = torch.where(d > 0, torch.round((b - m) / d.clamp_min(torch.finfo(torch.float32).tiny)), torch.zeros_like(b))
-        ok = ((q >= 0) & (q <= 15) & ((q * d + m) == b)).all(-1, keepdim=True) & ~done
-        best_q = torch.where(ok, q, best_q)
-        best_d = torch.where(ok, d, best_d)
-        done |= ok
-    if not bool(done.all()):
-        return None
-    qi = best_q.to(torch.uint8)  # [N, K / 32, 32]: byte i of a block holds weights i (low) and i + 16 (high)
-    data = (qi[..., :BLOCK // 2] | (qi[..., BLOCK // 2:] << 4)).view(N, K // 2).contiguous()
-    return PackedWeight("q4_1", data, best_d.view(N, K // BLOCK).contiguous(), m.view(N, K // BLOCK).contiguous(),
-                        (N, K))
+    b = w.reshape(-1, BLOCK)
+    B = b.shape[0]
+    data = torch.empty(B, BLOCK // 2, dtype=torch.uint8)
+    d_all, m_all = torch.empty(B, 1), torch.empty(B, 1)
+    for i in range(0, B, _CHUNK):  # in pieces that stay in cache (the temporaries of a whole matrix do not)
+        c = b[i:i + _CHUNK]
+        m = c.amin(1, keepdim=True)
+        # GGUF's Q4_1 scale is a binary16 value (so scale x q is exact in fp32): the one nearest to span / 15
+        d = ((c.amax(1, keepdim=True) - m) / 15).half().float()
+        q, ok = _q4_1_fit(c, m, d)
+        if not bool(ok.all()):
+            return None
+        qi = q.to(torch.uint8)  # byte i of a block holds weights i (low nibble) and i + 16 (high)
+        data[i:i + _CHUNK] = qi[:, :BLOCK // 2] | (qi[:, BLOCK // 2:] << 4)
+        d_all[i:i + _CHUNK], m_all[i:i + _CHUNK] = d, m
+    return PackedWeight("q4_1", data.view(N, K // 2), d_all.view(N, K // BLOCK), m_all.view(N, K // BLOCK), (N, K))
 
 
 def pack_exact(w: torch.Tensor, formats: Sequence[str] = FORMATS) -> Weight:
@@ -137,7 +144,10 @@ def pack_exact(w: torch.Tensor, formats: Sequence[str] = FORMATS) -> Weight:
     for f in formats:
         if f != "f16" and src.shape[1] % BLOCK:
             continue
-        p = {"f16": _pack_f16, "q8_0": _pack_q8_0, "q4_1": _pack_q4_1}[f](src)
+        pack = {"f16": _pack_f16, "q8_0": _pack_q8_0, "q4_1": _pack_q4_1}[f]
+        if src.shape[0] > 8 and pack(src[:8]) is None:  # most matrices that do not fit fail on any rows
+            continue
+        p = pack(src)
         if p is not None:
             return p
     return w

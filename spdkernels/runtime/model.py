@@ -18,7 +18,7 @@ from spdkernels import tree as tree_utils
 from spdkernels.ops.tree_attention import tree_attention
 
 from .kv_cache import PagedKVCache
-from .linear import linear
+from .linear import linear, pack_exact
 from .weights import LlamaConfig, ModelLoadError, layer_shapes
 
 
@@ -136,9 +136,14 @@ class LlamaModel:
     """Inference-only weights and forward. ``state_dict`` uses Hugging Face names and layouts."""
 
     def __init__(self, config: LlamaConfig, state_dict: Dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                 device="cpu", layers: Optional[Tuple[int, int]] = None, head: bool = True):
+                 device="cpu", layers: Optional[Tuple[int, int]] = None, head: bool = True, packed: bool = True):
         """``layers=(start, end)`` loads only decoder layers ``start .. end - 1`` (a pipeline stage: the
-        state dict needs only those); ``head=False`` skips the embedding, final norm and LM head."""
+        state dict needs only those); ``head=False`` skips the embedding, final norm and LM head.
+        ``packed`` (CPU fp32 only): hold each matrix that a compact format reproduces exactly in that format
+        (:func:`~spdkernels.runtime.linear.pack_exact`: a GGUF checkpoint's Q4_1 / Q8_0 blocks, fp16 values),
+        for the skinny GEMM to widen in registers: the same outputs bit for bit, 2-6x fewer weight bytes per
+        decoding step. ``lm_head`` and ``embed`` stay fp32 tensors (for indexing); the forward's head
+        product reads ``head_weight``."""
         self.config = c = config
         self.dtype, self.device = dtype, torch.device(device)
         start, end = (0, c.num_layers) if layers is None else layers
@@ -175,6 +180,14 @@ class LlamaModel:
             L.w_gate_up = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]).contiguous()
             L.w_down = w["mlp.down_proj.weight"]
             self.layers.append(L)
+        self.packed = packed and self.device.type == "cpu" and dtype == torch.float32
+        self.head_weight = self.lm_head
+        if self.packed:
+            for L in self.layers:
+                L.w_qkv, L.w_o = pack_exact(L.w_qkv), pack_exact(L.w_o)
+                L.w_gate_up, L.w_down = pack_exact(L.w_gate_up), pack_exact(L.w_down)
+            if self.lm_head is not None:
+                self.head_weight = pack_exact(self.lm_head)
         self._cos, self._sin = rope_tables(c, dtype, self.device)
         self.scale = c.head_dim ** -0.5
 
@@ -199,7 +212,7 @@ class LlamaModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``[T, hidden] -> [T, V]``."""
-        return linear(self._rms(h, self.norm), self.lm_head)
+        return linear(self._rms(h, self.norm), self.head_weight)
 
     def forward_layers(self, h: torch.Tensor, batch: Batch, cache: PagedKVCache, start: int = 0,
                        end: Optional[int] = None, taps: Iterable[int] = ()

@@ -229,7 +229,7 @@ class PipelineDraftModule:
         if int(torch.unique(self.vocab_ids).numel()) != cfg.draft_vocab:
             # a repeated id would be drawn with the summed probability but verified against one entry
             raise PDMError("vocab_ids: an id appears more than once")
-        self.tower = LlamaModel(cfg.tower_config(tc), weights, dtype=dt, device=dev, head=False)
+        self.tower = LlamaModel(cfg.tower_config(tc), weights, dtype=dt, device=dev, head=False, packed=packed)
         self.norm = target.norm
         if cfg.train_head:
             w = weights.get("head.weight")
@@ -244,10 +244,7 @@ class PipelineDraftModule:
             self.agg = [pack_exact(w) for w in self.agg]
             if self.shift_w is not None:
                 self.shift_w = [pack_exact(w) for w in self.shift_w]
-            self.head = pack_exact(self.head)
-            for L in self.tower.layers:
-                L.w_qkv, L.w_o = pack_exact(L.w_qkv), pack_exact(L.w_o)
-                L.w_gate_up, L.w_down = pack_exact(L.w_gate_up), pack_exact(L.w_down)
+            self.head = pack_exact(self.head)  # (the tower, a LlamaModel, packs its own matrices)
 
     def weight_formats(self) -> Dict[str, int]:
         """How many of the PDM's matrices are held in each format (``fp32`` or a packed one)."""

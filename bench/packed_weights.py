@@ -1,0 +1,108 @@
+"""Cost of one decoding forward on the embedded model with fp32 weights and with packed weights (the GGUF
+file's Q4_1 / Q8_0 blocks held as they are and widened in registers by the skinny GEMM, csrc/linear.cpp):
+T = 1 (autoregressive decoding) to 17 query tokens (verifying a draft) after a prompt of ``--context``
+tokens, the two models timed in turn (interleaved, one forward each, ``--repeats`` times; medians). Both
+models' logits are compared first: bit for bit equal, or the run fails.
+
+    python -m spdkernels.bench.packed_weights [--tokens 1 2 5 9 17] [--repeats 30] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spdkernels.bench.packed_weights", description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17], help="query tokens per forward")
+    ap.add_argument("--context", type=int, default=256, help="cached tokens before the query tokens")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.context < 1 or any(t < 1 or t > 48 for t in args.tokens):
+        print("error: --repeats and --context >= 1, --tokens in 1..48 (the skinny GEMM's rows)", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from spdkernels.runtime.linear import PackedWeight
+    from spdkernels.runtime.model import LlamaModel, build_batch
+    from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
+
+    ck = load_checkpoint(embedded_model_path())
+    c = ck.config
+    models = {"fp32": LlamaModel(ck.config, ck.state_dict, packed=False),
+              "packed": LlamaModel(ck.config, ck.state_dict)}
+
+    def weight_bytes(m):
+        mats = [m.head_weight] + [getattr(L, n) for L in m.layers for n in ("w_qkv", "w_o", "w_gate_up", "w_down")]
+        return sum(w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size() for w in mats)
+
+    formats = {}
+    for L in models["packed"].layers:
+        for n in ("w_qkv", "w_o", "w_gate_up", "w_down"):
+            w = getattr(L, n)
+            f = w.format if isinstance(w, PackedWeight) else "fp32"
+            formats[f] = formats.get(f, 0) + 1
+    head = models["packed"].head_weight
+    formats["head"] = head.format if isinstance(head, PackedWeight) else "fp32"
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, c.vocab_size, (args.context + max(args.tokens),), generator=g).tolist()
+    caches = {}
+    for name, m in models.items():
+        cache = m.new_cache(-(-(args.context + max(args.tokens)) // 16) + 1, 16)
+        cache.add(0)
+        m.forward(build_batch(cache, [0], [0], [list(range(args.context))], tokens=prompt[:args.context]), cache)
+        caches[name] = cache
+
+    def step(name, T):
+        m, cache = models[name], caches[name]
+        cache.set_length(0, args.context)
+        b = build_batch(cache, [0], [args.context], [list(range(args.context, args.context + T))],
+                        tokens=prompt[args.context:args.context + T])
+        t0 = time.perf_counter()
+        out = m.forward(b, cache)
+        return time.perf_counter() - t0, out
+
+    with torch.inference_mode():
+        for T in args.tokens:
+            _, a = step("fp32", T)
+            _, b = step("packed", T)
+            if not torch.equal(a, b):
+                print(f"error: packed logits differ from fp32 at T={T} by {float((a - b).abs().max()):.3g}",
+                      file=sys.stderr)
+                return 1
+        times = {(n, T): [] for n in models for T in args.tokens}
+        for _ in range(args.repeats):
+            for T in args.tokens:
+                for n in models:
+                    times[(n, T)].append(step(n, T)[0])
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = [dict(tokens=T, fp32_ms=med[("fp32", T)], packed_ms=med[("packed", T)],
+                 fp32_vs_T1=med[("fp32", T)] / med[("fp32", args.tokens[0])],
+                 packed_vs_T1=med[("packed", T)] / med[("packed", args.tokens[0])],
+                 packed_speedup=med[("fp32", T)] / med[("packed", T)]) for T in args.tokens]
+    out = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+               context=args.context, repeats=args.repeats, layer_formats=formats,
+               weight_mb={n: weight_bytes(m) / 1e6 for n, m in models.items()}, rows=rows)
+    print(f"embedded model, context {args.context}, {args.repeats} repeats (medians), {out['threads']} threads; "
+          f"layer matrices {formats}; weights read per forward: fp32 {out['weight_mb']['fp32']:.0f} MB, "
+          f"packed {out['weight_mb']['packed']:.0f} MB; logits bit for bit equal")
+    print(f"{'tokens':>6} {'fp32 ms':>9} {'packed ms':>10} {'fp32 /T1':>9} {'packed /T1':>11} {'packed speedup':>15}")
+    for r in rows:
+        print(f"{r['tokens']:>6} {r['fp32_ms']:>9.2f} {r['packed_ms']:>10.2f} {r['fp32_vs_T1']:>9.2f} "
+              f"{r['packed_vs_T1']:>11.2f} {r['packed_speedup']:>14.2f}x")
+    if args.json:
+        from spdkernels.runtime.files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
