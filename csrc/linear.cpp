@@ -4,17 +4,19 @@
 // Why: a verification forward multiplies a handful of token rows by every weight matrix, so it is bound
 // by reading the weights once. General BLAS kernels pack and tile for large M and, on this machine class,
 // read the weights at a few GB/s for 2 <= M <= 32. Here each block of 4 weight rows is streamed from
-// memory once and then reused from L1 for every token row (tiles of 4 weight rows x 2 token rows = 8
-// vector accumulators), so the cost stays near one pass over the weights until the FMAs become the limit.
-// Threads split N. Accumulation is in fp32 in a fixed order per output (8 lanes, then a horizontal sum):
-// the result does not depend on the number of threads.
+// memory once and then reused from L1 for every token row (tiles of 4 weight rows x 2 token rows of 8 lanes on
+// AVX2, 4 x 4 of 16 lanes on AVX-512), so the cost stays near one pass over the weights until the FMAs become the
+// limit. Threads split N. Accumulation is in fp32 in a fixed order per output (the lanes over k, then the lanes
+// summed as a fixed tree, then the K tail): the result depends neither on the number of threads nor on M.
 //
-// Compact weights (skinny_linear_packed): the same tiles read the weights in a smaller exact form and widen
-// 8 of them at a time in registers (fp16, or GGUF-style blocks of 32 along K: Q8_0 = int8 x scale, Q4_1 =
-// 4-bit x scale + min). Widening is exact (an fp16 value is an fp32 value; scale x int8 and scale x nibble
-// are exact products in fp32, and Q4_1 adds its min with one rounding, FMA or not), and the accumulation
-// order is the fp32 kernel's, so y is bit for bit what the fp32 kernel gives for the widened weights, with
-// 2x (fp16), ~3.8x (Q8_0) or ~6.4x (Q4_1) fewer bytes to stream.
+// Compact weights (skinny_linear_packed): each block of 4 weight rows is read in a smaller exact form (fp16, or
+// GGUF-style blocks of 32 along K: Q8_0 = int8 x scale, Q4_1 = 4-bit x scale + min) and widened once into a
+// per-thread fp32 buffer that the same fp32 tile then reads. Widening is exact given GGUF's binary16 scales: an
+// fp16 value is an fp32 value; scale x int8 is one rounded product (exact for a binary16 scale); scale x nibble
+// is exact for a binary16 scale, so Q4_1 adds its min with one rounding, FMA or not (with other fp32 scales the
+// AVX paths round scale x nibble + min once and the baseline path twice). The accumulation order is the fp32
+// kernel's, so y is bit for bit what the fp32 kernel gives for the widened weights, with 2x (fp16), ~3.8x (Q8_0)
+// or ~6.4x (Q4_1) fewer bytes to stream.
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

@@ -310,7 +310,9 @@ Tensor skinny_linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor&
 
 // The same product with compact exact weights (csrc/linear.cpp, spdkernels/runtime/linear.py PackedWeight):
 // format "f16" (weight float16 [N, K]), "q8_0" (weight int8 [N, K], scale float32 [N, K / 32]) or "q4_1"
-// (weight uint8 [N, K / 2], byte i of a block of 16 holds weight i low and i + 16 high; scale and min float32 [N, K / 32]).
+// (weight uint8 [N, K / 2], byte i of a block of 16 holds weight i low and i + 16 high; scale and min float32
+// [N, K / 32]; the scales binary16 values as in GGUF, which PackedWeight checks: with other scales the AVX paths
+// round scale x nibble + min once and the baseline path twice).
 Tensor skinny_linear_packed_cpu(const Tensor& x, c10::string_view format, const Tensor& weight, const OptTensor& scale,
                                 const OptTensor& min, const OptTensor& bias) {
   check_tensor(x, "x", 2, [](const Tensor& t) { return t.scalar_type() == at::kFloat; }, "float32");

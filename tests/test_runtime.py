@@ -365,11 +365,13 @@ def _exact_weights(fmt, N, K, g):
                     "(SPDKERNELS_SKIP_CPP); runtime.linear then is F.linear itself")
 @pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
 @pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_1"])
-@pytest.mark.parametrize("M,N,K", [(1, 7, 64), (2, 64, 96), (3, 130, 576), (8, 33, 1024), (48, 5, 32), (49, 9, 64)])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 64), (2, 64, 96), (3, 130, 576), (8, 33, 1024), (5, 6, 4128), (48, 5, 32),
+                                   (49, 9, 64)])
 def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
-    """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened in registers) give exactly the fp32 kernel's
-    output for the same values, on every instruction-set path (1-2 rows: one pass; more: a widened buffer;
-    > 48 rows: F.linear on the dequantised matrix), and f16 rows with a K tail."""
+    """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened into a per-thread fp32 buffer, on the stack up to
+    K = 4096, on the heap beyond) give exactly the fp32 kernel's output for the same values, on every
+    instruction-set path, and f16 rows with a K tail; > 48 rows go to F.linear on the dequantised matrix (which
+    checks dequantize())."""
     from spdkernels import _cpp
     from spdkernels.runtime.linear import PackedWeight, linear, pack_exact
 
@@ -477,6 +479,11 @@ def test_pack_exact_keeps_what_it_cannot_hold_exactly():
     assert pack_exact(q4).format == "q4_1" and pack_exact(q4, formats=("f16",)) is q4
     with pytest.raises(ValueError, match="formats"):
         pack_exact(q4, formats=("q5_k",))
+    p = pack_exact(q4)
+    with pytest.raises(ValueError, match="scale"):  # scale x nibble would round, differently per instruction set
+        PackedWeight("q4_1", p.data, p.scale + 1e-6, p.min, p.shape)
+    with pytest.raises(ValueError, match="format"):
+        PackedWeight("q5_k", p.data, p.scale, p.min, p.shape)
 
 
 @pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")

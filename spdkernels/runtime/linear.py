@@ -3,9 +3,11 @@ CPU inputs with few rows (decode, verification, drafting), ``torch.nn.functional
 
 ``w`` may be a :class:`PackedWeight`: the same fp32 values held in a smaller exact form (fp16, or blocks of
 32 along K as Q8_0 = int8 x scale or Q4_1 = 4-bit x scale + min, the layouts of GGUF checkpoints). The
-kernel widens them in registers and accumulates in the fp32 kernel's order, so ``linear(x, pack_exact(w))``
-equals ``linear(x, w)`` bit for bit while streaming 2-6x fewer bytes; :func:`pack_exact` only packs a
-matrix whose values it reproduces exactly."""
+kernel widens each block of 4 weight rows once into an fp32 buffer and accumulates in the fp32 kernel's order,
+so for a contiguous ``w`` ``linear(x, pack_exact(w))`` equals ``linear(x, w)`` bit for bit while streaming 2-6x
+fewer bytes; :func:`pack_exact` only packs a matrix whose values it reproduces exactly. With more than
+``SKINNY_MAX_ROWS`` rows (prefill) a packed matrix is dequantised for each call and multiplied by BLAS: the
+same result as the fp32 weights, at the cost of the dequantisation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,6 +37,13 @@ class PackedWeight:
     scale: Optional[torch.Tensor]
     min: Optional[torch.Tensor]
     shape: Tuple[int, int]
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format: expected one of {FORMATS}, got {self.format!r}")
+        if self.format == "q4_1" and self.scale is not None and not torch.equal(self.scale.half().float(), self.scale):
+            # scale x nibble must be exact in fp32 for every instruction-set path to widen the same weights
+            raise ValueError("scale: Q4_1 scales must be binary16 values (as in GGUF)")
 
     @property
     def dtype(self) -> torch.dtype:
