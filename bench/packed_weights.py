@@ -29,7 +29,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from spdkernels.runtime.linear import PackedWeight
+    from spdkernels.runtime.linear import PackedWeight, weight_formats
     from spdkernels.runtime.model import LlamaModel, build_batch
     from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
 
@@ -39,16 +39,11 @@ def main(argv=None) -> int:
               "packed": LlamaModel(ck.config, ck.state_dict)}
 
     def weight_bytes(m):
-        mats = [m.head_weight] + [getattr(L, n) for L in m.layers for n in ("w_qkv", "w_o", "w_gate_up", "w_down")]
-        return sum(w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size() for w in mats)
+        return sum(w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size() for w in m.matrices())
 
-    formats = {}
-    for L in models["packed"].layers:
-        for n in ("w_qkv", "w_o", "w_gate_up", "w_down"):
-            w = getattr(L, n)
-            f = w.format if isinstance(w, PackedWeight) else "fp32"
-            formats[f] = formats.get(f, 0) + 1
-    head = models["packed"].head_weight
+    packed = models["packed"]
+    formats = weight_formats(packed.matrices()[:-1])  # the layers'
+    head = packed.head_weight
     formats["head"] = head.format if isinstance(head, PackedWeight) else "fp32"
 
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ same result as the fp32 weights, at the cost of the dequantisation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,15 @@ def pack_exact(w: torch.Tensor, formats: Sequence[str] = FORMATS) -> Weight:
         if p is not None:
             return p
     return w
+
+
+def weight_formats(weights: Sequence[Weight]) -> Dict[str, int]:
+    """How many of ``weights`` are held in each format (``fp32`` for a plain tensor)."""
+    out: Dict[str, int] = {}
+    for w in weights:
+        f = w.format if isinstance(w, PackedWeight) else "fp32"
+        out[f] = out.get(f, 0) + 1
+    return out
 
 
 def linear(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -82,6 +82,7 @@ def build_batch(cache: PagedKVCache, rids: Sequence, starts: Sequence[int], posi
 
 class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down")
+    MATRICES = ("w_qkv", "w_o", "w_gate_up", "w_down")
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,7 +142,7 @@ class LlamaModel:
         state dict needs only those); ``head=False`` skips the embedding, final norm and LM head.
         ``packed`` (CPU fp32 only): hold each matrix that a compact format reproduces exactly in that format
         (:func:`~spdkernels.runtime.linear.pack_exact`: a GGUF checkpoint's Q4_1 / Q8_0 blocks, fp16 values),
-        for the skinny GEMM to widen in registers: the same outputs bit for bit, 2-6x fewer weight bytes per
+        which the skinny GEMM widens block by block: the same outputs bit for bit, 2-6x fewer weight bytes per
         decoding step. ``lm_head`` and ``embed`` stay fp32 tensors (for indexing); the forward's head
         product reads ``head_weight``."""
         self.config = c = config
@@ -184,8 +185,8 @@ class LlamaModel:
         self.head_weight = self.lm_head
         if self.packed:
             for L in self.layers:
-                L.w_qkv, L.w_o = pack_exact(L.w_qkv), pack_exact(L.w_o)
-                L.w_gate_up, L.w_down = pack_exact(L.w_gate_up), pack_exact(L.w_down)
+                for name in _Layer.MATRICES:
+                    setattr(L, name, pack_exact(getattr(L, name)))
             if self.lm_head is not None:
                 self.head_weight = pack_exact(self.lm_head)
         self._cos, self._sin = rope_tables(c, dtype, self.device)
@@ -194,6 +195,11 @@ class LlamaModel:
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
+
+    def matrices(self) -> List:
+        """Every weight matrix a forward multiplies by (tensors or packed): the layers', then the head's."""
+        out = [getattr(L, n) for L in self.layers for n in _Layer.MATRICES]
+        return out + ([self.head_weight] if self.head_weight is not None else [])
 
     def new_cache(self, num_blocks: int, block_size: int = 16, layers: Optional[Tuple[int, int]] = None,
                   scrub: bool = False) -> PagedKVCache:

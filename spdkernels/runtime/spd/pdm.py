@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..linear import Weight, linear, pack_exact
+from ..linear import linear, pack_exact, weight_formats
 from ..model import LlamaModel
 from ..weights import LlamaConfig, layer_shapes
 
@@ -185,8 +185,8 @@ class PipelineDraftModule:
 
     ``packed`` (CPU fp32 only): hold each matrix in the smallest exact compact form
     (:func:`~spdkernels.runtime.linear.pack_exact`: the shipped weights are fp16, a GGUF target's head rows
-    Q8_0), which the skinny GEMM reads widening in registers: the same logits bit for bit, fewer bytes per
-    forward (the PDM's cost is its weight traffic on a CPU)."""
+    Q8_0), which the skinny GEMM widens block by block: the same logits bit for bit, fewer bytes per forward
+    (much of the PDM's cost is its weight traffic on a CPU)."""
 
     def __init__(self, cfg: PDMConfig, weights: Dict[str, torch.Tensor], target: LlamaModel, packed: bool = True):
         tc = target.config
@@ -239,23 +239,16 @@ class PipelineDraftModule:
         else:
             self.head = target.lm_head[self.vocab_ids].contiguous()
         self.eps = tc.rms_norm_eps
-        self.packed = packed and dev.type == "cpu" and dt == torch.float32
+        self.packed = self.tower.packed  # (CPU fp32 only; the tower, a LlamaModel, packs its own matrices)
         if self.packed:
             self.agg = [pack_exact(w) for w in self.agg]
             if self.shift_w is not None:
                 self.shift_w = [pack_exact(w) for w in self.shift_w]
-            self.head = pack_exact(self.head)  # (the tower, a LlamaModel, packs its own matrices)
+            self.head = pack_exact(self.head)
 
     def weight_formats(self) -> Dict[str, int]:
         """How many of the PDM's matrices are held in each format (``fp32`` or a packed one)."""
-        mats: List[Weight] = list(self.agg) + list(self.shift_w or []) + [self.head]
-        for L in self.tower.layers:
-            mats += [L.w_qkv, L.w_o, L.w_gate_up, L.w_down]
-        out: Dict[str, int] = {}
-        for w in mats:
-            f = getattr(w, "format", "fp32")
-            out[f] = out.get(f, 0) + 1
-        return out
+        return weight_formats(list(self.agg) + list(self.shift_w or []) + [self.head] + self.tower.matrices())
 
     @property
     def num_layers(self) -> int:
