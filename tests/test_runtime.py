@@ -366,14 +366,20 @@ def _exact_weights(fmt, N, K, g):
 @pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
 @pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_1"])
 @pytest.mark.parametrize("M,N,K", [(1, 7, 64), (2, 64, 96), (3, 130, 576), (8, 33, 1024), (5, 6, 4128), (48, 5, 32),
-                                   (49, 9, 64)])
+                                   (49, 9, 64), (192, 6, 96), (193, 9, 64)])
 def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
     """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened into a per-thread fp32 buffer, on the stack up to
     K = 4096, on the heap beyond) give exactly the fp32 kernel's output for the same values, on every
-    instruction-set path, and f16 rows with a K tail; > 48 rows go to F.linear on the dequantised matrix (which
-    checks dequantize())."""
+    instruction-set path, and f16 rows with a K tail. Up to PACKED_MAX_ROWS rows that is the skinny kernel's
+    (fp32 weights leave it for BLAS above 48 rows: the comparison then calls the fp32 kernel itself); beyond,
+    F.linear on the dequantised matrix (which checks dequantize())."""
     from spdkernels import _cpp
-    from spdkernels.runtime.linear import PackedWeight, linear, pack_exact
+    from spdkernels.runtime.linear import PACKED_MAX_ROWS, SKINNY_MAX_ROWS, PackedWeight, linear, pack_exact
+
+    def fp32(x, w, b=None):  # the fp32 weights through the path the packed ones take at this row count
+        if SKINNY_MAX_ROWS < x.shape[0] <= PACKED_MAX_ROWS:
+            return torch.ops.spdkernels._cpu_skinny_linear.default(x, w, b)
+        return linear(x, w, b)
 
     if fmt == "f16" and K % 8 == 0:
         K += 5  # the f16 path has a scalar K tail; the block formats need K % 32 == 0
@@ -387,8 +393,8 @@ def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
     with contextlib.ExitStack() as stack:
         if isa != "best":
             stack.enter_context(_cpp.isa_cap(isa))
-        want, got = linear(x, w, b), linear(x, p, b)
-        want0, got0 = linear(x, w), linear(x, p)
+        want, got = fp32(x, w, b), linear(x, p, b)
+        want0, got0 = fp32(x, w), linear(x, p)
         rows = torch.tensor([N - 1, 0])
         sub = linear(x, p.index_rows(rows))
         sl = linear(x, p[1:N])
@@ -416,6 +422,26 @@ def test_packed_linear_layout_errors_are_caught():
     assert not torch.equal(linear(x, rolled), linear(x, w))
 
 
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+def test_packed_linear_rows_do_not_depend_on_the_batch():
+    """With packed weights every row's output is the same whether it is computed alone or among up to
+    PACKED_MAX_ROWS rows (the skinny kernel's fixed order, past the 48 rows where fp32 weights go to BLAS), so
+    a decoding batch of that many rows gives each request its batch-1 logits. A row in a batch of more rows
+    than that goes to BLAS, and is only close."""
+    from spdkernels.runtime.linear import PACKED_MAX_ROWS, linear, pack_exact
+
+    g = torch.Generator().manual_seed(11)
+    w = _exact_weights("q4_1", 37, 576, g)
+    p = pack_exact(w, formats=("q4_1",))
+    x = torch.randn(PACKED_MAX_ROWS + 8, 576, generator=g)
+    alone = torch.cat([linear(x[i:i + 1], p) for i in range(x.shape[0])])
+    for M in (2, 5, 49, 100, PACKED_MAX_ROWS):
+        assert torch.equal(linear(x[:M], p), alone[:M]), M
+        assert torch.equal(linear(x[x.shape[0] - M:], p), alone[x.shape[0] - M:]), M
+    big = linear(x, p)
+    torch.testing.assert_close(big, alone, rtol=0, atol=1e-5 * float(alone.abs().max()))
+
+
 def _gguf_like(sd, g):
     """A state dict with every matrix whose K is a multiple of 32 made of Q4_1 values (the LM head Q8_0), as
     a GGUF checkpoint dequantised at load; other tensors unchanged."""
@@ -430,7 +456,9 @@ def _gguf_like(sd, g):
 
 def test_packed_model_equals_unpacked_model():
     """A model whose checkpoint holds GGUF block values runs packed by default (CPU fp32): its logits (prefill
-    and decode rows) and its greedy tokens, autoregressive and speculative, are the unpacked model's bit for bit."""
+    and decode rows) and its greedy tokens, autoregressive and speculative, are the unpacked model's bit for bit
+    (up to 48 rows, where both run the skinny kernel, and past PACKED_MAX_ROWS, where both run BLAS on the same
+    values; in between the fp32 model runs BLAS and the packed one the skinny kernel: close, not equal)."""
     from spdkernels.runtime.linear import PackedWeight
 
     cfg = random_config(num_layers=2, intermediate_size=128)
@@ -442,9 +470,12 @@ def test_packed_model_equals_unpacked_model():
                for L in packed.layers for n in ("w_qkv", "w_o", "w_gate_up", "w_down"))
     assert torch.equal(packed.lm_head, plain.lm_head)  # the fp32 head stays for indexing
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 8, 41]
-    rows = list(range(len(prompt)))  # 20 rows: the skinny kernel; and 60 rows: F.linear on the dequantised weights
+    rows = list(range(len(prompt)))  # 20 rows: the skinny kernel for both
     assert torch.equal(prefill_logits(packed, prompt, rows), prefill_logits(plain, prompt, rows))
-    assert torch.equal(prefill_logits(packed, prompt * 3, [59]), prefill_logits(plain, prompt * 3, [59]))
+    long = prompt * 10  # 200 rows: BLAS for both (the packed model dequantises)
+    assert torch.equal(prefill_logits(packed, long, [199]), prefill_logits(plain, long, [199]))
+    a, b = prefill_logits(packed, prompt * 3, [59]), prefill_logits(plain, prompt * 3, [59])  # 60 rows
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
     p = SamplingParams(max_new_tokens=24)
     for prop in (None, NGramProposer(k=4, max_ngram=2)):
         a = Engine(packed, prop).generate([Request(prompt, p)])[0][0].output_ids

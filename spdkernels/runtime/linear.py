@@ -4,10 +4,13 @@ CPU inputs with few rows (decode, verification, drafting), ``torch.nn.functional
 ``w`` may be a :class:`PackedWeight`: the same fp32 values held in a smaller exact form (fp16, or blocks of
 32 along K as Q8_0 = int8 x scale or Q4_1 = 4-bit x scale + min, the layouts of GGUF checkpoints). The
 kernel widens each block of 4 weight rows once into an fp32 buffer and accumulates in the fp32 kernel's order,
-so for a contiguous ``w`` ``linear(x, pack_exact(w))`` equals ``linear(x, w)`` bit for bit while streaming 2-6x
-fewer bytes; :func:`pack_exact` only packs a matrix whose values it reproduces exactly. With more than
-``SKINNY_MAX_ROWS`` rows (prefill) a packed matrix is dequantised for each call and multiplied by BLAS: the
-same result as the fp32 weights, at the cost of the dequantisation."""
+so for a contiguous ``w`` and up to ``SKINNY_MAX_ROWS`` rows ``linear(x, pack_exact(w))`` equals ``linear(x, w)``
+bit for bit while streaming 2-6x fewer bytes; :func:`pack_exact` only packs a matrix whose values it reproduces
+exactly. Packed weights stay in the skinny GEMM up to ``PACKED_MAX_ROWS`` rows (fp32 weights go to BLAS above
+``SKINNY_MAX_ROWS``; a packed matrix would first have to be dequantised, which costs more than the skinny
+GEMM's lower peak up to ~200 rows), so each row's result is the fp32 kernel's, whatever the other rows, up to
+that many rows. Beyond it (long prefills) the matrix is dequantised for each call and multiplied by BLAS, as
+``F.linear`` on the fp32 values."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +21,12 @@ import torch.nn.functional as F
 
 from spdkernels import _cpp
 
-# Above this many rows (prefill), BLAS's blocked GEMM wins.
+# Above this many rows, BLAS's blocked GEMM wins over the skinny GEMM on fp32 weights.
 SKINNY_MAX_ROWS = 48
+# Above this many rows, dequantising a packed matrix for BLAS wins (measured on AVX-512: a [3072, 576] Q4_1
+# matrix, 2 threads, costs 1.9x less in the skinny GEMM at 64 rows, 1.06x at 192, 0.97x at 224; other layer
+# shapes cross between 224 and 256).
+PACKED_MAX_ROWS = 192
 FORMATS = ("q4_1", "q8_0", "f16")  # smallest first
 BLOCK = 32  # Q8_0 / Q4_1 block length along K
 _CHUNK = 8192  # blocks per piece when packing
@@ -174,9 +181,10 @@ def weight_formats(weights: Sequence[Weight]) -> Dict[str, int]:
 def linear(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x [M, K] @ w[N, K]^T (+ b)``."""
     M = x.shape[0]
-    skinny = (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and M <= SKINNY_MAX_ROWS
-              and not x.requires_grad and _cpp.load())
-    if isinstance(w, PackedWeight):
+    packed = isinstance(w, PackedWeight)
+    skinny = (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+              and M <= (PACKED_MAX_ROWS if packed else SKINNY_MAX_ROWS) and not x.requires_grad and _cpp.load())
+    if packed:
         if not skinny:
             return F.linear(x, w.dequantize(), b)
         return torch.ops.spdkernels._cpu_skinny_linear_packed.default(x, w.format, w.data, w.scale, w.min, b)
