@@ -110,6 +110,31 @@ def test_cli_sampling_seeds_fresh_unless_given(tmp_path):
     assert [(r["seed"], r["output_ids"]) for r in e] == [(r["seed"], r["output_ids"]) for r in c]
 
 
+def test_cli_weights_fp32_or_packed(tmp_path, capsys):
+    """--weights packed (the default on CPU fp32) keeps the GGUF file's Q4_1 / Q8_0 blocks, --weights fp32 expands
+    them; one decoding row per forward gives the same tokens either way (the logits are equal bit for bit), for
+    the plain engine and for SPD with the shipped PDM (packed with its target, or not); a bad value exits 2."""
+    import json
+
+    def run(*extra):
+        out = tmp_path / "g.json"
+        assert cli_main(["generate", "--prompt", "Name three colours.", "--max-tokens", "8", "--json", str(out),
+                         "--no-progress", *extra]) == 0
+        d = json.loads(out.read_text())
+        return d["weights"], [r["output_ids"] for r in d["results"]]
+
+    wp, ids = run()
+    assert wp == {"q4_1": 120, "q8_0": 1}
+    wf, ids_fp32 = run("--weights", "fp32")
+    assert wf == {"fp32": 121} and ids_fp32 == ids
+    for w in ("packed", "fp32"):
+        assert run("--proposer", "spd", "--stages", "2", "--weights", w)[1] == ids
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["generate", "--prompt", "hi", "--weights", "q4"])
+    assert e.value.code == 2 and "--weights" in capsys.readouterr().err
+
+
 def test_shipped_pdm_spd_and_proposer_equal_autoregressive(ck, model):
     """The PDM shipped for the embedded model loads (its target hash matches), and greedy SPD at n=4 and
     the PDM proposer give our autoregressive tokens (a divergence only at a near-tie) with drafts accepted."""

@@ -103,6 +103,7 @@ class PipelineSpec:
     threads: int = 1
     timeout_s: float = 5.0
     model_source: Optional[str] = None  # torchrun workers load the checkpoint from here (None: embedded)
+    packed: bool = True  # LlamaModel(packed=...): CPU fp32 stages keep compact exact weights
     fault: Optional[Dict] = None  # tests: {"rank", "kind": die|hang|cycle, "cycle", "seconds"}
 
     @property
@@ -256,7 +257,7 @@ class _StageWorker:
         s = self.s
         self.first, self.last = s == 0, s == spec.n - 1
         self.model = LlamaModel(spec.config, weights, dtype=spec.torch_dtype, device=device,
-                                layers=spec.stages[s], head=False)
+                                layers=spec.stages[s], head=False, packed=spec.packed)
         self.embed = (weights["model.embed_tokens.weight"].to(device, spec.torch_dtype).contiguous()
                       if self.first else None)
         self.taps = spec.stage_taps[s]
@@ -585,7 +586,8 @@ class DistributedSPD(SPDEngine):
     def __init__(self, config: LlamaConfig, state_dict: Dict[str, torch.Tensor], pdm: PipelineDraftModule, n: int,
                  tokenizer=None, eos_token_ids: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32,
                  block_size: int = 16, backend: str = "gloo", threads: Optional[int] = None, timeout_s: float = 5.0,
-                 debug: bool = False, model_source: Optional[str] = None, fault: Optional[Dict] = None, lookup=None):
+                 debug: bool = False, model_source: Optional[str] = None, fault: Optional[Dict] = None, lookup=None,
+                 packed: bool = True):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
         if threads is not None and threads < 1:
@@ -594,14 +596,15 @@ class DistributedSPD(SPDEngine):
         if backend == "nccl":
             check_nccl_devices(n)  # before anything lands on a GPU
         self.rank0_device = torch.device("cuda", _local_rank(0)) if backend == "nccl" else torch.device("cpu")
-        head = LlamaModel(config, state_dict, dtype=dtype, device=self.rank0_device, layers=(0, 0), head=True)
+        head = LlamaModel(config, state_dict, dtype=dtype, device=self.rank0_device, layers=(0, 0), head=True,
+                          packed=packed)
         super().__init__(head, pdm, n, tokenizer=tokenizer, eos_token_ids=eos_token_ids, block_size=block_size,
                          debug=debug, lookup=lookup)  # (the lookup drafts on rank 0, where the tokens are)
         self.state_dict = state_dict
         self.spec = PipelineSpec(n=n, config=config, stages=self.stages, stage_taps=self.stage_taps,
                                  dtype=str(dtype).replace("torch.", ""), block_size=block_size, backend=backend,
                                  threads=threads or default_threads(n), timeout_s=float(timeout_s),
-                                 model_source=model_source, fault=fault)
+                                 model_source=model_source, fault=fault, packed=packed)
         self.link: Optional[_Link] = None
         self.procs: List = []
         self.store = None

@@ -500,12 +500,13 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
               anchors: Optional[Sequence[int]] = None, num_prompts: int = 1800, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
               progress: bool = True, log=print, anchor_norm: bool = False, device="cpu", shift: bool = True,
-              gen_batch: int = 128, self_fraction: float = 0.0) -> Dict:
+              gen_batch: int = 128, self_fraction: float = 0.0, packed: bool = True) -> Dict:
     """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
     held-out evaluation, and the PDM written to ``out`` with ``train_log.json`` and ``heldout.json``.
     Everything runs on ``device``: the text is generated (and its anchor states recorded) by the runtime's
     engine there, with ``gen_batch`` requests in flight; ``self_fraction`` of the first-round prompts are
-    written by the target itself (:func:`~.data.self_prompts`)."""
+    written by the target itself (:func:`~.data.self_prompts`); ``packed``: the target's ``LlamaModel`` option
+    (CPU fp32: compact exact weights)."""
     from ..files import write_atomic, write_text_atomic
     from .data import (
         CorpusError,
@@ -524,7 +525,7 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     if not 0.0 <= self_fraction <= 1.0:
         raise ValueError(f"self_fraction: expected a fraction in [0, 1], got {self_fraction}")
     st = settings or TrainSettings()
-    target = LlamaModel(ck.config, ck.state_dict, device=device)
+    target = LlamaModel(ck.config, ck.state_dict, device=device, packed=packed)
     L = target.num_layers
     anchors = list(anchors) if anchors is not None else stage_bounds_union(L, (stages,))
     if anchors[-1] != L:
