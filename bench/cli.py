@@ -24,6 +24,7 @@ from typing import Dict, List
 import torch
 
 import spdkernels
+from spdkernels.runtime.files import save_figure_atomic, write_text_atomic
 
 from . import timing
 from .registry import load_all
@@ -164,8 +165,7 @@ def plot(rows: List[Dict], env: Dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             env = timing.environment(device)
-            args.json.write_text(json.dumps({"environment": env, "shape_set": args.shapes, "rows": [],
+            write_text_atomic(args.json, json.dumps({"environment": env, "shape_set": args.shapes, "rows": [],
                                              "nki_model": model}, indent=1))
             print(f"# wrote {args.json}")
         return 0
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
               f" between repeats; validation off; '% copy BW' = achieved GB/s / copy GB/s (read+write) measured above")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "shape_set": args.shapes, "rows": rows,
+        write_text_atomic(args.json, json.dumps({"environment": env, "shape_set": args.shapes, "rows": rows,
                                          "nki_model": model}, indent=1))
         print(f"# wrote {args.json}")
     if args.plot:

@@ -329,8 +329,9 @@ def write_markdown(rows, path: Path, elapsed: float, quick: bool = False) -> Non
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['context'].split(' ')[1]} | {r['arch']} "
                      f"| {r['num_warps']}{cap} | {cx} | {r['regs']} | {r['spills']} | {r['smem']} "
                      f"| {r['verdict'] or 'ok'} |")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    from spdkernels.runtime.files import write_text_atomic  # (after the environment above is set)
+
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -364,7 +365,9 @@ def main(argv=None) -> int:
     if args.only is None:
         write_markdown(rows, Path(args.md), elapsed, args.quick)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+        from spdkernels.runtime.files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(rows, indent=1, default=str))
     print(f"{len(rows)} compiled in {elapsed:.0f} s: {failed} failed", flush=True)
     return 1 if failed else 0
 

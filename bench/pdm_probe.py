@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from spdkernels.runtime.files import write_text_atomic
+
 
 def load_net(pdm_dir: str, target):
     """A :class:`PDMNet` holding the weights of a saved PDM (fp32)."""
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
                recent6=score("pipeline", 4, 0, lambda d: d < 6))
     print(json.dumps(dict(pdm=args.pdm, windows=len(wins), top1=out), indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(pdm=args.pdm, windows=len(wins), top1=out), indent=1))
+        write_text_atomic(args.json, json.dumps(dict(pdm=args.pdm, windows=len(wins), top1=out), indent=1))
     return 0
 
 

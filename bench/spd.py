@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from spdkernels.runtime.files import save_figure_atomic, write_text_atomic
+
 # "Speculative Pipeline Decoding" (arXiv 2605.30852), Qwen3.5-4B, T=0: n -> (draft layers, equivalent speedup)
 PAPER = {4: (4, 2.64), 8: (3, 3.39), 16: (2, 3.70)}
 
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
                paper={str(k): dict(draft_layers=v[0], equivalent_speedup=v[1]) for k, v in PAPER.items()})
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_text_atomic(args.json, json.dumps(out, indent=1))
     if args.plot:
         plot(out, args.plot)
     return 0 if all(r["identical"].split("/")[0] == r["identical"].split("/")[1] for r in rows) else 1
@@ -218,8 +220,7 @@ def plot(out, path: str) -> None:
     fig.suptitle(f"Speculative Pipeline Decoding, greedy, {out['prompts']} prompts x {out['max_new_tokens']} tokens "
                  f"(commit {out['commit']})")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 

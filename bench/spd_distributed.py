@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from spdkernels.runtime.files import write_text_atomic
+
 
 def merge(ms):
     """Sum per-prompt :class:`DistSPDRunMetrics` (lists element-wise; the ping round trip averaged)."""
@@ -131,12 +133,12 @@ def main(argv=None) -> int:
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(commit=_commit(), command=cmd, cores=cores,
+        write_text_atomic(args.json, json.dumps(dict(commit=_commit(), command=cmd, cores=cores,
                                                    machine=platform.processor() or platform.machine(),
                                                    max_new_tokens=args.max_tokens, prompts=len(prompts),
                                                    ar_tokens_per_s={str(k): v for k, v in ar_tps.items()},
                                                    rows=rows, text=text), indent=1))
-        Path(args.json).with_suffix(".txt").write_text(text + "\n")
+        write_text_atomic(Path(args.json).with_suffix(".txt"), text + "\n")
     return 0 if all(v == len(prompts) for v in identical.values()) else 1
 
 

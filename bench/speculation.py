@@ -14,6 +14,8 @@ import json
 import platform
 import sys
 
+from spdkernels.runtime.files import write_text_atomic
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spdkernels.bench.speculation", description=__doc__.split("\n")[0])
@@ -71,9 +73,9 @@ def main(argv=None) -> int:
         print(f"{r['run']:32s}  {r['batch']:5d}  {r['tokens_per_s']:5.1f}  {r['speedup']:6.2f}x  "
               f"{r['drafted_per_step']:10.2f}  {r['acceptance']:6.2f}  {r['identical']}/{len(prompts)}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                           torch=torch.__version__, max_tokens=args.max_tokens, rows=rows), f, indent=1)
+        write_text_atomic(args.json, json.dumps(dict(machine=platform.processor() or platform.machine(),
+                                                     threads=torch.get_num_threads(), torch=torch.__version__,
+                                                     max_tokens=args.max_tokens, rows=rows), indent=1))
     return 0
 
 

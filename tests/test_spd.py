@@ -616,6 +616,32 @@ def test_atomic_writes_leave_the_old_file_or_none(tmp_path):
     assert not (tmp_path / "new.json").exists() and sorted(x.name for x in tmp_path.iterdir()) == ["sub"]
 
 
+def test_figures_are_written_atomically(tmp_path):
+    """Plots (demo, spd-bench, bench/spd.py) go through save_figure_atomic: a whole PNG (or SVG by suffix) under
+    the final name, and a figure that fails to render leaves the previous file and no temporary one."""
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plots (installed with the package's bench extra)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spdkernels.runtime.files import save_figure_atomic
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    p = tmp_path / "plot.png"
+    save_figure_atomic(fig, p)
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save_figure_atomic(fig, tmp_path / "plot.svg")
+    assert b"<svg" in (tmp_path / "plot.svg").read_bytes()[:400]
+    old = p.read_bytes()
+    ax.set_title("$\\frac{$")  # mathtext that cannot be parsed: rendering raises
+    with pytest.raises(ValueError):
+        save_figure_atomic(fig, p)
+    plt.close(fig)
+    assert p.read_bytes() == old and sorted(x.name for x in tmp_path.iterdir()) == ["plot.png", "plot.svg"]
+
+
 def _umask():
     import os
 

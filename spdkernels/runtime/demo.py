@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .engine import Engine, Request, SamplingParams
-from .files import write_text_atomic
+from .files import save_figure_atomic, write_text_atomic
 from .model import LlamaModel, prefill_logits
 from .proposers import EarlyExitProposer, NGramProposer, Proposer, UnionProposer
 from .speculation import AdaptiveSpeculation
@@ -343,6 +342,5 @@ def plot(runs: Dict[str, Dict], path: str) -> None:
     ax.set_title("spdkernels demo: speculative vs autoregressive decoding")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path)
     plt.close(fig)

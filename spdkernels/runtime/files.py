@@ -72,3 +72,9 @@ def _umask() -> int:
 def write_text_atomic(path: PathLike, text: str) -> Path:
     """:func:`write_atomic` for text (UTF-8)."""
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_figure_atomic(fig, path: PathLike, dpi: int = 110) -> Path:
+    """:func:`write_atomic` for a matplotlib figure (the format from the file name's suffix, PNG without one)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
