@@ -23,8 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spdkernels.runtime.files import write_text_atomic
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -121,9 +119,12 @@ def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
         ok = "ok" if r["old_check"] == r["new_check"] == ["ok"] else f"{r['old_check']} / {r['new_check']}"
         print(f"{r['op']:17} {r['case']:40} {r['backend']:14} {r['old_ms']:9.4f} {r['new_ms']:9.4f} "
               f"{r['ratio_new_old']:8.3f} {100 * r['old_copy_bw']:7.0f}% {100 * r['new_copy_bw']:7.0f}%  {ok}")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(dict(old=old_rev, new=new_rev, rounds=args.rounds,
-                                                   repeats=args.repeats, rows=table), indent=1) + "\n")
+    if args.json:  # written whole, then renamed (this driver does not import spdkernels: no runtime.files)
+        out = Path(args.json)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(old=old_rev, new=new_rev, rounds=args.rounds, repeats=args.repeats,
+                                       rows=table), indent=1) + "\n")
+        os.replace(tmp, out)
     return 0
 
 

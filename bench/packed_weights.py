@@ -3,9 +3,10 @@ file's Q4_1 / Q8_0 blocks held as they are and widened in registers by the skinn
 T = 1 (autoregressive decoding) to 17 query tokens (verifying a draft), and 64 / 128 rows (a decoding batch or a
 prefill chunk), after a prompt of ``--context`` tokens, the two models timed in turn (interleaved, one forward
 each, ``--repeats`` times; medians), with op validation off (the engine's setting). Both models' logits are
-compared first: bit for bit equal where both take the same path (up to 48 rows the skinny GEMM, beyond
-``PACKED_MAX_ROWS`` BLAS), within fp32 summation-order error in between (fp32 weights go to BLAS above 48 rows,
-packed ones stay in the skinny GEMM); otherwise the run fails.
+compared first: bit for bit equal where both took the same path for the query rows and for the ``--context``
+rows of the cached prompt (up to 48 rows the skinny GEMM, beyond ``packed_max_rows()`` BLAS), within fp32
+summation-order error otherwise (fp32 weights go to BLAS above 48 rows, packed ones stay in the skinny GEMM);
+else the run fails.
 
     python -m spdkernels.bench.packed_weights [--tokens 1 2 5 9 17 64 128] [--repeats 30] [--json out.json]
 """
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     import torch
 
     import spdkernels
-    from spdkernels.runtime.linear import PACKED_MAX_ROWS, SKINNY_MAX_ROWS, PackedWeight, weight_formats
+    from spdkernels.runtime.linear import SKINNY_MAX_ROWS, PackedWeight, packed_max_rows, weight_formats
     from spdkernels.runtime.model import LlamaModel, build_batch
     from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
             _, a = step("fp32", T)
             _, b = step("packed", T)
             diffs[T] = float((a - b).abs().max())
-            same_path = T <= SKINNY_MAX_ROWS or T > PACKED_MAX_ROWS
+            same_path = all(n <= SKINNY_MAX_ROWS or n > packed_max_rows() for n in (T, args.context))
             if (not torch.equal(a, b)) if same_path else diffs[T] > 1e-4 * float(a.abs().max()):
                 print(f"error: packed logits differ from fp32 at T={T} by {diffs[T]:.3g}", file=sys.stderr)
                 return 1
@@ -96,8 +97,8 @@ def main(argv=None) -> int:
                weight_mb={n: weight_bytes(m) / 1e6 for n, m in models.items()}, rows=rows)
     print(f"embedded model, context {args.context}, {args.repeats} repeats (medians), {out['threads']} threads; "
           f"layer matrices {formats}; weights read per forward: fp32 {out['weight_mb']['fp32']:.0f} MB, "
-          f"packed {out['weight_mb']['packed']:.0f} MB; op validation off; logits bit for bit equal up to "
-          f"{SKINNY_MAX_ROWS} and above {PACKED_MAX_ROWS} tokens")
+          f"packed {out['weight_mb']['packed']:.0f} MB; op validation off; logits bit for bit equal where both "
+          f"models take the same path (<= {SKINNY_MAX_ROWS} or > {packed_max_rows()} rows, query and prompt)")
     print(f"{'tokens':>6} {'fp32 ms':>9} {'packed ms':>10} {'fp32 /T1':>9} {'packed /T1':>11} {'packed speedup':>15} "
           f"{'max |logit diff|':>17}")
     for r in rows:

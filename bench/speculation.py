@@ -2,8 +2,8 @@
 depth, and the same proposer under :class:`spdkernels.runtime.AdaptiveSpeculation`, at batch 1 (each prompt
 alone) and batch N (the whole suite decoded together), greedy. Each run's outputs are compared with the
 autoregressive run of the same batch size (``identical``; the demo, ``spdkernels demo``, is where a
-divergence is checked for a near-tie: with more than 48 rows per forward, batched verification runs
-through BLAS, whose summation order differs).
+divergence is checked for a near-tie: a batched forward of more rows than the skinny GEMM takes, 48 with fp32
+weights and ``PACKED_MAX_ROWS`` with packed ones, runs through BLAS, whose summation order differs).
 
     python -m spdkernels.bench.speculation [--max-tokens 64] [--k 8] [--json out.json]
 """

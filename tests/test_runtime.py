@@ -366,18 +366,19 @@ def _exact_weights(fmt, N, K, g):
 @pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
 @pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_1"])
 @pytest.mark.parametrize("M,N,K", [(1, 7, 64), (2, 64, 96), (3, 130, 576), (8, 33, 1024), (5, 6, 4128), (48, 5, 32),
-                                   (49, 9, 64), (192, 6, 96), (193, 9, 64)])
+                                   (49, 9, 64), (96, 5, 64), (97, 5, 64), (192, 6, 96), (193, 9, 64)])
 def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
     """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened into a per-thread fp32 buffer, on the stack up to
     K = 4096, on the heap beyond) give exactly the fp32 kernel's output for the same values, on every
-    instruction-set path, and f16 rows with a K tail. Up to PACKED_MAX_ROWS rows that is the skinny kernel's
-    (fp32 weights leave it for BLAS above 48 rows: the comparison then calls the fp32 kernel itself); beyond,
-    F.linear on the dequantised matrix (which checks dequantize())."""
+    instruction-set path, and f16 rows with a K tail. Up to packed_max_rows() rows (192 on AVX-512, 96 on AVX2,
+    48 on baseline x86-64) that is the skinny kernel's (fp32 weights leave it for BLAS above 48 rows: the
+    comparison then calls the fp32 kernel itself); beyond, F.linear on the dequantised matrix (which checks
+    dequantize())."""
     from spdkernels import _cpp
-    from spdkernels.runtime.linear import PACKED_MAX_ROWS, SKINNY_MAX_ROWS, PackedWeight, linear, pack_exact
+    from spdkernels.runtime.linear import SKINNY_MAX_ROWS, PackedWeight, linear, pack_exact, packed_max_rows
 
-    def fp32(x, w, b=None):  # the fp32 weights through the path the packed ones take at this row count
-        if SKINNY_MAX_ROWS < x.shape[0] <= PACKED_MAX_ROWS:
+    def fp32(x, w, b=None):  # the fp32 weights through the path the packed ones take at this row count (and ISA)
+        if SKINNY_MAX_ROWS < x.shape[0] <= packed_max_rows():
             return torch.ops.spdkernels._cpu_skinny_linear.default(x, w, b)
         return linear(x, w, b)
 
@@ -423,22 +424,28 @@ def test_packed_linear_layout_errors_are_caught():
 
 
 @pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
-def test_packed_linear_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
+def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
     """With packed weights every row's output is the same whether it is computed alone or among up to
-    PACKED_MAX_ROWS rows (the skinny kernel's fixed order, past the 48 rows where fp32 weights go to BLAS), so
-    a decoding batch of that many rows gives each request its batch-1 logits. A row in a batch of more rows
-    than that goes to BLAS, and is only close."""
-    from spdkernels.runtime.linear import PACKED_MAX_ROWS, linear, pack_exact
+    packed_max_rows() rows (the skinny kernel's fixed order, past the 48 rows where fp32 weights go to BLAS: 192
+    on AVX-512, 96 on AVX2), so a decoding batch of that many rows gives each request its batch-1 logits. A row in
+    a batch of more rows than that goes to BLAS, and is only close."""
+    from spdkernels import _cpp
+    from spdkernels.runtime.linear import linear, pack_exact, packed_max_rows
 
     g = torch.Generator().manual_seed(11)
     w = _exact_weights("q4_1", 37, 576, g)
     p = pack_exact(w, formats=("q4_1",))
-    x = torch.randn(PACKED_MAX_ROWS + 8, 576, generator=g)
-    alone = torch.cat([linear(x[i:i + 1], p) for i in range(x.shape[0])])
-    for M in (2, 5, 49, 100, PACKED_MAX_ROWS):
-        assert torch.equal(linear(x[:M], p), alone[:M]), M
-        assert torch.equal(linear(x[x.shape[0] - M:], p), alone[x.shape[0] - M:]), M
-    big = linear(x, p)
+    with contextlib.ExitStack() as stack:
+        if isa != "best":
+            stack.enter_context(_cpp.isa_cap(isa))
+        top = packed_max_rows()
+        x = torch.randn(top + 8, 576, generator=g)
+        alone = torch.cat([linear(x[i:i + 1], p) for i in range(x.shape[0])])
+        for M in sorted({2, 5, min(49, top), min(90, top), top}):
+            assert torch.equal(linear(x[:M], p), alone[:M]), M
+            assert torch.equal(linear(x[x.shape[0] - M:], p), alone[x.shape[0] - M:]), M
+        big = linear(x, p)
     torch.testing.assert_close(big, alone, rtol=0, atol=1e-5 * float(alone.abs().max()))
 
 
@@ -457,8 +464,8 @@ def _gguf_like(sd, g):
 def test_packed_model_equals_unpacked_model():
     """A model whose checkpoint holds GGUF block values runs packed by default (CPU fp32): its logits (prefill
     and decode rows) and its greedy tokens, autoregressive and speculative, are the unpacked model's bit for bit
-    (up to 48 rows, where both run the skinny kernel, and past PACKED_MAX_ROWS, where both run BLAS on the same
-    values; in between the fp32 model runs BLAS and the packed one the skinny kernel: close, not equal)."""
+    (up to 48 rows, where both run the skinny kernel, and past packed_max_rows(), where both run BLAS on the
+    same values; in between the fp32 model runs BLAS and the packed one the skinny kernel: close, not equal)."""
     from spdkernels.runtime.linear import PackedWeight
 
     cfg = random_config(num_layers=2, intermediate_size=128)

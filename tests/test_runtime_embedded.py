@@ -121,6 +121,7 @@ def test_cli_weights_fp32_or_packed(tmp_path, capsys):
         assert cli_main(["generate", "--prompt", "Name three colours.", "--max-tokens", "8", "--json", str(out),
                          "--no-progress", *extra]) == 0
         d = json.loads(out.read_text())
+        assert d["weights_option"] == ("fp32" if "fp32" in extra else "packed")
         return d["weights"], [r["output_ids"] for r in d["results"]]
 
     wp, ids = run()

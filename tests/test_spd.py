@@ -839,6 +839,7 @@ def test_corpus_settings_follow_the_tokenizer_template_and_eos():
     assert corpus_settings(tok, [5]) != base
     assert corpus_settings(tok, [5, 17], 0.4) != base and corpus_settings(tok, [5, 17], 0.0) == base
     assert corpus_settings(_ByteTokenizer(), [5, 17]) != base  # another chat template
+    assert corpus_settings(tok, [5, 17], packed=True) != base  # text of packed weights is cached apart
 
 
 def test_trained_corpus_and_held_out_windows(tmp_path):

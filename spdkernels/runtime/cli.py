@@ -345,7 +345,8 @@ def cmd_generate(args) -> int:
     if args.json:
         from .linear import weight_formats
 
-        out = dict(model=ck.source, weights=weight_formats(model.matrices()), proposer=desc, metrics=m.as_dict(),
+        out = dict(model=ck.source, weights_option=args.weights, weights=weight_formats(model.matrices()),
+                   proposer=desc, metrics=m.as_dict(),
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,
                                  acceptance_rate=r.metrics.acceptance_rate,
                                  mean_accepted_length=r.metrics.mean_accepted_length) for r in results])
@@ -399,7 +400,7 @@ def _generate_distributed(args) -> int:
         print(f"--- lookup drafts {m.lookup_accepted}/{m.lookup_drafted} accepted, PDM drafts "
               f"{m.accepted - m.lookup_accepted}/{m.drafted - m.lookup_drafted}")
     if args.json:
-        out = dict(model=ck.source, proposer=eng.describe(), metrics=m.as_dict(),
+        out = dict(model=ck.source, weights_option=args.weights, proposer=eng.describe(), metrics=m.as_dict(),
                    results=[dict(text=r.text, output_ids=r.output_ids, finish_reason=r.finish_reason, seed=r.seed,
                                  acceptance_rate=r.metrics.acceptance_rate) for r in results])
         write_text_atomic(args.json, json.dumps(out, indent=1))

@@ -15,6 +15,7 @@ import torch
 
 from .engine import Engine, Request, SamplingParams
 from .files import save_figure_atomic, write_text_atomic
+from .linear import weight_formats
 from .model import LlamaModel, prefill_logits
 from .proposers import EarlyExitProposer, NGramProposer, Proposer, UnionProposer
 from .speculation import AdaptiveSpeculation
@@ -257,7 +258,8 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
         r["speedups"] = sp
         table.append(row)
 
-    summary = dict(suite=[n for n, _ in SUITE], tie_gap=TIE_GAP, table=table, failures=failures,
+    summary = dict(suite=[n for n, _ in SUITE], tie_gap=TIE_GAP, weights=weight_formats(model.matrices()),
+                   table=table, failures=failures,
                    runs={k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in runs.items()},
                    outputs={k: [tokenizer.decode(o) for o in v["outputs"]] for k, v in runs.items()})
     spec = [t for t in table if t["run"].startswith("ours ") and t["run"] != "ours autoregressive"

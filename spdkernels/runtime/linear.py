@@ -6,11 +6,11 @@ CPU inputs with few rows (decode, verification, drafting), ``torch.nn.functional
 kernel widens each block of 4 weight rows once into an fp32 buffer and accumulates in the fp32 kernel's order,
 so for a contiguous ``w`` and up to ``SKINNY_MAX_ROWS`` rows ``linear(x, pack_exact(w))`` equals ``linear(x, w)``
 bit for bit while streaming 2-6x fewer bytes; :func:`pack_exact` only packs a matrix whose values it reproduces
-exactly. Packed weights stay in the skinny GEMM up to ``PACKED_MAX_ROWS`` rows (fp32 weights go to BLAS above
-``SKINNY_MAX_ROWS``; a packed matrix would first have to be dequantised, which costs more than the skinny
-GEMM's lower peak up to ~200 rows), so each row's result is the fp32 kernel's, whatever the other rows, up to
-that many rows. Beyond it (long prefills) the matrix is dequantised for each call and multiplied by BLAS, as
-``F.linear`` on the fp32 values."""
+exactly. Packed weights stay in the skinny GEMM up to :func:`packed_max_rows` rows (192 on AVX-512, 96 on AVX2;
+fp32 weights go to BLAS above ``SKINNY_MAX_ROWS``: a packed matrix would first have to be dequantised, which costs
+more than the skinny GEMM's lower peak up to there), so each row's result is the fp32 kernel's, whatever the other
+rows, up to that many rows. Beyond it (long prefills) the matrix is dequantised for each call and multiplied by
+BLAS, as ``F.linear`` on the fp32 values."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,10 +23,17 @@ from spdkernels import _cpp
 
 # Above this many rows, BLAS's blocked GEMM wins over the skinny GEMM on fp32 weights.
 SKINNY_MAX_ROWS = 48
-# Above this many rows, dequantising a packed matrix for BLAS wins (measured on AVX-512: a [3072, 576] Q4_1
-# matrix, 2 threads, costs 1.9x less in the skinny GEMM at 64 rows, 1.06x at 192, 0.97x at 224; other layer
-# shapes cross between 224 and 256).
-PACKED_MAX_ROWS = 192
+# Above this many rows, dequantising a packed matrix for BLAS wins, by the skinny GEMM's instruction-set level
+# (the embedded model's Q4_1 layer matrices, 2 threads: on AVX-512 the skinny GEMM is 1.9x cheaper at 64 rows and
+# 1.06x at 192, 0.97x at 224 ([3072, 576]); the AVX2 tile, 2 token rows against 4, crosses between 96 and 128
+# ([576, 1536] at 96: 1.01x); the baseline one loses from 32 rows, like fp32 weights there: the fp32 limit).
+PACKED_MAX_ROWS = {"avx512": 192, "avx2": 96, "baseline": SKINNY_MAX_ROWS}
+
+
+def packed_max_rows() -> int:
+    """Rows up to which packed weights stay in the skinny GEMM here (:data:`PACKED_MAX_ROWS` at the extension's
+    instruction-set level, :func:`spdkernels._cpp.isa`; ``SKINNY_MAX_ROWS`` without the extension)."""
+    return PACKED_MAX_ROWS.get(_cpp.isa(), SKINNY_MAX_ROWS) if _cpp.load() else SKINNY_MAX_ROWS
 FORMATS = ("q4_1", "q8_0", "f16")  # smallest first
 BLOCK = 32  # Q8_0 / Q4_1 block length along K
 _CHUNK = 8192  # blocks per piece when packing
@@ -182,8 +189,8 @@ def linear(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor] = None) -> torc
     """``x [M, K] @ w[N, K]^T (+ b)``."""
     M = x.shape[0]
     packed = isinstance(w, PackedWeight)
-    skinny = (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
-              and M <= (PACKED_MAX_ROWS if packed else SKINNY_MAX_ROWS) and not x.requires_grad and _cpp.load())
+    skinny = (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and not x.requires_grad
+              and _cpp.load() and (M <= SKINNY_MAX_ROWS or (packed and M <= packed_max_rows())))
     if packed:
         if not skinny:
             return F.linear(x, w.dequantize(), b)

@@ -177,14 +177,17 @@ def corpus_version(target_sha256: str, settings: str = "") -> str:
     return h.hexdigest()[:10]
 
 
-def corpus_settings(tokenizer, eos_token_ids: Sequence[int], self_fraction: float = 0.0) -> str:
+def corpus_settings(tokenizer, eos_token_ids: Sequence[int], self_fraction: float = 0.0, packed: bool = False) -> str:
     """The ``settings`` of :func:`corpus_version` that the weights' hash misses: the tokenizer and chat template
-    (the ids of one fixed chat turn), the end-of-sequence ids and the share of self-written prompts."""
+    (the ids of one fixed chat turn), the end-of-sequence ids, the share of self-written prompts, and whether the
+    target held packed weights (any matrix a ``PackedWeight``: a decoding batch of 49-192 rows on AVX-512 is then
+    summed in another order than with fp32 weights, which can change a near-tied greedy token, so the texts are
+    cached apart)."""
     probe = tokenizer.encode(tokenizer.apply_chat_template(
         [{"role": "user", "content": "Fix this: def f(x):\n    return x+1  # ok?"}]))
     tok = hashlib.sha256(json.dumps([int(t) for t in probe]).encode()).hexdigest()[:16]
     out = f"tok={tok};eos={sorted(int(t) for t in eos_token_ids)}"
-    return out + (f";self={self_fraction}" if self_fraction else "")
+    return out + (f";self={self_fraction}" if self_fraction else "") + (";weights=packed" if packed else "")
 
 
 def newest_corpus(work: Path) -> Path:

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..linear import PackedWeight
 from ..model import LlamaModel, decoder_layer, rope_tables
 from .pdm import (
     PDMConfig,
@@ -538,7 +539,8 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     work_p, out_p = Path(work), Path(out)
     t0 = time.perf_counter()
     version = corpus_version(cfg.target["weights_sha256"],
-                             corpus_settings(ck.tokenizer, ck.config.eos_token_ids, self_fraction))
+                             corpus_settings(ck.tokenizer, ck.config.eos_token_ids, self_fraction,
+                                             packed=any(isinstance(w, PackedWeight) for w in target.matrices())))
     cpath = work_p / f"corpus-{num_prompts}-{max_new_tokens}-s{st.seed}-{version}.json"
     spath = cpath.with_suffix(f".anchors-{'-'.join(map(str, anchors))}.pt")
     states, corpus = None, None
