@@ -34,6 +34,9 @@ enum WeightFormat : int { kWeightF32 = 0, kWeightF16 = 1, kWeightQ8_0 = 2, kWeig
 void skinny_linear_packed(std::uintptr_t x, int64_t ldx, int fmt, std::uintptr_t w, std::uintptr_t scale,
                           std::uintptr_t min, std::uintptr_t bias, std::uintptr_t y, int64_t ldy, int64_t M, int64_t N,
                           int64_t K);
+// The packed matrix itself widened to fp32 out[N, K] (contiguous): the values the product above multiplies by.
+void widen_packed(int fmt, std::uintptr_t w, std::uintptr_t scale, std::uintptr_t min, std::uintptr_t out, int64_t N,
+                  int64_t K);
 
 void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                     std::uintptr_t block_table, std::uintptr_t kv_lens, std::uintptr_t cu_q, std::uintptr_t mask,

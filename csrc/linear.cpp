@@ -108,8 +108,10 @@ void run_blocks(const Args& a, BlockFn base_fn, BlockFn v3_fn, BlockFn v4_fn) {
 
 #ifdef SPD_LINEAR_V3
 #define SPD_BLOCKS(kFmt) base::block_fn<kFmt>, v3::block_fn<kFmt>, v4::block_fn<kFmt>
+#define SPD_WIDEN(kFmt) base::widen_fn<kFmt>, v3::widen_fn<kFmt>, v4::widen_fn<kFmt>
 #else
 #define SPD_BLOCKS(kFmt) base::block_fn<kFmt>, nullptr, nullptr
+#define SPD_WIDEN(kFmt) base::widen_fn<kFmt>, nullptr, nullptr
 #endif
 
 }  // namespace
@@ -130,6 +132,17 @@ void skinny_linear_packed(std::uintptr_t x_, int64_t ldx, int fmt, std::uintptr_
     case kWeightF16: run_blocks(a, SPD_BLOCKS(kWeightF16)); break;
     case kWeightQ8_0: run_blocks(a, SPD_BLOCKS(kWeightQ8_0)); break;
     default: run_blocks(a, SPD_BLOCKS(kWeightQ4_1));
+  }
+}
+
+void widen_packed(int fmt, std::uintptr_t w_, std::uintptr_t scale_, std::uintptr_t min_, std::uintptr_t out_,
+                  int64_t N, int64_t K) {
+  const Args a{nullptr, 0, ptr<const void>(w_), scale_ ? ptr<const float>(scale_) : nullptr,
+               min_ ? ptr<const float>(min_) : nullptr, nullptr, ptr<float>(out_), K, 0, N, K};
+  switch (fmt) {
+    case kWeightF16: run_blocks(a, SPD_WIDEN(kWeightF16)); break;
+    case kWeightQ8_0: run_blocks(a, SPD_WIDEN(kWeightQ8_0)); break;
+    default: run_blocks(a, SPD_WIDEN(kWeightQ4_1));
   }
 }
 

@@ -12,6 +12,7 @@
 //                        the torch backend)
 //   _cpu_skinny_linear   the decode-time fp32 linear of the runtime (spdkernels/runtime/linear.py)
 //   _cpu_skinny_linear_packed   the same with compact exact weights (fp16, Q8_0, Q4_1 blocks)
+//   _cpu_widen_packed    such a weight widened to fp32 (the runtime's BLAS path for many rows)
 //   _cpu_target_weights  one row's target weights as the sampler computes them (tests)
 //   _cpu_sgl_verify_tree_greedy, _cpu_sgl_tree_sampling_target_only  sgl-kernel's ops in its layout, in place
 //                        (spdkernels/adapters/sglang.py; kernels in csrc/adapters.cpp)
@@ -308,15 +309,13 @@ Tensor skinny_linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor&
   return y;
 }
 
-// The same product with compact exact weights (csrc/linear.cpp, spdkernels/runtime/linear.py PackedWeight):
-// format "f16" (weight float16 [N, K]), "q8_0" (weight int8 [N, K], scale float32 [N, K / 32]) or "q4_1"
-// (weight uint8 [N, K / 2], byte i of a block of 16 holds weight i low and i + 16 high; scale and min float32
-// [N, K / 32]; the scales binary16 values as in GGUF, which PackedWeight checks: with other scales the AVX paths
-// round scale x nibble + min once and the baseline path twice).
-Tensor skinny_linear_packed_cpu(const Tensor& x, c10::string_view format, const Tensor& weight, const OptTensor& scale,
-                                const OptTensor& min, const OptTensor& bias) {
-  check_tensor(x, "x", 2, [](const Tensor& t) { return t.scalar_type() == at::kFloat; }, "float32");
-  const int64_t M = x.size(0), K = x.size(1);
+// A packed weight of K columns (csrc/linear.cpp, spdkernels/runtime/linear.py PackedWeight): format "f16" (weight
+// float16 [N, K]), "q8_0" (weight int8 [N, K], scale float32 [N, K / 32]) or "q4_1" (weight uint8 [N, K / 2], byte
+// i of a block of 16 holds weight i low and i + 16 high; scale and min float32 [N, K / 32]; the scales binary16
+// values as in GGUF, which PackedWeight checks: with other scales the AVX paths round scale x nibble + min once and
+// the baseline path twice). Checks shared by the product and the widening; returns the format code.
+int check_packed(c10::string_view format, const Tensor& weight, const OptTensor& scale, const OptTensor& min,
+                 int64_t K, const char* k_arg) {
   int fmt;
   at::ScalarType wdt;
   int64_t wcols = K;
@@ -332,8 +331,8 @@ Tensor skinny_linear_packed_cpu(const Tensor& x, c10::string_view format, const 
   check_tensor(weight, "weight", 2, [wdt](const Tensor& t) { return t.scalar_type() == wdt; }, c10::toString(wdt));
   const int64_t N = weight.size(0);
   const bool blocks = fmt != spd::kWeightF16;
-  TORCH_CHECK_VALUE(!blocks || K % 32 == 0, "x: format '", std::string(format),
-                    "' needs K (x.size(1)) a multiple of 32, got ", K);
+  TORCH_CHECK_VALUE(!blocks || K % 32 == 0, k_arg, ": format '", std::string(format),
+                    "' needs K a multiple of 32, got ", K);
   TORCH_CHECK_VALUE(weight.size(1) == wcols, "weight: expected [N, ", wcols, "] for K = ", K, ", got ",
                     shape_of(weight));
   const auto check_blocks = [&](const OptTensor& t, const char* arg, bool wanted) {
@@ -348,6 +347,16 @@ Tensor skinny_linear_packed_cpu(const Tensor& x, c10::string_view format, const 
   };
   check_blocks(scale, "scale", blocks);
   check_blocks(min, "min", fmt == spd::kWeightQ4_1);
+  return fmt;
+}
+
+// y = x @ weight^T (+ bias) with a packed weight: the fp32 kernel's product of the widened values.
+Tensor skinny_linear_packed_cpu(const Tensor& x, c10::string_view format, const Tensor& weight, const OptTensor& scale,
+                                const OptTensor& min, const OptTensor& bias) {
+  check_tensor(x, "x", 2, [](const Tensor& t) { return t.scalar_type() == at::kFloat; }, "float32");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int fmt = check_packed(format, weight, scale, min, K, "x");
+  const int64_t N = weight.size(0);
   check_opt_vec(bias, "bias", at::kFloat, N, "N");
   const Tensor xd = x.stride(1) == 1 ? x : x.contiguous(), wd = dense(weight);
   const OptTensor sd = dense(scale), md = dense(min), bd = dense(bias);
@@ -355,6 +364,19 @@ Tensor skinny_linear_packed_cpu(const Tensor& x, c10::string_view format, const 
   if (M > 0 && N > 0)
     spd::skinny_linear_packed(addr(xd), xd.stride(0), fmt, addr(wd), addr(sd), addr(md), addr(bd), addr(y), N, M, N, K);
   return y;
+}
+
+// The packed weight widened to fp32 [N, K] in one threaded pass: the values the product above multiplies by
+// (PackedWeight.dequantize()'s, which costs several torch passes over the whole matrix).
+Tensor widen_packed_cpu(c10::string_view format, const Tensor& weight, const OptTensor& scale, const OptTensor& min) {
+  const int64_t K = weight.dim() == 2 ? weight.size(1) * (format == "q4_1" ? 2 : 1) : 0;
+  const int fmt = check_packed(format, weight, scale, min, K, "weight");
+  const int64_t N = weight.size(0);
+  const Tensor wd = dense(weight);
+  const OptTensor sd = dense(scale), md = dense(min);
+  Tensor out = at::empty({N, K}, weight.options().dtype(at::kFloat));
+  if (N > 0 && K > 0) spd::widen_packed(fmt, addr(wd), addr(sd), addr(md), addr(out), N, K);
+  return out;
 }
 
 std::tuple<Tensor, double, double> target_weights_cpu(const Tensor& row, double temperature, int64_t top_k,
@@ -704,6 +726,7 @@ void register_kernels() {
   frag->def("_cpu_skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   frag->def("_cpu_skinny_linear_packed(Tensor x, str format, Tensor weight, Tensor? scale, Tensor? min, Tensor? bias) "
             "-> Tensor");
+  frag->def("_cpu_widen_packed(str format, Tensor weight, Tensor? scale, Tensor? min) -> Tensor");
   frag->def("_cpu_target_weights(Tensor row, float temperature, int top_k, float top_p) -> (Tensor, float, float)");
   frag->def("_cpu_sgl_verify_tree_greedy(Tensor(a!) predicts, Tensor(b!) accept_index, Tensor(c!) accept_token_num, "
             "Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, Tensor retrive_next_sibling, "
@@ -726,6 +749,7 @@ void register_kernels() {
   cpu->impl("_cpu_tree_attention", &tree_attention_cpu);
   cpu->impl("_cpu_skinny_linear", &skinny_linear_cpu);
   cpu->impl("_cpu_skinny_linear_packed", &skinny_linear_packed_cpu);
+  cpu->impl("_cpu_widen_packed", &widen_packed_cpu);
   cpu->impl("_cpu_target_weights", &target_weights_cpu);
   cpu->impl("_cpu_sgl_verify_tree_greedy", &sgl_verify_tree_greedy_cpu);
   cpu->impl("_cpu_sgl_tree_sampling_target_only", &sgl_tree_sampling_cpu);

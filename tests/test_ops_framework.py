@@ -183,7 +183,8 @@ needs_cpp = pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ ext
 def test_cpu_kernels_are_the_extensions():
     """The CPU key of verify_greedy and rejection_sample holds the C++ kernel of csrc/ops.cpp (no Python on a CPU
     call of the torch op); tree_attention's CPU kernel is the private op _cpu_tree_attention."""
-    for name in ("verify_greedy", "rejection_sample", "_cpu_tree_attention", "_cpu_skinny_linear"):
+    for name in ("verify_greedy", "rejection_sample", "_cpu_tree_attention", "_cpu_skinny_linear",
+                 "_cpu_skinny_linear_packed", "_cpu_widen_packed"):
         dump = torch._C._dispatch_dump(f"spdkernels::{name}")
         cpu = [line for line in dump.splitlines() if line.startswith("CPU:")]
         assert len(cpu) == 1 and "csrc/ops.cpp" in cpu[0], dump

@@ -551,3 +551,41 @@ def test_packed_linear_op_refuses_bad_input():
         op(torch.randn(2, 48), "q8_0", torch.zeros(3, 48, dtype=torch.int8), torch.ones(3, 1), None, None)
     with pytest.raises(ValueError, match="x"):
         op(x.double(), "f16", q.half(), None, None, None)
+    widen = torch.ops.spdkernels._cpu_widen_packed.default  # the same checks, K taken from the weight's columns:
+    # a weight of the wrong width is then named through the scales that do not match it
+    names = ["format", "weight", "scale", "scale", "scale", "scale", "min", "min", "scale", "scale"]
+    for (args, _), name in zip(cases[:-1], names):
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            widen(*args[:4])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        widen("q8_0", torch.zeros(3, 48, dtype=torch.int8), torch.ones(3, 1), None)
+    with pytest.raises(ValueError, match="weight"):
+        widen("q8_0", torch.zeros(3, dtype=torch.int8), torch.ones(3, 1), None)
+
+
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+@pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
+@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_1"])
+def test_widen_packed_equals_torch_dequantize(isa, fmt):
+    """PackedWeight.dequantize() on a CPU is the C++ widening (_cpu_widen_packed: one threaded pass, the skinny
+    kernel's own widening, for the BLAS path above packed_max_rows()): bit for bit the torch definition and the
+    original fp32 values, on every instruction-set path, for N not a multiple of 4, row slices (strided scales)
+    and an f16 K tail; a planted wrong nibble order is caught."""
+    from spdkernels import _cpp
+    from spdkernels.runtime.linear import PackedWeight, pack_exact
+
+    g = torch.Generator().manual_seed(17)
+    for N, K in ((1, 64), (7, 96), (130, 576), (9, 1536)):
+        if fmt == "f16":
+            K += 3
+        w = _exact_weights(fmt, N, K, g)
+        p = pack_exact(w, formats=(fmt,))
+        with contextlib.ExitStack() as stack:
+            if isa != "best":
+                stack.enter_context(_cpp.isa_cap(isa))
+            got, sub = p.dequantize(), p[1:N].dequantize()
+        assert torch.equal(got, w) and torch.equal(got, p.dequantize_torch()) and torch.equal(sub, w[1:N])
+    if fmt == "q4_1":
+        q = torch.cat([p.data.view(N, -1, 16) & 15, p.data.view(N, -1, 16) >> 4], -1)
+        pairs = (q[..., 0::2] | (q[..., 1::2] << 4)).view(N, K // 2).contiguous()
+        assert not torch.equal(PackedWeight("q4_1", pairs, p.scale, p.min, p.shape).dequantize(), w)

@@ -9,8 +9,8 @@ bit for bit while streaming 2-6x fewer bytes; :func:`pack_exact` only packs a ma
 exactly. Packed weights stay in the skinny GEMM up to :func:`packed_max_rows` rows (192 on AVX-512, 96 on AVX2;
 fp32 weights go to BLAS above ``SKINNY_MAX_ROWS``: a packed matrix would first have to be dequantised, which costs
 more than the skinny GEMM's lower peak up to there), so each row's result is the fp32 kernel's, whatever the other
-rows, up to that many rows. Beyond it (long prefills) the matrix is dequantised for each call and multiplied by
-BLAS, as ``F.linear`` on the fp32 values."""
+rows, up to that many rows. Beyond it (long prefills) the matrix is widened to fp32 for each call (one threaded
+C++ pass, ``_cpu_widen_packed``) and multiplied by BLAS, as ``F.linear`` on the fp32 values."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +72,14 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.min) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
-        """The fp32 weight ``[N, K]`` (exactly the values the kernel computes with)."""
+        """The fp32 weight ``[N, K]`` (exactly the values the kernel computes with): on a CPU with the C++
+        extension in one threaded pass (``_cpu_widen_packed``, the kernel's own widening), else in torch."""
+        if self.data.device.type == "cpu" and _cpp.load():
+            return torch.ops.spdkernels._cpu_widen_packed.default(self.format, self.data, self.scale, self.min)
+        return self.dequantize_torch()
+
+    def dequantize_torch(self) -> torch.Tensor:
+        """:meth:`dequantize` in torch operations (any device; the definition the C++ widening is tested against)."""
         N, K = self.shape
         if self.format == "f16":
             return self.data.float()
