@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make sanitize: build the C++ kernels (spdkernels._C) with AddressSanitizer + UBSan into build/sanitize and
-# run the cpp backend's tests (the adapters' fused ops included) and the validation-off fuzzer against that build. Any out-of-bounds access,
+# run the cpp backend's tests (the adapters' fused ops and the runtime's skinny / packed GEMM included) and the
+# validation-off fuzzer against that build. Any out-of-bounds access,
 # use after free or undefined behaviour (signed overflow, bad shift, misaligned load, ...) aborts the run.
 #   PY=.venv/bin/python bash bench/sanitize.sh [extra pytest args]
 set -euo pipefail
@@ -32,4 +33,5 @@ case "$where" in "$ROOT/$B/pkg/"*) echo "sanitized module: $where" ;; *) echo "w
 "$PY" -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/tests/test_memory_safety.py" \
   "$ROOT/tests/test_verify_greedy.py" "$ROOT/tests/test_rejection_sample.py" "$ROOT/tests/test_tree_attention.py" \
   "$ROOT/tests/test_ops_framework.py" "$ROOT/tests/test_adapters_sglang.py" "$ROOT/tests/test_adapters_flashinfer.py" \
-  "$ROOT/tests/test_adapters_vllm.py" "$ROOT/tests/test_adapters_transformers.py" -k "cpp or memory or malformed or cpu or concurrent or fused" "$@"
+  "$ROOT/tests/test_adapters_vllm.py" "$ROOT/tests/test_adapters_transformers.py" "$ROOT/tests/test_runtime.py" \
+  -k "cpp or memory or malformed or cpu or concurrent or fused or skinny or packed or widen" "$@"
