@@ -29,14 +29,15 @@ SKINNY_MAX_ROWS = 48
 # ([576, 1536] at 96: 1.01x); the baseline one loses from 32 rows, like fp32 weights there: the fp32 limit).
 PACKED_MAX_ROWS = {"avx512": 192, "avx2": 96, "baseline": SKINNY_MAX_ROWS}
 
+FORMATS = ("q4_1", "q8_0", "f16")  # smallest first
+BLOCK = 32  # Q8_0 / Q4_1 block length along K
+_CHUNK = 8192  # blocks per piece when packing
+
 
 def packed_max_rows() -> int:
     """Rows up to which packed weights stay in the skinny GEMM here (:data:`PACKED_MAX_ROWS` at the extension's
     instruction-set level, :func:`spdkernels._cpp.isa`; ``SKINNY_MAX_ROWS`` without the extension)."""
     return PACKED_MAX_ROWS.get(_cpp.isa(), SKINNY_MAX_ROWS) if _cpp.load() else SKINNY_MAX_ROWS
-FORMATS = ("q4_1", "q8_0", "f16")  # smallest first
-BLOCK = 32  # Q8_0 / Q4_1 block length along K
-_CHUNK = 8192  # blocks per piece when packing
 
 
 @dataclass(frozen=True, eq=False)
