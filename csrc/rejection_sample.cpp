@@ -14,6 +14,7 @@
 // Coins: explicit uniforms or Philox4x32-10 (the same bits as the reference and the Triton kernel).
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -694,6 +695,11 @@ float kth_largest(const float* xs, int64_t V, int64_t K, Select& s) {
 }
 
 // ---- the target distribution of one row ----------------------------------------------------------------
+// A sampled request's temperature, raised to at least 2^-126 (the smallest normal fp32): below about 4.2e-39 the
+// scale log2(e) / T overflows to inf, and (x - m) * inf at the row max is NaN. The reference applies the same
+// floor; it only changes weights of logits within ~1.2e-36 of the max.
+inline float min_temperature(float T) { return std::max(T, std::numeric_limits<float>::min()); }
+
 // p <- unnormalised kept weights; returns their mass (double). xs holds the row as fp32 afterwards; *tau_out
 // (if given) the threshold: the kept set is {v : x_v >= tau}, -inf when top-k and top-p keep everything.
 double target_weights(const Params& P, int64_t row, float T, int64_t K, float top_p, std::vector<float>& p,
@@ -808,7 +814,7 @@ struct Scratch {
 // with a __tls_get_addr call inside the hot loops)
 __attribute__((noipa)) void sampled_request(const Params& P, int64_t r, Scratch& s) {
   const int64_t start = P.cu[r], k = P.cu[r + 1] - P.cu[r], row0 = first_row(P, r), V = P.V;
-  const float T = P.temperature ? P.temperature[r] : 1.0f;
+  const float T = min_temperature(P.temperature ? P.temperature[r] : 1.0f);
   const int64_t K = P.top_k && !P.probs ? P.top_k[r] : 0;
   const float TP = P.top_p && !P.probs ? P.top_p[r] : 1.0f;
   const bool filtered = (K > 0 && K < V) || TP < 1.0f;
@@ -918,7 +924,7 @@ std::pair<double, float> target_weights_row(std::uintptr_t logits, int logit_cod
   std::vector<float> p(V), xs(V);
   Select sel;
   float tau = 0.0f;
-  const double mass = target_weights(P, 0, temperature, top_k, top_p, p, xs, sel, &tau);
+  const double mass = target_weights(P, 0, min_temperature(temperature), top_k, top_p, p, xs, sel, &tau);
   std::memcpy(ptr<float>(out), p.data(), static_cast<size_t>(V) * sizeof(float));
   return {mass, tau};
 }

@@ -248,6 +248,34 @@ def test_large_logits_and_low_temperature_match_reference(backend):
     assert int((~rows_equal).sum()) <= R / 200, f"{int((~rows_equal).sum())}/{R} requests differ from the reference"
 
 
+@pytest.mark.parametrize("backend", WITH_ISAS)
+@pytest.mark.parametrize("T", [1e-30, 2.0**-126, 2.0**-127, 1e-39, 1e-44])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (2, 1.0), (0, 0.5)], ids=["plain", "top-k", "top-p"])
+def test_temperatures_near_zero_split_the_tied_maxima(backend, T, top_k, top_p):
+    """Below ~4.2e-39 (1e-39 and the subnormal 1e-44) log2(e) / T overflows fp32, and a kernel that scales by it
+    turns the row max into NaN (the C++, Triton and NKI kernels emitted token 0 for every coin before the floor;
+    with it removed, those cases fail here). Every backend floors T at 2^-126,
+    so at any tiny T the target is uniform over the tied maxima (ids 5, 40, 77), unfiltered or through top-k /
+    top-p: the draft 40 has p = 1/3. Coin 0.2 accepts it and row 1's unique max (7) follows; coin 0.5 rejects it
+    and the final coin picks 5 or 77 with 1/2 each."""
+    gen = torch.Generator().manual_seed(22)
+    V = 100
+    logits = torch.randn(2, V, generator=gen) * 3
+    logits[0, [5, 40, 77]] = logits[0].max() + 1.0
+    logits[1, 7] = logits[1].max() + 1e-3
+    batch = random_draft_batch([1], V)
+    batch.target_logits = logits
+    batch.draft_token_ids = torch.tensor([40])
+    kw = dict(temperature=torch.tensor([T]), top_k=torch.tensor([top_k], **I32), top_p=torch.tensor([top_p]))
+    for coins, want in (((0.2, 0.5), [[40, 7]]), ((0.5, 0.3), [[5, -1]]), ((0.5, 0.7), [[77, -1]])):
+        u = torch.tensor(coins)
+        ref = reference.rejection_sample(*batch.args()[:4], None, kw["temperature"], kw["top_k"], kw["top_p"], u,
+                                         batch.max_depth)
+        out, num, _ = run(backend, batch, uniforms=u, **kw)
+        assert ref[0].tolist() == want and out.tolist() == want, (coins, out.tolist(), ref[0].tolist())
+        assert num.tolist() == [2 if want[0][1] >= 0 else 1]
+
+
 def _rows(V, gen):
     """Logit rows that stress the C++ top-k / top-p selection: flat, peaked, heavy ties, all equal, -inf
     entries, a long tail, and bf16 / fp16 storage."""

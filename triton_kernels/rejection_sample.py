@@ -72,6 +72,7 @@ _REG_CAP = {"maxnreg": WALK_MAXNREG} if torch.version.hip is None else {}  # (an
 BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
 PIVOTS = 16
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(y / T) = exp2(y * LOG2E / T)
+MIN_T = tl.constexpr(2.0 ** -126)  # the reference's MIN_TEMPERATURE: below ~4.2e-39, LOG2E / T overflows to inf
 # a point-mass rejection that leaves less than this fraction of the row's mass is decided on an exact re-sum (as the
 # C++ kernel does): M - w_t cancels to rounding noise there (fp32 tile sums carry ~1e-7 relative error)
 RESUM_BELOW = tl.constexpr(1e-6)
@@ -189,7 +190,7 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
     else:
         K = tl.load(topk_ptr + r)
         TP = tl.load(topp_ptr + r)
-        sc = LOG2E / T  # weights exp((x - m) / T) as exp2((x - m) * sc): one multiply, no divide
+        sc = LOG2E / tl.maximum(T, MIN_T)  # weights exp((x - m) / T) as exp2((x - m) * sc): one multiply, no divide
         offs = tl.arange(0, BLOCK)
         mx = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
@@ -284,7 +285,7 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
         row0 = start + r
     T = tl.load(temp_ptr + r)
     # greedy = (T == 0) is tested where needed, not held: ptxas spilled that predicate (P2R + STL) over the walk
-    sc = LOG2E / tl.where(T == 0.0, 1.0, T)  # weights exp2((x - m) * sc); greedy requests never use it
+    sc = LOG2E / tl.maximum(tl.where(T == 0.0, 1.0, T), MIN_T)  # exp2((x - m) * sc); greedy never uses it
     buf = buf_ptr + r.to(tl.int64) * V
     out_row = out_ptr + r.to(tl.int64) * (max_depth + 1)
     path_row = path_ptr + r.to(tl.int64) * max_depth

@@ -212,7 +212,8 @@ def rejection_sample(
             :func:`spdkernels.verify_greedy` (``max_depth=None`` costs a host sync).
         draft_probs: fp32 ``[N, V]``, row ``i`` the distribution node ``i`` was drawn from; ``None`` for
             deterministic drafters (point mass ``q = onehot(token)``).
-        temperature: fp32 ``[R]``, >= 0; ``None`` means 1.0 for every request. 0 = greedy.
+        temperature: fp32 ``[R]``, >= 0; ``None`` means 1.0 for every request. 0 = greedy. A positive temperature
+            below 2^-126 (the smallest normal fp32) acts as 2^-126, so ``log2(e) / T`` stays finite in every kernel.
         top_k: int32 ``[R]``, >= 0; 0 (or ``None``) = off.
         top_p: fp32 ``[R]`` in (0, 1]; 1 (or ``None``) = off.
         uniforms: fp32 ``[N + R]`` in (0, 1): entry ``i < N`` is node ``i``'s acceptance coin, entry
