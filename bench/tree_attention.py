@@ -32,6 +32,10 @@ SHAPE_SETS = {
     # the full grid (GPU)
     "gpu": [case(R, ctx, q) for R in (1, 8, 64) for ctx in (512, 4096, 32768) for q in (1, 8, 32, 64)],
     "tiny": [case(2, 100, 4, "fp32", 4, 2, 64), case(1, 300, 9, "bf16", 4, 1, 64)],
+    # the runtime's calls on the embedded SmolLM2-135M (9 query / 3 KV heads, D = 64, fp32): one decoding step,
+    # a verification of 4 drafts, a longer context, a batch of 8 (per-call overhead is most of these)
+    "decode": [case(1, 256, 1, "fp32", 9, 3, 64), case(1, 256, 5, "fp32", 9, 3, 64), case(1, 1024, 1, "fp32", 9, 3, 64),
+               case(8, 256, 1, "fp32", 9, 3, 64)],
 }
 
 

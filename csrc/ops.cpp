@@ -1,15 +1,15 @@
 // spdkernels._C: the CPU kernels registered with torch's dispatcher.
 //
 // The public ops (schemas in spdkernels/ops/*.py, defined in Python so that the package also works without this
-// extension) get their CPU kernels here: verify_greedy and rejection_sample. Each checks its tensors (dtype,
+// extension) get their CPU kernels here: verify_greedy, rejection_sample and tree_attention. Each checks its tensors (dtype,
 // shape, device, with TORCH_CHECK_VALUE: a ValueError naming the argument in Python), allocates the outputs and
 // runs the kernel; the kernels' always-on index checks (token ids, cu_num_draft, parents, block tables) run with
 // the package's validation off too. Policy (value validation, a forced backend) lives in the Python wrappers,
 // not here: a call that reaches this kernel runs it.
 //
 // Private ops, defined here, for the Python side of the package:
-//   _cpu_tree_attention  the CPU tree_attention kernel (the public op's CPU kernel is Python: it sends fp64 to
-//                        the torch backend)
+//   _cpu_tree_attention  the CPU tree_attention kernel alone (the 'cpp' backend when it is called directly; the
+//                        public op's CPU kernel runs the same function, and sends fp64 to the torch backend)
 //   _cpu_skinny_linear   the decode-time fp32 linear of the runtime (spdkernels/runtime/linear.py)
 //   _cpu_skinny_linear_packed   the same with compact exact weights (fp16, Q8_0, Q4_1 blocks)
 //   _cpu_widen_packed    such a weight widened to fp32 (the runtime's BLAS path for many rows)
@@ -32,6 +32,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/core/DistributionsHelper.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/fill.h>
 #include <torch/library.h>
@@ -292,6 +293,34 @@ Tensor tree_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& 
                         kd.stride(2), vd.stride(0), vd.stride(1), vd.stride(2));
   });
   return out;
+}
+
+// The public tree_attention's CPU kernel. fp32 / fp16 / bf16 run the kernel above with no Python on the way (the size
+// hints max_q_len / max_kv_len / num_splits only shape the Triton launch: checked as the Python op checks them, then
+// unused). float64 (the runtime's exactness tests) goes to the torch backend through the private op
+// _tree_attention_torch, which spdkernels/ops/tree_attention.py defines before this module is loaded.
+Tensor tree_attention_public_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                 const Tensor& block_table, const Tensor& kv_lens, const Tensor& cu_q_lens,
+                                 const OptTensor& tree_mask, std::optional<double> scale,
+                                 std::optional<int64_t> max_q_len, std::optional<int64_t> max_kv_len,
+                                 std::optional<int64_t> num_splits) {
+  const auto hint = [](std::optional<int64_t> v, const char* arg) {
+    TORCH_CHECK_VALUE(!v.has_value() || *v >= 0, arg, ": expected >= 0, got ", v.value_or(0));
+  };
+  hint(max_q_len, "max_q_len");
+  hint(max_kv_len, "max_kv_len");
+  TORCH_CHECK_VALUE(!num_splits.has_value() || *num_splits >= 1, "num_splits: expected >= 1, got ",
+                    num_splits.value_or(0));
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.dim() == 3 ? q.size(2) : 1));
+  if (q.scalar_type() == at::kDouble) {
+    static const auto torch_backend =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("spdkernels::_tree_attention_torch", "")
+            .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                          const OptTensor&, double)>();
+    return torch_backend.call(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, s);
+  }
+  return tree_attention_cpu(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, s);
 }
 
 // y = x @ weight^T (+ bias), fp32, for the few rows of a decoding step (x [M, K], weight [N, K] contiguous).
@@ -746,6 +775,7 @@ void register_kernels() {
   auto* cpu = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::CPU, __FILE__, __LINE__);
   cpu->impl("verify_greedy", &verify_greedy_cpu);
   cpu->impl("rejection_sample", &rejection_sample_cpu);
+  cpu->impl("tree_attention", &tree_attention_public_cpu);
   cpu->impl("_cpu_tree_attention", &tree_attention_cpu);
   cpu->impl("_cpu_skinny_linear", &skinny_linear_cpu);
   cpu->impl("_cpu_skinny_linear_packed", &skinny_linear_packed_cpu);

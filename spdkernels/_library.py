@@ -4,8 +4,8 @@ Each op is defined here, in Python, so that the package works without its C++ ex
 (meta) kernel, and a Python kernel that makes the static checks and runs the automatic backend choice for the
 tensors' device, registered for the ``CUDA`` key (the Triton kernels) and as ``CompositeExplicitAutograd`` (every
 other device: Neuron/XLA, and CPU without the extension). The C++ extension (csrc/ops.cpp), once loaded,
-registers the CPU kernels of ``verify_greedy`` and ``rejection_sample`` for the ``CPU`` key, which then takes
-precedence over the Python kernel on CPU tensors.
+registers the CPU kernels of ``verify_greedy``, ``rejection_sample`` and ``tree_attention`` for the ``CPU`` key,
+which then take precedence over the Python kernel on CPU tensors.
 
 Ops are defined with the plain ``torch.library.Library`` API rather than ``torch.library.custom_op``: measured on
 the CPU machine here, a call through ``custom_op`` costs ~18 us of Python dispatch more than the same kernel behind

@@ -181,9 +181,9 @@ needs_cpp = pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ ext
 
 @needs_cpp
 def test_cpu_kernels_are_the_extensions():
-    """The CPU key of verify_greedy and rejection_sample holds the C++ kernel of csrc/ops.cpp (no Python on a CPU
-    call of the torch op); tree_attention's CPU kernel is the private op _cpu_tree_attention."""
-    for name in ("verify_greedy", "rejection_sample", "_cpu_tree_attention", "_cpu_skinny_linear",
+    """The CPU key of verify_greedy, rejection_sample and tree_attention holds the C++ kernel of csrc/ops.cpp (no
+    Python on a CPU call of the torch op); so do the private ops."""
+    for name in ("verify_greedy", "rejection_sample", "tree_attention", "_cpu_tree_attention", "_cpu_skinny_linear",
                  "_cpu_skinny_linear_packed", "_cpu_widen_packed"):
         dump = torch._C._dispatch_dump(f"spdkernels::{name}")
         cpu = [line for line in dump.splitlines() if line.startswith("CPU:")]
@@ -319,6 +319,32 @@ def test_cpu_tree_attention_checks_an_empty_batch():
     q, kc, vc, bt, lens, cu, mask = make_batch([3], [20], 4, 2, 64, 16, torch.float32, False)
     with pytest.raises(ValueError, match="^cu_q_lens: last entry"):
         torch.ops.spdkernels._cpu_tree_attention(q, kc, vc, bt[:0], lens[:0], cu[:1], None, 0.125)
+
+
+@needs_cpp
+def test_cpu_tree_attention_op_runs_the_kernel_and_sends_fp64_to_torch():
+    """The public op's C++ CPU kernel: fp32 / bf16 / fp16 give the private kernel's output bit for bit with or without
+    a scale (None = 1 / sqrt(D)) and size hints; fp64 runs the torch backend (bit for bit, through the private op
+    _tree_attention_torch: the C++ kernel has no fp64 path); bad size hints are named as the Python op names them."""
+    from test_tree_attention import make_batch
+
+    op = torch.ops.spdkernels.tree_attention.default
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q, kc, vc, bt, lens, cu, mask = make_batch([3, 1], [20, 37], 4, 2, 64, 16, dtype, True)
+        want = torch.ops.spdkernels._cpu_tree_attention(q, kc, vc, bt, lens, cu, mask, 0.125)
+        assert torch.equal(op(q, kc, vc, bt, lens, cu, mask, 0.125, 3, 37, 2), want)
+        assert torch.equal(op(q, kc, vc, bt, lens, cu, mask, None), want)  # 1 / sqrt(64)
+    q, kc, vc, bt, lens, cu, mask = make_batch([3, 1], [20, 37], 4, 2, 64, 16, torch.float64, True)
+    with spdkernels.use_backend("torch"):
+        want = spdkernels.tree_attention(q, kc, vc, bt, lens, cu, mask)
+    assert torch.equal(op(q, kc, vc, bt, lens, cu, mask, None), want)
+    with pytest.raises(ValueError, match="^k_cache: expected dtype in \\(float64\\)"):
+        op(q, kc.float(), vc, bt, lens, cu, mask, None)
+    for kw, msg in ((dict(max_q_len=-1), "^max_q_len: expected >= 0"),
+                    (dict(max_kv_len=-2), "^max_kv_len: expected >= 0"),
+                    (dict(num_splits=0), "^num_splits: expected >= 1")):
+        with spdkernels.validation(False), pytest.raises(ValueError, match=msg):
+            spdkernels.tree_attention(q.float(), kc.float(), vc.float(), bt, lens, cu, mask, **kw)
 
 
 def test_forced_backend_with_validation_off_names_a_bad_argument():
