@@ -2,6 +2,7 @@
 
     python bench/compare_builds.py --old REV [--new WORKTREE] [--op verify_greedy rejection_sample]
                                    [--backend cpp] [--rounds 5] [--repeats 30] [--json out.json]
+    python bench/compare_builds.py --old REV --forward [--tokens 1 5] ...   (the embedded model's forward instead)
 
 Each build is laid out as setup.py installs it (``triton_kernels/``, ``nki_kernels/``, ``bench/`` inside
 ``spdkernels/``) in ``build/compare/<name>/site`` with its C++ extension built in place (``--old``: a git revision,
@@ -44,7 +45,20 @@ def prepare(name: str, src: Path, work: Path) -> Path:
     return site
 
 
+def forward_once(site: Path, args, out: Path) -> list:
+    """``--forward``: one run of the packed_weights bench (a forward of the embedded model, fp32 and packed weights,
+    ``--tokens`` query tokens after 256 cached ones; it fails unless both models' logits agree) as spd-bench rows."""
+    cmd = [sys.executable, "-m", "spdkernels.bench.packed_weights", "--repeats", str(args.repeats), "--json",
+           str(out), "--tokens", *[str(t) for t in args.tokens]]
+    _run(cmd, cwd=site, env=dict(os.environ, PYTHONPATH=str(site)), stdout=subprocess.DEVNULL)
+    rows = json.loads(out.read_text())["rows"]
+    return [dict(op="forward", case=f"embedded model, {r['tokens']} tokens", backend=w, median_ms=r[f"{w}_ms"],
+                 frac_copy_bw=0.0, check="ok") for r in rows for w in ("fp32", "packed")]
+
+
 def bench_once(site: Path, args, out: Path) -> list:
+    if args.forward:
+        return forward_once(site, args, out)
     cmd = [sys.executable, "-m", "spdkernels.bench", "--repeats", str(args.repeats), "--json", str(out),
            "--no-progress"]
     for op in args.op:
@@ -68,6 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--forward", action="store_true", help="time the embedded model's forward (the packed_weights "
+                    "bench, fp32 and packed weights) instead of spd-bench ops")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 5], help="with --forward: query tokens per forward")
     ap.add_argument("--reuse", action="store_true", help="summarise the rounds of the last run (no build, no bench)")
     args = ap.parse_args(argv)
     work = ROOT / "build" / "compare"
@@ -111,7 +128,8 @@ def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
         pairs = zip(per["new"], per["old"])
         row["ratio_new_old"] = statistics.median(n["median_ms"] / o["median_ms"] for n, o in pairs)
         table.append(row)
-    print(f"# old {old_rev} vs new {new_rev}: {args.rounds} alternating rounds of spd-bench --repeats {args.repeats}; "
+    what = "packed_weights (embedded model forward)" if args.forward else "spd-bench"
+    print(f"# old {old_rev} vs new {new_rev}: {args.rounds} alternating rounds of {what} --repeats {args.repeats}; "
           "medians over rounds")
     print(f"{'op':17} {'case':40} {'backend':14} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'old %BW':>8} "
           f"{'new %BW':>8}  check")

@@ -69,6 +69,7 @@ struct Args {
   // cache strides of the block, slot and head dims, in elements (the head dim is unit-stride): K and V may be
   // views of one fused cache, read in place
   int64_t k_stride_b, k_stride_s, k_stride_h, v_stride_b, v_stride_s, v_stride_h;
+  int block_shift;  // log2(block_size) (a power of two): a position's page and slot by shift and mask, no division
 };
 
 // Partial softmax state of one chunk of KV positions for the rows of one item (m and l in the log2 domain,
@@ -193,6 +194,8 @@ static void check_layout(const int32_t* cu, const int32_t* kv, const int32_t* bt
   auto fail = [](const char* arg, const std::string& what) {
     throw std::invalid_argument(std::string(arg) + ": " + what + " (checked with validation off too)");
   };
+  if (block_size < 1 || (block_size & (block_size - 1)))  // the kernel finds pages by shift and mask
+    fail("k_cache", "block size must be a power of two, got " + std::to_string(block_size));
   if (cu[0] != 0) fail("cu_q_lens", "must start at 0, got " + std::to_string(cu[0]));
   for (int64_t r = 0; r < R; ++r) {
     const int64_t ql = static_cast<int64_t>(cu[r + 1]) - cu[r];
@@ -231,7 +234,7 @@ void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t
          ptr<const int32_t>(block_table), ptr<const int32_t>(kv_lens), ptr<const int32_t>(cu_q),
          mask ? ptr<const int32_t>(mask) : nullptr, R, Hq, Hkv, D, block_size, max_blocks, mask_words,
          q_stride_t, q_stride_h, o_stride_t, o_stride_h, static_cast<float>(scale), k_stride_b, k_stride_s,
-         k_stride_h, v_stride_b, v_stride_s, v_stride_h};
+         k_stride_h, v_stride_b, v_stride_s, v_stride_h, __builtin_ctzll(static_cast<unsigned long long>(block_size))};
   if (code == kF32) run<kF32>(a);
   else if (code == kBF16) run<kBF16>(a);
   else run<kF16>(a);
