@@ -45,6 +45,13 @@ void tree_attention(std::uintptr_t q, int code, std::uintptr_t k, std::uintptr_t
                     int64_t o_stride_h, double scale, int64_t k_stride_b, int64_t k_stride_s, int64_t k_stride_h,
                     int64_t v_stride_b, int64_t v_stride_s, int64_t v_stride_h);
 
+// The runtime's elementwise steps (csrc/norm_rope.cpp), fp32: y[T, N] (contiguous) <- RMSNorm of the rows of x
+// (ldx apart) times w[N]; y[T, H, D] (contiguous) <- the rotary embedding (half-split) of x (strides sx_t, sx_h, 1)
+// with cos / sin rows sc_t apart, D even.
+void rms_norm_f32(const float* x, int64_t ldx, const float* w, float* y, int64_t T, int64_t N, double eps);
+void rotary_f32(const float* x, int64_t sx_t, int64_t sx_h, const float* cos, const float* sin, int64_t sc_t,
+                float* y, int64_t T, int64_t H, int64_t D);
+
 // sgl-kernel's tree batch (spdkernels/adapters/sglang.py): bs requests of n nodes (node 0 the root), int64 [bs, n]
 // candidates / retrive_index / retrive_next_token / retrive_next_sibling, and the in-place int32 outputs predicts
 // (flat_limit = min(bs * n, its length) bounds every retrive_index value), accept_index [bs, num_spec],

@@ -13,6 +13,7 @@
 //   _cpu_skinny_linear   the decode-time fp32 linear of the runtime (spdkernels/runtime/linear.py)
 //   _cpu_skinny_linear_packed   the same with compact exact weights (fp16, Q8_0, Q4_1 blocks)
 //   _cpu_widen_packed    such a weight widened to fp32 (the runtime's BLAS path for many rows)
+//   _cpu_rms_norm, _cpu_rotary  the runtime's RMSNorm and rotary embedding, fp32, one pass each (csrc/norm_rope.cpp)
 //   _cpu_target_weights  one row's target weights as the sampler computes them (tests)
 //   _cpu_sgl_verify_tree_greedy, _cpu_sgl_tree_sampling_target_only  sgl-kernel's ops in its layout, in place
 //                        (spdkernels/adapters/sglang.py; kernels in csrc/adapters.cpp)
@@ -335,6 +336,42 @@ Tensor skinny_linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor&
   const OptTensor bd = dense(bias);
   Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) spd::skinny_linear_f32(addr(xd), xd.stride(0), addr(wd), addr(bd), addr(y), N, M, N, K);
+  return y;
+}
+
+// RMSNorm of the rows of x [T, N] (fp32, unit-stride rows) times weight [N]: the runtime's per-layer norm.
+Tensor rms_norm_cpu(const Tensor& x, const Tensor& weight, double eps) {
+  const auto f32 = [](const Tensor& t) { return t.scalar_type() == at::kFloat; };
+  check_tensor(x, "x", 2, f32, "float32");
+  check_vec(weight, "weight", at::kFloat, x.size(1), "N");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite value >= 0, got ", eps);
+  const Tensor xd = x.stride(1) == 1 ? x : x.contiguous(), wd = dense(weight);
+  Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  if (y.numel())
+    spd::rms_norm_f32(xd.data_ptr<float>(), xd.stride(0), wd.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
+                      x.size(1), eps);
+  return y;
+}
+
+// The rotary embedding (half-split layout) of x [T, H, D] (fp32; e.g. a view of the fused QKV output) with cos / sin
+// [T, 1, D] (as the layer broadcasts them) or [T, D]: x * cos + cat(-x[..., D/2:], x[..., :D/2]) * sin, contiguous,
+// equal to those torch ops bit for bit.
+Tensor rotary_cpu(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const auto f32 = [](const Tensor& t) { return t.scalar_type() == at::kFloat; };
+  check_tensor(x, "x", 3, f32, "float32");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK_VALUE(D % 2 == 0, "x: expected an even head dim, got ", D);
+  check_tensor(cos, "cos", cos.dim() == 3 ? 3 : 2, f32, "float32");
+  TORCH_CHECK_VALUE(cos.size(0) == T && cos.size(-1) == D && (cos.dim() == 2 || cos.size(1) == 1), "cos: expected shape [",
+                    T, ", 1, ", D, "] or [", T, ", ", D, "], got ", shape_of(cos));
+  check_tensor(sin, "sin", cos.dim(), f32, "float32");
+  TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "sin: expected the shape of cos ", shape_of(cos), ", got ", shape_of(sin));
+  const Tensor cd = dense(cos.reshape({T, D})), sd = dense(sin.reshape({T, D}));
+  const Tensor xd = x.stride(2) == 1 ? x : x.contiguous();
+  Tensor y = at::empty({T, H, D}, x.options());
+  if (y.numel())
+    spd::rotary_f32(xd.data_ptr<float>(), xd.stride(0), xd.stride(1), cd.data_ptr<float>(), sd.data_ptr<float>(), D,
+                    y.data_ptr<float>(), T, H, D);
   return y;
 }
 
@@ -756,6 +793,8 @@ void register_kernels() {
   frag->def("_cpu_skinny_linear_packed(Tensor x, str format, Tensor weight, Tensor? scale, Tensor? min, Tensor? bias) "
             "-> Tensor");
   frag->def("_cpu_widen_packed(str format, Tensor weight, Tensor? scale, Tensor? min) -> Tensor");
+  frag->def("_cpu_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  frag->def("_cpu_rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   frag->def("_cpu_target_weights(Tensor row, float temperature, int top_k, float top_p) -> (Tensor, float, float)");
   frag->def("_cpu_sgl_verify_tree_greedy(Tensor(a!) predicts, Tensor(b!) accept_index, Tensor(c!) accept_token_num, "
             "Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, Tensor retrive_next_sibling, "
@@ -780,6 +819,8 @@ void register_kernels() {
   cpu->impl("_cpu_skinny_linear", &skinny_linear_cpu);
   cpu->impl("_cpu_skinny_linear_packed", &skinny_linear_packed_cpu);
   cpu->impl("_cpu_widen_packed", &widen_packed_cpu);
+  cpu->impl("_cpu_rms_norm", &rms_norm_cpu);
+  cpu->impl("_cpu_rotary", &rotary_cpu);
   cpu->impl("_cpu_target_weights", &target_weights_cpu);
   cpu->impl("_cpu_sgl_verify_tree_greedy", &sgl_verify_tree_greedy_cpu);
   cpu->impl("_cpu_sgl_tree_sampling_target_only", &sgl_tree_sampling_cpu);

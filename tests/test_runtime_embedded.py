@@ -155,3 +155,19 @@ def test_shipped_pdm_spd_and_proposer_equal_autoregressive(ck, model):
         if j is not None:
             assert j < min(len(ar), len(out)) and top2_gap(model, ids, ar, j) < TIE_GAP, f"diverged at {j}"
         assert m.accepted > 0
+
+
+@pytest.mark.skipif("cpp" not in __import__("conftest").backends_here(),
+                    reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP): nothing to compare")
+def test_forward_steps_bench_runs_and_its_variants_agree(tmp_path):
+    """bench/forward_steps.py: one interleaved repeat; it exits 1 unless the variants' logits agree with the runtime's
+    (tree_attention behind the Python kernel bit for bit), so a 0 here is that check passing; bad input exits 2."""
+    import json
+
+    from spdkernels.bench import forward_steps
+
+    out = tmp_path / "steps.json"
+    assert forward_steps.main(["--tokens", "1", "3", "--repeats", "1", "--context", "40", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [1, 3] and all(r["runtime ms"] > 0 for r in rows)
+    assert forward_steps.main(["--tokens", "0"]) == 2

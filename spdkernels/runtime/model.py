@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from spdkernels import _cpp
 from spdkernels import tree as tree_utils
 from spdkernels.ops.tree_attention import tree_attention
 
@@ -85,10 +86,29 @@ class _Layer:
     MATRICES = ("w_qkv", "w_o", "w_gate_up", "w_down")
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (Hugging Face's half-split layout) of ``x: [T, H, D]``."""
+def _one_pass(*ts: torch.Tensor) -> bool:
+    """Whether the C++ one-pass RMSNorm / rotary embedding (csrc/norm_rope.cpp) can stand in for the torch ops:
+    fp32 CPU tensors, nothing to differentiate, the extension loaded."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and _cpp.load())
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, one_pass: Optional[bool] = None) -> torch.Tensor:
+    """Rotary embedding (Hugging Face's half-split layout) of ``x: [T, H, D]`` (``cos``/``sin``: ``[T, 1, D]``).
+    On CPU in fp32, one C++ pass equal to the torch ops below bit for bit (``one_pass``: the caller's
+    :func:`_one_pass` of these tensors, to skip the check)."""
+    if one_pass if one_pass is not None else (_one_pass(x, cos, sin) and cos.dim() == 3 and cos.shape == sin.shape):
+        return torch.ops.spdkernels._cpu_rotary.default(x, cos, sin)
     h = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, one_pass: Optional[bool] = None) -> torch.Tensor:
+    """RMSNorm of the rows of ``x: [T, hidden]`` times ``w``. On CPU in fp32, one C++ pass (the sum of squares in
+    double: within an ulp or so of torch's rms_norm, each row independent of the others)."""
+    if one_pass if one_pass is not None else (x.dim() == 2 and _one_pass(x, w)):
+        return torch.ops.spdkernels._cpu_rms_norm.default(x, w, eps)
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
 def decoder_layer(h: torch.Tensor, L, c: LlamaConfig, cos: torch.Tensor, sin: torch.Tensor,
@@ -104,22 +124,23 @@ def decoder_layer(h: torch.Tensor, L, c: LlamaConfig, cos: torch.Tensor, sin: to
     T = h.shape[0]
     Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
     eps = c.rms_norm_eps
-    x = F.rms_norm(h, (h.shape[-1],), L.ln1, eps)
+    fast = _one_pass(h, L.ln1, L.ln2, cos, sin)  # once per layer: the C++ norm and rotary passes
+    x = rms_norm(h, L.ln1, eps, fast)
     if rows is None:
         qkv = linear(x, L.w_qkv, L.b_qkv)
-        q = rotate(qkv[:, :Hq * D].view(T, Hq, D), cos, sin)
+        q = rotate(qkv[:, :Hq * D].view(T, Hq, D), cos, sin, fast)
         kv = qkv[:, Hq * D:]
     else:
         wq, wkv = L.w_qkv[:Hq * D], L.w_qkv[Hq * D:]
         bq, bkv = (None, None) if L.b_qkv is None else (L.b_qkv[:Hq * D], L.b_qkv[Hq * D:])
-        q = rotate(linear(x[rows], wq, bq).view(len(rows), Hq, D), cos[rows], sin[rows])
+        q = rotate(linear(x[rows], wq, bq).view(len(rows), Hq, D), cos[rows], sin[rows], fast)
         kv = linear(x, wkv, bkv)
         h = h[rows]
-    k = rotate(kv[:, :Hkv * D].view(T, Hkv, D), cos, sin)
+    k = rotate(kv[:, :Hkv * D].view(T, Hkv, D), cos, sin, fast)
     v = kv[:, Hkv * D:].reshape(T, Hkv, D)
     a = attend(q, k, v)
     h = h + linear(a.reshape(q.shape[0], Hq * D), L.w_o)
-    gu = linear(F.rms_norm(h, (h.shape[-1],), L.ln2, eps), L.w_gate_up)
+    gu = linear(rms_norm(h, L.ln2, eps, fast), L.w_gate_up)
     g, u = gu.split(L.w_down.shape[1], dim=-1)
     return h + linear(F.silu(g) * u, L.w_down)
 
@@ -214,7 +235,7 @@ class LlamaModel:
         return F.embedding(token_ids, self.embed)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), w, self.config.rms_norm_eps)
+        return rms_norm(x, w, self.config.rms_norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``[T, hidden] -> [T, V]``."""

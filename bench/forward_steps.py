@@ -1,0 +1,120 @@
+"""What the per-layer steps around the GEMMs cost in one decoding forward of the embedded model, measured side by
+side in one process: the runtime as it is (the C++ RMSNorm / rotary passes, tree_attention's C++ CPU kernel), against
+the same forward with the torch RMSNorm / rotary ops, and against tree_attention behind its former Python kernel
+(the op's static checks in Python, then the private C++ op: what a CPU call ran before the op had a C++ kernel; the
+dispatcher's hop into that Python kernel is not included, so its cost is understated by a few microseconds a
+call). The variants run in turn, one forward each, ``--repeats`` times (medians); op validation off (the engine's
+setting); every variant's logits are checked against the runtime's first (bit for bit for tree_attention, within
+fp32 rounding for the torch norm).
+
+    python -m spdkernels.bench.forward_steps [--tokens 1 5] [--repeats 40] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spdkernels.bench.forward_steps", description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 5], help="query tokens per forward")
+    ap.add_argument("--context", type=int, default=256, help="cached tokens before the query tokens")
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--weights", choices=["packed", "fp32"], default="packed")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.context < 1 or any(t < 1 or t > 48 for t in args.tokens):
+        print("error: --repeats and --context >= 1, --tokens in 1..48", file=sys.stderr)
+        return 2
+
+    import torch
+
+    import spdkernels
+    from spdkernels import _cpp
+    from spdkernels.ops import _common
+    from spdkernels.runtime import model as model_mod
+    from spdkernels.runtime.model import LlamaModel, build_batch
+    from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
+
+    if not _cpp.load():
+        print("error: the C++ extension is not loaded: nothing to compare", file=sys.stderr)
+        return 2
+    ta_mod = sys.modules["spdkernels.ops.tree_attention"]
+    python_kernel = _common.op_kernel(ta_mod.OP, ta_mod._check_all_static, ta_mod._run)
+
+    def ta_behind_python_kernel(q, k, v, bt, lens, cu, mask=None, scale=None):
+        return python_kernel(q, k, v, bt, lens, cu, mask, scale, None, None, None)
+
+    @contextlib.contextmanager
+    def variant(name):
+        saved = model_mod._one_pass, model_mod.tree_attention
+        if name == "torch norm/rotary":
+            model_mod._one_pass = lambda *ts: False
+        elif name == "tree_attention via Python kernel":
+            model_mod.tree_attention = ta_behind_python_kernel
+        try:
+            yield
+        finally:
+            model_mod._one_pass, model_mod.tree_attention = saved
+
+    ck = load_checkpoint(embedded_model_path())
+    m = LlamaModel(ck.config, ck.state_dict, packed=args.weights == "packed")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, ck.config.vocab_size, (args.context + max(args.tokens),), generator=g).tolist()
+    cache = m.new_cache(-(-(args.context + max(args.tokens)) // 16) + 1, 16)
+    cache.add(0)
+    spdkernels.set_validation(False)
+    names = ["runtime", "torch norm/rotary", "tree_attention via Python kernel"]
+
+    def step(name, T):
+        cache.set_length(0, args.context)
+        b = build_batch(cache, [0], [args.context], [list(range(args.context, args.context + T))],
+                        tokens=prompt[args.context:args.context + T])
+        with variant(name):
+            t0 = time.perf_counter()
+            out = m.forward(b, cache)
+            return time.perf_counter() - t0, out
+
+    with torch.inference_mode():
+        m.forward(build_batch(cache, [0], [0], [list(range(args.context))], tokens=prompt[:args.context]), cache)
+        for T in args.tokens:
+            base = step("runtime", T)[1]
+            for name in names[1:]:
+                other = step(name, T)[1]
+                ok = torch.equal(other, base) if "tree_attention" in name else \
+                    float((other - base).abs().max()) <= 1e-3 * float(base.abs().max())
+                if not ok:
+                    print(f"error: '{name}' logits differ from the runtime's at T={T}", file=sys.stderr)
+                    return 1
+        times = {(n, T): [] for n in names for T in args.tokens}
+        for _ in range(args.repeats):
+            for T in args.tokens:
+                for n in names:
+                    times[(n, T)].append(step(n, T)[0])
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = [dict(tokens=T, **{f"{n} ms": med[(n, T)] for n in names},
+                 **{f"{n} / runtime": med[(n, T)] / med[("runtime", T)] for n in names[1:]}) for T in args.tokens]
+    out = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+               isa=_cpp.isa(), weights=args.weights, context=args.context, repeats=args.repeats, rows=rows)
+    print(f"embedded model ({args.weights} weights), context {args.context}, {args.repeats} interleaved repeats "
+          f"(medians), {out['threads']} threads, C++ ISA {out['isa']}; op validation off")
+    print(f"{'tokens':>6} {'runtime ms':>11} {'torch norm/rotary ms':>21} {'ratio':>6} {'TA via Python ms':>17} "
+          f"{'ratio':>6}")
+    for r in rows:
+        print(f"{r['tokens']:>6} {r['runtime ms']:>11.2f} {r['torch norm/rotary ms']:>21.2f} "
+              f"{r['torch norm/rotary / runtime']:>6.3f} {r['tree_attention via Python kernel ms']:>17.2f} "
+              f"{r['tree_attention via Python kernel / runtime']:>6.3f}")
+    if args.json:
+        from spdkernels.runtime.files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
