@@ -14,9 +14,7 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 import sys
-import time
 
 _LIBS: list = []
 
@@ -39,8 +37,10 @@ def main(argv=None) -> int:
     from spdkernels import _cpp
     from spdkernels.ops import _common
     from spdkernels.runtime import model as model_mod
-    from spdkernels.runtime.model import LlamaModel, build_batch
+    from spdkernels.runtime.model import LlamaModel
     from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
+
+    from .timing import forward_step, interleaved_ms, prefilled_cache
 
     if not _cpp.load():
         print("error: the C++ extension is not loaded: nothing to compare", file=sys.stderr)
@@ -73,22 +73,15 @@ def main(argv=None) -> int:
     m = LlamaModel(ck.config, ck.state_dict, packed=args.weights == "packed")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, ck.config.vocab_size, (args.context + max(args.tokens),), generator=g).tolist()
-    cache = m.new_cache(-(-(args.context + max(args.tokens)) // 16) + 1, 16)
-    cache.add(0)
     spdkernels.set_validation(False)
     names = ["runtime", "torch norm/rotary", "tree_attention via Python kernel"]
 
     def step(name, T):
-        cache.set_length(0, args.context)
-        b = build_batch(cache, [0], [args.context], [list(range(args.context, args.context + T))],
-                        tokens=prompt[args.context:args.context + T])
         with variant(name):
-            t0 = time.perf_counter()
-            out = m.forward(b, cache)
-            return time.perf_counter() - t0, out
+            return forward_step(m, cache, prompt, args.context, T)
 
     with torch.inference_mode():
-        m.forward(build_batch(cache, [0], [0], [list(range(args.context))], tokens=prompt[:args.context]), cache)
+        cache = prefilled_cache(m, prompt, args.context, max(args.tokens))
         for T in args.tokens:
             base = step("runtime", T)[1]
             for name in names[1:]:
@@ -98,12 +91,7 @@ def main(argv=None) -> int:
                 if not ok:
                     print(f"error: '{name}' logits differ from the runtime's at T={T}", file=sys.stderr)
                     return 1
-        times = {(n, T): [] for n in names for T in args.tokens}
-        for _ in range(args.repeats):
-            for T in args.tokens:
-                for n in names:
-                    times[(n, T)].append(step(n, T)[0])
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        med = interleaved_ms(names, args.tokens, args.repeats, step)
     rows = [dict(tokens=T, **{f"{n} ms": med[(n, T)] for n in names},
                  **{f"{n} / runtime": med[(n, T)] / med[("runtime", T)] for n in names[1:]}) for T in args.tokens]
     out = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 
 def main(argv=None) -> int:
@@ -36,8 +34,10 @@ def main(argv=None) -> int:
 
     import spdkernels
     from spdkernels.runtime.linear import SKINNY_MAX_ROWS, PackedWeight, packed_max_rows, weight_formats
-    from spdkernels.runtime.model import LlamaModel, build_batch
+    from spdkernels.runtime.model import LlamaModel
     from spdkernels.runtime.weights import embedded_model_path, load_checkpoint
+
+    from .timing import forward_step, interleaved_ms, prefilled_cache
 
     ck = load_checkpoint(embedded_model_path())
     c = ck.config
@@ -54,21 +54,10 @@ def main(argv=None) -> int:
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, c.vocab_size, (args.context + max(args.tokens),), generator=g).tolist()
-    caches = {}
-    for name, m in models.items():
-        cache = m.new_cache(-(-(args.context + max(args.tokens)) // 16) + 1, 16)
-        cache.add(0)
-        m.forward(build_batch(cache, [0], [0], [list(range(args.context))], tokens=prompt[:args.context]), cache)
-        caches[name] = cache
+    caches = {name: prefilled_cache(m, prompt, args.context, max(args.tokens)) for name, m in models.items()}
 
     def step(name, T):
-        m, cache = models[name], caches[name]
-        cache.set_length(0, args.context)
-        b = build_batch(cache, [0], [args.context], [list(range(args.context, args.context + T))],
-                        tokens=prompt[args.context:args.context + T])
-        t0 = time.perf_counter()
-        out = m.forward(b, cache)
-        return time.perf_counter() - t0, out
+        return forward_step(models[name], caches[name], prompt, args.context, T)
 
     spdkernels.set_validation(False)  # the engine's setting: no host-sync value checks in the timed forward
     diffs = {}
@@ -81,12 +70,7 @@ def main(argv=None) -> int:
             if (not torch.equal(a, b)) if same_path else diffs[T] > 1e-4 * float(a.abs().max()):
                 print(f"error: packed logits differ from fp32 at T={T} by {diffs[T]:.3g}", file=sys.stderr)
                 return 1
-        times = {(n, T): [] for n in models for T in args.tokens}
-        for _ in range(args.repeats):
-            for T in args.tokens:
-                for n in models:
-                    times[(n, T)].append(step(n, T)[0])
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        med = interleaved_ms(list(models), args.tokens, args.repeats, step)
     rows = [dict(tokens=T, fp32_ms=med[("fp32", T)], packed_ms=med[("packed", T)],
                  fp32_vs_T1=med[("fp32", T)] / med[("fp32", args.tokens[0])],
                  packed_vs_T1=med[("packed", T)] / med[("packed", args.tokens[0])],

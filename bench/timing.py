@@ -131,3 +131,38 @@ def environment(device: str) -> Dict[str, object]:
     return {"device": device, "device_name": device_name(device), "versions": versions(), "git_commit": git_commit(),
             "hostname": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+
+
+# ---- the embedded model's forward, for the runtime benches (packed_weights, forward_steps) ----------------------
+
+def prefilled_cache(model, prompt: List[int], context: int, extra: int):
+    """A paged cache of ``model`` holding request 0's first ``context`` prompt tokens, with room for ``extra`` more."""
+    from spdkernels.runtime.model import build_batch
+
+    cache = model.new_cache(-(-(context + extra) // 16) + 1, 16)
+    cache.add(0)
+    model.forward(build_batch(cache, [0], [0], [list(range(context))], tokens=prompt[:context]), cache)
+    return cache
+
+
+def forward_step(model, cache, prompt: List[int], context: int, T: int):
+    """One forward of the ``T`` prompt tokens after ``context`` cached ones (the cache cut back to ``context`` first):
+    ``(seconds, logits)``."""
+    from spdkernels.runtime.model import build_batch
+
+    cache.set_length(0, context)
+    b = build_batch(cache, [0], [context], [list(range(context, context + T))], tokens=prompt[context:context + T])
+    t0 = time.perf_counter()
+    out = model.forward(b, cache)
+    return time.perf_counter() - t0, out
+
+
+def interleaved_ms(names: List[str], tokens: List[int], repeats: int, step: Callable) -> Dict[tuple, float]:
+    """Median milliseconds of ``step(name, T)[0]`` (seconds) per ``(name, T)``: every name once per token count per
+    repeat, in turn, so that all of them see the same machine state."""
+    times = {(n, T): [] for n in names for T in tokens}
+    for _ in range(repeats):
+        for T in tokens:
+            for n in names:
+                times[(n, T)].append(step(n, T)[0])
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
