@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..linear import linear, pack_exact, weight_formats
-from ..model import LlamaModel
+from ..model import LlamaModel, rms_norm
 from ..weights import LlamaConfig, layer_shapes
 
 PDM_FORMAT = 1
@@ -142,8 +141,7 @@ def normalise_anchors(anchor_h: torch.Tensor, norms: Optional[Sequence[torch.Ten
     k = anchor_h.shape[1] if upto is None else upto
     if norms is None:
         return anchor_h[:, :k]
-    H = anchor_h.shape[-1]
-    return torch.stack([F.rms_norm(anchor_h[:, j], (H,), norms[j], eps) for j in range(k)], dim=1)
+    return torch.stack([rms_norm(anchor_h[:, j], norms[j], eps) for j in range(k)], dim=1)
 
 
 def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: torch.Tensor,
@@ -174,7 +172,7 @@ def shift_rows(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], p
         if k < 0:
             continue
         idx = (prev_types == k).nonzero().view(-1)
-        out[idx] = linear(F.rms_norm(prev_h[idx, k], (H,), norms[k], eps), weights[k])
+        out[idx] = linear(rms_norm(prev_h[idx, k], norms[k], eps), weights[k])
     return out
 
 
@@ -324,7 +322,7 @@ class PipelineDraftModule:
 
     def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tower output rows ``[T, H]`` -> draft-vocabulary logits ``[T, draft_vocab]``."""
-        return linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.eps), self.head)
+        return linear(rms_norm(h, self.norm, self.eps), self.head)
 
     def scatter(self, q: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Draft-vocabulary probabilities ``[T, Vd]`` -> full-vocabulary ``[T, V]`` (zeros elsewhere)."""
