@@ -1,10 +1,11 @@
 """What the per-layer steps around the GEMMs cost in one decoding forward of the embedded model, measured side by
 side in one process: the runtime as it is (the C++ RMSNorm / rotary passes, tree_attention's C++ CPU kernel), against
 the same forward with the torch RMSNorm / rotary ops, and against tree_attention behind its former Python kernel
-(an op of the same schema whose CPU kernel is the Python one the op had before: the static checks in Python, then
-the private C++ op; the public wrapper's policy checks, the same in both, are left out). The variants run in turn,
-one forward each, ``--repeats`` times (medians); op validation off (the engine's setting); every variant's logits
-are checked against the runtime's first (bit for bit for tree_attention, within fp32 rounding for the torch norm).
+(the public wrapper's work, then an op of the same schema whose CPU kernel is the Python one the op had before: the
+static checks in Python, then the private C++ op). The variants run in turn, one forward each, the order rotating
+from one repeat to the next, ``--repeats`` times (medians); op validation off (the engine's setting); every
+variant's logits are checked against the runtime's first (bit for bit for tree_attention, within fp32 rounding for
+the torch norm).
 
     python -m spdkernels.bench.forward_steps [--tokens 1 5] [--repeats 40] [--json out.json]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import sys
 
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
 
     import spdkernels
     from spdkernels import _cpp
+    from spdkernels import _validate as V
     from spdkernels.ops import _common
     from spdkernels.runtime import model as model_mod
     from spdkernels.runtime.model import LlamaModel
@@ -55,7 +58,14 @@ def main(argv=None) -> int:
     behind_python = torch.ops.spdkernels_forward_steps.tree_attention.default
 
     def ta_behind_python_kernel(q, k, v, bt, lens, cu, mask=None, scale=None):
-        return behind_python(q, k, v, bt, lens, cu, mask, scale)
+        # the public wrapper's own work (spdkernels.tree_attention), with the op it calls swapped for the one above
+        V.check_tensor("q", q, 3, ta_mod.DTYPES)
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            V.fail("scale", f"expected a finite positive float, got {scale!r}")
+        ta_mod._check_sizes(None, None, None)
+        return _common.call_op(ta_mod.OP, behind_python,
+                               (q, k, v, bt, lens, cu, mask, None if scale is None else float(scale), None, None, None),
+                               ta_mod._check_all_static, ta_mod._check_all_values, ta_mod._run)
 
     @contextlib.contextmanager
     def variant(name):

@@ -34,4 +34,4 @@ case "$where" in "$ROOT/$B/pkg/"*) echo "sanitized module: $where" ;; *) echo "w
   "$ROOT/tests/test_verify_greedy.py" "$ROOT/tests/test_rejection_sample.py" "$ROOT/tests/test_tree_attention.py" \
   "$ROOT/tests/test_ops_framework.py" "$ROOT/tests/test_adapters_sglang.py" "$ROOT/tests/test_adapters_flashinfer.py" \
   "$ROOT/tests/test_adapters_vllm.py" "$ROOT/tests/test_adapters_transformers.py" "$ROOT/tests/test_runtime.py" \
-  -k "cpp or memory or malformed or cpu or concurrent or fused or skinny or packed or widen" "$@"
+  -k "cpp or memory or malformed or cpu or concurrent or fused or skinny or packed or widen or one_pass" "$@"

@@ -159,10 +159,12 @@ def forward_step(model, cache, prompt: List[int], context: int, T: int):
 
 def interleaved_ms(names: List[str], tokens: List[int], repeats: int, step: Callable) -> Dict[tuple, float]:
     """Median milliseconds of ``step(name, T)[0]`` (seconds) per ``(name, T)``: every name once per token count per
-    repeat, in turn, so that all of them see the same machine state."""
+    repeat, in turn, so that all of them see the same machine state; the order rotates from one repeat to the next
+    (no name always runs right after the same other one)."""
     times = {(n, T): [] for n in names for T in tokens}
-    for _ in range(repeats):
+    for i in range(repeats):
+        order = names[i % len(names):] + names[:i % len(names)]
         for T in tokens:
-            for n in names:
+            for n in order:
                 times[(n, T)].append(step(n, T)[0])
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}

@@ -1,11 +1,10 @@
 // The runtime's per-layer elementwise steps on the CPU, each one pass instead of a chain of torch ops: RMSNorm
 // (torch's CPU rms_norm runs ~8 ops: pow, mean, add, rsqrt, two multiplies and casts) and the rotary embedding
-// (5 ops: two slices, a negation, a concatenation, two multiplies and an add). At decoding sizes (one row of 576
+// (7 ops: two slices, a negation, a concatenation, two multiplies and an add). At decoding sizes (one row of 576
 // values, 9 heads of 64) those are microseconds of dispatch each, twice per layer.
 //
-// Compiled for baseline x86-64 (no FMA: on x86-64 -ffp-contract=fast can only contract in functions compiled for
-// an FMA target, and these are not), so the rotary embedding rounds every product and sum as torch's ops do and
-// equals them bit for bit. RMSNorm sums the squares in double (torch: fp32 pairwise sums), so its scale can differ
+// Compiled with -ffp-contract=off (CMakeLists.txt sets it for this file, whatever -march a build adds), so the
+// rotary embedding rounds every product and sum as torch's ops do and equals them bit for bit. RMSNorm sums the squares in double (torch: fp32 pairwise sums), so its scale can differ
 // from torch's by an ulp; each row's result depends on that row alone.
 #include <algorithm>
 #include <cmath>

@@ -253,7 +253,8 @@ Tensor chain_rejection(const char* tname, const Tensor& target, int64_t row_stri
   return out;
 }
 
-// The CPU tree_attention kernel (the public op's checks have run in Python): q [T, Hq, D], caches
+// The CPU tree_attention kernel (the private op's, and the body of the public op's CPU kernel below), with its own
+// argument checks: q [T, Hq, D], caches
 // [num_blocks, block_size, Hkv, D] read through their strides, fp32/fp16/bf16.
 Tensor tree_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                           const Tensor& kv_lens, const Tensor& cu_q_lens, const OptTensor& tree_mask, double scale) {

@@ -48,7 +48,7 @@ THRESHOLD_PASSES = 32  # bisection passes of the top-k / top-p threshold search
 BIG = 16777216.0  # 2**24: above any index
 FMAX = 3.0e38  # finite stand-in for +inf in min/max reductions
 NEG_INF = float("-inf")
-MIN_TEMPERATURE = 2.0 ** -126  # the reference's floor on a sampled temperature (the smallest normal fp32)
+TEMPERATURE_FLOOR = 2.0 ** -126  # the reference's floor on a sampled temperature (the smallest normal fp32)
 
 
 def _pick(dst, table, index, iota_f, scratch, pred):
@@ -188,7 +188,7 @@ def rejection_sample_kernel(logits, row_idx, tokens, parents, node_idx, coins, t
         invT = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # 1 / T (1 for greedy rows: unused)
         nisa.tensor_tensor(dst=invT, data1=T, data2=greedy, op=nl.add)
         # the reference's temperature floor (2^-126): 1 / T stays finite, and so does (x - m) / T at the row max
-        nisa.tensor_scalar(dst=invT, data=invT, op0=nl.maximum, operand0=MIN_TEMPERATURE)
+        nisa.tensor_scalar(dst=invT, data=invT, op0=nl.maximum, operand0=TEMPERATURE_FLOOR)
         nisa.reciprocal(dst=invT, data=invT)
         k_on = nl.ndarray((P, 1), dtype=nl.uint8, buffer=nl.sbuf)  # 0 < top_k < V
         nisa.tensor_scalar(dst=k_on, data=kf, op0=nl.greater, operand0=0.0)

@@ -340,11 +340,12 @@ def test_cpu_tree_attention_op_runs_the_kernel_and_sends_fp64_to_torch():
     assert torch.equal(op(q, kc, vc, bt, lens, cu, mask, None), want)
     with pytest.raises(ValueError, match="^k_cache: expected dtype in \\(float64\\)"):
         op(q, kc.float(), vc, bt, lens, cu, mask, None)
-    for kw, msg in ((dict(max_q_len=-1), "^max_q_len: expected >= 0"),
-                    (dict(max_kv_len=-2), "^max_kv_len: expected >= 0"),
-                    (dict(num_splits=0), "^num_splits: expected >= 1")):
-        with spdkernels.validation(False), pytest.raises(ValueError, match=msg):
-            spdkernels.tree_attention(q.float(), kc.float(), vc.float(), bt, lens, cu, mask, **kw)
+    f32 = (q.float(), kc.float(), vc.float(), bt, lens, cu, mask, None)
+    bad_hints = (((-1, None, None), "^max_q_len: expected >= 0"), ((None, -2, None), "^max_kv_len: expected >= 0"),
+                 ((None, None, 0), "^num_splits: expected >= 1"))
+    for hints, msg in bad_hints:
+        with pytest.raises(ValueError, match=msg):  # the op itself: the C++ kernel's checks (the wrapper checks first)
+            op(*f32, *hints)
 
 
 def test_forced_backend_with_validation_off_names_a_bad_argument():

@@ -611,7 +611,7 @@ def _torch_rotate(x, cos, sin):
 @pytest.mark.parametrize("T", [1, 5, 300])  # 300 rows: the threaded path
 def test_one_pass_rotary_equals_the_torch_ops_bitwise(T):
     """q and k as the layer makes them (views of the fused QKV output, strided), the embedded model's tables at random
-    positions: the C++ pass equals x * cos + cat(-x2, x1) * sin bit for bit, and model.rotate takes it."""
+    positions: the C++ pass equals x * cos + cat(-x2, x1) * sin bit for bit (model.rotate too, whichever it runs)."""
     from spdkernels.runtime.model import rope_tables, rotate
 
     c = random_config(num_heads=6, num_kv_heads=2, hidden_size=6 * 64)
@@ -636,7 +636,7 @@ def test_one_pass_rotary_equals_the_torch_ops_bitwise(T):
 @pytest.mark.parametrize("T", [1, 7, 200])  # 200 rows of 576: the threaded path
 def test_one_pass_rms_norm_matches_torch_and_each_row_stands_alone(T):
     """Within 2 ulp-ish of torch's rms_norm and of an fp64 evaluation; each row's result equals that row normalised
-    alone bit for bit (no dependence on the batch or the thread split); model.rms_norm takes it."""
+    alone bit for bit (no dependence on the batch or the thread split); model.rms_norm gives the C++ result."""
     from spdkernels.runtime.model import rms_norm
 
     gen = torch.Generator().manual_seed(8)
@@ -653,6 +653,59 @@ def test_one_pass_rms_norm_matches_torch_and_each_row_stands_alone(T):
     strided = torch.randn(T, 2 * 576, generator=gen)[:, ::2]  # rows with non-unit stride: copied, same values
     assert torch.equal(torch.ops.spdkernels._cpu_rms_norm(strided, w, 1e-5),
                        torch.ops.spdkernels._cpu_rms_norm(strided.contiguous(), w, 1e-5))
+
+
+def _ops_in_forward(model):
+    """The spdkernels ops that a forward of ``model`` over 4 tokens runs (by the profiler), and its logits."""
+    from spdkernels.runtime.model import build_batch
+
+    cache = model.new_cache(4, 16)
+    cache.add(0)
+    b = build_batch(cache, [0], [0], [list(range(4))], tokens=[1, 2, 3, 4])
+    with torch.profiler.profile() as prof:
+        out = model.forward(b, cache)
+    return {e.name for e in prof.events() if e.name.startswith("spdkernels::")}, out
+
+
+@needs_cpp
+def test_one_pass_steps_run_in_the_model_forward_unless_gradients_flow():
+    """An fp32 CPU forward runs the C++ norm and rotary passes (and tree_attention's C++ kernel). When a weight of the
+    first layer requires gradients (w_o, upstream of its second norm and of every later layer), the forward runs
+    torch's norm and rotary ops instead, gives the same logits to fp32 rounding, and the gradient reaches w_o as the
+    torch ops give it."""
+    from spdkernels.runtime.model import LlamaModel
+
+    c = random_config()
+    sd = random_state_dict(c, seed=3)
+    ops, want = _ops_in_forward(LlamaModel(c, sd, packed=False))
+    assert {"spdkernels::_cpu_rms_norm", "spdkernels::_cpu_rotary", "spdkernels::tree_attention"} <= ops, ops
+    grads = []
+    for one_pass in (True, False):
+        m = LlamaModel(c, sd, packed=False)
+        m.layers[0].w_o = m.layers[0].w_o.clone().requires_grad_(True)
+        with contextlib.ExitStack() as stack:
+            if not one_pass:  # the torch ops everywhere (the reference for the gradient)
+                stack.enter_context(_patched("spdkernels.runtime.model._one_pass", lambda *ts: False))
+            ops, out = _ops_in_forward(m)
+        assert not ops & {"spdkernels::_cpu_rms_norm", "spdkernels::_cpu_rotary"}, ops
+        torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+        out.sum().backward()
+        grads.append(m.layers[0].w_o.grad)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
+@contextlib.contextmanager
+def _patched(target, value):
+    import importlib
+
+    mod_name, attr = target.rsplit(".", 1)
+    mod = importlib.import_module(mod_name)
+    saved = getattr(mod, attr)
+    setattr(mod, attr, value)
+    try:
+        yield
+    finally:
+        setattr(mod, attr, saved)
 
 
 @needs_cpp

@@ -72,7 +72,7 @@ _REG_CAP = {"maxnreg": WALK_MAXNREG} if torch.version.hip is None else {}  # (an
 BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
 PIVOTS = 16
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(y / T) = exp2(y * LOG2E / T)
-MIN_T = tl.constexpr(2.0 ** -126)  # the reference's MIN_TEMPERATURE: below ~4.2e-39, LOG2E / T overflows to inf
+MIN_T = tl.constexpr(2.0 ** -126)  # the reference's TEMPERATURE_FLOOR: below ~4.2e-39, LOG2E / T overflows to inf
 # a point-mass rejection that leaves less than this fraction of the row's mass is decided on an exact re-sum (as the
 # C++ kernel does): M - w_t cancels to rounding noise there (fp32 tile sums carry ~1e-7 relative error)
 RESUM_BELOW = tl.constexpr(1e-6)

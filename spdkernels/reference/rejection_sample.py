@@ -96,12 +96,12 @@ def probs_weights(x: torch.Tensor, temperature: float) -> torch.Tensor:
 # The floor on a sampled request's temperature: 2^-126, the smallest normal fp32. The kernels scale by log2(e) / T,
 # which overflows to inf below ~4.2e-39 (and inf * 0 at the row max is NaN); every backend raises T to this floor,
 # which only changes the weights of logits within ~1.2e-36 of the row max.
-MIN_TEMPERATURE = 2.0 ** -126
+TEMPERATURE_FLOOR = 2.0 ** -126
 
 
 def temperature_weights(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """exp((x - max x) / T) in fp32 with T = max(temperature, MIN_TEMPERATURE), before top-k / top-p."""
-    T = torch.tensor(max(temperature, MIN_TEMPERATURE), dtype=torch.float32)
+    """exp((x - max x) / T) in fp32 with T = max(temperature, TEMPERATURE_FLOOR), before top-k / top-p."""
+    T = torch.tensor(max(temperature, TEMPERATURE_FLOOR), dtype=torch.float32)
     return torch.exp((x - x.max()) / T)
 
 

@@ -197,7 +197,10 @@ def linear(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor] = None) -> torc
     """``x [M, K] @ w[N, K]^T (+ b)``."""
     M = x.shape[0]
     packed = isinstance(w, PackedWeight)
-    skinny = (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and not x.requires_grad
+    # (the C++ ops have no autograd kernel: a weight or bias that wants a gradient takes F.linear, as x does)
+    grad = torch.is_grad_enabled() and (x.requires_grad or (not packed and w.requires_grad)
+                                        or (b is not None and b.requires_grad))
+    skinny = (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and not grad
               and _cpp.load() and (M <= SKINNY_MAX_ROWS or (packed and M <= packed_max_rows())))
     if packed:
         if not skinny:

@@ -124,7 +124,9 @@ def decoder_layer(h: torch.Tensor, L, c: LlamaConfig, cos: torch.Tensor, sin: to
     T = h.shape[0]
     Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
     eps = c.rms_norm_eps
-    fast = _one_pass(h, L.ln1, L.ln2, cos, sin)  # once per layer: the C++ norm and rotary passes
+    # once per layer: the C++ norm and rotary passes (no autograd kernel), unless a gradient must flow through them:
+    # from h, the norms, or the weights that make q, k and the second norm's input
+    fast = _one_pass(h, cos, sin, *[t for t in (L.ln1, L.ln2, L.w_qkv, L.b_qkv, L.w_o) if isinstance(t, torch.Tensor)])
     x = rms_norm(h, L.ln1, eps, fast)
     if rows is None:
         qkv = linear(x, L.w_qkv, L.b_qkv)
