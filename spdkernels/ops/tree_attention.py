@@ -7,8 +7,8 @@ gather the pages, pack the query heads of each KV head into one matrix, one
 readable oracle is ``spdkernels.reference.tree_attention``.
 
 On CPU tensors the op's kernel is C++ (csrc/ops.cpp, once the extension is loaded): the static checks and the
-kernel with no Python on the way, some 20-40 us less a call at decoding size than the Python kernel it replaced
-(bench/results/README.md; a decoding step of a 30-layer model calls it 30 times). It sends fp64 to the torch
+kernel with no Python on the way, tens of microseconds less a call at decoding size than the Python kernel it
+replaced (bench/results/README.md; a decoding step of a 30-layer model calls it 30 times). It sends fp64 to the torch
 backend through the private op ``_tree_attention_torch`` defined here. On every other device, and on CPU without
 the extension, the kernel is the Python one below.
 """
