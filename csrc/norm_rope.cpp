@@ -4,8 +4,9 @@
 // values, 9 heads of 64) those are microseconds of dispatch each, twice per layer.
 //
 // Compiled with -ffp-contract=off (CMakeLists.txt sets it for this file, whatever -march a build adds), so the
-// rotary embedding rounds every product and sum as torch's ops do and equals them bit for bit. RMSNorm sums the squares in double (torch: fp32 pairwise sums), so its scale can differ
-// from torch's by an ulp; each row's result depends on that row alone.
+// rotary embedding rounds every product and sum as torch's ops do and equals them bit for bit. RMSNorm sums the
+// squares in double (torch: fp32 pairwise sums), so its scale can differ from torch's by an ulp; each row's result
+// depends on that row alone.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
