@@ -4,8 +4,8 @@ the same forward with the torch RMSNorm / rotary ops, and against tree_attention
 (the public wrapper's work, then an op of the same schema whose CPU kernel is the Python one the op had before: the
 static checks in Python, then the private C++ op). The variants run in turn, one forward each, the order rotating
 from one repeat to the next, ``--repeats`` times (medians); op validation off (the engine's setting); every
-variant's logits are checked against the runtime's first (bit for bit for tree_attention, within fp32 rounding for
-the torch norm).
+variant is checked first to run what it stands for (the profiler's op names), and its logits against the
+runtime's (bit for bit for tree_attention, within fp32 rounding for the torch norm).
 
     python -m spdkernels.bench.forward_steps [--tokens 1 5] [--repeats 40] [--json out.json]
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import platform
 import sys
 
@@ -37,7 +36,6 @@ def main(argv=None) -> int:
 
     import spdkernels
     from spdkernels import _cpp
-    from spdkernels import _validate as V
     from spdkernels.ops import _common
     from spdkernels.runtime import model as model_mod
     from spdkernels.runtime.model import LlamaModel
@@ -58,26 +56,20 @@ def main(argv=None) -> int:
     behind_python = torch.ops.spdkernels_forward_steps.tree_attention.default
 
     def ta_behind_python_kernel(q, k, v, bt, lens, cu, mask=None, scale=None):
-        # the public wrapper's own work (spdkernels.tree_attention), with the op it calls swapped for the one above
-        V.check_tensor("q", q, 3, ta_mod.DTYPES)
-        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            V.fail("scale", f"expected a finite positive float, got {scale!r}")
-        ta_mod._check_sizes(None, None, None)
-        return _common.call_op(ta_mod.OP, behind_python,
-                               (q, k, v, bt, lens, cu, mask, None if scale is None else float(scale), None, None, None),
-                               ta_mod._check_all_static, ta_mod._check_all_values, ta_mod._run)
+        # the public function's own work (spdkernels.tree_attention), with the op it calls swapped for the one above
+        return ta_mod._call(behind_python, q, k, v, bt, lens, cu, mask, scale, None, None, None)
 
     @contextlib.contextmanager
     def variant(name):
-        saved = model_mod._one_pass, model_mod.tree_attention
+        saved = model_mod._one_pass, model_mod._layer_one_pass, model_mod.tree_attention
         if name == "torch norm/rotary":
-            model_mod._one_pass = lambda *ts: False
+            model_mod._one_pass = model_mod._layer_one_pass = lambda *a: False
         elif name == "tree_attention via Python kernel":
             model_mod.tree_attention = ta_behind_python_kernel
         try:
             yield
         finally:
-            model_mod._one_pass, model_mod.tree_attention = saved
+            model_mod._one_pass, model_mod._layer_one_pass, model_mod.tree_attention = saved
 
     ck = load_checkpoint(embedded_model_path())
     m = LlamaModel(ck.config, ck.state_dict, packed=args.weights == "packed")
@@ -92,10 +84,25 @@ def main(argv=None) -> int:
 
     with torch.inference_mode():
         cache = prefilled_cache(m, prompt, args.context, max(args.tokens))
+        # what each variant must run (the profiler's op names), and its logits against the runtime's
+        one_pass = {"spdkernels::_cpu_rms_norm", "spdkernels::_cpu_rotary"}
+        expect = {"runtime": (one_pass | {"spdkernels::tree_attention"}, set()),
+                  "torch norm/rotary": (set(), one_pass),
+                  "tree_attention via Python kernel": ({"spdkernels_forward_steps::tree_attention"},
+                                                       {"spdkernels::tree_attention"})}
         for T in args.tokens:
-            base = step("runtime", T)[1]
+            logits = {}
+            for name in names:
+                with torch.profiler.profile() as prof:
+                    logits[name] = step(name, T)[1]
+                ran = {e.name for e in prof.events()}
+                must, must_not = expect[name]
+                if not must <= ran or must_not & ran:
+                    print(f"error: variant '{name}' did not run what it stands for at T={T}", file=sys.stderr)
+                    return 1
+            base = logits["runtime"]
             for name in names[1:]:
-                other = step(name, T)[1]
+                other = logits[name]
                 ok = torch.equal(other, base) if "tree_attention" in name else \
                     float((other - base).abs().max()) <= 1e-3 * float(base.abs().max())
                 if not ok:

@@ -668,7 +668,7 @@ def _ops_in_forward(model):
 
 
 @needs_cpp
-def test_one_pass_steps_run_in_the_model_forward_unless_gradients_flow():
+def test_one_pass_steps_run_in_the_model_forward_unless_gradients_flow(monkeypatch):
     """An fp32 CPU forward runs the C++ norm and rotary passes (and tree_attention's C++ kernel). When a weight of the
     first layer requires gradients (w_o, upstream of its second norm and of every later layer), the forward runs
     torch's norm and rotary ops instead, gives the same logits to fp32 rounding, and the gradient reaches w_o as the
@@ -683,29 +683,16 @@ def test_one_pass_steps_run_in_the_model_forward_unless_gradients_flow():
     for one_pass in (True, False):
         m = LlamaModel(c, sd, packed=False)
         m.layers[0].w_o = m.layers[0].w_o.clone().requires_grad_(True)
-        with contextlib.ExitStack() as stack:
+        with monkeypatch.context() as mp:
             if not one_pass:  # the torch ops everywhere (the reference for the gradient)
-                stack.enter_context(_patched("spdkernels.runtime.model._one_pass", lambda *ts: False))
+                mp.setattr("spdkernels.runtime.model._one_pass", lambda *a: False)
+                mp.setattr("spdkernels.runtime.model._layer_one_pass", lambda *a: False)
             ops, out = _ops_in_forward(m)
         assert not ops & {"spdkernels::_cpu_rms_norm", "spdkernels::_cpu_rotary"}, ops
         torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
         out.sum().backward()
         grads.append(m.layers[0].w_o.grad)
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
-
-
-@contextlib.contextmanager
-def _patched(target, value):
-    import importlib
-
-    mod_name, attr = target.rsplit(".", 1)
-    mod = importlib.import_module(mod_name)
-    saved = getattr(mod, attr)
-    setattr(mod, attr, value)
-    try:
-        yield
-    finally:
-        setattr(mod, attr, saved)
 
 
 @needs_cpp

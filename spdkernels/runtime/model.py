@@ -93,11 +93,24 @@ def _one_pass(*ts: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and _cpp.load())
 
 
+def _layer_one_pass(h: torch.Tensor, L, cos: torch.Tensor) -> bool:
+    """:func:`_one_pass` for a decoder layer, once per layer: fp32 CPU activations, norms and tables, and no gradient
+    to flow through the norms or the rotary embedding (from ``h``, the norms, or the weights that make q, k and the
+    second norm's input). The layer's tensors share one dtype and device; the C++ ops check theirs anyway."""
+    if not (h.dtype == torch.float32 and h.device.type == "cpu" and L.ln1.dtype == torch.float32
+            and cos.dtype == torch.float32 and _cpp.load()):
+        return False
+    return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                for t in (h, L.ln1, L.ln2, L.w_qkv, L.b_qkv, L.w_o)))
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, one_pass: Optional[bool] = None) -> torch.Tensor:
     """Rotary embedding (Hugging Face's half-split layout) of ``x: [T, H, D]`` (``cos``/``sin``: ``[T, 1, D]``).
     On CPU in fp32, one C++ pass equal to the torch ops below bit for bit (``one_pass``: the caller's
     :func:`_one_pass` of these tensors, to skip the check)."""
-    if one_pass if one_pass is not None else (_one_pass(x, cos, sin) and cos.dim() == 3 and cos.shape == sin.shape):
+    if one_pass is None:
+        one_pass = _one_pass(x, cos, sin) and cos.dim() == 3 and cos.shape == sin.shape
+    if one_pass:
         return torch.ops.spdkernels._cpu_rotary.default(x, cos, sin)
     h = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
@@ -106,7 +119,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, one_pass: Opti
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, one_pass: Optional[bool] = None) -> torch.Tensor:
     """RMSNorm of the rows of ``x: [T, hidden]`` times ``w``. On CPU in fp32, one C++ pass (the sum of squares in
     double: within an ulp or so of torch's rms_norm, each row independent of the others)."""
-    if one_pass if one_pass is not None else (x.dim() == 2 and _one_pass(x, w)):
+    if one_pass is None:
+        one_pass = x.dim() == 2 and _one_pass(x, w)
+    if one_pass:
         return torch.ops.spdkernels._cpu_rms_norm.default(x, w, eps)
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
@@ -124,9 +139,7 @@ def decoder_layer(h: torch.Tensor, L, c: LlamaConfig, cos: torch.Tensor, sin: to
     T = h.shape[0]
     Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
     eps = c.rms_norm_eps
-    # once per layer: the C++ norm and rotary passes (no autograd kernel), unless a gradient must flow through them:
-    # from h, the norms, or the weights that make q, k and the second norm's input
-    fast = _one_pass(h, cos, sin, *[t for t in (L.ln1, L.ln2, L.w_qkv, L.b_qkv, L.w_o) if isinstance(t, torch.Tensor)])
+    fast = _layer_one_pass(h, L, cos)  # the C++ norm and rotary passes (no autograd kernel)
     x = rms_norm(h, L.ln1, eps, fast)
     if rows is None:
         qkv = linear(x, L.w_qkv, L.b_qkv)
