@@ -4,10 +4,10 @@
 // Why: a verification forward multiplies a handful of token rows by every weight matrix, so it is bound
 // by reading the weights once. General BLAS kernels pack and tile for large M and, on this machine class,
 // read the weights at a few GB/s for 2 <= M <= 32. Here each block of 4 weight rows is streamed from
-// memory once and then reused from L1 for every token row (tiles of 4 weight rows x 2 token rows of 8 lanes on
-// AVX2, 4 x 4 of 16 lanes on AVX-512), so the cost stays near one pass over the weights until the FMAs become the
-// limit. Threads split N. Accumulation is in fp32 in a fixed order per output (the lanes over k, then the lanes
-// summed as a fixed tree, then the K tail): the result depends neither on the number of threads nor on M.
+// memory once and then reused from L1 for every token row (tiles of 4 weight rows x up to 3 token rows of 8
+// lanes on AVX2, 4 x 4 of 16 lanes on AVX-512), so the cost stays near one pass over the weights until the FMAs
+// become the limit. Threads split N. Accumulation is in fp32 in a fixed order per output (the lanes over k, then
+// the lanes summed as a fixed tree, then the K tail): the result depends neither on the number of threads nor on M.
 //
 // Compact weights (skinny_linear_packed): each block of 4 weight rows is read in a smaller exact form (fp16, or
 // GGUF-style blocks of 32 along K: Q8_0 = int8 x scale, Q4_1 = 4-bit x scale + min) and widened once into a

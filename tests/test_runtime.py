@@ -434,7 +434,8 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
     """With packed weights every row's output is the same whether it is computed alone or among up to
     packed_max_rows() rows (the skinny kernel's fixed order, past the 48 rows where fp32 weights go to BLAS: 192
     on AVX-512, 96 on AVX2), so a decoding batch of that many rows gives each request its batch-1 logits. A row in
-    a batch of more rows than that goes to BLAS, and is only close."""
+    a batch of more rows than that goes to BLAS, and is only close. Every row count up to 13 is checked, and fp32
+    weights too: the tiles take the token rows in passes of 1, 2 or 3 (AVX2) or of up to 4 (AVX-512) by the count."""
     from spdkernels import _cpp
     from spdkernels.runtime.linear import linear, pack_exact, packed_max_rows
 
@@ -447,9 +448,14 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
         top = packed_max_rows()
         x = torch.randn(top + 8, 576, generator=g)
         alone = torch.cat([linear(x[i:i + 1], p) for i in range(x.shape[0])])
-        for M in sorted({2, 5, min(49, top), min(90, top), top}):
+        for M in sorted({*range(2, 10), 13, min(49, top), min(90, top), top}):  # every pass layout up to 9 rows
             assert torch.equal(linear(x[:M], p), alone[:M]), M
             assert torch.equal(linear(x[x.shape[0] - M:], p), alone[x.shape[0] - M:]), M
+        # fp32 weights through the same tiles (K with an 8-lane tail), each row alone against within a batch
+        wf, xf = torch.randn(37, 581, generator=g), torch.randn(13, 581, generator=g)
+        alone_f = torch.cat([linear(xf[i:i + 1], wf) for i in range(13)])
+        for M in range(2, 14):
+            assert torch.equal(linear(xf[:M], wf), alone_f[:M]), M
         big = linear(x, p)
     torch.testing.assert_close(big, alone, rtol=0, atol=1e-5 * float(alone.abs().max()))
 
