@@ -434,8 +434,9 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
     """With packed weights every row's output is the same whether it is computed alone or among up to
     packed_max_rows() rows (the skinny kernel's fixed order, past the 48 rows where fp32 weights go to BLAS: 192
     on AVX-512, 96 on AVX2), so a decoding batch of that many rows gives each request its batch-1 logits. A row in
-    a batch of more rows than that goes to BLAS, and is only close. Every row count up to 13 is checked, and fp32
-    weights too: the tiles take the token rows in passes of 1, 2 or 3 (AVX2) or of up to 4 (AVX-512) by the count."""
+    a batch of more rows than that goes to BLAS, and is only close. Every row count up to 13 is checked, for Q8_0,
+    f16 and fp32 weights too: the tiles take the token rows in passes of 1, 2 or 3 (AVX2) or of up to 4 (AVX-512)
+    by the count, and on AVX2 the first pass widens packed weights in registers."""
     from spdkernels import _cpp
     from spdkernels.runtime.linear import linear, pack_exact, packed_max_rows
 
@@ -456,6 +457,15 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
         alone_f = torch.cat([linear(xf[i:i + 1], wf) for i in range(13)])
         for M in range(2, 14):
             assert torch.equal(linear(xf[:M], wf), alone_f[:M]), M
+        # Q8_0 and f16 weights (AVX2: widened in registers for the first pass of 1 to 3 rows, Q8_0 / Q4_1 also
+        # ahead of later passes), each row alone against within a batch and against the fp32 kernel
+        for fmt in ("q8_0", "f16"):
+            wq = _exact_weights(fmt, 37, 576, g)
+            pq = pack_exact(wq, formats=(fmt,))
+            alone_q = torch.cat([linear(x[i:i + 1], pq) for i in range(13)])
+            assert torch.equal(alone_q, torch.ops.spdkernels._cpu_skinny_linear.default(x[:13], wq, None)), fmt
+            for M in range(2, 14):
+                assert torch.equal(linear(x[:M], pq), alone_q[:M]), (fmt, M)
         big = linear(x, p)
     torch.testing.assert_close(big, alone, rtol=0, atol=1e-5 * float(alone.abs().max()))
 
