@@ -10,12 +10,13 @@
 // the lanes summed as a fixed tree, then the K tail): the result depends neither on the number of threads nor on M.
 //
 // Compact weights (skinny_linear_packed): each block of 4 weight rows is read in a smaller exact form (fp16, or
-// GGUF-style blocks of 32 along K: Q8_0 = int8 x scale, Q4_1 = 4-bit x scale + min) and widened once into a
-// per-thread fp32 buffer that the same fp32 tile then reads. Widening is exact given GGUF's binary16 scales: an
-// fp16 value is an fp32 value; scale x int8 is one rounded product (exact for a binary16 scale); scale x nibble
-// is exact for a binary16 scale, so Q4_1 adds its min with one rounding, FMA or not (with other fp32 scales the
-// AVX paths round scale x nibble + min once and the baseline path twice). The accumulation order is the fp32
-// kernel's, so y is bit for bit what the fp32 kernel gives for the widened weights, with 2x (fp16), ~3.8x (Q8_0)
+// GGUF-style blocks of 32 along K: Q8_0 = int8 x scale, Q4_1 = 4-bit x scale + min) and widened once into a per-thread
+// fp32 buffer that the same fp32 tile then reads; on AVX2 the first pass of 1 to 3 token rows widens in registers as it
+// multiplies instead (block_row1, block_pass), storing to the buffer only for later passes. Widening is exact given
+// GGUF's binary16 scales: an fp16 value is an fp32 value; scale x int8 is one rounded product (exact for a binary16
+// scale); scale x nibble is exact for a binary16 scale, so Q4_1 adds its min with one rounding, FMA or not (with other
+// fp32 scales the AVX paths round scale x nibble + min once and the baseline path twice). The accumulation order is the
+// fp32 kernel's, so y is bit for bit what the fp32 kernel gives for the widened weights, with 2x (fp16), ~3.8x (Q8_0)
 // or ~6.4x (Q4_1) fewer bytes to stream.
 #include <cstdint>
 #include <cstring>
@@ -38,7 +39,8 @@ __attribute__((always_inline)) inline float hsum(f8v v) {
   return s;
 }
 
-// Software prefetch of a later weight block, spread evenly over every pass of the current block. With
+// Software prefetch of a later weight block, spread evenly over the passes of the current block (the AVX2 paths
+// that widen in registers issue it all in their first pass). With
 // M > 2 rows a block is read from memory in the first pass and from L1 in the others; without this the
 // weight stream stops during those passes and the time is memory + compute instead of the larger of the
 // two (measured here: 5 and 9 rows ~25% faster, 5 rows then cost about what 1 row does).
@@ -124,6 +126,7 @@ void skinny_linear_f32(std::uintptr_t x_, int64_t ldx, std::uintptr_t w_, std::u
 void skinny_linear_packed(std::uintptr_t x_, int64_t ldx, int fmt, std::uintptr_t w_, std::uintptr_t scale_,
                           std::uintptr_t min_, std::uintptr_t bias_, std::uintptr_t y_, int64_t ldy, int64_t M, int64_t N,
                           int64_t K) {
+  if (M <= 0 || N <= 0) return;  // (the paths that widen in registers assume at least one token row)
   const Args a{ptr<const float>(x_), ldx, ptr<const void>(w_), scale_ ? ptr<const float>(scale_) : nullptr,
                min_ ? ptr<const float>(min_) : nullptr, bias_ ? ptr<const float>(bias_) : nullptr, ptr<float>(y_),
                ldy, M, N, K};

@@ -369,11 +369,11 @@ def _exact_weights(fmt, N, K, g):
                                    (49, 9, 64), (96, 5, 64), (97, 5, 64), (192, 6, 96), (193, 9, 64)])
 def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
     """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened into a per-thread fp32 buffer, on the stack up to
-    K = 4096, on the heap beyond) give exactly the fp32 kernel's output for the same values, on every
-    instruction-set path, and f16 rows with a K tail. Up to packed_max_rows() rows (192 on AVX-512, 96 on AVX2,
-    48 on baseline x86-64) that is the skinny kernel's (fp32 weights leave it for BLAS above 48 rows: the
-    comparison then calls the fp32 kernel itself); beyond, F.linear on the dequantised matrix (which checks
-    dequantize())."""
+    K = 4096, on the heap beyond, or on AVX2 in registers by the first pass) give exactly the fp32 kernel's output
+    for the same values, on every instruction-set path, and f16 rows with a K tail. Up to packed_max_rows() rows
+    (192 on AVX-512, 96 on AVX2, 48 on baseline x86-64) that is the skinny kernel's (fp32 weights leave it for
+    BLAS above 48 rows: the comparison then calls the fp32 kernel itself); beyond, F.linear on the dequantised
+    matrix (which checks dequantize())."""
     from spdkernels import _cpp
     from spdkernels.runtime.linear import SKINNY_MAX_ROWS, PackedWeight, linear, pack_exact, packed_max_rows
 
@@ -408,6 +408,37 @@ def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
         assert torch.equal(sub, want0[:, rows]) and torch.equal(sl, want0[:, 1:N])
     ref = (x.double() @ w.double().T + b.double()).float()  # and both are the product, to fp32 rounding
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6 * K ** 0.5 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
+@pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
+@pytest.mark.parametrize("K", [576, 4096, 4128])
+def test_packed_linear_strided_rows_bias_and_long_k(isa, K):
+    """Every packed format against the fp32 kernel bit for bit for 1 to 7 token rows, with x rows strided (a column
+    slice of a wider tensor: row stride != K), a bias, N with a partial last block of 4 weight rows, and K at and
+    past the 4096 floats of the stack buffer (on AVX2 the first pass of up to 3 rows widens in registers at any K;
+    later passes use the stack buffer up to K = 4096, the heap beyond)."""
+    from spdkernels import _cpp
+    from spdkernels.runtime.linear import pack_exact
+
+    g = torch.Generator().manual_seed(K)
+    N = 10
+    wide = torch.randn(7, K + 24, generator=g)
+    x = wide[:, 8:8 + K]
+    assert x.stride(0) == K + 24 and x.stride(1) == 1
+    b = torch.randn(N, generator=g)
+    with contextlib.ExitStack() as stack:
+        if isa != "best":
+            stack.enter_context(_cpp.isa_cap(isa))
+        for fmt in ("q8_0", "q4_1", "f16"):
+            w = _exact_weights(fmt, N, K, g)
+            p = pack_exact(w, formats=(fmt,))
+            for M in range(1, 8):
+                got = torch.ops.spdkernels._cpu_skinny_linear_packed.default(x[:M], p.format, p.data, p.scale, p.min, b)
+                want = torch.ops.spdkernels._cpu_skinny_linear.default(x[:M].contiguous(), w, b)
+                assert torch.equal(got, want), (fmt, M)
+            empty = torch.ops.spdkernels._cpu_skinny_linear_packed.default(x[:0], p.format, p.data, p.scale, p.min, b)
+            assert empty.shape == (0, N)
 
 
 @pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
