@@ -371,7 +371,7 @@ def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
     """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened into a per-thread fp32 buffer, on the stack up to
     K = 4096, on the heap beyond, or on AVX2 in registers by the first pass) give exactly the fp32 kernel's output
     for the same values, on every instruction-set path, and f16 rows with a K tail. Up to packed_max_rows() rows
-    (192 on AVX-512, 96 on AVX2, 48 on baseline x86-64) that is the skinny kernel's (fp32 weights leave it for
+    (192 on AVX-512 and AVX2, 48 on baseline x86-64) that is the skinny kernel's (fp32 weights leave it for
     BLAS above 48 rows: the comparison then calls the fp32 kernel itself); beyond, F.linear on the dequantised
     matrix (which checks dequantize())."""
     from spdkernels import _cpp
@@ -464,7 +464,7 @@ def test_packed_linear_layout_errors_are_caught():
 def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
     """With packed weights every row's output is the same whether it is computed alone or among up to
     packed_max_rows() rows (the skinny kernel's fixed order, past the 48 rows where fp32 weights go to BLAS: 192
-    on AVX-512, 96 on AVX2), so a decoding batch of that many rows gives each request its batch-1 logits. A row in
+    on AVX-512 and AVX2), so a decoding batch of that many rows gives each request its batch-1 logits. A row in
     a batch of more rows than that goes to BLAS, and is only close. Every row count up to 13 is checked, for Q8_0,
     f16 and fp32 weights too: the tiles take the token rows in passes of 1, 2 or 3 (AVX2) or of up to 4 (AVX-512)
     by the count, and on AVX2 the first pass widens packed weights in registers."""

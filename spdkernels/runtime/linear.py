@@ -7,7 +7,7 @@ block of 4 weight rows once to fp32 (into a buffer, or on AVX2 in registers for 
 rows) and accumulates in the fp32 kernel's order, so for a contiguous ``w`` and up to ``SKINNY_MAX_ROWS`` rows
 ``linear(x, pack_exact(w))`` equals ``linear(x, w)`` bit for bit while streaming 2-6x fewer bytes;
 :func:`pack_exact` only packs a matrix whose values it reproduces exactly. Packed weights stay in the skinny GEMM up
-to :func:`packed_max_rows` rows (192 on AVX-512, 96 on AVX2; fp32 weights go to BLAS above ``SKINNY_MAX_ROWS``: a
+to :func:`packed_max_rows` rows (192 on AVX-512 and AVX2; fp32 weights go to BLAS above ``SKINNY_MAX_ROWS``: a
 packed matrix would first have to be dequantised, which costs more than the skinny GEMM's lower peak up to there),
 so each row's result is the fp32 kernel's, whatever the other rows, up to that many rows. Beyond it (long prefills)
 the matrix is widened to fp32 for each call (one threaded C++ pass, ``_cpu_widen_packed``) and multiplied by BLAS,
@@ -26,9 +26,11 @@ from spdkernels import _cpp
 SKINNY_MAX_ROWS = 48
 # Above this many rows, dequantising a packed matrix for BLAS wins, by the skinny GEMM's instruction-set level
 # (the embedded model's Q4_1 layer matrices, 2 threads: on AVX-512 the skinny GEMM is 1.9x cheaper at 64 rows and
-# 1.06x at 192, 0.97x at 224 ([3072, 576]); the AVX2 tile, then 2 token rows against 4, crossed between 96 and 128
-# ([576, 1536] at 96: 1.01x); the baseline one loses from 32 rows, like fp32 weights there: the fp32 limit).
-PACKED_MAX_ROWS = {"avx512": 192, "avx2": 96, "baseline": SKINNY_MAX_ROWS}
+# 1.06x at 192, 0.97x at 224 ([3072, 576]); on AVX2 (4 x 3 tile, first pass widened in registers) the embedded
+# model's forward takes 0.63x the time of the widen-for-BLAS path at 128 rows and 0.88x at 192 (AMD EPYC, 2 threads:
+# `python -m spdkernels.bench.packed_weights --tokens 1 96 128 192 256 --repeats 7 --blas-above 96`); the baseline
+# one loses from 32 rows, like fp32 weights there: the fp32 limit).
+PACKED_MAX_ROWS = {"avx512": 192, "avx2": 192, "baseline": SKINNY_MAX_ROWS}
 
 FORMATS = ("q4_1", "q8_0", "f16")  # smallest first
 BLOCK = 32  # Q8_0 / Q4_1 block length along K
