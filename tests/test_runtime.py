@@ -366,7 +366,7 @@ def _exact_weights(fmt, N, K, g):
 @pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
 @pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_1"])
 @pytest.mark.parametrize("M,N,K", [(1, 7, 64), (2, 64, 96), (3, 130, 576), (8, 33, 1024), (5, 6, 4128), (48, 5, 32),
-                                   (49, 9, 64), (96, 5, 64), (97, 5, 64), (192, 6, 96), (193, 9, 64)])
+                                   (49, 9, 64), (128, 5, 64), (192, 6, 96), (193, 9, 64)])
 def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
     """Packed weights (csrc/linear.cpp: fp16, Q8_0, Q4_1 widened into a per-thread fp32 buffer, on the stack up to
     K = 4096, on the heap beyond, or on AVX2 in registers by the first pass) give exactly the fp32 kernel's output
@@ -480,7 +480,8 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
         top = packed_max_rows()
         x = torch.randn(top + 8, 576, generator=g)
         alone = torch.cat([linear(x[i:i + 1], p) for i in range(x.shape[0])])
-        for M in sorted({*range(2, 10), 13, min(49, top), min(90, top), top}):  # every pass layout up to 9 rows
+        # every pass layout up to 9 rows, then around the limits (48 for fp32 weights, packed_max_rows())
+        for M in sorted({*range(2, 10), 13, min(49, top), min(90, top), min(128, top), top - 1, top}):
             assert torch.equal(linear(x[:M], p), alone[:M]), M
             assert torch.equal(linear(x[x.shape[0] - M:], p), alone[x.shape[0] - M:]), M
         # fp32 weights through the same tiles (K with an 8-lane tail), each row alone against within a batch

@@ -28,7 +28,8 @@ SKINNY_MAX_ROWS = 48
 # (the embedded model's Q4_1 layer matrices, 2 threads: on AVX-512 the skinny GEMM is 1.9x cheaper at 64 rows and
 # 1.06x at 192, 0.97x at 224 ([3072, 576]); on AVX2 (4 x 3 tile, first pass widened in registers) the embedded
 # model's forward takes 0.63x the time of the widen-for-BLAS path at 128 rows and 0.88x at 192 (AMD EPYC, 2 threads:
-# `python -m spdkernels.bench.packed_weights --tokens 1 96 128 192 256 --repeats 7 --blas-above 96`); the baseline
+# `python -m spdkernels.bench.packed_weights --tokens 1 96 128 192 256 --repeats 7 --blas-above 96`; still 0.77x
+# at 224 rows and 0.90x at 256 with the limit at 256: 192 is conservative there); the baseline
 # one loses from 32 rows, like fp32 weights there: the fp32 limit).
 PACKED_MAX_ROWS = {"avx512": 192, "avx2": 192, "baseline": SKINNY_MAX_ROWS}
 
