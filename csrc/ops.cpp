@@ -25,6 +25,12 @@
 //                        transformers.py): the drafts as host ints
 //   _cpu_isa_level, _cpu_set_isa_cap  the instruction-set level of the hand-dispatched kernels
 //
+// The ops here with float outputs are inference ops (no backward, no forward derivative): their AutogradCPU kernel
+// (inference_only) refuses an input that would need one, a tensor that requires grad under grad mode or one carrying
+// a forward-mode tangent, with a ValueError naming it; torch's fallback would run the op and give no gradient or a
+// zero tangent. Registered for AutogradCUDA too for the public op; spdkernels/_library.py registers the same check
+// in Python for the public op's Autograd alias (every device), which these take precedence over.
+//
 // The module is imported as spdkernels._C (PyInit__C below is all of its Python face): importing it runs the
 // registrations. It links the libtorch it was built against; spdkernels/_cpp.py loads it only under that torch.
 #include <Python.h>  // first, as Python asks
@@ -32,7 +38,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/core/DistributionsHelper.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/fill.h>
@@ -777,6 +785,30 @@ Tensor hf_verify_greedy_cpu(const Tensor& rows, c10::IntArrayRef drafts) {
   return out;
 }
 
+// The AutogradCPU kernel of the inference ops: an input that a backward or a forward-mode derivative would need is
+// a ValueError naming it (grad mode on and requires_grad, or a forward-mode tangent: torch supports one level of
+// forward AD, level 0); otherwise the op runs below autograd. Boxed: one function for every such op.
+void inference_only(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  const bool grad = at::GradMode::is_enabled();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = (*stack)[first + i];
+    if (!v.isTensor()) continue;  // (an absent optional tensor is None; none of these ops takes a Tensor[])
+    const at::Tensor& t = v.toTensor();
+    if (!t.defined()) continue;
+    const std::string& name = args[i].name();
+    TORCH_CHECK_VALUE(!(grad && t.requires_grad()), name, ": requires grad, and ", op.schema().name(),
+                      " is an inference op with no backward: call it under torch.no_grad() or "
+                      "torch.inference_mode(), or pass ", name, ".detach()");
+    TORCH_CHECK_VALUE(!t._fw_grad(0).defined(), name, ": carries a forward-mode AD tangent, and ", op.schema().name(),
+                      " is an inference op with no forward derivative: pass the primal "
+                      "(torch.autograd.forward_ad.unpack_dual(", name, ").primal)");
+  }
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
 int64_t isa_level_op() { return spd::isa_level(); }
 void set_isa_cap_op(int64_t level) { spd::set_isa_cap(static_cast<int>(level)); }
 
@@ -828,6 +860,15 @@ void register_kernels() {
   cpu->impl("_cpu_flashinfer_chain_sampling", &flashinfer_chain_cpu);
   cpu->impl("_cpu_vllm_rejection_sample", &vllm_rejection_sample_cpu);
   cpu->impl("_cpu_hf_verify_greedy", &hf_verify_greedy_cpu);
+  auto* grad = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::AutogradCPU, __FILE__,
+                                  __LINE__);
+  for (const char* name : {"tree_attention", "_cpu_tree_attention", "_cpu_skinny_linear", "_cpu_skinny_linear_packed",
+                           "_cpu_widen_packed", "_cpu_rms_norm", "_cpu_rotary", "_cpu_target_weights"})
+    grad->impl(name, torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  // the public op's CUDA calls too (its Triton kernel is Python's): the check without a Python frame
+  auto* grad_cuda = new torch::Library(torch::Library::IMPL, "spdkernels", c10::DispatchKey::AutogradCUDA, __FILE__,
+                                       __LINE__);
+  grad_cuda->impl("tree_attention", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
 }
 
 // `import spdkernels._C` registers the kernels above; the module itself is empty.

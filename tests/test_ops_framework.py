@@ -421,3 +421,179 @@ def test_concurrent_calls_and_inference_mode():
     for t, outs in got.items():
         for out in outs:
             assert all(torch.equal(g, w) for g, w in zip(out, want[t % 2]))
+
+
+# ---- inference ops: no derivative, refused with a ValueError naming the input -------------------------
+
+def _inference_cases():
+    """(op, args, float tensor argument names) of every op with float outputs that this build registers on CPU."""
+    from test_tree_attention import make_batch
+
+    gen = torch.Generator().manual_seed(1)
+    ta_args = (*make_batch([3, 1], [17, 5], 4, 2, 16, 16, torch.float32, False, gen), 0.25)
+    ops = torch.ops.spdkernels
+    cases = [(ops.tree_attention.default, ta_args, ("q", "k_cache", "v_cache")),
+             (ops._tree_attention_torch.default, ta_args, ("q", "k_cache", "v_cache"))]
+    if "cpp" in backends_here():
+        x, w, b = torch.randn(3, 64, generator=gen), torch.randn(8, 64, generator=gen), torch.randn(8, generator=gen)
+        cos, sin = torch.rand(3, 1, 16, generator=gen), torch.rand(3, 1, 16, generator=gen)
+        cases += [
+            (ops._cpu_tree_attention.default, ta_args, ("q", "k_cache", "v_cache")),
+            (ops._cpu_skinny_linear.default, (x, w, b), ("x", "weight", "bias")),
+            (ops._cpu_skinny_linear_packed.default, (x, "f16", w.half(), None, None, b), ("x", "weight", "bias")),
+            (ops._cpu_skinny_linear_packed.default,
+             (x, "q8_0", torch.randint(-127, 128, (8, 64), dtype=torch.int8, generator=gen),
+              torch.rand(8, 2, generator=gen), None, b), ("x", "scale", "bias")),
+            (ops._cpu_widen_packed.default, ("f16", w.half(), None, None), ("weight",)),
+            (ops._cpu_rms_norm.default, (x, torch.rand(64, generator=gen) + 0.5, 1e-6), ("x", "weight")),
+            (ops._cpu_rotary.default, (torch.randn(3, 2, 16, generator=gen), cos, sin), ("x", "cos", "sin")),
+            (ops._cpu_target_weights.default, (torch.randn(37, generator=gen), 0.8, 5, 0.9), ("row",)),
+        ]
+    return cases
+
+
+def _with(args, op, name, make):
+    """``args`` with the argument called ``name`` replaced by ``make(it)``."""
+    i = [a.name for a in op._schema.arguments].index(name)
+    return (*args[:i], make(args[i]), *args[i + 1:])
+
+
+@pytest.mark.parametrize("case", range(len(_inference_cases())),
+                         ids=[c[0]._schema.name.split("::")[1] for c in _inference_cases()])
+def test_inference_ops_refuse_an_input_that_needs_a_derivative(case):
+    """An op with float outputs has no backward and no forward derivative: an input that requires grad under grad
+    mode, or that carries a forward-mode tangent (forward_ad, torch.func.jvp, torch.func.grad), is a ValueError
+    naming it, instead of torch's fallback, which runs the op and gives a zero gradient / tangent. Under no_grad and
+    inference_mode the same inputs run, bit for bit as without requires_grad."""
+    import torch.autograd.forward_ad as fwAD
+
+    op, args, names = _inference_cases()[case]
+    want = op(*args)
+    want = want if isinstance(want, tuple) else (want,)
+
+    def same(got):
+        got = got if isinstance(got, tuple) else (got,)
+        assert all(torch.equal(g, w) if isinstance(g, torch.Tensor) else g == w for g, w in zip(got, want))
+
+    for name in names:
+        grad_args = _with(args, op, name, lambda t: t.clone().requires_grad_(True))
+        with pytest.raises(ValueError, match=f"^{name}: requires grad, and {op._schema.name} is an inference op"):
+            op(*grad_args)
+        with torch.no_grad():
+            same(op(*grad_args))
+        with torch.inference_mode():
+            same(op(*grad_args))
+        with fwAD.dual_level():
+            dual_args = _with(args, op, name, lambda t: fwAD.make_dual(t, torch.ones_like(t)))
+            with pytest.raises(ValueError, match=f"^{name}: carries a forward-mode AD tangent"):
+                op(*dual_args)
+        i = [a.name for a in op._schema.arguments].index(name)
+
+        def f(t, i=i):
+            out = op(*args[:i], t, *args[i + 1:])
+            return out[0] if isinstance(out, tuple) else out
+
+        t0 = args[i].float() if args[i].dtype == torch.float16 else args[i]
+        if t0 is args[i]:  # (torch.func needs a float dtype it can differentiate: fp16 weights are covered above)
+            with pytest.raises(ValueError, match=f"^{name}: carries a forward-mode AD tangent"):
+                torch.func.jvp(f, (t0,), (torch.ones_like(t0),))
+            with pytest.raises(ValueError, match=f"^{name}: requires grad"):
+                torch.func.grad(lambda t: f(t).sum())(t0)
+
+
+def test_public_wrapper_refuses_too_and_integer_ops_still_run():
+    """spdkernels.tree_attention (the wrapper, validation on or off) refuses q that requires grad; verify_greedy and
+    rejection_sample, whose outputs are token ids and counts (nothing to differentiate), run on logits that
+    require grad and give the same outputs."""
+    from test_tree_attention import make_batch
+
+    gen = torch.Generator().manual_seed(2)
+    q, kc, vc, bt, lens, cu, mask = make_batch([2], [9], 4, 2, 16, 16, torch.float32, False, gen)
+    for on in (True, False):
+        cpu_backends = [b for b in spdkernels.available_backends("cpu", op="tree_attention") if b in ("cpp", "torch")]
+        for backend in [None, *cpu_backends]:  # forced: called directly
+            with spdkernels.validation(on), spdkernels.use_backend(backend):
+                with pytest.raises(ValueError, match="^q: requires grad"):
+                    spdkernels.tree_attention(q.requires_grad_(True), kc, vc, bt, lens, cu, mask)
+                with pytest.raises(ValueError, match="^v_cache: requires grad"):  # the op, keyword arguments given
+                    torch.ops.spdkernels.tree_attention(q.detach(), kc, vc.requires_grad_(True), bt, lens, cu, mask,
+                                                        None, max_q_len=2, max_kv_len=11)
+                vc.requires_grad_(False)
+                want = spdkernels.tree_attention(q.detach(), kc, vc, bt, lens, cu, mask)
+                with torch.no_grad():
+                    assert torch.equal(spdkernels.tree_attention(q, kc, vc, bt, lens, cu, mask, max_q_len=2), want)
+    q.requires_grad_(False)
+    b = random_draft_batch([2, 3], 37, gen=gen)
+    logits = b.target_logits.clone().requires_grad_(True)
+    want = spdkernels.verify_greedy(*b.args())
+    got = spdkernels.verify_greedy(logits, *b.args()[1:])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    seed = torch.arange(b.R)
+    kw = dict(parents=b.parents, seed=seed, temperature=torch.full((b.R,), 0.8))
+    want = spdkernels.rejection_sample(b.target_logits, b.draft_token_ids, b.cu_num_draft, **kw)
+    got = spdkernels.rejection_sample(logits, b.draft_token_ids, b.cu_num_draft, **kw)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_inference_check_without_the_extension():
+    """Without the C++ extension the Python Autograd kernel (spdkernels/_library.py) makes the same refusals."""
+    code = ("import sys; sys.modules['spdkernels._C'] = None\n"
+            "import torch, spdkernels\n"
+            "import torch.autograd.forward_ad as fwAD\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "from test_tree_attention import make_batch\n"
+            "q, kc, vc, bt, lens, cu, mask = make_batch([2], [9], 4, 2, 16, 16)\n"
+            "f = lambda q: torch.ops.spdkernels.tree_attention(q, kc, vc, bt, lens, cu, mask, 0.25)\n"
+            "want = f(q)\n"
+            "for name, g in [('grad', lambda: f(q.clone().requires_grad_(True))),\n"
+            "                ('grad k', lambda: torch.ops.spdkernels.tree_attention(q, kc.clone().requires_grad_(True),"
+            " vc, bt, lens, cu, mask, 0.25)),\n"
+            "                ('jvp', lambda: torch.func.jvp(f, (q,), (torch.ones_like(q),))),\n"
+            "                ('func.grad', lambda: torch.func.grad(lambda t: f(t).sum())(q))]:\n"
+            "    try:\n"
+            "        g(); print(name, 'ran')\n"
+            "    except ValueError as e:\n"
+            "        print(name, str(e).split(',')[0])\n"
+            "with fwAD.dual_level():\n"
+            "    try:\n"
+            "        f(fwAD.make_dual(q, torch.ones_like(q))); print('dual ran')\n"
+            "    except ValueError as e:\n"
+            "        print('dual', str(e).split(',')[0])\n"
+            "with torch.no_grad():\n"
+            "    print('no_grad', torch.equal(f(q.clone().requires_grad_(True)), want))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPDKERNELS_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
+                         env=env, check=True)
+    assert out.stdout.splitlines() == ["grad q: requires grad", "grad k k_cache: requires grad",
+                                       "jvp q: carries a forward-mode AD tangent",
+                                       "func.grad q: requires grad", "dual q: carries a forward-mode AD tangent",
+                                       "no_grad True"], out.stdout + out.stderr
+
+
+@needs_cpp
+def test_autograd_kernels_are_registered():
+    """AutogradCPU of every op with float outputs holds the C++ check (csrc/ops.cpp), and AutogradCUDA of
+    tree_attention (whose CUDA kernel is Python's: the check adds no Python frame); its Autograd alias holds the
+    Python check (for every other device, and without the extension)."""
+    for name in ("tree_attention", "_cpu_tree_attention", "_cpu_skinny_linear", "_cpu_skinny_linear_packed",
+                 "_cpu_widen_packed", "_cpu_rms_norm", "_cpu_rotary", "_cpu_target_weights"):
+        dump = torch._C._dispatch_dump(f"spdkernels::{name}")
+        assert any(line.startswith("AutogradCPU:") and "csrc/ops.cpp" in line for line in dump.splitlines()), dump
+    dump = torch._C._dispatch_dump("spdkernels::tree_attention").splitlines()
+    assert any(line.startswith("AutogradCUDA:") and "csrc/ops.cpp" in line for line in dump), dump
+    assert any(line.startswith("Autograd[alias]:") and "_library.py" in line for line in dump), dump
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inference_check_on_cuda():
+    """tree_attention's AutogradCUDA kernel (C++ with the extension, else the Python one) refuses q that requires grad,
+    and runs it under no_grad."""
+    from test_tree_attention import make_batch
+
+    args = [t.cuda() for t in make_batch([2], [9], 4, 2, 16, 16)[:6]]
+    q = args[0].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="^q: requires grad"):
+        torch.ops.spdkernels.tree_attention(q, *args[1:], None, 0.25)
+    with torch.no_grad():
+        assert torch.equal(torch.ops.spdkernels.tree_attention(q, *args[1:], None, 0.25),
+                           torch.ops.spdkernels.tree_attention(args[0], *args[1:], None, 0.25))

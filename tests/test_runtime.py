@@ -717,13 +717,20 @@ def _ops_in_forward(model):
 
 @needs_cpp
 def test_one_pass_steps_run_in_the_model_forward_unless_gradients_flow(monkeypatch):
-    """An fp32 CPU forward runs the C++ norm and rotary passes (and tree_attention's C++ kernel). When a weight of the
-    first layer requires gradients (w_o, upstream of its second norm and of every later layer), the forward runs
-    torch's norm and rotary ops instead, gives the same logits to fp32 rounding, and the gradient reaches w_o as the
-    torch ops give it."""
+    """An fp32 CPU forward runs the C++ norm and rotary passes (and tree_attention's C++ kernel). When a weight
+    requires gradients (w_o of a one-layer model: upstream of its second norm, the MLP and the final norm, after its
+    attention), the forward runs torch's norm and rotary ops instead, gives the same logits to fp32 rounding, and the
+    gradient reaches w_o as the torch ops give it. With a later layer, whose attention would need the gradient
+    (tree_attention is an inference op), the forward is a ValueError naming q, not a gradient without that path."""
     from spdkernels.runtime.model import LlamaModel
 
-    c = random_config()
+    m = LlamaModel(random_config(), random_state_dict(random_config(), seed=3), packed=False)
+    m.layers[0].w_o = m.layers[0].w_o.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="^q: requires grad, and spdkernels::tree_attention is an inference op"):
+        _ops_in_forward(m)
+    with torch.no_grad():
+        _ops_in_forward(m)
+    c = random_config(num_layers=1)
     sd = random_state_dict(c, seed=3)
     ops, want = _ops_in_forward(LlamaModel(c, sd, packed=False))
     assert {"spdkernels::_cpu_rms_norm", "spdkernels::_cpu_rotary", "spdkernels::tree_attention"} <= ops, ops

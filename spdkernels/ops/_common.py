@@ -7,7 +7,7 @@ from typing import Callable, Tuple
 
 import torch
 
-from spdkernels import _config, _registry
+from spdkernels import _config, _library, _registry
 
 
 def verify_outputs(R: int, max_depth: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,6 +46,8 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
         if chosen is not None:  # another backend than the dispatcher's kernel: called directly
             if not validate:  # first: a bad argument is a ValueError naming it, not a backend error
                 check_static(*args)
+            if op in _library.FLOAT_OUTPUTS:  # (the op's Autograd kernel is not on this path)
+                _library.refuse_derivatives(overload._schema.name, [a.name for a in overload._schema.arguments], args)
             return run(chosen[0], chosen[1], *args)
     try:
         return overload(*args)

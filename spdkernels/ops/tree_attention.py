@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from spdkernels import _registry
 from spdkernels import _validate as V
-from spdkernels._library import LIB, define_op
+from spdkernels._library import LIB, define_op, inference_only
 from spdkernels.ops._common import call_op, op_kernel
 from spdkernels.reference.tree_attention import allowed_mask, gather_kv, request_spans
 
@@ -199,6 +199,8 @@ def _torch_backend_op(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree
 LIB.define("_tree_attention_torch(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
            "Tensor cu_q_lens, Tensor? tree_mask, float scale) -> Tensor")
 LIB.impl("_tree_attention_torch", _torch_backend_op, "CompositeExplicitAutograd")
+LIB.impl("_tree_attention_torch", inference_only(torch.ops.spdkernels._tree_attention_torch.default), "Autograd",
+         with_keyset=True)
 
 
 def _call(overload, q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale, max_q_len, max_kv_len,
