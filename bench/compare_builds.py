@@ -3,6 +3,7 @@
     python bench/compare_builds.py --old REV [--new WORKTREE] [--op verify_greedy rejection_sample]
                                    [--backend cpp] [--rounds 5] [--repeats 30] [--json out.json]
     python bench/compare_builds.py --old REV --forward [--tokens 1 5] ...   (the embedded model's forward instead)
+    python bench/compare_builds.py --old REV --spd [--stages 2 4 8] [--max-tokens 32] ...   (SPD's PDM and stages)
 
 Each build is laid out as setup.py installs it (``triton_kernels/``, ``nki_kernels/``, ``bench/`` inside
 ``spdkernels/``) in ``build/compare/<name>/site`` with its C++ extension built in place (``--old``: a git revision,
@@ -51,14 +52,36 @@ def forward_once(site: Path, args, out: Path) -> list:
     cmd = [sys.executable, "-m", "spdkernels.bench.packed_weights", "--repeats", str(args.repeats), "--json",
            str(out), "--tokens", *[str(t) for t in args.tokens]]
     _run(cmd, cwd=site, env=dict(os.environ, PYTHONPATH=str(site)), stdout=subprocess.DEVNULL)
-    rows = json.loads(out.read_text())["rows"]
+    return forward_rows(json.loads(out.read_text()))
+
+
+def forward_rows(out: dict) -> list:
     return [dict(op="forward", case=f"embedded model, {r['tokens']} tokens", backend=w, median_ms=r[f"{w}_ms"],
-                 frac_copy_bw=0.0, check="ok") for r in rows for w in ("fp32", "packed")]
+                 frac_copy_bw=0.0, check="ok") for r in out["rows"] for w in ("fp32", "packed")]
+
+
+def spd_once(site: Path, args, out: Path) -> list:
+    """``--spd``: one run of bench/spd.py (SPD on the embedded model with the shipped PDM, the demo's prompts, greedy,
+    ``--max-tokens`` each; it checks every output against our autoregressive decoding) as spd-bench rows: the
+    PDM forward and the mean stage forward per cycle at each n (check "ok" when every output was identical)."""
+    cmd = [sys.executable, "-m", "spdkernels.bench.spd", "--max-tokens", str(args.max_tokens), "--json", str(out),
+           "--stages", *[str(n) for n in args.stages]]
+    _run(cmd, cwd=site, env=dict(os.environ, PYTHONPATH=str(site)), stdout=subprocess.DEVNULL)
+    return spd_rows(json.loads(out.read_text()))
+
+
+def spd_rows(out: dict) -> list:
+    return [dict(op="spd", case=f"n={r['n']} (acceptance {r['acceptance']:.3f})", backend=part,
+                 median_ms=r[f"{part}_ms"], frac_copy_bw=0.0,
+                 check="ok" if r["identical"].split("/")[0] == r["identical"].split("/")[1] else "not identical")
+            for r in out["rows"] for part in ("pdm", "stage")]
 
 
 def bench_once(site: Path, args, out: Path) -> list:
     if args.forward:
         return forward_once(site, args, out)
+    if args.spd:
+        return spd_once(site, args, out)
     cmd = [sys.executable, "-m", "spdkernels.bench", "--repeats", str(args.repeats), "--json", str(out),
            "--no-progress"]
     for op in args.op:
@@ -85,13 +108,19 @@ def main(argv=None) -> int:
     ap.add_argument("--forward", action="store_true", help="time the embedded model's forward (the packed_weights "
                     "bench, fp32 and packed weights) instead of spd-bench ops")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 5], help="with --forward: query tokens per forward")
+    ap.add_argument("--spd", action="store_true", help="time SPD's PDM forward and stage forwards per cycle "
+                    "(bench/spd.py) instead of spd-bench ops; a row's case names the acceptance, so a build whose "
+                    "outputs differ shows as rows of one build only")
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8], help="with --spd: the values of n")
+    ap.add_argument("--max-tokens", type=int, default=32, help="with --spd: new tokens per prompt")
     ap.add_argument("--reuse", action="store_true", help="summarise the rounds of the last run (no build, no bench)")
     args = ap.parse_args(argv)
     work = ROOT / "build" / "compare"
     work.mkdir(parents=True, exist_ok=True)
     old_src = work / "old" / "src"
     if args.reuse:
-        runs = {name: [json.loads((work / name / f"round{i}.json").read_text())["rows"] for i in range(args.rounds)]
+        rows_of = forward_rows if args.forward else spd_rows if args.spd else (lambda out: out["rows"])
+        runs = {name: [rows_of(json.loads((work / name / f"round{i}.json").read_text())) for i in range(args.rounds)]
                 for name in ("old", "new")}
         return summarise(runs, args, args.old, args.new)
     if old_src.exists():
@@ -128,15 +157,31 @@ def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
         pairs = zip(per["new"], per["old"])
         row["ratio_new_old"] = statistics.median(n["median_ms"] / o["median_ms"] for n, o in pairs)
         table.append(row)
-    what = "packed_weights (embedded model forward)" if args.forward else "spd-bench"
-    print(f"# old {old_rev} vs new {new_rev}: {args.rounds} alternating rounds of {what} --repeats {args.repeats}; "
-          "medians over rounds")
+    what = ("packed_weights (embedded model forward)" if args.forward else
+            f"bench/spd.py --max-tokens {args.max_tokens} (per cycle)" if args.spd else "spd-bench")
+    repeats = "" if args.spd else f" --repeats {args.repeats}"
+    print(f"# old {old_rev} vs new {new_rev}: {args.rounds} alternating rounds of {what}{repeats}; medians over rounds")
     print(f"{'op':17} {'case':40} {'backend':14} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'old %BW':>8} "
           f"{'new %BW':>8}  check")
     for r in table:
         ok = "ok" if r["old_check"] == r["new_check"] == ["ok"] else f"{r['old_check']} / {r['new_check']}"
         print(f"{r['op']:17} {r['case']:40} {r['backend']:14} {r['old_ms']:9.4f} {r['new_ms']:9.4f} "
               f"{r['ratio_new_old']:8.3f} {100 * r['old_copy_bw']:7.0f}% {100 * r['new_copy_bw']:7.0f}%  {ok}")
+    if args.spd:  # the PDM per stage forward, the same run's stages as the control for the machine's state
+        for case in dict.fromkeys(r["case"] for r in table):
+            def per_stage(rows, case=case):
+                return (next(r for r in rows if r["case"] == case and r["backend"] == "pdm")["median_ms"]
+                        / next(r for r in rows if r["case"] == case and r["backend"] == "stage")["median_ms"])
+            old = [per_stage(rows) for rows in runs["old"]]
+            new = [per_stage(rows) for rows in runs["new"]]
+            ratios = [n / o for n, o in zip(new, old)]
+            print(f"# {case}: PDM / stage forward {statistics.median(old):.3f} old, {statistics.median(new):.3f} new; "
+                  f"new/old per round {', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f})")
+    for name, other in (("old", "new"), ("new", "old")):  # (e.g. --spd rows whose acceptance differs)
+        keys = {key_of(r) for r in runs[other][0]}
+        for r in runs[name][0]:
+            if key_of(r) not in keys:
+                print(f"# only in {name}: {r['op']} / {r['case']} / {r['backend']}")
     if args.json:  # written whole, then renamed (this driver does not import spdkernels: no runtime.files)
         out = Path(args.json)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

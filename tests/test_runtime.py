@@ -489,8 +489,8 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
         alone_f = torch.cat([linear(xf[i:i + 1], wf) for i in range(13)])
         for M in range(2, 14):
             assert torch.equal(linear(xf[:M], wf), alone_f[:M]), M
-        # Q8_0 and f16 weights (AVX2: widened in registers for the first pass of 1 to 3 rows, Q8_0 / Q4_1 also
-        # ahead of later passes), each row alone against within a batch and against the fp32 kernel
+        # Q8_0 and f16 weights (AVX2, K % 32 == 0: widened in registers for the first pass of 1 to 3 rows, and
+        # stored from there for later passes), each row alone against within a batch and against the fp32 kernel
         for fmt in ("q8_0", "f16"):
             wq = _exact_weights(fmt, 37, 576, g)
             pq = pack_exact(wq, formats=(fmt,))
