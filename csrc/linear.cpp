@@ -16,9 +16,8 @@
 // passes. Widening is exact given GGUF's binary16 scales: an fp16 value is an fp32 value; scale x int8 is one
 // rounded product (exact for a binary16 scale); scale x nibble is exact for a binary16 scale, so Q4_1 adds its min
 // with one rounding, FMA or not (with other fp32 scales the AVX paths round scale x nibble + min once and the baseline
-// path twice). The accumulation order is the
-// fp32 kernel's, so y is bit for bit what the fp32 kernel gives for the widened weights, with 2x (fp16), ~3.8x (Q8_0)
-// or ~6.4x (Q4_1) fewer bytes to stream.
+// path twice). The accumulation order is the fp32 kernel's, so y is bit for bit what the fp32 kernel gives for the
+// widened weights, with 2x (fp16), ~3.8x (Q8_0) or ~6.4x (Q4_1) fewer bytes to stream.
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

@@ -9,7 +9,7 @@ which then take precedence over the Python kernel on CPU tensors.
 
 An op with float outputs is an inference op (no backward, no forward derivative): its ``Autograd`` kernel
 (:func:`inference_only`) refuses an input that a derivative would need, with a ValueError naming it, then runs
-the op below autograd (torch's fallback would run it and give a zero gradient or tangent). The C++ extension
+the op below autograd (torch's fallback would run it and give no gradient or a zero tangent). The C++ extension
 registers the same check in C++ for ``AutogradCPU`` and, for ``tree_attention``, ``AutogradCUDA``, which take
 precedence over this one: no Python frame on those calls.
 
@@ -48,10 +48,17 @@ def define_op(schema: str, kernel: Callable, fake: Callable, integer_outputs: bo
     DEFINED.append(name)
 
 
-def refuse_derivatives(qualified: str, names, args, kwargs=None) -> None:
-    """ValueError naming the first tensor argument of the inference op ``qualified`` that a derivative would need:
-    one that requires grad while grad mode is on, or one that carries a forward-mode tangent (forward_ad dual
-    tensors, torch.func.jvp). ``names``: the schema's argument names, matching ``args`` positionally."""
+_ARG_NAMES: dict = {}  # op overload -> its schema's argument names
+
+
+def refuse_derivatives(op: torch._ops.OpOverload, args, kwargs=None) -> None:
+    """ValueError naming the first tensor argument of the inference op ``op`` that a derivative would need: one
+    that requires grad while grad mode is on, or one that carries a forward-mode tangent (forward_ad dual tensors,
+    torch.func.jvp). ``args`` are positional, in the schema's order."""
+    names = _ARG_NAMES.get(op)
+    if names is None:
+        names = _ARG_NAMES[op] = [a.name for a in op._schema.arguments]
+    qualified = op._schema.name
     grad = torch.is_grad_enabled()
     dual = torch.autograd.forward_ad._current_level >= 0  # (one global read when no dual level is open)
     for name, t in [*zip(names, args), *(kwargs or {}).items()]:
@@ -69,13 +76,10 @@ def refuse_derivatives(qualified: str, names, args, kwargs=None) -> None:
 def inference_only(op: torch._ops.OpOverload) -> Callable:
     """The ``Autograd`` kernel (``with_keyset=True``) of an inference op: :func:`refuse_derivatives`, then the op
     below autograd."""
-    names = [a.name for a in op._schema.arguments]
-    qualified = op._schema.name
-
     def kernel(keyset, *args, **kwargs):
-        refuse_derivatives(qualified, names, args, kwargs)
+        refuse_derivatives(op, args, kwargs)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
 
-    kernel.__name__ = f"{qualified.split('::')[1]}_autograd"
+    kernel.__name__ = f"{op._schema.name.split('::')[1]}_autograd"
     return kernel

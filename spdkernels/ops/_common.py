@@ -47,7 +47,7 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
             if not validate:  # first: a bad argument is a ValueError naming it, not a backend error
                 check_static(*args)
             if op in _library.FLOAT_OUTPUTS:  # (the op's Autograd kernel is not on this path)
-                _library.refuse_derivatives(overload._schema.name, [a.name for a in overload._schema.arguments], args)
+                _library.refuse_derivatives(overload, args)
             return run(chosen[0], chosen[1], *args)
     try:
         return overload(*args)
