@@ -289,8 +289,38 @@ def test_spd_bad_input(model, pdm):
     with pytest.raises(ValueError, match="prompt_ids: request 0 has 2 tokens"):
         SPDEngine(model, pdm, 3).generate([Request([1, 2], _greedy(4))])
     with pytest.raises(ValueError, match="deepest anchor"):
-        check_stages(untrained_pdm(model, [0, 2], layers=1).cfg, 4, 4) if False else \
-            check_stages(type("C", (), dict(anchors=[0, 2, 4], m=2))(), 3, 2)
+        check_stages(type("C", (), dict(anchors=[0, 2, 4], m=2))(), 3, 2)
+
+
+def test_pdm_rows_grouped_on_the_host_equal_row_by_row(pdm):
+    """Rows of mixed types (grouped by type on the host from a list, or read from a tensor) equal each row
+    formed alone (fp64; list and tensor types bit for bit); the previous-token term is zero for a row without
+    one; bad types are refused."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(7, len(ANCHORS), CFG.hidden_size, generator=g, dtype=torch.float64)
+    prev_h = torch.randn(7, len(ANCHORS), CFG.hidden_size, generator=g, dtype=torch.float64)
+    types, prev_t = [4, 0, 1, 1, 3, 4, 2], [-1, 4, 0, 1, 1, 3, 4]
+    kw = dict(prev_h=prev_h, prev_types=prev_t) if pdm.shift_w is not None else {}
+    got = pdm.rows(h, types, **kw)
+    kw_t = dict(kw, prev_types=torch.tensor(prev_t)) if kw else {}
+    assert torch.equal(pdm.rows(h, torch.tensor(types), **kw_t), got)
+    for i in range(7):
+        kw_i = dict(prev_h=prev_h[i:i + 1], prev_types=[prev_t[i]]) if kw else {}
+        torch.testing.assert_close(pdm.rows(h[i:i + 1], [types[i]], **kw_i), got[i:i + 1], rtol=1e-12, atol=1e-12)
+    if kw:  # row 0 has no previous token: its row is the aggregation alone
+        torch.testing.assert_close(got[0], pdm.rows(h[:1], [4], prev_h=prev_h[:1], prev_types=[-1])[0],
+                                   rtol=1e-12, atol=1e-12)
+        assert (got[1] - pdm.rows(h[1:2], [0], prev_h=prev_h[1:2], prev_types=[-1])[0]).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="prev_types: row types must lie in \\[-1, 5\\)"):
+            pdm.rows(h, types, prev_h=prev_h, prev_types=[5] * 7)
+        with pytest.raises(ValueError, match="prev_types: 6 row types for 7 rows"):
+            pdm.rows(h, types, prev_h=prev_h, prev_types=prev_t[:6])
+    with pytest.raises(ValueError, match="types: row types must lie in \\[0, 5\\)"):
+        pdm.rows(h, [-1] * 7, **kw)
+    with pytest.raises(ValueError, match="types: row types must lie in \\[0, 5\\)"):
+        pdm.rows(h, torch.full((7,), 5), **kw)
+    with pytest.raises(ValueError, match="types: 3 row types for 7 rows"):
+        pdm.rows(h, [0, 1, 2], **kw)
 
 
 # ---- lossless sampling -----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -144,22 +144,42 @@ def normalise_anchors(anchor_h: torch.Tensor, norms: Optional[Sequence[torch.Ten
     return torch.stack([rms_norm(anchor_h[:, j], norms[j], eps) for j in range(k)], dim=1)
 
 
-def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: torch.Tensor,
+def group_rows(types: Union[torch.Tensor, Sequence[int]], count: int, rows: int,
+               name: str = "types") -> Dict[int, List[int]]:
+    """``{type: [row indices in order]}`` for a vector of ``rows`` row types (a tensor, read once to the host,
+    or a list of ints, which costs no device round trip): the PDM applies one matrix per type, of ``count``.
+    Types lie in ``[0, count)``; ``prev_types`` also admits -1 (no previous token)."""
+    groups: Dict[int, List[int]] = {}
+    for i, k in enumerate(types.tolist() if isinstance(types, torch.Tensor) else types):
+        groups.setdefault(int(k), []).append(i)
+    lo = -1 if name == "prev_types" else 0
+    if sum(len(g) for g in groups.values()) != rows:
+        raise ValueError(f"{name}: {sum(len(g) for g in groups.values())} row types for {rows} rows")
+    if groups and not (lo <= min(groups) and max(groups) < count):
+        raise ValueError(f"{name}: row types must lie in [{lo}, {count}), got {sorted(groups)}")
+    return groups
+
+
+def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: Union[torch.Tensor, Sequence[int]],
               norms: Optional[Sequence[torch.Tensor]] = None, eps: float = 1e-5) -> torch.Tensor:
     """Rows ``g_{types[i]}`` for hidden states ``anchor_h: [T, m + 1, H]`` (entries past a row's type are
     ignored): ``g_k = W_k . concat(n_0(h_{b_0}), .., n_k(h_{b_k}))`` with ``weights[k]: [H, (k + 1) H]`` and
     ``n_j`` the anchor's RMSNorm (the identity when ``norms`` is None)."""
     T, _, H = anchor_h.shape
+    groups = group_rows(types, len(weights), T)
+    if len(groups) == 1:  # one type (completed rows, a prefill): no gather, no scatter
+        (k, _), = groups.items()
+        return linear(normalise_anchors(anchor_h, norms, eps, k + 1).reshape(T, (k + 1) * H), weights[k])
     out = anchor_h.new_empty(T, H)
-    for k in torch.unique(types).tolist():
-        idx = (types == k).nonzero().view(-1)
+    for k, idx in groups.items():
+        idx = torch.tensor(idx, dtype=torch.int64, device=anchor_h.device)
         x = normalise_anchors(anchor_h[idx], norms, eps, k + 1).reshape(len(idx), (k + 1) * H)
         out[idx] = linear(x, weights[k])
     return out
 
 
 def shift_rows(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], prev_h: torch.Tensor,
-               prev_types: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+               prev_types: Union[torch.Tensor, Sequence[int]], eps: float = 1e-5) -> torch.Tensor:
     """The previous-token term of the rows (``PDMConfig.shift``): row ``i`` gets
     ``S_k . n_k(h_{b_k})`` of the token before it, ``k = prev_types[i]`` the deepest anchor that token had
     when the row was formed (``-1``: no previous token, the term is zero). ``prev_h: [T, m + 1, H]`` holds
@@ -167,11 +187,15 @@ def shift_rows(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], p
     its RMSNorm weight. EAGLE-style: the deepest feature of the previous token reaches the row directly,
     not only through attention."""
     T, _, H = prev_h.shape
+    groups = group_rows(prev_types, len(weights), T, "prev_types")
+    if len(groups) == 1 and -1 not in groups:  # every row's previous token of one type
+        (k, _), = groups.items()
+        return linear(rms_norm(prev_h[:, k], norms[k], eps), weights[k])
     out = prev_h.new_zeros(T, H)
-    for k in torch.unique(prev_types).tolist():
+    for k, idx in groups.items():
         if k < 0:
             continue
-        idx = (prev_types == k).nonzero().view(-1)
+        idx = torch.tensor(idx, dtype=torch.int64, device=prev_h.device)
         out[idx] = linear(rms_norm(prev_h[idx, k], norms[k], eps), weights[k])
     return out
 
@@ -255,11 +279,13 @@ class PipelineDraftModule:
     def new_cache(self, num_blocks: int, block_size: int = 16, scrub: bool = False):
         return self.tower.new_cache(num_blocks, block_size, scrub=scrub)
 
-    def rows(self, anchor_h: torch.Tensor, types: torch.Tensor, prev_h: Optional[torch.Tensor] = None,
-             prev_types: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def rows(self, anchor_h: torch.Tensor, types: Union[torch.Tensor, Sequence[int]],
+             prev_h: Optional[torch.Tensor] = None,
+             prev_types: Union[torch.Tensor, Sequence[int], None] = None) -> torch.Tensor:
         """The tower's input rows for tokens with anchors ``anchor_h [T, m + 1, H]`` of types ``types [T]``;
         a PDM with ``shift`` also needs each row's previous token: its anchors ``prev_h [T, m + 1, H]`` and
-        type ``prev_types [T]`` (-1: none), as they were when the row is formed."""
+        type ``prev_types [T]`` (-1: none), as they were when the row is formed. Types given as lists of ints
+        are grouped on the host (no device round trip)."""
         g = aggregate(self.agg, anchor_h, types, self.anchor_norms, self.eps)
         if self.shift_w is not None:
             if prev_h is None or prev_types is None:
@@ -271,12 +297,10 @@ class PipelineDraftModule:
                 prev: Sequence[tuple]) -> torch.Tensor:
         """:meth:`rows` from lists: anchors ``rows[i]`` (``[m + 1, H]``) of type ``types[i]``, whose previous
         token is ``prev[i] = (anchors, type)`` (type -1: none; read only by a PDM with ``shift``)."""
-        dev = rows[0].device
         kw = {}
         if self.shift_w is not None:
-            kw = dict(prev_h=torch.stack([p[0] for p in prev]),
-                      prev_types=torch.tensor([p[1] for p in prev], dtype=torch.int64, device=dev))
-        return self.rows(torch.stack(list(rows)), torch.tensor(list(types), dtype=torch.int64, device=dev), **kw)
+            kw = dict(prev_h=torch.stack([p[0] for p in prev]), prev_types=[int(p[1]) for p in prev])
+        return self.rows(torch.stack(list(rows)), [int(t) for t in types], **kw)
 
     def completed_rows(self, anchor_h: torch.Tensor, lengths: Sequence[int],
                        before: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
@@ -284,11 +308,11 @@ class PipelineDraftModule:
         each, stacked in ``anchor_h``; ``before[i]``: the anchors of the completed token preceding run ``i``
         (None: the run starts the sequence)."""
         T = anchor_h.shape[0]
-        types = torch.full((T,), self.cfg.m, dtype=torch.int64, device=anchor_h.device)
+        types = [self.cfg.m] * T
         if self.shift_w is None:
             return self.rows(anchor_h, types)
         prev_h = torch.cat([anchor_h[:1], anchor_h[:-1]])
-        prev_t = types.clone()
+        prev_t = list(types)
         i = 0
         for j, n in enumerate(lengths):
             b = before[j] if before is not None else None
