@@ -116,15 +116,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.forward and args.spd:
         ap.error("--forward and --spd: one at a time")
+    if args.rounds < 1 or args.repeats < 1:
+        ap.error("--rounds and --repeats must be at least 1")
     work = ROOT / "build" / "compare"
     work.mkdir(parents=True, exist_ok=True)
     old_src = work / "old" / "src"
     if args.reuse:
         rows_of = forward_rows if args.forward else spd_rows if args.spd else (lambda out: out["rows"])
-        if args.spd:  # (the header names the rounds' token count)
-            args.max_tokens = json.loads((work / "old" / "round0.json").read_text())["max_new_tokens"]
-        runs = {name: [rows_of(json.loads((work / name / f"round{i}.json").read_text())) for i in range(args.rounds)]
-                for name in ("old", "new")}
+        try:
+            if args.spd:  # (the header names the rounds' token count)
+                args.max_tokens = json.loads((work / "old" / "round0.json").read_text())["max_new_tokens"]
+            runs = {name: [rows_of(json.loads((work / name / f"round{i}.json").read_text()))
+                           for i in range(args.rounds)] for name in ("old", "new")}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--reuse: no {args.rounds} complete rounds of this kind under {work} ({type(e).__name__}: {e})")
         return summarise(runs, args, args.old, args.new)
     if old_src.exists():
         _run(["git", "worktree", "remove", "--force", str(old_src)], cwd=ROOT)
@@ -143,14 +148,24 @@ def main(argv=None) -> int:
     return summarise(runs, args, old_rev, new_rev)
 
 
-def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
-    table = []
-    # rows both builds have (a baseline row of one build only, e.g. a renamed one, is left out)
-    def key_of(r):
-        return r["op"], r["case"], r["backend"]
+def key_of(r: dict) -> tuple:
+    return r["op"], r["case"], r["backend"]
 
-    old_keys = {key_of(r) for r in runs["old"][0]}
-    for key in [key_of(r) for r in runs["new"][0] if key_of(r) in old_keys]:
+
+def common_keys(runs: dict) -> list:
+    """The rows (op, case, backend) present in every round of both builds, in the order of the new build's first
+    round: only those are compared (a row of one build only, e.g. a renamed case, or one missing from a round)."""
+    every = set.intersection(*[{key_of(r) for r in rows} for name in runs for rows in runs[name]])
+    return [k for k in dict.fromkeys(key_of(r) for r in runs["new"][0]) if k in every]
+
+
+def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
+    if not runs["old"] or not runs["new"] or len(runs["old"]) != len(runs["new"]):
+        raise ValueError(f"runs: need the same number (>= 1) of rounds of each build, got "
+                         f"{len(runs['old'])} old and {len(runs['new'])} new")
+    table = []
+    keys = common_keys(runs)
+    for key in keys:
         per = {name: [next(r for r in rows if key_of(r) == key) for rows in runs[name]] for name in runs}
         row = dict(op=key[0], case=key[1], backend=key[2])
         for name in runs:
@@ -171,7 +186,9 @@ def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
         print(f"{r['op']:17} {r['case']:40} {r['backend']:14} {r['old_ms']:9.4f} {r['new_ms']:9.4f} "
               f"{r['ratio_new_old']:8.3f} {100 * r['old_copy_bw']:7.0f}% {100 * r['new_copy_bw']:7.0f}%  {ok}")
     if args.spd:  # the PDM per stage forward, the same run's stages as the control for the machine's state
-        for case in dict.fromkeys(r["case"] for r in table):
+        both = [case for case in dict.fromkeys(r["case"] for r in table)
+                if {("spd", case, "pdm"), ("spd", case, "stage")} <= set(keys)]
+        for case in both:
             def per_stage(rows, case=case):
                 return (next(r for r in rows if r["case"] == case and r["backend"] == "pdm")["median_ms"]
                         / next(r for r in rows if r["case"] == case and r["backend"] == "stage")["median_ms"])
@@ -180,11 +197,15 @@ def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
             ratios = [n / o for n, o in zip(new, old)]
             print(f"# {case}: PDM / stage forward {statistics.median(old):.3f} old, {statistics.median(new):.3f} new; "
                   f"new/old per round {', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f})")
-    for name, other in (("old", "new"), ("new", "old")):  # (e.g. --spd rows whose acceptance differs)
-        keys = {key_of(r) for r in runs[other][0]}
-        for r in runs[name][0]:
-            if key_of(r) not in keys:
-                print(f"# only in {name}: {r['op']} / {r['case']} / {r['backend']}")
+    compared = set(keys)
+    for name in ("old", "new"):  # (e.g. --spd rows whose acceptance differs)
+        for key in dict.fromkeys(key_of(r) for rows in runs[name] for r in rows):
+            if key in compared:
+                continue
+            compared.add(key)
+            where = [f"{b} {sum(key in {key_of(r) for r in rows} for rows in runs[b])}/{len(runs[b])} rounds"
+                     for b in ("old", "new")]
+            print(f"# not compared: {' / '.join(key)} (in {', '.join(where)})")
     if args.json:  # written whole, then renamed (this driver does not import spdkernels: no runtime.files)
         out = Path(args.json)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
