@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", default="bench_results/demo.json")
     d.add_argument("--plot", default="bench_results/demo.png")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--repeats", type=int, default=1, help="run every prompt this many times per run (interleaved); "
+                   "per prompt, tok/s and the speedup are medians over the repeats")
     d.add_argument("--no-spd", action="store_true", help="skip the SPD and PDM rows")
     d.add_argument("--pdm", default=None, help="a trained PDM folder (default: the one shipped for the embedded model)")
     t = sub.add_parser("train-pdm", help="train the SPD draft module (PDM) for a target model")
@@ -426,6 +428,8 @@ def cmd_demo(args) -> int:
 
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens: expected >= 1, got {args.max_tokens}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
     for name in ("json", "plot"):
         if getattr(args, name):
             check_output_file(getattr(args, name), f"--{name}")
@@ -455,7 +459,8 @@ def cmd_demo(args) -> int:
         extra = demo.spd_engines(model, pdm, ck.tokenizer)
     try:
         demo.run_demo(model, ck.tokenizer, demo.default_proposers(model.num_layers, pdm), args.max_tokens, hf_model=hf,
-                      json_path=args.json, plot_path=args.plot, progress=not args.no_progress, extra_engines=extra)
+                      json_path=args.json, plot_path=args.plot, progress=not args.no_progress, extra_engines=extra,
+                      repeats=args.repeats)
     except demo.DemoFailure as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -129,6 +130,34 @@ def top2_gap(model: LlamaModel, prompt: Sequence[int], out: Sequence[int], i: in
     return float(top[0] - top[1])
 
 
+# per-prompt fields that are times (a median over repeats); the others are the repeats' common value or mean
+_TIME_FIELDS = ("wall_s", "tokens_per_s", "draft_s", "verify_s", "sampling_s", "bookkeeping_s", "prefill_s", "pdm_ms",
+                "stage_ms", "slowest_stage_ms", "exit_verify_ms")
+
+
+def merge_repeats(reps: Sequence[Dict]) -> Dict:
+    """One prompt's metrics over its repeats: time fields their median, the others their common value (or the
+    mean where a run's choices differ between repeats, e.g. under the cost-aware controller), and
+    ``tokens_per_s_repeats`` every repeat's rate (the speedup is the median of per-repeat ratios)."""
+    out = {}
+    for k in reps[0]:
+        vals = [r[k] for r in reps]
+        if k in _TIME_FIELDS:
+            out[k] = statistics.median(vals)
+        elif all(v == vals[0] for v in vals):
+            out[k] = vals[0]
+        else:
+            out[k] = sum(vals) / len(vals)
+    out["tokens_per_s_repeats"] = [r["tokens_per_s"] for r in reps]
+    return out
+
+
+def _speedups(per: Sequence[Dict], base: Sequence[Dict]) -> List[float]:
+    """Per prompt, the median over repeats of a run's rate over ``base``'s rate measured beside it."""
+    return [statistics.median(a / b for a, b in zip(p["tokens_per_s_repeats"], q["tokens_per_s_repeats"]))
+            for p, q in zip(per, base)]
+
+
 def _geomean(xs: Sequence[float]) -> float:
     xs = [x for x in xs if x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
@@ -142,7 +171,13 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
              max_new_tokens: int = 128,
              hf_model=None, hf_lookup_tokens: int = 8, json_path: Optional[str] = None,
              plot_path: Optional[str] = None, log=print, progress: bool = True,
-             extra_engines: Optional[Dict[str, object]] = None) -> Dict:
+             extra_engines: Optional[Dict[str, object]] = None, repeats: int = 1) -> Dict:
+    """Every run on every prompt of the suite, ``repeats`` times (interleaved: every run on prompt 0, again,
+    ..., then prompt 1), outputs checked against ours autoregressive (and each repeat against the run's first);
+    per prompt, time fields are medians over the repeats and a run's speedup is the median of its per-repeat
+    ratios to the autoregressive run measured beside it."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]))
                for _, p in SUITE]
     params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -164,7 +199,8 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
     if progress:
         from tqdm import tqdm
 
-        pb = tqdm(total=len(prompts) * (len(engines) + len(hf_runs)) * max_new_tokens, leave=False, unit="tok")
+        pb = tqdm(total=len(prompts) * (len(engines) + len(hf_runs)) * max_new_tokens * repeats, leave=False,
+                  unit="tok")
 
     def ours(name: str, ids: List[int]):
         eng = engines[name]
@@ -173,15 +209,14 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
             pb.set_description(name)
             eng.on_step = lambda n, b0=done_before: (pb.update(b0 + n - pb.n))
         res, met = eng.generate([Request(ids, params)])
-        runs[name]["outputs"].append(res[0].output_ids)
-        runs[name]["per_prompt"].append(dict(
+        one = dict(
             tokens=len(res[0].output_ids), wall_s=met.wall_s, tokens_per_s=met.tokens_per_s,
             acceptance_rate=met.acceptance_rate, mean_accepted_length=met.mean_accepted_length, draft_s=met.draft_s,
             verify_s=met.verify_s, sampling_s=met.sampling_s, bookkeeping_s=met.bookkeeping_s,
-            prefill_s=met.prefill_s))
+            prefill_s=met.prefill_s)
         if hasattr(met, "equivalent_speedup"):
             d = met.as_dict()
-            runs[name]["per_prompt"][-1].update(
+            one.update(
                 n=met.n, cycles=met.cycles, tokens_per_cycle=met.tokens_per_cycle,
                 equivalent_speedup=met.equivalent_speedup, pdm_ms=d["pdm_ms_per_cycle"],
                 stage_ms=sum(d["stage_ms_per_cycle"]) / len(d["stage_ms_per_cycle"]),
@@ -190,6 +225,7 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
                 lookup_accepted=met.lookup_accepted)
         if pb:
             pb.update(done_before + max_new_tokens - pb.n)
+        return res[0].output_ids, one
 
     def theirs(name: str, lookup: int, ids: List[int]):
         if pb:
@@ -204,40 +240,54 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
         with torch.inference_mode():
             o = hf_model.generate(x, **kw)[0, len(ids):].tolist()  # .tolist() waits for the device
         dt = time.perf_counter() - t
-        runs[name]["outputs"].append(o)
-        runs[name]["per_prompt"].append(dict(tokens=len(o), wall_s=dt, tokens_per_s=len(o) / dt))
         if pb:
             pb.update(max_new_tokens)
+        return o, dict(tokens=len(o), wall_s=dt, tokens_per_s=len(o) / dt)
 
-    log(f"demo: {len(prompts)} prompts, greedy, {max_new_tokens} new tokens each; runs interleaved prompt by prompt")
+    log(f"demo: {len(prompts)} prompts, greedy, {max_new_tokens} new tokens each"
+        + (f", {repeats} repeats" if repeats > 1 else "") + "; runs interleaved prompt by prompt")
+    every: Dict[str, List[List[List[int]]]] = {name: [] for name in runs}  # run -> prompt -> repeat -> output
     for ids in prompts:
-        for name in engines:
-            ours(name, ids)
-        for name, lookup in hf_runs:
-            theirs(name, lookup, ids)
+        got: Dict[str, List] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name in engines:
+                got[name].append(ours(name, ids))
+            for name, lookup in hf_runs:
+                got[name].append(theirs(name, lookup, ids))
+        for name, reps in got.items():
+            every[name].append([o for o, _ in reps])
+            runs[name]["outputs"].append(reps[0][0])
+            runs[name]["per_prompt"].append(merge_repeats([m for _, m in reps]))
     if pb:
         pb.close()
 
-    # correctness: every run against our autoregressive outputs
+    # correctness: every repeat of every run against our autoregressive outputs (whose own repeats must equal its
+    # first run exactly: the same computation each time); a prompt counts as identical when all its repeats are
     ref = runs["ours autoregressive"]["outputs"]
     failures = []
     for name, r in runs.items():
         r["identical"], r["divergences"] = 0, []
-        for i, (a, b) in enumerate(zip(ref, r["outputs"])):
-            j = first_divergence(a, b)
-            if j is None:
-                r["identical"] += 1
-                continue
-            gap = top2_gap(model, prompts[i], a, j) if j < min(len(a), len(b)) else float("inf")
-            tie = gap < TIE_GAP
-            r["divergences"].append(dict(prompt=i, position=j, top2_gap=gap, near_tie=tie))
-            if not tie:
-                failures.append(f"{name}: prompt {i} ({SUITE[i][0]}) differs at token {j} (top-2 gap {gap:.2e})")
-
+        for i, outs in enumerate(every[name]):
+            same = True
+            for k, b in enumerate(outs):
+                a = ref[i]
+                j = first_divergence(a, b)
+                if j is None:
+                    continue
+                same = False
+                strict = name == "ours autoregressive"
+                gap = None if strict else top2_gap(model, prompts[i], a, j) if j < min(len(a), len(b)) \
+                    else float("inf")
+                tie = not strict and gap < TIE_GAP
+                r["divergences"].append(dict(prompt=i, repeat=k, position=j, top2_gap=gap, near_tie=tie))
+                if not tie:
+                    failures.append(f"{name}: prompt {i} ({SUITE[i][0]}){f' repeat {k}' if repeats > 1 else ''} "
+                                    f"differs at token {j}" + ("" if strict else f" (top-2 gap {gap:.2e})"))
+            r["identical"] += same
     base = runs["ours autoregressive"]["per_prompt"]
     table = []
     for name, r in runs.items():
-        sp = [p["tokens_per_s"] / b["tokens_per_s"] for p, b in zip(r["per_prompt"], base)]
+        sp = _speedups(r["per_prompt"], base)
         row = dict(run=name, tokens_per_s=_geomean([p["tokens_per_s"] for p in r["per_prompt"]]),
                    speedup=_geomean(sp), identical=f"{r['identical']}/{len(prompts)}")
         per = r["per_prompt"]
@@ -258,7 +308,8 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
         r["speedups"] = sp
         table.append(row)
 
-    summary = dict(suite=[n for n, _ in SUITE], tie_gap=TIE_GAP, weights=weight_formats(model.matrices()),
+    summary = dict(suite=[n for n, _ in SUITE], tie_gap=TIE_GAP, repeats=repeats,
+                   weights=weight_formats(model.matrices()),
                    table=table, failures=failures,
                    runs={k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in runs.items()},
                    outputs={k: [tokenizer.decode(o) for o in v["outputs"]] for k, v in runs.items()})
@@ -268,9 +319,8 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
     hf_pl = next((t for t in table if t["run"].startswith("transformers prompt-lookup")), None)
     summary["best"] = None if best is None else dict(
         run=best["run"], speedup_vs_ours_ar=best["speedup"],
-        speedup_vs_transformers_prompt_lookup=(_geomean([a / b for a, b in zip(
-            [p["tokens_per_s"] for p in runs[best["run"]]["per_prompt"]],
-            [p["tokens_per_s"] for p in runs[hf_pl["run"]]["per_prompt"]])]) if hf_pl else None))
+        speedup_vs_transformers_prompt_lookup=(
+            _geomean(_speedups(runs[best["run"]]["per_prompt"], runs[hf_pl["run"]]["per_prompt"])) if hf_pl else None))
     log(format_table(table, summary))
     if json_path:
         write_text_atomic(json_path, json.dumps(summary, indent=1))
@@ -290,8 +340,11 @@ def format_table(table: List[Dict], summary: Dict) -> str:
         mal = f"{t['mean_accepted_length']:.2f}" if "mean_accepted_length" in t and "n" not in t else "-"
         lines.append(f"{t['run']:44s} {t['tokens_per_s']:7.1f} {t['speedup']:7.2f}x {acc:>7s} {mal:>8s} "
                      f"{t['identical']:>9s}")
+    reps = summary.get("repeats", 1)
     lines.append("tok/s and speedup: geometric means over the suite; speedup vs ours autoregressive, per prompt, "
-                 "measured side by side (runs interleaved prompt by prompt); accept = accepted / drafted tokens; "
+                 "measured side by side (runs interleaved prompt by prompt"
+                 + (f"; per prompt the median over {reps} repeats of each run's tok/s and of its ratio" if reps > 1
+                    else "") + "); accept = accepted / drafted tokens; "
                  "mean len = tokens per verification step (bonus included); identical = outputs equal to ours "
                  "autoregressive token for token")
     spd = [t for t in table if "equivalent_speedup" in t]
