@@ -173,9 +173,9 @@ def run_demo(model: LlamaModel, tokenizer, proposers: Sequence[Union[Proposer, T
              plot_path: Optional[str] = None, log=print, progress: bool = True,
              extra_engines: Optional[Dict[str, object]] = None, repeats: int = 1) -> Dict:
     """Every run on every prompt of the suite, ``repeats`` times (interleaved: every run on prompt 0, again,
-    ..., then prompt 1), outputs checked against ours autoregressive (and each repeat against the run's first);
-    per prompt, time fields are medians over the repeats and a run's speedup is the median of its per-repeat
-    ratios to the autoregressive run measured beside it."""
+    ..., then prompt 1), every repeat's output checked against ours autoregressive (the near-tie rule; that
+    run's own repeats exactly); per prompt, time fields are medians over the repeats and a run's speedup is the
+    median of its per-repeat ratios to the autoregressive run measured beside it."""
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]))
