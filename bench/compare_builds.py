@@ -128,6 +128,8 @@ def main(argv=None) -> int:
                 args.max_tokens = json.loads((work / "old" / "round0.json").read_text())["max_new_tokens"]
             runs = {name: [rows_of(json.loads((work / name / f"round{i}.json").read_text()))
                            for i in range(args.rounds)] for name in ("old", "new")}
+            for r in (r for rounds in runs.values() for rows in rounds for r in rows):
+                key_of(r), float(r["median_ms"]), r["frac_copy_bw"], r["check"]  # rows of this kind of run
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--reuse: no {args.rounds} complete rounds of this kind under {work} ({type(e).__name__}: {e})")
         return summarise(runs, args, args.old, args.new)
@@ -206,6 +208,9 @@ def summarise(runs: dict, args, old_rev: str, new_rev: str) -> int:
             where = [f"{b} {sum(key in {key_of(r) for r in rows} for rows in runs[b])}/{len(runs[b])} rounds"
                      for b in ("old", "new")]
             print(f"# not compared: {' / '.join(key)} (in {', '.join(where)})")
+    if not keys:
+        print("# no row is present in every round of both builds: nothing compared", file=sys.stderr)
+        return 1
     if args.json:  # written whole, then renamed (this driver does not import spdkernels: no runtime.files)
         out = Path(args.json)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

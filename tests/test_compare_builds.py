@@ -58,6 +58,10 @@ def test_rows_missing_from_a_round_or_a_build_are_named_not_compared(cb, tmp_pat
     assert "not compared: verify_greedy / new / cpp (in old 0/2 rounds, new 2/2 rounds)" in text
     with pytest.raises(ValueError, match="runs: need the same number"):
         cb.summarise(dict(old=old, new=new[:1]), _args(), "o", "n")
+    # nothing in common (e.g. --spd rows whose acceptance differs between the builds): exit status 1
+    assert cb.summarise(dict(old=[[_row("x", "cpp", 1.0)]], new=[[_row("y", "cpp", 1.0)]]), _args(rounds=1),
+                        "o", "n") == 1
+    assert "nothing compared" in capsys.readouterr().err
 
 
 def test_spd_summary_divides_the_pdm_by_the_same_rounds_stage(cb, capsys):
@@ -95,3 +99,8 @@ def test_bad_arguments_and_missing_rounds_exit_2(cb, tmp_path, monkeypatch, caps
                 json.dumps(dict(rows=[_row("a", "cpp", ms)])))
     assert cb.main(["--old", "o", "--new", "n", "--reuse", "--rounds", "2"]) == 0
     assert re.search(r"^verify_greedy +a +cpp +2.0000 +1.0000 +0.500", capsys.readouterr().out, re.M)
+    # rounds of another kind (--spd's own JSON read as spd-bench rows): exit 2, not a traceback
+    (tmp_path / "build" / "compare" / "new" / "round1.json").write_text(json.dumps(dict(rows=[dict(n=4)])))
+    with pytest.raises(SystemExit) as e:
+        cb.main(["--old", "o", "--new", "n", "--reuse", "--rounds", "2"])
+    assert e.value.code == 2 and "KeyError" in capsys.readouterr().err

@@ -321,6 +321,22 @@ def test_pdm_rows_grouped_on_the_host_equal_row_by_row(pdm):
         pdm.rows(h, torch.full((7,), 5), **kw)
     with pytest.raises(ValueError, match="types: 3 row types for 7 rows"):
         pdm.rows(h, [0, 1, 2], **kw)
+    with pytest.raises(ValueError, match="types: expected a 1-D integer tensor"):
+        pdm.rows(h, torch.full((7,), 1.0), **kw)
+    with pytest.raises(ValueError, match="types: row types must be integers"):
+        pdm.rows(h, [1.5] * 7, **kw)
+    # one type for every row (the path without gather or scatter; completed rows, a prefill) == row by row
+    kw1 = dict(prev_h=prev_h, prev_types=[2] * 7) if kw else {}
+    one = pdm.rows(h, [3] * 7, **kw1)
+    for i in range(7):
+        kw_i = dict(prev_h=prev_h[i:i + 1], prev_types=[2]) if kw else {}
+        torch.testing.assert_close(pdm.rows(h[i:i + 1], [3], **kw_i), one[i:i + 1], rtol=1e-12, atol=1e-12)
+    # completed rows: runs of at least one token that cover the rows
+    torch.testing.assert_close(pdm.completed_rows(h, [3, 4])[3:], pdm.completed_rows(h[3:], [4]), rtol=1e-12,
+                               atol=1e-12)
+    for lengths in ([3, 0, 4], [3, 3]):
+        with pytest.raises(ValueError, match="lengths: runs of at least one token summing to the 7 rows"):
+            pdm.completed_rows(h, lengths)
 
 
 # ---- lossless sampling -----------------------------------------------------------------------------------------

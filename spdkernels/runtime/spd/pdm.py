@@ -144,15 +144,22 @@ def normalise_anchors(anchor_h: torch.Tensor, norms: Optional[Sequence[torch.Ten
     return torch.stack([rms_norm(anchor_h[:, j], norms[j], eps) for j in range(k)], dim=1)
 
 
-def group_rows(types: Union[torch.Tensor, Sequence[int]], count: int, rows: int,
-               name: str = "types") -> Dict[int, List[int]]:
-    """``{type: [row indices in order]}`` for a vector of ``rows`` row types (a tensor, read once to the host,
-    or a list of ints, which costs no device round trip): the PDM applies one matrix per type, of ``count``.
-    Types lie in ``[0, count)``; ``prev_types`` also admits -1 (no previous token)."""
+def group_rows(types: Union[torch.Tensor, Sequence[int]], count: int, rows: int, name: str = "types",
+               allow_none: bool = False) -> Dict[int, List[int]]:
+    """``{type: [row indices in order]}`` for a vector of ``rows`` row types (a 1-D integer tensor, read once to
+    the host, or a list of ints, which costs no device round trip): the PDM applies one matrix per type, of
+    ``count``. Types lie in ``[0, count)``, or are -1 (no previous token) where ``allow_none``; else a
+    ValueError naming ``name``."""
+    if isinstance(types, torch.Tensor):
+        if types.dim() != 1 or types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
+            raise ValueError(f"{name}: expected a 1-D integer tensor, got {types.dtype} of shape {tuple(types.shape)}")
+        types = types.tolist()
     groups: Dict[int, List[int]] = {}
-    for i, k in enumerate(types.tolist() if isinstance(types, torch.Tensor) else types):
+    for i, k in enumerate(types):
+        if isinstance(k, bool) or int(k) != k:
+            raise ValueError(f"{name}: row types must be integers, got {k!r}")
         groups.setdefault(int(k), []).append(i)
-    lo = -1 if name == "prev_types" else 0
+    lo = -1 if allow_none else 0
     if sum(len(g) for g in groups.values()) != rows:
         raise ValueError(f"{name}: {sum(len(g) for g in groups.values())} row types for {rows} rows")
     if groups and not (lo <= min(groups) and max(groups) < count):
@@ -164,7 +171,9 @@ def aggregate(weights: Sequence[torch.Tensor], anchor_h: torch.Tensor, types: Un
               norms: Optional[Sequence[torch.Tensor]] = None, eps: float = 1e-5) -> torch.Tensor:
     """Rows ``g_{types[i]}`` for hidden states ``anchor_h: [T, m + 1, H]`` (entries past a row's type are
     ignored): ``g_k = W_k . concat(n_0(h_{b_0}), .., n_k(h_{b_k}))`` with ``weights[k]: [H, (k + 1) H]`` and
-    ``n_j`` the anchor's RMSNorm (the identity when ``norms`` is None)."""
+    ``n_j`` the anchor's RMSNorm (the identity when ``norms`` is None). ``types``: a list of ints (grouped on
+    the host) or a 1-D integer tensor; a type outside ``[0, len(weights))`` or a count other than ``T`` is a
+    ValueError."""
     T, _, H = anchor_h.shape
     groups = group_rows(types, len(weights), T)
     if len(groups) == 1:  # one type (completed rows, a prefill): no gather, no scatter
@@ -187,7 +196,7 @@ def shift_rows(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], p
     its RMSNorm weight. EAGLE-style: the deepest feature of the previous token reaches the row directly,
     not only through attention."""
     T, _, H = prev_h.shape
-    groups = group_rows(prev_types, len(weights), T, "prev_types")
+    groups = group_rows(prev_types, len(weights), T, "prev_types", allow_none=True)
     if len(groups) == 1 and -1 not in groups:  # every row's previous token of one type
         (k, _), = groups.items()
         return linear(rms_norm(prev_h[:, k], norms[k], eps), weights[k])
@@ -308,6 +317,8 @@ class PipelineDraftModule:
         each, stacked in ``anchor_h``; ``before[i]``: the anchors of the completed token preceding run ``i``
         (None: the run starts the sequence)."""
         T = anchor_h.shape[0]
+        if any(int(n) < 1 for n in lengths) or sum(int(n) for n in lengths) != T:
+            raise ValueError(f"lengths: runs of at least one token summing to the {T} rows, got {list(lengths)}")
         types = [self.cfg.m] * T
         if self.shift_w is None:
             return self.rows(anchor_h, types)

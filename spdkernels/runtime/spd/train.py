@@ -221,7 +221,7 @@ class PDMNet(torch.nn.Module):
         if self.shift_w is not None:
             before = torch.cat([anchor_h[:1], anchor_h[:-1]])  # row t: the anchors of token t - 1
             g = g + shift_rows(self.shift_w, self.shift_norms, before.repeat(len(types), 1, 1),
-                               prev.reshape(-1).to(anchor_h.device), self.tc.rms_norm_eps)
+                               prev.reshape(-1).tolist(), self.tc.rms_norm_eps)
         return g
 
     def forward(self, anchor_h: torch.Tensor, positions: torch.Tensor, types: Sequence[int], mask: torch.Tensor,
