@@ -91,8 +91,10 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--pdm", action="append", default=None, help="PDM folder (repeat to compare tower depths; "
                     "default: the shipped one)")
-    ap.add_argument("--lookup", action="store_true", help="also run every n with prompt lookup (n-grams 2..3) "
-                    "drafting where it matches, the PDM elsewhere")
+    ap.add_argument("--lookup", action="store_true", help="also run every n with prompt lookup (n-grams of "
+                    "--lookup-ngram) drafting where it matches, the PDM elsewhere")
+    ap.add_argument("--lookup-ngram", type=int, nargs=2, default=[2, 3], metavar=("MIN", "MAX"),
+                    help="with --lookup: the n-gram lengths the lookup matches (default: 2 3, as the demo)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8, help="the first N prompts of the demo suite (and of each "
                     "--corpus set)")
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.prompts < 1:
         ap.error("--prompts must be at least 1")
+    if not 1 <= args.lookup_ngram[0] <= args.lookup_ngram[1]:
+        ap.error(f"--lookup-ngram: expected 1 <= MIN <= MAX, got {args.lookup_ngram}")
     corpus_sets = {}
     if args.corpus:
         from spdkernels.runtime.spd.data import load_corpus
@@ -147,7 +151,8 @@ def main(argv=None) -> int:
         pdm = load_pdm(path, model, ck.state_dict)
         for prompt_set, n, lookup in runs:
             prompts = sets[prompt_set]
-            eng = SPDEngine(model, pdm, n, lookup=NGramProposer(k=1, min_ngram=2, max_ngram=3) if lookup else None)
+            eng = SPDEngine(model, pdm, n, lookup=NGramProposer(k=1, min_ngram=args.lookup_ngram[0],
+                                                                max_ngram=args.lookup_ngram[1]) if lookup else None)
             tokens = cycles = accepted = drafted = identical = 0
             wall = pdm_s = stage_s = slow_s = 0.0
             for p, ref in zip(prompts, ar[prompt_set]):
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
                        wall_tokens_per_s_one_process=(tokens + len(prompts)) / wall,
                        identical=f"{identical}/{len(prompts)}")
             rows.append(row)
-            print(f"{prompt_set} prompts, L_s={row['draft_layers']}{' + lookup' if lookup else ''} n={n}: "
+            lk = f" + lookup {args.lookup_ngram[0]}..{args.lookup_ngram[1]}" if lookup else ""
+            print(f"{prompt_set} prompts, L_s={row['draft_layers']}{lk} n={n}: "
                   f"acceptance {alpha:.3f}, "
                   f"tokens/cycle {row['tokens_per_cycle']:.3f}, "
                   f"equivalent speedup {row['equivalent_speedup']:.2f} (i.i.d. model {row['iid_model']:.2f}), PDM "
@@ -177,6 +183,7 @@ def main(argv=None) -> int:
                   flush=True)
     out = dict(commit=_commit(), machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                max_new_tokens=args.max_tokens, prompts=len(sets["demo"]), corpus=args.corpus,
+               lookup_ngram=args.lookup_ngram if args.lookup else None,
                ar_tokens_per_s=ar_tps["demo"], ar_tokens_per_s_by_set=ar_tps,
                rows=rows,
                paper={str(k): dict(draft_layers=v[0], equivalent_speedup=v[1]) for k, v in PAPER.items()})

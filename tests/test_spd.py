@@ -936,6 +936,10 @@ def test_bench_spd_refuses_a_bad_corpus(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_spd(["--corpus", str(tmp_path / "missing.json")])
     assert e.value.code == 2 and "--corpus" in capsys.readouterr().err
+    for lo_hi in (["0", "3"], ["3", "2"]):
+        with pytest.raises(SystemExit) as e:
+            bench_spd(["--lookup", "--lookup-ngram", *lo_hi])
+        assert e.value.code == 2 and "--lookup-ngram: expected 1 <= MIN <= MAX" in capsys.readouterr().err
 
 
 def test_bench_spd_refuses_another_models_corpus():
