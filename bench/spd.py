@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             prompts = sets[prompt_set]
             eng = SPDEngine(model, pdm, n, lookup=NGramProposer(k=1, min_ngram=args.lookup_ngram[0],
                                                                 max_ngram=args.lookup_ngram[1]) if lookup else None)
-            tokens = cycles = accepted = drafted = identical = 0
+            tokens = cycles = accepted = drafted = identical = lk_acc = lk_dr = 0
             wall = pdm_s = stage_s = slow_s = 0.0
             for p, ref in zip(prompts, ar[prompt_set]):
                 res, m = eng.generate([Request(p, params)])
@@ -161,11 +161,13 @@ def main(argv=None) -> int:
                 tokens += len(res[0].output_ids) - 1
                 cycles += m.cycles
                 accepted, drafted = accepted + m.accepted, drafted + m.drafted
+                lk_acc, lk_dr = lk_acc + m.lookup_accepted, lk_dr + m.lookup_drafted
                 wall += m.wall_s - m.prefill_s
                 pdm_s, stage_s, slow_s = pdm_s + m.pdm_s, stage_s + sum(m.stage_s) / n, slow_s + m.slowest_stage_s
             alpha = accepted / max(drafted, 1)
             row = dict(pdm=path, draft_layers=pdm.num_layers, n=n, lookup=lookup, prompt_set=prompt_set,
-                       acceptance=alpha,
+                       acceptance=alpha, accepted=accepted, drafted=drafted, lookup_accepted=lk_acc,
+                       lookup_drafted=lk_dr,
                        tokens_per_cycle=tokens / cycles,
                        equivalent_speedup=n * tokens / cycles, iid_model=n / (n - (n - 1) * alpha),
                        pdm_ms=1e3 * pdm_s / cycles, stage_ms=1e3 * stage_s / cycles,
@@ -173,8 +175,9 @@ def main(argv=None) -> int:
                        identical=f"{identical}/{len(prompts)}")
             rows.append(row)
             lk = f" + lookup {args.lookup_ngram[0]}..{args.lookup_ngram[1]}" if lookup else ""
+            by_source = f" (lookup {lk_acc}/{lk_dr}, PDM {accepted - lk_acc}/{drafted - lk_dr})" if lookup else ""
             print(f"{prompt_set} prompts, L_s={row['draft_layers']}{lk} n={n}: "
-                  f"acceptance {alpha:.3f}, "
+                  f"acceptance {alpha:.3f}{by_source}, "
                   f"tokens/cycle {row['tokens_per_cycle']:.3f}, "
                   f"equivalent speedup {row['equivalent_speedup']:.2f} (i.i.d. model {row['iid_model']:.2f}), PDM "
                   f"{row['pdm_ms']:.2f} ms vs stage {row['stage_ms']:.2f} ms, one-process wall "
