@@ -50,7 +50,7 @@ def test_repeats_are_medians_and_the_speedup_is_the_median_ratio(model):
                 for p, q in zip(r["per_prompt"], base)]
         assert row["speedup"] == pytest.approx(math.exp(sum(map(math.log, want)) / len(want)), rel=1e-12)
     assert any("3 repeats" in line for line in logs)
-    assert any("median over 3 repeats" in line for line in logs)
+    assert any("median over 3 repeats" in line and "token for token in every repeat" in line for line in logs)
     with pytest.raises(ValueError, match="repeats: expected an int >= 1"):
         run_demo(model, _Tok(), [], max_new_tokens=2, progress=False, log=lambda *a: None, repeats=0)
 

@@ -346,7 +346,7 @@ def format_table(table: List[Dict], summary: Dict) -> str:
                  + (f"; per prompt the median over {reps} repeats of each run's tok/s and of its ratio" if reps > 1
                     else "") + "); accept = accepted / drafted tokens; "
                  "mean len = tokens per verification step (bonus included); identical = outputs equal to ours "
-                 "autoregressive token for token")
+                 "autoregressive token for token" + (" in every repeat" if reps > 1 else ""))
     spd = [t for t in table if "equivalent_speedup" in t]
     if spd:
         lines.append("")
