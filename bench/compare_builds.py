@@ -128,8 +128,10 @@ def main(argv=None) -> int:
                 args.max_tokens = json.loads((work / "old" / "round0.json").read_text())["max_new_tokens"]
             runs = {name: [rows_of(json.loads((work / name / f"round{i}.json").read_text()))
                            for i in range(args.rounds)] for name in ("old", "new")}
+            fields = {"op", "case", "backend", "median_ms", "frac_copy_bw", "check"}
             for r in (r for rounds in runs.values() for rows in rounds for r in rows):
-                key_of(r), float(r["median_ms"]), r["frac_copy_bw"], r["check"]  # rows of this kind of run
+                if not isinstance(r, dict) or not fields <= r.keys():  # rows of another kind of run
+                    raise KeyError(f"a row without {sorted(fields)}: {r!r}")
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--reuse: no {args.rounds} complete rounds of this kind under {work} ({type(e).__name__}: {e})")
         return summarise(runs, args, args.old, args.new)

@@ -154,14 +154,14 @@ def group_rows(types: Union[torch.Tensor, Sequence[int]], count: int, rows: int,
         if types.dim() != 1 or types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
             raise ValueError(f"{name}: expected a 1-D integer tensor, got {types.dtype} of shape {tuple(types.shape)}")
         types = types.tolist()
+    if len(types) != rows:
+        raise ValueError(f"{name}: {len(types)} row types for {rows} rows")
     groups: Dict[int, List[int]] = {}
     for i, k in enumerate(types):
         if isinstance(k, bool) or int(k) != k:
             raise ValueError(f"{name}: row types must be integers, got {k!r}")
         groups.setdefault(int(k), []).append(i)
     lo = -1 if allow_none else 0
-    if sum(len(g) for g in groups.values()) != rows:
-        raise ValueError(f"{name}: {sum(len(g) for g in groups.values())} row types for {rows} rows")
     if groups and not (lo <= min(groups) and max(groups) < count):
         raise ValueError(f"{name}: row types must lie in [{lo}, {count}), got {sorted(groups)}")
     return groups
@@ -308,8 +308,8 @@ class PipelineDraftModule:
         token is ``prev[i] = (anchors, type)`` (type -1: none; read only by a PDM with ``shift``)."""
         kw = {}
         if self.shift_w is not None:
-            kw = dict(prev_h=torch.stack([p[0] for p in prev]), prev_types=[int(p[1]) for p in prev])
-        return self.rows(torch.stack(list(rows)), [int(t) for t in types], **kw)
+            kw = dict(prev_h=torch.stack([p[0] for p in prev]), prev_types=[p[1] for p in prev])
+        return self.rows(torch.stack(list(rows)), list(types), **kw)
 
     def completed_rows(self, anchor_h: torch.Tensor, lengths: Sequence[int],
                        before: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
