@@ -596,7 +596,8 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--pdm", str(tmp_path / "none"),
                    "--json", str(out), "--no-progress"])
     assert rc == 2 and not out.exists()
-    assert "pdm: expected pdm.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--pdm: pdm: " in err and "none does not exist" in err
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "0", "--json", str(out)])
     assert rc == 2 and not out.exists()
     assert "--stages" in capsys.readouterr().err
@@ -606,6 +607,141 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "1", "--json", str(out)])
     assert rc == 2 and not out.exists()
     assert "--stages: expected >= 2" in capsys.readouterr().err
+
+
+def test_pdm_file_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
+    """Beyond shapes: a tensor the config does not use (pdm.json edited after training), a weight that is not
+    floating point, a NaN or an infinity in any weight (sampled verification with a NaN q is not lossless) are
+    refused with a PDMError naming the folder and the tensor; an unchanged file loads (the checks pass good
+    files)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    d = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1, shift=True), sd)
+    good_w, good_j = load_file(str(d / "pdm.safetensors")), (d / "pdm.json").read_text()
+    assert load_pdm(str(d), m, sd).cfg.anchors == ANCHORS
+
+    def with_tensor(name, t):
+        save_file(dict(good_w, **{name: t}), str(d / "pdm.safetensors"))
+
+    for name, bad, needle in [
+        ("agg.0.weight", float("nan"), "agg.0.weight: holds NaN or infinite values"),
+        ("model.layers.0.mlp.down_proj.weight", float("inf"), "down_proj.weight: holds NaN or infinite values"),
+        ("shift_norm.2.weight", float("-inf"), "shift_norm.2.weight: holds NaN or infinite values"),
+    ]:
+        t = good_w[name].clone()
+        t.view(-1)[3] = bad
+        with_tensor(name, t)
+        with pytest.raises(PDMError, match=f"pdm {d}: .*{needle}"):
+            load_pdm(str(d), m, sd)
+    with_tensor("agg.1.weight", good_w["agg.1.weight"].to(torch.int8))
+    with pytest.raises(PDMError, match="agg.1.weight: expected a floating-point tensor, got torch.int8"):
+        load_pdm(str(d), m, sd)
+    with_tensor("shift_norm.0.weight", good_w["shift_norm.0.weight"] > 0)
+    with pytest.raises(PDMError, match="shift_norm.0.weight: expected a floating-point tensor, got torch.bool"):
+        load_pdm(str(d), m, sd)
+    save_file(good_w, str(d / "pdm.safetensors"))
+    # anchors edited after training: fewer anchors than the file has aggregation matrices
+    cfg_j = json.loads(good_j)
+    (d / "pdm.json").write_text(json.dumps(dict(cfg_j, anchors=[0, 2, 4])))
+    with pytest.raises(PDMError, match=r"6 tensor\(s\) the config does not use \(agg.3.weight, agg.4.weight, "
+                                       r"shift.3.weight, shift.4.weight, ...\)"):
+        load_pdm(str(d), m, sd)
+    (d / "pdm.json").write_text(good_j)
+    with_tensor("extra.weight", torch.zeros(2))
+    with pytest.raises(PDMError, match=r"1 tensor\(s\) the config does not use \(extra.weight\)"):
+        load_pdm(str(d), m, sd)
+    save_file(good_w, str(d / "pdm.safetensors"))
+    assert load_pdm(str(d), m, sd).cfg.anchors == ANCHORS  # restored: loads again
+
+
+def test_pdm_path_that_is_not_a_pdm_folder_is_refused(tmp_path):
+    """The path must be the folder, or its pdm.json / pdm.safetensors: any other file is refused (not read as
+    the folder it sits in), as are an empty path, a missing one, and a pdm.json that is a folder."""
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    d = _save(tmp_path, m, untrained_pdm(m, ANCHORS, layers=1), sd)
+    for f in ("pdm.json", "pdm.safetensors"):
+        assert load_pdm(str(d / f), m, sd).cfg.anchors == ANCHORS
+    (d / "notes.txt").write_text("a file beside a good PDM")
+    with pytest.raises(PDMError, match="notes.txt is a file, expected a folder with pdm.json and pdm.safetensors"):
+        load_pdm(str(d / "notes.txt"), m, sd)
+    with pytest.raises(PDMError, match="empty path"):
+        load_pdm("", m, sd)
+    with pytest.raises(PDMError, match="nowhere does not exist"):
+        load_pdm(str(tmp_path / "nowhere"), m, sd)
+    bad = tmp_path / "dir-json"
+    (bad / "pdm.json").mkdir(parents=True)
+    (bad / "pdm.safetensors").write_bytes((d / "pdm.safetensors").read_bytes())
+    with pytest.raises(PDMError, match="expected pdm.json and pdm.safetensors"):
+        load_pdm(str(bad), m, sd)
+
+
+def test_a_non_finite_draft_distribution_is_refused_not_sampled(pdm):
+    """A sampled draft's q must be a distribution: NaN or infinite logits raise a PDMError instead of handing
+    verification a NaN q (with which the rejection rule would no longer be lossless)."""
+    from spdkernels.runtime.spd.schedule import draw_draft
+
+    V = pdm.cfg.draft_vocab
+    ok = torch.zeros(V, dtype=torch.float64)
+    tok, q = draw_draft(pdm, ok, 0.8, seed=1, pos=5)
+    assert q is not None and abs(float(q.sum()) - 1) < 1e-9 and tok in pdm.vocab_ids.tolist()
+    for bad in (float("nan"), float("inf")):
+        logits = ok.clone()
+        logits[2] = bad
+        with pytest.raises(PDMError, match="draft distribution for position 5 is not finite"):
+            draw_draft(pdm, logits, 0.8, seed=1, pos=5)
+
+
+def test_stages_the_pdm_was_not_trained_for_warn(model):
+    """Any n fits anchors 0 = b_0 < ... <= L (verification keeps the output the target's), but a PDM runs
+    depth layouts it never saw at an n it was not trained for: a warning says so; none for a trained n or a PDM
+    without a training record."""
+    import warnings
+
+    cfg = type("C", (), dict(anchors=[0, 2, 4], m=2, training=dict(stages_trained_for=[2, 4])))()
+    with pytest.warns(UserWarning, match=r"trained for n in \[2, 4\], not for n = 3"):
+        check_stages(cfg, 4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_stages(cfg, 4, 2) == [0, 1, 2]
+        cfg.training = {}
+        check_stages(cfg, 4, 3)
+
+
+def test_cli_bad_pdm_and_prompt_file_exit_2_before_the_load_and_leave_no_folders(tmp_path, capsys):
+    """An empty --pdm is refused (not read as the shipped PDM); a --prompt-file that is bad JSON, empty or not
+    UTF-8 is refused before the model loads (a missing model would be the error otherwise); a refused run leaves
+    no output folder behind (output folders are made by the first write, not by the check)."""
+    nomodel = str(tmp_path / "no-model.gguf")
+    bad_json, empty, latin = tmp_path / "p.json", tmp_path / "empty.txt", tmp_path / "latin.txt"
+    bad_json.write_text('["one", "two" "three"]')
+    empty.write_text("\n  \n")
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "list.json").write_text("[]")
+    out = tmp_path / "new" / "deeper" / "o.json"
+    cases = [
+        (["--prompt-file", str(bad_json)], "--prompt-file: " + str(bad_json) + " is not valid JSON"),
+        (["--prompt-file", str(empty)], "--prompt-file: no prompts in"),
+        (["--prompt-file", str(tmp_path / "list.json")], "--prompt-file: no prompts in"),
+        (["--prompt-file", str(latin)], "is not UTF-8 text"),
+    ]
+    for extra, needle in cases:
+        rc = cli_main(["generate", "--model", nomodel, "--json", str(out), "--no-progress"] + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "new").exists()
+    # the model fails to load after the checks: still no folder
+    rc = cli_main(["generate", "--model", nomodel, "--prompt", "hi", "--json", str(out), "--no-progress"])
+    assert rc == 2 and not (tmp_path / "new").exists()
+    rc = cli_main(["train-pdm", "--model", nomodel, "--out", str(tmp_path / "new" / "pdm")])
+    assert rc == 2 and not (tmp_path / "new").exists()
+    capsys.readouterr()
+    rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--pdm", "", "--json", str(out),
+                   "--no-progress", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--pdm: pdm: empty path" in err and not (tmp_path / "new").exists()
 
 
 def test_shipped_pdm_refused_for_another_model_says_how_to_get_one(tmp_path):
@@ -639,7 +775,7 @@ def test_cli_unwritable_outputs_exit_2_before_the_model_loads(tmp_path, capsys):
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"error: {needle}:") and "Traceback" not in err, (argv, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "o"]  # --out was creatable, nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the checks create nothing
     assert afile.read_text() == "x"
 
 

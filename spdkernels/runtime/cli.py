@@ -174,8 +174,11 @@ def load_pdm_for(args, ck, model):
     from .spd.pdm import PDMError, load_pdm, shipped_pdm_path
 
     packed = getattr(args, "weights", "packed") == "packed"  # the target's choice (--weights)
-    if args.pdm:
-        return load_pdm(args.pdm, model, ck.state_dict, packed=packed)
+    if args.pdm is not None:  # (an empty --pdm is refused, not read as "the shipped one")
+        try:
+            return load_pdm(args.pdm, model, ck.state_dict, packed=packed)
+        except PDMError as e:
+            raise PDMError(f"--pdm: {e}") from None
     try:
         return load_pdm(str(shipped_pdm_path()), model, ck.state_dict, packed=packed)
     except PDMError as e:  # the shipped PDM belongs to the embedded model only
@@ -213,15 +216,24 @@ def _prompts(args) -> List[str]:
     if args.prompt:
         return list(args.prompt)
     try:
-        text = open(args.prompt_file, encoding="utf-8").read()
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
     except OSError as e:
         raise ValueError(f"--prompt-file: cannot read {args.prompt_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file: {args.prompt_file} is not UTF-8 text") from None
     if text.lstrip().startswith("["):
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--prompt-file: {args.prompt_file} is not valid JSON ({e})") from None
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise ValueError("--prompt-file: a JSON prompt file must hold a list of strings")
-        return items
-    return [line for line in text.splitlines() if line.strip()]
+    else:
+        items = [line for line in text.splitlines() if line.strip()]
+    if not items:
+        raise ValueError(f"--prompt-file: no prompts in {args.prompt_file}")
+    return items
 
 
 def _check_args(args) -> None:
@@ -248,6 +260,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--draft-vocab: expected >= 0, got {args.draft_vocab}")
     if args.stages < 1 or (args.proposer == "spd" and args.stages < 2):
         raise ValueError(f"--stages: expected >= {2 if args.proposer == 'spd' else 1}, got {args.stages}")
+    if args.prompt_file is not None:
+        _prompts(args)  # (read again after the load: a small file; its errors come before the slow part)
     if getattr(args, "spd_lookup", False):
         if args.proposer != "spd":
             raise ValueError(f"--spd-lookup: needs --proposer spd, got --proposer {args.proposer}")

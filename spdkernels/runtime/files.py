@@ -15,7 +15,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def check_output_file(path: PathLike, arg: str) -> Path:
     """Refuse (``ValueError`` naming ``arg``) an output path that cannot be written: a folder, or one whose
-    parent is a file or cannot be created. Creates the missing parent folders; writes nothing else."""
+    parent is a file or cannot be created. Creates nothing: missing parent folders are made when the file is
+    written (:func:`write_atomic`), so a run refused or failed later leaves no empty folders behind."""
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{arg}: {p} is a folder, expected a file path")
@@ -26,21 +27,21 @@ def check_output_file(path: PathLike, arg: str) -> Path:
 
 
 def check_output_folder(path: PathLike, arg: str) -> Path:
-    """Like :func:`check_output_file` for a folder the command writes into (created when missing)."""
+    """Like :func:`check_output_file` for a folder the command writes into (made by its first write)."""
     p = Path(path)
     _check_folder(p, arg)
     return p
 
 
 def _check_folder(d: Path, arg: str) -> None:
-    if d.exists() and not d.is_dir():
-        raise ValueError(f"{arg}: {d} is a file, expected a folder")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{arg}: cannot create the folder {d} ({e.strerror or e})") from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise ValueError(f"{arg}: the folder {d} is not writable")
+    # the nearest existing path on the way up must be a folder this process may create entries in
+    p = d
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"{arg}: {p} is a file, expected a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{arg}: the folder {p} is not writable" + ("" if p == d else f" (cannot create {d})"))
 
 
 def write_atomic(path: PathLike, write: Callable[[str], None]) -> Path:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -112,6 +113,12 @@ def check_stages(cfg: PDMConfig, num_layers: int, n: int) -> List[int]:
     f = depth_types(cfg.anchors, num_layers, n)
     if f[n] != cfg.m:
         raise ValueError(f"stages: the PDM's deepest anchor {cfg.anchors[-1]} is never reached")
+    trained = (getattr(cfg, "training", None) or {}).get("stages_trained_for")
+    if isinstance(trained, list) and trained and n not in trained:
+        # any n fits anchors 0 = b_0 < ... <= L; an n it was not trained for gives it layouts of depths it has not
+        # seen: still lossless (verification decides), but its drafts are accepted less often
+        warnings.warn(f"stages: the PDM was trained for n in {trained}, not for n = {n}: its drafts will be "
+                      "accepted less often (the output is the target's either way)", stacklevel=3)
     return f
 
 
@@ -381,22 +388,37 @@ def save_pdm(path: str, cfg: PDMConfig, weights: Dict[str, torch.Tensor], dtype=
     return d
 
 
+def pdm_folder(path: str) -> Path:
+    """The PDM folder ``path`` names: the folder itself, or the folder of its ``pdm.json`` /
+    ``pdm.safetensors`` (any other file is refused, not read as a pointer to the folder it sits in)."""
+    if not str(path):
+        raise PDMError("pdm: empty path, expected a folder with pdm.json and pdm.safetensors")
+    d = Path(path)
+    if d.is_file():
+        if d.name not in (CONFIG_FILE, WEIGHTS_FILE):
+            raise PDMError(f"pdm: {d} is a file, expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE}")
+        d = d.parent
+    elif not d.exists():
+        raise PDMError(f"pdm: {d} does not exist (expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return d
+
+
 def read_pdm(path: str) -> tuple:
     """``(PDMConfig, weights)`` from a folder (or its ``pdm.json``), with clear errors for missing or
     corrupt files."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    d = Path(path)
-    if d.is_file():
-        d = d.parent
+    d = pdm_folder(path)
     cj, wf = d / CONFIG_FILE, d / WEIGHTS_FILE
-    if not cj.exists() or not wf.exists():
+    if not cj.is_file() or not wf.is_file():
         raise PDMError(f"pdm: expected {CONFIG_FILE} and {WEIGHTS_FILE} in {d}")
     try:
-        raw = json.loads(cj.read_text())
+        raw = json.loads(cj.read_text(encoding="utf-8"))
         cfg = PDMConfig(**raw)
         _check_field_types(cfg)
+    except OSError as e:
+        raise PDMError(f"pdm: cannot read {cj} ({e.strerror or e})") from None
     except (ValueError, TypeError) as e:
         raise PDMError(f"pdm: {cj} is not a PDM config ({e})") from None
     if cfg.format != PDM_FORMAT:
@@ -440,23 +462,61 @@ def check_target(cfg: PDMConfig, target_config: LlamaConfig, fingerprint: Option
                        f"{str(want.get('weights_sha256'))[:12]}...)")
 
 
+def expected_tensors(cfg: PDMConfig, target: LlamaConfig) -> List[str]:
+    """The names of every tensor a PDM file of config ``cfg`` holds (no more, no fewer)."""
+    r = range(cfg.m + 1)
+    names = [f"agg.{k}.weight" for k in r] + ["vocab_ids"]
+    if cfg.anchor_norm:
+        names += [f"anchor_norm.{j}.weight" for j in r]
+    if cfg.shift:
+        names += [f"shift.{k}.weight" for k in r] + [f"shift_norm.{k}.weight" for k in r]
+    if cfg.train_head:
+        names.append("head.weight")
+    return names + [f"model.layers.{i}.{n}" for i in range(cfg.num_layers)
+                    for n, _ in layer_shapes(cfg.tower_config(target))]
+
+
+def check_tensors(cfg: PDMConfig, weights: Dict[str, torch.Tensor], target: LlamaConfig) -> None:
+    """The file's tensors are the ones its config asks for (an extra tensor means the config and the weights
+    disagree, e.g. anchors edited after training), floating point but for ``vocab_ids``, and finite (a NaN in a
+    draft weight gives NaN draft distributions: sampled verification would no longer be lossless)."""
+    want = expected_tensors(cfg, target)
+    extra = sorted(set(weights) - set(want))
+    if extra:
+        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise PDMError(f"{len(extra)} tensor(s) the config does not use ({shown}): {CONFIG_FILE} and "
+                       f"{WEIGHTS_FILE} do not belong together")
+    for name in want:
+        w = weights.get(name)
+        if w is None or name == "vocab_ids":
+            continue  # (missing tensors and vocab_ids: the module's own checks, which name the expected shape)
+        if not w.is_floating_point():
+            raise PDMError(f"{name}: expected a floating-point tensor, got {w.dtype}")
+        if not bool(torch.isfinite(w).all()):
+            raise PDMError(f"{name}: holds NaN or infinite values (a corrupt weights file)")
+
+
 def load_pdm(path: str, target: LlamaModel, state_dict: Optional[Dict[str, torch.Tensor]] = None,
              packed: bool = True) -> PipelineDraftModule:
     """Load a PDM for ``target``; ``state_dict`` (the target's checkpoint tensors) enables the weight-hash
-    check, which the runtime always passes. ``packed``: see :class:`PipelineDraftModule`."""
+    check, which the runtime always passes. ``packed``: see :class:`PipelineDraftModule`. Every refusal is a
+    :class:`PDMError` that names the PDM's folder."""
     cfg, weights = read_pdm(path)
-    fp = target_fingerprint(target.config, state_dict) if state_dict is not None else None
-    check_target(cfg, target.config, fp)
+    d = pdm_folder(path)
     try:
+        fp = target_fingerprint(target.config, state_dict) if state_dict is not None else None
+        check_target(cfg, target.config, fp)
         cfg.validate(target.config)
-    except PDMError:
-        raise
-    want = {f"model.layers.{i}.{n}": s for i in range(cfg.num_layers)
-            for n, s in layer_shapes(cfg.tower_config(target.config))}
-    for name, shape in want.items():
-        if name not in weights or tuple(weights[name].shape) != tuple(shape):
-            raise PDMError(f"pdm: {name} missing or not of shape {shape}")
-    return PipelineDraftModule(cfg, weights, target, packed=packed)
+        want = {f"model.layers.{i}.{n}": s for i in range(cfg.num_layers)
+                for n, s in layer_shapes(cfg.tower_config(target.config))}
+        for name, shape in want.items():
+            if name not in weights or tuple(weights[name].shape) != tuple(shape):
+                raise PDMError(f"{name} missing or not of shape {shape}")
+        check_tensors(cfg, weights, target.config)
+        return PipelineDraftModule(cfg, weights, target, packed=packed)
+    except PDMError as e:
+        msg = str(e)
+        raise PDMError(f"pdm {d}: {msg[len('pdm: '):] if msg.startswith('pdm: ') else msg}") from None
 
 
 def shipped_pdm_path(name: str = "smollm2-135m-instruct") -> Path:

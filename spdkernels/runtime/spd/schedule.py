@@ -17,6 +17,7 @@ cycle; the pipelined wall clock needs one worker per stage (the distributed runt
 timings (PDM, every stage, verify) are measured here so that the cost model can be checked."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,7 +38,7 @@ from ..engine import (
     validate_requests,
 )
 from ..model import Batch, LlamaModel, build_batch, sync_device
-from .pdm import PipelineDraftModule, check_stages
+from .pdm import PDMError, PipelineDraftModule, check_stages
 
 STREAM_DRAFT = 2  # Philox stream of the draft coins (0 and 1 are the verification coins)
 
@@ -102,7 +103,10 @@ def draw_draft(pdm: PipelineDraftModule, logits: torch.Tensor, temperature: floa
     q = torch.softmax(logits.float() / temperature, dim=-1)
     u = philox_uniform(seed, pos, 0, STREAM_DRAFT)
     c = torch.cumsum(q, 0)
-    thr = torch.tensor([u * float(c[-1])], dtype=c.dtype, device=c.device)
+    total = float(c[-1])
+    if not (math.isfinite(total) and total > 0):  # (a NaN q would make sampled verification lossy, not fail)
+        raise PDMError(f"pdm: the draft distribution for position {pos} is not finite (NaN or infinite logits)")
+    thr = torch.tensor([u * total], dtype=c.dtype, device=c.device)
     i = min(int(torch.searchsorted(c, thr, right=True)[0]), q.shape[0] - 1)
     while q[i] <= 0:  # never a zero-probability draft
         i -= 1
