@@ -2,7 +2,8 @@
 layout after a fixed number of steps, and the time per step (a recipe that is cheaper per step trains more
 steps in the same time).
 
-    python -m spdkernels.bench.pdm_recipe --work WORK --layers 1 --shift --steps 300 [--lr 2e-3] [--json out.jsonl]
+    python -m spdkernels.bench.pdm_recipe --work WORK --layers 1 --shift --steps 300 [--lr 2e-3] [--tower-init L]
+        [--json out.jsonl]
 
 ``WORK`` is the ``--work`` folder of ``spdkernels train-pdm`` (its corpus JSON and the anchor-state cache for
 the anchors ``0, 8, 15, 22, 30``); the held-out split is ``train-pdm``'s for ``--seed``. One JSON line per run.
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--held-windows", type=int, default=16, help="held-out windows scored")
+    ap.add_argument("--tower-init", type=int, default=None, help="train-pdm's --tower-init (default: noise)")
     ap.add_argument("--json", default=None, help="append the result line to this file")
     args = ap.parse_args(argv)
 
@@ -64,7 +66,10 @@ def main(argv=None) -> int:
     cfg = PDMConfig(anchors=anchors, num_layers=args.layers, intermediate_size=args.intermediate,
                     draft_vocab=len(vocab), shift=args.shift, target=target_fingerprint(ck.config, ck.state_dict))
     cfg.training = dict(vocab_ids=vocab)
-    st = TrainSettings(steps=args.steps, batch=4, lr=args.lr, seed=args.seed)
+    if args.tower_init is not None and not 0 <= args.tower_init < ck.config.num_layers:
+        raise SystemExit(f"--tower-init: expected a layer of the target, 0..{ck.config.num_layers - 1}, "
+                         f"got {args.tower_init}")
+    st = TrainSettings(steps=args.steps, batch=4, lr=args.lr, seed=args.seed, tower_init=args.tower_init)
     tr = Trainer(target, cfg, tw, hw, st, log=lambda *a: None)
     t0 = time.perf_counter()
     res = tr.run(None, progress=False)
@@ -73,6 +78,7 @@ def main(argv=None) -> int:
                                               "pipe2": ("pipeline", 2, 2, 0)})
     last = res["history"][-20:]
     line = dict(layers=args.layers, shift=args.shift, steps=args.steps, lr=args.lr, intermediate=args.intermediate,
+                tower_init=args.tower_init,
                 train_s=round(t), s_per_step=round(t / args.steps, 3),
                 train_top1_last20=round(sum(x["top1"] for x in last) / len(last), 3),
                 **{k: round(v, 4) for k, v in ev.items()}, windows=len(tw),

@@ -656,6 +656,30 @@ def test_pdm_file_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
     assert load_pdm(str(d), m, sd).cfg.anchors == ANCHORS  # restored: loads again
 
 
+def test_save_pdm_refuses_weights_that_overflow_fp16(tmp_path):
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    m = LlamaModel(CFG, sd)
+    p = untrained_pdm(m, ANCHORS, layers=1)
+    w = PDMNet(p.cfg, m, p.vocab_ids).hf_state_dict()
+    w["agg.1.weight"] = w["agg.1.weight"].clone()
+    w["agg.1.weight"][0, 0] = 1e6  # beyond fp16's 65504
+    with pytest.raises(ValueError, match="agg.1.weight: not finite in torch.float16"):
+        save_pdm(str(tmp_path / "p"), p.cfg, w)
+    assert not (tmp_path / "p").exists()
+
+
+def test_output_folder_through_a_dangling_link_is_refused_before_the_run(tmp_path):
+    from spdkernels.runtime.files import check_output_file, check_output_folder
+
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match="--out: .*link is a link to a missing target"):
+        check_output_folder(tmp_path / "link" / "pdm", "--out")
+    with pytest.raises(ValueError, match="--json: .*link is a link to a missing target"):
+        check_output_file(tmp_path / "link" / "o.json", "--json")
+    assert check_output_folder(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()  # checked, not created
+
+
 def test_pdm_path_that_is_not_a_pdm_folder_is_refused(tmp_path):
     """The path must be the folder, or its pdm.json / pdm.safetensors: any other file is refused (not read as
     the folder it sits in), as are an empty path, a missing one, and a pdm.json that is a folder."""
@@ -738,10 +762,10 @@ def test_cli_bad_pdm_and_prompt_file_exit_2_before_the_load_and_leave_no_folders
     rc = cli_main(["train-pdm", "--model", nomodel, "--out", str(tmp_path / "new" / "pdm")])
     assert rc == 2 and not (tmp_path / "new").exists()
     capsys.readouterr()
-    rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--pdm", "", "--json", str(out),
-                   "--no-progress", "--max-tokens", "2"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "--pdm: pdm: empty path" in err and not (tmp_path / "new").exists()
+    for cmd in (["generate", "--prompt", "hi", "--proposer", "spd"], ["demo"]):
+        rc = cli_main(cmd + ["--model", nomodel, "--pdm", "", "--json", str(out), "--no-progress"])
+        err = capsys.readouterr().err  # (before the load: the missing model is not the error)
+        assert rc == 2 and "--pdm: empty path" in err and not (tmp_path / "new").exists(), err
 
 
 def test_shipped_pdm_refused_for_another_model_says_how_to_get_one(tmp_path):
@@ -903,12 +927,60 @@ def test_cli_train_pdm_bad_device_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("flag,value", [(f, "0") for f in ("--stages", "--layers", "--intermediate", "--draft-vocab",
                                                             "--prompts", "--max-new-tokens", "--gen-batch", "--steps",
                                                             "--batch", "--lr")]
-                         + [("--self-prompts", "1.5"), ("--self-prompts", "-0.1"), ("--self-prompts", "nan")])
+                         + [("--self-prompts", "1.5"), ("--self-prompts", "-0.1"), ("--self-prompts", "nan"),
+                            ("--tower-init", "-1")])
 def test_cli_train_pdm_bad_numbers_exit_2(tmp_path, capsys, flag, value):
     rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), flag, value])
     assert rc == 2 and not (tmp_path / "o").exists()
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag}:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("inter", [40, 96, 128])
+def test_tower_init_copies_a_target_layer(inter):
+    """``tower_init``: every tower layer starts as the target's layer (norms, attention exactly); the MLP keeps
+    the target's neurons of largest |gate| |up| |down| in their order when narrower, all of them (then its own
+    noise) when wider; the copies are the net's parameters (trained, not frozen)."""
+    from spdkernels.runtime.linear import PackedWeight
+
+    sd = {k: v.half().float() for k, v in random_state_dict(CFG).items()}  # fp16 values: the target packs them
+    m = LlamaModel(CFG, sd)
+    assert isinstance(m.layers[2].w_gate_up, PackedWeight)  # (copied through dequantize)
+    cfg = untrained_pdm(m, ANCHORS, layers=2, intermediate=inter, draft_vocab=16).cfg
+    base = PDMNet(cfg, m, torch.arange(16), seed=3)
+    net = PDMNet(cfg, m, torch.arange(16), seed=3, tower_init=2)
+    p = "model.layers.2."
+    gate, up, down = sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"], sd[p + "mlp.down_proj.weight"]
+    It = CFG.intermediate_size
+    k = min(inter, It)
+    score = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
+    keep = score.topk(k).indices.sort().values
+    dropped = [i for i in range(It) if i not in keep.tolist()]
+    assert len(dropped) == It - k and (not dropped or float(score[keep].min()) >= float(score[dropped].max()))
+    if inter >= It:
+        assert keep.tolist() == list(range(It))
+    for L, L0 in zip(net.layers, base.layers):
+        assert torch.equal(L.ln1, sd[p + "input_layernorm.weight"])
+        assert torch.equal(L.ln2, sd[p + "post_attention_layernorm.weight"])
+        assert torch.equal(L.w_qkv, torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+        assert torch.equal(L.w_o, sd[p + "self_attn.o_proj.weight"])
+        assert torch.equal(L.w_gate_up[:k], gate[keep]) and torch.equal(L.w_gate_up[inter:inter + k], up[keep])
+        assert torch.equal(L.w_down[:, :k], down[:, keep])
+        # past the target's neurons: the noise of the uninitialised net, untouched
+        assert torch.equal(L.w_gate_up[k:inter], L0.w_gate_up[k:inter])
+        assert torch.equal(L.w_gate_up[inter + k:], L0.w_gate_up[inter + k:])
+        assert torch.equal(L.w_down[:, k:], L0.w_down[:, k:])
+    assert all(isinstance(t, torch.nn.Parameter) for t in net.parameters())
+    for bad in (-1, CFG.num_layers):
+        with pytest.raises(ValueError, match=f"tower_init: expected a layer of the target, 0..{CFG.num_layers - 1}"):
+            PDMNet(cfg, m, torch.arange(16), tower_init=bad)
+
+
+def test_cli_train_pdm_tower_init_past_the_target_exits_2_before_any_work(tmp_path, capsys):
+    rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), "--tower-init", "30"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tower-init: expected a layer of the target, 0..29, got 30" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_pdm_probe_loads_every_tensor_of_the_file(tmp_path):
@@ -1053,10 +1125,19 @@ def test_train_pdm_on_a_target_of_three_layers(tmp_path):
     sd = {k: v.float() for k, v in random_state_dict(c).items()}
     ck = SimpleNamespace(config=c, state_dict=sd, tokenizer=_ByteTokenizer())
     res = train_pdm(ck, str(tmp_path / "o"), str(tmp_path / "w"), stages=3, layers=1, num_prompts=4,
-                    max_new_tokens=4, intermediate=32, settings=TrainSettings(steps=1, window=16, batch=1),
+                    max_new_tokens=4, intermediate=32,
+                    settings=TrainSettings(steps=1, window=16, batch=1, tower_init=2),
                     progress=False, log=lambda *a: None)
     assert set(res["held_out"]) >= {"pipe2_top1", "proposer_chain3_top1"} and (tmp_path / "o" / "pdm.json").exists()
-    assert json.loads((tmp_path / "o" / "pdm.json").read_text())["training"]["corpus"].startswith("corpus-4-4-s0-")
+    training = json.loads((tmp_path / "o" / "pdm.json").read_text())["training"]
+    assert training["corpus"].startswith("corpus-4-4-s0-")
+    # the layouts it can draw on 3 layers: n = 2 and the n its anchors are cut for (added), not 4 or 8
+    assert training["stages_trained_for"] == [2, 3] and training["settings"]["tower_init"] == 2
+    with pytest.raises(ValueError, match="tower_init: expected a layer of the target, 0..2, got 3"):
+        train_pdm(ck, str(tmp_path / "o2"), str(tmp_path / "w"), stages=3, layers=1, num_prompts=4,
+                  max_new_tokens=4, intermediate=32, settings=TrainSettings(steps=1, window=16, batch=1, tower_init=3),
+                  progress=False, log=lambda *a: None)
+    assert not (tmp_path / "o2").exists()
 
 
 def test_bench_spd_refuses_a_bad_corpus(tmp_path, capsys):

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
                    help="give each row the previous token's deepest anchor too (EAGLE-style), not only through "
                    "attention (default: on)")
+    t.add_argument("--tower-init", type=int, default=None, metavar="LAYER",
+                   help="start every tower layer as a copy of the target's layer LAYER (0-based; its norms, "
+                   "attention weights and the MLP neurons of largest weight; no attention biases) instead of "
+                   "noise (default: noise)")
     t.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -168,6 +172,11 @@ def _requests(args, tok):
             sp.validate()
             reqs.append(Request(ids, sp))
     return reqs
+
+
+def _check_pdm_arg(args) -> None:
+    if getattr(args, "pdm", None) is not None and not args.pdm:  # (before the load; load_pdm refuses it too)
+        raise ValueError("--pdm: empty path, expected a folder with pdm.json and pdm.safetensors")
 
 
 def load_pdm_for(args, ck, model):
@@ -260,6 +269,7 @@ def _check_args(args) -> None:
         raise ValueError(f"--draft-vocab: expected >= 0, got {args.draft_vocab}")
     if args.stages < 1 or (args.proposer == "spd" and args.stages < 2):
         raise ValueError(f"--stages: expected >= {2 if args.proposer == 'spd' else 1}, got {args.stages}")
+    _check_pdm_arg(args)
     if args.prompt_file is not None:
         _prompts(args)  # (read again after the load: a small file; its errors come before the slow part)
     if getattr(args, "spd_lookup", False):
@@ -444,6 +454,7 @@ def cmd_demo(args) -> int:
         raise ValueError(f"--max-tokens: expected >= 1, got {args.max_tokens}")
     if args.repeats < 1:
         raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
+    _check_pdm_arg(args)
     for name in ("json", "plot"):
         if getattr(args, name):
             check_output_file(getattr(args, name), f"--{name}")
@@ -494,6 +505,8 @@ def cmd_train_pdm(args) -> int:
         raise ValueError(f"--lr: expected > 0, got {args.lr}")
     if not 0.0 <= args.self_prompts <= 1.0:
         raise ValueError(f"--self-prompts: expected a fraction in [0, 1], got {args.self_prompts}")
+    if args.tower_init is not None and args.tower_init < 0:
+        raise ValueError(f"--tower-init: expected a layer index >= 0, got {args.tower_init}")
     _device(args.device)
     check_output_folder(args.out, "--out")
     if args.work:
@@ -501,7 +514,10 @@ def cmd_train_pdm(args) -> int:
     ck, _ = _load(args.model, args.threads)
     if args.stages > ck.config.num_layers:
         raise ValueError(f"--stages: expected at most the target's {ck.config.num_layers} layers, got {args.stages}")
-    st = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    if args.tower_init is not None and not 0 <= args.tower_init < ck.config.num_layers:
+        raise ValueError(f"--tower-init: expected a layer of the target, 0..{ck.config.num_layers - 1}, "
+                         f"got {args.tower_init}")
+    st = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, tower_init=args.tower_init)
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,

@@ -37,6 +37,8 @@ def _check_folder(d: Path, arg: str) -> None:
     # the nearest existing path on the way up must be a folder this process may create entries in
     p = d
     while not p.exists() and p.parent != p:
+        if os.path.lexists(p):  # a link whose target is gone: creating the folder there would fail after the run
+            raise ValueError(f"{arg}: {p} is a link to a missing target")
         p = p.parent
     if not p.is_dir():
         raise ValueError(f"{arg}: {p} is a file, expected a folder")

@@ -379,10 +379,13 @@ def save_pdm(path: str, cfg: PDMConfig, weights: Dict[str, torch.Tensor], dtype=
 
     from ..files import write_atomic, write_text_atomic
 
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
     out = {k: (v.detach().to("cpu", torch.int64) if k == "vocab_ids" else v.detach().to("cpu", dtype)).contiguous()
            for k, v in weights.items()}
+    for k, v in out.items():  # (load_pdm refuses such a file: say so when writing it, naming the cause)
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{k}: not finite in {dtype} (NaN, or a value beyond its range): not saved")
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
     write_atomic(d / WEIGHTS_FILE, lambda tmp: save_file(out, tmp))
     write_text_atomic(d / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=1))
     return d
@@ -422,7 +425,7 @@ def read_pdm(path: str) -> tuple:
     except (ValueError, TypeError) as e:
         raise PDMError(f"pdm: {cj} is not a PDM config ({e})") from None
     if cfg.format != PDM_FORMAT:
-        raise PDMError(f"pdm: format {cfg.format} not supported (expected {PDM_FORMAT})")
+        raise PDMError(f"pdm: {cj}: format {cfg.format} not supported (expected {PDM_FORMAT})")
     try:
         weights = load_file(str(wf))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
