@@ -228,3 +228,22 @@ def adapter_refusal_path(fused: bool, module, monkeypatch):
         yield
     if fused and cpp:
         assert not calls, "the fused C++ op should have served (and refused) the call"
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for the runtime on a tiny random model: bytes modulo ``vocab_size``, at most
+    ``max_len`` of them (``None``: all), the chat template the user's message itself."""
+
+    stop_token_ids: list = []
+
+    def __init__(self, vocab_size: int, max_len=None):
+        self.vocab_size, self.max_len = vocab_size, max_len
+
+    def apply_chat_template(self, messages):
+        return messages[0]["content"]
+
+    def encode(self, text):
+        return [b % self.vocab_size for b in text.encode()][:self.max_len]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))

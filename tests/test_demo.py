@@ -6,6 +6,7 @@ import math
 import statistics
 
 import pytest
+from conftest import ByteTokenizer
 
 from spdkernels.runtime import Engine, LlamaModel
 from spdkernels.runtime.demo import SUITE, DemoFailure, merge_repeats, run_demo
@@ -15,17 +16,8 @@ from spdkernels.runtime.proposers import NGramProposer
 CFG = random_config(num_layers=2)
 
 
-class _Tok:
-    stop_token_ids = []
-
-    def apply_chat_template(self, messages):
-        return messages[0]["content"]
-
-    def encode(self, text):
-        return [b % CFG.vocab_size for b in text.encode()][:10]
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
+def _Tok():
+    return ByteTokenizer(CFG.vocab_size, 10)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ByteTokenizer
 from scipy import stats as scipy_stats
 
 from spdkernels.reference.rejection_sample import STREAM_FINAL, philox_uniform, sample_inverse_cdf, target_weights
@@ -1228,17 +1229,11 @@ def test_bench_spd_corpus_sets_are_held_out_and_kind_matched():
     assert [corpus[i]["kind"] for i in picked] == [corpus[i]["kind"] for i in held]
 
 
-class _ByteTokenizer:
+class _ByteTokenizer(ByteTokenizer):
     """Enough of a tokenizer for generate_corpus on the tiny random model."""
 
-    def apply_chat_template(self, messages):
-        return messages[0]["content"]
-
-    def encode(self, text):
-        return [b % CFG.vocab_size for b in text.encode()][:12]
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
+    def __init__(self):
+        super().__init__(CFG.vocab_size, 12)
 
 
 def test_anchor_states_recorded_during_generation_equal_a_prefill_pass():
@@ -1260,12 +1255,12 @@ def test_anchor_states_recorded_during_generation_equal_a_prefill_pass():
         make_windows([states[0][:-2]], corpus[:1], 8)
 
 
-class _ChatByteTokenizer(_ByteTokenizer):
+class _ChatByteTokenizer(ByteTokenizer):
+    def __init__(self):
+        super().__init__(CFG.vocab_size)
+
     def apply_chat_template(self, messages):
         return "<u>" + messages[0]["content"] + "</u>"
-
-    def encode(self, text):
-        return [b % CFG.vocab_size for b in text.encode()]
 
 
 def test_self_prompts_are_the_targets_own_finished_messages():
