@@ -113,7 +113,8 @@ def test_cli_sampling_seeds_fresh_unless_given(tmp_path):
 def test_cli_weights_fp32_or_packed(tmp_path, capsys):
     """--weights packed (the default on CPU fp32) keeps the GGUF file's Q4_1 / Q8_0 blocks, --weights fp32 expands
     them; one decoding row per forward gives the same tokens either way (the logits are equal bit for bit), for
-    the plain engine and for SPD with the shipped PDM (packed with its target, or not); a bad value exits 2."""
+    the plain engine and for SPD with the shipped PDM (packed with its target, or not), and for the PDM proposer
+    behind prompt lookup; a bad value exits 2."""
     import json
 
     def run(*extra):
@@ -130,6 +131,9 @@ def test_cli_weights_fp32_or_packed(tmp_path, capsys):
     assert wf == {"fp32": 121} and ids_fp32 == ids
     for w in ("packed", "fp32"):
         assert run("--proposer", "spd", "--stages", "2", "--weights", w)[1] == ids
+    # the PDM proposer behind prompt lookup, its chains cut by confidence
+    assert run("--proposer", "pdm", "--lookup", "--min-confidence", "0.3")[1] == ids
+    assert json.loads((tmp_path / "g.json").read_text())["proposer"] == "ngram k=4 n=2..3 else pdm L_s=1 k=4 p>=0.3"
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli_main(["generate", "--prompt", "hi", "--weights", "q4"])

@@ -4,6 +4,7 @@ the PDM proposer equal to autoregressive decoding (cache invariants asserted eve
 rollbacks forced at every fill level, the lossless sampling distribution of the first 3 tokens with two
 planted bugs (the residual forgotten, the wrong row) that the same test rejects, and the PDM file's refusal
 of other targets and corrupt files."""
+import copy
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from spdkernels.reference.rejection_sample import STREAM_FINAL, philox_uniform, 
 from spdkernels.runtime import Engine, LlamaModel, Request, SamplingParams
 from spdkernels.runtime.cli import main as cli_main
 from spdkernels.runtime.model import Batch, greedy_reference, prefill_logits, random_config, random_state_dict
-from spdkernels.runtime.proposers import NGramProposer
+from spdkernels.runtime.proposers import Draft, FallbackProposer, NGramProposer, Proposer
 from spdkernels.runtime.spd.pdm import (
     PDMError,
     check_stages,
@@ -27,7 +28,7 @@ from spdkernels.runtime.spd.pdm import (
     target_fingerprint,
 )
 from spdkernels.runtime.spd.proposer import PDMProposer
-from spdkernels.runtime.spd.schedule import SPDEngine
+from spdkernels.runtime.spd.schedule import SPDEngine, draw_draft
 from spdkernels.runtime.spd.train import (
     PDMNet,
     Trainer,
@@ -247,6 +248,96 @@ def test_pdm_proposer_greedy_equals_autoregressive(model, pdm, prompts, kw):
     assert met.drafted > 0
 
 
+def test_pdm_proposer_confidence_cut_keeps_greedy_outputs(model, pdm, prompts):
+    """Chains ended by ``min_confidence`` (some before their first token) verify to the autoregressive
+    outputs; the cut drafts fewer tokens than the full chains, and a threshold no draft reaches drafts none."""
+    ref = [greedy_reference(model, p, 20) for p in prompts]
+    reqs = [Request(p, _greedy(20)) for p in prompts]
+    _, full = Engine(model, PDMProposer(pdm, k=3)).generate(reqs)
+    # the threshold: the median top probability of the drafts (the untrained PDM's are all low)
+    probe = PDMProposer(pdm, k=3, min_confidence=1e-9)
+    seen = []
+    probe._confident = lambda logits, states, pos: seen.extend(
+        torch.softmax(logits.float(), -1).amax(-1).tolist()) or [True] * len(states)
+    Engine(model, probe).generate(reqs)
+    tau = sorted(seen)[len(seen) // 2]
+    res, met = Engine(model, PDMProposer(pdm, k=3, min_confidence=tau, debug=True), scrub_cache=True,
+                      validate_ops=True).generate(reqs)
+    assert [r.output_ids for r in res] == ref
+    assert 0 < met.drafted < full.drafted
+    res, met = Engine(model, PDMProposer(pdm, k=3, min_confidence=max(seen) + 1e-6)).generate(reqs)
+    assert [r.output_ids for r in res] == ref and met.drafted == 0
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="min_confidence"):
+            PDMProposer(pdm, min_confidence=bad)
+    with pytest.raises(ValueError, match="min_confidence: chains only"):
+        PDMProposer(pdm, k=2, branching=2, min_confidence=0.5)
+
+
+class _Scripted(Proposer):
+    """A test part: drafts one token (0) for a request whose text length satisfies ``when``, nothing otherwise;
+    records whom it was asked about and the feedback it got."""
+
+    def __init__(self, when):
+        super().__init__(1, 1)
+        self.when, self.asked, self.drafted, self.fed = when, [], [], []
+
+    def propose(self, states, depth_limits):
+        out = []
+        for st, lim in zip(states, depth_limits):
+            self.asked.append((st.rid, len(st.tokens)))
+            ok = lim > 0 and self.when(len(st.tokens))
+            if ok:
+                self.drafted.append((st.rid, len(st.tokens)))
+            out.append(Draft([0], [-1]) if ok else Draft())
+        return out
+
+    def feedback(self, state, drafted, accepted):
+        self.fed.append((state.rid, drafted))
+
+
+def test_fallback_proposer_asks_the_next_part_only_where_the_first_drafts_nothing(model, prompts):
+    first, second = _Scripted(lambda n: n % 2 == 0), _Scripted(lambda n: n % 3 != 0)
+    fb = FallbackProposer([first, second])
+    reqs = [Request(p, _greedy(12)) for p in prompts]
+    res, met = Engine(model, fb).generate(reqs)
+    assert [r.output_ids for r in res] == [greedy_reference(model, p, 12) for p in prompts]
+    assert first.drafted and second.drafted
+    assert not set(second.asked) & set(first.drafted)  # never asked where the first part drafted
+    assert set(second.asked) == {a for a in first.asked if a not in set(first.drafted)}
+    # each part hears about its own drafts only, one feedback per draft
+    assert len(first.fed) == len(first.drafted) and len(second.fed) == len(second.drafted)
+    assert all(d == 1 for _, d in first.fed + second.fed)
+    assert fb.drafted_by == [len(first.drafted), len(second.drafted)]
+    assert met.drafted == len(first.drafted) + len(second.drafted)
+    assert fb.describe() == "proposer else proposer"
+    with pytest.raises(ValueError, match="parts: expected at least two"):
+        FallbackProposer([first])
+
+
+def test_lookup_else_pdm_keeps_greedy_outputs(model, pdm, prompts):
+    """Prompt lookup first, the PDM where it finds nothing: the PDM catches up on the committed rows of the
+    steps it skipped (checked against the PDM run from scratch, ``debug``); outputs are the autoregressive ones."""
+    ref = [greedy_reference(model, p, 24) for p in prompts]
+    fb = FallbackProposer([NGramProposer(k=3, min_ngram=1, max_ngram=2),
+                           PDMProposer(pdm, k=3, min_confidence=0.0, debug=True)])
+    reqs = [Request(p, _greedy(24)) for p in prompts]
+    res, met = Engine(model, fb, scrub_cache=True, validate_ops=True).generate(reqs)
+    assert [r.output_ids for r in res] == ref
+    assert all(n > 0 for n in fb.drafted_by), fb.drafted_by
+
+
+def test_lookup_else_pdm_sampling_is_lossless(small):
+    """Lookup drafts (point masses) and the PDM's sampled drafts (with their q) chosen per request and step: the
+    verification of each keeps sampling lossless."""
+    m, pdm = small
+    fb = FallbackProposer([NGramProposer(k=1, min_ngram=2, max_ngram=2), PDMProposer(pdm, k=2)])
+    pv, met = _pvalue(lambda r: Engine(m, fb).generate(r), m, [1, 3, 0, 2, 4, 1], 4000)
+    assert pv > 1e-3, pv
+    assert all(n > 0 for n in fb.drafted_by), fb.drafted_by
+    assert 0 < met.accepted < met.drafted
+
+
 def test_spd_stops_at_eos_and_budget(model, pdm, prompts):
     ref = greedy_reference(model, prompts[0], 12)
     eos = ref[6]
@@ -461,10 +552,39 @@ def test_spd_sampling_with_lookup_is_lossless(small):
 
 def test_pdm_proposer_sampling_is_lossless(small):
     m, pdm = small
-    prompt = [2, 2, 4, 0, 1, 3]
+    prompt = [1, 3, 0, 2, 4, 1]  # (~50 three-token outcomes with mass)
     pv, met = _pvalue(lambda r: Engine(m, PDMProposer(pdm, k=2)).generate(r), m, prompt, 4000)
     assert pv > 1e-3, pv
-    assert met.drafted > 0 and met.accepted > 0
+    assert 0 < met.accepted < met.drafted
+
+
+class _DrawnTokenGate(PDMProposer):
+    """Planted bug: the confidence rule reads the token the chain is about to draw (the same coin) and ends the
+    chain before it when its own q is below ``min_confidence``: the drafts verified are then no longer
+    distributed as their q."""
+
+    def _confident(self, logits, states, positions):
+        out = []
+        for row, st, pos in zip(logits, states, positions):
+            tok, q = draw_draft(self.pdm, row, st.params.temperature, st.params.seed, pos)
+            out.append(q is None or float(q[int((self.pdm.vocab_ids == tok).nonzero()[0, 0])]) >= self.min_confidence)
+        return out
+
+
+def test_pdm_proposer_confidence_cut_is_lossless_and_a_rule_reading_the_token_is_not(small):
+    """``min_confidence`` ends a chain on its draft distribution's top probability: sampling stays lossless. The
+    head is scaled down so that q is flat enough for the top probability to fall on both sides of 0.3 (the small
+    PDM's own q is nearly one-hot)."""
+    m, pdm = small
+    flat = copy.copy(pdm)
+    flat.head = pdm.head * 0.15
+    prompt = [1, 3, 0, 2, 4, 1]
+    pv, met = _pvalue(lambda r: Engine(m, PDMProposer(flat, k=2, min_confidence=0.3)).generate(r), m, prompt, 4000)
+    assert pv > 1e-3, pv
+    assert 0 < met.accepted < met.drafted < 2 * met.steps  # some chains cut, some drafts rejected
+    pv_bad, _ = _pvalue(lambda r: Engine(m, _DrawnTokenGate(flat, k=2, min_confidence=0.3)).generate(r), m, prompt,
+                        4000)
+    assert pv_bad < 1e-6, pv_bad
 
 
 def test_same_seed_same_tokens_after_rollbacks(small):
@@ -604,7 +724,17 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     assert "--stages" in capsys.readouterr().err
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "ngram", "--spd-lookup", "--json", str(out)])
     assert rc == 2 and not out.exists()
-    assert "--spd-lookup" in capsys.readouterr().err
+    assert "--lookup (--spd-lookup): needs --proposer spd or pdm" in capsys.readouterr().err
+    for argv, msg in ((["--proposer", "pdm", "--lookup", "--tree-width", "2"], "--lookup: with --proposer pdm"),
+                      (["--proposer", "pdm", "--min-confidence", "1"], "--min-confidence: expected a probability"),
+                      (["--proposer", "pdm", "--min-confidence", "nan"], "--min-confidence: expected a probability"),
+                      (["--proposer", "pdm", "--min-confidence", "-0.5"], "--min-confidence: expected a probability"),
+                      (["--proposer", "ngram", "--min-confidence", "0.3"], "--min-confidence: needs --proposer pdm"),
+                      (["--proposer", "pdm", "--min-confidence", "0.3", "--tree-branching", "2"],
+                       "--min-confidence: chains only")):
+        rc = cli_main(["generate", "--prompt", "hi", "--json", str(out), "--no-progress"] + argv)
+        assert rc == 2 and not out.exists(), argv
+        assert msg in capsys.readouterr().err, argv
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "1", "--json", str(out)])
     assert rc == 2 and not out.exists()
     assert "--stages: expected >= 2" in capsys.readouterr().err
@@ -706,8 +836,6 @@ def test_pdm_path_that_is_not_a_pdm_folder_is_refused(tmp_path):
 def test_a_non_finite_draft_distribution_is_refused_not_sampled(pdm):
     """A sampled draft's q must be a distribution: NaN or infinite logits raise a PDMError instead of handing
     verification a NaN q (with which the rejection rule would no longer be lossless)."""
-    from spdkernels.runtime.spd.schedule import draw_draft
-
     V = pdm.cfg.draft_vocab
     ok = torch.zeros(V, dtype=torch.float64)
     tok, q = draw_draft(pdm, ok, 0.8, seed=1, pos=5)

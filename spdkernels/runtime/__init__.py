@@ -8,6 +8,7 @@ from .proposers import (
     Draft,
     DraftModelProposer,
     EarlyExitProposer,
+    FallbackProposer,
     ModelProposer,
     NGramProposer,
     Proposer,
@@ -18,7 +19,8 @@ from .weights import Checkpoint, LlamaConfig, ModelLoadError, embedded_model_pat
 
 __all__ = [
     "AdaptiveSpeculation", "Batch", "CacheFullError", "Checkpoint", "Draft", "DraftModelProposer",
-    "EarlyExitProposer", "Engine", "LlamaConfig", "LlamaModel", "ModelLoadError", "ModelProposer", "NGramProposer",
+    "EarlyExitProposer", "Engine", "FallbackProposer", "LlamaConfig", "LlamaModel", "ModelLoadError", "ModelProposer",
+    "NGramProposer",
     "PagedKVCache", "Proposer", "Request", "RequestMetrics", "Result", "RunMetrics", "SamplingParams", "UnionProposer",
     "embedded_model_path", "load_checkpoint",
 ]

@@ -31,9 +31,13 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
                    help="spd: Speculative Pipeline Decoding (--stages); pdm: the SPD draft module as an ordinary "
                    "draft-then-verify proposer")
     g.add_argument("--stages", type=int, default=4, help="spd: pipeline stages n")
-    g.add_argument("--spd-lookup", action="store_true", help="spd: draft from prompt lookup (the newest "
-                   "--ngram-min..--ngram-max tokens, in flight included, found earlier in the text) where it matches, "
-                   "from the PDM elsewhere")
+    g.add_argument("--lookup", "--spd-lookup", dest="spd_lookup", action="store_true",
+                   help="spd / pdm: draft from prompt lookup (the newest --ngram-min..--ngram-max tokens, in flight "
+                   "included for spd, found earlier in the text) where it matches, from the PDM elsewhere (pdm: "
+                   "lookup chains of up to --k tokens, --adaptive applies to them)")
+    g.add_argument("--min-confidence", type=float, default=0.0,
+                   help="pdm: end a draft chain before a token whose draft distribution's top probability is below "
+                   "this (0: never; a step may then draft nothing)")
     g.add_argument("--pdm", default=None, help="pdm/spd: a trained PDM folder (default: the one shipped for the "
                    "embedded model)")
     g.add_argument("--k", type=int, default=4, help="draft depth (tokens per chain)")
@@ -203,10 +207,15 @@ def make_proposer(args, model, ck=None):
     if args.proposer in ("none", "spd"):
         return None
     if args.proposer == "pdm":
+        from .proposers import FallbackProposer
         from .spd.proposer import PDMProposer
 
-        return PDMProposer(load_pdm_for(args, ck, model), k=args.k, branching=args.tree_branching,
-                           width=args.tree_width, max_nodes=args.max_nodes)
+        pdm = PDMProposer(load_pdm_for(args, ck, model), k=args.k, branching=args.tree_branching,
+                          width=args.tree_width, max_nodes=args.max_nodes, min_confidence=args.min_confidence)
+        if not args.spd_lookup:
+            return pdm
+        return FallbackProposer([NGramProposer(k=args.k, max_ngram=args.ngram_max, min_ngram=args.ngram_min,
+                                               adaptive=args.adaptive), pdm])
     if args.proposer == "ngram":
         return NGramProposer(k=args.k, max_ngram=args.ngram_max, min_ngram=args.ngram_min, branches=args.branches,
                              max_nodes=args.max_nodes, adaptive=args.adaptive)
@@ -273,8 +282,18 @@ def _check_args(args) -> None:
     if args.prompt_file is not None:
         _prompts(args)  # (read again after the load: a small file; its errors come before the slow part)
     if getattr(args, "spd_lookup", False):
-        if args.proposer != "spd":
-            raise ValueError(f"--spd-lookup: needs --proposer spd, got --proposer {args.proposer}")
+        if args.proposer not in ("spd", "pdm"):
+            raise ValueError(f"--lookup (--spd-lookup): needs --proposer spd or pdm, got --proposer {args.proposer}")
+        if args.proposer == "pdm" and (args.tree_branching > 1 or args.tree_width > 1):
+            raise ValueError("--lookup: with --proposer pdm, chains only (no --tree-branching / --tree-width)")
+    mc = getattr(args, "min_confidence", 0.0)
+    if not 0.0 <= mc < 1.0:  # (NaN fails this too)
+        raise ValueError(f"--min-confidence: expected a probability in [0, 1), got {mc}")
+    if mc > 0:
+        if args.proposer != "pdm":
+            raise ValueError(f"--min-confidence: needs --proposer pdm, got --proposer {args.proposer}")
+        if args.tree_branching > 1 or args.tree_width > 1:
+            raise ValueError("--min-confidence: chains only (no --tree-branching / --tree-width)")
     if getattr(args, "distributed", False):
         from .spd.distributed import check_nccl_devices, check_timeout, preload_checkpoint, torchrun_rank
 

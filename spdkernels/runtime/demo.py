@@ -18,7 +18,7 @@ from .engine import Engine, Request, SamplingParams
 from .files import save_figure_atomic, write_text_atomic
 from .linear import weight_formats
 from .model import LlamaModel, prefill_logits
-from .proposers import EarlyExitProposer, NGramProposer, Proposer, UnionProposer
+from .proposers import EarlyExitProposer, FallbackProposer, NGramProposer, Proposer
 from .speculation import AdaptiveSpeculation
 
 # A divergence between two greedy runs is a near-tie when the top-2 logit gap of the reference run at the
@@ -92,10 +92,9 @@ def default_proposers(num_layers: int, pdm=None) -> List[Union[Proposer, Tuple[P
 
         out += [PDMProposer(pdm, k=4), PDMProposer(pdm, k=4, branching=2, width=2, max_nodes=8),
                 (PDMProposer(pdm, k=6), AdaptiveSpeculation(max_depth=6)),
-                # the trained drafter and prompt lookups merged into one tree, depth set by the controller
-                (UnionProposer([PDMProposer(pdm, k=6, sample=False),
-                                NGramProposer(k=8, max_ngram=3, min_ngram=1)], max_nodes=14),
-                 AdaptiveSpeculation(max_depth=8))]
+                # prompt lookup where it matches, else the trained drafter, its chains ended where it is unsure
+                FallbackProposer([NGramProposer(k=8, max_ngram=3, min_ngram=2, adaptive=True),
+                                  PDMProposer(pdm, k=6, min_confidence=0.3)])]
     return out
 
 

@@ -420,3 +420,70 @@ class UnionProposer(Proposer):
                     seqs.append(path[::-1])
             out.append(_trie(seqs, self.max_nodes))
         return out
+
+
+class FallbackProposer(Proposer):
+    """Several proposers in order of preference: each request's draft comes from the first part that drafts
+    anything for it, and the later parts are not run for it that step. For example prompt lookup first,
+    which costs nothing and wins on text that repeats the prompt, then a trained drafter where the lookup
+    finds nothing, so the drafter's forwards are spent only where they are needed. Each part sees the
+    feedback of the drafts it made; ``observe`` reaches every part (a model drafter needs every committed
+    token's hidden states, and catches up on those it was not asked about the next time it drafts)."""
+    name = "fallback"
+
+    def __init__(self, parts: Sequence[Proposer]):
+        if len(parts) < 2:
+            raise ValueError(f"parts: expected at least two proposers, got {len(parts)}")
+        super().__init__(max(p.max_nodes for p in parts), max(p.max_depth for p in parts))
+        self.parts = list(parts)
+        self.taps = tuple(sorted({t for p in self.parts for t in p.taps}))
+        self._source: Dict[object, int] = {}  # rid -> the part that drafted its last draft
+        self.drafted_by = [0] * len(self.parts)  # steps each part drafted, over the proposer's life
+
+    def describe(self) -> str:
+        return " else ".join(p.describe() for p in self.parts)
+
+    def bind(self, target, cache):
+        for p in self.parts:
+            p.bind(target, cache)
+
+    def observe(self, state, positions, hidden):
+        for p in self.parts:
+            if p.taps:
+                idx = [self.taps.index(t) for t in p.taps]
+                p.observe(state, positions, hidden[:, idx] if len(positions) else hidden)
+
+    def feedback(self, state, drafted, accepted):
+        i = self._source.get(state.rid)
+        if i is not None:
+            self.parts[i].feedback(state, drafted, accepted)
+
+    def release(self, state):
+        self._source.pop(state.rid, None)
+        for p in self.parts:
+            p.release(state)
+
+    def propose(self, states, depth_limits):
+        out: List[Optional[Draft]] = [None] * len(states)
+        todo = [r for r in range(len(states)) if depth_limits[r] > 0]
+        for r in range(len(states)):
+            if depth_limits[r] <= 0:
+                out[r] = Draft()
+                self._source.pop(states[r].rid, None)
+        for i, part in enumerate(self.parts):
+            if not todo:
+                break
+            drafts = part.propose([states[r] for r in todo], [depth_limits[r] for r in todo])
+            left = []
+            for r, d in zip(todo, drafts):
+                if len(d) or i == len(self.parts) - 1:
+                    out[r] = d
+                    if len(d):
+                        self._source[states[r].rid] = i
+                        self.drafted_by[i] += 1
+                    else:
+                        self._source.pop(states[r].rid, None)
+                else:
+                    left.append(r)
+            todo = left
+        return out

@@ -29,16 +29,27 @@ class PDMProposer(Proposer):
     name = "pdm"
 
     def __init__(self, pdm: PipelineDraftModule, k: int = 4, branching: int = 1, width: int = 1,
-                 max_nodes: Optional[int] = None, sample: bool = True, debug: bool = False):
+                 max_nodes: Optional[int] = None, sample: bool = True, debug: bool = False,
+                 min_confidence: float = 0.0):
         """``sample=False`` drafts argmax chains for sampled requests too (deterministic drafts, as a
         :class:`~spdkernels.runtime.proposers.UnionProposer` part needs). ``debug=True`` checks every draft
-        distribution against the PDM run from scratch over the node's whole view (tests)."""
+        distribution against the PDM run from scratch over the node's whole view (tests).
+        ``min_confidence`` (chains): a chain ends before a level whose draft distribution's top probability
+        is below it (the first level too: a request may draft nothing), so the verification pass only
+        carries drafts likely to be accepted. The rule reads the distribution before its token is drawn,
+        never the token, so sampled drafts stay distributed as their q and verification stays lossless."""
         if k < 1:
             raise ValueError(f"k: expected at least 1 draft token, got {k}")
         if branching < 1 or width < 1:
             raise ValueError(f"branching/width: expected >= 1, got {branching}, {width}")
+        if not (isinstance(min_confidence, (int, float)) and 0.0 <= min_confidence < 1.0):
+            raise ValueError(f"min_confidence: expected a probability in [0, 1), got {min_confidence!r}")
+        if min_confidence > 0 and (branching > 1 or width > 1):
+            raise ValueError("min_confidence: chains only (branching = width = 1); trees keep their best nodes "
+                             "by cumulative probability")
         super().__init__(max_nodes or k * width, k)
         self.pdm, self.k, self.branching, self.width, self.sample = pdm, k, branching, width, sample
+        self.min_confidence = float(min_confidence)
         self.debug = debug
         self._done: Dict[object, List[torch.Tensor]] = {}  # debug: every completed row's anchors
         self.taps = tuple(pdm.cfg.anchors)
@@ -50,6 +61,7 @@ class PDMProposer(Proposer):
 
     def describe(self) -> str:
         s = f"pdm L_s={self.pdm.num_layers} k={self.k}"
+        s += f" p>={self.min_confidence:g}" if self.min_confidence > 0 else ""
         return s + (f" tree {self.branching}x{self.width}" if self.width > 1 or self.branching > 1 else "")
 
     def bind(self, target, cache):
@@ -96,11 +108,9 @@ class PDMProposer(Proposer):
         h, _ = pdm.tower.forward_layers(g, b, cache)
         return h
 
-    def _store_pending(self, states) -> None:
-        """Append the completed rows observed since the last draft to each request's PDM cache."""
-        todo = [s for s in states if self._pending.get(s.rid)]
-        if not todo:
-            return
+    def _pending_rows(self, todo) -> Tuple[torch.Tensor, List[List[int]]]:
+        """The tower input rows of the completed tokens observed since the last draft of each request of
+        ``todo`` (each has some), stacked request by request, and their positions per request."""
         rows, pos = [], []
         for s in todo:
             ps = [p for p, _ in self._pending[s.rid]]
@@ -108,14 +118,28 @@ class PDMProposer(Proposer):
             rows += [h for _, h in self._pending[s.rid]]
             pos.append(ps)
         g = self.pdm.completed_rows(torch.stack(rows), [len(ps) for ps in pos], [self._last.get(s.rid) for s in todo])
-        self._forward([s.rid for s in todo], None, None, pos, g=g)
+        return g, pos
+
+    def _mark_stored(self, todo, pos) -> None:
+        """The pending rows of ``todo`` are in the PDM cache now (their K/V written)."""
         for s, ps in zip(todo, pos):
             self._len[s.rid] += len(ps)
-            self._cache.set_length(s.rid, self._len[s.rid])
             self._last[s.rid] = self._pending[s.rid][-1][1]
             if self.debug:
                 self._done.setdefault(s.rid, []).extend(h for _, h in self._pending[s.rid])
             self._pending[s.rid] = []
+
+    def _store_pending(self, states) -> None:
+        """Append the completed rows observed since the last draft to each request's PDM cache (one tower
+        forward of their own; chains run them in their first level's forward instead)."""
+        todo = [s for s in states if self._pending.get(s.rid)]
+        if not todo:
+            return
+        g, pos = self._pending_rows(todo)
+        self._forward([s.rid for s in todo], None, None, pos, g=g)
+        self._mark_stored(todo, pos)
+        for s in todo:
+            self._cache.set_length(s.rid, self._len[s.rid])
 
     def _root_rows(self, st) -> Tuple[torch.Tensor, int]:
         pos = len(st.tokens) - 1
@@ -136,9 +160,9 @@ class PDMProposer(Proposer):
         for s in states:  # a request the engine did not prefill through us (no taps): start its cache
             if s.rid not in self._len:
                 self.observe(s, [], [])
-        self._store_pending(states)
         if self.width == 1 and self.branching == 1:
             return self._chains(states, depth_limits)
+        self._store_pending(states)
         return self._trees(states, depth_limits)
 
     def _sample(self, st, logits: torch.Tensor, pos: int) -> Tuple[int, Optional[torch.Tensor]]:
@@ -150,17 +174,38 @@ class PDMProposer(Proposer):
         drafts = [Draft() for _ in states]
         qs: List[List[torch.Tensor]] = [[] for _ in states]
         live = [r for r in range(R) if depth_limits[r] > 0]
+        # the completed rows observed since the last draft run in the first level's forward, before the roots
+        # (requests that draft nothing this step keep theirs pending)
+        todo = [states[r] for r in live if self._pending.get(states[r].rid)]
+        g_done, pos_done = self._pending_rows(todo) if todo else (None, [])
+        done_of = {s.rid: (ps, self._pending[s.rid][-1][1]) for s, ps in zip(todo, pos_done)}
         cur: Dict[int, Tuple[torch.Tensor, int]] = {r: self._root_rows(states[r]) for r in live}
         path = {r: [cur[r][0]] for r in live}  # debug: the chain's rows so far
-        prev = {r: self._prev_of_root(states[r]) for r in live}  # the shift term's previous token per chain
+        # the shift term's previous token per chain: the newest completed row (pending ones included)
+        prev = {r: (done_of[states[r].rid][1], self.m) if states[r].rid in done_of else self._prev_of_root(states[r])
+                for r in live}
         written = {r: 0 for r in live}  # transient rows in the PDM cache past the completed ones
         level = 0
         while live and level < self.k:
             rids = [states[r].rid for r in live]
             for r in live:  # the transient rows of earlier levels stay cached: advance the write point
                 self._len[states[r].rid] += written[r]
-            h = self._forward(rids, [cur[r][0] for r in live], [0] * len(live), [[cur[r][1]] for r in live],
-                              [prev[r] for r in live])
+            if level == 0 and todo:
+                g = self._rows([cur[r][0] for r in live], [0] * len(live), [prev[r] for r in live])
+                pieces, positions, sel, off = [], [], [], 0
+                for j, r in enumerate(live):
+                    ps = done_of[rids[j]][0] if rids[j] in done_of else []
+                    if ps:
+                        pieces.append(g_done[off:off + len(ps)])
+                        off += len(ps)
+                    pieces.append(g[j:j + 1])
+                    positions.append(ps + [cur[r][1]])
+                    sel.append(sum(len(p) for p in positions) - 1)
+                h = self._forward(rids, None, None, positions, g=torch.cat(pieces))[sel]
+                self._mark_stored(todo, pos_done)  # (their length is set with the roll back below)
+            else:
+                h = self._forward(rids, [cur[r][0] for r in live], [0] * len(live), [[cur[r][1]] for r in live],
+                                  [prev[r] for r in live])
             for r in live:
                 self._len[states[r].rid] -= written[r]
                 written[r] += 1
@@ -168,9 +213,13 @@ class PDMProposer(Proposer):
             if self.debug:
                 for j, r in enumerate(live):
                     self._check_view(states[r], path[r], logits[j])
+            sure = self._confident(logits, [states[r] for r in live], [cur[r][1] + 1 for r in live]) \
+                if self.min_confidence > 0 else None
             nxt = []
             for j, r in enumerate(live):
                 st = states[r]
+                if sure is not None and not sure[j]:
+                    continue  # the chain ends here: the next token is too unlikely to be accepted
                 pos = cur[r][1] + 1
                 tok, q = self._sample(st, logits[j], pos)
                 drafts[r].tokens.append(tok)
@@ -193,6 +242,14 @@ class PDMProposer(Proposer):
             if qs[r]:
                 drafts[r].probs = pdm.scatter(torch.stack(qs[r]), pdm.target_config.vocab_size)
         return drafts
+
+    def _confident(self, logits: torch.Tensor, states, positions: List[int]) -> List[bool]:
+        """Per row, whether the top probability of its draft distribution (at the request's temperature; the
+        plain softmax for greedy requests) reaches ``min_confidence``. (``positions``, where each row's token
+        would go, is not read: a rule that looked at the token drawn there would make sampling lossy.)"""
+        temps = [st.params.temperature if self.sample and st.params.temperature > 0 else 1.0 for st in states]
+        t = torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
+        return (torch.softmax(logits.float() / t, dim=-1).amax(dim=-1) >= self.min_confidence).tolist()
 
     def _trees(self, states, depth_limits) -> List[Draft]:
         pdm = self.pdm
