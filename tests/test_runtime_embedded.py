@@ -113,8 +113,8 @@ def test_cli_sampling_seeds_fresh_unless_given(tmp_path):
 def test_cli_weights_fp32_or_packed(tmp_path, capsys):
     """--weights packed (the default on CPU fp32) keeps the GGUF file's Q4_1 / Q8_0 blocks, --weights fp32 expands
     them; one decoding row per forward gives the same tokens either way (the logits are equal bit for bit), for
-    the plain engine and for SPD with the shipped PDM (packed with its target, or not), and for the PDM proposer
-    behind prompt lookup; a bad value exits 2."""
+    the plain engine and for SPD with the shipped PDM (packed with its target, or not); the PDM proposer behind
+    prompt lookup runs from the CLI; a bad value exits 2."""
     import json
 
     def run(*extra):
@@ -131,9 +131,10 @@ def test_cli_weights_fp32_or_packed(tmp_path, capsys):
     assert wf == {"fp32": 121} and ids_fp32 == ids
     for w in ("packed", "fp32"):
         assert run("--proposer", "spd", "--stages", "2", "--weights", w)[1] == ids
-    # the PDM proposer behind prompt lookup, its chains cut by confidence
-    assert run("--proposer", "pdm", "--lookup", "--min-confidence", "0.3")[1] == ids
-    assert json.loads((tmp_path / "g.json").read_text())["proposer"] == "ngram k=4 n=2..3 else pdm L_s=1 k=4 p>=0.3"
+    # the PDM proposer behind prompt lookup, its chains cut by confidence (its tokens: the next test)
+    assert len(run("--proposer", "pdm", "--lookup", "--min-confidence", "0.3")[1][0]) == 8
+    d = json.loads((tmp_path / "g.json").read_text())
+    assert d["proposer"] == "ngram k=4 n=2..3 else pdm L_s=1 k=4 p>=0.3" and d["metrics"]["drafted"] > 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli_main(["generate", "--prompt", "hi", "--weights", "q4"])
@@ -141,8 +142,10 @@ def test_cli_weights_fp32_or_packed(tmp_path, capsys):
 
 
 def test_shipped_pdm_spd_and_proposer_equal_autoregressive(ck, model):
-    """The PDM shipped for the embedded model loads (its target hash matches), and greedy SPD at n=4 and
-    the PDM proposer give our autoregressive tokens (a divergence only at a near-tie) with drafts accepted."""
+    """The PDM shipped for the embedded model loads (its target hash matches), and greedy SPD at n=4, the PDM
+    proposer and prompt lookup else the PDM (chains cut at p < 0.3) give our autoregressive tokens (a divergence
+    only at a near-tie) with drafts accepted."""
+    from spdkernels.runtime.proposers import FallbackProposer, NGramProposer
     from spdkernels.runtime.spd.pdm import load_pdm, shipped_pdm_path
     from spdkernels.runtime.spd.proposer import PDMProposer
     from spdkernels.runtime.spd.schedule import SPDEngine
@@ -152,7 +155,8 @@ def test_shipped_pdm_spd_and_proposer_equal_autoregressive(ck, model):
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Explain what a list is in Python."}]))
     p = SamplingParams(max_new_tokens=32)
     ar = Engine(model, None).generate([Request(ids, p)])[0][0].output_ids
-    for eng in (SPDEngine(model, pdm, 4, debug=True), Engine(model, PDMProposer(pdm, k=4))):
+    fb = FallbackProposer([NGramProposer(k=8, adaptive=True), PDMProposer(pdm, k=8, min_confidence=0.3)])
+    for eng in (SPDEngine(model, pdm, 4, debug=True), Engine(model, PDMProposer(pdm, k=4)), Engine(model, fb)):
         res, m = eng.generate([Request(ids, p)])
         out = res[0].output_ids
         j = first_divergence(ar, out)

@@ -318,6 +318,7 @@ def test_fallback_proposer_asks_the_next_part_only_where_the_first_drafts_nothin
 def test_lookup_else_pdm_keeps_greedy_outputs(model, pdm, prompts):
     """Prompt lookup first, the PDM where it finds nothing: the PDM catches up on the committed rows of the
     steps it skipped (checked against the PDM run from scratch, ``debug``); outputs are the autoregressive ones."""
+    prompts = list(prompts) + [[7]]  # (a one-token prompt: its first draft has no committed rows to catch up on)
     ref = [greedy_reference(model, p, 24) for p in prompts]
     fb = FallbackProposer([NGramProposer(k=3, min_ngram=1, max_ngram=2),
                            PDMProposer(pdm, k=3, min_confidence=0.0, debug=True)])
@@ -550,9 +551,9 @@ def test_spd_sampling_with_lookup_is_lossless(small):
     assert pv_bad < 1e-6, pv_bad
 
 
-def test_pdm_proposer_sampling_is_lossless(small):
+@pytest.mark.parametrize("prompt", [[1, 3, 0, 2, 4, 1], [2, 2, 4, 0, 1, 3]])  # ~50 / 2 outcomes with mass
+def test_pdm_proposer_sampling_is_lossless(small, prompt):
     m, pdm = small
-    prompt = [1, 3, 0, 2, 4, 1]  # (~50 three-token outcomes with mass)
     pv, met = _pvalue(lambda r: Engine(m, PDMProposer(pdm, k=2)).generate(r), m, prompt, 4000)
     assert pv > 1e-3, pv
     assert 0 < met.accepted < met.drafted
@@ -579,9 +580,14 @@ def test_pdm_proposer_confidence_cut_is_lossless_and_a_rule_reading_the_token_is
     flat = copy.copy(pdm)
     flat.head = pdm.head * 0.15
     prompt = [1, 3, 0, 2, 4, 1]
-    pv, met = _pvalue(lambda r: Engine(m, PDMProposer(flat, k=2, min_confidence=0.3)).generate(r), m, prompt, 4000)
+    prop = PDMProposer(flat, k=2, min_confidence=0.3)
+    decided = []
+    rule = prop._confident
+    prop._confident = lambda *a: decided.extend(rule(*a)) or decided[len(decided) - len(a[1]):]
+    pv, met = _pvalue(lambda r: Engine(m, prop).generate(r), m, prompt, 4000)
     assert pv > 1e-3, pv
-    assert 0 < met.accepted < met.drafted < 2 * met.steps  # some chains cut, some drafts rejected
+    assert 0 < met.accepted < met.drafted
+    assert 0 < decided.count(False) and 0 < decided.count(True)  # the rule both cut and kept chains
     pv_bad, _ = _pvalue(lambda r: Engine(m, _DrawnTokenGate(flat, k=2, min_confidence=0.3)).generate(r), m, prompt,
                         4000)
     assert pv_bad < 1e-6, pv_bad
@@ -726,6 +732,7 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     assert rc == 2 and not out.exists()
     assert "--lookup (--spd-lookup): needs --proposer spd or pdm" in capsys.readouterr().err
     for argv, msg in ((["--proposer", "pdm", "--lookup", "--tree-width", "2"], "--lookup: with --proposer pdm"),
+                      (["--proposer", "pdm", "--lookup", "--branches", "2"], "--lookup: with --proposer pdm"),
                       (["--proposer", "pdm", "--min-confidence", "1"], "--min-confidence: expected a probability"),
                       (["--proposer", "pdm", "--min-confidence", "nan"], "--min-confidence: expected a probability"),
                       (["--proposer", "pdm", "--min-confidence", "-0.5"], "--min-confidence: expected a probability"),

@@ -284,8 +284,9 @@ def _check_args(args) -> None:
     if getattr(args, "spd_lookup", False):
         if args.proposer not in ("spd", "pdm"):
             raise ValueError(f"--lookup (--spd-lookup): needs --proposer spd or pdm, got --proposer {args.proposer}")
-        if args.proposer == "pdm" and (args.tree_branching > 1 or args.tree_width > 1):
-            raise ValueError("--lookup: with --proposer pdm, chains only (no --tree-branching / --tree-width)")
+        if args.proposer == "pdm" and (args.tree_branching > 1 or args.tree_width > 1 or args.branches > 1):
+            raise ValueError("--lookup: with --proposer pdm, chains only (no --tree-branching / --tree-width / "
+                             "--branches)")
     mc = getattr(args, "min_confidence", 0.0)
     if not 0.0 <= mc < 1.0:  # (NaN fails this too)
         raise ValueError(f"--min-confidence: expected a probability in [0, 1), got {mc}")

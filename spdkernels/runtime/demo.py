@@ -78,7 +78,8 @@ SUITE: List[Tuple[str, str]] = [
 
 def default_proposers(num_layers: int, pdm=None) -> List[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]]:
     """The demo's speculative runs: a proposer, or a proposer with the cost-aware depth controller. With a
-    trained PDM, the PDM as a draft-then-verify proposer too (chains, a tree, and under the controller)."""
+    trained PDM, the PDM as a draft-then-verify proposer too (chains, a tree, under the controller, and behind
+    prompt lookup with its chains cut where it is unsure)."""
     out: List[Union[Proposer, Tuple[Proposer, AdaptiveSpeculation]]] = [
         NGramProposer(k=4, max_ngram=3, min_ngram=2),
         NGramProposer(k=8, max_ngram=3, min_ngram=2, adaptive=True),
@@ -93,8 +94,9 @@ def default_proposers(num_layers: int, pdm=None) -> List[Union[Proposer, Tuple[P
         out += [PDMProposer(pdm, k=4), PDMProposer(pdm, k=4, branching=2, width=2, max_nodes=8),
                 (PDMProposer(pdm, k=6), AdaptiveSpeculation(max_depth=6)),
                 # prompt lookup where it matches, else the trained drafter, its chains ended where it is unsure
+                # (generate --proposer pdm --lookup --adaptive --k 8 --min-confidence 0.3)
                 FallbackProposer([NGramProposer(k=8, max_ngram=3, min_ngram=2, adaptive=True),
-                                  PDMProposer(pdm, k=6, min_confidence=0.3)])]
+                                  PDMProposer(pdm, k=8, min_confidence=0.3)])]
     return out
 
 
