@@ -328,6 +328,26 @@ def test_lookup_else_pdm_keeps_greedy_outputs(model, pdm, prompts):
     assert all(n > 0 for n in fb.drafted_by), fb.drafted_by
 
 
+def test_union_of_lookup_and_pdm_keeps_greedy_outputs_and_refuses_sampled_parts(model, pdm, prompts, small):
+    """UnionProposer merges the parts' drafts into one tree (both parts' paths in it, shared prefixes once);
+    outputs stay the autoregressive ones; a part that drafts from a distribution (q) is refused."""
+    from spdkernels.runtime.proposers import UnionProposer
+
+    first, second = _Scripted(lambda n: n % 2 == 0), _Scripted(lambda n: True)
+    res, met = Engine(model, UnionProposer([first, second])).generate([Request(p, _greedy(12)) for p in prompts])
+    assert [r.output_ids for r in res] == [greedy_reference(model, p, 12) for p in prompts]
+    assert met.drafted == len(second.drafted)  # both parts draft the same token 0: one node where both draft
+    assert len(first.fed) == len(second.fed) > 0  # every part hears about every step
+    un = UnionProposer([NGramProposer(k=3, min_ngram=1, max_ngram=2), PDMProposer(pdm, k=3, sample=False)])
+    res, met = Engine(model, un, scrub_cache=True).generate([Request(p, _greedy(16)) for p in prompts])
+    assert [r.output_ids for r in res] == [greedy_reference(model, p, 16) for p in prompts]
+    assert met.drafted > 0
+    m, spdm = small
+    bad = UnionProposer([NGramProposer(k=1), PDMProposer(spdm, k=1)])  # sampled requests draft with q
+    with pytest.raises(ValueError, match="parts: .*deterministic"):
+        Engine(m, bad).generate([Request([1, 3, 0, 2], SamplingParams(max_new_tokens=3, temperature=0.8, seed=1))])
+
+
 def test_lookup_else_pdm_sampling_is_lossless(small):
     """Lookup drafts (point masses) and the PDM's sampled drafts (with their q) chosen per request and step: the
     verification of each keeps sampling lossless."""

@@ -362,23 +362,14 @@ class DraftModelProposer(ModelProposer):
             del self._len[st.rid]
 
 
-class UnionProposer(Proposer):
-    """Several deterministic proposers at once: their drafts merged into one token tree (shared prefixes
-    become one path), within ``max_nodes``. For example n-gram lookups, which win on text that repeats
-    the prompt, with a trained drafter, which wins elsewhere. Every part must draft deterministically
-    (no ``probs``), so the merged tree is verified as point masses, which keeps sampling lossless."""
-    name = "union"
+class _Composite(Proposer):
+    """Proposers made of parts: each part is bound to the target, sees the hidden states it taps of every
+    committed token (``taps``: the union of the parts') and is told when a request finishes."""
 
-    def __init__(self, parts: Sequence[Proposer], max_nodes: Optional[int] = None):
-        if not parts:
-            raise ValueError("parts: expected at least one proposer")
-        super().__init__(max_nodes or min(64, sum(p.max_nodes for p in parts)), max(p.max_depth for p in parts))
+    def __init__(self, parts: Sequence[Proposer], max_nodes: int, max_depth: int):
+        super().__init__(max_nodes, max_depth)
         self.parts = list(parts)
-        taps = sorted({t for p in self.parts for t in p.taps})
-        self.taps = tuple(taps)
-
-    def describe(self) -> str:
-        return " + ".join(p.describe() for p in self.parts)
+        self.taps = tuple(sorted({t for p in self.parts for t in p.taps}))
 
     def bind(self, target, cache):
         for p in self.parts:
@@ -390,13 +381,30 @@ class UnionProposer(Proposer):
                 idx = [self.taps.index(t) for t in p.taps]
                 p.observe(state, positions, hidden[:, idx] if len(positions) else hidden)
 
-    def feedback(self, state, drafted, accepted):
-        for p in self.parts:
-            p.feedback(state, drafted, accepted)
-
     def release(self, state):
         for p in self.parts:
             p.release(state)
+
+
+class UnionProposer(_Composite):
+    """Several deterministic proposers at once: their drafts merged into one token tree (shared prefixes
+    become one path), within ``max_nodes``. For example n-gram lookups, which win on text that repeats
+    the prompt, with a trained drafter, which wins elsewhere. Every part must draft deterministically
+    (no ``probs``), so the merged tree is verified as point masses, which keeps sampling lossless."""
+    name = "union"
+
+    def __init__(self, parts: Sequence[Proposer], max_nodes: Optional[int] = None):
+        if not parts:
+            raise ValueError("parts: expected at least one proposer")
+        super().__init__(parts, max_nodes or min(64, sum(p.max_nodes for p in parts)),
+                         max(p.max_depth for p in parts))
+
+    def describe(self) -> str:
+        return " + ".join(p.describe() for p in self.parts)
+
+    def feedback(self, state, drafted, accepted):
+        for p in self.parts:
+            p.feedback(state, drafted, accepted)
 
     def propose(self, states, depth_limits):
         per = [p.propose(states, depth_limits) for p in self.parts]
@@ -422,7 +430,7 @@ class UnionProposer(Proposer):
         return out
 
 
-class FallbackProposer(Proposer):
+class FallbackProposer(_Composite):
     """Several proposers in order of preference: each request's draft comes from the first part that drafts
     anything for it, and the later parts are not run for it that step. For example prompt lookup first,
     which costs nothing and wins on text that repeats the prompt, then a trained drafter where the lookup
@@ -434,24 +442,12 @@ class FallbackProposer(Proposer):
     def __init__(self, parts: Sequence[Proposer]):
         if len(parts) < 2:
             raise ValueError(f"parts: expected at least two proposers, got {len(parts)}")
-        super().__init__(max(p.max_nodes for p in parts), max(p.max_depth for p in parts))
-        self.parts = list(parts)
-        self.taps = tuple(sorted({t for p in self.parts for t in p.taps}))
+        super().__init__(parts, max(p.max_nodes for p in parts), max(p.max_depth for p in parts))
         self._source: Dict[object, int] = {}  # rid -> the part that drafted its last draft
         self.drafted_by = [0] * len(self.parts)  # steps each part drafted, over the proposer's life
 
     def describe(self) -> str:
         return " else ".join(p.describe() for p in self.parts)
-
-    def bind(self, target, cache):
-        for p in self.parts:
-            p.bind(target, cache)
-
-    def observe(self, state, positions, hidden):
-        for p in self.parts:
-            if p.taps:
-                idx = [self.taps.index(t) for t in p.taps]
-                p.observe(state, positions, hidden[:, idx] if len(positions) else hidden)
 
     def feedback(self, state, drafted, accepted):
         i = self._source.get(state.rid)
@@ -460,8 +456,7 @@ class FallbackProposer(Proposer):
 
     def release(self, state):
         self._source.pop(state.rid, None)
-        for p in self.parts:
-            p.release(state)
+        super().release(state)
 
     def propose(self, states, depth_limits):
         out: List[Optional[Draft]] = [None] * len(states)
