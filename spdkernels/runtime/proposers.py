@@ -459,25 +459,20 @@ class FallbackProposer(_Composite):
         super().release(state)
 
     def propose(self, states, depth_limits):
-        out: List[Optional[Draft]] = [None] * len(states)
+        out = [Draft() for _ in states]
+        for st in states:
+            self._source.pop(st.rid, None)
         todo = [r for r in range(len(states)) if depth_limits[r] > 0]
-        for r in range(len(states)):
-            if depth_limits[r] <= 0:
-                out[r] = Draft()
-                self._source.pop(states[r].rid, None)
         for i, part in enumerate(self.parts):
             if not todo:
                 break
             drafts = part.propose([states[r] for r in todo], [depth_limits[r] for r in todo])
             left = []
             for r, d in zip(todo, drafts):
-                if len(d) or i == len(self.parts) - 1:
+                if len(d):
                     out[r] = d
-                    if len(d):
-                        self._source[states[r].rid] = i
-                        self.drafted_by[i] += 1
-                    else:
-                        self._source.pop(states[r].rid, None)
+                    self._source[states[r].rid] = i
+                    self.drafted_by[i] += 1
                 else:
                     left.append(r)
             todo = left

@@ -192,7 +192,7 @@ class PDMProposer(Proposer):
                 self._len[states[r].rid] += written[r]
             if level == 0 and todo:
                 g = self._rows([cur[r][0] for r in live], [0] * len(live), [prev[r] for r in live])
-                pieces, positions, sel, off = [], [], [], 0
+                pieces, positions, sel, off = [], [], [], 0  # off: rows of g_done placed so far
                 for j, r in enumerate(live):
                     ps = done_of[rids[j]][0] if rids[j] in done_of else []
                     if ps:
@@ -200,7 +200,7 @@ class PDMProposer(Proposer):
                         off += len(ps)
                     pieces.append(g[j:j + 1])
                     positions.append(ps + [cur[r][1]])
-                    sel.append(sum(len(p) for p in positions) - 1)
+                    sel.append(off + j)  # the root's row: every earlier request's rows, then this one's pending
                 h = self._forward(rids, None, None, positions, g=torch.cat(pieces))[sel]
                 self._mark_stored(todo, pos_done)  # (their length is set with the roll back below)
             else:
