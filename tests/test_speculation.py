@@ -16,6 +16,7 @@ from spdkernels.runtime import (
     SamplingParams,
 )
 from spdkernels.runtime.model import greedy_reference, random_config, random_state_dict
+from spdkernels.runtime.proposers import Draft
 
 
 def timed(spec, a, b, sizes, c=0.0, levels=0):
@@ -129,3 +130,24 @@ def test_engine_with_adaptive_speculation_equals_autoregressive(model, name):
     assert all(q <= R * 7 for R, q in spec.history)
     if name == "draft-model-self":  # every draft accepted: the plan keeps drafting deep
         assert m.accepted == m.drafted and max(q for _, q in spec.history) > 3
+
+
+class _CostlyNothing(NGramProposer):
+    """Spends time drafting and drafts nothing (a model drafter whose every chain was cut at its first level)."""
+
+    def propose(self, states, depth_limits):
+        import time
+
+        time.sleep(0.002)
+        return [Draft() for _ in states]
+
+
+def test_draft_time_that_drafts_nothing_still_counts(model):
+    # the draft cost per level is charged per planned level: time spent without drafting must reach the fit
+    # (counting drafted depth instead would drop every one of these steps and leave the cost at zero)
+    spec = AdaptiveSpeculation(max_depth=4, probe_every=1)
+    eng = Engine(model, _CostlyNothing(k=4), speculation=spec)
+    res, m = eng.generate([Request([1, 2, 3], SamplingParams(max_new_tokens=12, ignore_eos=True))])
+    assert m.drafted == 0 and len(res[0].output_ids) == 12
+    a, b, c = spec.cost_model()
+    assert c >= 0.002 / 4, c  # at least the sleep spread over the deepest plan

@@ -335,8 +335,9 @@ class Engine:
             logits = logits.float()
         self._sync()
         t3 = time.perf_counter()
-        if spec is not None:
-            spec.observe_step(len(toks), t3 - t2, max(depths), t1 - t0)
+        if spec is not None:  # the draft time per planned level: the plan charges it per level it plans, and a
+            # proposer may spend it without drafting (a model drafter whose chain was cut before its first token)
+            spec.observe_step(len(toks), t3 - t2, max(limits, default=0), t1 - t0)
         draft_ids = torch.tensor(dtoks, dtype=torch.int64, device=dev)
         max_depth = max(depths)
         if all(s.params.temperature == 0 for s in active):

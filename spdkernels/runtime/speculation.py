@@ -134,8 +134,11 @@ class AdaptiveSpeculation:
 
     # -- observations ------------------------------------------------------------------------------------
     def observe_step(self, query_tokens: int, verify_s: float, draft_levels: int, draft_s: float) -> None:
-        """One step's target forward time for ``query_tokens`` tokens, and the proposer's time for drafts of
-        ``draft_levels`` levels."""
+        """One step's target forward time for ``query_tokens`` tokens, and the proposer's time ``draft_s`` for
+        the step whose plan allowed ``draft_levels`` levels (the deepest limit :meth:`plan` gave; the engine passes
+        that, not the depth drafted, so a model drafter's forwards that ended in no token still count, and a
+        proposer that mixes free lookups with model levels is charged its average cost per planned level, which
+        is what the plan multiplies by)."""
         d = self.decay
         T = float(query_tokens)
         self._fit = [x * d for x in self._fit]
