@@ -881,8 +881,9 @@ def test_stages_the_pdm_was_not_trained_for_warn(model):
     import warnings
 
     cfg = type("C", (), dict(anchors=[0, 2, 4], m=2, training=dict(stages_trained_for=[2, 4])))()
-    with pytest.warns(UserWarning, match=r"trained for n in \[2, 4\], not for n = 3"):
+    with pytest.warns(UserWarning, match=r"trained for n in \[2, 4\], not for n = 3") as rec:
         check_stages(cfg, 4, 3)
+    assert [w.filename for w in rec] == [__file__]  # the caller's line, not ours
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_stages(cfg, 4, 2) == [0, 1, 2]

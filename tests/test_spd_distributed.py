@@ -210,6 +210,13 @@ def test_bad_input(tiny, prompts, capsys):
     with pytest.raises(ValueError, match="timeout_s"):
         DistributedSPD(CFG, sd, pdm, 2, timeout_s=0)
     eng = DistributedSPD(CFG, sd, pdm, 4)
+    old, pdm.cfg.training = pdm.cfg.training, dict(stages_trained_for=[4])
+    try:  # the warning for an n the PDM was not trained for points at the line that made the pipeline
+        with pytest.warns(UserWarning, match="not for n = 2") as rec:
+            DistributedSPD(CFG, sd, pdm, 2)
+    finally:
+        pdm.cfg.training = old
+    assert [w.filename for w in rec] == [__file__]
     with pytest.raises(ValueError, match="prompt_ids: request 0 has 3 tokens"):
         eng.generate([Request([1, 2, 3], SamplingParams(max_new_tokens=4))])
     assert eng.procs == []  # bad input is refused before any process starts

@@ -491,7 +491,7 @@ def cmd_demo(args) -> int:
         import warnings
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("ignore", module=r"transformers(\.|$)")  # its own notices only, not ours
         t = time.perf_counter()
         hf = load_transformers(ck, args.model).to(model.device)
         print(f"transformers: loaded the same checkpoint in {time.perf_counter() - t:.1f} s")

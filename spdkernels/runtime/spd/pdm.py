@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +107,16 @@ def depth_types(anchors: Sequence[int], num_layers: int, n: int) -> List[int]:
     return [max(k for k, b in enumerate(anchors) if b <= bounds[d]) for d in range(n + 1)]
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function point at the first frame
+    outside the package (the user's line that made the engine, through however many of our constructors)."""
+    root = str(Path(__file__).resolve().parents[2])  # the spdkernels package folder
+    frame, level = sys._getframe(2), 2
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(root + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_stages(cfg: PDMConfig, num_layers: int, n: int) -> List[int]:
     """The depth-type map for ``n`` stages, or a clear error when ``n`` does not fit the target or the
     PDM's anchors (every anchor must be reached: the deepest at the pipeline's exit)."""
@@ -118,7 +130,7 @@ def check_stages(cfg: PDMConfig, num_layers: int, n: int) -> List[int]:
         # any n fits anchors 0 = b_0 < ... <= L; an n it was not trained for gives it layouts of depths it has not
         # seen: still lossless (verification decides), but its drafts are accepted less often
         warnings.warn(f"stages: the PDM was trained for n in {trained}, not for n = {n}: its drafts will be "
-                      "accepted less often (the output is the target's either way)", stacklevel=3)
+                      "accepted less often (the output is the target's either way)", stacklevel=_caller_level())
     return f
 
 
