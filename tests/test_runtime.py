@@ -8,6 +8,7 @@ import torch
 from conftest import backends_here, cpp_lower_isas
 
 from spdkernels.runtime import (
+    CacheFullError,
     DraftModelProposer,
     EarlyExitProposer,
     Engine,
@@ -140,6 +141,31 @@ def test_kv_cache_invariants_after_every_step(model, prompts, name):
     eng.on_step = check
     eng.generate(reqs)
     assert len(checks) >= 4
+
+
+def test_cache_grow_keeps_pages_and_adds_free_blocks():
+    c = PagedKVCache(2, 1, 4, num_blocks=3, block_size=4, dtype=torch.float64)
+    c.add("a")
+    c.reserve("a", 12)  # every block
+    k = torch.arange(12 * 4, dtype=torch.float64).view(12, 1, 4)
+    for layer in range(2):
+        c.write(layer, torch.tensor(c.slots("a", range(12))), k, -k)
+    c.set_length("a", 12)
+    with pytest.raises(CacheFullError):
+        c.reserve("a", 13)
+    with pytest.raises(ValueError, match="extra"):
+        c.grow(0)
+    c.grow(2)
+    assert c.num_blocks == 5 and c.free_blocks == 2 and c.k.shape[1] == 5
+    c.reserve("a", 20)
+    k2 = torch.full((8, 1, 4), 5.0, dtype=torch.float64)
+    c.write(1, torch.tensor(c.slots("a", range(12, 20))), k2, k2)
+    for layer in range(2):
+        assert torch.equal(c.layer_k(layer).reshape(-1, 1, 4)[torch.tensor(c.slots("a", range(12)))], k)
+        assert torch.equal(c.layer_v(layer).reshape(-1, 1, 4)[torch.tensor(c.slots("a", range(12)))], -k)
+    assert torch.equal(c.layer_k(1).reshape(-1, 1, 4)[torch.tensor(c.slots("a", range(12, 20)))], k2)
+    c.release("a")
+    assert c.free_blocks == 5
 
 
 def test_cache_rollback_restores():

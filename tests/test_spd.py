@@ -27,7 +27,7 @@ from spdkernels.runtime.spd.pdm import (
     save_pdm,
     target_fingerprint,
 )
-from spdkernels.runtime.spd.proposer import PDMProposer
+from spdkernels.runtime.spd.proposer import PDMProposer, _depths
 from spdkernels.runtime.spd.schedule import SPDEngine, draw_draft
 from spdkernels.runtime.spd.train import (
     PDMNet,
@@ -246,6 +246,46 @@ def test_pdm_proposer_greedy_equals_autoregressive(model, pdm, prompts, kw):
         [Request(p, _greedy(20)) for p in prompts])
     assert [r.output_ids for r in res] == ref
     assert met.drafted > 0
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 16])
+def test_pdm_proposer_tree_runs_each_node_once(model, pdm, prompts, block_size):
+    """A tree level runs only its frontier nodes (the root at level 0), each attending to the completed rows
+    and its own path through a private tail of cache blocks: per draft, the tower sees the root and every node
+    that was expanded, once. Small blocks make the tails span several blocks; the debug check compares every
+    node's distribution with the PDM run from scratch over its whole view, and the scrubbed caches poison any
+    read of a given-back tail."""
+    prop = PDMProposer(pdm, k=3, branching=2, width=2, debug=True)
+    ran = []
+    forward = pdm.tower.forward_layers
+
+    def counting(h, batch, cache, *a, **kw):
+        if cache is prop._cache:  # (not the debug check's PDM from scratch)
+            ran.append(h.shape[0])
+        return forward(h, batch, cache, *a, **kw)
+
+    seen = []
+    propose = prop._trees
+
+    def recording(states, limits):
+        ran.clear()
+        out = propose(states, limits)
+        seen.append((list(ran), [d.parents for d in out], list(limits)))
+        return out
+
+    prop._trees = recording
+    pdm.tower.forward_layers = counting
+    try:
+        res, met = Engine(model, prop, block_size=block_size, scrub_cache=True, validate_ops=True).generate(
+            [Request(p, _greedy(20)) for p in prompts])
+    finally:
+        del pdm.tower.forward_layers
+    assert [r.output_ids for r in res] == [greedy_reference(model, p, 20) for p in prompts]
+    assert met.drafted > 0 and seen
+    for rows, parents, limits in seen:  # one forward per level; per request its root, then its nodes above depth k
+        want = sum(1 + sum(1 for x in _depths(ps) if x < min(3, lim)) for ps, lim in zip(parents, limits) if lim)
+        assert sum(rows) == want and len(rows) <= 3
+    assert prop._cache.free_blocks == prop._cache.num_blocks  # every tail given back (and every request)
 
 
 def test_pdm_proposer_confidence_cut_keeps_greedy_outputs(model, pdm, prompts):

@@ -293,7 +293,7 @@ class Engine:
         t0 = time.perf_counter()
         spec = self.speculation if self.proposer is not None else None
         if self.proposer is not None:
-            limits = [self._depth_limit(s) for s in active]
+            limits = [min(self._depth_limit(s), self.proposer.max_depth) for s in active]  # (the plan's caps)
             if spec is not None:
                 limits = spec.plan([s.rid for s in active], limits)
             drafts = self.proposer.propose(active, limits)

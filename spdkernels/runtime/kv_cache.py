@@ -62,6 +62,19 @@ class PagedKVCache:
     def free_blocks(self) -> int:
         return len(self._free)
 
+    def grow(self, extra: int) -> None:
+        """Add ``extra`` free blocks. The page tensors are reallocated and copied, so call it between forwards
+        and keep no view of the old pages (``layer_k`` / ``layer_v`` hand out fresh views each time)."""
+        if extra < 1:
+            raise ValueError(f"extra: expected at least one block, got {extra}")
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], old.shape[1] + extra, *old.shape[2:]))
+            new[:, :old.shape[1]] = old
+            setattr(self, name, new)
+        self._free = list(range(self.num_blocks + extra - 1, self.num_blocks - 1, -1)) + self._free
+        self.num_blocks += extra
+
     def reserve(self, rid: Hashable, total: int) -> None:
         """Make sure request ``rid`` has blocks for positions ``0 .. total - 1``."""
         blocks = self._blocks[rid]

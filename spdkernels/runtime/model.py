@@ -46,8 +46,9 @@ def build_batch(cache: PagedKVCache, rids: Sequence, starts: Sequence[int], posi
                 tokens: Optional[Sequence[int]] = None, tree_parents: Optional[Sequence[Sequence[int]]] = None,
                 device=None) -> Batch:
     """The :class:`Batch` of one forward pass, built from host lists and moved to ``device`` (default: the
-    cache's) in one transfer per tensor: every runtime path (prefill, verification, drafting, SPD stages, the
-    PDM) builds its batches here, so they all land on the model's device.
+    cache's) in one transfer per tensor: the runtime's paths (prefill, verification, drafting, SPD stages, the
+    PDM) build their batches here, so they all land on the model's device. (The PDM proposer's trees build
+    theirs by hand: one sequence per frontier node, whose block table mixes shared and private blocks.)
 
     Request ``rids[i]`` has ``len(positions[i])`` query rows; their K/V go to cache positions ``starts[i]``,
     ``starts[i] + 1``, ... (reserved here) and they attend to every cached position before ``starts[i]``;

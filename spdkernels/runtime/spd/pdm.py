@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -110,9 +109,8 @@ def depth_types(anchors: Sequence[int], num_layers: int, n: int) -> List[int]:
 def _caller_level() -> int:
     """The ``stacklevel`` that makes a warning issued by the caller of this function point at the first frame
     outside the package (the user's line that made the engine, through however many of our constructors)."""
-    root = str(Path(__file__).resolve().parents[2])  # the spdkernels package folder
     frame, level = sys._getframe(2), 2
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(root + os.sep):
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "spdkernels":
         frame, level = frame.f_back, level + 1
     return level
 

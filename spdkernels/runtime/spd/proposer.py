@@ -8,10 +8,10 @@ cache holds the completed rows; a chain keeps its draft rows' K/V from level to 
 and everything past the completed rows is rolled back after drafting.
 
 Trees (``branching``/``width`` > 1) are expanded EAGLE-2 style: top-k children per node, the best nodes per
-level by cumulative log-probability within the token budget; each level runs the root and the tree so far
-as query rows with the tree mask over the cached completed rows. Greedy requests draft argmax chains or
-top-k trees (point-mass verification). Sampled requests draft chains sampled from
-``q = softmax(draft logits / T)`` with coins keyed by (seed, position) and hand q to verification; sampled
+level by cumulative log-probability within the token budget; each level runs only its frontier nodes, each
+over the cached completed rows and a private copy of its own path's K/V (so no node is run twice). Greedy
+requests draft argmax chains or top-k trees (point-mass verification). Sampled requests draft chains sampled
+from ``q = softmax(draft logits / T)`` with coins keyed by (seed, position) and hand q to verification; sampled
 trees stay deterministic top-k expansions (point masses), which keeps sampling lossless."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..model import build_batch
+from ..model import Batch, build_batch
 from ..proposers import Draft, Proposer, keep_best_children
 from .pdm import PipelineDraftModule
 from .schedule import draw_draft
@@ -70,7 +70,8 @@ class PDMProposer(Proposer):
                 (tc.hidden_size, tc.vocab_size, tc.num_layers):
             raise ValueError("pdm: this PDM was built for another target model")
         # the target's block size (each request rounds up to whole blocks as it does there) and twice its blocks:
-        # a request's PDM rows never outnumber its target tokens, and one tower layer's K/V is cheap
+        # a request's PDM rows never outnumber its target tokens, and one tower layer's K/V is cheap (trees add
+        # blocks for their tails when they need them)
         self._cache = self.pdm.new_cache(2 * cache.num_blocks, cache.block_size, scrub=cache.scrub)
         self._len, self._pending, self._last = {}, {}, {}
         self._emb = target.embed_tokens
@@ -252,60 +253,95 @@ class PDMProposer(Proposer):
         return (torch.softmax(logits.float() / t, dim=-1).amax(dim=-1) >= self.min_confidence).tolist()
 
     def _trees(self, states, depth_limits) -> List[Draft]:
-        pdm = self.pdm
+        """EAGLE-2 style expansion; each level runs only its frontier nodes (the root at level 0). A frontier node
+        is a sequence of its own for ``tree_attention``: the request's full prefix blocks, shared and read only,
+        then a private tail of blocks holding the prefix's partial last block, the root and the node's
+        ancestors (copied from its parent's tail: one small block copy, no forward) and the node itself, whose
+        K/V its forward writes there. So every node attends to the completed rows and to its own path, and no
+        row is run twice. Tails live in two scratch sequences of the PDM cache, one per level in turn: a level's
+        tails are given back once the next level has copied them."""
+        pdm, cache = self.pdm, self._cache
+        bs, dev = cache.block_size, self._device
         R = len(states)
         drafts = [Draft() for _ in states]
         scores: List[List[float]] = [[] for _ in states]
         frontier: List[List[int]] = [[-1] for _ in states]
         roots = [self._root_rows(st) for st in states]
         embs: List[List[torch.Tensor]] = [[] for _ in states]
-        for level in range(self.k):
-            active = [r for r in range(R) if frontier[r] and level < depth_limits[r]]
-            if not active:
-                break
-            rows, types, positions, parents, prev = [], [], [], [], []
-            for r in active:
-                d = drafts[r]
-                root, rpos = roots[r]
-                depth = []
-                for p in d.parents:
-                    depth.append(1 if p < 0 else depth[p] + 1)
-                rows += [root] + embs[r]
-                types += [0] * (1 + len(d))
-                prev += [self._prev_of_root(states[r])] + [(root if p < 0 else embs[r][p], 0) for p in d.parents]
-                positions.append([rpos] + [rpos + x for x in depth])
-                parents.append(list(d.parents))  # the tree over [root, nodes...], -1 = the root
-            h = self._forward_tree([states[r].rid for r in active], rows, types, positions, parents, prev)
-            cu = [0]
-            for r in active:
-                cu.append(cu[-1] + 1 + len(drafts[r]))
-            sel = []
-            for i, r in enumerate(active):
-                for f in frontier[r]:
-                    sel.append(cu[i] + (0 if f < 0 else 1 + f))
-            d_logits = pdm.draft_logits(h[torch.tensor(sel, device=h.device)])
-            if self.debug:
-                j = 0
+        # the tails of two levels' frontier nodes (at most `width` per request, each at most 1 + ceil(k / bs) blocks)
+        room = 2 * self.width * (1 + -(-self.k // bs)) * sum(1 for x in depth_limits if x > 0)
+        if cache.free_blocks < room:
+            cache.grow(room - cache.free_blocks)
+        scratch = [("pdm-tree-tails", i) for i in (0, 1)]
+        for sc in scratch:
+            cache.add(sc)
+        tails: Dict[Tuple[int, int], List[int]] = {}  # (request, node) -> its tail blocks (node -1: the root)
+        try:
+            for level in range(self.k):
+                active = [r for r in range(R) if frontier[r] and level < depth_limits[r]]
+                if not active:
+                    break
+                cur = scratch[level % 2]  # empty: its tails of two levels ago were given back
+                rows, prev, positions, slots, kv_lens, table, src, dst = [], [], [], [], [], [], [], []
+                new_tails: Dict[Tuple[int, int], List[int]] = {}
                 for r in active:
+                    st, d = states[r], drafts[r]
+                    full, part = divmod(self._len[st.rid], bs)
+                    own = cache.blocks(st.rid)
+                    root, rpos = roots[r]
+                    depth = _depths(d.parents)
                     for f in frontier[r]:
+                        dep = 0 if f < 0 else depth[f]
+                        have = len(cache.blocks(cur))
+                        cache.reserve(cur, (have + -(-(part + dep + 1) // bs)) * bs)
+                        blocks = cache.blocks(cur)[have:]
+                        from_ = own[full:full + 1] if f < 0 else tails[(r, d.parents[f])]  # the path so far
+                        src += from_
+                        dst += blocks[:len(from_)]
+                        new_tails[(r, f)] = blocks
+                        i = part + dep  # the node's place in its tail
+                        slots.append(blocks[i // bs] * bs + i % bs)
+                        table.append(own[:full] + blocks)
+                        kv_lens.append(self._len[st.rid] + dep + 1)
+                        positions.append(rpos + dep)
+                        rows.append(root if f < 0 else embs[r][f])
+                        p = -2 if f < 0 else d.parents[f]
+                        prev.append(self._prev_of_root(st) if p == -2 else (root if p < 0 else embs[r][p], 0))
+                if src:
+                    si, di = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
+                    for c in (cache.k, cache.v):
+                        c[:, di] = c[:, si]
+                cache.set_length(scratch[(level + 1) % 2], 0)  # the parents' tails are copied: give them back
+                tails = new_tails
+                Q, cols = len(rows), max(len(t) for t in table)
+                b = Batch(token_ids=torch.zeros(Q, dtype=torch.int64, device=dev),
+                          positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+                          slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                          cu_q_lens=torch.arange(Q + 1, dtype=torch.int32, device=dev),
+                          kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
+                          block_table=torch.tensor([t + [0] * (cols - len(t)) for t in table], dtype=torch.int32,
+                                                   device=dev))
+                h, _ = pdm.tower.forward_layers(self._rows(rows, [0] * Q, prev), b, cache)
+                d_logits = pdm.draft_logits(h)
+                owners = [(r, f) for r in active for f in frontier[r]]
+                if self.debug:
+                    for j, (r, f) in enumerate(owners):
                         chain = []
                         while f >= 0:
                             chain.append(embs[r][f])
                             f = drafts[r].parents[f]
                         self._check_view(states[r], [roots[r][0]] + chain[::-1], d_logits[j])
-                        j += 1
-            logp = torch.log_softmax(d_logits.float(), dim=-1)
-            top = logp.topk(self.branching, dim=-1)
-            owners = [(r, f) for r in active for f in frontier[r]]
-            for r, t in keep_best_children(drafts, scores, frontier, owners, top.values.tolist(),
-                                           pdm.vocab_ids[top.indices].tolist(), self.width, self.max_nodes):
-                e = self._emb(torch.tensor([t], device=self._device))[0]
-                row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
-                row[0] = e
-                embs[r].append(row)
-        for st in states:
-            if st.rid in self._len:
-                self._cache.set_length(st.rid, self._len[st.rid])
+                logp = torch.log_softmax(d_logits.float(), dim=-1)
+                top = logp.topk(self.branching, dim=-1)
+                for r, t in keep_best_children(drafts, scores, frontier, owners, top.values.tolist(),
+                                               pdm.vocab_ids[top.indices].tolist(), self.width, self.max_nodes):
+                    e = self._emb(torch.tensor([t], device=dev))[0]
+                    row = e.new_full((self.m + 1, e.shape[-1]), float("nan"))
+                    row[0] = e
+                    embs[r].append(row)
+        finally:
+            for sc in scratch:
+                cache.release(sc)
         return drafts
 
     def _check_view(self, st, path: List[torch.Tensor], logits: torch.Tensor) -> None:
@@ -314,12 +350,10 @@ class PDMProposer(Proposer):
         done = self._done.get(st.rid, [])
         self.pdm.check_draft(st.rid, logits, list(done) + list(path), [self.m] * len(done) + [0] * len(path))
 
-    def _forward_tree(self, rids, rows, types, positions, parents, prev) -> torch.Tensor:
-        """Query rows ``[root, nodes...]`` per request with the tree mask (root = parent -1 of the nodes;
-        in the op's layout the root is the tree's row 0 and node ``i``'s parent ``p`` maps to ``p``)."""
-        pdm, cache = self.pdm, self._cache
-        b = build_batch(cache, rids, [self._len[rid] for rid in rids], positions, tree_parents=parents,
-                        device=self._device)
-        g = self._rows(rows, types, prev)
-        h, _ = pdm.tower.forward_layers(g, b, cache)
-        return h
+
+def _depths(parents: List[int]) -> List[int]:
+    """Depth of each node of a tree in topological order (the root's children: 1)."""
+    out: List[int] = []
+    for p in parents:
+        out.append(1 if p < 0 else out[p] + 1)
+    return out
