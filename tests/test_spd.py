@@ -1444,6 +1444,7 @@ def test_anchor_states_recorded_during_generation_equal_a_prefill_pass():
     ref = anchor_states(m, [c["prompt_ids"] + c["output_ids"] for c in corpus], ANCHORS, dtype=torch.float64)
     for c, h, r in zip(corpus, states, ref):
         assert h.dtype == torch.float16 and h.shape[0] == len(c["prompt_ids"]) + len(c["output_ids"]) - 1
+        assert h.device.type == "cpu"  # (host memory, whatever the model's device)
         torch.testing.assert_close(h.double(), r[:h.shape[0]].half().double(), rtol=2e-3, atol=2e-3)
     wins = make_windows(states, corpus, 8)
     assert wins and all(int(w.next_ids.min()) >= 0 for w in wins)  # every recorded row has a next token

@@ -36,18 +36,27 @@ class AnchorRecorder(Proposer):
         return [Draft() for _ in states]
 
     def observe(self, state, positions, hidden):
+        # kept on the model's device until the request ends (release), so a GPU run copies each request's rows
+        # to host memory once instead of syncing on a copy for every request at every step
         rows = self.rows.setdefault(state.rid, {})
-        hidden = hidden.to("cpu", self.dtype)
+        hidden = hidden.to(self.dtype)
         for i, p in enumerate(positions):
             rows[p] = hidden[i]
 
+    def release(self, state):
+        rows = self.rows.get(state.rid)
+        if rows and next(iter(rows.values())).device.type != "cpu":
+            keys = sorted(rows)
+            host = torch.stack([rows[p] for p in keys]).cpu()
+            self.rows[state.rid] = {p: host[j] for j, p in enumerate(keys)}
+
     def states(self, rid, length: int) -> torch.Tensor:
-        """``[length, len(anchors), hidden]``: the recorded rows of positions ``0 .. length - 1``."""
+        """``[length, len(anchors), hidden]`` in host memory: the recorded rows of positions ``0 .. length - 1``."""
         rows = self.rows.pop(rid)
         missing = [p for p in range(length) if p not in rows]
         if missing:
             raise RuntimeError(f"anchor recorder: positions {missing[:5]} of request {rid!r} were never observed")
-        return torch.stack([rows[p] for p in range(length)])
+        return torch.stack([rows[p] for p in range(length)]).cpu()
 
 
 def self_prompts(model: LlamaModel, tokenizer, count: int, seed: int, batch: int = 128, max_tokens: int = 96,
