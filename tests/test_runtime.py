@@ -166,6 +166,9 @@ def test_cache_grow_keeps_pages_and_adds_free_blocks():
     assert torch.equal(c.layer_k(1).reshape(-1, 1, 4)[torch.tensor(c.slots("a", range(12, 20)))], k2)
     c.release("a")
     assert c.free_blocks == 5
+    s = PagedKVCache(1, 1, 4, num_blocks=1, block_size=4, dtype=torch.float64, scrub=True)
+    s.grow(1)
+    assert torch.isnan(s.k[:, 1]).all() and not torch.isnan(s.k[:, 0]).any()  # scrub: new pages poison a read
 
 
 def test_cache_rollback_restores():

@@ -63,13 +63,15 @@ class PagedKVCache:
         return len(self._free)
 
     def grow(self, extra: int) -> None:
-        """Add ``extra`` free blocks. The page tensors are reallocated and copied, so call it between forwards
-        and keep no view of the old pages (``layer_k`` / ``layer_v`` hand out fresh views each time)."""
+        """Add ``extra`` free blocks (NaN-filled with ``scrub``). The page tensors are reallocated and copied, so
+        call it between forwards, keep no view of the old pages (``layer_k`` / ``layer_v`` hand out fresh views
+        each time) and grow by more than the shortfall when it may recur."""
         if extra < 1:
             raise ValueError(f"extra: expected at least one block, got {extra}")
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros((old.shape[0], old.shape[1] + extra, *old.shape[2:]))
+            fill = float("nan") if self.scrub else 0.0
+            new = old.new_full((old.shape[0], old.shape[1] + extra, *old.shape[2:]), fill)
             new[:, :old.shape[1]] = old
             setattr(self, name, new)
         self._free = list(range(self.num_blocks + extra - 1, self.num_blocks - 1, -1)) + self._free

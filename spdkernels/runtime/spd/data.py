@@ -22,8 +22,9 @@ from .prompts import followup_prompts, training_prompts
 
 class AnchorRecorder(Proposer):
     """A proposer that drafts nothing and records the hidden states at ``anchors`` of every token the engine
-    commits (prefill and decode passes), in host memory as ``dtype``: plain autoregressive decoding that
-    keeps the features the PDM is trained on."""
+    commits (prefill and decode passes) as ``dtype``: plain autoregressive decoding that keeps the features the
+    PDM is trained on. A request's rows stay on the model's device while it runs (on a GPU: ``len(anchors) x
+    hidden`` values per token besides the KV cache) and move to host memory when it ends."""
     name = "anchor-recorder"
 
     def __init__(self, anchors: Sequence[int], dtype=torch.float16):

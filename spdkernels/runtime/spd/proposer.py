@@ -270,8 +270,8 @@ class PDMProposer(Proposer):
         embs: List[List[torch.Tensor]] = [[] for _ in states]
         # the tails of two levels' frontier nodes (at most `width` per request, each at most 1 + ceil(k / bs) blocks)
         room = 2 * self.width * (1 + -(-self.k // bs)) * sum(1 for x in depth_limits if x > 0)
-        if cache.free_blocks < room:
-            cache.grow(room - cache.free_blocks)
+        if cache.free_blocks < room:  # (by half the cache at least: the requests' own rows keep growing too)
+            cache.grow(max(room - cache.free_blocks, cache.num_blocks // 2))
         scratch = [("pdm-tree-tails", i) for i in (0, 1)]
         for sc in scratch:
             cache.add(sc)
