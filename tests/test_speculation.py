@@ -151,3 +151,14 @@ def test_draft_time_that_drafts_nothing_still_counts(model):
     assert m.drafted == 0 and len(res[0].output_ids) == 12
     a, b, c = spec.cost_model()
     assert c >= 0.002 / 4, c  # at least the sleep spread over the deepest plan
+
+
+def test_plan_never_exceeds_the_proposers_own_depth(model):
+    # the engine hands the plan the proposer's bound as a cap: no level is planned (or charged, or promised) that
+    # the proposer cannot draft, even before the first step is timed (when the plan drafts as deep as allowed)
+    spec = AdaptiveSpeculation(max_depth=8)
+    eng = Engine(model, NGramProposer(k=2, min_ngram=1), speculation=spec)
+    reqs = [Request([1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10, ignore_eos=True)) for _ in range(2)]
+    eng.generate(reqs)
+    assert spec.history and all(q <= R * 3 for R, q in spec.history)
+    assert spec.history[0] == (2, 6)  # first step: both requests at the proposer's depth 2
