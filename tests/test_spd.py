@@ -27,7 +27,7 @@ from spdkernels.runtime.spd.pdm import (
     save_pdm,
     target_fingerprint,
 )
-from spdkernels.runtime.spd.proposer import PDMProposer, _depths
+from spdkernels.runtime.spd.proposer import PDMProposer
 from spdkernels.runtime.spd.schedule import SPDEngine, draw_draft
 from spdkernels.runtime.spd.train import (
     PDMNet,
@@ -283,7 +283,8 @@ def test_pdm_proposer_tree_runs_each_node_once(model, pdm, prompts, block_size):
     assert [r.output_ids for r in res] == [greedy_reference(model, p, 20) for p in prompts]
     assert met.drafted > 0 and seen
     for rows, parents, limits in seen:  # one forward per level; per request its root, then its nodes above depth k
-        want = sum(1 + sum(1 for x in _depths(ps) if x < min(3, lim)) for ps, lim in zip(parents, limits) if lim)
+        want = sum(1 + sum(1 for x in Draft(list(ps), list(ps)).depths() if x < min(3, lim))
+                   for ps, lim in zip(parents, limits) if lim)
         assert sum(rows) == want and len(rows) <= 3
     assert prop._cache.free_blocks == prop._cache.num_blocks  # every tail given back (and every request)
 

@@ -34,11 +34,15 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def depths(self) -> List[int]:
+        """Each node's depth (the root's children: 1)."""
+        d: List[int] = []
+        for p in self.parents:
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
     def depth(self) -> int:
-        d = [0] * len(self.parents)
-        for i, p in enumerate(self.parents):
-            d[i] = 1 if p < 0 else d[p] + 1
-        return max(d, default=0)
+        return max(self.depths(), default=0)
 
     def is_chain(self) -> bool:
         return all(p == i - 1 for i, p in enumerate(self.parents))
@@ -252,10 +256,7 @@ class ModelProposer(Proposer):
                 c = self.committed(st)
                 n_p = len(pend[r])
                 q = pend[r] + d.tokens
-                node_depth = []
-                for p in d.parents:
-                    node_depth.append(1 if p < 0 else node_depth[p] + 1)
-                positions.append(list(range(c, c + n_p)) + [c + n_p - 1 + x for x in node_depth])
+                positions.append(list(range(c, c + n_p)) + [c + n_p - 1 + x for x in d.depths()])
                 starts.append(c)
                 toks += q
                 # tree over the local queries [pending..., nodes...]: pending form a chain, node parents

@@ -289,7 +289,7 @@ class PDMProposer(Proposer):
                     full, part = divmod(self._len[st.rid], bs)
                     own = cache.blocks(st.rid)
                     root, rpos = roots[r]
-                    depth = _depths(d.parents)
+                    depth = d.depths()
                     for f in frontier[r]:
                         dep = 0 if f < 0 else depth[f]
                         have = len(cache.blocks(cur))
@@ -304,9 +304,13 @@ class PDMProposer(Proposer):
                         table.append(own[:full] + blocks)
                         kv_lens.append(self._len[st.rid] + dep + 1)
                         positions.append(rpos + dep)
-                        rows.append(root if f < 0 else embs[r][f])
-                        p = -2 if f < 0 else d.parents[f]
-                        prev.append(self._prev_of_root(st) if p == -2 else (root if p < 0 else embs[r][p], 0))
+                        if f < 0:
+                            rows.append(root)
+                            prev.append(self._prev_of_root(st))
+                        else:
+                            p = d.parents[f]
+                            rows.append(embs[r][f])
+                            prev.append((root if p < 0 else embs[r][p], 0))
                 if src:
                     si, di = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
                     for c in (cache.k, cache.v):
@@ -349,11 +353,3 @@ class PDMProposer(Proposer):
         equal the PDM run from scratch over every completed row and ``path``."""
         done = self._done.get(st.rid, [])
         self.pdm.check_draft(st.rid, logits, list(done) + list(path), [self.m] * len(done) + [0] * len(path))
-
-
-def _depths(parents: List[int]) -> List[int]:
-    """Depth of each node of a tree in topological order (the root's children: 1)."""
-    out: List[int] = []
-    for p in parents:
-        out.append(1 if p < 0 else out[p] + 1)
-    return out
