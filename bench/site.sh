@@ -14,3 +14,16 @@ spd_site() {
   cp -r bench "$SITE/spdkernels/bench"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 }
+
+# `spd_carried_model`, from the repository root: when the three parts of a model made by
+# `bash bench/gpu_train_pdm.sh split` are all there (.carry1/ .carry2/ .carry3/, carried over consecutive device
+# calls), joins them into /tmp/spd-target.gguf, checks the checksum, puts the carried gguf reader on PYTHONPATH and
+# sets MODEL to the file. Returns 1 when the joined file does not match its checksum; 0 otherwise (MODEL untouched
+# when the parts are not all there).
+spd_carried_model() {
+  [ -f .carry1/model.part ] && [ -f .carry2/model.part ] && [ -f .carry3/model.part ] || return 0
+  cat .carry1/model.part .carry2/model.part .carry3/model.part > /tmp/spd-target.gguf
+  [ "$(sha256sum /tmp/spd-target.gguf | cut -d' ' -f1)" = "$(cat .carry1/model.sha256)" ] || return 1
+  export PYTHONPATH="$PWD/.carry1/py${PYTHONPATH:+:$PYTHONPATH}"
+  MODEL=/tmp/spd-target.gguf
+}
