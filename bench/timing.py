@@ -45,6 +45,15 @@ class CpuTimer:
         return quantiles(samples)
 
 
+def reset_rng_after_failed_capture() -> None:
+    """A CUDA-graph capture that fails midway never reaches its epilogue, which leaves the device's default generator
+    in capture mode: every later draw from it outside a capture then fails ("Offset increment outside graph capture
+    encountered unexpectedly"; seen with torch 2.11 on an H200). Replace that state with a copy of it (same seed and
+    offset, not capturing)."""
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    gen.graphsafe_set_state(gen.clone_state())
+
+
 class GpuTimer:
     """triton.testing.do_bench (L2 flushed between repeats); CUDA-graph replay when ``graph`` is set,
     which removes launch overhead for microsecond kernels."""
@@ -58,7 +67,7 @@ class GpuTimer:
                 med, p20, p80 = tt.do_bench_cudagraph(fn, rep=max(20, repeats), quantiles=qs)
                 return {"median": med, "p20": p20, "p80": p80, "n": repeats, "cuda_graph": True}
             except Exception:  # not capturable (a host sync in the path): fall back to plain events
-                pass
+                reset_rng_after_failed_capture()
         med, p20, p80 = tt.do_bench(fn, warmup=max(5, warmup), rep=max(20, repeats), quantiles=qs)
         return {"median": med, "p20": p20, "p80": p80, "n": repeats, "cuda_graph": False}
 

@@ -22,7 +22,9 @@ def _fmt(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(arg: str, t, ndim: Optional[int] = None, dtypes=None, device=None) -> None:
+def check_tensor(arg: str, t, ndim: Optional[int] = None, dtypes=None, device=None, like: Optional[str] = None) -> None:
+    """ValueError naming ``arg`` unless ``t`` is a tensor of that rank, one of those dtypes, on ``device`` (that of the
+    argument named ``like``, when given)."""
     if not isinstance(t, torch.Tensor):
         fail(arg, f"expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -31,7 +33,8 @@ def check_tensor(arg: str, t, ndim: Optional[int] = None, dtypes=None, device=No
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         fail(arg, f"expected dtype in ({names}), got {t.dtype}")
     if device is not None and t.device != device:
-        fail(arg, f"expected a tensor on device {device} (like target_logits), got device {t.device}")
+        ref = f" (like {like})" if like else ""
+        fail(arg, f"expected a tensor on device {device}{ref}, got device {t.device}")
 
 
 def check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, parents, max_depth,
@@ -40,8 +43,8 @@ def check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, paren
     ``bonus_rows``: the layout with given bonus tokens (``[N, V]``: no row after each request's last draft)."""
     check_tensor("target_logits", target_logits, 2, FLOAT_DTYPES)
     dev = target_logits.device
-    check_tensor("draft_token_ids", draft_token_ids, 1, TOKEN_DTYPES, dev)
-    check_tensor("cu_num_draft", cu_num_draft, 1, (torch.int32,), dev)
+    check_tensor("draft_token_ids", draft_token_ids, 1, TOKEN_DTYPES, dev, "target_logits")
+    check_tensor("cu_num_draft", cu_num_draft, 1, (torch.int32,), dev, "target_logits")
     if cu_num_draft.shape[0] < 1:
         fail("cu_num_draft", "expected shape [R + 1] with R >= 0, got an empty tensor")
     R = cu_num_draft.shape[0] - 1
@@ -57,7 +60,7 @@ def check_draft_batch_static(target_logits, draft_token_ids, cu_num_draft, paren
     if V < 1:
         fail("target_logits", f"vocabulary size must be >= 1, got shape {tuple(target_logits.shape)}")
     if parents is not None:
-        check_tensor("parents", parents, 1, (torch.int32,), dev)
+        check_tensor("parents", parents, 1, (torch.int32,), dev, "target_logits")
         if parents.shape[0] != N:
             fail("parents", f"expected shape [N] = [{N}], got {tuple(parents.shape)}")
     if not isinstance(max_depth, int) and not isinstance(max_depth, torch.SymInt):

@@ -58,7 +58,7 @@ def build_tree_mask(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor,
     (``parents=None``) without ``num_draft_tokens`` (N); with both, no host sync (CUDA-graph safe)."""
     V.check_tensor("cu_num_draft", cu_num_draft, 1, (torch.int32,))
     if parents is not None:
-        V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device)
+        V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device, "cu_num_draft")
     req, local, par_q, cu_q = _query_layout(parents, cu_num_draft, num_draft_tokens)
     if max_q_len is None:
         max_q_len = int(cu_num_draft.diff().max()) + 1 if cu_num_draft.shape[0] > 1 else 1
@@ -130,6 +130,8 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.
     (``P = kv_lens[r] - q_len``). ``accepted_path[r, d]`` (local node index, -1 padded, as the
     verification ops return it) moves from ``P + 1 + path[d]`` to ``P + 1 + d``. Sources are gathered
     before anything is written, so overlapping moves are safe. ``sync_free``: as :func:`compact_kv_moves`."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        V.check_tensor(name, cache, None, None, block_table.device, "block_table")
     src, dst, new_lens = compact_kv_moves(block_table, kv_lens, cu_q_lens, accepted_path, k_cache.shape[1],
                                           sync_free)
     for cache in (k_cache, v_cache):
@@ -146,9 +148,15 @@ def compact_kv_moves(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_q_lens
     applies the same moves to every layer with one indexed copy. One host sync (selecting the valid moves);
     ``sync_free=True`` returns all ``R * max_depth`` moves instead, each unused one a copy of the request's root
     slot onto itself (a slot no real move reads or writes), so no host sync is needed (CUDA-graph safe)."""
-    V.check_tensor("accepted_path", accepted_path, 2, (torch.int32, torch.int64))
-    R, D = accepted_path.shape
+    V.check_tensor("block_table", block_table, 2, (torch.int32, torch.int64))
     dev = block_table.device
+    V.check_tensor("kv_lens", kv_lens, 1, (torch.int32, torch.int64), dev, "block_table")
+    V.check_tensor("cu_q_lens", cu_q_lens, 1, (torch.int32, torch.int64), dev, "block_table")
+    V.check_tensor("accepted_path", accepted_path, 2, (torch.int32, torch.int64), dev, "block_table")
+    R, D = accepted_path.shape
+    for name, t, n in (("block_table", block_table, R), ("kv_lens", kv_lens, R), ("cu_q_lens", cu_q_lens, R + 1)):
+        if t.shape[0] != n:
+            V.fail(name, f"expected {n} rows (accepted_path has {R} requests), got shape {tuple(t.shape)}")
     q_len = cu_q_lens.diff().long()
     P = kv_lens.long() - q_len
     path = accepted_path.long()

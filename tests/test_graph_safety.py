@@ -8,7 +8,7 @@ captured in a CUDA graph and replayed on new inputs (skipped here, with the reas
 
 import pytest
 import torch
-from conftest import ON_GPU, to_backend, use_backend
+from conftest import ON_GPU, backends_here, to_backend, use_backend
 from test_tree_attention import make_batch
 
 import spdkernels
@@ -107,6 +107,7 @@ def test_compact_kv_sync_free_equals_the_selected_moves():
         for r, ql in enumerate(q_lens):  # an increasing run of node indices, as along any accepted path
             nodes = sorted(torch.randperm(ql - 1, generator=g)[:int(torch.randint(0, ql, (1,), generator=g))].tolist())
             path[r, :len(nodes)] = torch.tensor(nodes, **I32)
+        path = path.to(bt.device)
         want_k, want_v = kc.clone(), vc.clone()
         want_lens = tree.compact_kv(want_k, want_v, bt, lens, cu_q, path)
         with no_host_sync():
@@ -117,7 +118,7 @@ def test_compact_kv_sync_free_equals_the_selected_moves():
             tree.compact_kv(kc, vc, bt, lens, cu_q, path)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
+@pytest.mark.parametrize("backend", backends_here())
 def test_tree_attention_size_arguments_are_bounds(backend):
     """Bounds larger than the batch's sizes give the same output (the launch covers more, the kernel masks it), with
     every KV split count."""
@@ -179,3 +180,17 @@ def test_ops_in_a_cuda_graph():
                     torch.testing.assert_close(a, b)
                 else:
                     assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA GPU (the GPU test tier runs this)")
+def test_bench_timer_leaves_the_generator_usable_after_a_capture_that_fails():
+    """spd-bench tries a CUDA-graph capture of every Triton row and falls back to events where the call is not
+    capturable; the failed capture must not break later draws from torch's generator (it once stopped the whole
+    benchmark at the next torch.rand). Without the reset the draw after the failed capture raises."""
+    from spdkernels.bench.timing import GpuTimer
+
+    x = torch.ones(4, device="cuda")
+    t = GpuTimer()(lambda: (torch.rand(4, device="cuda") + x).sum().item(), 1, 3, graph=True)  # .item(): a host sync
+    assert t["cuda_graph"] is False and t["median"] > 0
+    u = torch.rand(1000, device="cuda")
+    assert 0.4 < float(u.mean()) < 0.6

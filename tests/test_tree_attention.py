@@ -231,10 +231,11 @@ def good():
 
 
 def _with(i, value, *more):
+    """good()'s arguments with argument i replaced by ``value`` (and more pairs of index, value), every tensor on
+    good()'s device: each case fails its own check, not the device check."""
     a = good()
-    a[i] = value
-    for j, v in zip(more[::2], more[1::2]):
-        a[j] = v
+    for j, v in ((i, value),) + tuple(zip(more[::2], more[1::2])):
+        a[j] = v.to(a[0].device)
     return a
 
 

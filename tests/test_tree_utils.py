@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from test_tree_attention import check_close, make_batch
 
@@ -88,7 +89,7 @@ def test_compact_kv_then_attention_equals_attention_over_the_committed_path():
     args = make_batch(q_lens, ctx, 4, 2, 64, 16, torch.float32, False, gen)
     q, kc, vc, bt, kv, cu_q, _ = args
     dense_before = (kc.clone(), vc.clone())
-    new_kv = tree.compact_kv(kc, vc, bt, kv, cu_q, torch.tensor(paths, **I32))
+    new_kv = tree.compact_kv(kc, vc, bt, kv, cu_q, torch.tensor(paths, **I32).to(bt.device))
     assert new_kv.tolist() == [19 + 1 + 4, 33 + 1 + 2]
     # expected committed sequence per request: prefix, root, accepted nodes (from the old cache)
     for r in range(2):
@@ -100,15 +101,37 @@ def test_compact_kv_then_attention_equals_attention_over_the_committed_path():
     # one decode step over the compacted cache (its K/V written at the next slot) equals the reference
     # over a fresh cache that holds the committed sequence only
     kv2 = new_kv + 1
-    qd = torch.randn(2, 4, 64, generator=gen)
+    qd = torch.randn(2, 4, 64, generator=gen).to(kc.device)
     for r in range(2):
         pos = int(new_kv[r])
         blk = int(bt[r, pos // 16])
         kc[blk, pos % 16] = torch.randn(2, 64, generator=gen)
         vc[blk, pos % 16] = torch.randn(2, 64, generator=gen)
-    cu1 = torch.tensor([0, 1, 2], **I32)
+    cu1 = torch.tensor([0, 1, 2], **I32).to(kc.device)
     got = spdkernels.tree_attention(qd, kc, vc, bt, kv2, cu1)
     for r in range(2):
         k, v = gather_kv(kc, bt[r], int(kv2[r])), gather_kv(vc, bt[r], int(kv2[r]))
         ref = torch.softmax(torch.einsum("hd,khd->hk", qd[r], k.repeat_interleave(2, 1)) / math.sqrt(64), -1)
         check_close(got[r], torch.einsum("hk,khd->hd", ref, v.repeat_interleave(2, 1)))
+
+
+def test_compact_kv_refuses_arguments_it_cannot_use():
+    """A ValueError naming the argument (never an indexing error deep inside): another device than block_table's,
+    and row counts that disagree with accepted_path."""
+    _, kc, vc, bt, kv, cu_q, _ = make_batch([3, 2], [5, 9], 4, 2, 64, 16, torch.float32, False,
+                                            torch.Generator().manual_seed(2))
+    path = torch.tensor([[0, -1], [-1, -1]], **I32).to(bt.device)
+    elsewhere = "meta"  # a second device on any machine
+    with pytest.raises(ValueError, match="accepted_path: expected a tensor on device .* \\(like block_table\\)"):
+        tree.compact_kv(kc, vc, bt, kv, cu_q, path.to(elsewhere))
+    with pytest.raises(ValueError, match="kv_lens: expected a tensor on device"):
+        tree.compact_kv(kc, vc, bt, kv.to(elsewhere), cu_q, path)
+    with pytest.raises(ValueError, match="v_cache: expected a tensor on device"):
+        tree.compact_kv(kc, vc.to(elsewhere), bt, kv, cu_q, path)
+    with pytest.raises(ValueError, match="kv_lens: expected 2 rows"):
+        tree.compact_kv(kc, vc, bt, kv[:1], cu_q, path)
+    with pytest.raises(ValueError, match="cu_q_lens: expected 3 rows"):
+        tree.compact_kv(kc, vc, bt, kv, cu_q[:2], path)
+    with pytest.raises(ValueError, match="block_table: expected 2 rows"):
+        tree.compact_kv(kc, vc, bt[:1], kv, cu_q, path)
+    assert tree.compact_kv(kc, vc, bt, kv, cu_q, path).tolist() == [5 + 1 + 1, 9 + 1]

@@ -153,11 +153,14 @@ def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: t
             x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
             key = order_key(x)
             elig = msk & (key >= floor)
-            if MASS:
-                w = tl.where(elig, tl.exp2((x - m) * sc), 0.0)
-            else:
-                w = tl.where(elig, 1.0, 0.0)
             ge = (key[:, None] >= piv[None, :]) & elig[:, None]
+            # the weights need no eligibility test of their own (ge holds it; a masked lane's exp2(-inf) is 0):
+            # selecting on elig here as well compiled, on Triton 3.6 for 16-bit rows, to a select whose
+            # condition was defined after it ("does not dominate")
+            if MASS:
+                w = tl.exp2((x - m) * sc)
+            else:
+                w = tl.full([BLOCK], 1.0, tl.float32)
             f += tl.sum(tl.where(ge, w[:, None], 0.0), 0).to(tl.float64)
             b = tl.sum(ge.to(tl.int32), 1) - 1  # bucket: [piv[b], piv[b + 1])
             hot = (b[:, None] == jj[None, :]) & (elig & (key <= hi))[:, None]
@@ -305,12 +308,11 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
         if done == 0:
             base = logits_ptr + row.to(tl.int64) * row_stride
             accepted = r * 0 - 1
-            if IS_CHAIN:
-                j_hi = tl.minimum(node + 2, k)
-            else:
-                j_hi = k
-            for j in range(node + 1, j_hi):
-                if accepted < 0:
+            # The candidates are the drafts after ``node`` (a chain: only node + 1). The loop bounds are fixed (0, k)
+            # and the test is inside: with bounds that depend on ``node``, Triton 3.6 folded ``node`` to its initial
+            # value on sm_90 (the walk re-accepted draft 0 at every depth; seen on an H200, not on the interpreter).
+            for j in range(0, k):
+                if (accepted < 0) & (j > node) & ((not IS_CHAIN) | (j == node + 1)):
                     if IS_CHAIN:
                         par = node
                     else:

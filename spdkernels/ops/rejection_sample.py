@@ -30,7 +30,7 @@ def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
                                           bonus_rows=bonus_token_ids is not None)
     dev = target_logits.device
     if bonus_token_ids is not None:
-        V.check_tensor("bonus_token_ids", bonus_token_ids, 1, V.TOKEN_DTYPES, dev)
+        V.check_tensor("bonus_token_ids", bonus_token_ids, 1, V.TOKEN_DTYPES, dev, "target_logits")
         if bonus_token_ids.shape[0] != R:
             V.fail("bonus_token_ids", f"expected shape [R] = [{R}], got {tuple(bonus_token_ids.shape)}")
         if parents is not None:
@@ -41,18 +41,18 @@ def _check_static(target_logits, draft_token_ids, cu_num_draft, parents, draft_p
                 V.fail(name, "not applied to probabilities (target_is_probs=True): filter the rows before "
                        "normalising them, or pass logits")
     if draft_probs is not None:
-        V.check_tensor("draft_probs", draft_probs, 2, (torch.float32,), dev)
+        V.check_tensor("draft_probs", draft_probs, 2, (torch.float32,), dev, "target_logits")
         if tuple(draft_probs.shape) != (N, Vv):
             V.fail("draft_probs", f"expected shape [N, V] = [{N}, {Vv}], got {tuple(draft_probs.shape)}")
     for name, t, dts in (("temperature", temperature, (torch.float32,)), ("top_k", top_k, (torch.int32,)),
                          ("top_p", top_p, (torch.float32,)), ("seed", seed, (torch.int64,)),
                          ("offset", offset, (torch.int64,))):
         if t is not None:
-            V.check_tensor(name, t, 1, dts, dev)
+            V.check_tensor(name, t, 1, dts, dev, "target_logits")
             if t.shape[0] != R:
                 V.fail(name, f"expected shape [R] = [{R}], got {tuple(t.shape)}")
     if uniforms is not None:
-        V.check_tensor("uniforms", uniforms, 1, (torch.float32,), dev)
+        V.check_tensor("uniforms", uniforms, 1, (torch.float32,), dev, "target_logits")
         if uniforms.shape[0] != N + R:
             V.fail("uniforms", f"expected shape [N + R] = [{N + R}], got {tuple(uniforms.shape)}")
         if seed is not None or offset is not None:

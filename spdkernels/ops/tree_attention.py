@@ -38,8 +38,8 @@ DTYPES = V.FLOAT_DTYPES + (torch.float64,)
 def _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask) -> None:
     V.check_tensor("q", q, 3, DTYPES)
     dev = q.device
-    V.check_tensor("k_cache", k_cache, 4, (q.dtype,), dev)
-    V.check_tensor("v_cache", v_cache, 4, (q.dtype,), dev)
+    V.check_tensor("k_cache", k_cache, 4, (q.dtype,), dev, "q")
+    V.check_tensor("v_cache", v_cache, 4, (q.dtype,), dev, "q")
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         V.fail("v_cache", f"expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     T, Hq, D = q.shape
@@ -50,18 +50,18 @@ def _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mas
         V.fail("k_cache", f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if bs < 1 or bs & (bs - 1):
         V.fail("k_cache", f"block size must be a power of two, got {bs}")
-    V.check_tensor("cu_q_lens", cu_q_lens, 1, (torch.int32,), dev)
+    V.check_tensor("cu_q_lens", cu_q_lens, 1, (torch.int32,), dev, "q")
     if cu_q_lens.shape[0] < 1:
         V.fail("cu_q_lens", "expected shape [R + 1], got an empty tensor")
     R = cu_q_lens.shape[0] - 1
-    V.check_tensor("block_table", block_table, 2, (torch.int32,), dev)
+    V.check_tensor("block_table", block_table, 2, (torch.int32,), dev, "q")
     if block_table.shape[0] != R:
         V.fail("block_table", f"expected shape [R, max_blocks] with R = {R}, got {tuple(block_table.shape)}")
-    V.check_tensor("kv_lens", kv_lens, 1, (torch.int32,), dev)
+    V.check_tensor("kv_lens", kv_lens, 1, (torch.int32,), dev, "q")
     if kv_lens.shape[0] != R:
         V.fail("kv_lens", f"expected shape [R] = [{R}], got {tuple(kv_lens.shape)}")
     if tree_mask is not None:
-        V.check_tensor("tree_mask", tree_mask, 2, (torch.int32,), dev)
+        V.check_tensor("tree_mask", tree_mask, 2, (torch.int32,), dev, "q")
         if tree_mask.shape[0] != T:
             V.fail("tree_mask", f"expected shape [T, W] with T = {T}, got {tuple(tree_mask.shape)}")
         if tree_mask.shape[1] < 1:
@@ -297,7 +297,7 @@ def tree_attention(
     res = _call(torch.ops.spdkernels.tree_attention.default, q, k_cache, v_cache, block_table, kv_lens, cu_q_lens,
                 tree_mask, scale, max_q_len, max_kv_len, num_splits)
     if out is not None:
-        V.check_tensor("out", out, 3, (q.dtype,), q.device)
+        V.check_tensor("out", out, 3, (q.dtype,), q.device, "q")
         if out.shape != q.shape:
             V.fail("out", f"expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
         out.copy_(res)
