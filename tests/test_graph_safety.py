@@ -185,8 +185,8 @@ def test_ops_in_a_cuda_graph():
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA GPU (the GPU test tier runs this)")
 def test_bench_timer_leaves_the_generator_usable_after_a_capture_that_fails():
     """spd-bench tries a CUDA-graph capture of every Triton row and falls back to events where the call is not
-    capturable; the failed capture must not break later draws from torch's generator (it once stopped the whole
-    benchmark at the next torch.rand). Without the reset the draw after the failed capture raises."""
+    capturable; the failed capture must not break later draws from torch's generator (the first H200 run of spd-bench
+    stopped at the next torch.rand: "Offset increment outside graph capture encountered unexpectedly")."""
     from spdkernels.bench.timing import GpuTimer
 
     x = torch.ones(4, device="cuda")
