@@ -78,12 +78,13 @@ def _captured_op_call(run, inputs):
 
 
 def _reseed():
-    """Reseed the generators the adapters draw their coins from: the CPU's and, on a GPU, the current device's (the
-    CPU generator alone left the GPU rows' coins different between the reference and the timed call: every adapter
-    row read MISMATCH on an H200). torch.manual_seed would seed every accelerator: slower."""
+    """Reseed the generators the adapters draw their coins from: the CPU's and, on a GPU machine, every GPU's (the
+    CPU generator alone left the GPU rows' coins different between the reference and the timed call: the sampled
+    vLLM and FlashInfer adapter rows read MISMATCH on an H200). CUDA is not initialised for it on a CPU run."""
     torch.default_generator.manual_seed(0)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.default_generators[torch.cuda.current_device()].manual_seed(0)
+        for gen in torch.cuda.default_generators:
+            gen.manual_seed(0)
 
 
 def _with_generic_baseline(module, make, run, prelude=None):

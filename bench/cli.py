@@ -2,7 +2,8 @@
 
 For each (op, case): build inputs, run the torch reference once, check every backend's outputs equal
 it, then time each backend (median of repeats; CPU: wall clock with the caches flushed between
-repeats; GPU: triton.testing.do_bench, CUDA graphs when capturable). Each row reports bytes moved,
+repeats; GPU: CUDA events with the L2 flushed before each repeat, each repeat one CUDA-graph replay where the call
+can be captured, else the call as launched). Each row reports bytes moved,
 achieved GB/s, the fraction of this device's copy bandwidth (measured in the same run) and the speedup
 over the baseline (the torch reference). Value checks (host syncs) are switched off while timing, as
 in production.
@@ -73,13 +74,14 @@ def progress(total, disable):
 
 
 def fmt_table(rows: List[Dict], env: Dict) -> str:
-    head = ["op", "case", "backend", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "vs torch", "check"]
+    head = ["op", "case", "backend", "timed", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "vs torch", "check"]
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append([r["op"], r["case"], r["backend"], "-", "-", "-", "-", "-", r["error"][:40]])
+            lines.append([r["op"], r["case"], r["backend"], "-", "-", "-", "-", "-", "-", r["error"][:40]])
             continue
-        lines.append([r["op"], r["case"], r["backend"], f"{r['median_ms']:.4f}", f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}",
+        lines.append([r["op"], r["case"], r["backend"], r.get("timed", "-"), f"{r['median_ms']:.4f}",
+                      f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}",
                       f"{r['gbps']:.1f}", f"{100 * r['frac_copy_bw']:.0f}%",
                       f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-",
                       r["check"]])
@@ -87,7 +89,7 @@ def fmt_table(rows: List[Dict], env: Dict) -> str:
     out = [f"# {env['device_name']} | copy bandwidth {env['copy_bw_gbps']:.1f} GB/s | torch "
            f"{env['versions']['torch']} | triton {env['versions']['triton']} | commit {env['git_commit']}"]
     for i, line in enumerate(lines):
-        cells = [str(x).ljust(w) if j < 3 else str(x).rjust(w) for j, (x, w) in enumerate(zip(line, widths))]
+        cells = [str(x).ljust(w) if j < 4 else str(x).rjust(w) for j, (x, w) in enumerate(zip(line, widths))]
         out.append("  ".join(cells))
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
@@ -247,14 +249,15 @@ def main(argv=None) -> int:
                 with ctx:
                     diff = ob.check(call(), ref) if (fn is None or ob.baseline_check) else ""
                     if on_gpu:
-                        t = timer(call, args.warmup, repeats, graph=(b == "triton"))
+                        t = timer(call, args.warmup, repeats, graph=True)  # every backend and baseline alike
                     else:
                         t = timer(call, args.warmup, repeats)
                 row["check"] = "ok" if not diff else f"MISMATCH: {diff}"
                 if diff:
                     failed = True
                 row.update(median_ms=t["median"], p20_ms=t["p20"], p80_ms=t["p80"], repeats=t["n"],
-                           cuda_graph=t.get("cuda_graph", False))
+                           cuda_graph=t.get("cuda_graph", False),
+                           timed="graph" if t.get("cuda_graph") else ("launch" if on_gpu else "wall"))
                 row["gbps"] = row["bytes"] / (t["median"] * 1e-3) / 1e9
                 row["frac_copy_bw"] = row["gbps"] / env["copy_bw_gbps"]
                 if b == "torch":
@@ -274,7 +277,11 @@ def main(argv=None) -> int:
     print(fmt_table(rows, env))
     if model:
         print(fmt_nki_model(model))
-    if not on_gpu:
+    if on_gpu:
+        print(f"# GPU: median of {repeats} repeats timed with CUDA events, L2 flushed before each; 'graph' rows"
+              f" replay a CUDA graph of the call, 'launch' rows launch it from Python; validation off; '% copy BW' ="
+              f" achieved GB/s / copy GB/s (read+write) measured above")
+    else:
         print(f"# CPU: median of {repeats} wall-clock repeats, caches {'flushed' if env['cpu_cache_flush'] else 'warm'}"
               f" between repeats; validation off; '% copy BW' = achieved GB/s / copy GB/s (read+write) measured above")
     if args.json:

@@ -46,30 +46,56 @@ class CpuTimer:
 
 
 def reset_rng_after_failed_capture() -> None:
-    """A CUDA-graph capture that fails midway never reaches its epilogue, which leaves the device's default generator
-    in capture mode: every later draw from it outside a capture then fails ("Offset increment outside graph capture
-    encountered unexpectedly"; seen with torch 2.11 on an H200). Replace that state with a copy of it (same seed and
-    offset, not capturing)."""
-    gen = torch.cuda.default_generators[torch.cuda.current_device()]
-    gen.graphsafe_set_state(gen.clone_state())
+    """A CUDA-graph capture that fails midway never reaches its epilogue, which leaves the default generator in
+    capture mode: every later draw from it outside a capture then fails ("Offset increment outside graph capture
+    encountered unexpectedly"; seen with torch 2.11 on an H200). Replace each GPU's generator state with a copy of it
+    (same seed and offset, not capturing)."""
+    for gen in torch.cuda.default_generators:
+        gen.graphsafe_set_state(gen.clone_state())
+
+
+# bytes written between GPU repeats to evict the inputs from L2 (H100/H200: 50-60 MB of L2)
+GPU_FLUSH_BYTES = 256 << 20
 
 
 class GpuTimer:
-    """triton.testing.do_bench (L2 flushed between repeats); CUDA-graph replay when ``graph`` is set,
-    which removes launch overhead for microsecond kernels."""
+    """CUDA events around each repeat, the L2 flushed before each (a write of GPU_FLUSH_BYTES), median and
+    quantiles over ``repeats`` samples. With ``graph`` the call is captured once in a CUDA graph and each repeat is
+    one replay (no launch overhead: what a serving stack that captures its step sees); a call that cannot be captured
+    (a host sync in its path) is timed as launched from Python, and the row says so (``cuda_graph`` False)."""
+
+    def __init__(self):
+        self.flush_buf = None
+
+    def _samples(self, run: Callable[[], object], warmup: int, repeats: int) -> Dict[str, float]:
+        if self.flush_buf is None:
+            self.flush_buf = torch.empty(GPU_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+        for _ in range(max(1, warmup)):
+            run()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for a, b in zip(starts, ends):
+            self.flush_buf.zero_()
+            a.record()
+            run()
+            b.record()
+        torch.cuda.synchronize()
+        return quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
 
     def __call__(self, fn: Callable[[], object], warmup: int, repeats: int, graph: bool = False) -> Dict[str, float]:
-        import triton.testing as tt
-
-        qs = [0.5, 0.2, 0.8]
         if graph:
             try:
-                med, p20, p80 = tt.do_bench_cudagraph(fn, rep=max(20, repeats), quantiles=qs)
-                return {"median": med, "p20": p20, "p80": p80, "n": repeats, "cuda_graph": True}
-            except Exception:  # not capturable (a host sync in the path): fall back to plain events
+                fn()  # first call outside the capture: compilation, allocations
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+            except Exception:  # not capturable (a host sync in the path): time it as launched
                 reset_rng_after_failed_capture()
-        med, p20, p80 = tt.do_bench(fn, warmup=max(5, warmup), rep=max(20, repeats), quantiles=qs)
-        return {"median": med, "p20": p20, "p80": p80, "n": repeats, "cuda_graph": False}
+            else:
+                return dict(self._samples(g.replay, warmup, repeats), cuda_graph=True)
+        return dict(self._samples(fn, warmup, repeats), cuda_graph=False)
 
 
 def copy_bandwidth(device: str, repeats: int = 10) -> float:

@@ -130,6 +130,7 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.
     (``P = kv_lens[r] - q_len``). ``accepted_path[r, d]`` (local node index, -1 padded, as the
     verification ops return it) moves from ``P + 1 + path[d]`` to ``P + 1 + d``. Sources are gathered
     before anything is written, so overlapping moves are safe. ``sync_free``: as :func:`compact_kv_moves`."""
+    V.check_tensor("block_table", block_table, 2, (torch.int32, torch.int64))
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         V.check_tensor(name, cache, None, None, block_table.device, "block_table")
     src, dst, new_lens = compact_kv_moves(block_table, kv_lens, cu_q_lens, accepted_path, k_cache.shape[1],

@@ -183,14 +183,17 @@ def test_ops_in_a_cuda_graph():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA GPU (the GPU test tier runs this)")
-def test_bench_timer_leaves_the_generator_usable_after_a_capture_that_fails():
+def test_bench_timer_graphs_and_a_capture_that_fails():
     """spd-bench tries a CUDA-graph capture of every Triton row and falls back to events where the call is not
     capturable; the failed capture must not break later draws from torch's generator (the first H200 run of spd-bench
     stopped at the next torch.rand: "Offset increment outside graph capture encountered unexpectedly")."""
     from spdkernels.bench.timing import GpuTimer
 
     x = torch.ones(4, device="cuda")
-    t = GpuTimer()(lambda: (torch.rand(4, device="cuda") + x).sum().item(), 1, 3, graph=True)  # .item(): a host sync
-    assert t["cuda_graph"] is False and t["median"] > 0
+    timer = GpuTimer()
+    t = timer(lambda: (torch.rand(4, device="cuda") + x).sum().item(), 1, 3, graph=True)  # .item(): a host sync
+    assert t["cuda_graph"] is False and t["median"] > 0 and t["n"] == 3
     u = torch.rand(1000, device="cuda")
     assert 0.4 < float(u.mean()) < 0.6
+    t = timer(lambda: x.mul_(1.0), 1, 5, graph=True)  # capturable: replayed, one sample per repeat
+    assert t["cuda_graph"] is True and t["n"] == 5 and 0 < t["p20"] <= t["median"] <= t["p80"]

@@ -153,6 +153,36 @@ def test_ties_go_to_lowest_id_and_all_neg_inf_gives_zero(backend, dtype):
     assert out.tolist() == [[0]]
 
 
+@pytest.mark.parametrize("programs", [None, 2], ids=["default-chunks", "two-programs"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmax_across_row_chunks(backend, programs, monkeypatch):
+    """The Triton argmax cuts rows into chunks of whole tiles (one chunk a tile at the default program count for
+    these few rows; with two programs for 4 rows, one chunk of all 4 tiles); the row's argmax is the largest chunk
+    max, ties to the lowest index: ties across chunks, a later chunk's larger max, a first chunk without any value
+    above -inf, a row of equal values."""
+    if programs is not None:
+        if backend != "triton":
+            pytest.skip("the chunk count is the Triton kernel's")
+        from spdkernels.triton_kernels import verify_greedy as tvg
+
+        monkeypatch.setattr(tvg, "ARGMAX_PROGRAMS", programs)
+    V = 3 * 4096 + 5  # 4 tiles of 4096: 4 chunks for these rows at the default program count
+    logits = torch.randn(4, V)
+    logits[0, [9000, 4100, 12290]] = 60.0  # tie across chunks 1, 2, 3 -> 4100
+    logits[0, 4000] = 59.0
+    logits[1, 5] = 70.0
+    logits[1, 12291] = 71.0                # a later chunk's larger max -> 12291
+    logits[2, :8192] = float("-inf")       # chunks 0 and 1 without a value above -inf
+    logits[2, 8192:] = -1.0
+    logits[2, 8200] = -0.5                 # -> 8200
+    logits[3, :] = 1.0                     # every column ties -> 0
+    want = [4100, 12291, 8200, 0]
+    for r, tok in enumerate(want):  # a chain of one draft per row, the draft the argmax: accepted, then the bonus
+        out, num, _ = run(backend, logits[r:r + 1].repeat(2, 1), torch.tensor([tok]),
+                          torch.tensor([0, 1], dtype=torch.int32))
+        assert out.tolist() == [[tok, tok]] and num.tolist() == [2], (r, out.tolist())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_max_depth_padding_and_cap(backend):
     gen = torch.Generator().manual_seed(3)

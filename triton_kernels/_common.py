@@ -7,26 +7,33 @@ import triton.language as tl
 
 
 @triton.jit
-def argmax_row(base, V, BLOCK: tl.constexpr):
-    """int32 argmax of the row ``base[0:V]``, ties to the lowest index (as torch.argmax).
+def argmax_span(base, lo, hi, BLOCK: tl.constexpr):
+    """(max, int32 index) of ``base[lo:hi]`` (hi > lo), ties to the lowest index (as torch.argmax); NaN never wins,
+    and a span without a value above -inf gives (-inf, lo).
 
-    Streams the row in tiles of ``BLOCK`` keeping a lane-wise running max and its index (strict ``>``
+    Streams the span in tiles of ``BLOCK`` keeping a lane-wise running max and its index (strict ``>``
     keeps each lane's first maximum), then reduces across lanes taking the lowest index among the
     maxima. Each element is read once."""
     offs = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
-    idx = offs
-    for start in range(0, V, BLOCK):
+    idx = lo + offs
+    for start in range(lo, hi, BLOCK):
         cols = start + offs
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
         up = x > best
         best = tl.where(up, x, best)
         idx = tl.where(up, cols, idx)
     m = tl.max(best, 0)
-    # lanes past V never updated and hold -inf at an index >= V: exclude them unless V is tiny
-    cand = tl.where((best == m) & (idx < V), idx, V)
-    arg = tl.min(cand, 0)
-    return tl.where(arg == V, 0, arg).to(tl.int32)  # an all -inf row: index 0, as torch.argmax
+    # lanes past hi never updated and hold -inf at an index >= hi: excluded (lane 0, at lo, always qualifies)
+    cand = tl.where((best == m) & (idx < hi), idx, hi)
+    return m, tl.min(cand, 0).to(tl.int32)
+
+
+@triton.jit
+def argmax_row(base, V, BLOCK: tl.constexpr):
+    """int32 argmax of the row ``base[0:V]``, ties to the lowest index (as torch.argmax); an all -inf row gives 0."""
+    _, arg = argmax_span(base, 0, V, BLOCK)
+    return arg
 
 
 @triton.jit

@@ -154,8 +154,8 @@ def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: t
             key = order_key(x)
             elig = msk & (key >= floor)
             ge = (key[:, None] >= piv[None, :]) & elig[:, None]
-            # the weights need no eligibility test of their own (ge holds it; a masked lane's exp2(-inf) is 0):
-            # selecting on elig here as well compiled, on Triton 3.6 for 16-bit rows, to a select whose
+            # the weights need no eligibility test of their own: every use is under where(ge, ...), and ge holds
+            # elig. Selecting on elig here as well compiled, on Triton 3.6 for 16-bit rows, to a select whose
             # condition was defined after it ("does not dominate")
             if MASS:
                 w = tl.exp2((x - m) * sc)
