@@ -25,9 +25,10 @@
 #     device 3:   run(command="ONLY=demo bash bench/gpu_session.sh", carry=[".carry3"], timeout_s=260)
 #   Measured on an NVIDIA H200 (2026-12-04, torch 2.11 + Triton 3.6; bench/results/gpu-h200-README.md): the
 #   machine's start and the tree's transfer ~35 s; tests 206 s with 46 failures, 164 s once they passed (cold
-#   Triton cache); spd-bench ~70 s; the demo at 24 tokens 136 s. So one session (15 minutes) holds the three calls
-#   above and, in the same warm machine, bench/gpu_train_pdm.sh (the model is already there: its third call's
-#   command only, BUDGET=330) -- or, the demo having run once, device 3 = the training run itself.
+#   Triton cache); spd-bench ~70 s (the kernel profile, added since, not yet timed there); the demo at 24 tokens
+#   136 s. The plan for the next session lent a GPU (15 minutes): device 1 and 2 as above, then as device 3 the PDM
+#   training instead of the demo (which has run on the GPU once): run(command="BUDGET=380 bash
+#   bench/gpu_train_pdm.sh", carry=[".carry3"], timeout_s=450), then `give_back` (bench/gpu_train_pdm.sh's header).
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
 #                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine after 8b25268 (the demo
