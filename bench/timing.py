@@ -54,29 +54,44 @@ def reset_rng_after_failed_capture() -> None:
         gen.graphsafe_set_state(gen.clone_state())
 
 
-# bytes written between GPU repeats to evict the inputs from L2 (H100/H200: 50-60 MB of L2)
+# bytes read between GPU repeats to evict the inputs from L2 (H100/H200: 50-60 MB of L2); a read, not a write, so that
+# no dirty lines are left to be written back during the timed call
 GPU_FLUSH_BYTES = 256 << 20
+# GPU time a row's repeats aim for: fewer repeats (at least GPU_MIN_REPEATS) for calls slower than budget / repeats
+GPU_ROW_BUDGET_MS = 200.0
+GPU_MIN_REPEATS = 5
 
 
 class GpuTimer:
-    """CUDA events around each repeat, the L2 flushed before each (a write of GPU_FLUSH_BYTES), median and
-    quantiles over ``repeats`` samples. With ``graph`` the call is captured once in a CUDA graph and each repeat is
-    one replay (no launch overhead: what a serving stack that captures its step sees); a call that cannot be captured
-    (a host sync in its path) is timed as launched from Python, and the row says so (``cuda_graph`` False)."""
+    """CUDA events around each repeat, the L2 flushed (a read of GPU_FLUSH_BYTES) before each; median and quantiles
+    over the repeats: ``repeats``, or fewer for slow calls (about GPU_ROW_BUDGET_MS of calls in all, but not fewer
+    than GPU_MIN_REPEATS unless ``repeats`` is; the row's ``n`` says how many). With ``graph`` the call is captured
+    once in a CUDA graph (warmed up and captured on a side stream) and each repeat is one replay: no launch overhead,
+    what a serving stack that captures its step sees. A call that cannot be captured (a host sync in its path) is
+    timed as launched from Python, and the row says so (``cuda_graph`` False)."""
 
     def __init__(self):
         self.flush_buf = None
 
+    def _flush(self):
+        self.flush_buf.sum()
+
     def _samples(self, run: Callable[[], object], warmup: int, repeats: int) -> Dict[str, float]:
         if self.flush_buf is None:
-            self.flush_buf = torch.empty(GPU_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+            self.flush_buf = torch.ones(GPU_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
         for _ in range(max(1, warmup)):
             run()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
         torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        est = max(a.elapsed_time(b), 1e-3)
+        n = min(repeats, max(GPU_MIN_REPEATS, int(GPU_ROW_BUDGET_MS / est)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for a, b in zip(starts, ends):
-            self.flush_buf.zero_()
+            self._flush()
             a.record()
             run()
             b.record()
@@ -86,10 +101,14 @@ class GpuTimer:
     def __call__(self, fn: Callable[[], object], warmup: int, repeats: int, graph: bool = False) -> Dict[str, float]:
         if graph:
             try:
-                fn()  # first call outside the capture: compilation, allocations
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # compilation, allocations, per-stream library state (cuBLAS)
+                    fn()
+                torch.cuda.current_stream().wait_stream(side)
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                with torch.cuda.graph(g, stream=side):
                     fn()
             except Exception:  # not capturable (a host sync in the path): time it as launched
                 reset_rng_after_failed_capture()

@@ -157,7 +157,8 @@ def test_ties_go_to_lowest_id_and_all_neg_inf_gives_zero(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_across_row_chunks(backend, programs, monkeypatch):
     """The Triton argmax cuts rows into chunks of whole tiles (one chunk a tile at the default program count for
-    these few rows; with two programs for 4 rows, one chunk of all 4 tiles); the row's argmax is the largest chunk
+    these few rows; with two programs for the 2 rows of each call, one chunk of all 4 tiles); the row's argmax is the
+    largest chunk
     max, ties to the lowest index: ties across chunks, a later chunk's larger max, a first chunk without any value
     above -inf, a row of equal values."""
     if programs is not None:

@@ -121,8 +121,8 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
         return out, num, path
     rows, V = target_logits.shape
     S, chunk = argmax_chunks(rows, V)
-    val = torch.empty(max(rows, 1) * S, dtype=torch.float32, device=dev)
-    idx = torch.empty(max(rows, 1) * S, dtype=torch.int32, device=dev)
+    val = torch.empty(rows * S, dtype=torch.float32, device=dev)  # rows = N + R >= 1 (checked by the op)
+    idx = torch.empty(rows * S, dtype=torch.int32, device=dev)
     if rows:
         _chunk_argmax_kernel[(rows, S)](target_logits, target_logits.stride(0), V, chunk, val, idx,
                                         BLOCK=min(BLOCK_V, triton.next_power_of_2(V)))
