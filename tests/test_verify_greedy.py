@@ -153,17 +153,15 @@ def test_ties_go_to_lowest_id_and_all_neg_inf_gives_zero(backend, dtype):
     assert out.tolist() == [[0]]
 
 
-@pytest.mark.parametrize("programs", [None, 2], ids=["default-chunks", "two-programs"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,programs", [(b, None) for b in BACKENDS] + [("triton", 2)],
+                         ids=list(BACKENDS) + ["triton-two-programs"])
 def test_argmax_across_row_chunks(backend, programs, monkeypatch):
     """The Triton argmax cuts rows into chunks of whole tiles (one chunk a tile at the default program count for
     these few rows; with two programs for the 2 rows of each call, one chunk of all 4 tiles); the row's argmax is the
     largest chunk
     max, ties to the lowest index: ties across chunks, a later chunk's larger max, a first chunk without any value
     above -inf, a row of equal values."""
-    if programs is not None:
-        if backend != "triton":
-            pytest.skip("the chunk count is the Triton kernel's")
+    if programs is not None:  # (the chunk count is the Triton kernel's)
         from spdkernels.triton_kernels import verify_greedy as tvg
 
         monkeypatch.setattr(tvg, "ARGMAX_PROGRAMS", programs)
