@@ -31,9 +31,9 @@
 #   bench/gpu_train_pdm.sh", carry=[".carry3"], timeout_s=450), then `give_back` (bench/gpu_train_pdm.sh's header).
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
-#                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine after 8b25268 (the demo
-#                 with its SPD and PDM rows, 300 s allowed): 4.3 min in all, pytest 51 passed, 1 skipped (the
-#                 CUDA-graph test), spd-bench tiny exit 0, demo exit 0.
+#                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine at 1480e3e: 1.5 min in
+#                 all, pytest 51 passed, 1 skipped (the CUDA-graph test), spd-bench tiny, kernel-profile and the
+#                 16-token demo exit 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spd-gpu-out}
