@@ -157,8 +157,9 @@ def nki_bytes(c):
 def triton_bytes(c, num_emitted=None):
     """Bytes the Triton kernels (triton_kernels/rejection_sample.py) read and write, at least: kernel 1 streams every
     logit row of the batch (N + R rows, not only those a walk visits) once for its max and mass, and per filter
-    (top-k, top-p) at least one threshold pass and one kept-mass pass; the walk reads the row it samples from once
-    more, and for draft_probs one rejection pass per request (logit row, q row, scratch row written)."""
+    (top-k, top-p) at least one threshold pass and one kept-mass pass; the final draw reads the row it samples from
+    once more (every tile's mass; then one tile again, not counted), and for draft_probs the walk makes one rejection
+    pass per request (logit row, q row, scratch row written)."""
     R, k, V = c["R"], c["k"], c["V"]
     elt = torch.finfo(DT[c["dtype"]]).bits // 8
     filters = (1 if 0 < c["top_k"] < V else 0) + (1 if c["top_p"] < 1 else 0)

@@ -7,7 +7,7 @@ from conftest import DEVICE, backends_here
 
 # the kernels one call launches on a GPU, once each
 GPU_KERNELS = {"verify_greedy": ("_chunk_argmax_kernel", "_greedy_walk_kernel"),
-               "rejection_sample": ("_row_stats_kernel", "_walk_kernel")}
+               "rejection_sample": ("_row_stats_kernel", "_walk_kernel", "_tile_mass_kernel", "_draw_kernel")}
 
 
 def test_kernel_profile_attributes_each_call_to_its_kernels(tmp_path):

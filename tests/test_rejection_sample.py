@@ -231,6 +231,21 @@ def test_rejection_that_leaves_a_tiny_mass_over_tiles(backend):
 
 
 @pytest.mark.parametrize("backend", WITH_ISAS)
+def test_final_draw_lands_on_each_side_of_tile_boundaries(backend):
+    """Equal weights over V = 5000 (so the running mass after token v is exactly v + 1): the final coin u gives the
+    smallest v with v + 1 > u * V, also where that v is the first or last id of one of the Triton draw's 2048-id
+    tiles, or of the C++ and NKI kernels' tiles: the tile search and the search inside the tile must agree."""
+    V = 5000
+    ids = [0, 1, 2047, 2048, 2049, 4095, 4096, 4097, 4999]
+    batch = random_draft_batch([0] * len(ids), V)  # no drafts: each request draws its token from its root row
+    batch.target_logits = torch.zeros(len(ids), V)
+    u = torch.tensor([(v + 0.5) / V for v in ids], dtype=torch.float64).float()
+    out, num, _ = run(backend, batch, uniforms=u)
+    assert num.tolist() == [1] * len(ids)
+    assert out[:, 0].tolist() == ids, [(v, o) for v, o in zip(ids, out[:, 0].tolist()) if v != o]
+
+
+@pytest.mark.parametrize("backend", WITH_ISAS)
 def test_large_logits_and_low_temperature_match_reference(backend):
     """Logits around 3e4 with T in [0.05, 0.5]: a weight must come from (x - max) / T, not x / T - max / T
     (whose rounding at this size is up to ~0.03 in the exponent: percent errors in p). V = 1003 leaves a

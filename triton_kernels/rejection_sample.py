@@ -23,8 +23,12 @@ token is one scalar load (``exp((x_t - m) / T) / M``). A point-mass rejection re
 exclusion under the same node writes the residual to a per-request scratch row); when that leaves less than
 ``RESUM_BELOW`` of ``M`` (a cancellation: ``M`` carries the rounding of its sums) the mass left is summed again
 from the weights, as the C++ kernel does, so a tiny residual is sampled exactly and a zero one leaves ``p``
-unchanged. A rejection against ``draft_probs`` writes ``max(0, p - q)`` to the scratch row in one pass. The final
-token is drawn by inverse CDF over token ids (the tile loop stops once found).
+unchanged. A rejection against ``draft_probs`` writes ``max(0, p - q)`` to the scratch row in one pass. The walk
+ends by writing what its request draws from (row, excluded token or scratch row, mass).
+
+Kernels 3 and 4, ``_tile_mass_kernel`` (grid (R, tiles)) and ``_draw_kernel`` (grid (R,)): the final token by
+inverse CDF over token ids. Every tile's mass of every drawing request at once, then per request the tile where the
+running mass passes ``u * mass`` (an fp64 prefix over the tile masses) and a search of that tile alone.
 
 Arithmetic: weights are ``exp2((x - m) * sc)`` with ``sc = log2(e) / T`` computed once per row (a multiply, not a
 divide, per element). Sums are fp32 within a tile and fp64 only across tiles (fp64 runs at 1/64 rate on
@@ -272,7 +276,7 @@ def _row_state(m_ptr, tau_ptr, mass_ptr, amax_ptr, row):
 def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_ptr, temp_ptr,
                  unif_ptr, seed_ptr, offset_ptr, N,
                  m_ptr, tau_ptr, mass_ptr, amax_ptr, buf_ptr,
-                 out_ptr, num_ptr, path_ptr, max_depth, bonus_ptr,
+                 out_ptr, num_ptr, path_ptr, max_depth, bonus_ptr, fin_ptr, fin_mass_ptr,
                  IS_CHAIN: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIF: tl.constexpr, BLOCK: tl.constexpr,
                  PROBS: tl.constexpr, BONUS: tl.constexpr):
     r = tl.program_id(0)
@@ -428,39 +432,91 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
         no_sample = (T == 0.0) | (emitted != 0)
     else:
         no_sample = T == 0.0
-    if no_sample:  # greedy (or the bonus token, below)
-        tok = amax
-    else:
-        if HAS_UNIF:
-            u = tl.load(unif_ptr + N + r)
-        else:
-            u = philox_uniform(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r * 0, 1)
-        base = logits_ptr + row.to(tl.int64) * row_stride
-        if PROBS:
-            if (in_buf == 0) & (ex_tok < 0):  # a row as given: the draw is against its actual sum
-                M = _mass_without(base, buf, V, in_buf, m, sc, tau, ex_tok, r * 0 - 1, BLOCK, PROBS)
-        thr = u.to(tl.float64) * M
-        cum = tl.zeros([], tl.float64)
-        found = r * 0 - 1
-        last = r * 0 - 1
-        for s0 in range(0, V, BLOCK):  # inverse CDF over ids; tiles after the hit are skipped
-            if found < 0:
-                cols = s0 + offs
-                msk = cols < V
-                g = _weights(base, buf, cols, msk, in_buf, m, sc, tau, ex_tok, PROBS)
-                # fp32 within the tile, against what is left of the threshold; fp64 across tiles. The tile's mass
-                # is its cumsum's last entry (weights >= 0), so the hit test and the running sum agree exactly
-                cs = tl.cumsum(g, 0)
-                rest = (thr - cum).to(tl.float32)
-                hit = tl.min(tl.where((cs > rest) & msk, cols, V), 0)
-                found = tl.where(hit < V, hit, -1)
-                last = tl.maximum(last, tl.max(tl.where(g > 0.0, cols, -1), 0))
-                cum = cum + tl.max(cs, 0).to(tl.float64)
-        tok = tl.where(found >= 0, found, tl.maximum(last, 0))
+    # the outputs with the final token of a request that draws nothing (greedy: the argmax; a chain that accepted
+    # its last draft: the bonus token); a request that draws gets its token from _draw_kernel, from the state below
+    tok = amax
     if BONUS:
         if emitted != 0:
             tok = tl.load(bonus_ptr + r).to(tl.int32)
     finish_walk(out_row, path_row, num_ptr, r, depth, tok, max_depth)
+    fin = fin_ptr + r * 4
+    tl.store(fin, tl.where(no_sample, 0, 1))
+    tl.store(fin + 1, row)
+    tl.store(fin + 2, in_buf)
+    tl.store(fin + 3, ex_tok)
+    tl.store(fin_mass_ptr + r, M)
+
+
+# ---- kernels 3 and 4: the final draw, by inverse CDF over token ids --------------------------------------------
+# The distribution a request draws from is fixed once its walk ends (a row's kept weights, less one excluded token,
+# or a residual row). Its mass is cut into tiles of BLOCK ids: kernel 3 sums every tile of every drawing request at
+# once (grid (R, tiles)); kernel 4 finds, per request, the tile where the running mass passes the threshold
+# u * mass and searches that tile alone. (The walk used to scan the tiles itself, one after another, in one program
+# per request: on a 128k vocabulary ~30 dependent tile passes per request.) Arithmetic: fp32 within a tile (its
+# mass is its cumsum's last entry, so the tile test and the search agree exactly), fp64 across tiles.
+
+@triton.jit
+def _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr):
+    """What the walk left for request r's draw: (draws, row, in_buf, ex_tok, m, tau, sc)."""
+    fin = fin_ptr + r * 4
+    row = tl.load(fin + 1)
+    T = tl.load(temp_ptr + r)
+    sc = LOG2E / tl.maximum(tl.where(T == 0.0, 1.0, T), MIN_T)
+    return (tl.load(fin), row, tl.load(fin + 2), tl.load(fin + 3), tl.load(m_ptr + row), tl.load(tau_ptr + row),
+            sc)
+
+
+@triton.jit
+def _tile_mass_kernel(logits_ptr, row_stride, V, fin_ptr, m_ptr, tau_ptr, temp_ptr, buf_ptr, tot_ptr, last_ptr,
+                      BLOCK: tl.constexpr, PROBS: tl.constexpr):
+    r = tl.program_id(0)
+    t = tl.program_id(1)
+    draws, row, in_buf, ex_tok, m, tau, sc = _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr)
+    if draws != 0:
+        cols = t * BLOCK + tl.arange(0, BLOCK)
+        msk = cols < V
+        g = _weights(logits_ptr + row.to(tl.int64) * row_stride, buf_ptr + r.to(tl.int64) * V, cols, msk, in_buf,
+                     m, sc, tau, ex_tok, PROBS)
+        out = r.to(tl.int64) * tl.num_programs(1) + t
+        tl.store(tot_ptr + out, tl.max(tl.cumsum(g, 0), 0))
+        tl.store(last_ptr + out, tl.max(tl.where(g > 0.0, cols, -1), 0))
+
+
+@triton.jit(do_not_specialize=["N", "max_depth"])
+def _draw_kernel(logits_ptr, row_stride, V, fin_ptr, fin_mass_ptr, m_ptr, tau_ptr, temp_ptr, buf_ptr, tot_ptr,
+                 last_ptr, unif_ptr, seed_ptr, offset_ptr, N, num_ptr, out_ptr, max_depth, tiles,
+                 HAS_UNIF: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, PROBS: tl.constexpr):
+    r = tl.program_id(0)
+    draws, row, in_buf, ex_tok, m, tau, sc = _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr)
+    if draws != 0:
+        if HAS_UNIF:
+            u = tl.load(unif_ptr + N + r)
+        else:
+            u = philox_uniform(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r * 0, 1)
+        jt = tl.arange(0, TILES)
+        ok = jt < tiles
+        at = r.to(tl.int64) * tiles + jt
+        tot = tl.load(tot_ptr + at, mask=ok, other=0.0).to(tl.float64)
+        M = tl.load(fin_mass_ptr + r)
+        if PROBS:
+            if (in_buf == 0) & (ex_tok < 0):  # a row as given: the draw is against its actual sum
+                M = tl.sum(tot, 0)
+        thr = u.to(tl.float64) * M
+        before = tl.cumsum(tot, 0) - tot  # the mass of the tiles before each
+        hit_t = tl.min(tl.where(ok & (tot.to(tl.float32) > (thr - before).to(tl.float32)), jt, tiles), 0)
+        if hit_t < tiles:
+            cols = hit_t * BLOCK + tl.arange(0, BLOCK)
+            msk = cols < V
+            g = _weights(logits_ptr + row.to(tl.int64) * row_stride, buf_ptr + r.to(tl.int64) * V, cols, msk, in_buf,
+                         m, sc, tau, ex_tok, PROBS)
+            rest = (thr - tl.sum(tl.where(jt == hit_t, before, 0.0), 0)).to(tl.float32)
+            tok = tl.min(tl.where((tl.cumsum(g, 0) > rest) & msk, cols, V), 0)
+        else:
+            tok = V
+        if tok >= V:  # rounding left the threshold above the total: the last id with positive mass
+            tok = tl.maximum(tl.max(tl.load(last_ptr + at, mask=ok, other=-1), 0), 0)
+        depth = tl.load(num_ptr + r) - 1
+        tl.store(out_ptr + r.to(tl.int64) * (max_depth + 1) + depth, tok.to(tl.int32))
 
 
 def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
@@ -517,10 +573,22 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     sd = c(seed) if seed is not None else cu
     off = c(offset) if offset is not None else cu
     # bonus_ptr None without bonus tokens: a constexpr, so the logits kernels keep their signature
+    wb = min(WALK_BLOCK, block)  # the walk's and the draw's tiles
+    fin = torch.empty((R, 4), dtype=torch.int32, device=dev)  # per request: draws?, row, in_buf, excluded token
+    fin_mass = torch.empty(R, dtype=torch.float64, device=dev)  # the mass of what it draws from
     _walk_kernel[(R,)](target_logits, target_logits.stride(0), V, draft_token_ids.contiguous(), cu, par, q, temp,
                        unif, sd, off, N, m, tau, mass, amax, buf, out, num, path, max_depth,
-                       c(bonus_token_ids) if bonus else None,
+                       c(bonus_token_ids) if bonus else None, fin, fin_mass,
                        IS_CHAIN=parents is None, HAS_Q=draft_probs is not None, HAS_UNIF=uniforms is not None,
-                       BLOCK=min(WALK_BLOCK, block), PROBS=probs, BONUS=bonus, num_warps=WALK_WARPS,
+                       BLOCK=wb, PROBS=probs, BONUS=bonus, num_warps=WALK_WARPS,
                        **_REG_CAP)
+    # the final draws: every tile's mass at once, then one tile searched per request
+    tiles = triton.cdiv(V, wb)
+    tot = torch.empty((R, tiles), dtype=torch.float32, device=dev)
+    last = torch.empty((R, tiles), dtype=torch.int32, device=dev)
+    _tile_mass_kernel[(R, tiles)](target_logits, target_logits.stride(0), V, fin, m, tau, temp, buf, tot, last,
+                                  BLOCK=wb, PROBS=probs, num_warps=WALK_WARPS)
+    _draw_kernel[(R,)](target_logits, target_logits.stride(0), V, fin, fin_mass, m, tau, temp, buf, tot, last, unif, sd,
+                       off, N, num, out, max_depth, tiles, HAS_UNIF=uniforms is not None, BLOCK=wb,
+                       TILES=triton.next_power_of_2(tiles), PROBS=probs, num_warps=WALK_WARPS)
     return out, num, path
