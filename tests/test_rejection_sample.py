@@ -221,11 +221,12 @@ def _check_tiny_mass(backend, V, a, b, expected):
 
 @pytest.mark.parametrize("backend", WITH_ISAS)
 def test_rejection_that_leaves_a_tiny_mass_over_tiles(backend):
-    """As above with V = 6000, over two of the Triton kernels' 4096-token tiles: p(0) = 1 - 1.4e-7 and two tokens of
-    6.8e-8 in the second tile, one of them (4096) in token 0's lane, where a lane-wise fp32 sum rounds
-    1 + 6.8e-8 up to 1 + 1.19e-7. Subtracting p(0) from that mass leaves 1.87e-7 instead of 1.36e-7, which moves
-    the final coin's threshold: u = 0.45 must give token 4096 (0.45 * 1.36e-7 < 6.8e-8), the biased mass gives
-    5000. A kernel must decide such a rejection on an exact re-sum of what is left."""
+    """As above with V = 6000, over two 4096-token tiles (the Triton statistics' tiles; its walk and draw use
+    2048): p(0) = 1 - 1.4e-7 and two tokens of 6.8e-8 in the second tile, one of them (4096) in token 0's lane,
+    where a lane-wise fp32 sum rounds 1 + 6.8e-8 up to 1 + 1.19e-7. Subtracting p(0) from that mass leaves 1.87e-7
+    instead of 1.36e-7, which moves the final coin's threshold: u = 0.45 must give token 4096
+    (0.45 * 1.36e-7 < 6.8e-8), the biased mass gives 5000. A kernel must decide such a rejection on an exact re-sum
+    of what is left."""
     _check_tiny_mass(backend, 6000, 4096, 5000,
                      ((1e-6, 4096), (0.3, 4096), (0.45, 4096), (0.55, 5000), (0.7, 5000), (1 - 2**-24, 5000)))
 
@@ -243,6 +244,46 @@ def test_final_draw_lands_on_each_side_of_tile_boundaries(backend):
     out, num, _ = run(backend, batch, uniforms=u)
     assert num.tolist() == [1] * len(ids)
     assert out[:, 0].tolist() == ids, [(v, o) for v, o in zip(ids, out[:, 0].tolist()) if v != o]
+
+
+@pytest.mark.parametrize("backend", WITH_ISAS)
+def test_final_draw_never_lands_on_a_token_without_mass(backend):
+    """A probability row with mass on tokens 0 and 4096 only, the final coin just below p(0) = 0.582177: the running
+    mass after the tiles that hold token 0 rounds to the threshold, and a draw that compared fp32 leftovers (or let an
+    empty tile pass on a slightly negative leftover) emitted 2048, the first id of an empty tile. Every backend must
+    give 0, as the reference does."""
+    V = 6000
+    row = torch.zeros(1, V)
+    row[0, 0], row[0, 4096] = 0.582177, 0.41782308
+    batch = random_draft_batch([0], V)
+    batch.target_logits = row
+    out, num, _ = run(backend, batch, uniforms=torch.tensor([0.5821769]), target_is_probs=True)
+    assert out.tolist() == [[0]] and num.tolist() == [1]
+
+
+@pytest.mark.parametrize("backend", WITH_ISAS)
+def test_residual_draw_across_tiles_beside_a_greedy_request(backend):
+    """Equal weights over V = 8192 (4 of the Triton draw's tiles) and one draft, token 8191, proposed with q one-hot
+    on it: a coin just below 1 rejects it and the residual max(0, p - q) is p without token 8191 (scaled by
+    1 - 1/8192... in its own mass); the final coin (v + 0.5) / 8191 must give v, across the tiles. A greedy request
+    in the same batch keeps its argmax."""
+    V = 8192
+    ids = [0, 2047, 2048, 4095, 4096, 8190]
+    R = len(ids) + 1
+    batch = random_draft_batch([1] * R, V)
+    logits = torch.zeros(2 * R, V)
+    logits[2 * (R - 1), 77] = 5.0  # the greedy request's root row: argmax 77
+    batch.target_logits = logits
+    batch.draft_token_ids = torch.full((R,), 8191)
+    batch.draft_token_ids[R - 1] = 5  # the greedy request's draft: not the argmax, rejected
+    q = torch.zeros(R, V)
+    q[:, 8191] = 1.0
+    u = torch.tensor([1 - 2**-24] * R + [(v + 0.5) / (V - 1) for v in ids] + [0.5], dtype=torch.float32)
+    temperature = torch.ones(R)
+    temperature[R - 1] = 0.0
+    out, num, _ = run(backend, batch, uniforms=u, draft_probs=q, temperature=temperature)
+    assert num.tolist() == [1] * R
+    assert out[:, 0].tolist() == ids + [77], out[:, 0].tolist()
 
 
 @pytest.mark.parametrize("backend", WITH_ISAS)

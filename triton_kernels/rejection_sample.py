@@ -41,10 +41,10 @@ Two compile-time modes (``tl.constexpr`` flags; with both off the kernels compil
 * ``PROBS`` (``target_is_probs``): the rows hold probabilities, used as given. A sampled request's weights are the
   row's values themselves (fp32; no max, no exponential, no temperature, no filters) with mass 1, so kernel 1 does
   not read its rows (it only takes the argmax for greedy requests) and an accepted row costs the walk one load,
-  ``p(t) = x_t``. Where the row's actual sum matters it is summed in the walk (fp32 per tile, fp64 across tiles):
-  after a point-mass rejection at a row as given (the residual is normalised by its own sum, also when p(t) = 0)
-  and for a final draw from a row as given (inverse CDF against the actual sum). A residual against draft_probs is
-  ``max(0, x - q)`` normalised by its sum, as in the logits mode.
+  ``p(t) = x_t``. Where the row's actual sum matters it is summed (fp32 per tile, fp64 across tiles): by the walk
+  after a point-mass rejection at a row as given (the residual is normalised by its own sum, also when p(t) = 0),
+  by the draw kernels for a final draw from a row as given (inverse CDF against the actual sum). A residual against
+  draft_probs is ``max(0, x - q)`` normalised by its sum, as in the logits mode.
 * ``BONUS`` (``bonus_token_ids``, chains only): the rows are ``[N, V]``, request r's rows start at ``cu[r]`` (not
   ``cu[r] + r``) and there is no row after its last draft. Accepting the last draft ends the walk with the given
   bonus token; a request without drafts emits it at once and reads no row. Greedy requests take the same walk.
@@ -70,7 +70,8 @@ WALK_WARPS = 4
 # ptxas' own register target for the walk (no .maxnreg) is 72-96 registers, and it keeps it by spilling a few cold
 # scalars (row addresses, a predicate: 16-96 B on 28 of the 148 --quick variants); with the cap stated as 128 it
 # allocates up to 128 and spills nothing. 128 registers x 128 threads still fit 4 programs per SM, and the walk
-# launches one program per request.
+# launches one program per request. The draw kernel states it too (without it ptxas spilled 4 B of the fp16 PROBS
+# variants on sm_80).
 WALK_MAXNREG = 128
 _REG_CAP = {"maxnreg": WALK_MAXNREG} if torch.version.hip is None else {}  # (an NVIDIA option: ROCm has none)
 BLOCK_S = 256  # threshold search: elements per tile, times PIVOTS pivots evaluated at once
@@ -503,17 +504,22 @@ def _draw_kernel(logits_ptr, row_stride, V, fin_ptr, fin_mass_ptr, m_ptr, tau_pt
                 M = tl.sum(tot, 0)
         thr = u.to(tl.float64) * M
         before = tl.cumsum(tot, 0) - tot  # the mass of the tiles before each
-        hit_t = tl.min(tl.where(ok & (tot.to(tl.float32) > (thr - before).to(tl.float32)), jt, tiles), 0)
+        # the tile where the running mass passes thr, in fp64 and against what is left of thr clamped at 0: a tile
+        # without mass never passes (rounding of thr - before can leave it slightly negative past the last hit)
+        hit_t = tl.min(tl.where(ok & (tot > tl.maximum(thr - before, 0.0)), jt, tiles), 0)
+        tok = V
         if hit_t < tiles:
             cols = hit_t * BLOCK + tl.arange(0, BLOCK)
             msk = cols < V
             g = _weights(logits_ptr + row.to(tl.int64) * row_stride, buf_ptr + r.to(tl.int64) * V, cols, msk, in_buf,
                          m, sc, tau, ex_tok, PROBS)
-            rest = (thr - tl.sum(tl.where(jt == hit_t, before, 0.0), 0)).to(tl.float32)
+            # what is left of thr for this tile, fp32 like the tile's cumsum, at least 0: the first id whose
+            # cumsum exceeds it has positive mass
+            rest = tl.maximum((thr - tl.sum(tl.where(jt == hit_t, before, 0.0), 0)).to(tl.float32), 0.0)
             tok = tl.min(tl.where((tl.cumsum(g, 0) > rest) & msk, cols, V), 0)
-        else:
-            tok = V
-        if tok >= V:  # rounding left the threshold above the total: the last id with positive mass
+            if tok >= V:  # fp32 rounding of what is left: the tile's last id with positive mass
+                tok = tl.load(last_ptr + r.to(tl.int64) * tiles + hit_t)
+        if tok >= V:  # rounding left thr above the total: the last id with positive mass (0 if none)
             tok = tl.maximum(tl.max(tl.load(last_ptr + at, mask=ok, other=-1), 0), 0)
         depth = tl.load(num_ptr + r) - 1
         tl.store(out_ptr + r.to(tl.int64) * (max_depth + 1) + depth, tok.to(tl.int32))
@@ -547,7 +553,7 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     tk = c(top_k) if top_k is not None else torch.zeros(R, dtype=torch.int32, device=dev)
     tp = c(top_p) if top_p is not None else torch.ones(R, dtype=torch.float32, device=dev)
     # with bonus tokens a request without drafts starts at row cu[r] = N at most: one entry more, never written
-    # and never used (its walk reads no statistics it acts on)
+    # and never used (its walk and the draw kernels read its entry but act on none: such a request draws nothing)
     n_stats = rows + 1 if bonus else rows
     m = torch.empty(n_stats, dtype=torch.float32, device=dev)
     tau = torch.empty(n_stats, dtype=torch.int32, device=dev)
@@ -590,5 +596,5 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
                                   BLOCK=wb, PROBS=probs, num_warps=WALK_WARPS)
     _draw_kernel[(R,)](target_logits, target_logits.stride(0), V, fin, fin_mass, m, tau, temp, buf, tot, last, unif, sd,
                        off, N, num, out, max_depth, tiles, HAS_UNIF=uniforms is not None, BLOCK=wb,
-                       TILES=triton.next_power_of_2(tiles), PROBS=probs, num_warps=WALK_WARPS)
+                       TILES=triton.next_power_of_2(tiles), PROBS=probs, num_warps=WALK_WARPS, **_REG_CAP)
     return out, num, path
