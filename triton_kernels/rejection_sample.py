@@ -454,7 +454,9 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
 # once (grid (R, tiles)); kernel 4 finds, per request, the tile where the running mass passes the threshold
 # u * mass and searches that tile alone. (The walk used to scan the tiles itself, one after another, in one program
 # per request: on a 128k vocabulary ~30 dependent tile passes per request.) Arithmetic: fp32 within a tile (its
-# mass is its cumsum's last entry, so the tile test and the search agree exactly), fp64 across tiles.
+# mass is its cumsum's last entry), fp64 across tiles and for the tile test; what is left of the threshold is
+# clamped at 0, so no id without mass is drawn, and a search that fp32 rounding leaves empty takes the tile's last id
+# with positive mass.
 
 @triton.jit
 def _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr):
