@@ -248,17 +248,22 @@ def test_final_draw_lands_on_each_side_of_tile_boundaries(backend):
 
 @pytest.mark.parametrize("backend", WITH_ISAS)
 def test_final_draw_never_lands_on_a_token_without_mass(backend):
-    """A probability row with mass on tokens 0 and 4096 only, the final coin just below p(0) = 0.582177: the running
-    mass after the tiles that hold token 0 rounds to the threshold, and a draw that compared fp32 leftovers (or let an
-    empty tile pass on a slightly negative leftover) emitted 2048, the first id of an empty tile. Every backend must
-    give 0, as the reference does."""
+    """A probability row with mass on tokens 0 and 4096 only, final coins within a few fp32 ulps of p(0) = 0.582177:
+    there the running mass after the tiles that hold token 0 rounds to the threshold, and a draw that compared fp32
+    leftovers (or let an empty tile pass on a slightly negative leftover) emitted 2048, the first id of an empty
+    tile (it did for u = 0.5821769). Every backend must give a token with mass, whatever its rounding."""
     V = 6000
     row = torch.zeros(1, V)
     row[0, 0], row[0, 4096] = 0.582177, 0.41782308
     batch = random_draft_batch([0], V)
     batch.target_logits = row
-    out, num, _ = run(backend, batch, uniforms=torch.tensor([0.5821769]), target_is_probs=True)
-    assert out.tolist() == [[0]] and num.tolist() == [1]
+    u0 = torch.tensor(0.5821769)
+    coins = [u0]
+    for _ in range(4):  # the fp32 neighbours on each side
+        coins = [torch.nextafter(coins[0], torch.tensor(0.0))] + coins + [torch.nextafter(coins[-1], torch.tensor(1.0))]
+    for u in coins:
+        out, num, _ = run(backend, batch, uniforms=u.reshape(1), target_is_probs=True)
+        assert num.tolist() == [1] and float(row[0, out[0, 0]]) > 0, (float(u), out.tolist())
 
 
 @pytest.mark.parametrize("backend", WITH_ISAS)
@@ -284,6 +289,22 @@ def test_residual_draw_across_tiles_beside_a_greedy_request(backend):
     out, num, _ = run(backend, batch, uniforms=u, draft_probs=q, temperature=temperature)
     assert num.tolist() == [1] * R
     assert out[:, 0].tolist() == ids + [77], out[:, 0].tolist()
+
+
+@pytest.mark.parametrize("backend", WITH_ISAS)
+def test_residual_draw_skips_an_empty_tile_of_the_residual(backend):
+    """Equal weights over V = 8192 (p = 1/8192) and a draft, token 3000, proposed with q = 1/2048 on ids 2048..4095:
+    rejected by a coin just below 1, it leaves the residual max(0, p - q), which is empty over 2048..4095 (the
+    Triton draw's second tile). The final coin just below / above 1/3 of the residual's mass must give 2047 / 4096."""
+    V = 8192
+    batch = random_draft_batch([1, 1], V)
+    batch.target_logits = torch.zeros(4, V)
+    batch.draft_token_ids = torch.tensor([3000, 3000])
+    q = torch.zeros(2, V)
+    q[:, 2048:4096] = 1.0 / 2048
+    u = torch.tensor([1 - 2**-24, 1 - 2**-24, 1 / 3 - 1e-6, 1 / 3 + 1e-6], dtype=torch.float32)
+    out, num, _ = run(backend, batch, uniforms=u, draft_probs=q)
+    assert num.tolist() == [1, 1] and out[:, 0].tolist() == [2047, 4096], out.tolist()
 
 
 @pytest.mark.parametrize("backend", WITH_ISAS)

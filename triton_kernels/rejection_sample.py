@@ -515,10 +515,11 @@ def _draw_kernel(logits_ptr, row_stride, V, fin_ptr, fin_mass_ptr, m_ptr, tau_pt
             msk = cols < V
             g = _weights(logits_ptr + row.to(tl.int64) * row_stride, buf_ptr + r.to(tl.int64) * V, cols, msk, in_buf,
                          m, sc, tau, ex_tok, PROBS)
-            # what is left of thr for this tile, fp32 like the tile's cumsum, at least 0: the first id whose
-            # cumsum exceeds it has positive mass
+            # what is left of thr for this tile, fp32 like the tile's cumsum, at least 0; the first id with positive
+            # mass whose cumsum exceeds it (on a GPU the scan sums in a tree across lanes, and its value can step up
+            # by an ulp at an id of zero mass: such an id is never taken)
             rest = tl.maximum((thr - tl.sum(tl.where(jt == hit_t, before, 0.0), 0)).to(tl.float32), 0.0)
-            tok = tl.min(tl.where((tl.cumsum(g, 0) > rest) & msk, cols, V), 0)
+            tok = tl.min(tl.where((tl.cumsum(g, 0) > rest) & (g > 0.0) & msk, cols, V), 0)
             if tok >= V:  # fp32 rounding of what is left: the tile's last id with positive mass
                 tok = tl.load(last_ptr + r.to(tl.int64) * tiles + hit_t)
         if tok >= V:  # rounding left thr above the total: the last id with positive mass (0 if none)
