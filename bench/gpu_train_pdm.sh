@@ -33,7 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-train}
 case "$MODE" in split|join|train) ;; *) echo "usage: $0 [split | join FILES_AT DIR | train]" >&2; exit 2;; esac
-same_sha() { [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$(cat "$2")" ]; }  # file, checksum file
+. bench/site.sh  # spd_same_sha, spd_carried_model, spd_site
 
 if [ "$MODE" = split ]; then
   SRC=${MODEL:-$(.venv/bin/python -c "from spdkernels.runtime.weights import embedded_model_path as p; print(p())")}
@@ -52,7 +52,7 @@ if [ "$MODE" = split ]; then
       count="$part" status=none
   done
   cat .carry1/model.part .carry2/model.part .carry3/model.part > /tmp/spd-split-check.gguf
-  same_sha /tmp/spd-split-check.gguf .carry1/model.sha256 || { echo "split: the parts do not rebuild $SRC" >&2; exit 1; }
+  spd_same_sha /tmp/spd-split-check.gguf .carry1/model.sha256 || { echo "split: the parts do not rebuild $SRC" >&2; exit 1; }
   rm -f /tmp/spd-split-check.gguf
   ls -l .carry1 .carry2 .carry3
   exit 0
@@ -63,7 +63,7 @@ if [ "$MODE" = join ]; then
   mkdir -p "$DIR"
   cp "$FROM"/pdm/pdm.json "$FROM"/pdm/heldout.json "$FROM"/pdm/train_log.json "$DIR"/
   cat "$FROM"/pdm/pdm.safetensors.part-* > "$DIR/pdm.safetensors"
-  same_sha "$DIR/pdm.safetensors" "$FROM"/pdm/pdm.sha256 \
+  spd_same_sha "$DIR/pdm.safetensors" "$FROM"/pdm/pdm.sha256 \
     || { echo "join: pdm.safetensors does not match the checksum it was sent with" >&2; exit 1; }
   .venv/bin/python - "$DIR" <<'EOF'
 import sys
@@ -99,7 +99,6 @@ fi
 } 2>&1 | tee "$OUT/env.txt"
 
 # the model: MODEL, else the three carried parts when present, else the embedded package
-. bench/site.sh
 if [ -z "${MODEL:-}" ] && [ -f .carry1/model.part ] && [ -f .carry2/model.part ] && [ -f .carry3/model.part ]; then
   spd_carried_model || { echo "the carried model parts do not match their checksum" | tee -a "$OUT/env.txt"; exit 1; }
   echo "model: the carried parts, checksum verified" | tee -a "$OUT/env.txt"

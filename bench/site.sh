@@ -15,6 +15,9 @@ spd_site() {
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 }
 
+# `spd_same_sha FILE SUMFILE`: whether FILE's sha256 is the one written in SUMFILE.
+spd_same_sha() { [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$(cat "$2")" ]; }
+
 # `spd_carried_model`, from the repository root: when the three parts of a model made by
 # `bash bench/gpu_train_pdm.sh split` are all there (.carry1/ .carry2/ .carry3/, carried over consecutive device
 # calls), joins them into /tmp/spd-target.gguf, checks the checksum, puts the carried gguf reader on PYTHONPATH and
@@ -23,7 +26,7 @@ spd_site() {
 spd_carried_model() {
   [ -f .carry1/model.part ] && [ -f .carry2/model.part ] && [ -f .carry3/model.part ] || return 0
   cat .carry1/model.part .carry2/model.part .carry3/model.part > /tmp/spd-target.gguf
-  [ "$(sha256sum /tmp/spd-target.gguf | cut -d' ' -f1)" = "$(cat .carry1/model.sha256)" ] || return 1
+  spd_same_sha /tmp/spd-target.gguf .carry1/model.sha256 || return 1
   export PYTHONPATH="$PWD/.carry1/py${PYTHONPATH:+:$PYTHONPATH}"
   MODEL=/tmp/spd-target.gguf
 }

@@ -18,7 +18,7 @@ from conftest import (
 )
 from scipy.stats import chisquare
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers (runtime extra) not installed")
 from transformers import (  # noqa: E402
     GenerationConfig,
     LlamaConfig,

@@ -460,13 +460,13 @@ def _walk_kernel(logits_ptr, row_stride, V, draft_ptr, cu_ptr, parents_ptr, q_pt
 
 @triton.jit
 def _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr):
-    """What the walk left for request r's draw: (draws, row, in_buf, ex_tok, m, tau, sc)."""
+    """What the walk left for request r's draw (call it only for a request that draws: fin[r, 0] != 0):
+    (row, in_buf, ex_tok, m, tau, sc)."""
     fin = fin_ptr + r * 4
     row = tl.load(fin + 1)
     T = tl.load(temp_ptr + r)
-    sc = LOG2E / tl.maximum(tl.where(T == 0.0, 1.0, T), MIN_T)
-    return (tl.load(fin), row, tl.load(fin + 2), tl.load(fin + 3), tl.load(m_ptr + row), tl.load(tau_ptr + row),
-            sc)
+    sc = LOG2E / tl.maximum(T, MIN_T)  # (T > 0: a greedy request draws nothing)
+    return row, tl.load(fin + 2), tl.load(fin + 3), tl.load(m_ptr + row), tl.load(tau_ptr + row), sc
 
 
 @triton.jit
@@ -474,8 +474,8 @@ def _tile_mass_kernel(logits_ptr, row_stride, V, fin_ptr, m_ptr, tau_ptr, temp_p
                       BLOCK: tl.constexpr, PROBS: tl.constexpr):
     r = tl.program_id(0)
     t = tl.program_id(1)
-    draws, row, in_buf, ex_tok, m, tau, sc = _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr)
-    if draws != 0:
+    if tl.load(fin_ptr + r * 4) != 0:  # (a request that draws nothing costs its programs one load)
+        row, in_buf, ex_tok, m, tau, sc = _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr)
         cols = t * BLOCK + tl.arange(0, BLOCK)
         msk = cols < V
         g = _weights(logits_ptr + row.to(tl.int64) * row_stride, buf_ptr + r.to(tl.int64) * V, cols, msk, in_buf,
@@ -490,8 +490,8 @@ def _draw_kernel(logits_ptr, row_stride, V, fin_ptr, fin_mass_ptr, m_ptr, tau_pt
                  last_ptr, unif_ptr, seed_ptr, offset_ptr, N, num_ptr, out_ptr, max_depth, tiles,
                  HAS_UNIF: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, PROBS: tl.constexpr):
     r = tl.program_id(0)
-    draws, row, in_buf, ex_tok, m, tau, sc = _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr)
-    if draws != 0:
+    if tl.load(fin_ptr + r * 4) != 0:
+        row, in_buf, ex_tok, m, tau, sc = _final_state(fin_ptr, r, m_ptr, tau_ptr, temp_ptr)
         if HAS_UNIF:
             u = tl.load(unif_ptr + N + r)
         else:
