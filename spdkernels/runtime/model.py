@@ -33,6 +33,12 @@ class Batch:
     kv_lens: torch.Tensor  # int32 [R]: cache entries per request, the query tokens included
     block_table: torch.Tensor  # int32 [R, max_blocks]
     tree_mask: Optional[torch.Tensor] = None  # int32 [T, W]; None = causal chain
+    # Host-side upper bounds of the query rows of one request and of ``kv_lens`` (None: unknown). Given,
+    # ``tree_attention`` launches its GPU kernel without reading them back from the device: no host sync per
+    # layer (two per layer otherwise, which serialise every launch of a forward). They must not be below the
+    # tensors' values; with op validation on, the op checks that they are not.
+    max_q_len: Optional[int] = None
+    max_kv_len: Optional[int] = None
 
 
 def sync_device(device) -> None:
@@ -79,7 +85,8 @@ def build_batch(cache: PagedKVCache, rids: Sequence, starts: Sequence[int], posi
     return Batch(torch.tensor(list(tokens) if tokens is not None else [0] * len(pos), dtype=torch.int64, device=dev),
                  torch.tensor(pos, dtype=torch.int64, device=dev), torch.tensor(slots, dtype=torch.int64, device=dev),
                  torch.tensor(cu, dtype=torch.int32, device=dev), torch.tensor(kv, dtype=torch.int32, device=dev),
-                 cache.block_table(list(rids), device=dev), mask)
+                 cache.block_table(list(rids), device=dev), mask,
+                 max_q_len=max([b - a for a, b in zip(cu, cu[1:])], default=0), max_kv_len=max(kv, default=0))
 
 
 class _Layer:
@@ -276,7 +283,8 @@ class LlamaModel:
             def attend(q, k, v, i=i):
                 cache.write(i, batch.slot_mapping, k, v)
                 return tree_attention(q, cache.layer_k(i), cache.layer_v(i), batch.block_table, batch.kv_lens,
-                                      batch.cu_q_lens, batch.tree_mask, self.scale)
+                                      batch.cu_q_lens, batch.tree_mask, self.scale, max_q_len=batch.max_q_len,
+                                      max_kv_len=batch.max_kv_len)
             h = decoder_layer(h, self.layers[i - self.layer_start], c, cos, sin, attend)
             if i in taps:
                 tapped[i] = h

@@ -324,7 +324,7 @@ class PDMProposer(Proposer):
                           cu_q_lens=torch.arange(Q + 1, dtype=torch.int32, device=dev),
                           kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
                           block_table=torch.tensor([t + [0] * (cols - len(t)) for t in table], dtype=torch.int32,
-                                                   device=dev))
+                                                   device=dev), max_q_len=1, max_kv_len=max(kv_lens))
                 h, _ = pdm.tower.forward_layers(self._rows(rows, [0] * Q, prev), b, cache)
                 d_logits = pdm.draft_logits(h)
                 owners = [(r, f) for r in active for f in frontier[r]]
