@@ -4,7 +4,8 @@
 #   1. the device facts and versions                                   -> $OUT/env.txt
 #   2. the GPU test tier: the op tests with Triton compiled for real (TRITON_INTERPRET unset; every Triton test's
 #      inputs on CUDA, the chi-square distribution tests of the Triton sampler with their full samples), the
-#      CUDA-graph capture of every op (tests/test_graph_safety.py) and the adapters of vLLM, sgl-kernel, FlashInfer
+#      CUDA-graph capture of every op (tests/test_graph_safety.py), the adapters of vLLM, sgl-kernel, FlashInfer and
+#      the runtime's device tests (a decoding forward on CUDA without a host sync: tests/test_runtime_device.py)
 #                                                                      -> $OUT/pytest.txt, $OUT/pytest-junit.xml
 #   3. spd-bench on the device (CUDA-graph replay where capturable)    -> $OUT/bench-gpu.{txt,json,png}
 #      and each op's kernels' device time per call (bench/kernel_profile.py, torch.profiler)
@@ -29,6 +30,9 @@
 #   136 s. The plan for the next session lent a GPU (15 minutes): device 1 and 2 as above, then as device 3 the PDM
 #   training instead of the demo (which has run on the GPU once): run(command="BUDGET=380 bash
 #   bench/gpu_train_pdm.sh", carry=[".carry3"], timeout_s=450), then `give_back` (bench/gpu_train_pdm.sh's header).
+#   That demo ran at ~32 ms per token, mostly host syncs (two per layer: tree_attention read its size bounds back
+#   from the GPU); the runtime's forward has none since 136281c, so both the PDM training's text generation and a
+#   demo at the SPD targets' 128 tokens (DEMO_TOKENS=128) should take a fraction of the times above: not measured.
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
 #                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine at 1480e3e: 1.5 min in
@@ -89,7 +93,7 @@ if want tests; then
 timeout "$TEST_BUDGET" "$PY" -m pytest -q -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/pytest-junit.xml" \
   tests/test_verify_greedy.py tests/test_rejection_sample.py tests/test_tree_attention.py tests/test_tree_utils.py \
   tests/test_ops_framework.py tests/test_graph_safety.py tests/test_adapters_vllm.py tests/test_adapters_sglang.py \
-  tests/test_adapters_flashinfer.py tests/test_kernel_profile.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
+  tests/test_adapters_flashinfer.py tests/test_kernel_profile.py tests/test_runtime_device.py ${TEST_K:+-k "$TEST_K"} > "$OUT/pytest.txt" 2>&1
 step pytest $?
 tail -n 30 "$OUT/pytest.txt"
 fi

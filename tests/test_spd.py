@@ -1090,6 +1090,51 @@ def _tiny_training_set(model, n_seq=6, seed=0):
     return make_windows(states, corpus, 16)
 
 
+@pytest.mark.parametrize("window", [4, 8, 16, 64])
+@pytest.mark.parametrize("loss_from", [None, 1, 3, 6])
+def test_windows_cover_exactly_the_loss_rows(window, loss_from):
+    """Over all windows, the loss rows of a sequence are each of its positions from the last prompt token on (the
+    generated text's rows) or, with ``loss_from``, from position ``loss_from - 1`` on (the prompt's rows after that
+    preamble too), every one with a next token, each window's rows its own anchors and next ids; the shared preamble
+    of a corpus is what all its prompts begin with."""
+    from spdkernels.runtime.spd.train import shared_prefix
+
+    g = torch.Generator().manual_seed(window)
+    pre = [7, 8, 9]
+    corpus = [dict(prompt_ids=pre + torch.randint(0, 50, (p,), generator=g).tolist(),
+                   output_ids=torch.randint(0, 50, (o,), generator=g).tolist())
+              for p, o in [(2, 9), (5, 1), (0, 30), (9, 3)]]
+    corpus[2]["prompt_ids"][-1] = 99  # (its preamble is cut short: the shared prefix is 2 tokens)
+    assert shared_prefix(corpus) == 2 and shared_prefix(corpus[:2]) == 3 and shared_prefix([]) == 0
+    for recorded_all in (True, False):  # states for every token, or every token but the last
+        states, seqs = [], []
+        for i, c in enumerate(corpus):  # anchor 0 holds the position, anchor 1 the sequence
+            ids = c["prompt_ids"] + c["output_ids"]
+            T = len(ids) - (0 if recorded_all else 1)
+            h = torch.empty(T, 2, 3, dtype=torch.float16)
+            h[:, 0] = torch.arange(T, dtype=torch.float16)[:, None]
+            h[:, 1] = i
+            states.append(h)
+            seqs.append(ids)
+        wins = make_windows(states, corpus, window, loss_from=loss_from)
+        seen = [set() for _ in corpus]
+        for w in wins:
+            S = w.anchors.shape[0]
+            i = int(w.anchors[0, 1, 0])
+            ids = seqs[i]
+            assert 2 <= S <= window and bool((w.anchors[:, 1] == i).all())
+            pos = w.start + torch.arange(S)
+            assert torch.equal(w.anchors[:, 0, 0].long(), pos)
+            assert torch.equal(w.next_ids, torch.tensor([ids[t + 1] if t + 1 < len(ids) else -1 for t in pos.tolist()]))
+            rows = {w.start + r for r in range(w.first_loss, S) if int(w.next_ids[r]) >= 0}
+            assert rows  # no window without a loss row
+            seen[i] |= rows
+        for i, (c, h) in enumerate(zip(corpus, states)):
+            P = len(c["prompt_ids"])
+            first = P - 1 if loss_from is None else min(max(1, loss_from), P) - 1
+            assert seen[i] == {t for t in range(max(first, 0), h.shape[0]) if t + 1 < len(seqs[i])}
+
+
 @pytest.mark.parametrize("anchor_norm,shift", [(False, False), (True, False), (False, True)])
 def test_trainer_is_reproducible_and_learns(anchor_norm, shift):
     """The same seed gives bit-identical weights; the training loss falls over a few dozen steps."""

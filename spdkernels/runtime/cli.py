@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
                    help="give each row the previous token's deepest anchor too (EAGLE-style), not only through "
                    "attention (default: on)")
+    t.add_argument("--prompt-rows", action="store_true",
+                   help="learn from the prompts' rows too (the target's next-token distribution over the prompt "
+                   "text after the chat preamble all prompts share), not only from the generated text's")
     t.add_argument("--tower-init", type=int, default=None, metavar="LAYER",
                    help="start every tower layer as a copy of the target's layer LAYER (0-based; its norms, "
                    "attention weights and the MLP neurons of largest weight; no attention biases) instead of "
@@ -537,7 +540,8 @@ def cmd_train_pdm(args) -> int:
     if args.tower_init is not None and not 0 <= args.tower_init < ck.config.num_layers:
         raise ValueError(f"--tower-init: expected a layer of the target, 0..{ck.config.num_layers - 1}, "
                          f"got {args.tower_init}")
-    st = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, tower_init=args.tower_init)
+    st = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, tower_init=args.tower_init,
+                       prompt_rows=args.prompt_rows)
     train_pdm(ck, args.out, args.work or str(Path(args.out) / "work"), stages=args.stages, layers=args.layers,
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,

@@ -329,6 +329,9 @@ class TrainSettings:
     clip: float = 1.0
     seed: int = 0
     tower_init: Optional[int] = None  # the target layer every tower layer starts from (None: noise)
+    # also learn from the prompts' rows (the target's next-token distribution over the prompt text) after the chat
+    # preamble every prompt shares; the held-out windows keep the generated rows only
+    prompt_rows: bool = False
 
 
 @dataclasses.dataclass
@@ -339,11 +342,27 @@ class Window:
     next_ids: torch.Tensor  # [S] int64 next token (-1 past the end)
 
 
-def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window: int) -> List[Window]:
+def shared_prefix(corpus: Sequence[Dict]) -> int:
+    """The number of leading prompt tokens every sequence shares (the chat template's preamble)."""
+    prompts = [list(s["prompt_ids"]) for s in corpus]
+    if not prompts:
+        return 0
+    n = min(len(p) for p in prompts)
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
+
+
+def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window: int,
+                 loss_from: Optional[int] = None) -> List[Window]:
+    """Windows of ``window`` tokens over each sequence (a quarter of overlap). The loss rows are those whose next
+    token is generated text, or with ``loss_from`` every row from position ``loss_from - 1`` on (the prompt's rows
+    after a shared preamble of ``loss_from`` tokens too), with some context before the first."""
     out = []
     for h, seq in zip(states, corpus):
         ids = list(seq["prompt_ids"]) + list(seq["output_ids"])
-        P = len(seq["prompt_ids"])
+        P = len(seq["prompt_ids"]) if loss_from is None else min(max(1, loss_from), len(seq["prompt_ids"]))
         T = h.shape[0]  # the rows with states: every token, or every token but the last (recorded in generation)
         if T not in (len(ids), len(ids) - 1):
             raise ValueError(f"states: {T} rows for a sequence of {len(ids)} tokens")
@@ -352,7 +371,7 @@ def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window:
         while s < T - 1:
             e = min(T, s + window)
             fl = max(0, P - 1 - s)
-            if fl < e - s - 1:
+            if fl < e - s - 1 or (fl == e - s - 1 and int(nxt[e - 1]) >= 0):  # a loss row (the last one may be)
                 out.append(Window(h[s:e], s, fl, nxt[s:e]))
             s = e - window // 4 if e < T else e  # overlap so every row has some context
     return out
@@ -638,7 +657,11 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
         log(f"anchor states: {sum(len(s) for s in seqs)} tokens in {t_feat:.0f} s")
     else:
         t_feat = time.perf_counter() - t1
-    train_w = make_windows([states[i] for i in train_idx], [corpus[i] for i in train_idx], st.window)
+    train_seqs = [corpus[i] for i in train_idx]
+    skip = shared_prefix(train_seqs) if st.prompt_rows else None
+    train_w = make_windows([states[i] for i in train_idx], train_seqs, st.window, loss_from=skip)
+    if skip is not None:
+        log(f"prompt rows: the training windows learn from the prompts too, after their shared {skip}-token preamble")
     held_w = make_windows([states[i] for i in held_idx], [corpus[i] for i in held_idx], st.window)
     drawn = sorted({x for x in st.stage_choices if x <= L} or {L})  # the n draw_layout can give on this target
     cfg.training = dict(settings=dataclasses.asdict(st), stages_trained_for=drawn,
