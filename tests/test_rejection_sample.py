@@ -408,6 +408,48 @@ def _check_thresholds(V):
                 assert mass == pytest.approx(float(w_ref[keep].double().sum()), rel=1e-5), case
 
 
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' order-preserving int32 key of fp32 values (both zeros map to +0's)."""
+    b = torch.where(x == 0, torch.zeros_like(x), x).view(torch.int32)
+    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@pytest.mark.skipif("triton" not in backends_here(), reason="Triton is not installed here")
+@pytest.mark.parametrize("V", [3000] + ([40000] if ON_GPU else []))
+def test_triton_top_k_top_p_threshold_equals_reference(V):
+    """The Triton statistics kernel's kept set {key(x) >= tau} equals the reference's (sort-based top-k, float64
+    cumsum top-p) token for token on the rows and filters of the C++ test above (ties by the thousand, a K-th value
+    tied across the boundary, -inf logits, a plateau of light tokens, 16-bit rows), one launch per row dtype with a
+    request per (row, T, filter); its kept mass within fp32 summation error of the reference's. (On the interpreter
+    at V = 3000; on a GPU at 40000 too: the searches' partial sums over several tiles.)"""
+    from spdkernels.triton_kernels.rejection_sample import row_stats
+
+    gen = torch.Generator().manual_seed(V)
+    by_dtype = {}
+    for name, row in _rows(V, gen).items():
+        for T in (0.6, 1.5):
+            for top_k, top_p in FILTERS:
+                by_dtype.setdefault(row.dtype, []).append((name, row, T, top_k, top_p))
+    for cases in by_dtype.values():
+        rows = torch.stack([c[1] for c in cases]).to(DEVICE)
+        R = len(cases)
+        m, tau, mass, _ = row_stats(rows, torch.arange(R, dtype=torch.int32, device=DEVICE),
+                                    torch.tensor([c[2] for c in cases], dtype=torch.float32, device=DEVICE),
+                                    torch.tensor([c[3] for c in cases], dtype=torch.int32, device=DEVICE),
+                                    torch.tensor([c[4] for c in cases], dtype=torch.float32, device=DEVICE))
+        m, tau, mass = m.cpu(), tau.cpu(), mass.cpu()
+        for i, (name, row, T, top_k, top_p) in enumerate(cases):
+            x = row.float()
+            w_ref = temperature_weights(x, T)
+            keep = kept(x, w_ref, top_k, top_p)
+            got = _order_key(x) >= tau[i]
+            case = f"{name} T={T} k={top_k} p={top_p}: {int(got.sum())} kept, reference {int(keep.sum())}"
+            assert torch.equal(got, keep), case
+            assert float(m[i]) == float(x.max()), case
+            want = float((torch.exp((x[keep].double() - float(x.max())) / T)).sum())
+            assert float(mass[i]) == pytest.approx(want, rel=1e-5), case
+
+
 # ---- distribution: the emitted tokens follow the target exactly -----------------------------------
 
 V_D = 10

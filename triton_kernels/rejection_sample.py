@@ -14,7 +14,10 @@ sorting and without writing probabilities:
   whose upper set holds at least ``K`` tokens (top-k), then at least ``top_p`` of the top-k mass
   (top-p). Both are searches over the order-preserving int32 key of the logits: each pass evaluates
   16 pivots at once and narrows the interval to the smallest and largest key actually present in the
-  chosen bucket, so it ends after a handful of passes on real rows (at most 8: 16^8 = 2^32 keys).
+  chosen bucket, so it ends after a handful of passes on real rows (at most 8: 16^8 = 2^32 keys). A pass
+  keeps its sums and bucket bounds per lane of a [16, 256] tile, laid out so that each thread holds one token's
+  16 pivot lanes: its loop over the row has no reduction across threads (no shared memory, no barrier; the
+  sums are folded once per 4096 tokens, the bounds once per pass).
   Ties at the boundary are kept, exactly as in the reference. Then ``M`` is recomputed over the kept set.
 
 Kernel 2, ``_walk_kernel``: grid (R,), one program per request. The target probability of a draft
@@ -135,52 +138,65 @@ def _kept_mass(base, V, m, sc, tau, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: tl.constexpr, P: tl.constexpr):
+def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: tl.constexpr, P: tl.constexpr,
+               SUB: tl.constexpr):
     """The largest key t present in the row, in [lo, hi], with f(t) >= need, where f(t) sums over
     tokens with key >= max(t, floor) either 1 (MASS=False: top-k) or exp2((x - m) * sc) (top-p): fp32 sums per
-    tile (exact for the counts: a tile holds BLOCK << 2^24 tokens), fp64 across tiles.
+    tile of BLOCK * SUB tokens (exact for the counts: a tile holds << 2^24 tokens), fp64 across tiles.
 
     Invariant: lo and hi are present keys, the answer lies in [lo, hi]. A pass evaluates f at P pivots
     spread over [lo, hi] (pivot 0 = lo), picks the last pivot bucket whose f still reaches ``need``
     (bucket 0 when none does: the whole kept set, as the reference does when rounding leaves the total
-    below ``need``), and shrinks [lo, hi] to the smallest and largest key present in that bucket."""
+    below ``need``), and shrinks [lo, hi] to the smallest and largest key present in that bucket.
+
+    Within a pass every quantity is kept per lane of the [P, BLOCK] tile (partial sums, smallest and largest key
+    per bucket) and reduced across the lanes once per BLOCK * SUB tokens (the sums) or once per pass (the keys):
+    a reduction across lanes goes through shared memory with a barrier, and three of them per BLOCK tokens (as
+    this search first did) made the pass latency-bound. A token's bucket is tested against the bucket's bounds
+    (pivot j <= key < pivot j + 1, the last bucket up to hi) rather than counted across the pivots."""
     offs = tl.arange(0, BLOCK)
     jj = tl.arange(0, P)
+    last = (jj == P - 1)[:, None]
     while lo < hi:
         span = hi.to(tl.int64) - lo.to(tl.int64) + 1
         piv = (lo.to(tl.int64) + (span * jj.to(tl.int64)) // P).to(tl.int32)
+        # the bucket's end: pivot j + 1 (the last bucket's, hi + 1, is not needed: it is tested against hi)
+        nxt = tl.minimum(lo.to(tl.int64) + (span * (jj + 1).to(tl.int64)) // P, 2147483647).to(tl.int32)
         f = tl.zeros([P], tl.float64)
-        mn = tl.full([P], 2147483647, tl.int32)
-        mx = tl.full([P], -2147483648, tl.int32)
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            msk = cols < V
-            x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
-            key = order_key(x)
-            elig = msk & (key >= floor)
-            ge = (key[:, None] >= piv[None, :]) & elig[:, None]
-            # the weights need no eligibility test of their own: every use is under where(ge, ...), and ge holds
-            # elig. Selecting on elig here as well compiled, on Triton 3.6 for 16-bit rows, to a select whose
-            # condition was defined after it ("does not dominate")
-            if MASS:
-                w = tl.exp2((x - m) * sc)
-            else:
-                w = tl.full([BLOCK], 1.0, tl.float32)
-            f += tl.sum(tl.where(ge, w[:, None], 0.0), 0).to(tl.float64)
-            b = tl.sum(ge.to(tl.int32), 1) - 1  # bucket: [piv[b], piv[b + 1])
-            hot = (b[:, None] == jj[None, :]) & (elig & (key <= hi))[:, None]
-            mn = tl.minimum(mn, tl.min(tl.where(hot, key[:, None], 2147483647), 0))
-            mx = tl.maximum(mx, tl.max(tl.where(hot, key[:, None], -2147483648), 0))
+        mn = tl.full([P, BLOCK], 2147483647, tl.int32)
+        mx = tl.full([P, BLOCK], -2147483648, tl.int32)
+        for s0 in range(0, V, BLOCK * SUB):
+            part = tl.zeros([P, BLOCK], tl.float32)
+            for s1 in range(0, SUB):
+                cols = s0 + s1 * BLOCK + offs
+                msk = cols < V
+                x = tl.load(base + cols, mask=msk, other=float("-inf")).to(tl.float32)
+                key = order_key(x)
+                elig = msk & (key >= floor)
+                ge = (key[None, :] >= piv[:, None]) & elig[None, :]
+                # the weights need no eligibility test of their own: every use is under where(ge, ...), and ge holds
+                # elig. Selecting on elig here as well compiled, on Triton 3.6 for 16-bit rows, to a select whose
+                # condition was defined after it ("does not dominate")
+                if MASS:
+                    w = tl.exp2((x - m) * sc)
+                else:
+                    w = tl.full([BLOCK], 1.0, tl.float32)
+                part += tl.where(ge, w[None, :], 0.0)
+                hot = ge & ((key[None, :] < nxt[:, None]) | last) & (key <= hi)[None, :]
+                mn = tl.minimum(mn, tl.where(hot, key[None, :], 2147483647))
+                mx = tl.maximum(mx, tl.where(hot, key[None, :], -2147483648))
+            f += tl.sum(part, 1).to(tl.float64)
         J = tl.maximum(tl.sum((f >= need).to(tl.int32), 0) - 1, 0)
-        lo = tl.sum(tl.where(jj == J, mn, 0), 0)
-        hi = tl.sum(tl.where(jj == J, mx, 0), 0)
+        lo = tl.sum(tl.where(jj == J, tl.min(mn, 1), 0), 0)
+        hi = tl.sum(tl.where(jj == J, tl.max(mx, 1), 0), 0)
     return lo
 
 
 @triton.jit
 def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, topp_ptr,
                       m_ptr, tau_ptr, mass_ptr, amax_ptr,
-                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, P: tl.constexpr, PROBS: tl.constexpr):
+                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, P: tl.constexpr, SUB: tl.constexpr,
+                      PROBS: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * row_stride
     r = tl.load(req_ptr + row)
@@ -224,11 +240,11 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
         filt_p = TP < 1.0
 
         if filt_k:
-            tau = _threshold(base, V, lo, hi, K.to(tl.float64), tau, m, sc, False, BLOCK_S, P)
+            tau = _threshold(base, V, lo, hi, K.to(tl.float64), tau, m, sc, False, BLOCK_S, P, SUB)
             M = _kept_mass(base, V, m, sc, tau, BLOCK)
         if filt_p:
             need = TP.to(tl.float64) * M
-            tau = _threshold(base, V, tl.maximum(lo, tau), hi, need, tau, m, sc, True, BLOCK_S, P)
+            tau = _threshold(base, V, tl.maximum(lo, tau), hi, need, tau, m, sc, True, BLOCK_S, P, SUB)
             M = _kept_mass(base, V, m, sc, tau, BLOCK)
         tl.store(m_ptr + row, m)
         tl.store(tau_ptr + row, tau)
@@ -537,6 +553,27 @@ def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tenso
     return out
 
 
+def row_stats(rows, req, temperature, top_k, top_p, probs=False, n_stats=None):
+    """Kernel 1 over ``rows [N, V]`` (row i belongs to request ``req[i]``, whose ``temperature`` / ``top_k`` / ``top_p``
+    apply): per row the max ``m``, the order key ``tau`` of the smallest kept logit (the top-k / top-p threshold),
+    the kept mass ``sum exp((x - m) / T)`` over keys >= tau (fp64) and, for a greedy request, the argmax. Entries
+    past N (``n_stats`` > N) are left unwritten."""
+    N, V = rows.shape
+    dev = rows.device
+    n_stats = N if n_stats is None else n_stats
+    m = torch.empty(n_stats, dtype=torch.float32, device=dev)
+    tau = torch.empty(n_stats, dtype=torch.int32, device=dev)
+    mass = torch.empty(n_stats, dtype=torch.float64, device=dev)
+    amax = torch.empty(n_stats, dtype=torch.int32, device=dev)
+    if N > 0:
+        block = min(BLOCK_V, triton.next_power_of_2(V))
+        bs = min(BLOCK_S, triton.next_power_of_2(V))  # the search's fp32 partial sums span `block` tokens, as elsewhere
+        _row_stats_kernel[(N,)](rows, rows.stride(0), V, req, temperature, top_k, top_p, m, tau, mass, amax,
+                                BLOCK=block, BLOCK_S=bs, P=PIVOTS, SUB=block // bs, PROBS=bool(probs),
+                                num_warps=STATS_WARPS)
+    return m, tau, mass, amax
+
+
 def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
                      uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     if target_logits.stride(-1) != 1:
@@ -558,10 +595,6 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     # with bonus tokens a request without drafts starts at row cu[r] = N at most: one entry more, never written
     # and never used (its walk and the draw kernels read its entry but act on none: such a request draws nothing)
     n_stats = rows + 1 if bonus else rows
-    m = torch.empty(n_stats, dtype=torch.float32, device=dev)
-    tau = torch.empty(n_stats, dtype=torch.int32, device=dev)
-    mass = torch.empty(n_stats, dtype=torch.float64, device=dev)
-    amax = torch.empty(n_stats, dtype=torch.int32, device=dev)
     block = min(BLOCK_V, triton.next_power_of_2(V))
     # the request of each row (rows of request r: cu[r] + r .. cu[r + 1] + r; with bonus tokens cu[r] .. cu[r + 1] - 1),
     # without a host sync
@@ -569,10 +602,7 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     first = cu[1:] if bonus else cu[1:] + torch.arange(1, R + 1, dtype=torch.int32, device=dev)
     req = torch.searchsorted(first, torch.arange(rows, dtype=torch.int32, device=dev), right=True, out_int32=True)
     req = req.clamp_(max=R - 1)
-    if rows > 0:
-        _row_stats_kernel[(rows,)](target_logits, target_logits.stride(0), V, req, temp, tk, tp, m, tau, mass, amax,
-                                   BLOCK=block, BLOCK_S=min(BLOCK_S, triton.next_power_of_2(V)), P=PIVOTS,
-                                   PROBS=probs, num_warps=STATS_WARPS)
+    m, tau, mass, amax = row_stats(target_logits, req, temp, tk, tp, probs, n_stats)
     # scratch rows for residuals: only trees (several siblings) and draft_probs can need them
     buf = (torch.empty((R, V), dtype=torch.float32, device=dev) if (parents is not None or draft_probs is not None)
            else m)
