@@ -56,17 +56,24 @@ def _requests(temperature):
     return [Request(x * 2, SamplingParams(max_new_tokens=12, temperature=temperature, seed=3)) for x in p]
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-@pytest.mark.parametrize("kind", ["none", "ngram", "early-exit-tree", "pdm-chain", "pdm-tree", "spd"])
-def test_generate_builds_every_tensor_on_the_model_device(model, deviceless, kind, temperature):
+KINDS = ["none", "ngram", "early-exit-tree", "pdm-chain", "pdm-tree", "spd"]
+
+
+def _engine(model, kind):
+    """An engine of every kind the runtime has: plain, n-gram, early-exit trees, PDM chains and trees, SPD."""
     pdm = untrained_pdm(model, [0, 1, 2, 3, 4], layers=1, intermediate=32, noise=0.05)
     if kind == "spd":
-        eng = SPDEngine(model, pdm, 2)
-    else:
-        proposer = {"none": None, "ngram": NGramProposer(k=3),
-                    "early-exit-tree": EarlyExitProposer(layers=1, k=3, branching=2, width=2),
-                    "pdm-chain": PDMProposer(pdm, k=3), "pdm-tree": PDMProposer(pdm, k=3, branching=2, width=2)}[kind]
-        eng = Engine(model, proposer)
+        return SPDEngine(model, pdm, 2)
+    proposer = {"none": None, "ngram": NGramProposer(k=3),
+                "early-exit-tree": EarlyExitProposer(layers=1, k=3, branching=2, width=2),
+                "pdm-chain": PDMProposer(pdm, k=3), "pdm-tree": PDMProposer(pdm, k=3, branching=2, width=2)}[kind]
+    return Engine(model, proposer)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_builds_every_tensor_on_the_model_device(model, deviceless, kind, temperature):
+    eng = _engine(model, kind)
     reqs = _requests(temperature)
     deviceless.clear()  # building the models and the PDM is not under test
     res, _ = eng.generate(reqs)
@@ -104,19 +111,12 @@ def _unbounded(calls):
     return [c for c in calls if c[0] != c[2] or c[1] != c[3]]
 
 
-@pytest.mark.parametrize("kind", ["none", "ngram", "early-exit-tree", "pdm-chain", "pdm-tree", "spd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_attention_call_carries_host_bounds(model, attention_calls, kind):
     """Every forward of every path (prefill, verification, early-exit and PDM drafting, PDM trees, the SPD stages
     and the PDM there) hands ``tree_attention`` the longest query run and the largest kv_len from the host, so its
     GPU launch needs no read-back (with validation on, the op checks them; here they are compared exactly)."""
-    pdm = untrained_pdm(model, [0, 1, 2, 3, 4], layers=1, intermediate=32, noise=0.05)
-    if kind == "spd":
-        eng = SPDEngine(model, pdm, 2)
-    else:
-        proposer = {"none": None, "ngram": NGramProposer(k=3),
-                    "early-exit-tree": EarlyExitProposer(layers=1, k=3, branching=2, width=2),
-                    "pdm-chain": PDMProposer(pdm, k=3), "pdm-tree": PDMProposer(pdm, k=3, branching=2, width=2)}[kind]
-        eng = Engine(model, proposer)
+    eng = _engine(model, kind)
     attention_calls.clear()
     res, _ = eng.generate(_requests(0.0))
     assert all(len(r.output_ids) == 12 for r in res)
