@@ -309,6 +309,12 @@ def verdict(row: dict, arch: int) -> str:
     return "; ".join(problems)
 
 
+def failures(rows, errors_only: bool = False) -> int:
+    """The rows that fail the check: any verdict (compile error, spills, shared memory), or with ``errors_only``
+    compile errors alone."""
+    return sum(bool(r["error"] if errors_only else r["verdict"]) for r in rows)
+
+
 def write_markdown(rows, path: Path, elapsed: float, quick: bool = False) -> None:
     import triton
 
@@ -342,6 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="compiles in parallel (ptxas runs as a subprocess)")
     ap.add_argument("--md", default=str(Path(__file__).resolve().parent / "results" / "compile-check.md"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--errors-only", action="store_true",
+                    help="fail only on compile errors (spills and shared memory reported, not failed): for another "
+                    "Triton release, whose known spills are not this check's subject")
     args = ap.parse_args(argv)
     archs = args.arch or list(ARCHS)
     t0 = time.time()
@@ -353,13 +362,12 @@ def main(argv=None) -> int:
     print(f"{len(work)} specialisations to compile ({', '.join(f'sm_{a}' for a in archs)})", flush=True)
     with ThreadPoolExecutor(max(1, args.jobs)) as ex:
         rows = list(ex.map(lambda w: compile_one(*w), work))
-    failed = 0
     for r, (_, arch) in zip(rows, work):
         r["verdict"] = verdict(r, arch)
-        failed += bool(r["verdict"])
         print(f"{r['kernel']:<20} {r['dtype']:<5} {r['arch']} w{r['num_warps']} regs {r['regs']:>4} spills "
               f"{r['spills']:>5} smem {r['smem']:>6}  {r['context']}  {r['verdict'] or 'ok'}"
               + (f"\n    {r['error']}" if r["error"] else ""), flush=True)
+    failed = failures(rows, args.errors_only)
     rows.sort(key=lambda r: (r["kernel"], r["arch"], r["dtype"], r["context"]))
     elapsed = time.time() - t0
     if args.only is None:
@@ -368,7 +376,8 @@ def main(argv=None) -> int:
         from spdkernels.runtime.files import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(rows, indent=1, default=str))
-    print(f"{len(rows)} compiled in {elapsed:.0f} s: {failed} failed", flush=True)
+    print(f"{len(rows)} compiled in {elapsed:.0f} s: {failed} failed"
+          + (" (compile errors only)" if args.errors_only else ""), flush=True)
     return 1 if failed else 0
 
 

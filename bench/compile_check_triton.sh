@@ -6,6 +6,7 @@
 #
 #   bash bench/compile_check_triton.sh 3.6.0                 # every specialisation, sm_90 and sm_80
 #   bash bench/compile_check_triton.sh 3.6.0 --arch 90 --quick
+#   bash bench/compile_check_triton.sh 3.6.0 --quick --errors-only   (CI: compile errors fail, known spills do not)
 #
 # The table goes to bench/results/compile-check-triton<version>.md (--md to change it); the exit status is the
 # check's (1 on a compile error, a spilled byte or too much shared memory).

@@ -82,3 +82,16 @@ def test_a_register_cap_stated_at_the_launch_is_recorded_and_its_spill_fails(row
 @pytest.mark.parametrize("arch", [90, 80])
 def test_shared_memory_over_the_targets_limit_fails(rows, arch):
     assert "shared memory" in rows[f"smem{arch}"]["verdict"]
+
+
+def test_errors_only_fails_compile_errors_and_reports_the_rest(rows):
+    """--errors-only (another Triton release, whose known spills are not the subject): a spilling or shared-memory
+    row is reported but not failed, a compile error still is."""
+    sys.path.insert(0, str(ROOT))
+    from bench import compile_check as cc
+
+    spill, smem = rows["capped90"], rows["smem90"]
+    broken = dict(spill, error="CompilationError: planted", verdict="compile error")
+    assert cc.failures([spill, smem, rows["ok90"]]) == 2
+    assert cc.failures([spill, smem, rows["ok90"]], errors_only=True) == 0
+    assert cc.failures([spill, broken], errors_only=True) == 1
