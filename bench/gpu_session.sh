@@ -30,9 +30,10 @@
 #   136 s. The plan for the next session lent a GPU (15 minutes): device 1 and 2 as above, then as device 3 the PDM
 #   training instead of the demo (which has run on the GPU once): run(command="BUDGET=380 bash
 #   bench/gpu_train_pdm.sh", carry=[".carry3"], timeout_s=450), then `give_back` (bench/gpu_train_pdm.sh's header).
-#   That demo ran at ~32 ms per token, mostly host syncs (two per layer: tree_attention read its size bounds back
-#   from the GPU); the runtime's forward has none since 136281c, so both the PDM training's text generation and a
-#   demo at the SPD targets' 128 tokens (DEMO_TOKENS=128) should take a fraction of the times above: not measured.
+#   That demo ran at ~32 ms per token with two host syncs per layer (tree_attention read its size bounds back from
+#   the GPU; their share of the time was not measured); the runtime's forward has none since 136281c, so the PDM
+#   training's text generation and a demo at the SPD targets' 128 tokens (DEMO_TOKENS=128) may take less than the
+#   times above: time them before planning on it.
 #   rehearsal:    DEVICE=cpu bash bench/gpu_session.sh       (a short mode on a CPU machine: a few tests per
 #                 file under the Triton interpreter, the bench's tiny shapes, a 16-token demo; checks the
 #                 script's paths and flags, not the GPU). Rehearsed on the 2-core machine at 1480e3e: 1.5 min in

@@ -95,3 +95,31 @@ def test_errors_only_fails_compile_errors_and_reports_the_rest(rows):
     assert cc.failures([spill, smem, rows["ok90"]]) == 2
     assert cc.failures([spill, smem, rows["ok90"]], errors_only=True) == 0
     assert cc.failures([spill, broken], errors_only=True) == 1
+
+
+def test_ptx_loops_counts_each_innermost_loop_per_iteration():
+    """bench/ptx_loops.py: an innermost loop is the run from its label to the branch back to it (an outer loop, with a
+    label inside, is left out); its barriers, shared-memory accesses, shuffles and global loads are counted."""
+    sys.path.insert(0, str(ROOT))
+    from bench import ptx_loops
+
+    ptx = textwrap.dedent("""\
+        $L__BB0_1:                  // outer
+        \tld.global.b32 \t%r1, [%rd1];
+        $L__BB0_2:                  // inner, no barrier
+        \tld.global.b16 \t%rs1, [%rd2];
+        \tadd.s32 \t%r2, %r2, 1;
+        \t@%p1 bra \t$L__BB0_2;
+        $L__BB0_3:                  // inner, synchronising
+        \tld.global.b16 \t%rs2, [%rd3];
+        \tst.shared.b32 \t[%r3], %r4;
+        \tbar.sync \t0;
+        \tld.shared.b32 \t%r5, [%r3];
+        \tshfl.sync.bfly.b32 \t%r6, %r5, 1, 31, -1;
+        \t@%p2 bra \t$L__BB0_3;
+        \t@%p3 bra \t$L__BB0_1;
+        """)
+    loops = {label: ptx_loops.loop_stats(body) for label, body in ptx_loops.inner_loops(ptx)}
+    assert set(loops) == {"$L__BB0_2", "$L__BB0_3"}
+    assert loops["$L__BB0_2"] == dict(instructions=3, barriers=0, shared=0, shuffles=0, global_loads=1)
+    assert loops["$L__BB0_3"] == dict(instructions=6, barriers=1, shared=2, shuffles=1, global_loads=1)

@@ -10,15 +10,18 @@ sorting and without writing probabilities:
 
 * greedy requests (T = 0): the argmax (ties to the lowest id);
 * otherwise the row max ``m`` and the mass ``M = sum exp((x - m) / T)`` in one streaming pass (online
-  max/sum, lane-wise rescaling); with top-k / top-p, the thresholds: the largest logit value ``tau``
-  whose upper set holds at least ``K`` tokens (top-k), then at least ``top_p`` of the top-k mass
-  (top-p). Both are searches over the order-preserving int32 key of the logits: each pass evaluates
-  16 pivots at once and narrows the interval to the smallest and largest key actually present in the
-  chosen bucket, so it ends after a handful of passes on real rows (at most 8: 16^8 = 2^32 keys). A pass
-  keeps its sums and bucket bounds per lane of a [16, 256] tile, laid out so that each thread holds one token's
-  16 pivot lanes: its loop over the row has no reduction across threads (no shared memory, no barrier; the
-  sums are folded once per 4096 tokens, the bounds once per pass).
-  Ties at the boundary are kept, exactly as in the reference. Then ``M`` is recomputed over the kept set.
+  max/sum, lane-wise rescaling).
+
+Kernel 1b, ``_threshold_kernel``: the same grid; the rows of requests with top-k / top-p (the other programs
+return at once) get their thresholds: the largest logit value ``tau`` whose upper set holds at least ``K`` tokens
+(top-k), then at least ``top_p`` of the top-k mass (top-p). Both are searches over the order-preserving int32 key of
+the logits: each pass evaluates 16 pivots at once and narrows the interval to the smallest and largest key actually
+present in the chosen bucket, so it ends after a handful of passes on real rows (at most 8: 16^8 = 2^32 keys). A
+pass keeps its sums and bucket bounds per lane of a [16, 256] tile laid out so that each thread holds one token's
+16 pivot lanes: its loop over the row has no reduction across threads (no shared memory, no barrier; the sums are
+folded once per 4096 tokens, the bounds once per pass). Ties at the boundary are kept, exactly as in the reference.
+Then ``M`` is recomputed over the kept set. (Its tiles need ~125 registers a thread: in kernel 1 they would cost
+every row's streaming pass a third of its blocks per SM.)
 
 Kernel 2, ``_walk_kernel``: grid (R,), one program per request. The target probability of a draft
 token is one scalar load (``exp((x_t - m) / T) / M``). A point-mass rejection removes one token:
@@ -65,6 +68,7 @@ from ._common import argmax_row, finish_walk, order_key
 
 BLOCK_V = 4096  # streaming passes: elements per tile
 STATS_WARPS = 8  # kernel 1 keeps three [BLOCK_V] lane states (max, sum, min key): 12 a thread on 8 warps
+SEARCH_WARPS = 8  # kernel 1b: a [PIVOTS, BLOCK_S] tile, one token (and its 16 pivot lanes) a thread
 # the walk holds several tiles live (weights, q, residual, ids) besides ~20 scalars: 2048-token tiles on 4 warps
 # (16 elements a thread). With 4096 ptxas spilled 16-200 B on sm_80 and sm_90 (bench/compile_check.py). The walk
 # has one program per request and is latency-bound: smaller tiles cost little.
@@ -146,8 +150,8 @@ def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: t
 
     Invariant: lo and hi are present keys, the answer lies in [lo, hi]. A pass evaluates f at P pivots
     spread over [lo, hi] (pivot 0 = lo), picks the last pivot bucket whose f still reaches ``need``
-    (bucket 0 when none does: the whole kept set, as the reference does when rounding leaves the total
-    below ``need``), and shrinks [lo, hi] to the smallest and largest key present in that bucket.
+    and shrinks [lo, hi] to the smallest and largest key present in that bucket; when no pivot reaches it (rounding
+    left the total below ``need``) the answer is lo: the whole kept set, as the reference keeps.
 
     Within a pass every quantity is kept per lane of the [P, BLOCK] tile (partial sums, smallest and largest key
     per bucket) and reduced across the lanes once per BLOCK * SUB tokens (the sums) or once per pass (the keys):
@@ -187,16 +191,20 @@ def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: t
                 mx = tl.maximum(mx, tl.where(hot, key[None, :], -2147483648))
             f += tl.sum(part, 1).to(tl.float64)
         J = tl.maximum(tl.sum((f >= need).to(tl.int32), 0) - 1, 0)
-        lo = tl.sum(tl.where(jj == J, tl.min(mn, 1), 0), 0)
-        hi = tl.sum(tl.where(jj == J, tl.max(mx, 1), 0), 0)
+        lo_J = tl.sum(tl.where(jj == J, tl.min(mn, 1), 0), 0)
+        hi_J = tl.sum(tl.where(jj == J, tl.max(mx, 1), 0), 0)
+        # no pivot reaches need (pivot 0 = lo: rounding left even the whole interval's mass below it, which only the
+        # first pass can see): the answer is lo. (Bucket 0 is empty when a span under P makes pivots 0 and 1 equal,
+        # and its bounds would be the empty bucket's.)
+        short = tl.sum(tl.where(jj == 0, f, 0.0), 0) < need
+        hi = tl.where(short, lo, hi_J)
+        lo = tl.where(short, lo, lo_J)
     return lo
 
 
 @triton.jit
 def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, topp_ptr,
-                      m_ptr, tau_ptr, mass_ptr, amax_ptr,
-                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, P: tl.constexpr, SUB: tl.constexpr,
-                      PROBS: tl.constexpr):
+                      m_ptr, tau_ptr, mass_ptr, amax_ptr, BLOCK: tl.constexpr, PROBS: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * row_stride
     r = tl.load(req_ptr + row)
@@ -233,23 +241,47 @@ def _row_stats_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, to
             kmin = tl.minimum(kmin, tl.where(msk, order_key(x), 2147483647))
         m = tl.max(mx, 0)
         M = tl.sum((s * tl.exp2((mx - m) * sc)).to(tl.float64), 0)  # fp32 per lane, fp64 across lanes
-        tau = tl.full([], -2147483648, tl.int32)
-        lo = tl.min(kmin, 0)
-        hi = order_key(m)
-        filt_k = (K > 0) & (K < V)
-        filt_p = TP < 1.0
-
-        if filt_k:
-            tau = _threshold(base, V, lo, hi, K.to(tl.float64), tau, m, sc, False, BLOCK_S, P, SUB)
-            M = _kept_mass(base, V, m, sc, tau, BLOCK)
-        if filt_p:
-            need = TP.to(tl.float64) * M
-            tau = _threshold(base, V, tl.maximum(lo, tau), hi, need, tau, m, sc, True, BLOCK_S, P, SUB)
-            M = _kept_mass(base, V, m, sc, tau, BLOCK)
+        # a row with top-k / top-p gets the smallest key present (keeps every token), which _threshold_kernel starts
+        # its search from and narrows
+        filt = ((K > 0) & (K < V)) | (TP < 1.0)
         tl.store(m_ptr + row, m)
-        tl.store(tau_ptr + row, tau)
+        tl.store(tau_ptr + row, tl.where(filt, tl.min(kmin, 0), -2147483648))
         tl.store(mass_ptr + row, M)
         tl.store(amax_ptr + row, 0)
+
+
+@triton.jit
+def _threshold_kernel(logits_ptr, row_stride, V, req_ptr, temp_ptr, topk_ptr, topp_ptr, m_ptr, tau_ptr, mass_ptr,
+                      BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, P: tl.constexpr, SUB: tl.constexpr):
+    """Kernel 1b, grid (N,): the top-k, then top-p threshold of each sampled logit row that has a filter (the other
+    programs return at once), from the max, mass and smallest key kernel 1 stored; the kept mass after each. A
+    kernel of its own: the search's [P, BLOCK_S] per-thread tiles take ~125 registers, which in kernel 1 cost every
+    row's streaming pass a third of its blocks per SM."""
+    row = tl.program_id(0)
+    r = tl.load(req_ptr + row)
+    T = tl.load(temp_ptr + r)
+    if T != 0.0:
+        K = tl.load(topk_ptr + r)
+        TP = tl.load(topp_ptr + r)
+        filt_k = (K > 0) & (K < V)
+        filt_p = TP < 1.0
+        if filt_k | filt_p:
+            base = logits_ptr + row.to(tl.int64) * row_stride
+            sc = LOG2E / tl.maximum(T, MIN_T)  # (as kernel 1)
+            m = tl.load(m_ptr + row)
+            M = tl.load(mass_ptr + row)
+            lo = tl.load(tau_ptr + row)
+            hi = order_key(m)
+            tau = tl.full([], -2147483648, tl.int32)
+            if filt_k:
+                tau = _threshold(base, V, lo, hi, K.to(tl.float64), tau, m, sc, False, BLOCK_S, P, SUB)
+                M = _kept_mass(base, V, m, sc, tau, BLOCK)
+            if filt_p:
+                need = TP.to(tl.float64) * M
+                tau = _threshold(base, V, tl.maximum(lo, tau), hi, need, tau, m, sc, True, BLOCK_S, P, SUB)
+                M = _kept_mass(base, V, m, sc, tau, BLOCK)
+            tl.store(tau_ptr + row, tau)
+            tl.store(mass_ptr + row, M)
 
 
 # ---- kernel 2: the walk ------------------------------------------------------------------------------
@@ -554,10 +586,10 @@ def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tenso
 
 
 def row_stats(rows, req, temperature, top_k, top_p, probs=False, n_stats=None):
-    """Kernel 1 over ``rows [N, V]`` (row i belongs to request ``req[i]``, whose ``temperature`` / ``top_k`` / ``top_p``
-    apply): per row the max ``m``, the order key ``tau`` of the smallest kept logit (the top-k / top-p threshold),
-    the kept mass ``sum exp((x - m) / T)`` over keys >= tau (fp64) and, for a greedy request, the argmax. Entries
-    past N (``n_stats`` > N) are left unwritten."""
+    """Kernels 1 and 1b over ``rows [N, V]`` (row i belongs to request ``req[i]``, whose ``temperature`` /
+    ``top_k`` / ``top_p`` apply): per row the max ``m``, the order key ``tau`` of the smallest kept logit (the top-k /
+    top-p threshold), the kept mass ``sum exp((x - m) / T)`` over keys >= tau (fp64) and, for a greedy request, the
+    argmax. Entries past N (``n_stats`` > N) are left unwritten."""
     N, V = rows.shape
     dev = rows.device
     n_stats = N if n_stats is None else n_stats
@@ -567,10 +599,12 @@ def row_stats(rows, req, temperature, top_k, top_p, probs=False, n_stats=None):
     amax = torch.empty(n_stats, dtype=torch.int32, device=dev)
     if N > 0:
         block = min(BLOCK_V, triton.next_power_of_2(V))
-        bs = min(BLOCK_S, triton.next_power_of_2(V))  # the search's fp32 partial sums span `block` tokens, as elsewhere
         _row_stats_kernel[(N,)](rows, rows.stride(0), V, req, temperature, top_k, top_p, m, tau, mass, amax,
-                                BLOCK=block, BLOCK_S=bs, P=PIVOTS, SUB=block // bs, PROBS=bool(probs),
-                                num_warps=STATS_WARPS)
+                                BLOCK=block, PROBS=bool(probs), num_warps=STATS_WARPS)
+        if not probs:  # (a probability row is used as given: no filters)
+            bs = min(BLOCK_S, triton.next_power_of_2(V))  # its fp32 partial sums span `block` tokens, as elsewhere
+            _threshold_kernel[(N,)](rows, rows.stride(0), V, req, temperature, top_k, top_p, m, tau, mass,
+                                    BLOCK=block, BLOCK_S=bs, P=PIVOTS, SUB=block // bs, num_warps=SEARCH_WARPS)
     return m, tau, mass, amax
 
 

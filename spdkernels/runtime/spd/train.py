@@ -338,7 +338,8 @@ class TrainSettings:
 class Window:
     anchors: torch.Tensor  # [S, m + 1, H] fp16
     start: int  # absolute position of the first token
-    first_loss: int  # first row (window-relative) whose next token is generated text
+    first_loss: int  # first loss row (window-relative): its next token is generated text (or, with prompt rows,
+    # the first token after the shared preamble)
     next_ids: torch.Tensor  # [S] int64 next token (-1 past the end)
 
 
@@ -357,8 +358,8 @@ def shared_prefix(corpus: Sequence[Dict]) -> int:
 def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window: int,
                  loss_from: Optional[int] = None) -> List[Window]:
     """Windows of ``window`` tokens over each sequence (a quarter of overlap). The loss rows are those whose next
-    token is generated text, or with ``loss_from`` every row from position ``loss_from - 1`` on (the prompt's rows
-    after a shared preamble of ``loss_from`` tokens too), with some context before the first."""
+    token is generated text, or with ``loss_from`` every row from position ``max(loss_from, 1) - 1`` on (the
+    prompt's rows after a shared preamble of ``loss_from`` tokens too), with some context before the first."""
     out = []
     for h, seq in zip(states, corpus):
         ids = list(seq["prompt_ids"]) + list(seq["output_ids"])
