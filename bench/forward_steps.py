@@ -55,9 +55,9 @@ def main(argv=None) -> int:
         _LIBS.append(lib)  # kept alive: the registration lasts as long as the Library object
     behind_python = torch.ops.spdkernels_forward_steps.tree_attention.default
 
-    def ta_behind_python_kernel(q, k, v, bt, lens, cu, mask=None, scale=None):
+    def ta_behind_python_kernel(q, k, v, bt, lens, cu, mask=None, scale=None, *, max_q_len=None, max_kv_len=None):
         # the public function's own work (spdkernels.tree_attention), with the op it calls swapped for the one above
-        return ta_mod._call(behind_python, q, k, v, bt, lens, cu, mask, scale, None, None, None)
+        return ta_mod._call(behind_python, q, k, v, bt, lens, cu, mask, scale, max_q_len, max_kv_len, None)
 
     @contextlib.contextmanager
     def variant(name):

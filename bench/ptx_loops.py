@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 def inner_loops(ptx: str):
-    """(label, body lines) of each loop whose body is a straight run from its label to the branch back to it."""
+    """(label, body lines) of each loop whose body is a straight run from its label to the branch back to it. A loop
+    with a label inside (an inner loop, or a branch within its body) is not reported: read the PTX for those."""
     lines = ptx.split("\n")
     out = []
     for i, line in enumerate(lines):

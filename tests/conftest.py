@@ -21,6 +21,16 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _triton_mode_unchanged():
+    """Triton fixes the interpreter mode when a kernel module is first imported, so a test that takes TRITON_INTERPRET
+    from this session (e.g. by importing bench/compile_check.py, which compiles real kernels) breaks every Triton test
+    after it: fail the test that did it."""
+    before = os.environ.get("TRITON_INTERPRET")
+    yield
+    assert os.environ.get("TRITON_INTERPRET") == before, "this test changed TRITON_INTERPRET for the whole session"
+
+
 def backend_device(backend: str) -> str:
     """The device a backend's test inputs live on: ``triton`` (and ``torch``, which runs anywhere) on DEVICE, i.e.
     CUDA where there is a GPU and CPU under the Triton interpreter elsewhere; cpp, cpp@<level> and

@@ -18,8 +18,9 @@ return at once) get their thresholds: the largest logit value ``tau`` whose uppe
 the logits: each pass evaluates 16 pivots at once and narrows the interval to the smallest and largest key actually
 present in the chosen bucket, so it ends after a handful of passes on real rows (at most 8: 16^8 = 2^32 keys). A
 pass keeps its sums and bucket bounds per lane of a [16, 256] tile laid out so that each thread holds one token's
-16 pivot lanes: its loop over the row has no reduction across threads (no shared memory, no barrier; the sums are
-folded once per 4096 tokens, the bounds once per pass). Ties at the boundary are kept, exactly as in the reference.
+16 pivot lanes: its inner loop over the row has no reduction across threads (in the PTX of Triton 3.9 and 3.6 for
+sm_90: no shared memory, no barrier, ``bench/ptx_loops.py``); the sums are reduced across the block once per 4096
+tokens, the bounds once per pass. Ties at the boundary are kept, exactly as in the reference.
 Then ``M`` is recomputed over the kept set. (Its tiles need ~125 registers a thread: in kernel 1 they would cost
 every row's streaming pass a third of its blocks per SM.)
 
@@ -585,11 +586,13 @@ def philox_uniforms(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tenso
     return out
 
 
-def row_stats(rows, req, temperature, top_k, top_p, probs=False, n_stats=None):
+def row_stats(rows, req, temperature, top_k, top_p, probs=False, n_stats=None, filters=True):
     """Kernels 1 and 1b over ``rows [N, V]`` (row i belongs to request ``req[i]``, whose ``temperature`` /
-    ``top_k`` / ``top_p`` apply): per row the max ``m``, the order key ``tau`` of the smallest kept logit (the top-k /
-    top-p threshold), the kept mass ``sum exp((x - m) / T)`` over keys >= tau (fp64) and, for a greedy request, the
-    argmax. Entries past N (``n_stats`` > N) are left unwritten."""
+    ``top_k`` / ``top_p`` apply): per row the max ``m``, the threshold ``tau`` (the order key of the smallest kept
+    logit of a row with top-k / top-p; INT_MIN for other rows, greedy and probability rows included), the kept mass
+    ``sum exp((x - m) / T)`` over keys >= tau (fp64) and, for a greedy request, the argmax. Entries past N
+    (``n_stats`` > N) are left unwritten. ``filters=False`` (no request has top-k or top-p: known on the host) skips
+    kernel 1b's launch."""
     N, V = rows.shape
     dev = rows.device
     n_stats = N if n_stats is None else n_stats
@@ -601,7 +604,7 @@ def row_stats(rows, req, temperature, top_k, top_p, probs=False, n_stats=None):
         block = min(BLOCK_V, triton.next_power_of_2(V))
         _row_stats_kernel[(N,)](rows, rows.stride(0), V, req, temperature, top_k, top_p, m, tau, mass, amax,
                                 BLOCK=block, PROBS=bool(probs), num_warps=STATS_WARPS)
-        if not probs:  # (a probability row is used as given: no filters)
+        if filters and not probs:  # (a probability row is used as given: no filters)
             bs = min(BLOCK_S, triton.next_power_of_2(V))  # its fp32 partial sums span `block` tokens, as elsewhere
             _threshold_kernel[(N,)](rows, rows.stride(0), V, req, temperature, top_k, top_p, m, tau, mass,
                                     BLOCK=block, BLOCK_S=bs, P=PIVOTS, SUB=block // bs, num_warps=SEARCH_WARPS)
@@ -636,7 +639,8 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     first = cu[1:] if bonus else cu[1:] + torch.arange(1, R + 1, dtype=torch.int32, device=dev)
     req = torch.searchsorted(first, torch.arange(rows, dtype=torch.int32, device=dev), right=True, out_int32=True)
     req = req.clamp_(max=R - 1)
-    m, tau, mass, amax = row_stats(target_logits, req, temp, tk, tp, probs, n_stats)
+    m, tau, mass, amax = row_stats(target_logits, req, temp, tk, tp, probs, n_stats,
+                                   filters=top_k is not None or top_p is not None)
     # scratch rows for residuals: only trees (several siblings) and draft_probs can need them
     buf = (torch.empty((R, V), dtype=torch.float32, device=dev) if (parents is not None or draft_probs is not None)
            else m)

@@ -118,7 +118,7 @@ def kept(x: torch.Tensor, w: torch.Tensor, top_k: int, top_p: float) -> torch.Te
         order = torch.sort(x, descending=True, stable=True).indices
         # masses in float64: an fp32 cumsum over 128k weights is off by ~1e-4 relative, enough to move
         # the boundary (the C++ kernel sums in double too; Triton's searches sum fp32 within 4096-token tiles and
-        # fp64 across them, within ~1e-6 relative)
+        # fp64 across them: ~1e-7 relative, an estimate)
         csum = torch.cumsum(wk[order].double(), 0)
         need = float(top_p) * float(wk.double().sum())
         j = int((csum >= need).nonzero()[0, 0]) if bool((csum >= need).any()) else V - 1
