@@ -345,7 +345,7 @@ def format_table(table: List[Dict], summary: Dict) -> str:
     lines.append("tok/s and speedup: geometric means over the suite; speedup vs ours autoregressive, per prompt, "
                  "measured side by side (runs interleaved prompt by prompt"
                  + (f"; per prompt the median over {reps} repeats of each run's tok/s and of its ratio" if reps > 1
-                    else "") + "); accept = accepted / drafted tokens; "
+                    else "") + "); accept = accepted / drafted tokens, the mean of the per-prompt rates; "
                  "mean len = tokens per verification step (bonus included); identical = outputs equal to ours "
                  "autoregressive token for token" + (" in every repeat" if reps > 1 else ""))
     spd = [t for t in table if "equivalent_speedup" in t]
@@ -361,9 +361,9 @@ def format_table(table: List[Dict], summary: Dict) -> str:
                          f"{t['equivalent_speedup']:6.2f}x {t['pdm_ms']:7.2f} {t['stage_ms']:8.2f} "
                          f"{'yes' if t['pdm_ms'] < t['stage_ms'] else 'NO':>9s} {lk:>9s} {pd:>10s} "
                          f"{t['identical']:>9s}")
-        lines.append("SPD: accept = accepted / verified drafts; tok/cycle = committed tokens per pipeline cycle, "
-                     "pooled "
-                     "over the suite; equiv. = n x tok/cycle (the speedup a pipeline of n workers gets over "
+        lines.append("SPD: accept = accepted / verified drafts, the mean of the per-prompt rates (pooled: the lookup "
+                     "and PDM draft counts); tok/cycle = committed tokens per pipeline cycle, pooled over the suite; "
+                     "equiv. = n x tok/cycle (the speedup a pipeline of n workers gets over "
                      "autoregressive decoding, whose token costs n cycles); PDM / stage ms = mean time of one PDM "
                      "forward and of one stage forward per cycle (the PDM must be the cheaper to hide behind a stage); "
                      "lookup / PDM drafts = accepted / verified drafts from each source, pooled (+ lookup: prompt "
