@@ -518,7 +518,7 @@ def test_plugin_does_nothing_without_vllm_or_when_disabled(monkeypatch, fake_vll
 
 
 def test_entry_point_is_declared():
-    tomllib = pytest.importorskip("tomllib")
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["entry-points"]["vllm.general_plugins"]["spdkernels"] == "spdkernels.adapters.vllm:register"
 

@@ -158,14 +158,14 @@ def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: t
     per bucket) and reduced across the lanes once per BLOCK * SUB tokens (the sums) or once per pass (the keys):
     a reduction across lanes goes through shared memory with a barrier, and three of them per BLOCK tokens (as
     this search first did) made the pass latency-bound. A token's bucket is tested against the bucket's bounds
-    (pivot j <= key < pivot j + 1, the last bucket up to hi) rather than counted across the pivots."""
+    (pivot j <= key < pivot j + 1, the last bucket's end hi + 1) rather than counted across the pivots."""
     offs = tl.arange(0, BLOCK)
     jj = tl.arange(0, P)
-    last = (jj == P - 1)[:, None]
     while lo < hi:
         span = hi.to(tl.int64) - lo.to(tl.int64) + 1
         piv = (lo.to(tl.int64) + (span * jj.to(tl.int64)) // P).to(tl.int32)
-        # the bucket's end: pivot j + 1 (the last bucket's, hi + 1, is not needed: it is tested against hi)
+        # the bucket's end: pivot j + 1, for the last bucket hi + 1 (so no key above the interval is in a bucket;
+        # clamped to the int32 range, which only the key 0x7FFFFFFF of a NaN would reach)
         nxt = tl.minimum(lo.to(tl.int64) + (span * (jj + 1).to(tl.int64)) // P, 2147483647).to(tl.int32)
         f = tl.zeros([P], tl.float64)
         mn = tl.full([P, BLOCK], 2147483647, tl.int32)
@@ -187,7 +187,7 @@ def _threshold(base, V, lo, hi, need, floor, m, sc, MASS: tl.constexpr, BLOCK: t
                 else:
                     w = tl.full([BLOCK], 1.0, tl.float32)
                 part += tl.where(ge, w[None, :], 0.0)
-                hot = ge & ((key[None, :] < nxt[:, None]) | last) & (key <= hi)[None, :]
+                hot = ge & (key[None, :] < nxt[:, None])
                 mn = tl.minimum(mn, tl.where(hot, key[None, :], 2147483647))
                 mx = tl.maximum(mx, tl.where(hot, key[None, :], -2147483648))
             f += tl.sum(part, 1).to(tl.float64)

@@ -64,8 +64,10 @@ def build_batch(cache: PagedKVCache, rids: Sequence, starts: Sequence[int], posi
     the tree mask; None = causal rows."""
     dev = torch.device(device) if device is not None else cache.k.device
     pos, slots, cu, kv = [], [], [0], []
+    max_q = 0
     for rid, start, ps in zip(rids, starts, positions):
         ps = list(ps)
+        max_q = max(max_q, len(ps))
         cache.reserve(rid, start + len(ps))
         pos += ps
         slots += cache.slots(rid, range(start, start + len(ps)))
@@ -81,12 +83,12 @@ def build_batch(cache: PagedKVCache, rids: Sequence, starts: Sequence[int], posi
             raise ValueError("tree_parents: expected one parent per query row after the first, per request")
         mask = tree_utils.build_tree_mask(torch.tensor(flat, dtype=torch.int32, device=dev),
                                           torch.tensor(cund, dtype=torch.int32, device=dev),
-                                          max_q_len=max([b - a for a, b in zip(cu, cu[1:])], default=1))
+                                          max_q_len=max(max_q, 1))
     return Batch(torch.tensor(list(tokens) if tokens is not None else [0] * len(pos), dtype=torch.int64, device=dev),
                  torch.tensor(pos, dtype=torch.int64, device=dev), torch.tensor(slots, dtype=torch.int64, device=dev),
                  torch.tensor(cu, dtype=torch.int32, device=dev), torch.tensor(kv, dtype=torch.int32, device=dev),
                  cache.block_table(list(rids), device=dev), mask,
-                 max_q_len=max([b - a for a, b in zip(cu, cu[1:])], default=0), max_kv_len=max(kv, default=0))
+                 max_q_len=max_q, max_kv_len=max(kv, default=0))
 
 
 class _Layer:

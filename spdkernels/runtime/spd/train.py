@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -345,14 +346,7 @@ class Window:
 
 def shared_prefix(corpus: Sequence[Dict]) -> int:
     """The number of leading prompt tokens every sequence shares (the chat template's preamble)."""
-    prompts = [list(s["prompt_ids"]) for s in corpus]
-    if not prompts:
-        return 0
-    n = min(len(p) for p in prompts)
-    first = prompts[0]
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return n
+    return len(os.path.commonprefix([list(s["prompt_ids"]) for s in corpus]))
 
 
 def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window: int,
