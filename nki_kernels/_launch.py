@@ -276,6 +276,17 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
          int(any_p), int(parents is None), bonus.contiguous(), int(has_bonus), int(bool(target_is_probs))),
         dev, (torch.int32, torch.int32, torch.int32, torch.int32))
     if not bool(conv.all()):
+        # a search fed NaN or inf never closes: name the input (validation off lets it through) before blaming the
+        # search; this costs nothing unless a search failed
+        rows = (~conv[:, 0].bool()).nonzero()[:, 0]
+        for r in rows.tolist():
+            if not bool(torch.isfinite(temp[r])):
+                raise ValueError(f"temperature: request {r} has a non-finite temperature ({float(temp[r])})")
+            for i in sorted({int(x) for x in lay.row_idx[r].tolist() if 0 <= int(x) < target_logits.shape[0]}):
+                row = target_logits[i]
+                if torch.isnan(row).any() or torch.isposinf(row).any() or not torch.isfinite(row).any():
+                    raise ValueError(f"target_logits: row {i} (request {r}) holds NaN or +inf or no finite value; "
+                                     "the top-k / top-p search cannot order it (validation is off)")
         raise RuntimeError("rejection_sample (nki): the top-k/top-p threshold search did not close within "
                            "its passes for a row (logits too close together); no result is returned")
     return out, num[:, 0].contiguous(), path[:, :max_depth].contiguous()

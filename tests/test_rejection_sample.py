@@ -808,6 +808,63 @@ def test_validation_errors(case):
         spdkernels.rejection_sample(kw.pop("target_logits"), kw.pop("draft_token_ids"), kw.pop("cu_num_draft"), **kw)
 
 
+# the value checks that only validation makes: with it off, such input must still give a well-formed answer (tokens
+# in the vocabulary, -1 padding, a root-to-leaf path) on every backend; which tokens is unspecified
+UNCHECKED_VALUES = ["logits-nan", "logits-posinf", "logits-row-all-neginf", "draft-probs-nan", "draft-probs-negative",
+                    "temperature-nan", "top-p-above-one", "uniforms-zero"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", UNCHECKED_VALUES)
+@pytest.mark.parametrize("filters", [False, True], ids=["plain", "top-k-top-p"])
+def test_bad_values_with_validation_off_still_give_well_formed_answers(backend, case, filters):
+    """NaN / inf rows, a row without a finite logit, NaN or negative draft probabilities, a NaN temperature,
+    top_p above 1, a zero coin: validation off skips the checks that would name them, and the answer must still
+    be well formed, or name the argument (until the reference's inverse CDF fell back to the last positive weight
+    like the kernels,
+    a row whose weights summed to NaN raised an IndexError on the torch backend). Every request is made to reach
+    the bad row: its first draft is its target's certain choice."""
+    kw = good()
+    kw.update(INVALID[case][0])
+    logits = kw["target_logits"].clone()
+    toks, cu, par = kw["draft_token_ids"], kw["cu_num_draft"], kw["parents"]
+    for r in range(len(cu) - 1):
+        first = int(cu[r])
+        if torch.isfinite(logits[first]).all():
+            logits[first, int(toks[first])] = 40.0
+    kw["target_logits"] = logits
+    if filters:
+        kw.setdefault("top_k", torch.tensor([3, 5], **I32))
+        kw.setdefault("top_p", torch.tensor([0.8, 0.9]))
+    if case == "uniforms-zero":
+        kw["uniforms"] = torch.tensor([0.0] * 7)
+    rest = {k: v for k, v in kw.items() if k not in ("target_logits", "draft_token_ids", "cu_num_draft", "parents",
+                                                      "max_depth")}
+    with spdkernels.validation(False):
+        if backend == "nki" and filters and case in ("logits-nan", "logits-posinf", "logits-row-all-neginf",
+                                                      "temperature-nan"):
+            # the NKI launcher reads back whether each top-k / top-p search closed; one fed NaN or inf cannot, and
+            # it then names the input instead of returning
+            with pytest.raises(ValueError, match="temperature" if case == "temperature-nan" else "target_logits"):
+                run(backend, _Batch(logits, toks, cu, par, kw["max_depth"]), **rest)
+            return
+        out, num, path = run(backend, _Batch(logits, toks, cu, par, kw["max_depth"]), **rest)
+    batch = _Batch(logits, toks, cu, par, path.shape[1])
+    check_structure(batch, out, num, path)
+    assert (out < logits.shape[1]).all()
+
+
+class _Batch:
+    """A draft batch as ``run`` and ``check_structure`` read it."""
+
+    def __init__(self, logits, toks, cu, par, max_depth):
+        self.target_logits, self.draft_token_ids, self.cu_num_draft, self.parents = logits, toks, cu, par
+        self.max_depth, self.R = max_depth, len(cu) - 1
+
+    def args(self):
+        return self.target_logits, self.draft_token_ids, self.cu_num_draft
+
+
 def test_op_needs_coins():
     kw = good()
     with pytest.raises(ValueError, match="seed"):

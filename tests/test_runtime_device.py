@@ -136,6 +136,11 @@ def test_the_bounds_check_sees_a_batch_without_bounds(model, attention_calls):
     bare = Batch(b.token_ids, b.positions, b.slot_mapping, b.cu_q_lens, b.kv_lens, b.block_table)
     model.forward(bare, cache)
     assert _unbounded(attention_calls) == [(None, None, 5, 5)] * CFG.num_layers
+    # the bounds describe the tensors they came with: a batch cannot have its tensors swapped afterwards
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.kv_lens = b.kv_lens + 1
 
 
 def _tree_step(m):

@@ -133,9 +133,14 @@ def normalise(w: torch.Tensor) -> torch.Tensor:
 
 
 def sample_inverse_cdf(w: torch.Tensor, u: float) -> int:
-    """Smallest id v with cumsum(w)[v] > u * sum(w)."""
+    """Smallest id v with cumsum(w)[v] > u * sum(w) and w[v] > 0; when there is none (rounding, or a row that is
+    not finite, which only validation off lets through) the last positive weight, else 0, as the kernels do."""
     c = torch.cumsum(w.double(), 0)
-    return int((c > u * float(c[-1])).nonzero()[0, 0])
+    hit = ((c > u * float(c[-1])) & (w > 0)).nonzero()
+    if hit.numel():
+        return int(hit[0, 0])
+    pos = (w > 0).nonzero()
+    return int(pos[-1, 0]) if pos.numel() else 0
 
 
 # ---- the op ------------------------------------------------------------------------------------------

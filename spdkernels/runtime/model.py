@@ -23,9 +23,10 @@ from .linear import linear, pack_exact
 from .weights import LlamaConfig, ModelLoadError, layer_shapes
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
-    """The query tokens of one forward pass, ragged over R requests."""
+    """The query tokens of one forward pass, ragged over R requests. Frozen: the bounds below describe the
+    tensors, so a batch with other tensors is a new batch (``build_batch``), not an edited one."""
     token_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T]: rotary positions (depth in the tree for draft nodes)
     slot_mapping: torch.Tensor  # int64 [T]: flat cache slot of each token's K/V
