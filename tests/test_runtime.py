@@ -348,6 +348,132 @@ def test_engine_rejects_bad_requests(model):
         Engine(model, EarlyExitProposer(layers=CFG.num_layers)).generate([Request([1, 2], params())])
 
 
+class LetterTokenizer:
+    """Token t decodes to one letter, chr(65 + t % 26): stop strings over the random model's text."""
+
+    def decode(self, ids, skip_special=True):
+        return "".join(chr(65 + t % 26) for t in ids)
+
+
+def _with_stop(model, prompt, name, stop):
+    prop = None if name == "none" else proposers(model)[name]
+    r = Engine(model, prop, tokenizer=LetterTokenizer()).generate([Request(prompt, params(24, stop=stop))])[0][0]
+    return r.output_ids, r.text, r.finish_reason
+
+
+@pytest.mark.parametrize("name", ["ngram-chain", "ngram-tree", "draft-model-self", "draft-model-tree"])
+def test_stop_strings_end_where_autoregressive_decoding_ends(model, prompts, name):
+    """A stop string completed inside an accepted draft run ends the request at the token that completes it, as
+    one token per step would: the ids after it are dropped, and with several stop strings the first one
+    completed counts, cut where the earliest one in that text begins (the engine appended the whole run and cut
+    the text at the earliest start of any stop string in it: draft-model-self, which accepts every draft, kept
+    3 tokens past the stop and cut 'QMLG' / 'L' two letters early)."""
+    for p in prompts:
+        full = LetterTokenizer().decode(greedy_reference(model, p, 24))
+        cases = [[full[5:7]], [full[5:9], full[7]], [full[9:12], full[2:4], "#"], [full[-2:]]]
+        for stop in cases:
+            want = _with_stop(model, p, "none", stop)
+            assert want[2] == "stop"
+            assert _with_stop(model, p, name, stop) == want, (stop, full)
+
+
+def test_the_stop_check_sees_a_run_that_ends_past_the_stop(model, prompts):
+    """The planted wrong variant: the same request with the stop strings checked once per accepted run (the old
+    rule) keeps tokens past the stop, which the comparison above reports."""
+    from spdkernels.runtime import engine as engine_mod
+
+    p = prompts[0]
+    full = LetterTokenizer().decode(greedy_reference(model, p, 24))
+    right = _with_stop(model, p, "draft-model-self", [full[5:7]])
+    orig = engine_mod.append_tokens
+
+    def once_per_run(s, new, eos, tokenizer):
+        orig(s, new, eos, None)  # ids only
+        if s.params.stop and tokenizer is not None and s.text_cut is None:
+            text = tokenizer.decode(s.output)
+            cuts = [text.find(x) for x in s.params.stop if x in text]
+            if cuts:
+                s.text_cut, s.done, s.finish_reason = min(cuts), True, "stop"
+
+    try:
+        engine_mod.append_tokens = once_per_run
+        wrong = _with_stop(model, p, "draft-model-self", [full[5:7]])
+    finally:
+        engine_mod.append_tokens = orig
+    assert wrong[1] == right[1] and len(wrong[0]) > len(right[0])
+
+
+@pytest.mark.parametrize("bs", [1, 2, 4, 8])
+def test_draft_model_proposer_fits_any_block_size(model, prompts, reference, bs):
+    """The draft model's own cache (16-position blocks) holds every request whatever the engine's block size
+    (rounding the target's capacity down to 16-position blocks ran out at block sizes 1, 2 and 4)."""
+    eng = Engine(model, DraftModelProposer(model, k=4), block_size=bs)
+    res, _ = eng.generate([Request(p, params(24)) for p in prompts])
+    assert [r.output_ids for r in res] == reference
+    for p, ref in zip(prompts, reference):  # alone, where the engine sizes its cache for one request
+        for n in (13, 14, 15):
+            res, _ = eng.generate([Request(p, params(n))])
+            assert res[0].output_ids == ref[:n]
+
+
+def test_adaptive_lookup_depth_grows_after_a_fully_accepted_tree():
+    """The adaptive n-gram depth grows when the accepted path reaches the draft's depth, for trees too (a tree's
+    node count is more than any path accepts, which kept shrinking the depth)."""
+
+    class St:
+        rid = 0
+        tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 10, 11, 12, 13, 14, 1, 2, 3]
+
+    prop = NGramProposer(k=6, min_ngram=1, branches=2, adaptive=True)
+    depths = []
+    for _ in range(3):
+        d = prop.propose([St()], [6])[0]
+        depth = [0] * len(d)
+        for i, par in enumerate(d.parents):
+            depth[i] = 1 + (depth[par] if par >= 0 else 0)
+        assert len(d) == 2 * max(depth)  # two branches of the same depth
+        prop.feedback(St(), len(d), max(depth))  # one whole branch accepted
+        depths.append(max(depth))
+    assert depths == [3, 5, 6]
+    prop.feedback(St(), 12, 2)
+    assert prop.propose([St()], [6])[0].parents.count(-1) == 2 and prop._depth[0] == 5
+
+
+def test_request_fields_of_the_wrong_type_are_named(model):
+    eng = Engine(model, None)
+    bad = [
+        (dict(prompt_ids=torch.tensor([1, 2])), "prompt_ids.*tolist"),
+        (dict(prompt_ids=[1.5, 2]), "prompt_ids.*1.5"),
+        (dict(prompt_ids=[True, 2]), "prompt_ids"),
+        (dict(params=params(temperature="1")), "temperature"),
+        (dict(params=params(temperature=None)), "temperature"),
+        (dict(params=params(top_p=None)), "top_p"),
+        (dict(params=SamplingParams(max_new_tokens=True)), "max_new_tokens"),
+        (dict(params=params(seed=True)), "seed"),
+        (dict(params=params(stop="ab")), "stop"),
+        (dict(params=params(stop=[""])), "stop"),
+        (dict(params=params(stop=None)), "stop"),
+    ]
+    for changes, pattern in bad:
+        req = dict(prompt_ids=[1, 2], params=params(4))
+        req.update(changes)
+        with pytest.raises(ValueError, match=pattern):
+            eng.generate([Request(**req)])
+    # NumPy integers are integers
+    import numpy as np
+
+    res, _ = eng.generate([Request([np.int64(1), 2], SamplingParams(max_new_tokens=np.int64(2), ignore_eos=True))])
+    assert len(res[0].output_ids) == 2
+
+
+def test_duplicate_request_ids_name_both_requests(model):
+    with pytest.raises(ValueError, match=r"rid: .*request 0 \(rid=1\) and request 1 \(no rid: its index, 1\)"):
+        Engine(model, None).generate([Request([1, 2], params(2), rid=1), Request([3], params(2))])
+    with pytest.raises(ValueError, match=r"rid: .*request 0 \(rid='a'\) and request 2 \(rid='a'\)"):
+        Engine(model, None).generate([Request([1], params(2), rid="a"), Request([2], params(2)),
+                                      Request([3], params(2), rid="a")])
+
+
 # ---- the C++ skinny GEMM behind the runtime's fp32 forward ------------------------------------------
 
 @pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here "

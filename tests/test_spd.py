@@ -806,6 +806,11 @@ def test_cli_pdm_errors_exit_2_without_output(tmp_path, capsys):
     rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "1", "--json", str(out)])
     assert rc == 2 and not out.exists()
     assert "--stages: expected >= 2" in capsys.readouterr().err
+    # more stages than the embedded model's 30 layers: named as the flag, right after the model loads
+    rc = cli_main(["generate", "--prompt", "hi", "--proposer", "spd", "--stages", "31", "--json", str(out),
+                   "--no-progress"])
+    assert rc == 2 and not out.exists()
+    assert capsys.readouterr().err.startswith("error: --stages: expected 2 <= n <= 30")
 
 
 def test_pdm_file_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
@@ -992,6 +997,18 @@ def test_cli_unwritable_outputs_exit_2_before_the_model_loads(tmp_path, capsys):
         (["demo", "--model", nomodel, "--json", str(tmp_path / "d.json"), "--plot", str(afile / "d.png")], "--plot"),
         (["train-pdm", "--model", nomodel, "--out", str(afile)], "--out"),
         (["train-pdm", "--model", nomodel, "--out", str(tmp_path / "o"), "--work", str(afile / "w")], "--work"),
+        # an empty path is not the current folder
+        (["generate", "--model", nomodel, "--prompt", "hi", "--json", ""], "--json"),
+        (["demo", "--model", nomodel, "--json", ""], "--json"),
+        (["demo", "--model", nomodel, "--plot", ""], "--plot"),
+        (["train-pdm", "--model", nomodel, "--out", ""], "--out"),
+        (["train-pdm", "--model", nomodel, "--out", str(tmp_path / "o"), "--work", ""], "--work"),
+        # too few prompts for a held-out split and training text (an IndexError after the text, before)
+        (["train-pdm", "--model", nomodel, "--out", str(tmp_path / "o"), "--prompts", "9"], "--prompts"),
+        # a PDM the command would not use
+        (["generate", "--model", nomodel, "--prompt", "hi", "--pdm", str(tmp_path)], "--pdm"),
+        (["generate", "--model", nomodel, "--prompt", "hi", "--proposer", "ngram", "--pdm", str(tmp_path)], "--pdm"),
+        (["demo", "--model", nomodel, "--no-spd", "--pdm", str(tmp_path)], "--pdm"),
     ]
     for argv, needle in cases:
         assert cli_main(argv) == 2, argv
@@ -999,6 +1016,33 @@ def test_cli_unwritable_outputs_exit_2_before_the_model_loads(tmp_path, capsys):
         assert err.startswith(f"error: {needle}:") and "Traceback" not in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the checks create nothing
     assert afile.read_text() == "x"
+
+
+def test_output_checks_create_an_entry_to_know(tmp_path, monkeypatch, capsys):
+    """os.access says yes to root everywhere (/sys, a read-only mount seen by root): the checks create and remove
+    an entry, so such a folder is refused before the run instead of failing after it with a traceback."""
+    import errno
+    import os
+    import tempfile
+
+    from spdkernels.runtime.files import check_output_file, check_output_folder
+
+    check_output_file(tmp_path / "a" / "o.json", "--json")  # writable: fine, and nothing is left behind
+    assert list(tmp_path.iterdir()) == []
+
+    def refused(*a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with pytest.raises(ValueError, match=r"--json: the folder .* is not writable \(Read-only file system\)"):
+        check_output_file(tmp_path / "o.json", "--json")
+    with pytest.raises(ValueError, match=r"--out: the folder .* is not writable .*cannot create"):
+        check_output_folder(tmp_path / "new" / "pdm", "--out")
+    monkeypatch.undo()
+    if os.geteuid() == 0 and os.path.isdir("/sys/kernel"):  # the real case, where this runs as root
+        nomodel = str(tmp_path / "no-model.gguf")
+        assert cli_main(["generate", "--model", nomodel, "--prompt", "hi", "--json", "/sys/kernel/o.json"]) == 2
+        assert capsys.readouterr().err.startswith("error: --json: the folder /sys/kernel is not writable")
 
 
 def test_atomic_writes_leave_the_old_file_or_none(tmp_path):
@@ -1381,6 +1425,13 @@ def test_train_pdm_on_a_target_of_three_layers(tmp_path):
                   max_new_tokens=4, intermediate=32, settings=TrainSettings(steps=1, window=16, batch=1, tower_init=3),
                   progress=False, log=lambda *a: None)
     assert not (tmp_path / "o2").exists()
+    # one prompt: its sequence is the held-out split and nothing is left to train on (an IndexError in the
+    # training loop before); the text is cached, the output folder never made
+    with pytest.raises(ValueError, match=r"num_prompts \(--prompts\): 1 prompts gave 0 training"):
+        train_pdm(ck, str(tmp_path / "o3"), str(tmp_path / "w"), stages=3, layers=1, num_prompts=1,
+                  max_new_tokens=4, intermediate=32, settings=TrainSettings(steps=1, window=16, batch=1),
+                  progress=False, log=lambda *a: None)
+    assert not (tmp_path / "o3").exists()
 
 
 def test_bench_spd_refuses_a_bad_corpus(tmp_path, capsys):

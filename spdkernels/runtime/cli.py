@@ -325,7 +325,9 @@ def _check_args(args) -> None:
                     raise ValueError(f"prompt_ids: request {i} has {len(r.prompt_ids)} tokens; --stages "
                                      f"{args.stages} needs at least {args.stages}")
             preload_checkpoint(args.model, ck)
-    if args.json:
+    if args.pdm is not None and args.proposer not in ("spd", "pdm"):
+        raise ValueError(f"--pdm: needs --proposer spd or pdm, got --proposer {args.proposer}")
+    if args.json is not None:
         check_output_file(args.json, "--json")
 
 
@@ -341,6 +343,8 @@ def cmd_generate(args) -> int:
         return _generate_distributed(args)
     ck, model = _load(args.model, args.threads, args.device, args.weights)
     tok = ck.tokenizer
+    if args.proposer == "spd":
+        _check_stages_fit(args.stages, ck)
     proposer = make_proposer(args, model, ck)
     reqs = _requests(args, tok)
     spec = None
@@ -364,9 +368,11 @@ def cmd_generate(args) -> int:
 
         pb = tqdm(total=sum(r.params.max_new_tokens for r in reqs), unit="tok", leave=False, file=sys.stderr)
         eng.on_step = lambda n: pb.update(n - pb.n)
-    results, m = eng.generate(reqs) if args.proposer == "spd" else eng.generate(reqs, max_batch=args.max_batch)
-    if pb:
-        pb.close()
+    try:
+        results, m = eng.generate(reqs) if args.proposer == "spd" else eng.generate(reqs, max_batch=args.max_batch)
+    finally:
+        if pb:
+            pb.close()  # (before an error's message: the bar's line is cleared, not prefixed to it)
     spd = args.proposer == "spd"  # one draft verified per cycle: no accepted length; its time is per phase
     for i, r in enumerate(results):
         print(f"--- request {i} ({r.finish_reason}, {len(r.output_ids)} tokens, accept "
@@ -391,7 +397,7 @@ def cmd_generate(args) -> int:
               f"{d['exit_verify_ms_per_cycle']:.2f} ms, slack {d['slack_ms_per_cycle']:.2f} ms"
               + (f"; lookup drafts {m.lookup_accepted}/{m.lookup_drafted} accepted, PDM drafts "
                  f"{m.accepted - m.lookup_accepted}/{m.drafted - m.lookup_drafted}" if args.spd_lookup else ""))
-    if args.json:
+    if args.json is not None:
         from .linear import weight_formats
 
         out = dict(model=ck.source, weights_option=args.weights, weights=weight_formats(model.matrices()),
@@ -478,8 +484,10 @@ def cmd_demo(args) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
     _check_pdm_arg(args)
+    if args.pdm is not None and args.no_spd:
+        raise ValueError("--pdm: the demo's SPD and PDM rows use it, and --no-spd drops them")
     for name in ("json", "plot"):
-        if getattr(args, name):
+        if getattr(args, name) is not None:
             check_output_file(getattr(args, name), f"--{name}")
     t = time.perf_counter()
     ck, model = _load(args.model, args.threads, args.device, args.weights)
@@ -515,6 +523,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
+MIN_TRAIN_PROMPTS = 10
+
+
 def cmd_train_pdm(args) -> int:
     from pathlib import Path
 
@@ -524,6 +535,9 @@ def cmd_train_pdm(args) -> int:
                  "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.prompts < MIN_TRAIN_PROMPTS:  # 8% are held out, whole families at a time: the rest must remain
+        raise ValueError(f"--prompts: expected at least {MIN_TRAIN_PROMPTS} (a held-out split and training text), "
+                         f"got {args.prompts}")
     if not args.lr > 0:
         raise ValueError(f"--lr: expected > 0, got {args.lr}")
     if not 0.0 <= args.self_prompts <= 1.0:
@@ -532,7 +546,7 @@ def cmd_train_pdm(args) -> int:
         raise ValueError(f"--tower-init: expected a layer index >= 0, got {args.tower_init}")
     _device(args.device)
     check_output_folder(args.out, "--out")
-    if args.work:
+    if args.work is not None:
         check_output_folder(args.work, "--work")
     ck, _ = _load(args.model, args.threads)
     if args.stages > ck.config.num_layers:
@@ -559,6 +573,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the checks before the run passed, the system refused later (disk full, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ back. Autoregressive decoding is the same engine with no proposer: every step ve
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ MIN_TEMPERATURE = 1e-6
 @dataclass
 class SamplingParams:
     """``temperature`` 0 = greedy; ``top_k`` 0 and ``top_p`` 1 = off; ``seed`` keys the request's coins
-    (the same seed gives the same text; ``None``, the default: every request draws a fresh seed when it is
+    (the same seed gives the same text with the same proposer settings, unless the cost-aware controller
+    chooses the depths from timings; ``None``, the default: every request draws a fresh seed when it is
     created, see :class:`Request`, and its :class:`Result` records it); ``stop``: strings that end the
     request (the text is cut before them); ``ignore_eos``: keep going past end-of-sequence tokens."""
     max_new_tokens: int = 128
@@ -40,20 +42,30 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0 and self.temperature < float("inf")):
-            raise ValueError(f"temperature: expected a finite value >= 0, got {self.temperature!r}")
+        if not (_is_real(self.temperature) and 0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature!r}")
         if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow fp32 into NaN probabilities
             raise ValueError(f"temperature: expected 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -2 ** 63 <= self.seed < 2 ** 63):
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 63):
             raise ValueError(f"seed: expected a 64-bit integer or None (a fresh seed), got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
+        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) or \
+                any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop: expected a list or tuple of non-empty strings, got {self.stop!r}")
+
+
+def _is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool (``True`` is an int to Python, never a count or an id here)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def fresh_seed() -> int:
@@ -199,8 +211,7 @@ class Engine:
         if self.proposer is not None:
             self.proposer.bind(self.model, cache)
         states = [RequestState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
-        if len({s.rid for s in states}) != len(states):
-            raise ValueError("rid: request ids must be unique")
+        check_unique_rids(requests, [s.rid for s in states])
         self._run = states
         m = RunMetrics()
         old_validation = spdkernels.validation_enabled()
@@ -415,14 +426,33 @@ def collect_results(states: Sequence[RequestState], tokenizer, m: RunMetrics) ->
     return results
 
 
+def check_unique_rids(requests: Sequence[Request], rids: Sequence) -> None:
+    """``ValueError`` naming ``rid`` when two requests share an id (a request without one is its list index)."""
+    seen: Dict[object, int] = {}
+    for i, rid in enumerate(rids):
+        if rid in seen:
+            a, b = (f"request {k} (rid={rid!r})" if requests[k].rid is not None
+                    else f"request {k} (no rid: its index, {rid!r})" for k in (seen[rid], i))
+            raise ValueError(f"rid: request ids must be unique: {a} and {b} share one "
+                             "(a request without a rid takes its index in the list)")
+        seen[rid] = i
+
+
 def validate_requests(config, requests: Sequence[Request], extra: int = 0) -> None:
     """Sampling parameters, prompt ids and context room of every request (``ValueError`` naming the
     request). A request whose seed is still None gets a fresh one (:func:`resolve_seed`)."""
     for i, req in enumerate(requests):
         resolve_seed(req)
         req.params.validate()
+        if not isinstance(req.prompt_ids, (list, tuple)):
+            hint = " (a tensor or array: pass .tolist())" if hasattr(req.prompt_ids, "tolist") else ""
+            raise ValueError(f"prompt_ids: request {i}: expected a list of token ids, got "
+                             f"{type(req.prompt_ids).__name__}{hint}")
         if not req.prompt_ids:
             raise ValueError(f"prompt_ids: request {i} has an empty prompt")
+        if not all(_is_int(t) for t in req.prompt_ids):
+            bad = next(t for t in req.prompt_ids if not _is_int(t))
+            raise ValueError(f"prompt_ids: request {i} holds {bad!r} ({type(bad).__name__}), expected integer ids")
         if any(not 0 <= t < config.vocab_size for t in req.prompt_ids):
             raise ValueError(f"prompt_ids: request {i} has token ids outside [0, {config.vocab_size})")
         if len(req.prompt_ids) + req.params.max_new_tokens + extra > config.max_position:
@@ -435,6 +465,7 @@ def append_tokens(s: RequestState, new: List[int], eos, tokenizer) -> None:
     """Commit tokens to a request, stopping at an end-of-sequence token, ``max_new_tokens`` or a stop
     string (the text is cut before it)."""
     p = s.params
+    base = len(s.output)
     for t in new:
         s.output.append(t)
         if t in eos and not p.ignore_eos:
@@ -443,11 +474,17 @@ def append_tokens(s: RequestState, new: List[int], eos, tokenizer) -> None:
         if len(s.output) >= p.max_new_tokens:
             s.done, s.finish_reason = True, "length"
             break
-    if p.stop and tokenizer is not None:
+    if p.stop and tokenizer is not None and s.text_cut is None:
         text = tokenizer.decode(s.output)
-        for stop in p.stop:
-            i = text.find(stop)
-            if i >= 0 and (s.text_cut is None or i < s.text_cut):
-                s.text_cut = i
-        if s.text_cut is not None:
+        if any(stop in text for stop in p.stop):
+            # Several tokens at once (an accepted draft run): end where one-token-at-a-time decoding would, at the
+            # first token whose text completes a stop string (the text before this call held none), drop the
+            # tokens after it, and cut the text where the earliest stop string it holds begins.
+            for end in range(base + 1, len(s.output)):
+                head = tokenizer.decode(s.output[:end])
+                if any(stop in head for stop in p.stop):
+                    text = head
+                    del s.output[end:]
+                    break
+            s.text_cut = min(i for i in (text.find(stop) for stop in p.stop) if i >= 0)
             s.done, s.finish_reason = True, "stop"

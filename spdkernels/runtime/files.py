@@ -17,7 +17,7 @@ def check_output_file(path: PathLike, arg: str) -> Path:
     """Refuse (``ValueError`` naming ``arg``) an output path that cannot be written: a folder, or one whose
     parent is a file or cannot be created. Creates nothing: missing parent folders are made when the file is
     written (:func:`write_atomic`), so a run refused or failed later leaves no empty folders behind."""
-    p = Path(path)
+    p = _path(path, arg)
     if p.is_dir():
         raise ValueError(f"{arg}: {p} is a folder, expected a file path")
     _check_folder(p.parent, arg)
@@ -28,9 +28,15 @@ def check_output_file(path: PathLike, arg: str) -> Path:
 
 def check_output_folder(path: PathLike, arg: str) -> Path:
     """Like :func:`check_output_file` for a folder the command writes into (made by its first write)."""
-    p = Path(path)
+    p = _path(path, arg)
     _check_folder(p, arg)
     return p
+
+
+def _path(path: PathLike, arg: str) -> Path:
+    if not str(path).strip():  # Path("") is the current folder: never what an empty argument meant
+        raise ValueError(f"{arg}: empty path")
+    return Path(path)
 
 
 def _check_folder(d: Path, arg: str) -> None:
@@ -42,8 +48,13 @@ def _check_folder(d: Path, arg: str) -> None:
         p = p.parent
     if not p.is_dir():
         raise ValueError(f"{arg}: {p} is a file, expected a folder")
+    why = "" if p == d else f" (cannot create {d})"
     if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"{arg}: the folder {p} is not writable" + ("" if p == d else f" (cannot create {d})"))
+        raise ValueError(f"{arg}: the folder {p} is not writable" + why)
+    try:  # os.access answers yes to root everywhere (/sys, /proc, ...): create and remove an entry to be sure
+        os.rmdir(tempfile.mkdtemp(prefix=".spdkernels-probe-", dir=p))
+    except OSError as e:
+        raise ValueError(f"{arg}: the folder {p} is not writable ({e.strerror or e})" + why) from None
 
 
 def write_atomic(path: PathLike, write: Callable[[str], None]) -> Path:

@@ -150,6 +150,7 @@ class NGramProposer(Proposer):
         # verification passes only
         self.adaptive = adaptive
         self._depth: Dict[object, int] = {}
+        self._deepest: Dict[object, int] = {}  # the depth of each request's last draft
 
     def describe(self) -> str:
         s = f"ngram k={'<=' if self.adaptive else ''}{self.k} n={self.min_ngram}..{self.max_ngram}"
@@ -158,10 +159,13 @@ class NGramProposer(Proposer):
     def feedback(self, state, drafted, accepted):
         if self.adaptive and drafted:
             d = self._depth.get(state.rid, max(1, self.k // 2))
-            self._depth[state.rid] = min(self.k, d + 2) if accepted == drafted else max(1, d - 1)
+            # fully accepted: as deep as the draft went (a tree's node count is not its depth: one path is taken)
+            full = accepted >= self._deepest.get(state.rid, drafted)
+            self._depth[state.rid] = min(self.k, d + 2) if full else max(1, d - 1)
 
     def release(self, state):
         self._depth.pop(state.rid, None)
+        self._deepest.pop(state.rid, None)
 
     def lookup(self, ctx: Sequence[int], k: int) -> List[List[int]]:
         L = len(ctx)
@@ -184,7 +188,13 @@ class NGramProposer(Proposer):
         out = []
         for st, lim in zip(states, depth_limits):
             k = min(self._depth.get(st.rid, max(1, self.k // 2)) if self.adaptive else self.k, lim)
-            out.append(_trie(self.lookup(st.tokens, k), self.max_nodes) if k > 0 else Draft())
+            d = _trie(self.lookup(st.tokens, k), self.max_nodes) if k > 0 else Draft()
+            if self.adaptive:
+                depth: List[int] = []
+                for par in d.parents:
+                    depth.append(1 + (depth[par] if par >= 0 else 0))
+                self._deepest[st.rid] = max(depth, default=0)
+            out.append(d)
         return out
 
 
@@ -337,7 +347,11 @@ class DraftModelProposer(ModelProposer):
         if target.config.vocab_size != self.model.config.vocab_size:
             raise ValueError(f"model: the draft model's vocabulary ({self.model.config.vocab_size}) differs from the "
                              f"target's ({target.config.vocab_size})")
-        blocks = self._cache_blocks or cache.num_blocks * cache.block_size // 16
+        # 16-position blocks for the target's capacity: a request holding b target blocks needs at most
+        # b * block_size / 16 of them, rounded up, so one more per request unless block_size is a multiple of 16
+        # (a request holds at least one target block: at most num_blocks requests)
+        bs = cache.block_size
+        blocks = self._cache_blocks or -(-cache.num_blocks * bs // 16) + (0 if bs % 16 == 0 else cache.num_blocks)
         self._cache = self.model.new_cache(blocks, 16, scrub=cache.scrub)
         self._len = {}
 

@@ -18,8 +18,10 @@ whose next level gains most, while the batch's expected tokens per second, ``sum
 max_depth)``, keeps rising. A request whose acceptance drops so low that no draft pays is probed with one
 draft token every ``probe_every`` steps, so its estimate can recover.
 
-The controller only sets depth limits: outputs stay exactly those of the target model (it changes how much
-is verified per step, never what is accepted).
+The controller only sets depth limits: greedy outputs stay exactly those of the target model, and sampled
+outputs keep the target's distribution. A request's coins are keyed by its seed and its step, and the depths
+follow measured timings and the rest of the batch, so under the controller a seeded sampled request is not
+reproducible token for token (a fixed-depth proposer makes it so, whatever the batch).
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from ..engine import (
     Result,
     RunMetrics,
     append_tokens,
+    check_unique_rids,
     collect_results,
     validate_requests,
 )
@@ -176,8 +177,7 @@ class SPDEngine:
                 raise ValueError(f"prompt_ids: request {i} has {len(r.prompt_ids)} tokens, SPD with n={self.n} "
                                  f"stages needs a prompt of at least n tokens")
         states = [_SPDState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
-        if len({s.rid for s in states}) != len(states):
-            raise ValueError("rid: request ids must be unique")
+        check_unique_rids(requests, [s.rid for s in states])
         self._run = states
         return states
 

@@ -658,6 +658,11 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     if skip is not None:
         log(f"prompt rows: the training windows learn from the prompts too, after their shared {skip}-token preamble")
     held_w = make_windows([states[i] for i in held_idx], [corpus[i] for i in held_idx], st.window)
+    if not train_w or not held_w:
+        raise ValueError(f"num_prompts (--prompts): {num_prompts} prompts gave {len(train_idx)} training and "
+                         f"{len(held_idx)} held-out sequences ({len(train_w)} / {len(held_w)} windows with "
+                         f"generated text): too few to train and evaluate on; use more prompts (the text is cached "
+                         f"in {work_p}, nothing was written to {out_p})")
     drawn = sorted({x for x in st.stage_choices if x <= L} or {L})  # the n draw_layout can give on this target
     cfg.training = dict(settings=dataclasses.asdict(st), stages_trained_for=drawn,
                         num_prompts=num_prompts, max_new_tokens=max_new_tokens, sequences=len(corpus),
