@@ -466,6 +466,34 @@ def test_request_fields_of_the_wrong_type_are_named(model):
     assert len(res[0].output_ids) == 2
 
 
+def test_an_aborted_run_leaves_no_request_state_behind(model, prompts):
+    """Per-request state of the proposer and of the speculation controller is dropped when a run stops with an
+    error, so a later run, whose requests take the same ids, starts as a fresh engine would."""
+    from spdkernels.runtime.speculation import AdaptiveSpeculation
+
+    def engine():
+        spec = AdaptiveSpeculation(max_depth=6)
+        spec.cost_model = lambda: (1.0, 0.3, 0.0)  # no timings: the depths depend on acceptance only
+        return Engine(model, NGramProposer(k=6, min_ngram=1, adaptive=True), speculation=spec)
+
+    calls = []
+
+    def stop_after_3(n):
+        calls.append(n)
+        if len(calls) == 3:
+            raise RuntimeError("stopped")
+
+    reqs = lambda: [Request(p, params(16, temperature=0.8, seed=5 + i)) for i, p in enumerate(prompts)]  # noqa: E731
+    eng = engine()
+    eng.on_step = stop_after_3
+    with pytest.raises(RuntimeError, match="stopped"):
+        eng.generate(reqs())
+    assert eng.proposer._depth == {} and eng.proposer._deepest == {} and eng.speculation._acc == {}
+    eng.on_step = None
+    again = [r.output_ids for r in eng.generate(reqs())[0]]
+    assert again == [r.output_ids for r in engine().generate(reqs())[0]]
+
+
 def test_duplicate_request_ids_name_both_requests(model):
     with pytest.raises(ValueError, match=r"rid: .*request 0 \(rid=1\) and request 1 \(no rid: its index, 1\)"):
         Engine(model, None).generate([Request([1, 2], params(2), rid=1), Request([3], params(2))])

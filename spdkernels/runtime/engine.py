@@ -233,6 +233,14 @@ class Engine:
                 active = [s for s in active if not s.done]
                 if waiting and len(active) < limit:
                     active += self._admit([waiting.pop() for _ in range(min(limit - len(active), len(waiting)))], m)
+        except BaseException:
+            # an aborted run leaves nothing behind under its request ids, which a later run reuses (0, 1, ...)
+            for s in states:
+                if self.proposer is not None:
+                    self.proposer.release(s)
+                if self.speculation is not None:
+                    self.speculation.release(s.rid)
+            raise
         finally:
             spdkernels.set_validation(old_validation)
         self._sync()
