@@ -12,10 +12,12 @@ helpers (they run once per batch shape, or on CPU metadata).
 
 from __future__ import annotations
 
+import heapq
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _config
 from . import _validate as V
 
 # ---- masks and positions -------------------------------------------------------------------------------
@@ -51,14 +53,43 @@ def _query_layout(parents, cu_num_draft, N: Optional[int] = None):
     return req, local, par_q, cu_q
 
 
+def _check_layout(parents, cu_num_draft, max_q_len, num_draft_tokens) -> None:
+    """Dtypes and shapes always; with validation on also the values (a host sync): ``cu_num_draft`` from 0,
+    non-decreasing, ending at N; parents earlier nodes of their request; ``max_q_len`` covering every request's
+    root and drafts (a smaller one drops the root from the last rows' masks, and their depths)."""
+    V.check_tensor("cu_num_draft", cu_num_draft, 1, (torch.int32,))
+    if cu_num_draft.shape[0] < 1:
+        V.fail("cu_num_draft", "expected R + 1 >= 1 entries, got none")
+    if parents is not None:
+        V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device, "cu_num_draft")
+        if num_draft_tokens is not None and parents.shape[0] != num_draft_tokens:
+            V.fail("num_draft_tokens", f"expected len(parents) = {parents.shape[0]}, got {num_draft_tokens}")
+    if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 1):
+        V.fail("max_q_len", f"expected an int >= 1, got {max_q_len!r}")
+    if not _config.validation_enabled():
+        return
+    cu = cu_num_draft.long()
+    N = int(cu[-1])
+    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        V.fail("cu_num_draft", f"expected cumulative draft counts from 0, non-decreasing, got {cu.tolist()[:16]}")
+    if num_draft_tokens is not None and num_draft_tokens != N:
+        V.fail("num_draft_tokens", f"expected cu_num_draft[-1] = {N}, got {num_draft_tokens}")
+    if parents is not None:
+        if parents.shape[0] != N:
+            V.fail("parents", f"expected N = cu_num_draft[-1] = {N} entries, got {parents.shape[0]}")
+        V.check_draft_batch_indices(torch.empty(0, 1), parents, cu_num_draft, parents, tokens=False)
+    longest = int(cu.diff().max()) + 1 if cu.shape[0] > 1 else 1
+    if max_q_len is not None and max_q_len < longest:
+        V.fail("max_q_len", f"expected at least the longest request's root + drafts = {longest}, got {max_q_len}")
+
+
 def build_tree_mask(parents: Optional[torch.Tensor], cu_num_draft: torch.Tensor,
                     max_q_len: Optional[int] = None, num_draft_tokens: Optional[int] = None) -> torch.Tensor:
     """int32 ``[N + R, ceil(max_q_len / 32)]``: bit j of query i set iff local query j is query i itself
     or one of its ancestors (the root included). ``max_q_len=None`` costs a host sync, and so does a chain
-    (``parents=None``) without ``num_draft_tokens`` (N); with both, no host sync (CUDA-graph safe)."""
-    V.check_tensor("cu_num_draft", cu_num_draft, 1, (torch.int32,))
-    if parents is not None:
-        V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device, "cu_num_draft")
+    (``parents=None``) without ``num_draft_tokens`` (N); with both and validation off, no host sync (CUDA-graph
+    safe). With validation on, as the ops, the values are checked (``ValueError`` naming the argument)."""
+    _check_layout(parents, cu_num_draft, max_q_len, num_draft_tokens)
     req, local, par_q, cu_q = _query_layout(parents, cu_num_draft, num_draft_tokens)
     if max_q_len is None:
         max_q_len = int(cu_num_draft.diff().max()) + 1 if cu_num_draft.shape[0] > 1 else 1
@@ -148,7 +179,9 @@ def compact_kv_moves(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_q_lens
     ``(src, dst, new_kv_lens)``. A cache with several layers (``[layers, num_blocks * block_size, ...]``)
     applies the same moves to every layer with one indexed copy. One host sync (selecting the valid moves);
     ``sync_free=True`` returns all ``R * max_depth`` moves instead, each unused one a copy of the request's root
-    slot onto itself (a slot no real move reads or writes), so no host sync is needed (CUDA-graph safe)."""
+    slot onto itself (a slot no real move reads or writes), so no host sync is needed (CUDA-graph safe, with
+    validation off: with it on, kv_lens past the block table and accepted nodes past a request's drafts are
+    named, a host sync)."""
     V.check_tensor("block_table", block_table, 2, (torch.int32, torch.int64))
     dev = block_table.device
     V.check_tensor("kv_lens", kv_lens, 1, (torch.int32, torch.int64), dev, "block_table")
@@ -162,6 +195,13 @@ def compact_kv_moves(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_q_lens
     P = kv_lens.long() - q_len
     path = accepted_path.long()
     valid = path >= 0
+    if _config.validation_enabled():  # (a host sync: positions a slot lookup would otherwise clamp silently)
+        cap = block_table.shape[1] * block_size
+        if bool((kv_lens.long() > cap).any()) or bool((P < 0).any()):
+            V.fail("kv_lens", f"expected query lengths <= kv_lens <= the block table's {cap} slots, got "
+                   f"{kv_lens.tolist()[:16]} with query lengths {q_len.tolist()[:16]}")
+        if bool((valid & (path >= q_len[:, None] - 1)).any()):
+            V.fail("accepted_path", "expected local node indices below each request's draft count (q_len - 1)")
     depth = torch.arange(D, device=dev).expand(R, D)
     src = P[:, None] + 1 + path.clamp(min=0)
     dst = P[:, None] + 1 + depth
@@ -210,13 +250,22 @@ def from_vllm_tree(paths: Sequence[Tuple[int, ...]]) -> List[int]:
 
 
 def to_vllm_tree(parents: Sequence[int]) -> List[Tuple[int, ...]]:
-    """Local ``parents`` of one tree -> vLLM's paths of child ranks (rank = order among siblings)."""
+    """Local ``parents`` of one tree -> vLLM's paths of child ranks (rank = order among siblings). vLLM numbers
+    a tree's nodes by depth, then path, so a tree numbered otherwise (``[-1, 0, -1]``: node 1 is deeper than
+    node 2) is refused: its node i would not be vLLM's node i."""
     paths: List[Tuple[int, ...]] = []
     rank: dict = {}
-    for p in parents:
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            V.fail("parents", f"expected -1 or an earlier node for node {i}, got {p}")
         r = rank.get(p, 0)
         rank[p] = r + 1
         paths.append((r,) if p < 0 else paths[p] + (r,))
+    want = sorted(range(len(paths)), key=lambda i: (len(paths[i]), paths[i]))
+    if want != list(range(len(paths))):
+        i = next(j for j, w in enumerate(want) if w != j)
+        V.fail("parents", f"vLLM numbers a tree's nodes by depth, then path: its node {i} would be this tree's node "
+               f"{want[i]} (renumber the tree level by level first)")
     return paths
 
 
@@ -239,16 +288,21 @@ def to_sglang(parents: Sequence[int]) -> Tuple[List[int], List[int]]:
 def from_sglang(next_token: Sequence[int], next_sibling: Sequence[int]) -> List[int]:
     """SGLang's linked lists (index 0 = root) -> local ``parents`` (requires topological numbering)."""
     n = len(next_token)
+    if len(next_sibling) != n:
+        V.fail("next_sibling", f"expected {n} entries (one per query, as next_token), got {len(next_sibling)}")
     parents = [None] * (n - 1)
     for pq in range(n):
-        c = next_token[pq]
+        c = int(next_token[pq])
+        prev = 0
         while c != -1:
             if not 0 < c < n or parents[c - 1] is not None:
                 V.fail("next_token", f"malformed linked lists at query {c}")
             if c <= pq:
                 V.fail("next_token", f"child {c} before its parent {pq}: expected topological numbering")
+            if c <= prev:  # sgl-kernel tries children in list order; our parents list orders siblings by index
+                V.fail("next_sibling", f"siblings must be listed in increasing query order: {c} follows {prev}")
             parents[c - 1] = pq - 1
-            c = next_sibling[c]
+            prev, c = c, int(next_sibling[c])
     if any(p is None for p in parents):
         V.fail("next_token", "some nodes are not reachable from the root")
     return parents
@@ -283,13 +337,19 @@ def budget_tree(parents: Sequence[int], scores: Sequence[float], budget: int) ->
     under ancestors. Returns (kept candidate indices in topological order, their new parents)."""
     if budget < 0:
         V.fail("budget", f"must be >= 0, got {budget}")
-    order = sorted(range(len(parents)), key=lambda i: (-scores[i], i))
+    # best first among the nodes whose parent is kept (a frontier): a child that outscores its parent, which
+    # cumulative log-probabilities never do, is taken as soon as its parent is, never skipped for good
     kept: set = set()
-    for i in order:
-        if len(kept) >= budget:
-            break
-        if parents[i] < 0 or parents[i] in kept:
-            kept.add(i)
+    children: dict = {}
+    for i, p in enumerate(parents):
+        children.setdefault(p if p >= 0 else -1, []).append(i)
+    frontier = [(-scores[i], i) for i in children.get(-1, [])]
+    heapq.heapify(frontier)
+    while frontier and len(kept) < budget:
+        _, i = heapq.heappop(frontier)
+        kept.add(i)
+        for c in children.get(i, []):
+            heapq.heappush(frontier, (-scores[c], c))
     ids = sorted(kept)
     new = {old: j for j, old in enumerate(ids)}
     return ids, [-1 if parents[i] < 0 else new[parents[i]] for i in ids]

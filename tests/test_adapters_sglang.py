@@ -125,6 +125,17 @@ def outputs(bs, n, num_spec):
             torch.full((bs,), -3, dtype=I32))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_an_empty_batch_is_a_no_op(path, monkeypatch):
+    """bs = 0 (a scheduler step with no speculative request): nothing to write, on every path (the generic path
+    raised a RuntimeError / IndexError, its parents table collapsing to one dimension)."""
+    e = torch.zeros(0, 4, dtype=I64)
+    with on(path, monkeypatch):
+        asg.verify_tree_greedy(*dev(path, outputs(0, 4, 3)), *dev(path, (e, e, e, e, e)))
+        asg.tree_speculative_sampling_target_only(*dev(path, outputs(0, 4, 3)), *dev(path, (
+            e, e, e, e, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 4, 5), torch.zeros(0, 4, 5))))
+
+
 # ---- greedy ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PATHS)

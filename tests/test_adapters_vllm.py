@@ -195,6 +195,31 @@ def test_padded_drafts_and_zero_draft_probability_are_rejected(backend):
     assert out.tolist() == [[2, -1, -1], [2, -1, -1], [2, -1, -1]]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_int64_bonus_tokens_after_a_padded_draft(backend, mode):
+    """vLLM hands int64 bonus ids as often as int32; the padded-draft path wrote them into the int32 output with
+    an index_put that refused the dtype (a RuntimeError on every path)."""
+    logits = torch.tensor([[0.0, 5.0, 0.0]])
+    greedy = mode == "greedy"
+    sm = av.SamplingMetadata(temperature=None if greedy else to_backend(backend, torch.ones(1)), all_greedy=greedy,
+                             all_random=not greedy)
+    for bonus_dtype in (torch.int32, torch.int64):
+        with use_backend(backend):
+            out = av.rejection_sample(*to_backend(backend, (torch.tensor([-1], dtype=I32), [1], 1,
+                                                            torch.tensor([1], dtype=I32), None, logits,
+                                                            torch.tensor([[2]], dtype=bonus_dtype))), sm)
+        if greedy:
+            assert out.tolist() == [[1, -1]]
+        else:  # the padded draft is rejected; the recovered token comes from the whole row
+            assert out.shape == (1, 2) and out.dtype == I32 and 0 <= int(out[0, 0]) < 3 and int(out[0, 1]) == -1
+        out = av.rejection_sample(*to_backend(backend, (torch.tensor([1], dtype=I32), [1], 1,
+                                                        torch.tensor([1], dtype=I32), None, logits,
+                                                        torch.tensor([[2]], dtype=bonus_dtype))), sm)
+        if greedy:
+            assert out.tolist() == [[1, 2]]
+
+
 # ---- distribution through the adapter -------------------------------------------------------------------------
 
 P0_LOGITS = torch.tensor([1.2, 0.3, -0.5, 2.0, 0.0, -1.0, 0.7, 1.5])
@@ -380,16 +405,22 @@ REFUSED = [
     ("draft_token_ids", lambda a: a.update(draft_token_ids=a["draft_token_ids"].float())),
     ("draft_token_ids", lambda a: a.update(draft_token_ids=a["draft_token_ids"].tolist())),
     ("draft_token_ids", lambda a: a["draft_token_ids"].__setitem__(1, 9)),  # V = 9
+    ("bonus_token_ids", lambda a: a["bonus_token_ids"].__setitem__(0, 9)),
+    ("temperature", lambda a: a.update(sampling_metadata=av.SamplingMetadata(temperature=None, all_greedy=False,
+                                                                               all_random=False))),
+    ("generators", lambda a: a.update(sampling_metadata=av.SamplingMetadata(
+        temperature=torch.ones(2), all_greedy=False, all_random=True, generators={2: torch.Generator()}))),
 ]
 REFUSED_IDS = ["non-contiguous", "rows", "vocab", "bonus", "cu", "counts", "spec-len", "both-targets", "dtype", "list",
-               "token-too-large"]
+               "token-too-large", "bonus-too-large", "mixed-without-temperatures", "generator-key-past-batch"]
+VALUES_ONLY_WITH_VALIDATION = {"cu", "bonus-too-large"}  # values checked with validation on only: a host sync
 
 
 @pytest.mark.parametrize("name,change,validate", [
     (n, c, v) for (n, c), i in zip(REFUSED, REFUSED_IDS) for v in (True, False)
-    if v or n != "cu_num_draft_tokens"  # (its values are checked with validation on only: a host sync)
+    if v or i not in VALUES_ONLY_WITH_VALIDATION
 ], ids=[f"{i}-validation-{'on' if v else 'off'}" for (n, _), i in zip(REFUSED, REFUSED_IDS) for v in (True, False)
-        if v or n != "cu_num_draft_tokens"])
+        if v or i not in VALUES_ONLY_WITH_VALIDATION])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
 def test_layouts_vllm_rejects_raise_value_errors(name, change, validate, fused, monkeypatch):
     """The same refusal, naming the argument, on both paths, with validation on and off."""

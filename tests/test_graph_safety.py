@@ -82,16 +82,19 @@ def test_the_harness_catches_a_sync():
 def test_tree_utilities_do_not_sync_with_their_sizes():
     b = random_draft_batch([3, 0, 2], 50, tree=True, gen=torch.Generator().manual_seed(0))
     start = torch.tensor([5, 6, 7])
-    with no_host_sync():
+    with no_host_sync(), spdkernels.validation(False):
         m = tree.build_tree_mask(b.parents, b.cu_num_draft, max_q_len=4)
         mc = tree.build_tree_mask(None, b.cu_num_draft, max_q_len=4, num_draft_tokens=b.N)
         pos = tree.tree_positions(b.parents, b.cu_num_draft, start, max_q_len=4)
+    with pytest.raises(HostSyncError):  # with validation on, as the ops, the values are checked: a host sync
+        with no_host_sync():
+            tree.build_tree_mask(b.parents, b.cu_num_draft, max_q_len=4)
     # the same results as with the sizes read from the batch
     assert torch.equal(m, tree.build_tree_mask(b.parents, b.cu_num_draft))
     assert torch.equal(mc, tree.build_tree_mask(None, b.cu_num_draft))
     assert torch.equal(pos, tree.tree_positions(b.parents, b.cu_num_draft, start))
     with pytest.raises(HostSyncError):  # a chain without its node count reads it from the device
-        with no_host_sync():
+        with no_host_sync(), spdkernels.validation(False):
             tree.build_tree_mask(None, b.cu_num_draft, max_q_len=4)
 
 
@@ -110,11 +113,11 @@ def test_compact_kv_sync_free_equals_the_selected_moves():
         path = path.to(bt.device)
         want_k, want_v = kc.clone(), vc.clone()
         want_lens = tree.compact_kv(want_k, want_v, bt, lens, cu_q, path)
-        with no_host_sync():
+        with no_host_sync(), spdkernels.validation(False):
             got_lens = tree.compact_kv(kc, vc, bt, lens, cu_q, path, sync_free=True)
         assert torch.equal(kc, want_k) and torch.equal(vc, want_v) and torch.equal(got_lens, want_lens)
     with pytest.raises(HostSyncError):
-        with no_host_sync():
+        with no_host_sync(), spdkernels.validation(False):
             tree.compact_kv(kc, vc, bt, lens, cu_q, path)
 
 

@@ -135,3 +135,74 @@ def test_compact_kv_refuses_arguments_it_cannot_use():
     with pytest.raises(ValueError, match="block_table: expected 2 rows"):
         tree.compact_kv(kc, vc, bt[:1], kv, cu_q, path)
     assert tree.compact_kv(kc, vc, bt, kv, cu_q, path).tolist() == [5 + 1 + 1, 9 + 1]
+
+
+def test_layout_conversions_refuse_what_they_cannot_express():
+    """vLLM numbers a tree's nodes by depth, then path: a tree numbered otherwise would map its node i to another
+    vLLM node (it came back as [(0,), (0, 0), (1,)], which vLLM re-sorts). SGLang lists siblings in the order it
+    tries them: a list that is not in increasing query order cannot become parents (they order siblings by index,
+    and the order used to be dropped silently); lists of different lengths are named."""
+    with pytest.raises(ValueError, match="parents: vLLM numbers a tree's nodes by depth, then path: its node 1 "
+                                         "would be this tree's node 2"):
+        tree.to_vllm_tree([-1, 0, -1])
+    with pytest.raises(ValueError, match="parents: expected -1 or an earlier node for node 0, got 1"):
+        tree.to_vllm_tree([1, -1])
+    assert tree.to_vllm_tree([-1, -1, 0]) == [(0,), (1,), (0, 0)]
+    with pytest.raises(ValueError, match="next_sibling: siblings must be listed in increasing query order: 1 follows"):
+        tree.from_sglang([2, -1, -1], [-1, -1, 1])
+    with pytest.raises(ValueError, match="next_sibling: expected 2 entries"):
+        tree.from_sglang([1, -1], [-1])
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_mask_and_positions_name_a_layout_they_cannot_use(validate):
+    """With validation on, the values a mask is built from are checked (a max_q_len below the longest request
+    dropped the root from the last rows, whose positions then stopped growing: [10, 11, 12, 13, 13, 13]; a
+    parent in another request or a cycle gave a silently wrong mask); a num_draft_tokens that disagrees with
+    parents is named with validation off too (a RuntimeError from a tensor size before)."""
+    cu = torch.tensor([0, 5], **I32)
+    start = torch.tensor([10])
+    par = torch.tensor([-1, 0, 1, 2, 3], **I32)
+    good = tree.tree_positions(par, cu, start, max_q_len=6)
+    assert good.tolist() == [10, 11, 12, 13, 14, 15]
+    with spdkernels.validation(validate):
+        with pytest.raises(ValueError, match="num_draft_tokens: expected len\\(parents\\) = 5, got 4"):
+            tree.build_tree_mask(par, cu, 6, num_draft_tokens=4)
+        bad = [
+            (dict(max_q_len=4), "max_q_len: expected at least the longest request's root \\+ drafts = 6, got 4"),
+            (dict(parents=torch.tensor([1, 0, 1, 2, 3], **I32)), "parents: each entry must satisfy"),
+            (dict(parents=torch.tensor([-1, 0, -1, 3, 2], **I32), cu=torch.tensor([0, 2, 5], **I32)),
+             "parents: each entry must satisfy"),
+            (dict(cu=torch.tensor([0, 6], **I32)), "parents: expected N = cu_num_draft\\[-1\\] = 6 entries"),
+            (dict(cu=torch.tensor([1, 5], **I32)), "cu_num_draft: expected cumulative draft counts from 0"),
+        ]
+        for change, pattern in bad:
+            a = dict(parents=par, cu=cu, max_q_len=6)
+            a.update(change)
+            if validate:
+                with pytest.raises(ValueError, match=pattern):
+                    tree.build_tree_mask(a["parents"], a["cu"], a["max_q_len"])
+        with pytest.raises(ValueError, match="max_q_len: expected an int >= 1"):
+            tree.build_tree_mask(par, cu, 0)
+
+
+def test_compact_kv_names_positions_past_its_block_table():
+    """With validation on, a kv_len past the block table's slots, or an accepted node past the request's drafts,
+    is named (the slot lookup clamped them into the table's last block: moves to and from the wrong slots)."""
+    bt = torch.tensor([[0, 1]], **I32)  # 8 slots of block size 4
+    cu_q = torch.tensor([0, 3], **I32)
+    path = torch.tensor([[1, -1]], **I32)
+    assert tree.compact_kv_moves(bt, torch.tensor([7], **I32), cu_q, path, 4)[2].tolist() == [6]
+    with pytest.raises(ValueError, match="kv_lens: expected query lengths <= kv_lens <= the block table's 8 slots"):
+        tree.compact_kv_moves(bt, torch.tensor([12], **I32), cu_q, path, 4)
+    with pytest.raises(ValueError, match="accepted_path: expected local node indices below"):
+        tree.compact_kv_moves(bt, torch.tensor([7], **I32), cu_q, torch.tensor([[2, -1]], **I32), 4)
+
+
+def test_budget_tree_fills_its_budget_when_a_child_outscores_its_parent():
+    """A child skipped because its parent was not kept yet is taken once the parent is (it was never reconsidered:
+    two nodes that both fit came back as one)."""
+    assert tree.budget_tree([-1, 0], [-5.0, -0.1], 2) == ([0, 1], [-1, 0])
+    # with scores that never exceed a parent's, the top-budget nodes by score (ties by index), as before
+    t = tree.topk_tree([2, 2])
+    assert tree.budget_tree(t, [-0.1, -1.0, -0.3, -2.0, -1.2, -1.1], 4) == ([0, 1, 2, 5], [-1, -1, 0, 1])

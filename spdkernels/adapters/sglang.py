@@ -182,7 +182,7 @@ class _Batch:
                     c = s
             all_reach = all_reach and -2 not in par
             pars.append(par)
-        self.par_q = torch.tensor(pars, dtype=torch.long, device=dev)
+        self.par_q = torch.tensor(pars, dtype=torch.long, device=dev).reshape(bs, n)  # (bs = 0: [0, n], not [0])
         self.rows = self.to_orig = self.nonroot = None
         if all_reach:
             parents = [p - 1 for par in pars for p in par[1:]]
@@ -443,6 +443,8 @@ def tree_speculative_sampling_target_only(
     if _config.validation_enabled():
         _check_probs(target_probs)
     _check_flat_index(ri, predicts, bs, n)
+    if bs == 0:  # an empty batch: nothing to write (as the fused op)
+        return
     tb = _Batch(candidates, nt, ns, num_spec)
     _check_candidates(candidates, tb, V)
 

@@ -260,7 +260,20 @@ def _check_args(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_to
         if not torch.equal(cu_num_draft_tokens.cpu().long(), want):
             fail("cu_num_draft_tokens", f"expected cumsum(num_draft_tokens) = {want.tolist()[:16]}, "
                  f"got {cu_num_draft_tokens.tolist()[:16]}")
+        if bool(((bonus_token_ids < 0) | (bonus_token_ids >= V)).any()):
+            fail("bonus_token_ids", f"expected token ids in [0, {V})")
     return B, N, V
+
+
+def _check_metadata(sampling_metadata, B: int, all_greedy: bool, all_random: bool) -> None:
+    """The metadata the generic path reads: temperatures for a mixed batch, generators keyed by request index."""
+    if not (all_greedy or all_random) and not isinstance(sampling_metadata.temperature, torch.Tensor):
+        fail("sampling_metadata.temperature", "a batch of greedy and sampled requests needs a [batch_size] "
+             f"tensor of temperatures, got {type(sampling_metadata.temperature).__name__}")
+    gens = sampling_metadata.generators or {}
+    bad = [r for r in gens if not (isinstance(r, int) and 0 <= r < B)]
+    if bad and not all_greedy:
+        fail("sampling_metadata.generators", f"expected request indices in [0, {B}) as keys, got {bad[:8]}")
 
 
 def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int], max_spec_len: int,
@@ -320,9 +333,10 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     B, N, V = _check_args(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs, target,
                           "target_probs" if probs_given else "target_logits", bonus_token_ids)
     device = target.device
-    bonus = bonus_token_ids.reshape(B)
+    bonus = bonus_token_ids.reshape(B).to(torch.int32)  # (the output is int32; vLLM's bonus ids may be int64)
     out_shape = (B, max_spec_len + 1)
     all_random = bool(sampling_metadata.all_random) and not all_greedy  # no greedy request
+    _check_metadata(sampling_metadata, B, all_greedy, all_random)
     generators = sampling_metadata.generators if not all_greedy else {}
 
     # coins first, as vLLM does (its greedy kernel runs after they are drawn): the op's N + B fp32 coins in one
