@@ -5,6 +5,7 @@ rollbacks forced at every fill level, the lossless sampling distribution of the 
 planted bugs (the residual forgotten, the wrong row) that the same test rejects, and the PDM file's refusal
 of other targets and corrupt files."""
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -444,6 +445,41 @@ def test_spd_bad_input(model, pdm):
         SPDEngine(model, pdm, 3).generate([Request([1, 2], _greedy(4))])
     with pytest.raises(ValueError, match="deepest anchor"):
         check_stages(type("C", (), dict(anchors=[0, 2, 4], m=2))(), 3, 2)
+    # arguments of the wrong kind: a ValueError naming them (TypeErrors, a ZeroDivisionError and AttributeErrors,
+    # the lookup's only after the prefill, before)
+    for kw, pattern in [(dict(n="2"), "stages"), (dict(n=2.0), "stages"), (dict(n=None), "stages"),
+                        (dict(block_size=0), "block_size"), (dict(block_size=2.0), "block_size"),
+                        (dict(eos_token_ids=3), "eos_token_ids"), (dict(lookup=object()), "lookup"),
+                        (dict(lookup=PDMProposer(pdm)), "lookup"), (dict(pdm=None), "pdm")]:
+        args = dict(model=model, pdm=pdm, n=2)
+        args.update(kw)
+        with pytest.raises(ValueError, match=pattern):
+            SPDEngine(**args)
+    # a PDM for another target: named, as the ordinary engine's proposer does (an IndexError, a shape error, or
+    # for a deeper target a silent run with the other model's head before)
+    for change in (dict(vocab_size=CFG.vocab_size - 7), dict(hidden_size=CFG.hidden_size // 2),
+                   dict(num_layers=CFG.num_layers + 2)):
+        c = dataclasses.replace(CFG, **change)
+        other = LlamaModel(c, random_state_dict(c), dtype=torch.float64)
+        with pytest.raises(ValueError, match="pdm: this PDM was built for another target model"):
+            SPDEngine(other, pdm, 2)
+        with pytest.raises(ValueError, match="pdm: this PDM was built for another target model"):
+            Engine(other, PDMProposer(pdm)).generate([Request([1, 2, 3], _greedy(2))])
+    # requests as a generator: used once (the checks used it up and the caches were sized for nothing)
+    res, _ = SPDEngine(model, pdm, 2).generate(Request(p, _greedy(3)) for p in ([1, 2, 3], [4, 5, 6, 7]))
+    assert [len(r.output_ids) for r in res] == [3, 3]
+
+
+@pytest.mark.parametrize("kw,pattern", [(dict(k=2.5), "k: expected an integer"), (dict(k="3"), "k: expected"),
+                                        (dict(branching=2.5, width=2), "branching"), (dict(width=1.5), "width"),
+                                        (dict(width=None), "width"), (dict(max_nodes=2.5), "max_nodes"),
+                                        (dict(max_nodes=0), "max_nodes"), (dict(max_nodes=-1), "max_nodes"),
+                                        (dict(k=True), "k: expected")])
+def test_pdm_proposer_refuses_sizes_that_are_not_counts(pdm, kw, pattern):
+    """At construction, naming the argument (TypeErrors inside generate before; max_nodes = 0 was read as the
+    default and -1 named max_depth)."""
+    with pytest.raises(ValueError, match=pattern):
+        PDMProposer(pdm, **kw)
 
 
 def test_pdm_rows_grouped_on_the_host_equal_row_by_row(pdm):

@@ -115,6 +115,16 @@ def _caller_level() -> int:
     return level
 
 
+def check_model_fits(pdm: PipelineDraftModule, model) -> None:
+    """``ValueError`` when ``model`` is not the kind of target the PDM was built for (its width, vocabulary and
+    layer count; ``load_pdm`` also compares the weights' hash)."""
+    tc, mc = pdm.target_config, model.config
+    have, want = (mc.hidden_size, mc.vocab_size, mc.num_layers), (tc.hidden_size, tc.vocab_size, tc.num_layers)
+    if have != want:
+        raise ValueError(f"pdm: this PDM was built for another target model (hidden size, vocabulary, layers "
+                         f"{want}; this model has {have})")
+
+
 def check_stages(cfg: PDMConfig, num_layers: int, n: int) -> List[int]:
     """The depth-type map for ``n`` stages, or a clear error when ``n`` does not fit the target or the
     PDM's anchors (every anchor must be reached: the deepest at the pipeline's exit)."""

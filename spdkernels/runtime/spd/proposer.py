@@ -19,10 +19,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..engine import _is_int
 from ..model import Batch, build_batch
 from ..proposers import Draft, Proposer, keep_best_children
-from .pdm import PipelineDraftModule
+from .pdm import PipelineDraftModule, check_model_fits
 from .schedule import draw_draft
+
+_SCRATCH = (object(), object())  # the cache ids of a tree level's two scratch sequences
 
 
 class PDMProposer(Proposer):
@@ -38,10 +41,11 @@ class PDMProposer(Proposer):
         is below it (the first level too: a request may draft nothing), so the verification pass only
         carries drafts likely to be accepted. The rule reads the distribution before its token is drawn,
         never the token, so sampled drafts stay distributed as their q and verification stays lossless."""
-        if k < 1:
-            raise ValueError(f"k: expected at least 1 draft token, got {k}")
-        if branching < 1 or width < 1:
-            raise ValueError(f"branching/width: expected >= 1, got {branching}, {width}")
+        for name, v in (("k", k), ("branching", branching), ("width", width)):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if max_nodes is not None and (not _is_int(max_nodes) or max_nodes < 1):
+            raise ValueError(f"max_nodes: expected an integer >= 1 or None (k * width), got {max_nodes!r}")
         if not (isinstance(min_confidence, (int, float)) and 0.0 <= min_confidence < 1.0):
             raise ValueError(f"min_confidence: expected a probability in [0, 1), got {min_confidence!r}")
         if min_confidence > 0 and (branching > 1 or width > 1):
@@ -65,10 +69,7 @@ class PDMProposer(Proposer):
         return s + (f" tree {self.branching}x{self.width}" if self.width > 1 or self.branching > 1 else "")
 
     def bind(self, target, cache):
-        tc = self.pdm.target_config
-        if (target.config.hidden_size, target.config.vocab_size, target.num_layers) != \
-                (tc.hidden_size, tc.vocab_size, tc.num_layers):
-            raise ValueError("pdm: this PDM was built for another target model")
+        check_model_fits(self.pdm, target)
         # the target's block size (each request rounds up to whole blocks as it does there) and twice its blocks:
         # a request's PDM rows never outnumber its target tokens, and one tower layer's K/V is cheap (trees add
         # blocks for their tails when they need them)
@@ -272,7 +273,7 @@ class PDMProposer(Proposer):
         room = 2 * self.width * (1 + -(-self.k // bs)) * sum(1 for x in depth_limits if x > 0)
         if cache.free_blocks < room:  # (by half the cache at least: the requests' own rows keep growing too)
             cache.grow(max(room - cache.free_blocks, cache.num_blocks // 2))
-        scratch = [("pdm-tree-tails", i) for i in (0, 1)]
+        scratch = list(_SCRATCH)  # ids no request can have (a user rid equal to a tuple name collided)
         for sc in scratch:
             cache.add(sc)
         tails: Dict[Tuple[int, int], List[int]] = {}  # (request, node) -> its tail blocks (node -1: the root)

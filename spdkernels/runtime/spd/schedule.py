@@ -33,13 +33,14 @@ from ..engine import (
     RequestState,
     Result,
     RunMetrics,
+    _is_int,
     append_tokens,
     check_unique_rids,
     collect_results,
     validate_requests,
 )
 from ..model import Batch, LlamaModel, build_batch, sync_device
-from .pdm import PDMError, PipelineDraftModule, check_stages
+from .pdm import PDMError, PipelineDraftModule, check_model_fits, check_stages
 
 STREAM_DRAFT = 2  # Philox stream of the draft coins (0 and 1 are the verification coins)
 
@@ -145,6 +146,20 @@ class SPDEngine:
     def __init__(self, model: LlamaModel, pdm: PipelineDraftModule, n: int, tokenizer=None,
                  eos_token_ids: Optional[Sequence[int]] = None, block_size: int = 16, debug: bool = False,
                  scrub_cache: bool = False, validate_ops: bool = False, lookup=None):
+        if not isinstance(pdm, PipelineDraftModule):
+            raise ValueError(f"pdm: expected a PipelineDraftModule (spdkernels.runtime.spd.load_pdm), got "
+                             f"{type(pdm).__name__}")
+        check_model_fits(pdm, model)
+        if not _is_int(n):
+            raise ValueError(f"stages: expected an integer number of stages, got {n!r}")
+        if not _is_int(block_size) or block_size < 1:
+            raise ValueError(f"block_size: expected an integer >= 1, got {block_size!r}")
+        if eos_token_ids is not None and (isinstance(eos_token_ids, (str, bytes)) or not hasattr(
+                eos_token_ids, "__iter__") or not all(_is_int(t) for t in eos_token_ids)):
+            raise ValueError(f"eos_token_ids: expected a sequence of token ids or None, got {eos_token_ids!r}")
+        if lookup is not None and not callable(getattr(lookup, "lookup", None)):
+            raise ValueError(f"lookup: expected an NGramProposer (anything with lookup(ctx, k)), got "
+                             f"{type(lookup).__name__}")
         self.f = check_stages(pdm.cfg, model.num_layers, n)
         # lookup: an NGramProposer (or anything with its lookup(ctx, k)); when it finds the newest tokens (in flight
         # included) earlier in the text, its next token is the draft (a point mass), else the PDM's
@@ -185,6 +200,7 @@ class SPDEngine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request]) -> Tuple[List[Result], SPDRunMetrics]:
         m = SPDRunMetrics(n=self.n, stage_s=[0.0] * self.n)
+        requests = list(requests)  # (a generator would be used up by the checks)
         if not requests:
             return [], m
         states = self._states(requests)
@@ -203,6 +219,10 @@ class SPDEngine:
             sync_device(self.model.device)
             m.prefill_s = time.perf_counter() - t0
             active = [s for s in states if not s.done]
+            for s in states:
+                if s.done:  # finished by its first token: its cache entries are not needed
+                    for c in self.caches + [self.pdm_cache]:
+                        c.release(s.rid)
             while active:
                 self._cycle(active, m)
                 for s in active:
