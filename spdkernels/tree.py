@@ -239,6 +239,8 @@ def from_vllm_tree(paths: Sequence[Tuple[int, ...]]) -> List[int]:
     if list(order) != list(paths):
         V.fail("paths", "expected the nodes sorted by depth, then path (vLLM's order)")
     index = {tuple(p): i for i, p in enumerate(paths)}
+    if len(index) != len(paths):
+        V.fail("paths", "expected each node once (a path is listed twice)")
     parents = []
     for p in paths:
         if len(p) == 0:

@@ -240,6 +240,10 @@ def test_refuses_batches_and_padding(model):
     with pytest.raises(ValueError, match="attention_mask"):
         model.generate(PROMPT, attention_mask=mask, do_sample=False, max_new_tokens=4,
                        custom_generate=speculative_generate)
+    for bad in (0, -1, 2.5, True):  # 0 was read as "not given" (4 drafts per step)
+        with pytest.raises(ValueError, match="num_draft_tokens: expected an integer >= 1"):
+            model.generate(PROMPT, do_sample=False, max_new_tokens=4, custom_generate=speculative_generate,
+                           num_draft_tokens=bad)
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------

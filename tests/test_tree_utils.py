@@ -152,6 +152,8 @@ def test_layout_conversions_refuse_what_they_cannot_express():
         tree.from_sglang([2, -1, -1], [-1, -1, 1])
     with pytest.raises(ValueError, match="next_sibling: expected 2 entries"):
         tree.from_sglang([1, -1], [-1])
+    with pytest.raises(ValueError, match="paths: expected each node once"):
+        tree.from_vllm_tree([(0,), (0,)])
 
 
 @pytest.mark.parametrize("validate", [True, False])
