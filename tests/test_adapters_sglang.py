@@ -136,6 +136,14 @@ def test_an_empty_batch_is_a_no_op(path, monkeypatch):
             e, e, e, e, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 4, 5), torch.zeros(0, 4, 5))))
 
 
+def test_tree_parents_follows_links_from_the_root_only():
+    """A stale first-child link of a node the root never reaches does not make its target reachable (node 2 came
+    back as node 1's child, node 1 itself unreachable)."""
+    assert asg.tree_parents(torch.tensor([[-1, 2, -1]]), torch.tensor([[-1, -1, -1]])).tolist() == [[-1, -2, -2]]
+    nt, ns = torch.tensor([[1, 3, -1, -1], [2, -1, -1, 1]]), torch.tensor([[-1, 2, -1, -1], [-1, -1, -1, -1]])
+    assert asg.tree_parents(nt, ns).tolist() == [[-1, 0, 0, 1], [-1, -2, 0, -2]]
+
+
 # ---- greedy ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PATHS)

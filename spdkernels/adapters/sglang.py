@@ -127,21 +127,26 @@ def tree_parents(retrive_next_token: torch.Tensor, retrive_next_sibling: torch.T
     (root: -1; a node unreachable from the root: -2). Vectorised: one step per sibling rank."""
     bs, n = retrive_next_token.shape
     dev = retrive_next_token.device
+    nt, ns = retrive_next_token.long(), retrive_next_sibling.long()
     par = torch.full((bs, n), -2, dtype=torch.int64, device=dev)
     par[:, 0] = -1
-    b, v = (retrive_next_token >= 0).nonzero(as_tuple=True)
-    c = retrive_next_token[b, v]
-    ok = (c > 0) & (c < n)
-    b, v, c = b[ok], v[ok], c[ok]
-    par[b, c] = v
-    for _ in range(n):
-        s = retrive_next_sibling[b, c]
-        m = (s > 0) & (s < n)
-        if not bool(m.any()):
+    not_root = torch.ones(bs, n, dtype=torch.bool, device=dev)
+    not_root[:, 0] = False
+    # grow from the root only (links of unreachable nodes are stale and must not make their targets reachable):
+    # each pass follows the first-child link of every reached node and the next-sibling link of every reached
+    # node but the root; a node keeps the first parent that reaches it
+    for _ in range(2 * n):
+        reached = par != -2
+        b, v = (reached & (nt > 0) & (nt < n)).nonzero(as_tuple=True)
+        c = nt[b, v]
+        fresh = par[b, c] == -2
+        par[b[fresh], c[fresh]] = v[fresh]
+        b2, c2 = (reached & not_root & (ns > 0) & (ns < n)).nonzero(as_tuple=True)
+        s = ns[b2, c2]
+        fresh2 = par[b2, s] == -2
+        par[b2[fresh2], s[fresh2]] = par[b2[fresh2], c2[fresh2]]
+        if not (bool(fresh.any()) or bool(fresh2.any())):
             break
-        b, c, s = b[m], c[m], s[m]
-        par[b, s] = par[b, c]
-        c = s
     return par
 
 
