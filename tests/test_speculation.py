@@ -76,6 +76,24 @@ def test_plan_is_optimal_and_shrinks_with_batch_size():
     assert depths[1] >= 6 and depths[64] <= 3
 
 
+def test_plan_charges_a_tree_level_its_width():
+    """A level of a width-w tree adds w query tokens (it charged one token per level): for one request the plan is
+    the depth that maximises E(k) / (a + b (1 + w k)), the exhaustive optimum, and where tokens cost it drafts
+    fewer tree levels than chain levels."""
+    a, b, al = 1.0, 0.05, 0.8
+    for w in (1.0, 2.0, 3.0, 5.0):
+        spec = AdaptiveSpeculation(max_depth=8, prior_acceptance=al, prior_weight=1e9, halflife=1e9)
+        timed(spec, a, b, [1, 9, 5])
+        k = spec.plan(["x"], [8], tokens_per_level=w)[0]
+        rates = [sum(al ** i for i in range(d + 1)) / (a + b * (1 + w * d)) for d in range(9)]
+        assert rates[k] == pytest.approx(max(rates))
+    spec = AdaptiveSpeculation(max_depth=8, prior_acceptance=al, prior_weight=1e9, halflife=1e9)
+    timed(spec, a, b, [1, 9, 5])
+    assert sum(spec.plan(list(range(8)), [8] * 8, tokens_per_level=3.0)) < sum(spec.plan(list(range(8)), [8] * 8))
+    with pytest.raises(ValueError, match="tokens_per_level"):
+        spec.plan(["x"], [8], tokens_per_level=0.5)
+
+
 def test_plan_prefers_the_requests_that_get_accepted():
     spec = AdaptiveSpeculation(max_depth=8, halflife=1e9)
     timed(spec, 1.0, 0.05, [1, 9])
@@ -130,6 +148,29 @@ def test_engine_with_adaptive_speculation_equals_autoregressive(model, name):
     assert all(q <= R * 7 for R, q in spec.history)
     if name == "draft-model-self":  # every draft accepted: the plan keeps drafting deep
         assert m.accepted == m.drafted and max(q for _, q in spec.history) > 3
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_the_plan_is_told_the_query_tokens_of_a_level(model, branches, monkeypatch):
+    """Chains: one query token per level, always; trees: the share the drafts really had (between 1 and the
+    branch count), so the plan charges a tree level its width."""
+    seen = []
+    real = AdaptiveSpeculation.plan
+
+    def plan(self, rids, caps, tokens_per_level=1.0):
+        seen.append(tokens_per_level)
+        return real(self, rids, caps, tokens_per_level)
+
+    monkeypatch.setattr(AdaptiveSpeculation, "plan", plan)
+    g = torch.Generator().manual_seed(4)
+    p = torch.randint(0, 6, (40,), generator=g).tolist()  # a small alphabet: lookups find several continuations
+    eng = Engine(model, NGramProposer(k=4, min_ngram=1, branches=branches), speculation=AdaptiveSpeculation(4))
+    res, _ = eng.generate([Request(p, SamplingParams(max_new_tokens=16, ignore_eos=True))])
+    assert res[0].output_ids == greedy_reference(model, p, 16)
+    if branches == 1:
+        assert seen and all(t == 1.0 for t in seen)
+    else:
+        assert seen[0] == 3.0 and all(1.0 <= t <= 3.0 for t in seen) and len(set(seen)) > 1
 
 
 class _CostlyNothing(NGramProposer):

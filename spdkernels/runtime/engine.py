@@ -213,6 +213,8 @@ class Engine:
         states = [RequestState(r, r.rid if r.rid is not None else i) for i, r in enumerate(requests)]
         check_unique_rids(requests, [s.rid for s in states])
         self._run = states
+        # query tokens per draft level, for the speculation plan: the proposer's bound until drafts are seen
+        self._tokens_per_level = self.proposer.max_nodes / self.proposer.max_depth if self.proposer else 1.0
         m = RunMetrics()
         old_validation = spdkernels.validation_enabled()
         spdkernels.set_validation(self.validate_ops)
@@ -313,8 +315,8 @@ class Engine:
         spec = self.speculation if self.proposer is not None else None
         if self.proposer is not None:
             limits = [min(self._depth_limit(s), self.proposer.max_depth) for s in active]  # (the plan's caps)
-            if spec is not None:
-                limits = spec.plan([s.rid for s in active], limits)
+            if spec is not None:  # a tree's level adds several query tokens: as many as its recent drafts had
+                limits = spec.plan([s.rid for s in active], limits, self._tokens_per_level)
             drafts = self.proposer.propose(active, limits)
         else:
             drafts = [Draft() for _ in active]
@@ -359,6 +361,9 @@ class Engine:
             spec.observe_step(len(toks), t3 - t2, max(limits, default=0), t1 - t0)
         draft_ids = torch.tensor(dtoks, dtype=torch.int64, device=dev)
         max_depth = max(depths)
+        if sum(depths):  # (smoothed: one step's trees say little)
+            seen = sum(len(d) for d in drafts) / sum(depths)
+            self._tokens_per_level += 0.2 * (max(1.0, seen) - self._tokens_per_level)
         if all(s.params.temperature == 0 for s in active):
             out, num, path = spdkernels.verify_greedy(logits, draft_ids, cund_t, par_t, max_depth=max_depth)
         else:

@@ -94,8 +94,12 @@ class AdaptiveSpeculation:
         return a, b, c
 
     # -- planning ----------------------------------------------------------------------------------------
-    def plan(self, rids: Sequence[object], caps: Sequence[int]) -> List[int]:
-        """Draft depth limits for the requests of the next step (``caps``: the engine's own limits)."""
+    def plan(self, rids: Sequence[object], caps: Sequence[int], tokens_per_level: float = 1.0) -> List[int]:
+        """Draft depth limits for the requests of the next step (``caps``: the engine's own limits;
+        ``tokens_per_level``: query tokens one more level adds, 1 for chains, up to the width for trees: the
+        engine passes its proposer's ``max_nodes / max_depth``)."""
+        if not tokens_per_level >= 1.0:
+            raise ValueError(f"tokens_per_level: expected >= 1, got {tokens_per_level!r}")
         caps = [max(0, min(c, self.max_depth)) for c in caps]
         k = [0] * len(rids)
         a, b, c = self.cost_model()
@@ -114,10 +118,10 @@ class AdaptiveSpeculation:
                     break
                 new_depth = max(depth, k[i] + 1)
                 old_rate = E / (a + b * T + c * depth)
-                new_rate = (E + g) / (a + b * (T + 1) + c * new_depth)
+                new_rate = (E + g) / (a + b * (T + tokens_per_level) + c * new_depth)
                 if new_rate <= old_rate:
                     break
-                E, T, depth = E + g, T + 1, new_depth
+                E, T, depth = E + g, T + tokens_per_level, new_depth
                 k[i] += 1
                 if k[i] < caps[i]:
                     heapq.heapreplace(heap, (neg_g * alpha[i], i))
