@@ -25,7 +25,7 @@ from typing import Dict, List
 import torch
 
 import spdkernels
-from spdkernels.runtime.files import save_figure_atomic, write_text_atomic
+from spdkernels.runtime.files import check_output_file, save_figure_atomic, write_text_atomic
 
 from . import timing
 from .registry import load_all
@@ -41,11 +41,29 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 30 on CPU, 100 on GPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-flush", action="store_true", help="CPU: keep caches warm between repeats")
-    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG of time against bytes here")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG of time against bytes here")
     p.add_argument("--list", action="store_true", help="list ops, shape sets and backends, then exit")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # everything that can be refused is refused here, before any measurement (exit 2, one line)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device: {args.device} needs a CUDA GPU, and torch sees none")
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats: expected >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        p.error(f"--warmup: expected >= 0, got {args.warmup}")
+    for name in ("json", "plot"):
+        if getattr(args, name) is not None:
+            try:
+                setattr(args, name, check_output_file(getattr(args, name), f"--{name}"))
+            except ValueError as e:
+                p.error(str(e))
+    return args
 
 
 def progress(total, disable):
@@ -183,7 +201,7 @@ def main(argv=None) -> int:
             print(f"{name}: shape sets {sets}; backends here: {here}")
         return 0
     names = args.op or sorted(ops)
-    repeats = args.repeats or (100 if on_gpu else 30)
+    repeats = args.repeats if args.repeats is not None else (100 if on_gpu else 30)
     spdkernels.set_validation(False)  # production setting: no host-sync checks in the timed path
 
     env = timing.environment(device)
@@ -284,12 +302,11 @@ def main(argv=None) -> int:
     else:
         print(f"# CPU: median of {repeats} wall-clock repeats, caches {'flushed' if env['cpu_cache_flush'] else 'warm'}"
               f" between repeats; validation off; '% copy BW' = achieved GB/s / copy GB/s (read+write) measured above")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.json is not None:
         write_text_atomic(args.json, json.dumps({"environment": env, "shape_set": args.shapes, "rows": rows,
-                                         "nki_model": model}, indent=1))
+                                                 "nki_model": model}, indent=1))
         print(f"# wrote {args.json}")
-    if args.plot:
+    if args.plot is not None:
         try:
             plot(rows, env, args.plot)
             print(f"# wrote {args.plot}")

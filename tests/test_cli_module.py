@@ -34,3 +34,30 @@ def test_module_dispatches_to_the_console_script_entry_point():
     entry = getattr(importlib.import_module(target.group(1)), target.group(2))
     main_module = importlib.import_module("spdkernels.__main__")
     assert main_module.main is entry
+
+
+def test_spd_bench_refuses_bad_arguments_before_measuring(tmp_path, capsys):
+    """spd-bench: a device torch cannot use, repeat counts below 1 (0 meant the default, a negative count ran and
+    failed every row), a negative warm-up, and --json / --plot paths that cannot be written exit 2 with one line
+    naming the flag, before any measurement and with no file written (a traceback after the whole run before,
+    and --json written before a --plot that then failed)."""
+    import pytest
+    import torch
+    from spdkernels.bench import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(["--device", "cuda:x"], "--device"), (["--device", "nosuch"], "--device"),
+             (["--repeats", "0"], "--repeats"), (["--repeats", "-3"], "--repeats"), (["--warmup", "-5"], "--warmup"),
+             (["--json", ""], "--json"), (["--json", str(tmp_path)], "--json"),
+             (["--json", str(afile / "x.json")], "--json"),
+             (["--json", str(tmp_path / "ok.json"), "--plot", str(afile / "x.png")], "--plot")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device: cuda needs a CUDA GPU"))
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--op", "verify_greedy", "--shapes", "tiny", "--no-progress"] + argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -179,3 +179,107 @@ def test_forward_steps_bench_runs_and_its_variants_agree(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["tokens"] for r in rows] == [1, 3] and all(r["runtime ms"] > 0 for r in rows)
     assert forward_steps.main(["--tokens", "0"]) == 2
+
+
+# ---- damaged checkpoints ---------------------------------------------------------------------------------------
+
+def _patched_gguf(tmp_path, name, key, value, fmt="<I", array_count=False):
+    """A copy of the embedded GGUF with the metadata value of ``key`` (or, ``array_count``, the length of its
+    array) overwritten: found by the key's bytes after their u64 length, then the value's type."""
+    import struct
+
+    data = bytearray(embedded_model_path().read_bytes())
+    k = key.encode()
+    at = data.find(struct.pack("<Q", len(k)) + k, 0, 4 << 20)
+    assert at > 0, key
+    pos = at + 8 + len(k) + 4  # past the key and the value type
+    if array_count:
+        pos += 4  # past the element type: the u64 count
+    data[pos:pos + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    out = tmp_path / f"{name}.gguf"
+    out.write_bytes(bytes(data))
+    return out
+
+
+GGUF_DAMAGE = {  # name: (key, value, fmt, array_count, the message)
+    "array-past-the-file": ("tokenizer.ggml.token_type", 10 ** 12, "<Q", True, "truncated or corrupt"),
+    "strings-past-the-file": ("tokenizer.ggml.tokens", 10 ** 12, "<Q", True, "truncated or corrupt"),
+    "zero-heads": ("llama.attention.head_count", 0, "<I", False, "head_count must be >= 1"),
+    "zero-kv-heads": ("llama.attention.head_count_kv", 0, "<I", False, "head_count_kv must be >= 1"),
+    "heads-not-dividing-the-rows": ("llama.attention.head_count", 27, "<I", False, "cannot be loaded"),
+    "eos-outside-the-vocabulary": ("tokenizer.ggml.eos_token_id", 10 ** 6, "<I", False, "eos_token_id"),
+    "fewer-layers-than-tensors": ("llama.block_count", 29, "<I", False, "belongs to no layer of the config's 29"),
+    "context-too-long": ("llama.context_length", 2 ** 31, "<I", False, "more than this runtime supports"),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_DAMAGE))
+def test_a_damaged_gguf_is_named_not_crashed_on(tmp_path, case):
+    """A ModelLoadError naming the file or field, in a child process with a time limit: an array claiming more
+    elements than the file holds hung the reader with memory growing; zero head counts raised ZeroDivisionError,
+    a bad eos id an IndexError, layers past block_count were dropped silently, a huge context built its rotary
+    table (16 GB)."""
+    import subprocess
+    import sys
+
+    key, value, fmt, count, message = GGUF_DAMAGE[case]
+    f = _patched_gguf(tmp_path, case, key, value, fmt, count)
+    code = ("import sys\nfrom spdkernels.runtime import load_checkpoint, LlamaModel\n"
+            "from spdkernels.runtime.weights import ModelLoadError\n"
+            f"try:\n    ck = load_checkpoint({str(f)!r}); LlamaModel(ck.config, ck.state_dict)\n"
+            "except ModelLoadError as e:\n    print('REFUSED', e); sys.exit(0)\nprint('LOADED'); sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.startswith("REFUSED"), (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert message in r.stdout, r.stdout
+
+
+def test_a_damaged_hf_folder_is_named_not_crashed_on(ck, tmp_path):
+    """Config values that are missing, of the wrong type or zero, a tensor of integers, a tensor of a layer the
+    config does not have, a truncated shard: a ModelLoadError each (KeyError, TypeError, ZeroDivisionError,
+    SafetensorError, or a silent load before)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from spdkernels.runtime.model import random_config, random_state_dict
+    from spdkernels.runtime.weights import Checkpoint, ModelLoadError
+
+    c = random_config()
+    good = save_hf_folder(Checkpoint(c, {k: v.float() for k, v in random_state_dict(c).items()}, ck.tokenizer,
+                                     "random"), tmp_path / "good")
+    assert load_checkpoint(str(good)).config.num_layers == c.num_layers
+    cfg = json.loads((good / "config.json").read_text())
+    sd = load_file(str(good / "model.safetensors"))
+
+    def folder(name, config=None, tensors=None, raw=None):
+        d = tmp_path / name
+        d.mkdir()
+        for f in good.iterdir():
+            if f.name not in ("config.json", "model.safetensors"):
+                (d / f.name).write_bytes(f.read_bytes())
+        (d / "config.json").write_text(json.dumps(cfg if config is None else config))
+        if raw is not None:
+            (d / "model.safetensors").write_bytes(raw)
+        else:
+            save_file(sd if tensors is None else tensors, str(d / "model.safetensors"))
+        return d
+
+    cases = {
+        "no-heads-key": (folder("a", config={k: v for k, v in cfg.items() if k != "num_attention_heads"}),
+                         "has no num_attention_heads"),
+        "config-a-list": (folder("b", config=[cfg]), "not a JSON object"),
+        "zero-kv-heads": (folder("c", config=dict(cfg, num_key_value_heads=0)), "num_kv_heads must be an integer"),
+        "heads-a-string": (folder("d", config=dict(cfg, num_attention_heads="4")), "num_heads must be an integer"),
+        "eos-a-string": (folder("e", config=dict(cfg, eos_token_id="2")), "eos_token_id"),
+        "huge-context": (folder("f", config=dict(cfg, max_position_embeddings=2 ** 40)), "more than this runtime"),
+        "integer-weights": (folder("g", tensors=dict(sd, **{"model.layers.0.mlp.up_proj.weight":
+                                                            sd["model.layers.0.mlp.up_proj.weight"].to(torch.int32)})),
+                            "expected floating point"),
+        "fewer-layers-than-tensors": (folder("h", config=dict(cfg, num_hidden_layers=c.num_layers - 1)),
+                                      "belongs to no layer"),
+        "truncated-shard": (folder("i", raw=(good / "model.safetensors").read_bytes()[:1000]), "cannot be loaded"),
+    }
+    for name, (d, message) in cases.items():
+        with pytest.raises(ModelLoadError, match=message):
+            load_checkpoint(str(d))
+            raise AssertionError(f"{name}: loaded")

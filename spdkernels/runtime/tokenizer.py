@@ -38,9 +38,20 @@ class Tokenizer:
 
             raise ModelLoadError(f"tokenizer: GGUF tokenizer model {model!r} is not supported yet (only 'gpt2' "
                                  "byte-level BPE)")
-        tokens: List[str] = list(get("tokenizer.ggml.tokens"))
+        from .weights import ModelLoadError
+
+        tokens: List[str] = list(get("tokenizer.ggml.tokens") or [])
+        if not tokens:
+            raise ModelLoadError("tokenizer: the GGUF file has no tokenizer.ggml.tokens")
         types = list(get("tokenizer.ggml.token_type", [1] * len(tokens)))
-        merges = [tuple(m.split(" ", 1)) for m in get("tokenizer.ggml.merges", [])]
+        if len(types) != len(tokens):
+            raise ModelLoadError(f"tokenizer: {len(types)} token types for {len(tokens)} tokens")
+        raw_merges = get("tokenizer.ggml.merges")
+        if not raw_merges:  # a byte-level BPE without merges would split every word into single bytes
+            raise ModelLoadError("tokenizer: the GGUF file has no tokenizer.ggml.merges (a 'gpt2' BPE needs them)")
+        if any(" " not in m for m in raw_merges):
+            raise ModelLoadError("tokenizer: a tokenizer.ggml.merges entry is not two tokens separated by a space")
+        merges = [tuple(m.split(" ", 1)) for m in raw_merges]
         vocab = {t: i for i, t in enumerate(tokens)}
         tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -54,6 +65,9 @@ class Tokenizer:
         tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                 for i, ty in enumerate(types) if ty in (3, 4)])
         bos_id, eos_id = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
+        for name, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)):
+            if v is not None and not 0 <= int(v) < len(tokens):
+                raise ModelLoadError(f"tokenizer: tokenizer.ggml.{name} {v} is outside the {len(tokens)} tokens")
         stops = [i for i, t in enumerate(tokens) if t in _STOP_TOKEN_TEXTS and types[i] == 3]
         if eos_id is not None:
             stops.append(int(eos_id))

