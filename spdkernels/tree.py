@@ -13,6 +13,7 @@ helpers (they run once per batch shape, or on CPU metadata).
 from __future__ import annotations
 
 import heapq
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -64,7 +65,8 @@ def _check_layout(parents, cu_num_draft, max_q_len, num_draft_tokens) -> None:
         V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device, "cu_num_draft")
         if num_draft_tokens is not None and parents.shape[0] != num_draft_tokens:
             V.fail("num_draft_tokens", f"expected len(parents) = {parents.shape[0]}, got {num_draft_tokens}")
-    if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 1):
+    if max_q_len is not None and (isinstance(max_q_len, bool) or not isinstance(max_q_len, numbers.Integral)
+                                  or max_q_len < 1):
         V.fail("max_q_len", f"expected an int >= 1, got {max_q_len!r}")
     if not _config.validation_enabled():
         return

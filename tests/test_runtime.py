@@ -961,3 +961,62 @@ def test_one_pass_steps_leave_training_to_torch_and_name_bad_input():
     for msg, fn in bad.items():
         with pytest.raises(ValueError, match=f"^{msg}"):
             fn()
+
+
+def _gguf_bytes(endian, kvs, n_tensors=0, cut=0):
+    """A GGUF header and metadata section (no tensors) in ``endian`` byte order: ``kvs`` = [(key, type, payload
+    bytes)], payloads written by the caller in the same order."""
+    import struct
+
+    b = b"GGUF" + struct.pack(endian + "IQQ", 3, n_tensors, len(kvs))
+    for key, t, payload in kvs:
+        b += struct.pack(endian + "Q", len(key)) + key.encode() + struct.pack(endian + "I", t) + payload
+    return b[:len(b) - cut]
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_the_gguf_metadata_walk_follows_the_format(tmp_path, endian):
+    """The bounded walk that guards the GGUF reader: both byte orders (the reader accepts byte-swapped files),
+    strings, arrays of values, of strings and of arrays pass; a file cut short, an array longer than the file
+    and an unknown type are named."""
+    import struct
+
+    from spdkernels.runtime.weights import ModelLoadError, _scan_gguf_header
+
+    def s(x):
+        return struct.pack(endian + "Q", len(x)) + x.encode()
+
+    kvs = [("general.architecture", 8, s("llama")), ("a.u32", 4, struct.pack(endian + "I", 7)),
+           ("a.f64", 12, struct.pack(endian + "d", 1.5)),
+           ("a.ints", 9, struct.pack(endian + "IQ", 5, 3) + struct.pack(endian + "3i", 1, 2, 3)),
+           ("a.strs", 9, struct.pack(endian + "IQ", 8, 2) + s("ab") + s("")),
+           ("a.nested", 9, struct.pack(endian + "IQ", 9, 2) + struct.pack(endian + "IQ", 0, 2) + b"xy"
+            + struct.pack(endian + "IQ", 8, 1) + s("z"))]
+    f = tmp_path / "m.gguf"
+    f.write_bytes(_gguf_bytes(endian, kvs))
+    _scan_gguf_header(f)  # a well-formed file passes
+    f.write_bytes(_gguf_bytes(endian, kvs, cut=3))
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        _scan_gguf_header(f)
+    f.write_bytes(_gguf_bytes(endian, kvs[:1] + [("a.huge", 9, struct.pack(endian + "IQ", 4, 10 ** 12))]))
+    with pytest.raises(ModelLoadError, match="truncated or corrupt .*an array of 1000000000000 values"):
+        _scan_gguf_header(f)
+    f.write_bytes(_gguf_bytes(endian, [("a.odd", 13, b"")]))
+    with pytest.raises(ModelLoadError, match="unknown type 13"):
+        _scan_gguf_header(f)
+
+
+def test_iterables_and_numpy_integers_are_taken_where_a_list_or_an_int_is(model):
+    import numpy as np
+
+    from spdkernels import tree
+
+    p = params(4, stop={"ab"})
+    p.validate()
+    assert p.stop == ("ab",)
+    p = params(4, stop=(x for x in ["cd"]))
+    p.validate()
+    assert p.stop == ("cd",)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
+    par = torch.tensor([-1, 0], dtype=torch.int32)
+    assert torch.equal(tree.build_tree_mask(par, cu, np.int64(3)), tree.build_tree_mask(par, cu, 3))

@@ -465,6 +465,9 @@ def test_spd_bad_input(model, pdm):
             SPDEngine(other, pdm, 2)
         with pytest.raises(ValueError, match="pdm: this PDM was built for another target model"):
             Engine(other, PDMProposer(pdm)).generate([Request([1, 2, 3], _greedy(2))])
+    # eos ids as a generator: read once (the check used it up and EOS was never seen)
+    eng = SPDEngine(model, pdm, 2, eos_token_ids=(t for t in [5, 6]))
+    assert eng.eos == {5, 6}
     # requests as a generator: used once (the checks used it up and the caches were sized for nothing)
     res, _ = SPDEngine(model, pdm, 2).generate(Request(p, _greedy(3)) for p in ([1, 2, 3], [4, 5, 6, 7]))
     assert [len(r.output_ids) for r in res] == [3, 3]
@@ -1041,6 +1044,8 @@ def test_cli_unwritable_outputs_exit_2_before_the_model_loads(tmp_path, capsys):
         (["train-pdm", "--model", nomodel, "--out", str(tmp_path / "o"), "--work", ""], "--work"),
         # too few prompts for a held-out split and training text (an IndexError after the text, before)
         (["train-pdm", "--model", nomodel, "--out", str(tmp_path / "o"), "--prompts", "9"], "--prompts"),
+        # (--no-json / --no-plot skip a file; an empty path is still refused above: here the model is the error)
+        (["demo", "--model", nomodel, "--no-json", "--json", "", "--no-plot", "--plot", ""], "model"),
         # a PDM the command would not use
         (["generate", "--model", nomodel, "--prompt", "hi", "--pdm", str(tmp_path)], "--pdm"),
         (["generate", "--model", nomodel, "--prompt", "hi", "--proposer", "ngram", "--pdm", str(tmp_path)], "--pdm"),

@@ -124,7 +124,8 @@ def _check_flat_index(ri: torch.Tensor, predicts: torch.Tensor, bs: int, n: int)
 
 def tree_parents(retrive_next_token: torch.Tensor, retrive_next_sibling: torch.Tensor) -> torch.Tensor:
     """sgl-kernel's linked lists ``[bs, n]`` -> the parent of every node as a query index ``[bs, n]``
-    (root: -1; a node unreachable from the root: -2). Vectorised: one step per sibling rank."""
+    (root: -1; a node unreachable from the root: -2). Vectorised: each pass follows one first-child or
+    next-sibling link from every node reached so far (at most 2n passes)."""
     bs, n = retrive_next_token.shape
     dev = retrive_next_token.device
     nt, ns = retrive_next_token.long(), retrive_next_sibling.long()

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-transformers", action="store_true", help="skip the Hugging Face transformers runs")
     d.add_argument("--json", default="bench_results/demo.json")
     d.add_argument("--plot", default="bench_results/demo.png")
+    d.add_argument("--no-json", action="store_true", help="write no JSON file")
+    d.add_argument("--no-plot", action="store_true", help="write no plot")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--repeats", type=int, default=1, help="run every prompt this many times per run (interleaved); "
                    "per prompt, tok/s and the speedup are medians over the repeats")
@@ -487,7 +489,9 @@ def cmd_demo(args) -> int:
     if args.pdm is not None and args.no_spd:
         raise ValueError("--pdm: the demo's SPD and PDM rows use it, and --no-spd drops them")
     for name in ("json", "plot"):
-        if getattr(args, name) is not None:
+        if getattr(args, f"no_{name}"):
+            setattr(args, name, None)
+        elif getattr(args, name) is not None:
             check_output_file(getattr(args, name), f"--{name}")
     t = time.perf_counter()
     ck, model = _load(args.model, args.threads, args.device, args.weights)

@@ -54,9 +54,11 @@ class SamplingParams:
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 63):
             raise ValueError(f"seed: expected a 64-bit integer or None (a fresh seed), got {self.seed!r}")
-        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) or \
-                any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop: expected a list or tuple of non-empty strings, got {self.stop!r}")
+        if isinstance(self.stop, (str, bytes)) or not hasattr(self.stop, "__iter__"):
+            raise ValueError(f"stop: expected a list of non-empty strings (not one string), got {self.stop!r}")
+        self.stop = tuple(self.stop)  # (a set or a generator: read once, here)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
 
 
 def _is_int(x) -> bool:

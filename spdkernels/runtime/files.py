@@ -15,8 +15,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def check_output_file(path: PathLike, arg: str) -> Path:
     """Refuse (``ValueError`` naming ``arg``) an output path that cannot be written: a folder, or one whose
-    parent is a file or cannot be created. Creates nothing: missing parent folders are made when the file is
-    written (:func:`write_atomic`), so a run refused or failed later leaves no empty folders behind."""
+    parent is a file or cannot be created. Leaves nothing behind (it creates and removes one probe entry in the
+    nearest existing folder): missing parent folders are made when the file is written (:func:`write_atomic`),
+    so a run refused or failed later leaves no empty folders behind."""
     p = _path(path, arg)
     if p.is_dir():
         raise ValueError(f"{arg}: {p} is a folder, expected a file path")

