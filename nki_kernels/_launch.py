@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from spdkernels.nki_kernels import emulation_enabled, simulator_enabled
 
-from spdkernels import _config
 from spdkernels import _validate as V
 
 FP32_EXACT_INT = 2**24  # ids are carried in fp32 inside the kernels: exact below this
@@ -104,7 +103,10 @@ def request_layout(cu_num_draft: torch.Tensor, draft_token_ids: torch.Tensor, pa
     node_r = torch.repeat_interleave(torch.arange(R, device=dev), ks, output_size=N)
     local = torch.arange(N, device=dev) - cu[node_r]
     tok = torch.full((R, K), -1, dtype=torch.int32, device=dev)
-    tok[node_r, local] = draft_token_ids.to(torch.int32)
+    t = draft_token_ids
+    if t.dtype == torch.int64:  # ids past the int32 range are outside every vocabulary: -1, not a wrapped small id
+        t = torch.where((t >= -1) & (t < 2 ** 31), t, torch.full_like(t, -1))
+    tok[node_r, local] = t.to(torch.int32)
     par = torch.full((R, K), -2, dtype=torch.int32, device=dev)
     par[node_r, local] = (parents.to(torch.int32) if parents is not None else (local - 1).to(torch.int32))
     nidx = torch.full((R, K), N, dtype=torch.int32, device=dev)
@@ -120,12 +122,13 @@ def request_layout(cu_num_draft: torch.Tensor, draft_token_ids: torch.Tensor, pa
 
 
 def _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens: bool = True) -> None:
-    """The index checks of the torch backend, made with validation off too (with it on, the op has made them): the
+    """The index checks of the torch backend, made whatever the validation setting: the
     launchers read the batch on the host anyway (its sizes are the kernels' compile-time shapes), so they cost no
     extra synchronisation, and a malformed batch is a ValueError naming the argument, never a layout built from
     out-of-range offsets."""
-    if not _config.validation_enabled():
-        V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=tokens)
+    # always: with validation on the public wrapper has checked the values, but a direct torch.ops call or a
+    # compiled graph makes only the static checks (and another thread may switch validation meanwhile)
+    V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=tokens)
 
 
 def _check_vocab(target_logits: torch.Tensor) -> None:
@@ -170,10 +173,10 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
         V.fail("k_cache", f"block size {bs} exceeds the NKI kernel's {MAX_BLOCK_SIZE} (one P.V chunk)")
     if T == 0 or R == 0:
         return torch.empty_like(q)
-    if not _config.validation_enabled():  # the torch backend's layout checks (a host read the launcher makes anyway)
-        from spdkernels.ops.tree_attention import _check_layout
+    # the torch backend's layout checks, always (a host read the launcher makes anyway; see _check_indices)
+    from spdkernels.ops.tree_attention import _check_layout
 
-        _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
     cu = cu_q_lens.to(torch.int64)
     q_len = cu[1:] - cu[:-1]
     Qmax = int(q_len.max())  # host sync: the tail tile's compile-time width

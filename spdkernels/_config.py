@@ -20,10 +20,16 @@ _default = os.environ.get("SPDKERNELS_VALIDATE", "1").strip().lower() not in ("0
 _override: contextvars.ContextVar = contextvars.ContextVar("spdkernels_validation", default=None)
 
 
+def _flag(enabled) -> bool:
+    if not isinstance(enabled, (bool, int)) or isinstance(enabled, int) and enabled not in (0, 1):
+        raise ValueError(f"enabled: expected True or False, got {enabled!r}")  # ("false" is truthy; None is not False)
+    return bool(enabled)
+
+
 def set_validation(enabled: bool) -> None:
     """Switch the value checks on or off for the whole process (every thread without its own setting)."""
     global _default
-    _default = bool(enabled)
+    _default = _flag(enabled)
 
 
 def validation_enabled() -> bool:
@@ -34,7 +40,7 @@ def validation_enabled() -> bool:
 @contextlib.contextmanager
 def validation(enabled: bool):
     """Context manager: value checks on or off inside the block, for this thread / task only."""
-    token = _override.set(bool(enabled))
+    token = _override.set(_flag(enabled))
     try:
         yield
     finally:

@@ -39,12 +39,18 @@ def _find() -> str | None:
     """Import the extension if this torch may load it; None on success, else the reason."""
     spec = importlib.util.find_spec("spdkernels._C")
     meta = Path(__file__).with_name("_C.json")
+    try:
+        info = json.loads(meta.read_text()) if meta.exists() else None
+    except (OSError, ValueError) as e:  # a damaged record: the extension is off, the package still imports
+        return f"{meta.name} is unreadable ({e}): reinstall"
+    if info is not None and not isinstance(info, dict):
+        return f"{meta.name} is not a JSON object: reinstall"
     if spec is None:  # the build may have recorded why it made no extension
-        why = json.loads(meta.read_text()).get("error") if meta.exists() else None
+        why = info.get("error") if info else None
         return why or "not built (no spdkernels._C module)"
-    if not meta.exists():
+    if info is None:
         return f"{Path(spec.origin).name} has no {meta.name} beside it (the torch it was built for): reinstall"
-    why = compatible(json.loads(meta.read_text()), torch.__version__, torch._C._GLIBCXX_USE_CXX11_ABI)
+    why = compatible(info, torch.__version__, torch._C._GLIBCXX_USE_CXX11_ABI)
     if why:
         return why
     try:

@@ -269,3 +269,47 @@ def test_validation_errors(case):
 def test_scale_validation():
     with pytest.raises(ValueError, match="scale"):
         spdkernels.tree_attention(*good(), scale=-1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("validate", [True, False])
+def test_strided_lengths_and_a_permuted_query(backend, validate):
+    """kv_lens / cu_q_lens that are views with a stride (a column of a [R, 2] table) or broadcast (stride 0), and
+    a query that is a permuted view: the same output as dense copies, on every backend (the Triton kernel read the
+    lengths one element after another: request r got another request's kv_len, and a broadcast tensor was read
+    past its end); the output is dense, as the op's fake kernel says (torch.compile relies on it)."""
+    q, kc, vc, bt, kv, cu_q, mask = make_batch([3, 2, 4], [5, 9, 0], Hq=4, Hkv=2, D=32, bs=8,
+                                               gen=torch.Generator().manual_seed(8))
+    want = run("torch", (q, kc, vc, bt, kv, cu_q, mask))
+    kv_col = torch.stack([torch.zeros_like(kv), kv], 1)[:, 1]
+    cu_col = torch.stack([cu_q, torch.zeros_like(cu_q)], 1)[:, 0]
+    assert kv_col.stride(0) == 2 and cu_col.stride(0) == 2
+    qp = q.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # the same values, strides of a [H, T, D] tensor
+    with spdkernels.validation(validate):
+        got = run(backend, (qp, kc, vc, bt, kv_col, cu_col, mask))
+    check_close(got, want)
+    assert got.is_contiguous()
+    same = torch.tensor([12], **I32).expand(3)  # every request 12 positions long (stride 0)
+    q2, kc2, vc2, bt2, kv2, cu2, _ = make_batch([2, 2, 2], [10, 10, 10], Hq=4, Hkv=2, D=32, bs=8,
+                                                gen=torch.Generator().manual_seed(9))
+    with spdkernels.validation(validate):
+        got = run(backend, (q2, kc2, vc2, bt2, same.to(kv2.device), cu2, None))
+    check_close(got, run("torch", (q2, kc2, vc2, bt2, kv2, cu2, None)))
+
+
+def test_the_fake_kernel_gives_a_dense_output():
+    from spdkernels.ops.tree_attention import _fake
+
+    q, kc, vc, bt, kv, cu_q, mask = make_batch([3], [5], Hq=4, Hkv=2, D=32, bs=8)
+    qp = q.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    assert not qp.is_contiguous() and _fake(qp, kc, vc, bt, kv, cu_q, mask, None).is_contiguous()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "nki")])
+def test_a_kv_len_near_the_int32_limit_is_named(backend):
+    """(kv_len + block size - 1) // block size wrapped negative in int32 near 2**31, which skipped the block-table
+    check the torch and NKI backends rely on with validation off."""
+    q, kc, vc, bt, kv, cu_q, mask = make_batch([2], [6], Hq=4, Hkv=2, D=32, bs=8)
+    kv[0] = 2 ** 31 - 2
+    with spdkernels.validation(False), pytest.raises(ValueError, match="block_table"):
+        run(backend, (q, kc, vc, bt, kv, cu_q, mask))

@@ -316,3 +316,44 @@ def test_docstring_example_is_right():
     mod = importlib.import_module("spdkernels.ops.verify_greedy")
     res = doctest.testmod(mod, extraglobs={"torch": torch, "verify_greedy": spdkernels.verify_greedy})
     assert res.attempted >= 1 and res.failed == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("validate", [True, False])
+def test_int64_draft_ids_past_the_int32_range_are_never_accepted(backend, validate):
+    """2**32 + 7 is outside the vocabulary even though its low 32 bits are 7, the argmax (the Triton and NKI
+    launches narrowed int64 ids to int32 and accepted it); with validation on it is named."""
+    logits = torch.full((3, 10), -5.0)
+    logits[:, 7] = 5.0
+    toks = torch.tensor([2 ** 32 + 7, 7], dtype=torch.int64)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
+    with spdkernels.validation(validate):
+        if validate:
+            with pytest.raises(ValueError, match="draft_token_ids"):
+                run(backend, logits, toks, cu, max_depth=2)
+            return
+        out, num, _ = run(backend, logits, toks, cu, max_depth=2)
+    assert num.tolist() == [1] and out.tolist() == [[7, -1, -1]]
+
+
+@pytest.mark.skipif("nki" not in BACKENDS, reason="the NKI emulation runs on CPU machines only")
+def test_the_nki_launcher_checks_indices_on_a_direct_op_call():
+    """The NKI launcher makes its index checks whatever the validation setting (it skipped them with validation on,
+    trusting the wrapper's value checks): a direct op call with a malformed batch is a ValueError naming it."""
+    logits = torch.randn(3, 10)
+    toks = torch.tensor([1, 2], dtype=torch.int32)
+    bad_cu = torch.tensor([0, 5], dtype=torch.int32)  # past the two drafts
+    with use_backend("nki"), spdkernels.validation(True), pytest.raises(ValueError, match="cu_num_draft"):
+        torch.ops.spdkernels.verify_greedy(logits, toks, bad_cu, None, 2)
+
+
+def test_the_validation_switch_takes_booleans_only():
+    """"false" is truthy and None is not False: both used to be read as a setting."""
+    for bad in ("false", None, 2):
+        with pytest.raises(ValueError, match="enabled"):
+            spdkernels.set_validation(bad)
+        with pytest.raises(ValueError, match="enabled"):
+            with spdkernels.validation(bad):
+                pass
+    with spdkernels.validation(0):
+        assert not spdkernels.validation_enabled()

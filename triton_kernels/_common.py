@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
+
+
+def launch_device(t: torch.Tensor):
+    """The context a launch on ``t``'s tensors needs: its CUDA device made current (Triton launches on the current
+    device and its stream; tensors on another GPU would be read from the wrong one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def int32_ids(t: torch.Tensor) -> torch.Tensor:
+    """Token ids for kernels that read int32: int64 ids outside the int32 range become -1 (outside every
+    vocabulary) instead of wrapping to a small id that could be accepted (2**32 + 7 read as 7)."""
+    if t.dtype == torch.int64:
+        t = torch.where((t >= -1) & (t < 2 ** 31), t, torch.full_like(t, -1)).to(torch.int32)
+    return t.contiguous()
 
 
 @triton.jit

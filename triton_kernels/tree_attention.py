@@ -228,6 +228,8 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
         max_q_len = int(cu_q_lens.diff().max())
     if max_kv_len is None:
         max_kv_len = int(kv_lens.max())
+    max_kv_len = max(max_kv_len, 1)  # (an upper bound may be raised; 0 would make the split width 0)
+    max_q_len = max(max_q_len, 1)
     BLOCK_M, BLOCK_N, num_warps, maxnreg = _tiles(q.dtype, D, BS, max_q_len, G, _capability(q.device))
     m_tiles = triton.cdiv(max_q_len * G, BLOCK_M)
     BLOCK_D = max(16, triton.next_power_of_2(D))

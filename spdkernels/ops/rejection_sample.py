@@ -157,9 +157,12 @@ def _cpp_impl(*args):
 def _triton_impl(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature, top_k, top_p,
                  uniforms, seed, offset, max_depth, bonus_token_ids=None, target_is_probs=False):
     from spdkernels.triton_kernels import rejection_sample as k
+    from spdkernels.triton_kernels._common import int32_ids, launch_device
 
-    return k.rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draft_probs, temperature,
-                              top_k, top_p, uniforms, seed, offset, max_depth, bonus_token_ids, target_is_probs)
+    with launch_device(target_logits):
+        return k.rejection_sample(target_logits, int32_ids(draft_token_ids), cu_num_draft, parents, draft_probs,
+                                  temperature, top_k, top_p, uniforms, seed, offset, max_depth, bonus_token_ids,
+                                  target_is_probs)
 
 
 @_registry.register(OP, "nki")

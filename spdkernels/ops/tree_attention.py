@@ -46,6 +46,8 @@ def _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mas
     nb, bs, Hkv, Dk = k_cache.shape
     if Dk != D:
         V.fail("k_cache", f"head dim {Dk} differs from q's {D}")
+    if D < 1:
+        V.fail("q", "head dim must be >= 1, got 0")
     if Hkv < 1 or Hq % Hkv:
         V.fail("k_cache", f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if bs < 1 or bs & (bs - 1):
@@ -97,7 +99,7 @@ def _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask):
         V.fail("kv_lens", f"request {r} has kv_len {int(lens[r])} < its {int(q_len[r])} query tokens (kv_lens "
                "include the query tokens)")
     nb, bs = k_cache.shape[:2]
-    need = (lens + bs - 1) // bs
+    need = (lens.long() + bs - 1) // bs  # (int64: an int32 kv_len near 2**31 wrapped negative and skipped the check)
     if bool((need > block_table.shape[1]).any()):
         V.fail("block_table", f"has {block_table.shape[1]} columns, fewer than the {int(need.max())} blocks a "
                "request needs")
@@ -159,7 +161,7 @@ def _fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale
           num_splits=None):
     _check_static(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask)
     _check_sizes(max_q_len, max_kv_len, num_splits)
-    return torch.empty_like(q)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dense, as every backend returns it
 
 
 define_op("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
@@ -178,7 +180,7 @@ def _torch_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask,
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
-    out = torch.empty_like(q)  # every query row belongs to a request with q_len > 0: all written
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dense (every row is written: q_len > 0 each)
     for r, q0, ql, L in request_spans(cu_q_lens, kv_lens):
         k = gather_kv(k_cache, block_table[r], L).permute(1, 0, 2)  # [Hkv, L, D]
         v = gather_kv(v_cache, block_table[r], L).permute(1, 0, 2)
@@ -231,9 +233,11 @@ def _triton_impl(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask
                  max_kv_len=None, num_splits=None):
     """Sync-free (CUDA-graph safe) when ``max_q_len`` and ``max_kv_len`` are given."""
     from spdkernels.triton_kernels import tree_attention as k
+    from spdkernels.triton_kernels._common import launch_device
 
-    return k.tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale,
-                            num_splits=num_splits, max_kv_len=max_kv_len, max_q_len=max_q_len)
+    with launch_device(q):  # (the kernel reads kv_lens / cu_q_lens one element after another: dense copies)
+        return k.tree_attention(q, k_cache, v_cache, block_table, kv_lens.contiguous(), cu_q_lens.contiguous(),
+                                tree_mask, scale, num_splits=num_splits, max_kv_len=max_kv_len, max_q_len=max_q_len)
 
 
 @_registry.register(OP, "nki")

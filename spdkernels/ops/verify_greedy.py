@@ -63,8 +63,10 @@ def _cpp_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
 @_registry.register(OP, "triton")
 def _triton_impl(target_logits, draft_token_ids, cu_num_draft, parents, max_depth):
     from spdkernels.triton_kernels import verify_greedy as k
+    from spdkernels.triton_kernels._common import int32_ids, launch_device
 
-    return k.verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_depth)
+    with launch_device(target_logits):
+        return k.verify_greedy(target_logits, int32_ids(draft_token_ids), cu_num_draft, parents, max_depth)
 
 
 @_registry.register(OP, "nki")
