@@ -6,12 +6,23 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOKEN_DTYPES = (torch.int32, torch.int64)
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool (``True`` is an int to Python, never a count, a size or an id)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def fail(arg: str, msg: str) -> None:

@@ -13,7 +13,6 @@ helpers (they run once per batch shape, or on CPU metadata).
 from __future__ import annotations
 
 import heapq
-import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -65,20 +64,21 @@ def _check_layout(parents, cu_num_draft, max_q_len, num_draft_tokens) -> None:
         V.check_tensor("parents", parents, 1, (torch.int32,), cu_num_draft.device, "cu_num_draft")
         if num_draft_tokens is not None and parents.shape[0] != num_draft_tokens:
             V.fail("num_draft_tokens", f"expected len(parents) = {parents.shape[0]}, got {num_draft_tokens}")
-    if max_q_len is not None and (isinstance(max_q_len, bool) or not isinstance(max_q_len, numbers.Integral)
-                                  or max_q_len < 1):
+    if max_q_len is not None and (not V.is_int(max_q_len) or max_q_len < 1):
         V.fail("max_q_len", f"expected an int >= 1, got {max_q_len!r}")
     if not _config.validation_enabled():
         return
     cu = cu_num_draft.long()
     N = int(cu[-1])
-    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
-        V.fail("cu_num_draft", f"expected cumulative draft counts from 0, non-decreasing, got {cu.tolist()[:16]}")
     if num_draft_tokens is not None and num_draft_tokens != N:
         V.fail("num_draft_tokens", f"expected cu_num_draft[-1] = {N}, got {num_draft_tokens}")
-    if parents is not None:
+    if parents is None:
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+            V.fail("cu_num_draft", f"expected cumulative draft counts from 0, non-decreasing, got {cu.tolist()[:16]}")
+    else:
         if parents.shape[0] != N:
             V.fail("parents", f"expected N = cu_num_draft[-1] = {N} entries, got {parents.shape[0]}")
+        # cu from 0 and non-decreasing, every parent -1 or an earlier node of its request: the ops' own check
         V.check_draft_batch_indices(torch.empty(0, 1), parents, cu_num_draft, parents, tokens=False)
     longest = int(cu.diff().max()) + 1 if cu.shape[0] > 1 else 1
     if max_q_len is not None and max_q_len < longest:

@@ -428,12 +428,9 @@ def test_adaptive_lookup_depth_grows_after_a_fully_accepted_tree():
     depths = []
     for _ in range(3):
         d = prop.propose([St()], [6])[0]
-        depth = [0] * len(d)
-        for i, par in enumerate(d.parents):
-            depth[i] = 1 + (depth[par] if par >= 0 else 0)
-        assert len(d) == 2 * max(depth)  # two branches of the same depth
-        prop.feedback(St(), len(d), max(depth))  # one whole branch accepted
-        depths.append(max(depth))
+        assert len(d) == 2 * d.depth()  # two branches of the same depth
+        prop.feedback(St(), len(d), d.depth())  # one whole branch accepted
+        depths.append(d.depth())
     assert depths == [3, 5, 6]
     prop.feedback(St(), 12, 2)
     assert prop.propose([St()], [6])[0].parents.count(-1) == 2 and prop._depth[0] == 5

@@ -176,7 +176,7 @@ def test_mask_and_positions_name_a_layout_they_cannot_use(validate):
             (dict(parents=torch.tensor([-1, 0, -1, 3, 2], **I32), cu=torch.tensor([0, 2, 5], **I32)),
              "parents: each entry must satisfy"),
             (dict(cu=torch.tensor([0, 6], **I32)), "parents: expected N = cu_num_draft\\[-1\\] = 6 entries"),
-            (dict(cu=torch.tensor([1, 5], **I32)), "cu_num_draft: expected cumulative draft counts from 0"),
+            (dict(cu=torch.tensor([1, 5], **I32)), "cu_num_draft: cu_num_draft\\[0\\] must be 0, got 1"),
         ]
         for change, pattern in bad:
             a = dict(parents=par, cu=cu, max_q_len=6)
@@ -186,6 +186,9 @@ def test_mask_and_positions_name_a_layout_they_cannot_use(validate):
                     tree.build_tree_mask(a["parents"], a["cu"], a["max_q_len"])
         with pytest.raises(ValueError, match="max_q_len: expected an int >= 1"):
             tree.build_tree_mask(par, cu, 0)
+        if validate:  # a chain (no parents): its counts are checked here, not by the ops' parents check
+            with pytest.raises(ValueError, match="cu_num_draft: expected cumulative draft counts from 0"):
+                tree.build_tree_mask(None, torch.tensor([0, 3, 2], **I32), 4)
 
 
 def test_compact_kv_names_positions_past_its_block_table():

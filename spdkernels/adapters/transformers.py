@@ -25,13 +25,13 @@ imported only when the function runs.
 from __future__ import annotations
 
 import inspect
-import numbers
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 import spdkernels
 from spdkernels import _config
+from spdkernels._validate import is_int
 from spdkernels.ops.verify_greedy import _check_static as _vg_check_static
 from spdkernels.ops.verify_greedy import _check_values as _vg_check_values
 
@@ -236,8 +236,7 @@ def speculative_generate(
     if getattr(generation_config, "num_beams", 1) not in (None, 1):
         raise ValueError("num_beams: speculative_generate does not do beam search")
     do_sample = bool(getattr(generation_config, "do_sample", False))
-    if num_draft_tokens is not None and (isinstance(num_draft_tokens, bool) or not isinstance(
-            num_draft_tokens, numbers.Integral) or num_draft_tokens < 1):
+    if num_draft_tokens is not None and (not is_int(num_draft_tokens) or num_draft_tokens < 1):
         raise ValueError(f"num_draft_tokens: expected an integer >= 1 (None: the generation config's "
                          f"prompt_lookup_num_tokens or {DEFAULT_NUM_DRAFT_TOKENS}), got {num_draft_tokens!r}")
     k_cfg = num_draft_tokens or getattr(generation_config, "prompt_lookup_num_tokens", None) or DEFAULT_NUM_DRAFT_TOKENS

@@ -8,7 +8,6 @@ back. Autoregressive decoding is the same engine with no proposer: every step ve
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import spdkernels
+from spdkernels._validate import is_int, is_real
 
 from .model import LlamaModel, build_batch, sync_device
 from .proposers import Draft, Proposer
@@ -42,32 +42,23 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
-        if not (_is_real(self.temperature) and 0 <= self.temperature < float("inf")):
+        if not (is_real(self.temperature) and 0 <= self.temperature < float("inf")):
             raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature!r}")
         if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow fp32 into NaN probabilities
             raise ValueError(f"temperature: expected 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 63):
+        if self.seed is not None and (not is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 63):
             raise ValueError(f"seed: expected a 64-bit integer or None (a fresh seed), got {self.seed!r}")
         if isinstance(self.stop, (str, bytes)) or not hasattr(self.stop, "__iter__"):
             raise ValueError(f"stop: expected a list of non-empty strings (not one string), got {self.stop!r}")
         self.stop = tuple(self.stop)  # (a set or a generator: read once, here)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
-
-
-def _is_int(x) -> bool:
-    """A Python or NumPy integer, not a bool (``True`` is an int to Python, never a count or an id here)."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def fresh_seed() -> int:
@@ -465,8 +456,8 @@ def validate_requests(config, requests: Sequence[Request], extra: int = 0) -> No
                              f"{type(req.prompt_ids).__name__}{hint}")
         if not req.prompt_ids:
             raise ValueError(f"prompt_ids: request {i} has an empty prompt")
-        if not all(_is_int(t) for t in req.prompt_ids):
-            bad = next(t for t in req.prompt_ids if not _is_int(t))
+        if not all(is_int(t) for t in req.prompt_ids):
+            bad = next(t for t in req.prompt_ids if not is_int(t))
             raise ValueError(f"prompt_ids: request {i} holds {bad!r} ({type(bad).__name__}), expected integer ids")
         if any(not 0 <= t < config.vocab_size for t in req.prompt_ids):
             raise ValueError(f"prompt_ids: request {i} has token ids outside [0, {config.vocab_size})")

@@ -190,10 +190,7 @@ class NGramProposer(Proposer):
             k = min(self._depth.get(st.rid, max(1, self.k // 2)) if self.adaptive else self.k, lim)
             d = _trie(self.lookup(st.tokens, k), self.max_nodes) if k > 0 else Draft()
             if self.adaptive:
-                depth: List[int] = []
-                for par in d.parents:
-                    depth.append(1 + (depth[par] if par >= 0 else 0))
-                self._deepest[st.rid] = max(depth, default=0)
+                self._deepest[st.rid] = d.depth()
             out.append(d)
         return out
 

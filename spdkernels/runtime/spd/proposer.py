@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..engine import _is_int
+from ..._validate import is_int
 from ..model import Batch, build_batch
 from ..proposers import Draft, Proposer, keep_best_children
 from .pdm import PipelineDraftModule, check_model_fits
@@ -42,9 +42,9 @@ class PDMProposer(Proposer):
         carries drafts likely to be accepted. The rule reads the distribution before its token is drawn,
         never the token, so sampled drafts stay distributed as their q and verification stays lossless."""
         for name, v in (("k", k), ("branching", branching), ("width", width)):
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
-        if max_nodes is not None and (not _is_int(max_nodes) or max_nodes < 1):
+        if max_nodes is not None and (not is_int(max_nodes) or max_nodes < 1):
             raise ValueError(f"max_nodes: expected an integer >= 1 or None (k * width), got {max_nodes!r}")
         if not (isinstance(min_confidence, (int, float)) and 0.0 <= min_confidence < 1.0):
             raise ValueError(f"min_confidence: expected a probability in [0, 1), got {min_confidence!r}")

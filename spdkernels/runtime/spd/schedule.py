@@ -27,13 +27,13 @@ import torch
 import spdkernels
 from spdkernels.reference.rejection_sample import philox_uniform
 
+from ..._validate import is_int
 from ..engine import (
     Request,
     RequestMetrics,
     RequestState,
     Result,
     RunMetrics,
-    _is_int,
     append_tokens,
     check_unique_rids,
     collect_results,
@@ -150,15 +150,15 @@ class SPDEngine:
             raise ValueError(f"pdm: expected a PipelineDraftModule (spdkernels.runtime.spd.load_pdm), got "
                              f"{type(pdm).__name__}")
         check_model_fits(pdm, model)
-        if not _is_int(n):
+        if not is_int(n):
             raise ValueError(f"stages: expected an integer number of stages, got {n!r}")
-        if not _is_int(block_size) or block_size < 1:
+        if not is_int(block_size) or block_size < 1:
             raise ValueError(f"block_size: expected an integer >= 1, got {block_size!r}")
         if eos_token_ids is not None:
             if isinstance(eos_token_ids, (str, bytes)) or not hasattr(eos_token_ids, "__iter__"):
                 raise ValueError(f"eos_token_ids: expected a sequence of token ids or None, got {eos_token_ids!r}")
             eos_token_ids = list(eos_token_ids)  # (a generator is read once, here)
-            if not all(_is_int(t) for t in eos_token_ids):
+            if not all(is_int(t) for t in eos_token_ids):
                 raise ValueError(f"eos_token_ids: expected token ids, got {eos_token_ids!r}")
         if lookup is not None and not callable(getattr(lookup, "lookup", None)):
             raise ValueError(f"lookup: expected an NGramProposer (anything with lookup(ctx, k)), got "
