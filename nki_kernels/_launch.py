@@ -19,6 +19,7 @@ import torch
 from spdkernels.nki_kernels import emulation_enabled, simulator_enabled
 
 from spdkernels import _validate as V
+from spdkernels._registry import BackendLimitError, BackendSearchError
 
 FP32_EXACT_INT = 2**24  # ids are carried in fp32 inside the kernels: exact below this
 
@@ -131,9 +132,15 @@ def _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens
     V.check_draft_batch_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=tokens)
 
 
+def _limit(arg: str, msg: str) -> None:
+    """A well-formed input past the kernels' limits: BackendLimitError (a ValueError naming ``arg``), on which the
+    automatic backend choice runs the torch backend instead; a forced ``nki`` raises it."""
+    raise BackendLimitError(f"{arg}: {msg}")
+
+
 def _check_vocab(target_logits: torch.Tensor) -> None:
     if target_logits.shape[1] >= FP32_EXACT_INT:
-        V.fail("target_logits", f"the NKI kernels carry token ids in fp32: V must be < 2**24, got "
+        _limit("target_logits", f"the NKI kernels carry token ids in fp32: V must be < 2**24, got "
                f"{target_logits.shape[1]}")
 
 
@@ -146,8 +153,8 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
     dev = target_logits.device
     if R == 0:
         return verify_outputs(0, max_depth, dev)
-    _check_vocab(target_logits)
     _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=False)
+    _check_vocab(target_logits)
     lay = request_layout(cu_num_draft, draft_token_ids, parents, target_logits.shape[0])
     out, num, path = run("verify_greedy", "verify_greedy_kernel",
                          (target_logits.contiguous(), lay.row_idx, lay.tokens, lay.parents, int(max_depth)),
@@ -167,21 +174,22 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
     nb, bs, Hkv, _ = k_cache.shape
     dev = q.device
     R = cu_q_lens.shape[0] - 1
-    if D > MAX_HEAD_DIM:
-        V.fail("q", f"head dim {D} exceeds the {MAX_HEAD_DIM} partitions the NKI kernel tiles it on")
-    if bs > MAX_BLOCK_SIZE:
-        V.fail("k_cache", f"block size {bs} exceeds the NKI kernel's {MAX_BLOCK_SIZE} (one P.V chunk)")
     if T == 0 or R == 0:
         return torch.empty_like(q)
-    # the torch backend's layout checks, always (a host read the launcher makes anyway; see _check_indices)
+    # the torch backend's layout checks, always (a host read the launcher makes anyway; see _check_indices), then
+    # the kernel's limits (a malformed layout is named first: past a limit the automatic choice runs torch)
     from spdkernels.ops.tree_attention import _check_layout
 
     _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    if D > MAX_HEAD_DIM:
+        _limit("q", f"head dim {D} exceeds the {MAX_HEAD_DIM} partitions the NKI kernel tiles it on")
+    if bs > MAX_BLOCK_SIZE:
+        _limit("k_cache", f"block size {bs} exceeds the NKI kernel's {MAX_BLOCK_SIZE} (one P.V chunk)")
     cu = cu_q_lens.to(torch.int64)
     q_len = cu[1:] - cu[:-1]
     Qmax = int(q_len.max())  # host sync: the tail tile's compile-time width
     if Qmax > MAX_QUERY_TOKENS:
-        V.fail("cu_q_lens", f"a request has {Qmax} query tokens; the NKI kernel takes at most {MAX_QUERY_TOKENS}")
+        _limit("cu_q_lens", f"a request has {Qmax} query tokens; the NKI kernel takes at most {MAX_QUERY_TOKENS}")
     Qmax = max(Qmax, 1)
     lens = kv_lens.to(torch.int64)
     prefix = lens - q_len
@@ -243,11 +251,11 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     if R == 0:
         return verify_outputs(0, max_depth, dev)
     rows, Vv = target_logits.shape
-    _check_vocab(target_logits)
     _check_indices(target_logits, draft_token_ids, cu_num_draft, parents)
+    _check_vocab(target_logits)
     N = draft_token_ids.shape[0]
     if max(R, N) * Vv > MAX_FLAT_INDEX:
-        V.fail("target_logits", f"the NKI rejection_sample kernel addresses rows by int32 element indices: "
+        _limit("target_logits", f"the NKI rejection_sample kernel addresses rows by int32 element indices: "
                f"max(R, N) * V must be < 2**31, got {max(R, N)} * {Vv}")
     has_bonus = bonus_token_ids is not None  # (chains only: the op refuses parents with bonus tokens)
     if rows == 0:  # no draft at all (bonus layout): a stand-in row, absent from the layout (so never read)
@@ -290,6 +298,6 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
                 if torch.isnan(row).any() or torch.isposinf(row).any() or not torch.isfinite(row).any():
                     raise ValueError(f"target_logits: row {i} (request {r}) holds NaN or +inf or no finite value; "
                                      "the top-k / top-p search cannot order it (validation is off)")
-        raise RuntimeError("rejection_sample (nki): the top-k/top-p threshold search did not close within "
-                           "its passes for a row (logits too close together); no result is returned")
+        raise BackendSearchError("rejection_sample (nki): the top-k/top-p threshold search did not close within "
+                                 "its passes for a row (logits too close together); no result is returned")
     return out, num[:, 0].contiguous(), path[:, :max_depth].contiguous()

@@ -9,7 +9,10 @@ from . import tree
 from ._config import set_validation, validation, validation_enabled
 from ._registry import (
     BACKENDS,
+    BackendLimitError,
+    BackendSearchError,
     BackendUnavailableError,
+    KernelLimit,
     available_backends,
     forced_backend,
     set_backend,
@@ -21,7 +24,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BackendLimitError",
+    "BackendSearchError",
     "BackendUnavailableError",
+    "KernelLimit",
     "available_backends",
     "forced_backend",
     "set_backend",

@@ -5,6 +5,9 @@ extension, CPU), ``torch`` (the pure-torch reference: any device, always last).
 
 * Automatic choice: the first backend that can run on the tensors' device and implements the op. The
   choice (and why better ones were skipped) is logged once per (op, device type).
+* Per input: where the automatic backend's kernel cannot take a well-formed input (a size past its tiles: it
+  raises a :class:`KernelLimit` error), the call runs on the next automatic backend instead (torch at the latest),
+  logged once per (op, device type, backend). A forced backend raises that error instead.
 * ``SPDKERNELS_BACKEND=<name>`` or :func:`set_backend` forces one backend for the process, ``with
   use_backend(name):`` for a block of code in the current thread (or asyncio task) only; if the forced backend
   cannot run the op on that device the call raises :class:`BackendUnavailableError` instead of falling back.
@@ -55,6 +58,21 @@ _lock = threading.Lock()
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the requested op on the given device."""
+
+
+class KernelLimit(Exception):
+    """Base of the errors a backend raises for a well-formed input its kernel cannot take (sizes past its tiles, a
+    search that cannot close). A forced backend raises them; the automatic choice runs the next backend instead
+    (:func:`fallback`)."""
+
+
+class BackendLimitError(KernelLimit, ValueError):
+    """A well-formed input outside one backend's limits (for instance a head dim past the NKI kernel's 128
+    partitions); the message names the argument."""
+
+
+class BackendSearchError(KernelLimit, RuntimeError):
+    """A backend's kernel could not finish for this input (the NKI top-k / top-p threshold search did not close)."""
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -194,6 +212,24 @@ def direct(op: str, device: torch.device, forced: str) -> Optional[Tuple[str, Ca
         chosen = resolve(op, device, forced)
         hit = _resolved[key] = None if chosen[0] == resolve(op, device, None)[0] else chosen
     return hit
+
+
+def fallback(op: str, device: torch.device, failed: str, err: KernelLimit) -> Tuple[str, Callable]:
+    """The automatic choice after ``failed`` (the automatic backend for ``device``) refused an input with ``err``:
+    the next backend in the automatic order that can run (torch at the latest). Logged once per (op, device type,
+    backend). The caller re-raises ``err`` where a backend is forced: a forced backend never falls back."""
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    impls = _impls.get(op, {})
+    later = order[order.index(failed) + 1:] if failed in order else ("torch",)
+    for b in later:
+        if b in impls and _device_ok(b, device.type)[0]:
+            key = (op, device.type, failed, "fallback")
+            if key not in _logged:
+                _logged.add(key)
+                log.info("spdkernels: %s on %s: backend %r cannot take an input (%s); such inputs run on %r",
+                         op, device.type, failed, err, b)
+            return b, impls[b]
+    raise err
 
 
 def _resolve(op: str, dtype_: str, forced: Optional[str]) -> Tuple[str, Callable]:

@@ -333,6 +333,75 @@ def test_threshold_search_that_cannot_close_raises(monkeypatch, planted):
                                     seed=torch.tensor([1]))
 
 
+# ---- the automatic choice past the kernels' limits: the next backend, not an error -----------------------------
+
+@pytest.fixture
+def nki_first_on_cpu(monkeypatch):
+    """The automatic order on CPU made (emulated nki, torch), as on a Neuron device; the Python kernels that torch's
+    dispatcher runs there are called directly (on CPU the C++ extension's kernels hold the dispatcher's CPU key)."""
+    from spdkernels.ops._common import PYTHON_KERNELS
+
+    monkeypatch.setitem(_registry._AUTO_ORDER, "cpu", ("nki", "torch"))
+    monkeypatch.setattr(_registry, "_logged", set())
+    with emulation():
+        assert _registry.resolve("tree_attention", torch.device("cpu"), None)[0] == "nki"
+        yield PYTHON_KERNELS
+    _registry._resolved.clear()
+
+
+def _on_torch(op, *args, **kw):
+    with spdkernels.use_backend("torch"):
+        return getattr(spdkernels, op)(*args, **kw)
+
+
+def test_automatic_choice_runs_torch_for_attention_past_the_nki_limits(nki_first_on_cpu, monkeypatch, caplog):
+    args, _ = _attention_batch(ctx=20)
+    kernel = nki_first_on_cpu["tree_attention"]
+    want = _on_torch("tree_attention", *args)
+    runs = emu.RunStats.runs
+    inside = kernel(*args, None, None, None, None)  # head dim 64: within the limits, the NKI kernel runs
+    assert emu.RunStats.runs > runs
+    torch.testing.assert_close(inside, want, rtol=2e-5, atol=2e-5)
+    monkeypatch.setattr(_launch, "MAX_HEAD_DIM", 32)  # now past them: the torch backend runs it, logged once
+    runs = emu.RunStats.runs
+    with caplog.at_level("INFO", logger="spdkernels"):
+        for _ in range(2):
+            assert torch.equal(kernel(*args, None, None, None, None), want)
+    assert emu.RunStats.runs == runs
+    logged = [r.getMessage() for r in caplog.records if "cannot take an input" in r.getMessage()]
+    assert len(logged) == 1 and "q: head dim 64 exceeds the 32 partitions" in logged[0] and "'torch'" in logged[0]
+    with spdkernels.use_backend("nki"), pytest.raises(spdkernels.BackendLimitError, match="q: head dim 64"):
+        kernel(*args, None, None, None, None)  # a forced backend never falls back
+    bad = list(args)  # a malformed layout is named as such, not taken for a limit and handed on
+    bad[4] = torch.tensor([2], **I32)
+    with pytest.raises(ValueError, match="kv_lens: request 0 has kv_len 2 < its 3 query tokens") as e:
+        kernel(*bad, None, None, None, None)
+    assert not isinstance(e.value, spdkernels.KernelLimit)
+
+
+def test_automatic_choice_runs_torch_for_verification_past_the_nki_limits(nki_first_on_cpu, monkeypatch):
+    b = random_draft_batch([3, 0, 2], 17, tree=True, gen=torch.Generator().manual_seed(6))
+    monkeypatch.setattr(_launch, "FP32_EXACT_INT", 17)  # V = 17 is now past the ids' exact range
+    got = nki_first_on_cpu["verify_greedy"](*b.args()[:4], b.max_depth)
+    assert all(torch.equal(g, w) for g, w in zip(got, reference.verify_greedy(*b.args())))
+    with spdkernels.use_backend("nki"), pytest.raises(spdkernels.BackendLimitError, match="target_logits: .*2\\*\\*24"):
+        nki_first_on_cpu["verify_greedy"](*b.args()[:4], b.max_depth)
+
+
+def test_automatic_choice_runs_torch_where_the_nki_search_cannot_close(nki_first_on_cpu, planted):
+    """The threshold search of test_threshold_search_that_cannot_close_raises, automatic: the torch backend answers,
+    with the same coins (seeded), so the tokens equal a torch run's."""
+    planted("rejection_sample", "THRESHOLD_PASSES = 32", "THRESHOLD_PASSES = 1")
+    b = random_draft_batch([1], 300, gen=torch.Generator().manual_seed(4))
+    kw = dict(top_k=torch.tensor([7], **I32), seed=torch.tensor([1]), offset=torch.tensor([0]))
+    want = _on_torch("rejection_sample", *b.args()[:3], max_depth=b.max_depth, **kw)
+    runs = emu.RunStats.runs
+    got = nki_first_on_cpu["rejection_sample"](*b.args()[:3], None, None, None, kw["top_k"], None, None, kw["seed"],
+                                               kw["offset"], b.max_depth, None, False)
+    assert emu.RunStats.runs > runs  # the NKI kernel ran first, then gave up
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 # ---- the registry switch and the bench model ----------------------------------------------------------------
 
 def test_env_switch_makes_the_nki_backend_available_on_cpu(monkeypatch):

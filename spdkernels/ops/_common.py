@@ -56,14 +56,26 @@ def call_op(op: str, overload, args: tuple, check_static: Callable, check_values
         raise
 
 
+PYTHON_KERNELS: dict = {}  # op -> its Python kernel (the dispatcher's kernel wherever the C++ extension has none)
+
+
 def op_kernel(op: str, check_static: Callable, run: Callable) -> Callable:
     """The Python kernel of ``op`` for torch's dispatcher: static checks, then the automatic backend for the
-    tensors' device (the one the dispatcher stands for; no policy)."""
+    tensors' device (the one the dispatcher stands for), or the next one where that backend's kernel cannot take
+    the input (:class:`spdkernels.KernelLimit`; not while a backend is forced, which raises it)."""
 
     def kernel(*args):
         check_static(*args)
         name, impl = _registry.resolve(op, args[0].device, None)
-        return run(name, impl, *args)
+        try:
+            return run(name, impl, *args)
+        except _registry.KernelLimit as e:  # a well-formed input past the kernel's limits: the next backend runs it
+            if _registry.forced_backend() is not None:  # (forced: the forced backend's own error, no fallback)
+                raise
+            name, impl = _registry.fallback(op, args[0].device, name, e)
+            return run(name, impl, *args)
+
+    PYTHON_KERNELS[op] = kernel
 
     kernel.__name__ = f"{op}_kernel"
     return kernel
