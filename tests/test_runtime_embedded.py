@@ -233,6 +233,99 @@ def test_a_damaged_gguf_is_named_not_crashed_on(tmp_path, case):
     assert message in r.stdout, r.stdout
 
 
+class _Field:
+    def __init__(self, value):
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"llama.attention.key_length": 128}, "rope.dimension_count 64 is not the head dim 128"),
+    ({"llama.attention.key_length": 64, "llama.attention.value_length": 32}, "value_length 32 differs"),
+    ({"llama.rope.dimension_count": 32}, "partial rotary embeddings are not supported"),
+])
+def test_gguf_head_dim_is_the_key_length(monkeypatch, fields, message):
+    """The embedded GGUF with metadata added: the head dim is attention.key_length where the file has it (it was
+    read from rope.dimension_count, so a key_length of 128 loaded as 64-wide heads); value heads of another
+    width and partial rotary embeddings are refused by name."""
+    import gguf
+
+    from spdkernels.runtime.weights import ModelLoadError
+
+    real = gguf.GGUFReader
+
+    def reader(path, *a, **kw):
+        r = real(path, *a, **kw)
+        r.fields = dict(r.fields, **{k: _Field(v) for k, v in fields.items()})
+        return r
+
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
+    with pytest.raises(ModelLoadError, match=message):
+        load_checkpoint(str(embedded_model_path()))
+
+
+def test_hf_folder_reads_the_shards_its_index_names(ck, tmp_path):
+    """Shards named by model.safetensors.index.json are the model, a stray file beside them is not (Mistral's
+    consolidated.safetensors held the same weights again: read twice before); without an index model.safetensors
+    is; a tensor in two files, an index naming a missing or no shard are ModelLoadErrors."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from spdkernels.runtime.model import random_config, random_state_dict
+    from spdkernels.runtime.weights import Checkpoint, ModelLoadError
+
+    c = random_config()
+    good = save_hf_folder(Checkpoint(c, {k: v.float() for k, v in random_state_dict(c).items()}, ck.tokenizer,
+                                     "random"), tmp_path / "good")
+    sd = load_file(str(good / "model.safetensors"))
+    names = sorted(sd)
+    half = {n: sd[n] for n in names[: len(names) // 2]}
+    rest = {n: sd[n] for n in names[len(names) // 2:]}
+    stray = {n: torch.full_like(t, float("nan")) for n, t in sd.items()}
+
+    def folder(name, files, index=None):
+        d = tmp_path / name
+        d.mkdir()
+        for f in good.iterdir():
+            if f.suffix != ".safetensors":
+                (d / f.name).write_bytes(f.read_bytes())
+        for fname, tensors in files.items():
+            save_file(tensors, str(d / fname))
+        if index is not None:
+            (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        return str(d)
+
+    def same(path):
+        got = load_checkpoint(path).state_dict
+        return sorted(got) == names and all(torch.equal(got[n], sd[n].float()) for n in names)
+
+    shards = {"model-00001-of-00002.safetensors": half, "model-00002-of-00002.safetensors": rest}
+    weight_map = {n: f for f, part in shards.items() for n in part}
+    assert same(folder("sharded", dict(shards, **{"consolidated.safetensors": stray}), {"weight_map": weight_map}))
+    assert same(folder("plain", {"model.safetensors": sd, "consolidated.safetensors": stray}))
+    assert same(folder("other-names", {"a.safetensors": half, "b.safetensors": rest}))
+    refused = {
+        "in-two-files": (folder("dup", {"a.safetensors": sd, "b.safetensors": rest}), "is in both a.safetensors"),
+        "missing-shard": (folder("missing", {"model-00001-of-00002.safetensors": half}, {"weight_map": weight_map}),
+                          "does not hold: \\['model-00002-of-00002.safetensors'\\]"),
+        "empty-index": (folder("empty", shards, {"weight_map": {}}), "names no shard"),
+        "index-not-a-map": (folder("list", shards, {"weight_map": [1]}), "not a readable index"),
+        "shard-outside": (folder("outside", shards, {"weight_map": {"x": "../good/model.safetensors"}}),
+                          "does not hold"),
+        "partial-rotary": (folder("rot", {"model.safetensors": sd}), "partial_rotary_factor 0.5"),
+    }
+    cfg = json.loads((good / "config.json").read_text())
+    (Path(refused["partial-rotary"][0]) / "config.json").write_text(json.dumps(dict(cfg, partial_rotary_factor=0.5)))
+    for name, (d, message) in refused.items():
+        with pytest.raises(ModelLoadError, match=message):
+            load_checkpoint(d)
+            raise AssertionError(f"{name}: loaded")
+
+
 def test_a_damaged_hf_folder_is_named_not_crashed_on(ck, tmp_path):
     """Config values that are missing, of the wrong type or zero, a tensor of integers, a tensor of a layer the
     config does not have, a truncated shard: a ModelLoadError each (KeyError, TypeError, ZeroDivisionError,

@@ -256,12 +256,22 @@ def _load_gguf(p: Path) -> Checkpoint:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = _int_field(reader, f"{a}.vocab_size", p, None if tokens is None else len(tokens))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    # the head dim is attention.key_length where the file has it (models whose heads are not hidden / heads wide)
+    head_dim = _int_field(reader, f"{a}.attention.key_length", p, hidden // n_heads)
+    value_dim = _int_field(reader, f"{a}.attention.value_length", p, head_dim)
+    if value_dim != head_dim:
+        raise ModelLoadError(f"model: {p}: {a}.attention.value_length {value_dim} differs from key_length "
+                             f"{head_dim}; heads of two widths are not supported")
+    rotary = _int_field(reader, f"{a}.rope.dimension_count", p, head_dim)
+    if rotary != head_dim:
+        raise ModelLoadError(f"model: {p}: {a}.rope.dimension_count {rotary} is not the head dim {head_dim}; "
+                             "partial rotary embeddings are not supported")
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=_int_field(reader, f"{a}.feed_forward_length", p),
         num_layers=_int_field(reader, f"{a}.block_count", p),
         num_heads=n_heads, num_kv_heads=n_kv,
-        head_dim=_int_field(reader, f"{a}.rope.dimension_count", p, hidden // n_heads),
+        head_dim=head_dim,
         rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
         rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
         max_position=int(_field(reader, f"{a}.context_length", 4096)),
@@ -298,6 +308,34 @@ def _load_gguf(p: Path) -> Checkpoint:
 
 # ---- Hugging Face folder ------------------------------------------------------------------------------
 
+HF_INDEX = "model.safetensors.index.json"
+
+
+def _hf_weight_files(p: Path) -> List[Path]:
+    """The safetensors files of the folder ``p`` that hold the model, as Hugging Face reads them: the shards that
+    ``model.safetensors.index.json`` names, else ``model.safetensors``, else every ``*.safetensors`` (another
+    file beside them, such as Mistral's ``consolidated.safetensors``, holds the same weights again)."""
+    index = p / HF_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"model: {index} is not a readable index ({type(e).__name__}: {e})") from None
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or not (p / n).is_file()]
+        if not names:
+            raise ModelLoadError(f"model: {index} names no shard")
+        if bad:
+            raise ModelLoadError(f"model: {index} names shards that {p} does not hold: {bad[:4]}")
+        return [p / n for n in names]
+    if (p / "model.safetensors").is_file():
+        return [p / "model.safetensors"]
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"model: no *.safetensors files in {p}")
+    return files
+
+
 def _load_hf_folder(p: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
@@ -316,12 +354,13 @@ def _load_hf_folder(p: Path) -> Checkpoint:
     mt = c.get("model_type", "llama")
     if mt not in ("llama", "qwen2", "mistral"):
         raise ModelLoadError(f"model: unsupported model_type {mt!r} in {p / 'config.json'}")
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"model: no *.safetensors files in {p}")
     sd: Dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(f)))
+    origin: Dict[str, str] = {}
+    for f in _hf_weight_files(p):
+        for name, t in load_file(str(f)).items():
+            if name in sd:
+                raise ModelLoadError(f"model: tensor {name} is in both {origin[name]} and {f.name} in {p}")
+            sd[name], origin[name] = t, f.name
     for name, t in sd.items():  # (before they are widened to fp32, which would turn integers into weights)
         if not t.is_floating_point():
             raise ModelLoadError(f"model: {p}: tensor {name} is {t.dtype}, expected floating point weights")
@@ -330,6 +369,9 @@ def _load_hf_folder(p: Path) -> Checkpoint:
     rope_theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     if c.get("rope_scaling"):
         raise ModelLoadError("model: rope_scaling is not supported yet")
+    if c.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelLoadError(f"model: partial_rotary_factor {c['partial_rotary_factor']!r} in {p / 'config.json'}: "
+                             "partial rotary embeddings are not supported")
     cfg = LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=n_heads,
