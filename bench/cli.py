@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="spd-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--op", action="append", choices=sorted(ops), help="op(s) to run (default: all)")
     p.add_argument("--shapes", default="default", help="named shape set (see --list)")
-    p.add_argument("--backend", action="append", help="backend(s) to time (default: all available)")
+    p.add_argument("--backend", action="append", choices=spdkernels.BACKENDS,
+                   help="backend(s) to time (default: all available)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 30 on CPU, 100 on GPU)")
     p.add_argument("--warmup", type=int, default=3)

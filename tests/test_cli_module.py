@@ -37,7 +37,8 @@ def test_module_dispatches_to_the_console_script_entry_point():
 
 
 def test_spd_bench_refuses_bad_arguments_before_measuring(tmp_path, capsys):
-    """spd-bench: a device torch cannot use, repeat counts below 1 (0 meant the default, a negative count ran and
+    """spd-bench: a device torch cannot use, a backend name that is none (reported as 'no requested backend can run'
+    before), repeat counts below 1 (0 meant the default, a negative count ran and
     failed every row), a negative warm-up, and --json / --plot paths that cannot be written exit 2 with one line
     naming the flag, before any measurement and with no file written (a traceback after the whole run before,
     and --json written before a --plot that then failed)."""
@@ -48,6 +49,7 @@ def test_spd_bench_refuses_bad_arguments_before_measuring(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     cases = [(["--device", "cuda:x"], "--device"), (["--device", "nosuch"], "--device"),
+             (["--backend", "nosuch"], "--backend: invalid choice: 'nosuch'"),
              (["--repeats", "0"], "--repeats"), (["--repeats", "-3"], "--repeats"), (["--warmup", "-5"], "--warmup"),
              (["--json", ""], "--json"), (["--json", str(tmp_path)], "--json"),
              (["--json", str(afile / "x.json")], "--json"),
