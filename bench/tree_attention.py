@@ -99,10 +99,11 @@ def nki_bytes(c):
     """(bytes, None) the NKI kernel (nki_kernels/tree_attention.py) moves between HBM and SBUF: per (request,
     KV head, chunk of query tokens) the K and V of every prefix position and of the tail once, the chunk's
     queries and tree-mask rows, the outputs; or (0, why) if the case exceeds what the kernel tiles."""
-    from spdkernels.nki_kernels._launch import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MAX_QUERY_TOKENS
+    from spdkernels.nki_kernels._launch import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MAX_HEAD_GROUP, MAX_QUERY_TOKENS
 
-    if c["D"] > MAX_HEAD_DIM or c["bs"] > MAX_BLOCK_SIZE or c["q_len"] > MAX_QUERY_TOKENS:
-        return 0, "head dim, block size or query count over the kernel's 128"
+    if (c["D"] > MAX_HEAD_DIM or c["bs"] > MAX_BLOCK_SIZE or c["q_len"] > MAX_QUERY_TOKENS
+            or c["Hq"] // c["Hkv"] > MAX_HEAD_GROUP):
+        return 0, "head dim, block size, query count or query heads per KV head over the kernel's 128"
     elt = torch.finfo(DT[c["dtype"]]).bits // 8
     G = c["Hq"] // c["Hkv"]
     chunks = -(-c["q_len"] // (128 // G))  # K/V are read once per chunk of query tokens

@@ -138,6 +138,13 @@ def _limit(arg: str, msg: str) -> None:
     raise BackendLimitError(f"{arg}: {msg}")
 
 
+def _check_nodes(cu_num_draft: torch.Tensor) -> None:
+    K = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if cu_num_draft.shape[0] > 1 else 0  # (a host read)
+    if K > MAX_DRAFT_NODES:
+        _limit("cu_num_draft", f"a request has {K} draft nodes; the NKI kernels take at most {MAX_DRAFT_NODES} "
+               "(their slot tables live in SBUF)")
+
+
 def _check_vocab(target_logits: torch.Tensor) -> None:
     if target_logits.shape[1] >= FP32_EXACT_INT:
         _limit("target_logits", f"the NKI kernels carry token ids in fp32: V must be < 2**24, got "
@@ -155,6 +162,7 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
         return verify_outputs(0, max_depth, dev)
     _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=False)
     _check_vocab(target_logits)
+    _check_nodes(cu_num_draft)
     lay = request_layout(cu_num_draft, draft_token_ids, parents, target_logits.shape[0])
     out, num, path = run("verify_greedy", "verify_greedy_kernel",
                          (target_logits.contiguous(), lay.row_idx, lay.tokens, lay.parents, int(max_depth)),
@@ -167,6 +175,8 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
 MAX_HEAD_DIM = 128  # D is the contraction (partitions) of Q K^T and the partitions of Q^T, K^T
 MAX_BLOCK_SIZE = 128  # a block's V rows land on the partitions of one P.V chunk
 MAX_QUERY_TOKENS = 128  # the tail (a request's own query tokens) is one tile on the partitions
+MAX_HEAD_GROUP = 128  # the query heads of one KV head, for one query token, lie on the partitions of a tile
+MAX_DRAFT_NODES = 2048  # draft nodes per request: the slot tables [128, K + 1] live in SBUF (past ~2500 they overflow)
 
 
 def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_mask, scale):
@@ -174,13 +184,16 @@ def tree_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, tree_ma
     nb, bs, Hkv, _ = k_cache.shape
     dev = q.device
     R = cu_q_lens.shape[0] - 1
-    if T == 0 or R == 0:
-        return torch.empty_like(q)
     # the torch backend's layout checks, always (a host read the launcher makes anyway; see _check_indices), then
     # the kernel's limits (a malformed layout is named first: past a limit the automatic choice runs torch)
     from spdkernels.ops.tree_attention import _check_layout
 
     _check_layout(q, k_cache, block_table, kv_lens, cu_q_lens, tree_mask)
+    if T == 0 or R == 0:
+        return torch.empty_like(q)
+    if Hq // Hkv > MAX_HEAD_GROUP:
+        _limit("q", f"{Hq // Hkv} query heads per KV head exceed the NKI kernel's {MAX_HEAD_GROUP} (one query token's "
+               "heads share the partitions of a tile)")
     if D > MAX_HEAD_DIM:
         _limit("q", f"head dim {D} exceeds the {MAX_HEAD_DIM} partitions the NKI kernel tiles it on")
     if bs > MAX_BLOCK_SIZE:
@@ -253,6 +266,7 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     rows, Vv = target_logits.shape
     _check_indices(target_logits, draft_token_ids, cu_num_draft, parents)
     _check_vocab(target_logits)
+    _check_nodes(cu_num_draft)
     N = draft_token_ids.shape[0]
     if max(R, N) * Vv > MAX_FLAT_INDEX:
         _limit("target_logits", f"the NKI rejection_sample kernel addresses rows by int32 element indices: "

@@ -7,7 +7,8 @@ extension, CPU), ``torch`` (the pure-torch reference: any device, always last).
   choice (and why better ones were skipped) is logged once per (op, device type).
 * Per input: where the automatic backend's kernel cannot take a well-formed input (a size past its tiles: it
   raises a :class:`KernelLimit` error), the call runs on the next automatic backend instead (torch at the latest),
-  logged once per (op, device type, backend). A forced backend raises that error instead.
+  logged once per (op, device type, backend) as a warning. Where that backend is the forced one, the error is
+  raised instead.
 * ``SPDKERNELS_BACKEND=<name>`` or :func:`set_backend` forces one backend for the process, ``with
   use_backend(name):`` for a block of code in the current thread (or asyncio task) only; if the forced backend
   cannot run the op on that device the call raises :class:`BackendUnavailableError` instead of falling back.
@@ -224,9 +225,11 @@ def fallback(op: str, device: torch.device, failed: str, err: KernelLimit) -> Tu
     for b in later:
         if b in impls and _device_ok(b, device.type)[0]:
             key = (op, device.type, failed, "fallback")
-            if key not in _logged:
+            with _lock:
+                first = key not in _logged
                 _logged.add(key)
-                log.info("spdkernels: %s on %s: backend %r cannot take an input (%s); such inputs run on %r",
+            if first:  # (a warning: the next backend may be much slower on this device)
+                log.warning("spdkernels: %s on %s: backend %r cannot take an input (%s); such inputs run on %r",
                          op, device.type, failed, err, b)
             return b, impls[b]
     raise err

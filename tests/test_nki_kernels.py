@@ -346,7 +346,6 @@ def nki_first_on_cpu(monkeypatch):
     with emulation():
         assert _registry.resolve("tree_attention", torch.device("cpu"), None)[0] == "nki"
         yield PYTHON_KERNELS
-    _registry._resolved.clear()
 
 
 def _on_torch(op, *args, **kw):
@@ -364,7 +363,7 @@ def test_automatic_choice_runs_torch_for_attention_past_the_nki_limits(nki_first
     torch.testing.assert_close(inside, want, rtol=2e-5, atol=2e-5)
     monkeypatch.setattr(_launch, "MAX_HEAD_DIM", 32)  # now past them: the torch backend runs it, logged once
     runs = emu.RunStats.runs
-    with caplog.at_level("INFO", logger="spdkernels"):
+    with caplog.at_level("WARNING", logger="spdkernels"):
         for _ in range(2):
             assert torch.equal(kernel(*args, None, None, None, None), want)
     assert emu.RunStats.runs == runs
@@ -372,11 +371,31 @@ def test_automatic_choice_runs_torch_for_attention_past_the_nki_limits(nki_first
     assert len(logged) == 1 and "q: head dim 64 exceeds the 32 partitions" in logged[0] and "'torch'" in logged[0]
     with spdkernels.use_backend("nki"), pytest.raises(spdkernels.BackendLimitError, match="q: head dim 64"):
         kernel(*args, None, None, None, None)  # a forced backend never falls back
-    bad = list(args)  # a malformed layout is named as such, not taken for a limit and handed on
+    with spdkernels.use_backend("torch"):  # another backend forced: the dispatcher's kernel (automatic) falls back
+        assert torch.equal(kernel(*args, None, None, None, None), want)
+    # a malformed layout is named as such, before the limits (forced: no fallback could name it instead)
+    bad = list(args)
     bad[4] = torch.tensor([2], **I32)
-    with pytest.raises(ValueError, match="kv_lens: request 0 has kv_len 2 < its 3 query tokens") as e:
+    with spdkernels.use_backend("nki"), pytest.raises(ValueError, match="kv_lens: request 0 has kv_len 2 < its 3"):
         kernel(*bad, None, None, None, None)
-    assert not isinstance(e.value, spdkernels.KernelLimit)
+    no_request = [*args[:3], args[3][:0], args[4][:0], torch.tensor([0], **I32), None]  # 3 query tokens, no request
+    with spdkernels.use_backend("nki"), pytest.raises(ValueError, match="cu_q_lens: last entry must equal"):
+        kernel(*no_request, None, None, None, None)  # (an early empty answer, uninitialised, before)
+
+
+def test_more_query_heads_per_kv_head_than_partitions_fall_back(nki_first_on_cpu):
+    """256 query heads on one KV head: past the tile the NKI kernel lays one token's heads on (its loop step was 0:
+    'range() arg 3 must not be zero', no argument named)."""
+    args, _ = _attention_batch(ctx=20)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 256, 8, generator=gen)
+    kc, vc = torch.randn(*args[1].shape[:3], 8, generator=gen), torch.randn(*args[2].shape[:3], 8, generator=gen)
+    full = [q, kc, vc, *args[3:]]
+    got = nki_first_on_cpu["tree_attention"](*full, None, None, None, None)
+    assert torch.equal(got, _on_torch("tree_attention", *full))
+    with spdkernels.use_backend("nki"), pytest.raises(spdkernels.BackendLimitError,
+                                                      match="q: 256 query heads per KV head exceed"):
+        nki_first_on_cpu["tree_attention"](*full, None, None, None, None)
 
 
 def test_automatic_choice_runs_torch_for_verification_past_the_nki_limits(nki_first_on_cpu, monkeypatch):
@@ -385,6 +404,25 @@ def test_automatic_choice_runs_torch_for_verification_past_the_nki_limits(nki_fi
     got = nki_first_on_cpu["verify_greedy"](*b.args()[:4], b.max_depth)
     assert all(torch.equal(g, w) for g, w in zip(got, reference.verify_greedy(*b.args())))
     with spdkernels.use_backend("nki"), pytest.raises(spdkernels.BackendLimitError, match="target_logits: .*2\\*\\*24"):
+        nki_first_on_cpu["verify_greedy"](*b.args()[:4], b.max_depth)
+    bad = list(b.args()[:4])  # malformed offsets are named before the limit
+    bad[2] = torch.tensor([0, 4, 3, 5], **I32)
+    with spdkernels.use_backend("nki"), pytest.raises(ValueError, match="cu_num_draft") as e:
+        nki_first_on_cpu["verify_greedy"](*bad, b.max_depth)
+    assert not isinstance(e.value, spdkernels.KernelLimit)
+    with spdkernels.use_backend("nki"), pytest.raises(ValueError, match="cu_num_draft") as e:
+        nki_first_on_cpu["rejection_sample"](*bad, None, None, None, None, None, torch.tensor([1, 2, 3]),
+                                             torch.tensor([0, 0, 0]), b.max_depth, None, False)
+    assert not isinstance(e.value, spdkernels.KernelLimit)
+    monkeypatch.setattr(_launch, "FP32_EXACT_INT", 2 ** 24)
+    monkeypatch.setattr(_launch, "MAX_DRAFT_NODES", 2)  # 3 nodes in a request: past the slot tables' SBUF budget
+    got = nki_first_on_cpu["rejection_sample"](*b.args()[:4], None, None, None, None, None, torch.tensor([1, 2, 3]),
+                                               torch.tensor([0, 0, 0]), b.max_depth, None, False)
+    want = _on_torch("rejection_sample", *b.args()[:3], parents=b.parents, max_depth=b.max_depth,
+                     seed=torch.tensor([1, 2, 3]))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with spdkernels.use_backend("nki"), pytest.raises(spdkernels.BackendLimitError, match="cu_num_draft: a request "
+                                                                                         "has 3 draft nodes"):
         nki_first_on_cpu["verify_greedy"](*b.args()[:4], b.max_depth)
 
 

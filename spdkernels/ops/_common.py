@@ -70,7 +70,7 @@ def op_kernel(op: str, check_static: Callable, run: Callable) -> Callable:
         try:
             return run(name, impl, *args)
         except _registry.KernelLimit as e:  # a well-formed input past the kernel's limits: the next backend runs it
-            if _registry.forced_backend() is not None:  # (forced: the forced backend's own error, no fallback)
+            if _registry.forced_backend() == name:  # the forced backend's own error: a forced backend never falls back
                 raise
             name, impl = _registry.fallback(op, args[0].device, name, e)
             return run(name, impl, *args)
