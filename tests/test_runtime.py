@@ -248,6 +248,53 @@ def test_same_seed_same_text_and_seeds_matter(model, prompts):
     assert run(7, NGramProposer(k=3, min_ngram=1)) == run(7, NGramProposer(k=3, min_ngram=1))
 
 
+def test_seeded_sampling_is_the_autoregressive_text_whatever_the_drafts(model, prompts):
+    """Deterministic drafts are verified by coupling (Engine._verify_coupled): each token is the target's own
+    sample with a coin keyed by (seed, position), so a seeded request's text is autoregressive decoding's with that
+    seed, for every proposer, tree or chain, under the cost-aware controller and in any batch (the coins were
+    keyed by the step before: the text changed with the draft depths). A planted variant that keys the coin by
+    the step fails."""
+    from spdkernels.runtime import engine as engine_mod
+    from spdkernels.runtime.speculation import AdaptiveSpeculation
+
+    def run(prop, seeds=(11, 12, 13), max_batch=None, **kw):
+        reqs = [Request(p, params(20, temperature=0.9, top_p=0.95, top_k=40, seed=sd))
+                for p, sd in zip(prompts, seeds)]
+        res, m = Engine(model, prop, **kw).generate(reqs, max_batch=max_batch)
+        return [r.output_ids for r in res], m
+
+    want, _ = run(None)
+    assert len({tuple(o) for o in want}) == len(want)
+    accepted = 0
+    for name, prop in proposers(model).items():
+        got, m = run(prop)
+        assert got == want, name
+        accepted += m.accepted
+    got, _ = run(NGramProposer(k=6, min_ngram=1), max_batch=2,
+                 speculation=AdaptiveSpeculation(max_depth=6))
+    assert got == want
+    assert accepted > 0  # drafts were accepted, not all refused
+    mixed = [Request(prompts[0], params(20, temperature=0.9, top_p=0.95, top_k=40, seed=11)),
+             Request(prompts[1], params(20))]  # a greedy request in the same batch keeps its greedy text
+    res, _ = Engine(model, proposers(model)["draft-model-tree"]).generate(mixed)
+    greedy = Engine(model).generate([Request(prompts[1], params(20))])[0][0].output_ids
+    assert [r.output_ids for r in res] == [want[0], greedy]
+
+    real = Engine._verify_coupled
+
+    def by_step(self, active, drafts, logits, positions, cu, max_depth):  # planted: the step keys the coin
+        shifted = [[s.metrics.steps - 1 + 0 * p for p in ps] for s, ps in zip(active, positions)]
+        return real(self, active, drafts, logits, shifted, cu, max_depth)
+
+    try:
+        Engine._verify_coupled = by_step
+        planted = [run(proposers(model)[n])[0] for n in ("ngram-chain", "draft-model-tree")]
+    finally:
+        Engine._verify_coupled = real
+    assert any(p != want for p in planted)
+    assert engine_mod.COUPLED_OFFSET > 2 ** 40
+
+
 @pytest.mark.parametrize("name", ["none", "draft-model-tree"])
 def test_first_token_distribution_matches_softmax(model, name):
     """4000 identical requests with different seeds: the first emitted token (verified against drafts of
@@ -334,6 +381,23 @@ def test_continuous_batching_gives_the_same_outputs(model, prompts, reference, n
 def test_max_batch_is_checked(model, prompts, bad):
     with pytest.raises(ValueError, match="max_batch"):
         Engine(model).generate([Request(prompts[0], params(4))], max_batch=bad)
+
+
+def test_engine_rejects_bad_arguments(model):
+    """Arguments of the wrong kind are ValueErrors naming them when the engine is built (a string as speculation
+    failed inside the run, at its first step, with an AttributeError; a block size of 3 at the op)."""
+    from spdkernels.runtime.speculation import AdaptiveSpeculation
+
+    for kw, pattern in [(dict(proposer="ngram"), "proposer: expected a Proposer"),
+                        (dict(speculation="cost"), "speculation: expected an AdaptiveSpeculation"),
+                        (dict(block_size=3), "block_size: expected a power of two"),
+                        (dict(block_size=16.0), "block_size"), (dict(eos_token_ids=2), "eos_token_ids"),
+                        (dict(eos_token_ids=["2"]), "eos_token_ids: expected token ids")]:
+        with pytest.raises(ValueError, match=pattern):
+            Engine(model, **kw)
+    eng = Engine(model, NGramProposer(k=2), eos_token_ids=(t for t in [5, 6]),
+                 speculation=AdaptiveSpeculation(max_depth=2))
+    assert eng.eos == {5, 6}
 
 
 def test_engine_rejects_bad_requests(model):

@@ -449,6 +449,7 @@ def test_spd_bad_input(model, pdm):
     # the lookup's only after the prefill, before)
     for kw, pattern in [(dict(n="2"), "stages"), (dict(n=2.0), "stages"), (dict(n=None), "stages"),
                         (dict(block_size=0), "block_size"), (dict(block_size=2.0), "block_size"),
+                        (dict(block_size=3), "block_size: expected a power of two"),
                         (dict(eos_token_ids=3), "eos_token_ids"), (dict(lookup=object()), "lookup"),
                         (dict(lookup=PDMProposer(pdm)), "lookup"), (dict(pdm=None), "pdm")]:
         args = dict(model=model, pdm=pdm, n=2)

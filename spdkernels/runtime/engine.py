@@ -2,7 +2,8 @@
 
 One step, for every active request: the proposer drafts a token tree after the last committed token (the
 root); one target forward pass runs ``[root, draft nodes...]`` with tree attention over the paged KV cache;
-``rejection_sample`` (or ``verify_greedy`` when every request is greedy) picks the accepted path and one
+``verify_greedy`` (every request greedy), coupled verification (deterministic drafts: every row sampled with
+position-keyed coins) or ``rejection_sample`` (drafts that carry their q) picks the accepted path and one
 more token; the cache keeps the root and the accepted nodes (moved next to the prefix) and rolls the rest
 back. Autoregressive decoding is the same engine with no proposer: every step verifies just the root."""
 from __future__ import annotations
@@ -24,15 +25,19 @@ from .speculation import AdaptiveSpeculation
 
 # The smallest non-zero temperature: below it, logits / T overflow fp32 (a NaN distribution); it is greedy already.
 MIN_TEMPERATURE = 1e-6
+# Coupled verification keys a token's coin by (seed, COUPLED_OFFSET + its position): offsets apart from those of
+# rejection_sample's step-keyed coins (offset = the step), so no coin serves two decisions of one request.
+COUPLED_OFFSET = 1 << 62
 
 
 @dataclass
 class SamplingParams:
-    """``temperature`` 0 = greedy; ``top_k`` 0 and ``top_p`` 1 = off; ``seed`` keys the request's coins
-    (the same seed gives the same text with the same proposer settings, unless the cost-aware controller
-    chooses the depths from timings; ``None``, the default: every request draws a fresh seed when it is
-    created, see :class:`Request`, and its :class:`Result` records it); ``stop``: strings that end the
-    request (the text is cut before them); ``ignore_eos``: keep going past end-of-sequence tokens."""
+    """``temperature`` 0 = greedy; ``top_k`` 0 and ``top_p`` 1 = off; ``seed`` keys the request's coins by
+    the position of each token (with deterministic drafts, every proposer's but the PDM proposer's sampled ones,
+    a seed gives the text autoregressive decoding gives with that seed, whatever the draft depths, the
+    controller or the batch; see :meth:`Engine._verify_coupled`); ``None``, the default: every request draws
+    a fresh seed when it is created, see :class:`Request`, and its :class:`Result` records it); ``stop``: strings
+    that end the request (the text is cut before them); ``ignore_eos``: keep going past end-of-sequence tokens."""
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
@@ -59,6 +64,21 @@ class SamplingParams:
         self.stop = tuple(self.stop)  # (a set or a generator: read once, here)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
+
+
+def check_engine_args(block_size, eos_token_ids) -> Optional[List[int]]:
+    """The arguments every engine takes: ValueErrors naming a bad ``block_size`` (a power of two, the KV cache's
+    page) or ``eos_token_ids``; returns the ids as a list (a generator is read once, here) or None."""
+    if not is_int(block_size) or block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size: expected a power of two, got {block_size!r}")
+    if eos_token_ids is None:
+        return None
+    if isinstance(eos_token_ids, (str, bytes)) or not hasattr(eos_token_ids, "__iter__"):
+        raise ValueError(f"eos_token_ids: expected a sequence of token ids or None, got {eos_token_ids!r}")
+    eos_token_ids = list(eos_token_ids)
+    if not all(is_int(t) for t in eos_token_ids):
+        raise ValueError(f"eos_token_ids: expected token ids, got {eos_token_ids!r}")
+    return eos_token_ids
 
 
 def fresh_seed() -> int:
@@ -171,6 +191,12 @@ class Engine:
     def __init__(self, model: LlamaModel, proposer: Optional[Proposer] = None, tokenizer=None,
                  eos_token_ids: Optional[Sequence[int]] = None, block_size: int = 16, scrub_cache: bool = False,
                  validate_ops: bool = False, speculation: Optional[AdaptiveSpeculation] = None):
+        if proposer is not None and not isinstance(proposer, Proposer):
+            raise ValueError(f"proposer: expected a Proposer (spdkernels.runtime.proposers) or None, got "
+                             f"{type(proposer).__name__}")
+        if speculation is not None and not isinstance(speculation, AdaptiveSpeculation):
+            raise ValueError(f"speculation: expected an AdaptiveSpeculation or None, got {type(speculation).__name__}")
+        eos_token_ids = check_engine_args(block_size, eos_token_ids)
         self.model = model
         self.proposer = proposer
         self.speculation = speculation
@@ -357,8 +383,11 @@ class Engine:
         if sum(depths):  # (smoothed: one step's trees say little)
             seen = sum(len(d) for d in drafts) / sum(depths)
             self._tokens_per_level += 0.2 * (max(1.0, seen) - self._tokens_per_level)
+        out_l = num_l = None  # (the coupled verification gives lists; the ops give tensors)
         if all(s.params.temperature == 0 for s in active):
             out, num, path = spdkernels.verify_greedy(logits, draft_ids, cund_t, par_t, max_depth=max_depth)
+        elif all(d.probs is None for d in drafts):
+            out_l, num_l, path = self._verify_coupled(active, drafts, logits, positions, cu, max_depth)
         else:
             probs = None
             if any(d.probs is not None for d in drafts):  # drafts drawn from a distribution carry it
@@ -382,7 +411,8 @@ class Engine:
         self._sync()
         t4 = time.perf_counter()
         cache.commit([s.rid for s in active], block_table, kv_t, cu_t, path)
-        out_l, num_l = out.tolist(), num.tolist()
+        if out_l is None:
+            out_l, num_l = out.tolist(), num.tolist()
         if anchors is not None:  # the committed tokens (root + accepted path) for the proposer
             path_l = path.tolist()
             for j, (s, n) in enumerate(zip(active, num_l)):
@@ -409,6 +439,53 @@ class Engine:
         m.verify_s += t3 - t2
         m.sampling_s += t4 - t3
         m.bookkeeping_s += (t2 - t1) + (t5 - t4)
+
+    def _verify_coupled(self, active: List[RequestState], drafts: List[Draft], logits: torch.Tensor,
+                        positions: List[List[int]], cu: List[int], max_depth: int):
+        """Verification of deterministic drafts (point masses) for a batch with sampled requests, by coupling: the
+        target samples the token after every row from its own (filtered) distribution with a coin keyed by the
+        request's seed and that token's absolute position, and a draft node is accepted iff it is that token.
+
+        Lossless: the token emitted at each position is distributed exactly as the target's p (filters applied),
+        and a node is accepted with probability p(its token), as rejection sampling with a point-mass q gives
+        (siblings: p of their tokens summed, as sequential rejection over point masses gives). And each emitted
+        token is a function of (seed, position, prefix) only, so a seeded request's text does not depend on the
+        draft depths, the controller or the batch: it is the text of autoregressive decoding with that seed.
+        Each row is sampled by ``rejection_sample`` as a request without drafts (its final coin keyed by
+        (seed, COUPLED_OFFSET + position)); greedy requests in the batch take the argmax there. Returns the
+        emitted tokens and their counts per request (lists) and the accepted paths ``[R, max_depth]`` (-1 padded)."""
+        dev = logits.device
+        rows = logits.shape[0]
+        reps = torch.tensor([cu[j + 1] - cu[j] for j in range(len(active))], device=dev)
+
+        def per_row(values, dtype):
+            return torch.repeat_interleave(torch.tensor(values, dtype=dtype, device=dev), reps, output_size=rows)
+
+        pos = torch.tensor([p + 1 for ps in positions for p in ps], dtype=torch.int64, device=dev)
+        x, _, _ = spdkernels.rejection_sample(
+            logits, torch.empty(0, dtype=torch.int64, device=dev), torch.zeros(rows + 1, dtype=torch.int32, device=dev),
+            temperature=per_row([s.params.temperature for s in active], torch.float32),
+            top_k=per_row([s.params.top_k for s in active], torch.int32),
+            top_p=per_row([s.params.top_p for s in active], torch.float32),
+            seed=per_row([s.params.seed for s in active], torch.int64), offset=pos + COUPLED_OFFSET, max_depth=0)
+        x = x[:, 0].tolist()
+        out, num, path = [], [], []
+        for j, d in enumerate(drafts):
+            child = {}
+            for i, (p, t) in enumerate(zip(d.parents, d.tokens)):
+                child.setdefault((p, t), i)  # (a repeated sibling token: the first is the one accepted)
+            node, toks, acc = -1, [], []
+            while True:
+                tok = x[cu[j] + 1 + node]  # the row of node (the root's is the request's first)
+                toks.append(tok)
+                node = child.get((node, tok), -1)
+                if node < 0:
+                    break
+                acc.append(node)
+            out.append(toks)
+            num.append(len(toks))
+            path.append(acc + [-1] * (max_depth - len(acc)))
+        return out, num, torch.tensor(path, dtype=torch.int32, device=dev).view(len(drafts), max_depth)
 
     def _append(self, s: RequestState, new: List[int]) -> None:
         append_tokens(s, new, self.eos, self.tokenizer)

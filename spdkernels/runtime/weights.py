@@ -257,6 +257,9 @@ def _load_gguf(p: Path) -> Checkpoint:
     vocab = _int_field(reader, f"{a}.vocab_size", p, None if tokens is None else len(tokens))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     # the head dim is attention.key_length where the file has it (models whose heads are not hidden / heads wide)
+    if f"{a}.attention.key_length" not in reader.fields and hidden % n_heads:
+        raise ModelLoadError(f"model: {p}: {a}.embedding_length {hidden} is not a multiple of "
+                             f"{a}.attention.head_count {n_heads}, and the file has no attention.key_length")
     head_dim = _int_field(reader, f"{a}.attention.key_length", p, hidden // n_heads)
     value_dim = _int_field(reader, f"{a}.attention.value_length", p, head_dim)
     if value_dim != head_dim:

@@ -35,6 +35,7 @@ from ..engine import (
     Result,
     RunMetrics,
     append_tokens,
+    check_engine_args,
     check_unique_rids,
     collect_results,
     validate_requests,
@@ -152,14 +153,7 @@ class SPDEngine:
         check_model_fits(pdm, model)
         if not is_int(n):
             raise ValueError(f"stages: expected an integer number of stages, got {n!r}")
-        if not is_int(block_size) or block_size < 1:
-            raise ValueError(f"block_size: expected an integer >= 1, got {block_size!r}")
-        if eos_token_ids is not None:
-            if isinstance(eos_token_ids, (str, bytes)) or not hasattr(eos_token_ids, "__iter__"):
-                raise ValueError(f"eos_token_ids: expected a sequence of token ids or None, got {eos_token_ids!r}")
-            eos_token_ids = list(eos_token_ids)  # (a generator is read once, here)
-            if not all(is_int(t) for t in eos_token_ids):
-                raise ValueError(f"eos_token_ids: expected token ids, got {eos_token_ids!r}")
+        eos_token_ids = check_engine_args(block_size, eos_token_ids)
         if lookup is not None and not callable(getattr(lookup, "lookup", None)):
             raise ValueError(f"lookup: expected an NGramProposer (anything with lookup(ctx, k)), got "
                              f"{type(lookup).__name__}")
