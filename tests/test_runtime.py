@@ -249,12 +249,13 @@ def test_same_seed_same_text_and_seeds_matter(model, prompts):
 
 
 def test_seeded_sampling_is_the_autoregressive_text_whatever_the_drafts(model, prompts):
-    """Deterministic drafts are verified by coupling (Engine._verify_coupled): each token is the target's own
+    """Deterministic drafts are verified by coupling (Engine._verify_sampled): each token is the target's own
     sample with a coin keyed by (seed, position), so a seeded request's text is autoregressive decoding's with that
-    seed, for every proposer, tree or chain, under the cost-aware controller and in any batch (the coins were
-    keyed by the step before: the text changed with the draft depths). A planted variant that keys the coin by
-    the step fails."""
-    from spdkernels.runtime import engine as engine_mod
+    seed, for every proposer (the PDM proposer's greedy drafts included), tree or chain, under the cost-aware
+    controller and in any batch (the coins were keyed by the step before: the text changed with the draft
+    depths). A planted variant that keys the coupled coins by the step makes the text depend on the drafts."""
+    from spdkernels.runtime.spd.proposer import PDMProposer
+    from spdkernels.runtime.spd.train import untrained_pdm
     from spdkernels.runtime.speculation import AdaptiveSpeculation
 
     def run(prop, seeds=(11, 12, 13), max_batch=None, **kw):
@@ -263,36 +264,60 @@ def test_seeded_sampling_is_the_autoregressive_text_whatever_the_drafts(model, p
         res, m = Engine(model, prop, **kw).generate(reqs, max_batch=max_batch)
         return [r.output_ids for r in res], m
 
+    pdm = untrained_pdm(model, [0, 1, 2], layers=1, intermediate=32, noise=0.3, seed=5)
+    props = dict(proposers(model), **{"pdm-greedy-chain": PDMProposer(pdm, k=3, sample=False),
+                                      "pdm-greedy-tree": PDMProposer(pdm, k=3, branching=2, width=2, sample=False)})
     want, _ = run(None)
     assert len({tuple(o) for o in want}) == len(want)
     accepted = 0
-    for name, prop in proposers(model).items():
+    for name, prop in props.items():
         got, m = run(prop)
         assert got == want, name
         accepted += m.accepted
-    got, _ = run(NGramProposer(k=6, min_ngram=1), max_batch=2,
-                 speculation=AdaptiveSpeculation(max_depth=6))
+    got, _ = run(NGramProposer(k=6, min_ngram=1), max_batch=2, speculation=AdaptiveSpeculation(max_depth=6))
     assert got == want
     assert accepted > 0  # drafts were accepted, not all refused
     mixed = [Request(prompts[0], params(20, temperature=0.9, top_p=0.95, top_k=40, seed=11)),
              Request(prompts[1], params(20))]  # a greedy request in the same batch keeps its greedy text
-    res, _ = Engine(model, proposers(model)["draft-model-tree"]).generate(mixed)
+    res, _ = Engine(model, props["draft-model-tree"]).generate(mixed)
     greedy = Engine(model).generate([Request(prompts[1], params(20))])[0][0].output_ids
     assert [r.output_ids for r in res] == [want[0], greedy]
 
-    real = Engine._verify_coupled
+    real = Engine._verify_sampled
 
-    def by_step(self, active, drafts, logits, positions, cu, max_depth):  # planted: the step keys the coin
-        shifted = [[s.metrics.steps - 1 + 0 * p for p in ps] for s, ps in zip(active, positions)]
-        return real(self, active, drafts, logits, shifted, cu, max_depth)
+    def by_step(self, active, drafts, logits, positions, cu, depths, max_depth):  # planted: the step keys the coin
+        by_steps = [[s.metrics.steps - 1 + 0 * p for p in ps] for s, ps in zip(active, positions)]
+        return real(self, active, drafts, logits, by_steps, cu, depths, max_depth)
 
     try:
-        Engine._verify_coupled = by_step
-        planted = [run(proposers(model)[n])[0] for n in ("ngram-chain", "draft-model-tree")]
+        Engine._verify_sampled = by_step
+        planted_ar = run(None)[0]  # (autoregressive: one row a step, so the step is the position shifted)
+        planted = [run(props[n])[0] for n in ("ngram-chain", "draft-model-tree")]
     finally:
-        Engine._verify_coupled = real
-    assert any(p != want for p in planted)
-    assert engine_mod.COUPLED_OFFSET > 2 ** 40
+        Engine._verify_sampled = real
+    assert any(p != planted_ar for p in planted)
+
+
+def test_sampled_pdm_drafts_keep_their_text_in_any_batch(model, prompts):
+    """The PDM proposer's sampled chains (rejection sampling, coins keyed by the step) next to other requests: a
+    request's text with a seed is its text alone. The verification is chosen per request: a step where the request
+    drafted nothing (its last token) is coupled whatever its batch-mates drafted (it followed the batch's choice,
+    and the last token changed with the batch in half the seeds)."""
+    from spdkernels.runtime.spd.proposer import PDMProposer
+    from spdkernels.runtime.spd.train import untrained_pdm
+
+    pdm = untrained_pdm(model, [0, 1, 2], layers=1, intermediate=32, noise=0.05)
+    drafted = 0
+    for seed in range(12):
+        def a(seed=seed):
+            return Request(prompts[0], params(6, temperature=1.0, seed=seed))
+
+        b = Request(prompts[1], params(24, temperature=1.0, seed=1000 + seed))
+        alone = Engine(model, PDMProposer(pdm, k=3)).generate([a()])[0][0].output_ids
+        res, m = Engine(model, PDMProposer(pdm, k=3)).generate([a(), b])
+        assert res[0].output_ids == alone, seed
+        drafted += m.drafted
+    assert drafted > 0
 
 
 @pytest.mark.parametrize("name", ["none", "draft-model-tree"])
@@ -385,7 +410,7 @@ def test_max_batch_is_checked(model, prompts, bad):
 
 def test_engine_rejects_bad_arguments(model):
     """Arguments of the wrong kind are ValueErrors naming them when the engine is built (a string as speculation
-    failed inside the run, at its first step, with an AttributeError; a block size of 3 at the op)."""
+    failed inside the run, at its first step, with an AttributeError; a block size of 3 at the KV cache's creation)."""
     from spdkernels.runtime.speculation import AdaptiveSpeculation
 
     for kw, pattern in [(dict(proposer="ngram"), "proposer: expected a Proposer"),

@@ -245,7 +245,8 @@ class _Field:
 @pytest.mark.parametrize("fields, message", [
     ({"llama.attention.key_length": 128}, "rope.dimension_count 64 is not the head dim 128"),
     ({"llama.attention.key_length": 64, "llama.attention.value_length": 32}, "value_length 32 differs"),
-    ({"llama.rope.dimension_count": 32}, "partial rotary embeddings are not supported"),
+    ({"llama.rope.dimension_count": 32}, "rope.dimension_count 32 is not the head dim 64 \\(embedding_length / "
+                                         "head_count, the file having no attention.key_length\\)"),
 ])
 def test_gguf_head_dim_is_the_key_length(monkeypatch, fields, message):
     """The embedded GGUF with metadata added: the head dim is attention.key_length where the file has it (it was
@@ -268,9 +269,11 @@ def test_gguf_head_dim_is_the_key_length(monkeypatch, fields, message):
 
 
 def test_hf_folder_reads_the_shards_its_index_names(ck, tmp_path):
-    """Shards named by model.safetensors.index.json are the model, a stray file beside them is not (Mistral's
-    consolidated.safetensors held the same weights again: read twice before); without an index model.safetensors
-    is; a tensor in two files, an index naming a missing or no shard are ModelLoadErrors."""
+    """Hugging Face's order: model.safetensors, else the shards model.safetensors.index.json names (in
+    subfolders too), else every *.safetensors; a stray file beside them is not read (Mistral's
+    consolidated.safetensors held the same weights again: read twice before); a tensor in two files, an index
+    naming a missing, outside or no shard are ModelLoadErrors; so are rope scaling and partial rotary
+    embeddings in transformers v5's rope_parameters (they loaded as plain RoPE)."""
     import json
     from pathlib import Path
 
@@ -309,6 +312,13 @@ def test_hf_folder_reads_the_shards_its_index_names(ck, tmp_path):
     assert same(folder("sharded", dict(shards, **{"consolidated.safetensors": stray}), {"weight_map": weight_map}))
     assert same(folder("plain", {"model.safetensors": sd, "consolidated.safetensors": stray}))
     assert same(folder("other-names", {"a.safetensors": half, "b.safetensors": rest}))
+    assert same(folder("whole-first", dict(shards, **{"model.safetensors": sd}),
+                       {"weight_map": {n: "model-00001-of-00002.safetensors" for n in names}}))
+    sub = folder("in-a-subfolder", {}, {"weight_map": {n: f"sub/{f}" for n, f in weight_map.items()}})
+    (Path(sub) / "sub").mkdir()
+    for fname, tensors in shards.items():
+        save_file(tensors, str(Path(sub) / "sub" / fname))
+    assert same(sub)
     refused = {
         "in-two-files": (folder("dup", {"a.safetensors": sd, "b.safetensors": rest}), "is in both a.safetensors"),
         "missing-shard": (folder("missing", {"model-00001-of-00002.safetensors": half}, {"weight_map": weight_map}),
@@ -317,10 +327,18 @@ def test_hf_folder_reads_the_shards_its_index_names(ck, tmp_path):
         "index-not-a-map": (folder("list", shards, {"weight_map": [1]}), "not a readable index"),
         "shard-outside": (folder("outside", shards, {"weight_map": {"x": "../good/model.safetensors"}}),
                           "does not hold"),
+        "index-of-numbers": (folder("numbers", shards, {"weight_map": {"x": 1}}), "expected shard file names"),
         "partial-rotary": (folder("rot", {"model.safetensors": sd}), "partial_rotary_factor 0.5"),
+        "v5-partial-rotary": (folder("rot5", {"model.safetensors": sd}),
+                              "rope_parameters.partial_rotary_factor 0.5"),
+        "v5-rope-scaling": (folder("scaled5", {"model.safetensors": sd}), "rope_type 'llama3'"),
     }
     cfg = json.loads((good / "config.json").read_text())
-    (Path(refused["partial-rotary"][0]) / "config.json").write_text(json.dumps(dict(cfg, partial_rotary_factor=0.5)))
+    for name, extra in [("partial-rotary", dict(partial_rotary_factor=0.5)),
+                        ("v5-partial-rotary", dict(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5})),
+                        ("v5-rope-scaling", dict(rope_parameters={"rope_theta": 1e4, "rope_type": "llama3",
+                                                                  "factor": 8.0}))]:
+        (Path(refused[name][0]) / "config.json").write_text(json.dumps(dict(cfg, **extra)))
     for name, (d, message) in refused.items():
         with pytest.raises(ModelLoadError, match=message):
             load_checkpoint(d)

@@ -2,9 +2,9 @@
 
 One step, for every active request: the proposer drafts a token tree after the last committed token (the
 root); one target forward pass runs ``[root, draft nodes...]`` with tree attention over the paged KV cache;
-``verify_greedy`` (every request greedy), coupled verification (deterministic drafts: every row sampled with
-position-keyed coins) or ``rejection_sample`` (drafts that carry their q) picks the accepted path and one
-more token; the cache keeps the root and the accepted nodes (moved next to the prefix) and rolls the rest
+``verify_greedy`` (every request greedy) or ``rejection_sample`` (coupled verification of deterministic drafts:
+every row sampled with position-keyed coins; rejection sampling of drafts that carry their q) picks the accepted
+path and one more token; the cache keeps the root and the accepted nodes (moved next to the prefix) and rolls the rest
 back. Autoregressive decoding is the same engine with no proposer: every step verifies just the root."""
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ COUPLED_OFFSET = 1 << 62
 
 @dataclass
 class SamplingParams:
-    """``temperature`` 0 = greedy; ``top_k`` 0 and ``top_p`` 1 = off; ``seed`` keys the request's coins by
-    the position of each token (with deterministic drafts, every proposer's but the PDM proposer's sampled ones,
-    a seed gives the text autoregressive decoding gives with that seed, whatever the draft depths, the
-    controller or the batch; see :meth:`Engine._verify_coupled`); ``None``, the default: every request draws
-    a fresh seed when it is created, see :class:`Request`, and its :class:`Result` records it); ``stop``: strings
-    that end the request (the text is cut before them); ``ignore_eos``: keep going past end-of-sequence tokens."""
+    """``temperature`` 0 = greedy; ``top_k`` 0 and ``top_p`` 1 = off; ``seed`` keys the request's coins (with
+    deterministic drafts, every proposer's but the PDM proposer's sampled chains, by each token's position: a seed
+    gives the text autoregressive decoding gives with that seed, whatever the draft depths, the controller or the
+    batch; see :meth:`Engine._verify_sampled`). ``None``, the default: every request draws a fresh seed when it
+    is created, see :class:`Request`, and its :class:`Result` records it. ``stop``: strings that end the request
+    (the text is cut before them); ``ignore_eos``: keep going past end-of-sequence tokens."""
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
@@ -383,38 +383,18 @@ class Engine:
         if sum(depths):  # (smoothed: one step's trees say little)
             seen = sum(len(d) for d in drafts) / sum(depths)
             self._tokens_per_level += 0.2 * (max(1.0, seen) - self._tokens_per_level)
-        out_l = num_l = None  # (the coupled verification gives lists; the ops give tensors)
+        path_l = None
         if all(s.params.temperature == 0 for s in active):
             out, num, path = spdkernels.verify_greedy(logits, draft_ids, cund_t, par_t, max_depth=max_depth)
-        elif all(d.probs is None for d in drafts):
-            out_l, num_l, path = self._verify_coupled(active, drafts, logits, positions, cu, max_depth)
+            out_l, num_l = out.tolist(), num.tolist()
         else:
-            probs = None
-            if any(d.probs is not None for d in drafts):  # drafts drawn from a distribution carry it
-                probs = torch.zeros(len(dtoks), logits.shape[-1], dtype=torch.float32, device=dev)
-                i = 0
-                for d in drafts:
-                    if d.probs is not None:
-                        probs[i:i + len(d)] = d.probs
-                    else:  # deterministic drafts: point mass
-                        probs[torch.arange(i, i + len(d), device=dev),
-                              torch.tensor(d.tokens, dtype=torch.int64, device=dev)] = 1.0
-                    i += len(d)
-            out, num, path = spdkernels.rejection_sample(
-                logits, draft_ids, cund_t, parents=par_t, draft_probs=probs,
-                temperature=torch.tensor([s.params.temperature for s in active], dtype=torch.float32, device=dev),
-                top_k=torch.tensor([s.params.top_k for s in active], dtype=torch.int32, device=dev),
-                top_p=torch.tensor([s.params.top_p for s in active], dtype=torch.float32, device=dev),
-                seed=torch.tensor([s.params.seed for s in active], dtype=torch.int64, device=dev),
-                offset=torch.tensor([s.metrics.steps for s in active], dtype=torch.int64, device=dev),
-                max_depth=max_depth)
+            out_l, num_l, path_l = self._verify_sampled(active, drafts, logits, positions, cu, depths, max_depth)
+            path = torch.tensor(path_l, dtype=torch.int32, device=dev).view(len(active), max_depth)
         self._sync()
         t4 = time.perf_counter()
         cache.commit([s.rid for s in active], block_table, kv_t, cu_t, path)
-        if out_l is None:
-            out_l, num_l = out.tolist(), num.tolist()
         if anchors is not None:  # the committed tokens (root + accepted path) for the proposer
-            path_l = path.tolist()
+            path_l = path.tolist() if path_l is None else path_l
             for j, (s, n) in enumerate(zip(active, num_l)):
                 local = [0] + [1 + x for x in path_l[j][:n - 1]]
                 P = kv[j] - (cu[j + 1] - cu[j])
@@ -440,52 +420,87 @@ class Engine:
         m.sampling_s += t4 - t3
         m.bookkeeping_s += (t2 - t1) + (t5 - t4)
 
-    def _verify_coupled(self, active: List[RequestState], drafts: List[Draft], logits: torch.Tensor,
-                        positions: List[List[int]], cu: List[int], max_depth: int):
-        """Verification of deterministic drafts (point masses) for a batch with sampled requests, by coupling: the
-        target samples the token after every row from its own (filtered) distribution with a coin keyed by the
-        request's seed and that token's absolute position, and a draft node is accepted iff it is that token.
+    def _verify_sampled(self, active: List[RequestState], drafts: List[Draft], logits: torch.Tensor,
+                        positions: List[List[int]], cu: List[int], depths: List[int], max_depth: int):
+        """Verification of a batch with sampled requests, in one ``rejection_sample`` call, chosen per request:
 
-        Lossless: the token emitted at each position is distributed exactly as the target's p (filters applied),
-        and a node is accepted with probability p(its token), as rejection sampling with a point-mass q gives
-        (siblings: p of their tokens summed, as sequential rejection over point masses gives). And each emitted
-        token is a function of (seed, position, prefix) only, so a seeded request's text does not depend on the
-        draft depths, the controller or the batch: it is the text of autoregressive decoding with that seed.
-        Each row is sampled by ``rejection_sample`` as a request without drafts (its final coin keyed by
-        (seed, COUPLED_OFFSET + position)); greedy requests in the batch take the argmax there. Returns the
-        emitted tokens and their counts per request (lists) and the accepted paths ``[R, max_depth]`` (-1 padded)."""
+        * a draft that carries its q (drawn from a distribution: the PDM proposer's sampled chains) is verified by
+          rejection sampling, its coins keyed by (seed, the request's step);
+        * a deterministic draft (a point mass: every other proposer, greedy requests, empty drafts) is verified by
+          coupling: each of its rows is sampled as a request without drafts, with a coin keyed by (seed,
+          COUPLED_OFFSET + the position of the token the row generates), and a node is accepted iff it is its
+          parent row's sample; the emitted tokens are the samples along the accepted path. Lossless: the token at
+          each position is distributed as the target's filtered p, and a node is accepted with probability
+          p(its token), as rejection sampling of a point mass gives (siblings: their p summed, as sequential
+          rejection over point masses gives). Each emitted token is a function of (seed, position, prefix) only,
+          so the request's text does not depend on the draft depths, the controller or the batch: it is the text
+          of autoregressive decoding with that seed. It samples every row of the draft, where the rejection walk
+          samples only those on its path (more sampling work for wide trees).
+
+        Returns per request the emitted tokens, their count and the accepted path (local node ids, -1 padded to
+        ``max_depth``), as lists."""
         dev = logits.device
-        rows = logits.shape[0]
-        reps = torch.tensor([cu[j + 1] - cu[j] for j in range(len(active))], device=dev)
+        n_drafts, seeds, offsets, params = [], [], [], []
+        toks, parents, probs, chains = [], [], [], True
+        for j, (s, d) in enumerate(zip(active, drafts)):
+            if d.probs is None:  # one request without drafts per row
+                rows = cu[j + 1] - cu[j]
+                n_drafts += [0] * rows
+                seeds += [s.params.seed] * rows
+                offsets += [COUPLED_OFFSET + p + 1 for p in positions[j]]
+                params += [s.params] * rows
+            else:
+                n_drafts.append(len(d))
+                seeds.append(s.params.seed)
+                offsets.append(s.metrics.steps)
+                params.append(s.params)
+                toks += d.tokens
+                parents += d.parents
+                probs.append(d.probs)
+                chains = chains and d.is_chain()
+        q_depth = max((dep for d, dep in zip(drafts, depths) if d.probs is not None), default=0)
+        cund = [0]
+        for n in n_drafts:
+            cund.append(cund[-1] + n)
 
-        def per_row(values, dtype):
-            return torch.repeat_interleave(torch.tensor(values, dtype=dtype, device=dev), reps, output_size=rows)
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=dev)
 
-        pos = torch.tensor([p + 1 for ps in positions for p in ps], dtype=torch.int64, device=dev)
-        x, _, _ = spdkernels.rejection_sample(
-            logits, torch.empty(0, dtype=torch.int64, device=dev), torch.zeros(rows + 1, dtype=torch.int32, device=dev),
-            temperature=per_row([s.params.temperature for s in active], torch.float32),
-            top_k=per_row([s.params.top_k for s in active], torch.int32),
-            top_p=per_row([s.params.top_p for s in active], torch.float32),
-            seed=per_row([s.params.seed for s in active], torch.int64), offset=pos + COUPLED_OFFSET, max_depth=0)
-        x = x[:, 0].tolist()
-        out, num, path = [], [], []
+        out, num, path = spdkernels.rejection_sample(
+            logits, tensor(toks, torch.int64), tensor(cund, torch.int32),
+            parents=None if chains else tensor(parents, torch.int32),
+            draft_probs=torch.cat(probs).to(device=dev, dtype=torch.float32) if probs else None,
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.int32),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            seed=tensor(seeds, torch.int64), offset=tensor(offsets, torch.int64), max_depth=q_depth)
+        out, num, path = out.tolist(), num.tolist(), path.tolist()
+        out_l, num_l, path_l = [], [], []
+        r = 0  # the op's request
         for j, d in enumerate(drafts):
-            child = {}
-            for i, (p, t) in enumerate(zip(d.parents, d.tokens)):
-                child.setdefault((p, t), i)  # (a repeated sibling token: the first is the one accepted)
-            node, toks, acc = -1, [], []
-            while True:
-                tok = x[cu[j] + 1 + node]  # the row of node (the root's is the request's first)
-                toks.append(tok)
-                node = child.get((node, tok), -1)
-                if node < 0:
-                    break
-                acc.append(node)
-            out.append(toks)
-            num.append(len(toks))
-            path.append(acc + [-1] * (max_depth - len(acc)))
-        return out, num, torch.tensor(path, dtype=torch.int32, device=dev).view(len(drafts), max_depth)
+            if d.probs is not None:
+                n = num[r]
+                emitted, accepted = out[r][:n], path[r][:n - 1]
+                r += 1
+            else:
+                rows = cu[j + 1] - cu[j]
+                x = [out[r + v][0] for v in range(rows)]  # the sample of each row
+                r += rows
+                child = {}
+                for i, (p, t) in enumerate(zip(d.parents, d.tokens)):
+                    child.setdefault((p, t), i)  # (a repeated sibling token: the first is the one accepted)
+                node, emitted, accepted = -1, [], []
+                while True:
+                    tok = x[1 + node]  # the row of node (the root's is the request's first)
+                    emitted.append(tok)
+                    node = child.get((node, tok), -1)
+                    if node < 0:
+                        break
+                    accepted.append(node)
+            out_l.append(emitted)
+            num_l.append(len(emitted))
+            path_l.append(accepted + [-1] * (max_depth - len(accepted)))
+        return out_l, num_l, path_l
 
     def _append(self, s: RequestState, new: List[int]) -> None:
         append_tokens(s, new, self.eos, self.tokenizer)

@@ -19,9 +19,11 @@ max_depth)``, keeps rising. A request whose acceptance drops so low that no draf
 draft token every ``probe_every`` steps, so its estimate can recover.
 
 The controller only sets depth limits: greedy outputs stay exactly those of the target model, and sampled
-outputs keep the target's distribution. A request's coins are keyed by its seed and its step, and the depths
-follow measured timings and the rest of the batch, so under the controller a seeded sampled request is not
-reproducible token for token (a fixed-depth proposer makes it so, whatever the batch).
+outputs keep the target's distribution. With deterministic drafts a seeded sampled request's coins are keyed
+by its seed and each token's position (the engine's coupled verification), so its text is autoregressive
+decoding's whatever depths the controller chooses. Drafts that carry their q (the PDM proposer's sampled
+chains) are verified with coins keyed by the step: under the controller, whose depths follow measured timings
+and the rest of the batch, such a seeded request is not reproducible token for token.
 """
 from __future__ import annotations
 

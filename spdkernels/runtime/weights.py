@@ -267,8 +267,10 @@ def _load_gguf(p: Path) -> Checkpoint:
                              f"{head_dim}; heads of two widths are not supported")
     rotary = _int_field(reader, f"{a}.rope.dimension_count", p, head_dim)
     if rotary != head_dim:
-        raise ModelLoadError(f"model: {p}: {a}.rope.dimension_count {rotary} is not the head dim {head_dim}; "
-                             "partial rotary embeddings are not supported")
+        source = ("attention.key_length" if f"{a}.attention.key_length" in reader.fields
+                  else "embedding_length / head_count, the file having no attention.key_length")
+        raise ModelLoadError(f"model: {p}: {a}.rope.dimension_count {rotary} is not the head dim {head_dim} "
+                             f"({source}); rotary embeddings over part of a head are not supported")
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=_int_field(reader, f"{a}.feed_forward_length", p),
@@ -315,24 +317,28 @@ HF_INDEX = "model.safetensors.index.json"
 
 
 def _hf_weight_files(p: Path) -> List[Path]:
-    """The safetensors files of the folder ``p`` that hold the model, as Hugging Face reads them: the shards that
-    ``model.safetensors.index.json`` names, else ``model.safetensors``, else every ``*.safetensors`` (another
-    file beside them, such as Mistral's ``consolidated.safetensors``, holds the same weights again)."""
+    """The safetensors files of the folder ``p`` that hold the model, in Hugging Face's order: ``model.safetensors``,
+    else the shards ``model.safetensors.index.json`` names (paths inside the folder), else every ``*.safetensors``
+    (a file beside them, such as Mistral's ``consolidated.safetensors``, holds the same weights again)."""
+    if (p / "model.safetensors").is_file():
+        return [p / "model.safetensors"]
     index = p / HF_INDEX
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
+            names = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelLoadError(f"model: {index} is not a readable index ({type(e).__name__}: {e})") from None
-        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or not (p / n).is_file()]
         if not names:
             raise ModelLoadError(f"model: {index} names no shard")
+        odd = [n for n in names if not isinstance(n, str)]
+        if odd:
+            raise ModelLoadError(f"model: {index} maps tensors to {odd[:4]}, expected shard file names")
+        root = p.resolve()
+        bad = [n for n in sorted(names) if root not in (p / n).resolve().parents or not (p / n).is_file()]
         if bad:
             raise ModelLoadError(f"model: {index} names shards that {p} does not hold: {bad[:4]}")
-        return [p / n for n in names]
-    if (p / "model.safetensors").is_file():
-        return [p / "model.safetensors"]
+        return [p / n for n in sorted(names)]
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"model: no *.safetensors files in {p}")
@@ -369,12 +375,18 @@ def _load_hf_folder(p: Path) -> Checkpoint:
             raise ModelLoadError(f"model: {p}: tensor {name} is {t.dtype}, expected floating point weights")
     n_heads, hidden = c["num_attention_heads"], c["hidden_size"]
     eos = c.get("eos_token_id")
-    rope_theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}  # (transformers v5)
+    rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     if c.get("rope_scaling"):
         raise ModelLoadError("model: rope_scaling is not supported yet")
-    if c.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ModelLoadError(f"model: partial_rotary_factor {c['partial_rotary_factor']!r} in {p / 'config.json'}: "
-                             "partial rotary embeddings are not supported")
+    if rope.get("rope_type", "default") not in (None, "default"):
+        raise ModelLoadError(f"model: rope_parameters.rope_type {rope['rope_type']!r} in {p / 'config.json'}: "
+                             "rope scaling is not supported yet")
+    for where, factor in (("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)),
+                          ("rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))):
+        if factor != 1.0:
+            raise ModelLoadError(f"model: {where} {factor!r} in {p / 'config.json'}: partial rotary embeddings "
+                                 "are not supported")
     cfg = LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=n_heads,
