@@ -1214,6 +1214,7 @@ def test_windows_cover_exactly_the_loss_rows(window, loss_from):
             assert torch.equal(w.next_ids, torch.tensor([ids[t + 1] if t + 1 < len(ids) else -1 for t in pos.tolist()]))
             rows = {w.start + r for r in range(w.first_loss, S) if int(w.next_ids[r]) >= 0}
             assert rows  # no window without a loss row
+            assert not rows & seen[i]  # each row a loss row once (an overlap was trained again, on less context)
             seen[i] |= rows
         for i, (c, h) in enumerate(zip(corpus, states)):
             P = len(c["prompt_ids"])
@@ -1257,7 +1258,8 @@ def test_cli_train_pdm_bad_device_exits_2(tmp_path, capsys):
                                                             "--prompts", "--max-new-tokens", "--gen-batch", "--steps",
                                                             "--batch", "--lr")]
                          + [("--self-prompts", "1.5"), ("--self-prompts", "-0.1"), ("--self-prompts", "nan"),
-                            ("--tower-init", "-1")])
+                            ("--tower-init", "-1"), ("--stages", "1"), ("--lr", "inf"), ("--lr", "nan"),
+                            ("--seed", "-1"), ("--seed", str(2 ** 40))])
 def test_cli_train_pdm_bad_numbers_exit_2(tmp_path, capsys, flag, value):
     rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), flag, value])
     assert rc == 2 and not (tmp_path / "o").exists()
@@ -1440,6 +1442,25 @@ def test_trained_corpus_and_held_out_windows(tmp_path):
     got = held_out_windows(w, 12, 0)
     assert len(got) == 12 and got == sorted(got) and got != w[:12] and got == held_out_windows(w, 12, 0)
     assert held_out_windows(w[:5], 12, 0) == w[:5]
+
+
+def test_training_that_diverges_stops_with_a_clear_error(tmp_path):
+    """A learning rate that sends the weights to inf: the run stops at the first step whose loss is not finite,
+    with TrainingDivergedError (a RuntimeError; the CLI exits 1), and writes no PDM (it trained on and failed at
+    the final save, 'not finite in float16', which the CLI reported as bad input)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from spdkernels.runtime.spd.train import TrainingDivergedError, train_pdm
+
+    c = dataclasses.replace(CFG, num_layers=3)
+    sd = {k: v.float() for k, v in random_state_dict(c).items()}
+    ck = SimpleNamespace(config=c, state_dict=sd, tokenizer=_ByteTokenizer())
+    with pytest.raises(TrainingDivergedError, match="training diverged at step [2-9]: the loss is (nan|inf)"):
+        train_pdm(ck, str(tmp_path / "o"), str(tmp_path / "w"), stages=3, layers=1, num_prompts=4,
+                  max_new_tokens=4, intermediate=32, settings=TrainSettings(steps=8, window=16, batch=1, lr=1e30),
+                  progress=False, log=lambda *a: None)
+    assert not (tmp_path / "o" / "pdm.json").exists()
 
 
 def test_train_pdm_on_a_target_of_three_layers(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -306,6 +307,9 @@ def _check_args(args) -> None:
         if args.proposer != "spd":
             raise ValueError(f"--distributed: needs --proposer spd, got --proposer {args.proposer}")
         check_timeout(args.dist_timeout, "--dist-timeout")
+        if _device(args.device).type != "cpu":
+            raise ValueError(f"--device: not used with --distributed (--dist-backend chooses: gloo runs every rank "
+                             f"on the CPU, nccl each on its GPU), got --device {args.device}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads: expected >= 1, got {args.threads}")
         if args.dist_backend == "nccl":
@@ -528,6 +532,7 @@ def cmd_demo(args) -> int:
 
 
 MIN_TRAIN_PROMPTS = 10
+MAX_TRAIN_SEED = 2 ** 40
 
 
 def cmd_train_pdm(args) -> int:
@@ -535,15 +540,18 @@ def cmd_train_pdm(args) -> int:
 
     from .spd.train import TrainSettings, train_pdm
 
-    for name in ("stages", "layers", "intermediate", "draft_vocab", "prompts", "max_new_tokens", "gen_batch", "steps",
-                 "batch"):
+    for name in ("layers", "intermediate", "draft_vocab", "prompts", "max_new_tokens", "gen_batch", "steps", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.stages < 2:  # (SPD runs with n >= 2 stages)
+        raise ValueError(f"--stages: expected >= 2 (SPD pipelines have at least two stages), got {args.stages}")
+    if not 0 <= args.seed < MAX_TRAIN_SEED:  # (each sequence's own seed derives from it)
+        raise ValueError(f"--seed: expected an integer in [0, 2**40), got {args.seed}")
     if args.prompts < MIN_TRAIN_PROMPTS:  # 8% are held out, whole families at a time: the rest must remain
         raise ValueError(f"--prompts: expected at least {MIN_TRAIN_PROMPTS} (a held-out split and training text), "
                          f"got {args.prompts}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr: expected > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a finite rate > 0, got {args.lr}")
     if not 0.0 <= args.self_prompts <= 1.0:
         raise ValueError(f"--self-prompts: expected a fraction in [0, 1], got {args.self_prompts}")
     if args.tower_init is not None and args.tower_init < 0:
@@ -577,6 +585,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .spd.train import TrainingDivergedError
+
+        if not isinstance(e, TrainingDivergedError):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # (the run's own failure, not bad input)
+        return 1
     except OSError as e:  # the checks before the run passed, the system refused later (disk full, ...)
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -64,6 +64,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+import spdkernels
+from spdkernels._validate import is_int
+
 from ..engine import Request, append_tokens, collect_results
 from ..model import LlamaModel
 from ..weights import LlamaConfig
@@ -105,6 +108,7 @@ class PipelineSpec:
     model_source: Optional[str] = None  # torchrun workers load the checkpoint from here (None: embedded)
     packed: bool = True  # LlamaModel(packed=...): CPU fp32 stages keep compact exact weights
     fault: Optional[Dict] = None  # tests: {"rank", "kind": die|hang|cycle, "cycle", "seconds"}
+    validate_ops: bool = False  # the ops' value checks (host syncs) in the workers' stages
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -182,7 +186,10 @@ class _Link:
             self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
         elif spec.backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
+            # NCCL's watchdog applies the group's timeout to every posted operation, an idle worker's posted
+            # receive of the control included (it would kill the workers between two generate calls): the waits
+            # poll their own deadlines (wait, below), so the watchdog gets the idle wait's year
+            opts._timeout = datetime.timedelta(days=365)
             self.pg = dist.ProcessGroupNCCL(store, rank, world, opts)
         else:
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {spec.backend!r}")
@@ -458,6 +465,7 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
             seconds=120)))
         spec = PipelineSpec.from_json(store.get("spec").decode())
         torch.set_num_threads(spec.threads)
+        spdkernels.set_validation(spec.validate_ops)  # (as every engine runs: off unless asked for)
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:
@@ -587,11 +595,11 @@ class DistributedSPD(SPDEngine):
                  tokenizer=None, eos_token_ids: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32,
                  block_size: int = 16, backend: str = "gloo", threads: Optional[int] = None, timeout_s: float = 5.0,
                  debug: bool = False, model_source: Optional[str] = None, fault: Optional[Dict] = None, lookup=None,
-                 packed: bool = True):
+                 packed: bool = True, validate_ops: bool = False):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads: expected >= 1, got {threads}")
+        if threads is not None and (not is_int(threads) or threads < 1):
+            raise ValueError(f"threads: expected an integer >= 1 or None, got {threads!r}")
         check_timeout(timeout_s)
         if backend == "nccl":
             check_nccl_devices(n)  # before anything lands on a GPU
@@ -599,12 +607,13 @@ class DistributedSPD(SPDEngine):
         head = LlamaModel(config, state_dict, dtype=dtype, device=self.rank0_device, layers=(0, 0), head=True,
                           packed=packed)
         super().__init__(head, pdm, n, tokenizer=tokenizer, eos_token_ids=eos_token_ids, block_size=block_size,
-                         debug=debug, lookup=lookup)  # (the lookup drafts on rank 0, where the tokens are)
+                         debug=debug, lookup=lookup, validate_ops=validate_ops)  # (the lookup drafts on rank 0)
         self.state_dict = state_dict
         self.spec = PipelineSpec(n=n, config=config, stages=self.stages, stage_taps=self.stage_taps,
                                  dtype=str(dtype).replace("torch.", ""), block_size=block_size, backend=backend,
                                  threads=threads or default_threads(n), timeout_s=float(timeout_s),
-                                 model_source=model_source, fault=fault, packed=packed)
+                                 model_source=model_source, fault=fault, packed=packed,
+                                 validate_ops=bool(validate_ops))
         self.link: Optional[_Link] = None
         self.procs: List = []
         self.store = None
@@ -905,6 +914,7 @@ class DistributedSPD(SPDEngine):
         m = DistSPDRunMetrics(n=self.n, stage_s=[0.0] * self.n, stage_cpu_s=[0.0] * self.n,
                               stage_input_wait_s=[0.0] * self.n, stage_ctrl_wait_s=[0.0] * self.n,
                               ranks=self.n + 1, threads=self.spec.threads, backend=self.spec.backend)
+        requests = list(requests)  # (a generator is read once, here)
         if not requests:
             return [], m
         states = self._states(requests)
@@ -912,6 +922,8 @@ class DistributedSPD(SPDEngine):
         m.p2p_rtt_s = self.p2p_rtt_s
         old_threads = torch.get_num_threads()
         torch.set_num_threads(self.spec.threads)  # rank 0 is one of the n + 1 ranks sharing the cores
+        old_validation = spdkernels.validation_enabled()
+        spdkernels.set_validation(self.validate_ops)  # (as SPDEngine: the ops' value checks off unless asked for)
         t0 = time.perf_counter()
         try:
             with self._guard():
@@ -919,6 +931,7 @@ class DistributedSPD(SPDEngine):
                     self._one(st, r, m)
         finally:
             torch.set_num_threads(old_threads)
+            spdkernels.set_validation(old_validation)
         m.wall_s = time.perf_counter() - t0
         results = collect_results(states, self.tokenizer, m)
         m.request_cycles = sum(s.metrics.cycles for s in states)

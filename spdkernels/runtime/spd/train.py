@@ -344,6 +344,10 @@ class Window:
     next_ids: torch.Tensor  # [S] int64 next token (-1 past the end)
 
 
+class TrainingDivergedError(RuntimeError):
+    """The training loss stopped being finite (a learning rate too high for the run): the run stops at once."""
+
+
 def shared_prefix(corpus: Sequence[Dict]) -> int:
     """The number of leading prompt tokens every sequence shares (the chat template's preamble)."""
     return len(os.path.commonprefix([list(s["prompt_ids"]) for s in corpus]))
@@ -353,7 +357,8 @@ def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window:
                  loss_from: Optional[int] = None) -> List[Window]:
     """Windows of ``window`` tokens over each sequence (a quarter of overlap). The loss rows are those whose next
     token is generated text, or with ``loss_from`` every row from position ``max(loss_from, 1) - 1`` on (the
-    prompt's rows after a shared preamble of ``loss_from`` tokens too), with some context before the first."""
+    prompt's rows after a shared preamble of ``loss_from`` tokens too), with some context before the first. Each
+    row is a loss row of one window only: a window's overlap with the one before is its context."""
     out = []
     for h, seq in zip(states, corpus):
         ids = list(seq["prompt_ids"]) + list(seq["output_ids"])
@@ -363,11 +368,13 @@ def make_windows(states: Sequence[torch.Tensor], corpus: Sequence[Dict], window:
             raise ValueError(f"states: {T} rows for a sequence of {len(ids)} tokens")
         nxt = torch.tensor((ids[1:] + [-1])[:T])
         s = max(0, P - 1 - window // 4)  # keep some prompt context before the first generated token
+        done = 0  # rows before this one were loss rows of an earlier window
         while s < T - 1:
             e = min(T, s + window)
-            fl = max(0, P - 1 - s)
+            fl = max(0, P - 1 - s, done - s)
             if fl < e - s - 1 or (fl == e - s - 1 and int(nxt[e - 1]) >= 0):  # a loss row (the last one may be)
                 out.append(Window(h[s:e], s, fl, nxt[s:e]))
+            done = e
             s = e - window // 4 if e < T else e  # overlap so every row has some context
     return out
 
@@ -485,6 +492,9 @@ class Trainer:
                 loss, a, r = self._loss(w, mode, n, fill, segs)
                 (loss / max(total, 1)).backward()
                 tot_rows, agree, loss_sum = tot_rows + r, agree + a, loss_sum + float(loss.detach())
+            if not math.isfinite(loss_sum):  # before the step: the weights are still those of the step before
+                raise TrainingDivergedError(f"training diverged at step {step + 1}: the loss is {loss_sum} (a lower "
+                                            f"--lr than {st.lr:g}?); no PDM was written")
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), st.clip)
             self.opt.step()
             run_loss = 0.9 * run_loss + 0.1 * loss_sum / max(tot_rows, 1)
