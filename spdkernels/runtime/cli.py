@@ -153,7 +153,9 @@ def _device(arg: str):
     return dev
 
 
-def _load(path: Optional[str], threads: Optional[int], device: str = "cpu", weights: str = "packed"):
+def _load(path: Optional[str], threads: Optional[int], device: str = "cpu", weights: str = "packed",
+          model: bool = True):
+    """The checkpoint and (``model``) its model on ``device``."""
     import torch
 
     from .model import LlamaModel
@@ -165,7 +167,7 @@ def _load(path: Optional[str], threads: Optional[int], device: str = "cpu", weig
         torch.set_num_threads(threads)
     dev = _device(device)
     ck = load_checkpoint(path)
-    return ck, LlamaModel(ck.config, ck.state_dict, device=dev, packed=weights == "packed")
+    return ck, LlamaModel(ck.config, ck.state_dict, device=dev, packed=weights == "packed") if model else None
 
 
 def _requests(args, tok):
@@ -560,7 +562,7 @@ def cmd_train_pdm(args) -> int:
     check_output_folder(args.out, "--out")
     if args.work is not None:
         check_output_folder(args.work, "--work")
-    ck, _ = _load(args.model, args.threads)
+    ck, _ = _load(args.model, args.threads, model=False)  # (train_pdm builds the target where it trains)
     if args.stages > ck.config.num_layers:
         raise ValueError(f"--stages: expected at most the target's {ck.config.num_layers} layers, got {args.stages}")
     if args.tower_init is not None and not 0 <= args.tower_init < ck.config.num_layers:

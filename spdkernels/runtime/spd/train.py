@@ -494,7 +494,7 @@ class Trainer:
                 tot_rows, agree, loss_sum = tot_rows + r, agree + a, loss_sum + float(loss.detach())
             if not math.isfinite(loss_sum):  # before the step: the weights are still those of the step before
                 raise TrainingDivergedError(f"training diverged at step {step + 1}: the loss is {loss_sum} (a lower "
-                                            f"--lr than {st.lr:g}?); no PDM was written")
+                                            f"--lr than {st.lr:g}?); the PDM was not written")
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), st.clip)
             self.opt.step()
             run_loss = 0.9 * run_loss + 0.1 * loss_sum / max(tot_rows, 1)
