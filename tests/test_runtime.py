@@ -298,6 +298,24 @@ def test_seeded_sampling_is_the_autoregressive_text_whatever_the_drafts(model, p
     assert any(p != planted_ar for p in planted)
 
 
+def test_coupled_path_walks_the_samples_through_the_tree():
+    """coupled_path: from the root, the child whose token is its parent row's sample is accepted; the emitted tokens
+    are the samples along the path, the first without a matching child included; a repeated sibling token takes the
+    first such sibling; an empty draft emits the root's sample."""
+    from spdkernels.runtime.engine import coupled_path
+    from spdkernels.runtime.proposers import Draft
+
+    tree = Draft(tokens=[5, 6, 7, 8, 6], parents=[-1, -1, 0, 1, -1])  # root -> 5 -> 7, root -> 6 -> 8, root -> 6
+    samples = [6, 1, 8, 2, 9, 3]  # rows: root, node 0 .. node 4
+    assert coupled_path(tree, samples) == ([6, 8, 9], [1, 3])
+    assert coupled_path(tree, [5, 7, 0, 4, 0, 0]) == ([5, 7, 4], [0, 2])
+    assert coupled_path(tree, [9, 0, 0, 0, 0, 0]) == ([9], [])
+    assert coupled_path(Draft(), [3]) == ([3], [])
+    chain = Draft(tokens=[1, 2, 3], parents=[-1, 0, 1])
+    assert coupled_path(chain, [1, 2, 3, 4]) == ([1, 2, 3, 4], [0, 1, 2])  # all accepted: the bonus sample
+    assert coupled_path(chain, [1, 5, 3, 4]) == ([1, 5], [0])
+
+
 def test_sampled_pdm_drafts_keep_their_text_in_any_batch(model, prompts):
     """The PDM proposer's sampled chains (rejection sampling, coins keyed by the step) next to other requests: a
     request's text with a seed is its text alone. The verification is chosen per request: a step where the request

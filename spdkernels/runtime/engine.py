@@ -81,6 +81,24 @@ def check_engine_args(block_size, eos_token_ids) -> Optional[List[int]]:
     return eos_token_ids
 
 
+def coupled_path(draft: Draft, samples: List[int]) -> Tuple[List[int], List[int]]:
+    """Coupled verification of a deterministic draft: ``samples[0]`` is the target's sample after the root,
+    ``samples[1 + i]`` after node ``i``. From the root, the child whose token is the sample is accepted and the walk
+    goes on from it; the emitted tokens are the samples along the way, up to the first without such a child.
+    Returns (emitted tokens, accepted node ids)."""
+    child = {}
+    for i, (p, t) in enumerate(zip(draft.parents, draft.tokens)):
+        child.setdefault((p, t), i)  # (a repeated sibling token: the first is the one accepted)
+    node, emitted, accepted = -1, [], []
+    while True:
+        tok = samples[1 + node]
+        emitted.append(tok)
+        node = child.get((node, tok), -1)
+        if node < 0:
+            return emitted, accepted
+        accepted.append(node)
+
+
 def fresh_seed() -> int:
     """A seed for a request that did not choose one: 63 random bits from the OS (``secrets``), so unseeded
     requests never share coins and drawing one never touches torch's or Python's global generators."""
@@ -440,10 +458,11 @@ class Engine:
         Returns per request the emitted tokens, their count and the accepted path (local node ids, -1 padded to
         ``max_depth``), as lists."""
         dev = logits.device
+        carries_q = [d.probs is not None and len(d) > 0 for d in drafts]
         n_drafts, seeds, offsets, params = [], [], [], []
         toks, parents, probs, chains = [], [], [], True
         for j, (s, d) in enumerate(zip(active, drafts)):
-            if d.probs is None:  # one request without drafts per row
+            if not carries_q[j]:  # one request without drafts per row
                 rows = cu[j + 1] - cu[j]
                 n_drafts += [0] * rows
                 seeds += [s.params.seed] * rows
@@ -458,7 +477,7 @@ class Engine:
                 parents += d.parents
                 probs.append(d.probs)
                 chains = chains and d.is_chain()
-        q_depth = max((dep for d, dep in zip(drafts, depths) if d.probs is not None), default=0)
+        q_depth = max((dep for q, dep in zip(carries_q, depths) if q), default=0)
         cund = [0]
         for n in n_drafts:
             cund.append(cund[-1] + n)
@@ -478,25 +497,14 @@ class Engine:
         out_l, num_l, path_l = [], [], []
         r = 0  # the op's request
         for j, d in enumerate(drafts):
-            if d.probs is not None:
+            if carries_q[j]:
                 n = num[r]
                 emitted, accepted = out[r][:n], path[r][:n - 1]
                 r += 1
             else:
                 rows = cu[j + 1] - cu[j]
-                x = [out[r + v][0] for v in range(rows)]  # the sample of each row
+                emitted, accepted = coupled_path(d, [out[r + v][0] for v in range(rows)])
                 r += rows
-                child = {}
-                for i, (p, t) in enumerate(zip(d.parents, d.tokens)):
-                    child.setdefault((p, t), i)  # (a repeated sibling token: the first is the one accepted)
-                node, emitted, accepted = -1, [], []
-                while True:
-                    tok = x[1 + node]  # the row of node (the root's is the request's first)
-                    emitted.append(tok)
-                    node = child.get((node, tok), -1)
-                    if node < 0:
-                        break
-                    accepted.append(node)
             out_l.append(emitted)
             num_l.append(len(emitted))
             path_l.append(accepted + [-1] * (max_depth - len(accepted)))
