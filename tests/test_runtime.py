@@ -270,10 +270,20 @@ def test_seeded_sampling_is_the_autoregressive_text_whatever_the_drafts(model, p
     want, _ = run(None)
     assert len({tuple(o) for o in want}) == len(want)
     accepted = 0
+    real = Engine._verify_sampled
+
+    def eager(self, *args):  # every row sampled in one call (the GPU's default) instead of the walks' rows
+        return real(self, *args, lazy=False)
+
     for name, prop in props.items():
         got, m = run(prop)
         assert got == want, name
         accepted += m.accepted
+        try:
+            Engine._verify_sampled = eager
+            assert run(prop)[0] == want, name
+        finally:
+            Engine._verify_sampled = real
     got, _ = run(NGramProposer(k=6, min_ngram=1), max_batch=2, speculation=AdaptiveSpeculation(max_depth=6))
     assert got == want
     assert accepted > 0  # drafts were accepted, not all refused
@@ -282,8 +292,6 @@ def test_seeded_sampling_is_the_autoregressive_text_whatever_the_drafts(model, p
     res, _ = Engine(model, props["draft-model-tree"]).generate(mixed)
     greedy = Engine(model).generate([Request(prompts[1], params(20))])[0][0].output_ids
     assert [r.output_ids for r in res] == [want[0], greedy]
-
-    real = Engine._verify_sampled
 
     def by_step(self, active, drafts, logits, positions, cu, depths, max_depth):  # planted: the step keys the coin
         by_steps = [[s.metrics.steps - 1 + 0 * p for p in ps] for s, ps in zip(active, positions)]
@@ -314,6 +322,21 @@ def test_coupled_path_walks_the_samples_through_the_tree():
     chain = Draft(tokens=[1, 2, 3], parents=[-1, 0, 1])
     assert coupled_path(chain, [1, 2, 3, 4]) == ([1, 2, 3, 4], [0, 1, 2])  # all accepted: the bonus sample
     assert coupled_path(chain, [1, 5, 3, 4]) == ([1, 5], [0])
+
+
+def test_verification_bench_runs_and_both_coupled_modes_agree(tmp_path):
+    """python -m spdkernels.bench.verification on a small vocabulary: every case's lazy and eager coupled
+    verification give the same tokens (checked inside the bench), one row per case in its JSON."""
+    import json
+
+    from spdkernels.bench import verification
+
+    out = tmp_path / "v.json"
+    assert verification.main(["--repeats", "1", "--vocab", "64", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == [c[0] for c in verification.CASES]
+    assert all(r["rejection_ms"] > 0 and r["lazy_ms"] > 0 and r["eager_ms"] > 0 for r in rows)
+    assert verification.main(["--repeats", "0"]) == 2
 
 
 def test_sampled_pdm_drafts_keep_their_text_in_any_batch(model, prompts):

@@ -81,22 +81,33 @@ def check_engine_args(block_size, eos_token_ids) -> Optional[List[int]]:
     return eos_token_ids
 
 
-def coupled_path(draft: Draft, samples: List[int]) -> Tuple[List[int], List[int]]:
-    """Coupled verification of a deterministic draft: ``samples[0]`` is the target's sample after the root,
-    ``samples[1 + i]`` after node ``i``. From the root, the child whose token is the sample is accepted and the walk
-    goes on from it; the emitted tokens are the samples along the way, up to the first without such a child.
-    Returns (emitted tokens, accepted node ids)."""
+def coupled_walk(draft: Draft):
+    """Coupled verification of a deterministic draft, as a generator: it yields the node (-1 = the root) whose
+    row's sample it needs next and is sent that sample (the target's token after the node). From the root, the
+    child whose token is the sample is accepted and the walk goes on from it; the emitted tokens are the samples
+    along the way, up to the first without such a child. Returns (emitted tokens, accepted node ids)."""
     child = {}
     for i, (p, t) in enumerate(zip(draft.parents, draft.tokens)):
         child.setdefault((p, t), i)  # (a repeated sibling token: the first is the one accepted)
     node, emitted, accepted = -1, [], []
     while True:
-        tok = samples[1 + node]
+        tok = yield node
         emitted.append(tok)
         node = child.get((node, tok), -1)
         if node < 0:
             return emitted, accepted
         accepted.append(node)
+
+
+def coupled_path(draft: Draft, samples: List[int]) -> Tuple[List[int], List[int]]:
+    """:func:`coupled_walk` over known samples: ``samples[0]`` after the root, ``samples[1 + i]`` after node i."""
+    walk = coupled_walk(draft)
+    node = next(walk)
+    try:
+        while True:
+            node = walk.send(samples[1 + node])
+    except StopIteration as done:
+        return done.value
 
 
 def fresh_seed() -> int:
@@ -439,36 +450,39 @@ class Engine:
         m.bookkeeping_s += (t2 - t1) + (t5 - t4)
 
     def _verify_sampled(self, active: List[RequestState], drafts: List[Draft], logits: torch.Tensor,
-                        positions: List[List[int]], cu: List[int], depths: List[int], max_depth: int):
-        """Verification of a batch with sampled requests, in one ``rejection_sample`` call, chosen per request:
+                        positions: List[List[int]], cu: List[int], depths: List[int], max_depth: int,
+                        lazy: Optional[bool] = None):
+        """Verification of a batch with sampled requests through ``rejection_sample``, chosen per request:
 
         * a draft that carries its q (drawn from a distribution: the PDM proposer's sampled chains) is verified by
           rejection sampling, its coins keyed by (seed, the request's step);
         * a deterministic draft (a point mass: every other proposer, greedy requests, empty drafts) is verified by
-          coupling: each of its rows is sampled as a request without drafts, with a coin keyed by (seed,
-          COUPLED_OFFSET + the position of the token the row generates), and a node is accepted iff it is its
-          parent row's sample; the emitted tokens are the samples along the accepted path. Lossless: the token at
-          each position is distributed as the target's filtered p, and a node is accepted with probability
-          p(its token), as rejection sampling of a point mass gives (siblings: their p summed, as sequential
-          rejection over point masses gives). Each emitted token is a function of (seed, position, prefix) only,
-          so the request's text does not depend on the draft depths, the controller or the batch: it is the text
-          of autoregressive decoding with that seed. It samples every row of the draft, where the rejection walk
-          samples only those on its path (more sampling work for wide trees).
+          coupling (:func:`coupled_walk`): the target's token after a node is its row sampled as a request without
+          drafts, with a coin keyed by (seed, COUPLED_OFFSET + the position of that token), and a node is accepted
+          iff it is its parent row's sample; the emitted tokens are the samples along the accepted path. Lossless:
+          the token at each position is distributed as the target's filtered p, and a node is accepted with
+          probability p(its token), as rejection sampling of a point mass gives (siblings: their p summed, as
+          sequential rejection over point masses gives). Each emitted token is a function of (seed, position,
+          prefix) only, so the request's text does not depend on the draft depths, the controller or the batch:
+          it is the text of autoregressive decoding with that seed.
+
+        ``lazy`` (default: on CPU): sample only the rows the walks reach, one call per level of the deepest walk
+        (the rejection walk's work, with a host read per level); otherwise every row of every draft in the first
+        call (one call and one host read; the spare rows are cheap on a GPU). Both give the same tokens.
 
         Returns per request the emitted tokens, their count and the accepted path (local node ids, -1 padded to
         ``max_depth``), as lists."""
         dev = logits.device
+        lazy = dev.type == "cpu" if lazy is None else lazy
         carries_q = [d.probs is not None and len(d) > 0 for d in drafts]
-        n_drafts, seeds, offsets, params = [], [], [], []
+        walks = {j: coupled_walk(d) for j, d in enumerate(drafts) if not carries_q[j]}
+        wants = {j: [next(w)] if lazy else [-1, *range(len(drafts[j]))] for j, w in walks.items()}
+        # the first call: the q-carrying drafts whole, and the coupled drafts' rows wanted
+        rows, n_drafts, seeds, offsets, params = [], [], [], [], []
         toks, parents, probs, chains = [], [], [], True
         for j, (s, d) in enumerate(zip(active, drafts)):
-            if not carries_q[j]:  # one request without drafts per row
-                rows = cu[j + 1] - cu[j]
-                n_drafts += [0] * rows
-                seeds += [s.params.seed] * rows
-                offsets += [COUPLED_OFFSET + p + 1 for p in positions[j]]
-                params += [s.params] * rows
-            else:
+            if carries_q[j]:
+                rows += range(cu[j], cu[j + 1])
                 n_drafts.append(len(d))
                 seeds.append(s.params.seed)
                 offsets.append(s.metrics.steps)
@@ -477,38 +491,79 @@ class Engine:
                 parents += d.parents
                 probs.append(d.probs)
                 chains = chains and d.is_chain()
+            else:
+                for node in wants[j]:
+                    rows.append(cu[j] + 1 + node)
+                    n_drafts.append(0)
+                    seeds.append(s.params.seed)
+                    offsets.append(COUPLED_OFFSET + positions[j][1 + node] + 1)
+                    params.append(s.params)
         q_depth = max((dep for q, dep in zip(carries_q, depths) if q), default=0)
-        cund = [0]
-        for n in n_drafts:
-            cund.append(cund[-1] + n)
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        out, num, path = spdkernels.rejection_sample(
-            logits, tensor(toks, torch.int64), tensor(cund, torch.int32),
-            parents=None if chains else tensor(parents, torch.int32),
-            draft_probs=torch.cat(probs).to(device=dev, dtype=torch.float32) if probs else None,
-            temperature=tensor([p.temperature for p in params], torch.float32),
-            top_k=tensor([p.top_k for p in params], torch.int32),
-            top_p=tensor([p.top_p for p in params], torch.float32),
-            seed=tensor(seeds, torch.int64), offset=tensor(offsets, torch.int64), max_depth=q_depth)
-        out, num, path = out.tolist(), num.tolist(), path.tolist()
-        out_l, num_l, path_l = [], [], []
+        out, num, path = self._sample_rows(logits, rows, n_drafts, seeds, offsets, params, toks,
+                                           None if chains else parents, probs, q_depth)
+        results: Dict[int, Tuple[List[int], List[int]]] = {}
         r = 0  # the op's request
-        for j, d in enumerate(drafts):
+        samples: Dict[int, Dict[int, int]] = {j: {} for j in walks}
+        for j in range(len(drafts)):
             if carries_q[j]:
-                n = num[r]
-                emitted, accepted = out[r][:n], path[r][:n - 1]
+                results[j] = (out[r][:num[r]], path[r][:num[r] - 1])
                 r += 1
             else:
-                rows = cu[j + 1] - cu[j]
-                emitted, accepted = coupled_path(d, [out[r + v][0] for v in range(rows)])
-                r += rows
+                for node in wants[j]:
+                    samples[j][node] = out[r][0]
+                    r += 1
+        # the walks, level by level: each takes the samples it has and asks for the next (lazy: a call per level)
+        node_of = {j: (next(w) if not lazy else wants[j][0]) for j, w in walks.items()}
+        while walks:
+            need = {}
+            for j, w in list(walks.items()):
+                try:
+                    while node_of[j] in samples[j]:
+                        node_of[j] = w.send(samples[j][node_of[j]])
+                    need[j] = node_of[j]
+                except StopIteration as done:
+                    results[j] = done.value
+                    del walks[j]
+            if need:
+                js = sorted(need)
+                out, _, _ = self._sample_rows(
+                    logits, [cu[j] + 1 + need[j] for j in js], [0] * len(js),
+                    [active[j].params.seed for j in js],
+                    [COUPLED_OFFSET + positions[j][1 + need[j]] + 1 for j in js],
+                    [active[j].params for j in js], [], None, [], 0)
+                for j, o in zip(js, out):
+                    samples[j][need[j]] = o[0]
+        out_l, num_l, path_l = [], [], []
+        for j in range(len(drafts)):
+            emitted, accepted = results[j]
             out_l.append(emitted)
             num_l.append(len(emitted))
             path_l.append(accepted + [-1] * (max_depth - len(accepted)))
         return out_l, num_l, path_l
+
+    @staticmethod
+    def _sample_rows(logits, rows, n_drafts, seeds, offsets, params, toks, parents, probs, max_depth):
+        """One ``rejection_sample`` call over ``logits[rows]`` (every row when ``rows`` is all of them, in order)
+        for requests of ``n_drafts`` drafts each; outputs read to the host, as lists."""
+        dev = logits.device
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        if rows != list(range(logits.shape[0])):
+            logits = logits.index_select(0, tensor(rows, torch.int64))
+        cund = [0]
+        for n in n_drafts:
+            cund.append(cund[-1] + n)
+        out, num, path = spdkernels.rejection_sample(
+            logits, tensor(toks, torch.int64), tensor(cund, torch.int32),
+            parents=None if parents is None else tensor(parents, torch.int32),
+            draft_probs=torch.cat(probs).to(device=dev, dtype=torch.float32) if probs else None,
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.int32),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            seed=tensor(seeds, torch.int64), offset=tensor(offsets, torch.int64), max_depth=max_depth)
+        return out.tolist(), num.tolist(), path.tolist()
 
     def _append(self, s: RequestState, new: List[int]) -> None:
         append_tokens(s, new, self.eos, self.tokenizer)
