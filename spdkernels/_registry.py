@@ -218,7 +218,8 @@ def direct(op: str, device: torch.device, forced: str) -> Optional[Tuple[str, Ca
 def fallback(op: str, device: torch.device, failed: str, err: KernelLimit) -> Tuple[str, Callable]:
     """The automatic choice after ``failed`` (the automatic backend for ``device``) refused an input with ``err``:
     the next backend in the automatic order that can run (torch at the latest). Logged once per (op, device type,
-    backend). The caller re-raises ``err`` where a backend is forced: a forced backend never falls back."""
+    backend). The caller re-raises ``err`` where ``failed`` is the forced backend: a forced backend never falls
+    back."""
     order = _AUTO_ORDER.get(device.type, ("torch",))
     impls = _impls.get(op, {})
     later = order[order.index(failed) + 1:] if failed in order else ("torch",)
@@ -230,7 +231,7 @@ def fallback(op: str, device: torch.device, failed: str, err: KernelLimit) -> Tu
                 _logged.add(key)
             if first:  # (a warning: the next backend may be much slower on this device)
                 log.warning("spdkernels: %s on %s: backend %r cannot take an input (%s); such inputs run on %r",
-                         op, device.type, failed, err, b)
+                            op, device.type, failed, err, b)
             return b, impls[b]
     raise err
 

@@ -62,7 +62,7 @@ PYTHON_KERNELS: dict = {}  # op -> its Python kernel (the dispatcher's kernel wh
 def op_kernel(op: str, check_static: Callable, run: Callable) -> Callable:
     """The Python kernel of ``op`` for torch's dispatcher: static checks, then the automatic backend for the
     tensors' device (the one the dispatcher stands for), or the next one where that backend's kernel cannot take
-    the input (:class:`spdkernels.KernelLimit`; not while a backend is forced, which raises it)."""
+    the input (:class:`spdkernels.KernelLimit`; unless that backend is the forced one, which then raises it)."""
 
     def kernel(*args):
         check_static(*args)
