@@ -138,8 +138,8 @@ def _limit(arg: str, msg: str) -> None:
     raise BackendLimitError(f"{arg}: {msg}")
 
 
-def _check_nodes(cu_num_draft: torch.Tensor) -> None:
-    K = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if cu_num_draft.shape[0] > 1 else 0  # (a host read)
+def _check_nodes(K: int) -> None:
+    """``K``: the layout's largest draft count (read on the host once, by request_layout)."""
     if K > MAX_DRAFT_NODES:
         _limit("cu_num_draft", f"a request has {K} draft nodes; the NKI kernels take at most {MAX_DRAFT_NODES} "
                "(their slot tables live in SBUF)")
@@ -162,8 +162,8 @@ def verify_greedy(target_logits, draft_token_ids, cu_num_draft, parents, max_dep
         return verify_outputs(0, max_depth, dev)
     _check_indices(target_logits, draft_token_ids, cu_num_draft, parents, tokens=False)
     _check_vocab(target_logits)
-    _check_nodes(cu_num_draft)
     lay = request_layout(cu_num_draft, draft_token_ids, parents, target_logits.shape[0])
+    _check_nodes(lay.K)
     out, num, path = run("verify_greedy", "verify_greedy_kernel",
                          (target_logits.contiguous(), lay.row_idx, lay.tokens, lay.parents, int(max_depth)),
                          dev, (torch.int32, torch.int32, torch.int32))
@@ -266,7 +266,6 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
     rows, Vv = target_logits.shape
     _check_indices(target_logits, draft_token_ids, cu_num_draft, parents)
     _check_vocab(target_logits)
-    _check_nodes(cu_num_draft)
     N = draft_token_ids.shape[0]
     if max(R, N) * Vv > MAX_FLAT_INDEX:
         _limit("target_logits", f"the NKI rejection_sample kernel addresses rows by int32 element indices: "
@@ -276,6 +275,7 @@ def rejection_sample(target_logits, draft_token_ids, cu_num_draft, parents, draf
         target_logits = torch.zeros(1, Vv, dtype=target_logits.dtype, device=dev)
         rows = 1
     lay = request_layout(cu_num_draft, draft_token_ids, parents, rows, bonus_rows=has_bonus)
+    _check_nodes(lay.K)
     K = lay.K
     if uniforms is None:
         off = offset if offset is not None else torch.zeros_like(seed)
