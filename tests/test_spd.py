@@ -31,6 +31,7 @@ from spdkernels.runtime.spd.pdm import (
 from spdkernels.runtime.spd.proposer import PDMProposer
 from spdkernels.runtime.spd.schedule import SPDEngine, draw_draft
 from spdkernels.runtime.spd.train import (
+    STATE_FILE,
     PDMNet,
     Trainer,
     TrainSettings,
@@ -713,6 +714,20 @@ def _save(tmp_path, model, pdm, target_sd):
     return save_pdm(str(tmp_path / "pdm"), cfg, net.hf_state_dict())
 
 
+def _write_weights(d, weights):
+    """Replace a saved PDM's weights file and record its hash in pdm.json, as a save would: a consistent pair whose
+    tensors the load checks."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = save(weights)
+    (d / "new.tmp").write_bytes(blob)  # a new file, as save_pdm writes (tensors read from the old one may map it)
+    (d / "new.tmp").replace(d / "pdm.safetensors")
+    cfg_j = json.loads((d / "pdm.json").read_text())
+    (d / "pdm.json").write_text(json.dumps(dict(cfg_j, weights_file_sha256=hashlib.sha256(blob).hexdigest())))
+
+
 def test_loaded_pdm_is_packed_and_drafts_the_same_logits(tmp_path):
     """A loaded PDM (fp16 file) on a CPU fp32 target holds its matrices packed (fp16, the head Q8_0 where the
     target's head rows are Q8_0 values, as in a GGUF file) and gives the unpacked PDM's logits bit for bit."""
@@ -765,8 +780,25 @@ def test_pdm_file_round_trip_and_refusals(tmp_path, pdm):
     sd3 = {k: v.float() for k, v in random_state_dict(c3).items()}
     with pytest.raises(PDMError, match="hidden_size"):
         load_pdm(str(d), LlamaModel(c3, sd3), sd3)
+    # two files that are not one save's pair: the weights of another PDM beside this config (a save interrupted
+    # between its two files leaves that too)
+    assert len(cfg_j["weights_file_sha256"]) == 64
+    d2 = save_pdm(str(tmp_path / "other"), loaded.cfg, PDMNet(loaded.cfg, m, loaded.vocab_ids, seed=2).hf_state_dict())
+    assert (d2 / "pdm.safetensors").read_bytes() != (d / "pdm.safetensors").read_bytes()
+    mine = (d / "pdm.safetensors").read_bytes()
+    (d / "pdm.safetensors").write_bytes((d2 / "pdm.safetensors").read_bytes())
+    with pytest.raises(PDMError, match="is not the weights file .*pdm.json was saved with .*not one save's pair"):
+        load_pdm(str(d), m, sd)
+    # a config saved before the hash was recorded: not checked, the pair read as it is
+    (d / "pdm.json").write_text(json.dumps({k: v for k, v in cfg_j.items() if k != "weights_file_sha256"}))
+    load_pdm(str(d), m, sd)
+    (d / "pdm.safetensors").write_bytes(mine)
+    (d / "pdm.json").write_text(json.dumps(cfg_j))
     # corrupt or missing files
     (d / "pdm.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(PDMError, match="SHA-256 differs .* the file is damaged"):
+        read_pdm(str(d))
+    (d / "pdm.json").write_text(json.dumps({k: v for k, v in cfg_j.items() if k != "weights_file_sha256"}))
     with pytest.raises(PDMError, match="cannot read"):
         read_pdm(str(d))
     (d / "pdm.safetensors").unlink()
@@ -782,6 +814,7 @@ def test_pdm_file_round_trip_and_refusals(tmp_path, pdm):
 @pytest.mark.parametrize("field,value", [
     ("target", None), ("num_layers", "1"), ("draft_vocab", None), ("anchors", [0, 1.5, 2, 3, 4]),
     ("anchors", "0,1,2,3,4"), ("intermediate_size", 2.0), ("shift", 1), ("training", []), ("format", True),
+    ("weights_file_sha256", 5), ("weights_file_sha256", "abc"), ("weights_file_sha256", None),
 ])
 def test_pdm_config_of_the_wrong_type_is_refused(tmp_path, field, value):
     """json gives any type anywhere: a field of the wrong type is a PDMError naming it, never a TypeError or
@@ -799,7 +832,7 @@ def test_pdm_config_of_the_wrong_type_is_refused(tmp_path, field, value):
 def test_pdm_with_a_repeated_vocabulary_id_is_refused(tmp_path):
     """A repeated draft-vocabulary id would be drawn with both entries' probability and verified against one
     of them (sampling no longer lossless); an id list of floats would be truncated silently."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
     m = LlamaModel(CFG, sd)
@@ -807,15 +840,15 @@ def test_pdm_with_a_repeated_vocabulary_id_is_refused(tmp_path):
     w = load_file(str(d / "pdm.safetensors"))
     good = w["vocab_ids"].clone()
     w["vocab_ids"][1] = w["vocab_ids"][0]
-    save_file(w, str(d / "pdm.safetensors"))
+    _write_weights(d, w)
     with pytest.raises(PDMError, match="more than once"):
         load_pdm(str(d), m, sd)
     w["vocab_ids"] = good.double()
-    save_file(w, str(d / "pdm.safetensors"))
+    _write_weights(d, w)
     with pytest.raises(PDMError, match="not integers"):
         load_pdm(str(d), m, sd)
     w["vocab_ids"] = good
-    save_file(w, str(d / "pdm.safetensors"))
+    _write_weights(d, w)
     assert load_pdm(str(d), m, sd).vocab_ids.tolist() == good.tolist()
 
 
@@ -858,7 +891,7 @@ def test_pdm_file_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
     floating point, a NaN or an infinity in any weight (sampled verification with a NaN q is not lossless) are
     refused with a PDMError naming the folder and the tensor; an unchanged file loads (the checks pass good
     files)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
     m = LlamaModel(CFG, sd)
@@ -867,7 +900,7 @@ def test_pdm_file_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
     assert load_pdm(str(d), m, sd).cfg.anchors == ANCHORS
 
     def with_tensor(name, t):
-        save_file(dict(good_w, **{name: t}), str(d / "pdm.safetensors"))
+        _write_weights(d, dict(good_w, **{name: t}))
 
     for name, bad, needle in [
         ("agg.0.weight", float("nan"), "agg.0.weight: holds NaN or infinite values"),
@@ -885,7 +918,7 @@ def test_pdm_file_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
     with_tensor("shift_norm.0.weight", good_w["shift_norm.0.weight"] > 0)
     with pytest.raises(PDMError, match="shift_norm.0.weight: expected a floating-point tensor, got torch.bool"):
         load_pdm(str(d), m, sd)
-    save_file(good_w, str(d / "pdm.safetensors"))
+    _write_weights(d, good_w)
     # anchors edited after training: fewer anchors than the file has aggregation matrices
     cfg_j = json.loads(good_j)
     (d / "pdm.json").write_text(json.dumps(dict(cfg_j, anchors=[0, 2, 4])))
@@ -896,7 +929,7 @@ def test_pdm_file_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
     with_tensor("extra.weight", torch.zeros(2))
     with pytest.raises(PDMError, match=r"1 tensor\(s\) the config does not use \(extra.weight\)"):
         load_pdm(str(d), m, sd)
-    save_file(good_w, str(d / "pdm.safetensors"))
+    _write_weights(d, good_w)
     assert load_pdm(str(d), m, sd).cfg.anchors == ANCHORS  # restored: loads again
 
 
@@ -1730,3 +1763,133 @@ def test_train_pdm_end_to_end_on_a_tiny_model_reuses_its_corpus(tmp_path):
     # recomputed by a prefill pass instead of recorded while decoding: the same states up to rounding
     assert res["held_out"] == pytest.approx(runs[0][0]["held_out"], rel=1e-4)
     assert not [x.name for x in (tmp_path / "work").iterdir() if x.name.endswith(".tmp")]
+
+
+# ---- resuming an interrupted training run -----------------------------------------------------------------------
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(monkeypatch, cls, call):
+    """Make ``cls._loss`` raise on its ``call``-th call (1-based): a run stopped in the middle of a step."""
+    seen = [0]
+    orig = cls._loss
+
+    def loss(self, *a, **k):
+        seen[0] += 1
+        if seen[0] == call:
+            raise _Interrupted
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(cls, "_loss", loss)
+
+
+def _weights_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_training_gives_the_weights_of_a_run_never_stopped(tmp_path, monkeypatch):
+    """A run stopped after its step-3 state and resumed gives bit for bit the weights and per-step log of a run never
+    stopped (weights, optimizer moments, the layout generator and the epoch's window order all restored); a resume
+    that does not restore the optimizer (planted) gives other weights; a state of another run, an unreadable state and
+    no state are each handled."""
+    m = LlamaModel(CFG, random_state_dict(CFG), dtype=torch.float32)
+    wins = _tiny_training_set(m)
+    cfg = untrained_pdm(m, ANCHORS, layers=1, intermediate=32, shift=True).cfg
+    cfg.training = dict(vocab_ids=list(range(CFG.vocab_size)))
+    st = TrainSettings(steps=7, batch=2, lr=3e-3, window=16, seed=7)
+
+    def trainer(settings=st, log=None):
+        return Trainer(m, cfg, wins, wins[:2], settings, log=log or (lambda *a: None))
+
+    whole = trainer()
+    ref = whole.run(tmp_path / "whole", checkpoint_every=3, progress=False)
+    want = whole.net.state_dict()
+    # (the run wrote its state at steps 3 and 6; the file holds the last)
+    assert torch.load(tmp_path / "whole" / "checkpoint" / STATE_FILE, weights_only=False)["step"] == 6
+
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, Trainer, 4 * st.batch + 1)  # the first loss of step 5: after the step-3 state
+        with pytest.raises(_Interrupted):
+            trainer().run(tmp_path / "cut", checkpoint_every=3, progress=False)
+    state = tmp_path / "cut" / "checkpoint" / STATE_FILE
+    assert torch.load(state, weights_only=False)["step"] == 3
+    log = []
+    resumed = trainer(log=log.append)
+    got = resumed.run(tmp_path / "cut", checkpoint_every=3, progress=False, resume=True)
+    assert any("continuing at step 4 of 7" in line for line in log), log
+    assert _weights_equal(resumed.net.state_dict(), want)
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in ref["history"]]
+    assert [h["step"] for h in got["history"]] == list(range(7))
+
+    # planted: a resume that keeps the optimizer it started with (fresh moments) is not the run never stopped
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, Trainer, 4 * st.batch + 1)
+        with pytest.raises(_Interrupted):
+            trainer().run(tmp_path / "cut2", checkpoint_every=3, progress=False)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "load_state_dict", lambda self, sd: None)
+        planted = trainer()
+        planted.run(tmp_path / "cut2", checkpoint_every=3, progress=False, resume=True)
+    assert not _weights_equal(planted.net.state_dict(), want)
+
+    # a state written by another run (another learning rate) is refused, naming the setting; nothing is trained
+    other = trainer(dataclasses.replace(st, lr=1e-3))
+    before = copy.deepcopy(other.net.state_dict())
+    with pytest.raises(ValueError, match=r"resume: the training state .* was written by another run .*settings\.lr"):
+        other.run(tmp_path / "cut", checkpoint_every=3, progress=False, resume=True)
+    assert _weights_equal(other.net.state_dict(), before)
+    # an unreadable state: a clear error, not a torch traceback
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(ValueError, match="resume: cannot read the training state"):
+        trainer().run(tmp_path / "cut", checkpoint_every=3, progress=False, resume=True)
+    # no state yet: --resume trains from step 1 (the same run)
+    log = []
+    fresh = trainer(log=log.append)
+    fresh.run(tmp_path / "empty", checkpoint_every=3, progress=False, resume=True)
+    assert any("no training state" in line for line in log) and _weights_equal(fresh.net.state_dict(), want)
+
+
+def test_train_pdm_resume_writes_the_pdm_of_a_run_never_stopped(tmp_path, monkeypatch):
+    """The whole train-pdm pipeline stopped mid-training and run again with resume: the PDM file it writes is the one
+    an uninterrupted run writes, byte for byte, and the text is not generated again."""
+    from types import SimpleNamespace
+
+    from spdkernels.runtime.spd import train as train_mod
+
+    sd = {k: v.float() for k, v in random_state_dict(CFG).items()}
+    ck = SimpleNamespace(config=CFG, state_dict=sd, tokenizer=_ByteTokenizer())
+    st = TrainSettings(steps=5, window=16, batch=2, stage_choices=(2, 4))
+    monkeypatch.setattr(train_mod, "CHECKPOINT_EVERY", 2)
+    kw = dict(stages=4, layers=1, num_prompts=6, max_new_tokens=6, intermediate=32, settings=st, progress=False)
+    train_mod.train_pdm(ck, str(tmp_path / "a"), str(tmp_path / "wa"), log=lambda *a: None, **kw)
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, train_mod.Trainer, 3 * st.batch + 1)  # in step 4, after the step-2 state
+        with pytest.raises(_Interrupted):
+            train_mod.train_pdm(ck, str(tmp_path / "b"), str(tmp_path / "wb"), log=lambda *a: None, **kw)
+    assert not (tmp_path / "b" / "pdm.json").exists()
+    log = []
+    train_mod.train_pdm(ck, str(tmp_path / "b"), str(tmp_path / "wb"), log=log.append, resume=True, **kw)
+    assert any("continuing at step 3 of 5" in line for line in log), log
+    assert any("corpus-6-6-s0-" in line and "from" in line for line in log)  # the cached text, not generated again
+    assert (tmp_path / "a" / "pdm.safetensors").read_bytes() == (tmp_path / "b" / "pdm.safetensors").read_bytes()
+    assert (tmp_path / "a" / "pdm.json").read_text() == (tmp_path / "b" / "pdm.json").read_text()
+
+
+def test_cli_train_pdm_resume_reaches_the_trainer_and_a_foreign_state_exits_2(tmp_path, monkeypatch, capsys):
+    """--resume is handed to train_pdm; the refusal of a state written by another run is bad input (exit 2)."""
+    from spdkernels.runtime.spd import train as train_mod
+
+    seen = {}
+
+    def fake(ck, out, work, **kw):
+        seen.update(kw)
+        raise ValueError("resume: the training state X was written by another run (it differs in settings.lr)")
+
+    monkeypatch.setattr(train_mod, "train_pdm", fake)
+    rc = cli_main(["train-pdm", "--out", str(tmp_path / "o"), "--resume", "--no-progress"])
+    assert rc == 2 and seen["resume"] is True
+    assert "differs in settings.lr" in capsys.readouterr().err
+    seen.clear()
+    cli_main(["train-pdm", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert seen["resume"] is False

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start every tower layer as a copy of the target's layer LAYER (0-based; its norms, "
                    "attention weights and the MLP neurons of largest weight; no attention biases) instead of "
                    "noise (default: noise)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the training state in <work>/checkpoints/checkpoint "
+                   "(written every 100 steps; the same command and text, else refused): the same weights as a run "
+                   "never stopped; without a state, train from step 1")
     t.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -574,7 +578,7 @@ def cmd_train_pdm(args) -> int:
               draft_vocab=args.draft_vocab, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
               intermediate=args.intermediate, settings=st, progress=not args.no_progress,
               anchor_norm=args.anchor_norm, device=args.device, shift=args.shift, gen_batch=args.gen_batch,
-              self_fraction=args.self_prompts, packed=args.weights == "packed")
+              self_fraction=args.self_prompts, packed=args.weights == "packed", resume=args.resume)
     return 0
 
 

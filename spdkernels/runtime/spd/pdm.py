@@ -16,13 +16,15 @@ inference through :meth:`LlamaModel.forward_layers` (``tree_attention`` over the
 with a dense structural mask (:mod:`.train`).
 
 Files: ``<dir>/pdm.safetensors`` (fp16 weights) + ``<dir>/pdm.json`` (the config and the target it belongs
-to: architecture, layer count, hidden size, vocabulary, and a hash of the target's weights). Loading a PDM
-for another target raises :class:`PDMError`."""
+to: architecture, layer count, hidden size, vocabulary, and a hash of the target's weights; and the SHA-256 of
+the weights file it was saved with, so that a folder whose two files are not one save's pair is refused). Loading
+a PDM for another target raises :class:`PDMError`."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +74,8 @@ class PDMConfig:
     shift: bool = False  # True: each row also gets the previous token's deepest anchor (:func:`shift_rows`)
     training: Dict = field(default_factory=dict)  # how it was trained (informational)
     format: int = PDM_FORMAT
+    # SHA-256 of the pdm.safetensors written with this config ("" in files saved before it was recorded: unchecked)
+    weights_file_sha256: str = ""
 
     @property
     def m(self) -> int:
@@ -394,8 +398,10 @@ class PipelineDraftModule:
 
 
 def save_pdm(path: str, cfg: PDMConfig, weights: Dict[str, torch.Tensor], dtype=torch.float16) -> Path:
-    """Write ``pdm.safetensors`` (weights in ``dtype``; ``vocab_ids`` as int64) and ``pdm.json``."""
-    from safetensors.torch import save_file
+    """Write ``pdm.safetensors`` (weights in ``dtype``; ``vocab_ids`` as int64) and ``pdm.json``, each replaced in
+    one step, the weights first; ``pdm.json`` records the weights file's SHA-256, so a save interrupted between the
+    two (new weights beside an older config) is refused on loading instead of read as a pair."""
+    from safetensors.torch import save
 
     from ..files import write_atomic, write_text_atomic
 
@@ -406,7 +412,9 @@ def save_pdm(path: str, cfg: PDMConfig, weights: Dict[str, torch.Tensor], dtype=
             raise ValueError(f"{k}: not finite in {dtype} (NaN, or a value beyond its range): not saved")
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    write_atomic(d / WEIGHTS_FILE, lambda tmp: save_file(out, tmp))
+    blob = save(out)
+    write_atomic(d / WEIGHTS_FILE, lambda tmp: Path(tmp).write_bytes(blob))
+    cfg = dataclasses.replace(cfg, weights_file_sha256=hashlib.sha256(blob).hexdigest())
     write_text_atomic(d / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=1))
     return d
 
@@ -430,7 +438,7 @@ def read_pdm(path: str) -> tuple:
     """``(PDMConfig, weights)`` from a folder (or its ``pdm.json``), with clear errors for missing or
     corrupt files."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     d = pdm_folder(path)
     cj, wf = d / CONFIG_FILE, d / WEIGHTS_FILE
@@ -447,7 +455,15 @@ def read_pdm(path: str) -> tuple:
     if cfg.format != PDM_FORMAT:
         raise PDMError(f"pdm: {cj}: format {cfg.format} not supported (expected {PDM_FORMAT})")
     try:
-        weights = load_file(str(wf))
+        blob = wf.read_bytes()
+    except OSError as e:
+        raise PDMError(f"pdm: cannot read {wf} ({e.strerror or e})") from None
+    if cfg.weights_file_sha256 and hashlib.sha256(blob).hexdigest() != cfg.weights_file_sha256:
+        raise PDMError(f"pdm: {wf} is not the weights file {cj} was saved with (its SHA-256 differs from the "
+                       f"weights_file_sha256 {cj.name} records): the file is damaged, or the two files are not one "
+                       f"save's pair (an interrupted save, or files copied from two PDMs)")
+    try:
+        weights = load(blob)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PDMError(f"pdm: cannot read {wf} ({e})") from None
     return cfg, weights
@@ -469,6 +485,9 @@ def _check_field_types(cfg: PDMConfig) -> None:
     for name in ("target", "training"):
         if not isinstance(getattr(cfg, name), dict):
             raise TypeError(f"{name}: expected an object, got {getattr(cfg, name)!r}")
+    h = cfg.weights_file_sha256
+    if not isinstance(h, str) or (h and not re.fullmatch("[0-9a-f]{64}", h)):
+        raise TypeError(f"weights_file_sha256: expected 64 hex digits, got {h!r}")
 
 
 def check_target(cfg: PDMConfig, target_config: LlamaConfig, fingerprint: Optional[Dict]) -> None:

@@ -348,6 +348,23 @@ class TrainingDivergedError(RuntimeError):
     """The training loss stopped being finite (a learning rate too high for the run): the run stops at once."""
 
 
+# the training state beside the latest weight snapshot: what a resumed run continues from
+STATE_FILE = "train_state.pt"
+CHECKPOINT_EVERY = 100  # steps between snapshots (train_pdm's)
+
+
+def _run_differences(have: Dict, want: Dict, prefix: str = "") -> List[str]:
+    """The keys (dotted) whose values differ between two JSON-like dicts, in sorted order."""
+    out = []
+    for k in sorted(set(have) | set(want), key=str):
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _run_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def shared_prefix(corpus: Sequence[Dict]) -> int:
     """The number of leading prompt tokens every sequence shares (the chat template's preamble)."""
     return len(os.path.commonprefix([list(s["prompt_ids"]) for s in corpus]))
@@ -461,19 +478,73 @@ class Trainer:
         self.net.train()
         return out
 
+    def run_key(self) -> Dict:
+        """What a resumed run must share with the run that wrote the state: the PDM's config with the training
+        settings, the text (its file name: the prompt count, tokens, seed and version), the draft vocabulary and the
+        number of training windows."""
+        key = json.loads(json.dumps(dict(config=dataclasses.asdict(self.cfg), settings=dataclasses.asdict(self.st))))
+        key["training_windows"] = len(self.train)
+        return key
+
+    def save_state(self, path: Path, step: int, order: List[int], run_loss: float, run_agree: float,
+                   history: List[Dict], elapsed: float) -> None:
+        """Everything the next ``step`` needs, in one file replaced in one step: the fp32 weights, the optimizer's
+        moments, the layout generator and the rest of the epoch's window order."""
+        from ..files import write_atomic
+
+        state = dict(key=self.run_key(), step=step, net=self.net.state_dict(), opt=self.opt.state_dict(),
+                     rng=self.rng.getstate(), torch_rng=torch.get_rng_state(), order=list(order),
+                     run_loss=run_loss, run_agree=run_agree, history=history, elapsed=elapsed)
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+    def load_state(self, path: Path) -> Dict:
+        """The state :meth:`save_state` wrote, loaded into this trainer; ValueError when it is unreadable or was
+        written by a run with other settings, text or vocabulary (naming what differs)."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            key, step = state["key"], int(state["step"])
+        except Exception as e:  # (a truncated or foreign file: torch raises several kinds)
+            raise ValueError(f"resume: cannot read the training state {path} ({type(e).__name__}: {e})") from None
+        diff = _run_differences(key, self.run_key()) if isinstance(key, dict) else ["everything"]
+        if diff:
+            raise ValueError(f"resume: the training state {path} was written by another run (it differs in "
+                             f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}): resume with the same "
+                             f"command, or train from step 0 without --resume")
+        if not 0 < step <= self.st.steps:
+            raise ValueError(f"resume: the training state {path} is at step {step}, outside 1..{self.st.steps}")
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        return state
+
     def run(self, out_dir: Optional[Path] = None, checkpoint_every: int = 100, progress: bool = True,
-            eval_every: int = 0) -> Dict:
+            eval_every: int = 0, resume: bool = False) -> Dict:
+        """Train ``st.steps`` steps; every ``checkpoint_every`` steps a weight snapshot and the training state go to
+        ``out_dir/checkpoint``. ``resume``: continue from that state when there is one (the same steps, layouts and
+        numbers as a run that was never stopped), else start at step 0."""
         st = self.st
+        if resume and out_dir is None:
+            raise ValueError("resume: needs out_dir, the folder whose checkpoint holds the training state")
+        history: List[Dict] = []
+        order: List[int] = []
+        run_loss, run_agree = 0.0, 0.0
+        first, elapsed = 0, 0.0
+        state_path = out_dir / "checkpoint" / STATE_FILE if out_dir is not None else None
+        if resume and state_path is not None and state_path.exists():
+            state = self.load_state(state_path)
+            first, order, history = int(state["step"]), list(state["order"]), list(state["history"])
+            run_loss, run_agree, elapsed = float(state["run_loss"]), float(state["run_agree"]), float(state["elapsed"])
+            self.log(f"resume: continuing at step {first + 1} of {st.steps} from {state_path}")
+        elif resume:
+            self.log(f"resume: no training state in {state_path}, training from step 1")
         pb = None
         if progress:
             from tqdm import tqdm
 
-            pb = tqdm(total=st.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
-        history = []
-        t0 = time.perf_counter()
-        order: List[int] = []
-        run_loss, run_agree = 0.0, 0.0
-        for step in range(st.steps):
+            pb = tqdm(total=st.steps, initial=first, unit="step", file=sys.stderr, dynamic_ncols=True)
+        t0 = time.perf_counter() - elapsed
+        for step in range(first, st.steps):
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(step)
             self.opt.zero_grad(set_to_none=True)
@@ -507,6 +578,7 @@ class Trainer:
                 pb.update(1)
             if out_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
                 self.save(out_dir / "checkpoint")
+                self.save_state(state_path, step + 1, order, run_loss, run_agree, history, time.perf_counter() - t0)
             if eval_every and (step + 1) % eval_every == 0 and self.held:
                 ev = self.evaluate(self.held[:8], {"pipe4": ("pipeline", 4, 4, 0)})
                 history[-1].update(ev)
@@ -565,13 +637,14 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
               anchors: Optional[Sequence[int]] = None, num_prompts: int = 1800, max_new_tokens: int = 192,
               intermediate: int = 0, settings: Optional[TrainSettings] = None, held_fraction: float = 0.08,
               progress: bool = True, log=print, anchor_norm: bool = False, device="cpu", shift: bool = True,
-              gen_batch: int = 128, self_fraction: float = 0.0, packed: bool = True) -> Dict:
+              gen_batch: int = 128, self_fraction: float = 0.0, packed: bool = True, resume: bool = False) -> Dict:
     """The whole pipeline of ``spdkernels train-pdm``: data (cached in ``work``), anchor states, training,
     held-out evaluation, and the PDM written to ``out`` with ``train_log.json`` and ``heldout.json``.
     Everything runs on ``device``: the text is generated (and its anchor states recorded) by the runtime's
     engine there, with ``gen_batch`` requests in flight; ``self_fraction`` of the first-round prompts are
     written by the target itself (:func:`~.data.self_prompts`); ``packed``: the target's ``LlamaModel`` option
-    (CPU fp32: compact exact weights)."""
+    (CPU fp32: compact exact weights); ``resume``: continue from the training state of an interrupted run with the
+    same settings (:meth:`Trainer.run`)."""
     from ..files import write_atomic, write_text_atomic
     from .data import (
         CorpusError,
@@ -641,9 +714,15 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     cfg.draft_vocab = len(vocab)
     in_vocab = torch.zeros(ck.config.vocab_size, dtype=torch.bool)
     in_vocab[torch.tensor(vocab)] = True
-    gen = torch.cat([torch.tensor(s["output_ids"], dtype=torch.int64) for s in corpus])
-    coverage = float(in_vocab[gen].float().mean())
-    log(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.4f} of the generated tokens")
+
+    def covered(idx):  # the share of these sequences' generated tokens that are in the draft vocabulary
+        ids = [torch.tensor(corpus[i]["output_ids"], dtype=torch.int64) for i in idx]
+        ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+        return float(in_vocab[ids].float().mean()) if len(ids) else 0.0
+
+    coverage, held_coverage = covered(train_idx), covered(held_idx)
+    log(f"draft vocabulary: {len(vocab)} tokens cover {coverage:.4f} of the training sequences' generated tokens "
+        f"(chosen from them) and {held_coverage:.4f} of the held-out ones'")
     t1 = time.perf_counter()
     seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in corpus]
     if states is None and spath.exists():
@@ -677,9 +756,10 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
     cfg.training = dict(settings=dataclasses.asdict(st), stages_trained_for=drawn,
                         num_prompts=num_prompts, max_new_tokens=max_new_tokens, sequences=len(corpus),
                         held_out_sequences=len(held_idx), tokens=sum(len(s) for s in seqs),
-                        vocab_coverage=coverage, corpus=cpath.name, vocab_ids=vocab)
+                        vocab_coverage_training=coverage, vocab_coverage_held_out=held_coverage,
+                        corpus=cpath.name, vocab_ids=vocab)
     trainer = Trainer(target, cfg, train_w, held_w, st, log=log)
-    res = trainer.run(work_p / "checkpoints", progress=progress)
+    res = trainer.run(work_p / "checkpoints", checkpoint_every=CHECKPOINT_EVERY, progress=progress, resume=resume)
     trainer.save(out_p)  # before the evaluation: its weights do not depend on it
     layouts = {f"pipe{n}": ("pipeline", n, n, 0) for n in (2, 4, 8) if n <= L}
     layouts.update({f"pipe{n}_fill1": ("pipeline", n, 1, 0) for n in (4,) if n <= L})
@@ -694,7 +774,7 @@ def train_pdm(ck, out: str, work: str, stages: int = 4, layers: int = 1, draft_v
                   eval_s=time.perf_counter() - t2,
                   total_s=time.perf_counter() - t0 + (gen_s if t_data < gen_s else 0.0))
     write_text_atomic(out_p / "heldout.json", json.dumps(dict(held_out=held, windows=len(held_w), timing=timing,
-                                                         vocab_coverage=coverage), indent=1))
+                                                         vocab_coverage_held_out=held_coverage), indent=1))
     write_text_atomic(out_p / "train_log.json", json.dumps(dict(history=res["history"], timing=timing), indent=0))
     log(f"wrote {out_p} ({timing['total_s'] / 60:.1f} min: data {t_data:.0f} s, anchor states {t_feat:.0f} s, "
         f"training {res['train_s']:.0f} s)")
