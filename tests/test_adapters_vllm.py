@@ -602,3 +602,26 @@ def test_a_tiny_fp64_temperature_is_sampling_not_greedy(fused, monkeypatch):
     greedy = run(torch.tensor([0.0, 0.0]))
     assert not torch.equal(sampled[0], greedy[0])  # (the case tells the two apart)
     assert torch.equal(run(torch.tensor([1e-50, 0.0], dtype=torch.float64)), sampled)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_coins_are_drawn_in_one_draw_of_n_plus_b(pad, monkeypatch):
+    """The generic path draws its draft and final coins as one torch.rand of N + B values, as vLLM's layout of the op
+    and the fused op do, whether padded drafts send the call down the gathered path or not (that path drew its B final
+    coins a second time); the padded path's other draws are vLLM's recovery noise (exponential_), not torch.rand."""
+    monkeypatch.setattr(av, "_FUSED", False)
+    ks = [3, 0, 2, 4, 1, 6]
+    draft, cu, q, logits, bonus = make_case(ks, 50, seed=5, with_q=True, pad=pad)
+    N, B = sum(ks), len(ks)
+    sm = av.SamplingMetadata(temperature=torch.ones(B), all_greedy=False, all_random=True, generators={})
+    calls, rand = [], torch.rand
+
+    def counted(*a, **k):
+        calls.append(tuple(a[0]) if isinstance(a[0], (tuple, list, torch.Size)) else a[:1])
+        return rand(*a, **k)
+
+    monkeypatch.setattr(torch, "rand", counted)
+    out = av.rejection_sample(draft, ks, max(ks), cu, q, logits, bonus, sm)
+    assert calls == [(N + B,)], calls
+    if pad:  # (the case does reach the padded path: a request stops at its padded draft)
+        assert (out == av.PLACEHOLDER_TOKEN_ID).any() and bool((draft < 0).any())

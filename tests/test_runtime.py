@@ -1147,3 +1147,31 @@ def test_iterables_and_numpy_integers_are_taken_where_a_list_or_an_int_is(model)
     cu = torch.tensor([0, 2], dtype=torch.int32)
     par = torch.tensor([-1, 0], dtype=torch.int32)
     assert torch.equal(tree.build_tree_mask(par, cu, np.int64(3)), tree.build_tree_mask(par, cu, 3))
+
+
+def test_packed_weight_of_another_layout_is_refused():
+    """A PackedWeight whose tensors do not have the dtypes and shapes its format and shape ask for is refused when
+    made, naming the tensor (its readers size their reads from them)."""
+    from spdkernels.runtime.linear import PackedWeight
+
+    g = torch.Generator().manual_seed(0)
+    p = PackedWeight("q8_0", torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8),
+                     torch.rand(8, 2, generator=g).half().float(), None, (8, 64))  # a valid layout: accepted
+    cases = [
+        (dict(shape=(9, 64)), "data: a q8_0 weight of shape"),  # more rows than the data holds
+        (dict(shape=(8, 96)), "data: a q8_0 weight of shape"),
+        (dict(shape=[8, 64]), "shape: expected"),
+        (dict(data=p.data.to(torch.uint8)), "data: a q8_0 weight"),
+        (dict(data=p.data[:, :32].contiguous(), shape=(8, 32)), "scale: expected float32 \\(8, 1\\)"),
+        (dict(scale=p.scale.double()), "scale: expected float32"),
+        (dict(scale=None), "scale: expected float32"),
+        (dict(min=p.scale), "min: a q8_0 weight has none"),
+    ]
+    for change, needle in cases:
+        kw = dict(dict(format=p.format, data=p.data, scale=p.scale, min=p.min, shape=p.shape), **change)
+        with pytest.raises(ValueError, match=needle):
+            PackedWeight(**kw)
+    with pytest.raises(ValueError, match="scale: a f16 weight has none"):
+        PackedWeight("f16", torch.zeros(8, 64, dtype=torch.float16), p.scale, None, (8, 64))
+    with pytest.raises(ValueError, match="shape: q4_1 blocks are 32 long"):
+        PackedWeight("q4_1", torch.zeros(2, 8, dtype=torch.uint8), None, None, (2, 16))

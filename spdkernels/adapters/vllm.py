@@ -390,7 +390,10 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: List[int],
     ex = torch.zeros(B, dtype=torch.bool, device=device)
     ex[exact] = True
     out = torch.full(out_shape, PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
-    final_coins = open_unit_fp32(torch.rand(B, device=device))
+    # the final coins of the one draw above (a greedy row reads none): this path draws from the default generator
+    # exactly what the others do
+    final_coins = coins[N:] if coins is not None else torch.full((B,), UNUSED_COIN, dtype=torch.float32,
+                                                                  device=device)
     _gather_path(out, logits, tokens, draft_probs, k, starts, req, pos, bad, True, uniform, greedy, ex,
                  temperature, final_coins, bonus, max_spec_len, ctx)
     return out

@@ -60,9 +60,36 @@ class PackedWeight:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format: expected one of {FORMATS}, got {self.format!r}")
+        self._check_layout()
         if self.format == "q4_1" and self.scale is not None and not torch.equal(self.scale.half().float(), self.scale):
             # scale x nibble must be exact in fp32 for every instruction-set path to widen the same weights
             raise ValueError("scale: Q4_1 scales must be binary16 values (as in GGUF)")
+
+    def _check_layout(self) -> None:
+        """data / scale / min of the dtypes and shapes ``format`` and ``shape`` ask for, on one device (every reader
+        sizes its reads from them: a mismatch would be an error far from its cause, or wrong values)."""
+        shp = self.shape
+        if not (isinstance(shp, tuple) and len(shp) == 2 and all(isinstance(x, int) and x >= 0 for x in shp)):
+            raise ValueError(f"shape: expected (N, K), two integers >= 0, got {shp!r}")
+        N, K = shp
+        dt, cols = {"f16": (torch.float16, K), "q8_0": (torch.int8, K), "q4_1": (torch.uint8, K // 2)}[self.format]
+        if not isinstance(self.data, torch.Tensor) or self.data.dtype != dt or tuple(self.data.shape) != (N, cols):
+            got = (f"{self.data.dtype} {tuple(self.data.shape)}" if isinstance(self.data, torch.Tensor)
+                   else type(self.data).__name__)
+            raise ValueError(f"data: a {self.format} weight of shape {shp} holds {dt} {(N, cols)}, got {got}")
+        if self.format != "f16" and K % BLOCK:
+            raise ValueError(f"shape: {self.format} blocks are {BLOCK} long along K, got K = {K}")
+        for name, want in (("scale", self.format != "f16"), ("min", self.format == "q4_1")):
+            t = getattr(self, name)
+            if not want:
+                if t is not None:
+                    raise ValueError(f"{name}: a {self.format} weight has none, got a tensor")
+                continue
+            if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (N, K // BLOCK)
+                    or t.device != self.data.device):
+                got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else repr(t)
+                raise ValueError(f"{name}: expected float32 {(N, K // BLOCK)} on {self.data.device} for a "
+                                 f"{self.format} weight of shape {shp}, got {got}")
 
     @property
     def dtype(self) -> torch.dtype:
