@@ -328,6 +328,17 @@ def test_hf_folder_reads_the_shards_its_index_names(ck, tmp_path):
         "shard-outside": (folder("outside", shards, {"weight_map": {"x": "../good/model.safetensors"}}),
                           "does not hold"),
         "index-of-numbers": (folder("numbers", shards, {"weight_map": {"x": 1}}), "expected shard file names"),
+        # an index that does not describe its shards (stale or mixed up): refused, not loaded as the shards say
+        "index-maps-to-the-other-shard": (
+            folder("moved", shards, {"weight_map": dict(weight_map, **{names[0]: "model-00002-of-00002.safetensors"})}),
+            f"maps {names[0]} to model-00002-of-00002.safetensors, but it is in model-00001-of-00002.safetensors"),
+        "index-leaves-a-tensor-out": (
+            folder("unlisted", shards, {"weight_map": {n: f for n, f in weight_map.items() if n != names[-1]}}),
+            f"the shards hold tensors .* does not list: \\['{names[-1]}'\\]"),
+        "index-lists-a-tensor-no-shard-holds": (
+            folder("absent", shards, {"weight_map": dict(weight_map, **{"model.extra.weight":
+                                                                         "model-00001-of-00002.safetensors"})}),
+            "lists tensors no shard holds: \\['model.extra.weight'\\]"),
         "partial-rotary": (folder("rot", {"model.safetensors": sd}), "partial_rotary_factor 0.5"),
         "v5-partial-rotary": (folder("rot5", {"model.safetensors": sd}),
                               "rope_parameters.partial_rotary_factor 0.5"),

@@ -316,12 +316,13 @@ def _load_gguf(p: Path) -> Checkpoint:
 HF_INDEX = "model.safetensors.index.json"
 
 
-def _hf_weight_files(p: Path) -> List[Path]:
+def _hf_weight_files(p: Path) -> Tuple[List[Path], Optional[Dict[str, str]]]:
     """The safetensors files of the folder ``p`` that hold the model, in Hugging Face's order: ``model.safetensors``,
     else the shards ``model.safetensors.index.json`` names (paths inside the folder), else every ``*.safetensors``
-    (a file beside them, such as Mistral's ``consolidated.safetensors``, holds the same weights again)."""
+    (a file beside them, such as Mistral's ``consolidated.safetensors``, holds the same weights again); with the
+    index's ``weight_map`` (tensor -> shard) when the shards come from it, else None."""
     if (p / "model.safetensors").is_file():
-        return [p / "model.safetensors"]
+        return [p / "model.safetensors"], None
     index = p / HF_INDEX
     if index.exists():
         try:
@@ -338,11 +339,32 @@ def _hf_weight_files(p: Path) -> List[Path]:
         bad = [n for n in sorted(names) if root not in (p / n).resolve().parents or not (p / n).is_file()]
         if bad:
             raise ModelLoadError(f"model: {index} names shards that {p} does not hold: {bad[:4]}")
-        return [p / n for n in sorted(names)]
+        return [p / n for n in sorted(names)], weight_map
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"model: no *.safetensors files in {p}")
-    return files
+    return files, None
+
+
+def _check_weight_map(index: Path, weight_map: Dict[str, str], origin: Dict[str, str], root: Path) -> None:
+    """The shards hold exactly the tensors the index maps to them: a tensor in another shard than the index says, a
+    tensor the index does not list, or one it lists that no shard holds is refused (a stale or mixed-up index)."""
+    def same(a: str, b: str) -> bool:
+        return (root / a).resolve() == (root / b).resolve()
+
+    moved = [n for n, f in origin.items() if n in weight_map and not same(weight_map[n], f)]
+    if moved:
+        n = moved[0]
+        raise ModelLoadError(f"model: {index} maps {n} to {weight_map[n]}, but it is in {origin[n]}"
+                             + (f" ({len(moved)} such tensors)" if len(moved) > 1 else ""))
+    unlisted = sorted(n for n in origin if n not in weight_map)
+    if unlisted:
+        raise ModelLoadError(f"model: the shards hold tensors {index} does not list: {unlisted[:4]}"
+                             + (f" ({len(unlisted)} in all)" if len(unlisted) > 4 else ""))
+    absent = sorted(n for n in weight_map if n not in origin)
+    if absent:
+        raise ModelLoadError(f"model: {index} lists tensors no shard holds: {absent[:4]}"
+                             + (f" ({len(absent)} in all)" if len(absent) > 4 else ""))
 
 
 def _load_hf_folder(p: Path) -> Checkpoint:
@@ -365,11 +387,15 @@ def _load_hf_folder(p: Path) -> Checkpoint:
         raise ModelLoadError(f"model: unsupported model_type {mt!r} in {p / 'config.json'}")
     sd: Dict[str, torch.Tensor] = {}
     origin: Dict[str, str] = {}
-    for f in _hf_weight_files(p):
+    files, weight_map = _hf_weight_files(p)
+    for f in files:
+        rel = f.relative_to(p).as_posix()
         for name, t in load_file(str(f)).items():
             if name in sd:
-                raise ModelLoadError(f"model: tensor {name} is in both {origin[name]} and {f.name} in {p}")
-            sd[name], origin[name] = t, f.name
+                raise ModelLoadError(f"model: tensor {name} is in both {origin[name]} and {rel} in {p}")
+            sd[name], origin[name] = t, rel
+    if weight_map is not None:
+        _check_weight_map(p / HF_INDEX, weight_map, origin, p)
     for name, t in sd.items():  # (before they are widened to fp32, which would turn integers into weights)
         if not t.is_floating_point():
             raise ModelLoadError(f"model: {p}: tensor {name} is {t.dtype}, expected floating point weights")
