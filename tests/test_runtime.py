@@ -1102,35 +1102,81 @@ def _gguf_bytes(endian, kvs, n_tensors=0, cut=0):
 
 
 @pytest.mark.parametrize("endian", ["<", ">"])
-def test_the_gguf_metadata_walk_follows_the_format(tmp_path, endian):
-    """The bounded walk that guards the GGUF reader: both byte orders (the reader accepts byte-swapped files),
-    strings, arrays of values, of strings and of arrays pass; a file cut short, an array longer than the file
-    and an unknown type are named."""
+def test_the_gguf_reader_follows_the_format(tmp_path, endian):
+    """spdkernels.runtime.gguf_file.read_gguf on hand-made files in both byte orders: scalars of every type,
+    strings, arrays of values, of strings and of arrays, and a tensor table (an f32 and a Q8_0 tensor after the
+    aligned data start) read back exactly; a file cut short, an array or a string array longer than the file, an
+    unknown type, a tensor past the end, a repeated key or tensor and a bad alignment are named."""
     import struct
 
-    from spdkernels.runtime.weights import ModelLoadError, _scan_gguf_header
+    import numpy as np
+
+    from spdkernels.runtime.gguf_file import GGUFFormatError, read_gguf
 
     def s(x):
-        return struct.pack(endian + "Q", len(x)) + x.encode()
+        return struct.pack(endian + "Q", len(x.encode())) + x.encode()
 
-    kvs = [("general.architecture", 8, s("llama")), ("a.u32", 4, struct.pack(endian + "I", 7)),
-           ("a.f64", 12, struct.pack(endian + "d", 1.5)),
-           ("a.ints", 9, struct.pack(endian + "IQ", 5, 3) + struct.pack(endian + "3i", 1, 2, 3)),
-           ("a.strs", 9, struct.pack(endian + "IQ", 8, 2) + s("ab") + s("")),
-           ("a.nested", 9, struct.pack(endian + "IQ", 9, 2) + struct.pack(endian + "IQ", 0, 2) + b"xy"
-            + struct.pack(endian + "IQ", 8, 1) + s("z"))]
+    scalars = {0: ("B", 200), 1: ("b", -3), 2: ("H", 60000), 3: ("h", -7), 4: ("I", 7), 5: ("i", -9), 6: ("f", 1.5),
+               7: ("?", True), 10: ("Q", 2 ** 40), 11: ("q", -(2 ** 40)), 12: ("d", 0.1)}
+    kvs = [("general.architecture", 8, s("llama")), ("text", 8, s("héllo"))]
+    kvs += [(f"v{t}", t, struct.pack(endian + c, v)) for t, (c, v) in scalars.items()]
+    kvs += [("a.ints", 9, struct.pack(endian + "IQ", 5, 3) + struct.pack(endian + "3i", 1, -2, 3)),
+            ("a.strs", 9, struct.pack(endian + "IQ", 8, 2) + s("ab") + s("")),
+            ("a.nested", 9, struct.pack(endian + "IQ", 9, 2) + struct.pack(endian + "IQ", 0, 2) + bytes([4, 5])
+             + struct.pack(endian + "IQ", 8, 1) + s("z"))]
+    want = {"general.architecture": "llama", "text": "héllo", **{f"v{t}": v for t, (_, v) in scalars.items()},
+            "a.ints": [1, -2, 3], "a.strs": ["ab", ""], "a.nested": [[4, 5], ["z"]]}
     f = tmp_path / "m.gguf"
     f.write_bytes(_gguf_bytes(endian, kvs))
-    _scan_gguf_header(f)  # a well-formed file passes
-    f.write_bytes(_gguf_bytes(endian, kvs, cut=3))
-    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
-        _scan_gguf_header(f)
-    f.write_bytes(_gguf_bytes(endian, kvs[:1] + [("a.huge", 9, struct.pack(endian + "IQ", 4, 10 ** 12))]))
-    with pytest.raises(ModelLoadError, match="truncated or corrupt .*an array of 1000000000000 values"):
-        _scan_gguf_header(f)
-    f.write_bytes(_gguf_bytes(endian, [("a.odd", 13, b"")]))
-    with pytest.raises(ModelLoadError, match="unknown type 13"):
-        _scan_gguf_header(f)
+    g = read_gguf(f)
+    assert g.byte_order == endian and g.version == 3 and g.tensors == []
+    assert g.fields == want
+    # a tensor table: f32 [3, 2] (dims innermost first: 2 then 3), then Q8_0 [1, 32] at the next multiple of 32
+    vals = np.arange(6, dtype=np.float32).reshape(3, 2) - 2.5
+    q8 = struct.pack("<e", 0.5) + bytes(range(32))  # one Q8_0 block: fp16 scale + 32 int8
+
+    def with_tensors(tensors, data, alignment=None, n_tensors=None):
+        extra = [] if alignment is None else [("general.alignment", 4, struct.pack(endian + "I", alignment))]
+        head = _gguf_bytes(endian, kvs + extra, n_tensors=len(tensors) if n_tensors is None else n_tensors)
+        for name, dims, t, off in tensors:
+            head += s(name) + struct.pack(endian + "I", len(dims)) + struct.pack(endian + f"{len(dims)}Q", *dims)
+            head += struct.pack(endian + "IQ", t, off)
+        return head + bytes(-len(head) % (alignment or 32)) + data
+
+    plain = vals.astype(np.dtype(np.float32).newbyteorder(endian)).tobytes()
+    table = [("w", (2, 3), 0, 0)] + ([("q", (32, 1), 8, 32)] if endian == "<" else [])
+    f.write_bytes(with_tensors(table, plain + bytes(32 - len(plain)) + (q8 if endian == "<" else b"")))
+    g = read_gguf(f)
+    assert [t.name for t in g.tensors] == [n for n, *_ in table] and g.tensors[0].shape == (2, 3)
+    assert np.array_equal(g.tensors[0].data.astype(np.float32), vals)
+    if endian == "<":
+        import gguf
+        assert g.tensors[1].data.shape == (1, 34) and bytes(g.tensors[1].data[0]) == q8
+        assert gguf.quants.dequantize(g.tensors[1].data, gguf.GGMLQuantizationType.Q8_0).tolist() == \
+            [[0.5 * i for i in range(32)]]
+    else:  # a quantised tensor in a byte-swapped file: its block scales would be read wrong
+        f.write_bytes(with_tensors([("q", (32, 1), 8, 0)], q8))
+        with pytest.raises(GGUFFormatError, match="quantised .* byte-swapped"):
+            read_gguf(f)
+    bad = {
+        "truncated or corrupt": _gguf_bytes(endian, kvs, cut=3),
+        "truncated or corrupt .*an array of 1000000000000 values": _gguf_bytes(
+            endian, kvs[:1] + [("a.huge", 9, struct.pack(endian + "IQ", 4, 10 ** 12))]),
+        "truncated or corrupt .*an array of 1000000000000 strings": _gguf_bytes(
+            endian, kvs[:1] + [("a.huge", 9, struct.pack(endian + "IQ", 8, 10 ** 12))]),
+        "unknown type 13": _gguf_bytes(endian, [("a.odd", 13, b"")]),
+        "'text' appears twice": _gguf_bytes(endian, kvs + kvs[1:2]),
+        "tensor w: 24 bytes at offset": with_tensors([("w", (2, 3), 0, 0)], plain[:20]),
+        "tensor w appears twice": with_tensors([("w", (2, 3), 0, 0), ("w", (2, 3), 0, 0)], plain),
+        "tensor w has unknown ggml type 99": with_tensors([("w", (2, 3), 99, 0)], plain),
+        "general.alignment 24 is not a power of two": with_tensors([("w", (2, 3), 0, 0)], plain, alignment=24),
+        "truncated or corrupt .*1000000 tensor descriptions": with_tensors([], b"", n_tensors=10 ** 6),
+        "not a GGUF file": b"GGUX" + bytes(40),
+    }
+    for message, data in bad.items():
+        f.write_bytes(data)
+        with pytest.raises(GGUFFormatError, match=message):
+            read_gguf(f)
 
 
 def test_iterables_and_numpy_integers_are_taken_where_a_list_or_an_int_is(model):

@@ -234,14 +234,6 @@ def test_a_damaged_gguf_is_named_not_crashed_on(tmp_path, case):
     assert message in r.stdout, r.stdout
 
 
-class _Field:
-    def __init__(self, value):
-        self.value = value
-
-    def contents(self):
-        return self.value
-
-
 @pytest.mark.parametrize("fields, message", [
     ({"llama.attention.key_length": 128}, "rope.dimension_count 64 is not the head dim 128"),
     ({"llama.attention.key_length": 64, "llama.attention.value_length": 32}, "value_length 32 differs"),
@@ -252,20 +244,38 @@ def test_gguf_head_dim_is_the_key_length(monkeypatch, fields, message):
     """The embedded GGUF with metadata added: the head dim is attention.key_length where the file has it (it was
     read from rope.dimension_count, so a key_length of 128 loaded as 64-wide heads); value heads of another
     width and partial rotary embeddings are refused by name."""
-    import gguf
-
+    from spdkernels.runtime import gguf_file
     from spdkernels.runtime.weights import ModelLoadError
 
-    real = gguf.GGUFReader
+    real = gguf_file.read_gguf
 
-    def reader(path, *a, **kw):
-        r = real(path, *a, **kw)
-        r.fields = dict(r.fields, **{k: _Field(v) for k, v in fields.items()})
+    def reader(path):
+        r = real(path)
+        r.fields.update(fields)
         return r
 
-    monkeypatch.setattr(gguf, "GGUFReader", reader)
+    monkeypatch.setattr(gguf_file, "read_gguf", reader)
     with pytest.raises(ModelLoadError, match=message):
         load_checkpoint(str(embedded_model_path()))
+
+
+def test_gguf_reader_reads_what_the_gguf_package_reads():
+    """Our GGUF walk (spdkernels.runtime.gguf_file) against the gguf package's reader on the embedded file: every
+    metadata value (the 49152 tokens, 48900 merges, token types, ids, floats, the chat template) and every tensor's
+    name, type, shape and bytes are the same."""
+    import gguf
+    import numpy as np
+
+    from spdkernels.runtime.gguf_file import read_gguf
+
+    p = str(embedded_model_path())
+    theirs, ours = gguf.GGUFReader(p), read_gguf(p)
+    assert ours.fields == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert len(ours.fields["tokenizer.ggml.tokens"]) == 49152
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors] and len(ours.tensors) == 272
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == int(b.tensor_type) and a.shape == tuple(b.shape.tolist()), a.name
+        assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
 
 
 def test_hf_folder_reads_the_shards_its_index_names(ck, tmp_path):

@@ -29,8 +29,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         def get(key, default=None):
-            f = reader.fields.get(key)
-            return default if f is None else f.contents()
+            return reader.fields.get(key, default)
 
         model = get("tokenizer.ggml.model")
         if model != "gpt2":

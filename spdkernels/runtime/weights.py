@@ -127,70 +127,6 @@ def _check_layers(ck: Checkpoint) -> None:
 
 # ---- GGUF -------------------------------------------------------------------------------------------
 
-# GGUF metadata value types: fixed sizes in bytes (8 = string, 9 = array)
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-def _scan_gguf_header(p: Path) -> None:
-    """Walk a GGUF file's header and metadata without reading the values, checking that every count and length
-    fits in the file (the reader loops once per array element and, past the end of the file, without moving:
-    an array that claims 10**12 elements hung with memory growing)."""
-    import struct
-
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != b"GGUF":
-            raise ModelLoadError(f"model: {p} is not a GGUF file (no GGUF header)")
-        (version,) = struct.unpack("<I", head[4:8])
-        e = ">" if version & 0xFFFF == 0 else "<"  # a byte-swapped (big-endian) file, as the reader detects it
-        n_tensors, n_kv = struct.unpack(e + "QQ", head[8:24])
-        pos = 24
-
-        def need(n: int, what: str) -> None:
-            if n < 0 or pos + n > size:
-                raise ModelLoadError(f"model: {p} is truncated or corrupt ({what} needs {n} bytes at offset {pos}, "
-                                     f"the file has {size})")
-
-        def u(fmt: str, what: str) -> int:
-            nonlocal pos
-            k = struct.calcsize(e + fmt)
-            need(k, what)
-            f.seek(pos)
-            (v,) = struct.unpack(e + fmt, f.read(k))
-            pos += k
-            return v
-
-        def skip(n: int, what: str) -> None:
-            nonlocal pos
-            need(n, what)
-            pos += n
-
-        def value(t: int, depth: int = 0) -> None:
-            if t == 8:
-                skip(u("Q", "a string length"), "a string")
-            elif t == 9:
-                et, count = u("I", "an array type"), u("Q", "an array length")
-                if et in _GGUF_SIZES:
-                    skip(count * _GGUF_SIZES[et], f"an array of {count} values")
-                elif et in (8, 9) and depth < 8:  # strings (a length each), or arrays (a type and a count each)
-                    need(count * (8 if et == 8 else 12), f"an array of {count} {'strings' if et == 8 else 'arrays'}")
-                    for _ in range(count):
-                        value(et, depth + 1)
-                else:
-                    raise ModelLoadError(f"model: {p} has a metadata array of unknown type {et}")
-            elif t in _GGUF_SIZES:
-                skip(_GGUF_SIZES[t], "a value")
-            else:
-                raise ModelLoadError(f"model: {p} has a metadata value of unknown type {t}")
-
-        need(n_kv * 12, f"{n_kv} metadata entries")  # (a key length and a type each, at least)
-        need(n_tensors * 24, f"{n_tensors} tensor descriptions")
-        for _ in range(n_kv):
-            skip(u("Q", "a key length"), "a key")
-            value(u("I", "a value type"))
-
-
 def _int_field(reader, key, p: Path, default=None) -> int:
     v = _field(reader, key, default)
     if v is None:
@@ -229,8 +165,7 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    return reader.fields.get(key, default)
 
 
 def _load_gguf(p: Path) -> Checkpoint:
@@ -238,13 +173,13 @@ def _load_gguf(p: Path) -> Checkpoint:
         import gguf
     except ImportError:  # pragma: no cover - gguf is a runtime dependency
         raise ModelLoadError("reading a GGUF file needs the 'gguf' package: pip install gguf") from None
+    from .gguf_file import GGUFFormatError, read_gguf
     from .tokenizer import Tokenizer
 
-    _scan_gguf_header(p)
     try:
-        reader = gguf.GGUFReader(str(p))
-    except Exception as e:  # a truncated or foreign file: the reader raises many kinds of error
-        raise ModelLoadError(f"model: {p} is not a readable GGUF file ({e})") from None
+        reader = read_gguf(p)
+    except GGUFFormatError as e:
+        raise ModelLoadError(f"model: {e}") from None
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ModelLoadError(f"model: unsupported architecture {arch!r} in {p} (supported: llama, qwen2)")
@@ -288,7 +223,7 @@ def _load_gguf(p: Path) -> Checkpoint:
     )
     sd = {}
     for name, t in tensors.items():
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)).copy()).float()
         if name == "token_embd.weight":
             sd["model.embed_tokens.weight"] = w
         elif name == "output_norm.weight":
