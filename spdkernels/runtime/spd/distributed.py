@@ -53,6 +53,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -199,13 +200,13 @@ class _Link:
         try:
             return self.pg.send([t], dst, tag)
         except RuntimeError as e:  # the peer's connection is already gone
-            raise _PeerError(dst, 2, f"sending: {str(e).splitlines()[0][:200]}") from None
+            raise _PeerError(dst, 2, f"sending: {_brief(str(e))}") from None
 
     def irecv(self, t: torch.Tensor, src: int, tag: int):
         try:
             return self.pg.recv([t], src, tag)
         except RuntimeError as e:
-            raise _PeerError(src, 2, f"receiving: {str(e).splitlines()[0][:200]}") from None
+            raise _PeerError(src, 2, f"receiving: {_brief(str(e))}") from None
 
     def wait(self, work, timeout: float, peer: int, what: str) -> None:
         """Wait for ``work`` at most ``timeout`` seconds; raises :class:`_PeerError` naming the peer."""
@@ -220,12 +221,12 @@ class _Link:
                     time.sleep(0.0001)
                 exc = work.exception()  # a completed work may have failed (the peer or the communicator)
                 if exc is not None:
-                    raise _PeerError(peer, 4, f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    raise _PeerError(peer, 4, f"{what}: {type(exc).__name__}: {_brief(str(exc))}"
                                      if str(exc) else f"{what}: {type(exc).__name__}")
         except RuntimeError as e:
             msg = str(e)
             reason = 1 if "Timed out" in msg or "timed out" in msg else 2
-            raise _PeerError(peer, reason, f"{what}: {msg.splitlines()[0][:200]}") from None
+            raise _PeerError(peer, reason, f"{what}: {_brief(msg)}") from None
 
 
 class _PeerError(Exception):
@@ -247,6 +248,22 @@ def _buffer(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
 def _unpack(buf: torch.Tensor, dtype: torch.dtype) -> Tuple[List[int], torch.Tensor]:
     header = buf[:HEADER * 8].view(torch.int64).tolist()
     return header, buf[HEADER * 8:].view(dtype)
+
+
+_SOURCE_TAG = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
+
+
+def _brief(msg: str, limit: int = 200) -> str:
+    """A communication library's error as one short clause: its first line, without the source-file tags gloo puts
+    first (``[.../gloo/transport/tcp/pair.cc:537]``), up to its first sentence's end, at most ``limit`` characters
+    cut at a word."""
+    first = _SOURCE_TAG.sub("", (msg.splitlines() or [""])[0]).strip()
+    end = first.find(". ")
+    if end > 0:
+        first = first[:end]
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0] + " ..."
+    return first
 
 
 def _stage_name(rank: int) -> str:
@@ -768,14 +785,22 @@ class DistributedSPD(SPDEngine):
     def exitcodes(self) -> List[Optional[int]]:
         return [p.exitcode for p in self.procs]
 
-    def _worker_errors(self) -> str:
-        errs = []
+    def _worker_errors(self, what: str = "") -> str:
+        """What the workers left in the store; those that only stopped on rank 0's abort (``what``) named together,
+        not each with the whole message again."""
+        errs, on_abort = [], []
         for r in range(1, self.n + 1):
             try:
                 if self.store is not None and self.store.check([f"error/{r}"]):
-                    errs.append(f"{_stage_name(r)}: {self.store.get(f'error/{r}').decode()}")
+                    msg = self.store.get(f"error/{r}").decode()
+                    if what and msg == f"rank 0 aborted the pipeline: {what}":
+                        on_abort.append(_stage_name(r))
+                    else:
+                        errs.append(f"{_stage_name(r)}: {msg}")
             except Exception:  # noqa: BLE001 - best effort
                 pass
+        if on_abort:
+            errs.append(f"{', '.join(on_abort)} stopped on rank 0's abort")
         return "; ".join(errs)
 
     def _abort(self, culprit: int, reason: int, detail: str) -> SPDDistributedError:
@@ -784,10 +809,14 @@ class DistributedSPD(SPDEngine):
         workers see (their next wait fails at once), and they read why from the store."""
         who = _stage_name(culprit) if culprit > 0 else "rank 0"
         own = self._own_error(culprit) if reason in (1, 2) and culprit > 0 else None
+        # the cycle: the one the detail names (what rank 0 was waiting for), else the last control rank 0 sent
+        # (cycle_id counts the controls sent, pings and prefill included, and runs ahead of the cycle in flight)
+        named = re.match(r"cycle (\d+)\b", detail)
+        cycle = int(named.group(1)) if named else max(self.cycle_id - 1, 0)
         if own is not None:  # it left on an error of its own (its timeout, say): name it and say why
-            what = f"{who} stopped at cycle {self.cycle_id}: {own}"
+            what = f"{who} stopped at cycle {cycle}: {own}"
         else:
-            what = f"{who} {REASONS.get(reason, 'failed')} at cycle {self.cycle_id} ({detail})"
+            what = f"{who} {REASONS.get(reason, 'failed')}{'' if named else f' at cycle {cycle}'} ({detail})"
         try:
             self.store.set("abort", what)
         except Exception:  # noqa: BLE001 - best effort
@@ -804,7 +833,7 @@ class DistributedSPD(SPDEngine):
             self._kill_workers(min(2.0, self.spec.timeout_s))
         self.link, self.closed = None, True
         time.sleep(0.05)
-        others = self._worker_errors()
+        others = self._worker_errors(what)
         self._unregister_atexit()
         return SPDDistributedError(f"distributed SPD stopped: {what}" + (f"; workers: {others}" if others else ""))
 
@@ -891,8 +920,8 @@ class DistributedSPD(SPDEngine):
         self.link.wait(w, self._timeout(), s + 1, f"cycle {cyc}: waiting for stage {s}")
         header, payload = _unpack(buf, self.model.dtype)
         if header[0] != cyc or header[1] != pos or header[3] != MAGIC:
-            raise _PeerError(s + 1, 3, f"output of cycle {header[0]} position {header[1]}, expected cycle {cyc} "
-                             f"position {pos}")
+            raise _PeerError(s + 1, 3, f"cycle {cyc}: output of cycle {header[0]} position {header[1]}, expected "
+                             f"cycle {cyc} position {pos}")
         return payload.view(-1, self.H).clone()
 
     # -- the schedule ------------------------------------------------------------------------------------------
