@@ -259,14 +259,17 @@ def test_gguf_head_dim_is_the_key_length(monkeypatch, fields, message):
         load_checkpoint(str(embedded_model_path()))
 
 
-def test_gguf_reader_reads_what_the_gguf_package_reads():
+def test_gguf_reader_reads_what_the_gguf_package_reads(monkeypatch):
     """Our GGUF walk (spdkernels.runtime.gguf_file) against the gguf package's reader on the embedded file: every
     metadata value (the 49152 tokens, 48900 merges, token types, ids, floats, the chat template) and every tensor's
-    name, type, shape and bytes are the same."""
+    name, type, shape and bytes are the same; our dequantisation (Q4_1 / Q8_0 blocks widened by the C++ pass, or by
+    torch without the extension) gives gguf.quants' fp32 values bit for bit."""
     import gguf
     import numpy as np
 
+    from spdkernels.runtime import linear
     from spdkernels.runtime.gguf_file import read_gguf
+    from spdkernels.runtime.weights import dequantize_gguf
 
     p = str(embedded_model_path())
     theirs, ours = gguf.GGUFReader(p), read_gguf(p)
@@ -276,6 +279,17 @@ def test_gguf_reader_reads_what_the_gguf_package_reads():
     for a, b in zip(ours.tensors, theirs.tensors):
         assert a.tensor_type == int(b.tensor_type) and a.shape == tuple(b.shape.tolist()), a.name
         assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+    kinds = set()
+    for t in ours.tensors:
+        want = torch.from_numpy(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)).copy()).float()
+        got = dequantize_gguf(t)
+        assert got.dtype == torch.float32 and torch.equal(got, want), t.name
+        kinds.add(t.tensor_type)
+    assert kinds == {0, 3, 8}  # F32 (norms), Q4_1 (layers), Q8_0 (the embedding / tied head)
+    monkeypatch.setattr(linear._cpp, "load", lambda: False)  # the torch widening (no C++ extension)
+    for t in [x for x in ours.tensors if x.tensor_type in (3, 8)][:4]:
+        want = torch.from_numpy(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)).copy())
+        assert torch.equal(dequantize_gguf(t), want.float()), t.name
 
 
 def test_hf_folder_reads_the_shards_its_index_names(ck, tmp_path):
