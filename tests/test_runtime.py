@@ -1148,7 +1148,10 @@ def test_the_gguf_reader_follows_the_format(tmp_path, endian):
     f.write_bytes(with_tensors(table, plain + bytes(32 - len(plain)) + (q8 if endian == "<" else b"")))
     g = read_gguf(f)
     assert [t.name for t in g.tensors] == [n for n, *_ in table] and g.tensors[0].shape == (2, 3)
-    assert np.array_equal(g.tensors[0].data.astype(np.float32), vals)
+    # in this machine's byte order (readers such as gguf.quants view the bytes as native numbers)
+    assert g.tensors[0].data.dtype.isnative and np.array_equal(g.tensors[0].data, vals)
+    from spdkernels.runtime.weights import dequantize_gguf
+    assert torch.equal(dequantize_gguf(g.tensors[0]), torch.from_numpy(vals))
     if endian == "<":
         import gguf
         assert g.tensors[1].data.shape == (1, 34) and bytes(g.tensors[1].data[0]) == q8
@@ -1172,6 +1175,9 @@ def test_the_gguf_reader_follows_the_format(tmp_path, endian):
         "general.alignment 24 is not a power of two": with_tensors([("w", (2, 3), 0, 0)], plain, alignment=24),
         "truncated or corrupt .*1000000 tensor descriptions": with_tensors([], b"", n_tensors=10 ** 6),
         "not a GGUF file": b"GGUX" + bytes(40),
+        "a string at offset \\d+ is not UTF-8": _gguf_bytes(
+            endian, kvs[:1] + [("a.bad", 9, struct.pack(endian + "IQ", 8, 2) + s("ok") + struct.pack(endian + "Q", 3)
+                                + b"a\xffb")]),
     }
     for message, data in bad.items():
         f.write_bytes(data)

@@ -1843,6 +1843,17 @@ def test_resumed_training_gives_the_weights_of_a_run_never_stopped(tmp_path, mon
     state.write_bytes(state.read_bytes()[:200])
     with pytest.raises(ValueError, match="resume: cannot read the training state"):
         trainer().run(tmp_path / "cut", checkpoint_every=3, progress=False, resume=True)
+    # a trainer on another device (a GPU; "meta" stands in for it here): the state is read on the CPU and moved by
+    # load_state_dict (read onto the device, its CPU-only parts broke set_rng_state); the device change is said
+    with monkeypatch.context() as mp:
+        _interrupt_at(mp, Trainer, 4 * st.batch + 1)
+        with pytest.raises(_Interrupted):
+            trainer().run(tmp_path / "cut3", checkpoint_every=3, progress=False)
+    log = []
+    elsewhere = trainer(log=log.append)
+    elsewhere.device = torch.device("meta")
+    assert elsewhere.load_state(tmp_path / "cut3" / "checkpoint" / STATE_FILE)["step"] == 3
+    assert any("written on cpu, training goes on on meta" in line for line in log), log
     # no state yet: --resume trains from step 1 (the same run)
     log = []
     fresh = trainer(log=log.append)

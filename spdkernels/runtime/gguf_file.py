@@ -92,7 +92,10 @@ def read_gguf(path) -> GGUFFile:
             nonlocal pos
             n = scalar("Q", f"{what}'s length")
             need(n, what)
-            s = mm[pos:pos + n].decode("utf-8", errors="replace")
+            try:
+                s = mm[pos:pos + n].decode("utf-8")
+            except UnicodeDecodeError as err:  # (replacing the bytes would merge two damaged tokens into one)
+                raise GGUFFormatError(f"{p}: {what} at offset {pos} is not UTF-8 ({err.reason})") from None
             pos += n
             return s
 
@@ -169,6 +172,8 @@ def read_gguf(path) -> GGUFFile:
         raw = whole[at:at + n_bytes]
         if t in _PLAIN:
             data = raw.view(np.dtype(_PLAIN[t]).newbyteorder(e)).reshape(rows)
+            if e == ">":  # in this machine's byte order (a copy): readers view the bytes as native numbers
+                data = data.astype(data.dtype.newbyteorder("="))
         elif e == ">":  # (the blocks' fp16 scales are byte-swapped too: dequantize would read them wrong)
             raise GGUFFormatError(f"{p}: tensor {name} is quantised ({qt.name}) in a byte-swapped file: not supported")
         else:

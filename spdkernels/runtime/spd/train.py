@@ -493,15 +493,15 @@ class Trainer:
         from ..files import write_atomic
 
         state = dict(key=self.run_key(), step=step, net=self.net.state_dict(), opt=self.opt.state_dict(),
-                     rng=self.rng.getstate(), torch_rng=torch.get_rng_state(), order=list(order),
-                     run_loss=run_loss, run_agree=run_agree, history=history, elapsed=elapsed)
+                     rng=self.rng.getstate(), order=list(order), run_loss=run_loss, run_agree=run_agree,
+                     history=history, elapsed=elapsed, device=self.device.type)
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     def load_state(self, path: Path) -> Dict:
         """The state :meth:`save_state` wrote, loaded into this trainer; ValueError when it is unreadable or was
         written by a run with other settings, text or vocabulary (naming what differs)."""
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+        try:  # (on the CPU: load_state_dict moves the weights and the optimizer's moments to the trainer's device)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             key, step = state["key"], int(state["step"])
         except Exception as e:  # (a truncated or foreign file: torch raises several kinds)
             raise ValueError(f"resume: cannot read the training state {path} ({type(e).__name__}: {e})") from None
@@ -509,13 +509,15 @@ class Trainer:
         if diff:
             raise ValueError(f"resume: the training state {path} was written by another run (it differs in "
                              f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}): resume with the same "
-                             f"command, or train from step 0 without --resume")
+                             f"command, or train from step 1 without --resume")
         if not 0 < step <= self.st.steps:
             raise ValueError(f"resume: the training state {path} is at step {step}, outside 1..{self.st.steps}")
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
-        self.rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        self.rng.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["rng"]))
+        if state.get("device") != self.device.type:
+            self.log(f"resume: the state was written on {state.get('device')}, training goes on on {self.device.type}: "
+                     f"the weights will differ from those of a run never stopped (other kernels)")
         return state
 
     def run(self, out_dir: Optional[Path] = None, checkpoint_every: int = 100, progress: bool = True,
@@ -576,13 +578,13 @@ class Trainer:
                 pb.set_postfix(loss=f"{run_loss / (1 - 0.9 ** (step + 1)):.3f}",
                                top1=f"{run_agree / (1 - 0.9 ** (step + 1)):.3f}")
                 pb.update(1)
-            if out_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                self.save(out_dir / "checkpoint")
-                self.save_state(state_path, step + 1, order, run_loss, run_agree, history, time.perf_counter() - t0)
             if eval_every and (step + 1) % eval_every == 0 and self.held:
                 ev = self.evaluate(self.held[:8], {"pipe4": ("pipeline", 4, 4, 0)})
                 history[-1].update(ev)
                 self.log(f"step {step + 1}: held-out (8 windows) {ev}")
+            if out_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                self.save(out_dir / "checkpoint")
+                self.save_state(state_path, step + 1, order, run_loss, run_agree, history, time.perf_counter() - t0)
         if pb:
             pb.close()
         return dict(history=history, train_s=time.perf_counter() - t0)
