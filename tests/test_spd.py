@@ -1139,6 +1139,34 @@ def test_atomic_writes_leave_the_old_file_or_none(tmp_path):
     assert not (tmp_path / "new.json").exists() and sorted(x.name for x in tmp_path.iterdir()) == ["sub"]
 
 
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """The temporary file is fsync'ed before it replaces the final name, the folder after (a power loss would
+    otherwise be able to leave the new name on an empty file)."""
+    import os as os_mod
+
+    from spdkernels.runtime import files
+
+    events = []
+    real_fsync, real_replace = os_mod.fsync, os_mod.replace
+
+    def fsync(fd):
+        events.append(("fsync", os_mod.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    p = tmp_path / "f.json"
+    files.write_text_atomic(p, "data")
+    assert p.read_text() == "data"
+    (kind0, first), (kind1, renamed), (kind2, folder) = events
+    assert kind0 == "fsync" and Path(first).name.startswith(".f.json.") and Path(first).parent == tmp_path.resolve()
+    assert (kind1, renamed) == ("replace", str(p)) and (kind2, Path(folder)) == ("fsync", tmp_path.resolve())
+
+
 def test_figures_are_written_atomically(tmp_path):
     """Plots (demo, spd-bench, bench/spd.py) go through save_figure_atomic: a whole PNG (or SVG by suffix) under
     the final name, and a figure that fails to render leaves the previous file and no temporary one."""

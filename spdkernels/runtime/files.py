@@ -2,7 +2,9 @@
 
 A file is written to a temporary name beside it and renamed over the final name (``os.replace`` is atomic on
 POSIX and Windows), so an interrupted run leaves the previous file or none, never a truncated one that a later
-run would trust (the training text and anchor-state caches of ``train-pdm`` are read back by every later run)."""
+run would trust (the training text and anchor-state caches of ``train-pdm`` are read back by every later run). The
+temporary file's data reaches the disk (``fsync``) before the rename, and the rename before the call returns (the
+folder's ``fsync`` where the system allows it), so a power loss does not leave a renamed but empty file either."""
 from __future__ import annotations
 
 import os
@@ -68,7 +70,9 @@ def write_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what a plain open() would have given
     try:
         write(tmp)
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, p)
+        _fsync(p.parent, getattr(os, "O_DIRECTORY", os.O_RDONLY), optional=True)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -76,6 +80,23 @@ def write_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
             pass
         raise
     return p
+
+
+def _fsync(path: PathLike, flags: int, optional: bool = False) -> None:
+    """``fsync`` of a file (its data) or of a folder (its entries; ``optional``: some systems refuse that)."""
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if optional:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not optional:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
