@@ -887,6 +887,40 @@ def test_pack_exact_keeps_what_it_cannot_hold_exactly():
         PackedWeight("q5_k", p.data, p.scale, p.min, p.shape)
 
 
+def test_packed_weight_cat_and_state_dict_block_forms():
+    """PackedWeight.cat stacks rows as torch.cat stacks the fp32 weights (None for parts of two formats or
+    widths); a StateDict hands out a block form only while its name maps to the tensor it was recorded for,
+    unmodified in place (a replaced or modified tensor, or one without a version counter, gets none)."""
+    from spdkernels.runtime.linear import PackedWeight, pack_exact
+    from spdkernels.runtime.weights import StateDict
+
+    g = torch.Generator().manual_seed(1)
+    a, b = (pack_exact(_exact_weights("q4_1", n, 64, g)) for n in (3, 5))
+    c = PackedWeight.cat([a, b])
+    assert c.format == "q4_1" and c.shape == (8, 64)
+    assert torch.equal(c.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    q8 = pack_exact(_exact_weights("q8_0", 2, 64, g))
+    assert q8.format == "q8_0" and PackedWeight.cat([a, q8]) is None and PackedWeight.cat([]) is None
+    assert PackedWeight.cat([a, pack_exact(_exact_weights("q4_1", 2, 96, g))]) is None
+
+    t = a.dequantize()
+    sd = StateDict(w=t, v=torch.ones(3))
+    sd.keep_packed("w", a)
+    assert sd.packed_form("w") is a and sd.packed_form("v") is None
+    sub = sd.subset(["w"])
+    assert list(sub) == ["w"] and sub.packed_form("w") is a
+    with pytest.raises(ValueError, match="packed"):
+        sd.keep_packed("v", a)
+    sub["w"] = t.clone()  # another tensor under the name
+    assert sub.packed_form("w") is None and sd.packed_form("w") is a
+    t[0, 0] += 1  # modified in place
+    assert sd.packed_form("w") is None
+    with torch.inference_mode():
+        sd["w"] = a.dequantize()
+    sd.keep_packed("w", a)  # no version counter to trust: none kept
+    assert sd.packed_form("w") is None
+
+
 @pytest.mark.skipif("cpp" not in backends_here(), reason="the C++ extension is not built here (SPDKERNELS_SKIP_CPP)")
 def test_packed_linear_op_refuses_bad_input():
     """The packed op checks every tensor against its format before reading it: a ValueError naming it."""

@@ -110,6 +110,40 @@ def test_cli_sampling_seeds_fresh_unless_given(tmp_path):
     assert [(r["seed"], r["output_ids"]) for r in e] == [(r["seed"], r["output_ids"]) for r in c]
 
 
+def test_model_holds_the_gguf_files_blocks(ck, model):
+    """The checkpoint keeps every Q4_1 / Q8_0 matrix's blocks (the rows of Q and K reordered as their fp32 values
+    are) and the packed model holds them as they are (q / k / v and gate / up stacked) instead of packing the fp32
+    values again: the same weights bit for bit, the same logits as a model packed from a plain dict of the same
+    tensors; a tensor replaced after loading is packed from its own values."""
+    from spdkernels.runtime.linear import PackedWeight, weight_formats
+    from spdkernels.runtime.model import _Layer
+
+    sd = ck.state_dict
+    forms = {n: sd.packed_form(n) for n in sd if sd[n].dim() == 2}
+    assert len(forms) == 7 * ck.config.num_layers + 1 and all(isinstance(f, PackedWeight) for f in forms.values())
+    for n, f in forms.items():
+        assert torch.equal(f.dequantize(), sd[n]), n
+    L0 = model.layers[0]
+    assert L0.w_o is forms["model.layers.0.self_attn.o_proj.weight"]
+    assert model.head_weight is forms["model.embed_tokens.weight"]
+    again = LlamaModel(ck.config, dict(sd))  # a plain dict: packed by pack_exact
+    assert weight_formats(again.matrices()) == weight_formats(model.matrices()) == {"q4_1": 120, "q8_0": 1}
+    for i, (La, Lb) in enumerate(zip(model.layers, again.layers)):
+        for attr, parts in _Layer.MATRIX_PARTS.items():
+            want = torch.cat([sd[f"model.layers.{i}.{p}"] for p in parts])
+            assert all(torch.equal(getattr(m, attr).dequantize(), want) for m in (La, Lb)), (i, attr)
+    ids = ck.tokenizer.encode("The weights are the same, bit for bit.")
+    assert torch.equal(prefill_logits(model, ids), prefill_logits(again, ids))
+    changed = sd.subset(list(sd))
+    name = "model.layers.3.self_attn.k_proj.weight"
+    changed[name] = sd[name] + 1e-3  # no longer the file's blocks
+    m = LlamaModel(ck.config, changed)
+    want = torch.cat([changed[f"model.layers.3.{p}"] for p in _Layer.MATRIX_PARTS["w_qkv"]])
+    qkv = m.layers[3].w_qkv
+    assert torch.equal(qkv.dequantize() if isinstance(qkv, PackedWeight) else qkv, want)
+    assert m.layers[3].w_o is forms["model.layers.3.self_attn.o_proj.weight"]  # the other matrices: still the file's
+
+
 def test_cli_weights_fp32_or_packed(tmp_path, capsys):
     """--weights packed (the default on CPU fp32) keeps the GGUF file's Q4_1 / Q8_0 blocks, --weights fp32 expands
     them; one decoding row per forward gives the same tokens either way (the logits are equal bit for bit), for

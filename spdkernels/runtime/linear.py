@@ -137,6 +137,22 @@ class PackedWeight:
         sel = [None if t is None else t[a:b] for t in (self.data, self.scale, self.min)]
         return PackedWeight(self.format, sel[0], sel[1], sel[2], (b - a, self.shape[1]))
 
+    @staticmethod
+    def cat(parts: Sequence[PackedWeight]) -> Optional[PackedWeight]:
+        """The rows of ``parts`` one after the other (as ``torch.cat`` of their fp32 weights), still packed; None
+        where the parts differ in format, width or device (no single packed form holds them). One part is returned
+        as it is."""
+        if not parts:
+            return None
+        p0 = parts[0]
+        if len(parts) == 1:
+            return p0
+        if any(p.format != p0.format or p.shape[1] != p0.shape[1] or p.device != p0.device for p in parts):
+            return None
+        cat = [None if getattr(p0, n) is None else torch.cat([getattr(p, n) for p in parts]).contiguous()
+               for n in ("data", "scale", "min")]
+        return PackedWeight(p0.format, cat[0], cat[1], cat[2], (sum(p.shape[0] for p in parts), p0.shape[1]))
+
 
 Weight = Union[torch.Tensor, PackedWeight]
 

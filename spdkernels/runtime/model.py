@@ -19,8 +19,8 @@ from spdkernels import tree as tree_utils
 from spdkernels.ops.tree_attention import tree_attention
 
 from .kv_cache import PagedKVCache
-from .linear import linear, pack_exact
-from .weights import LlamaConfig, ModelLoadError, layer_shapes
+from .linear import PackedWeight, linear, pack_exact
+from .weights import LlamaConfig, ModelLoadError, StateDict, layer_shapes
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,10 @@ def build_batch(cache: PagedKVCache, rids: Sequence, starts: Sequence[int], posi
 class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down")
     MATRICES = ("w_qkv", "w_o", "w_gate_up", "w_down")
+    MATRIX_PARTS = {"w_qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+                    "w_o": ("self_attn.o_proj.weight",),
+                    "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+                    "w_down": ("mlp.down_proj.weight",)}  # each matrix: the state dict's tensors, rows in order
 
 
 def _one_pass(*ts: torch.Tensor) -> bool:
@@ -213,29 +217,37 @@ class LlamaModel:
             self.norm = get("model.norm.weight", (c.hidden_size,))
             self.lm_head = self.embed if c.tie_word_embeddings else get("lm_head.weight",
                                                                         (c.vocab_size, c.hidden_size))
+        self.packed = packed and self.device.type == "cpu" and dtype == torch.float32
+        blocks = state_dict.packed_form if self.packed and isinstance(state_dict, StateDict) else None
+
+        def matrix(names, tensors):
+            """The rows of ``tensors`` (the state dict's ``names``) one after the other: packed, where asked, from
+            the checkpoint's own blocks when every part has them in one format, else by pack_exact."""
+            parts = [blocks(n) for n in names] if blocks is not None else [None]
+            if None not in parts:
+                pw = PackedWeight.cat(parts)  # (None for parts of two formats)
+                if pw is not None:
+                    return pw
+            w = tensors[0] if len(tensors) == 1 else torch.cat(tensors).contiguous()
+            return pack_exact(w) if self.packed else w
+
         shapes = dict(layer_shapes(c))
         self.layers: List[_Layer] = []
         for i in range(start, end):
-            w = {n: get(f"model.layers.{i}.{n}", s) for n, s in shapes.items()}
+            names = {n: f"model.layers.{i}.{n}" for n in shapes}
+            w = {n: get(names[n], s) for n, s in shapes.items()}
             L = _Layer()
             L.ln1, L.ln2 = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
             # q, k, v as one matmul; gate and up as one matmul
-            L.w_qkv = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
-                                 w["self_attn.v_proj.weight"]]).contiguous()
+            for attr, parts in _Layer.MATRIX_PARTS.items():
+                setattr(L, attr, matrix([names[n] for n in parts], [w[n] for n in parts]))
             L.b_qkv = (torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
                        if c.attention_bias else None)
-            L.w_o = w["self_attn.o_proj.weight"]
-            L.w_gate_up = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]).contiguous()
-            L.w_down = w["mlp.down_proj.weight"]
             self.layers.append(L)
-        self.packed = packed and self.device.type == "cpu" and dtype == torch.float32
         self.head_weight = self.lm_head
-        if self.packed:
-            for L in self.layers:
-                for name in _Layer.MATRICES:
-                    setattr(L, name, pack_exact(getattr(L, name)))
-            if self.lm_head is not None:
-                self.head_weight = pack_exact(self.lm_head)
+        if self.packed and self.lm_head is not None:
+            head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+            self.head_weight = matrix([head_name], [self.lm_head])
         self._cos, self._sin = rope_tables(c, dtype, self.device)
         self.scale = c.head_dim ** -0.5
 

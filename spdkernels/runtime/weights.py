@@ -69,6 +69,49 @@ class LlamaConfig:
                 raise ModelLoadError(f"config: {name} must be token ids in [0, {self.vocab_size}), got {ids!r}")
 
 
+class StateDict(dict):
+    """A checkpoint's tensors by Hugging Face name: a dict that can also keep, for a matrix widened from a GGUF
+    file's Q4_1 / Q8_0 blocks, those blocks (:meth:`packed_form`), so that a model holding packed weights
+    (:class:`~.model.LlamaModel`'s ``packed``) takes them as they are instead of finding them again in the fp32
+    values (:func:`~.linear.pack_exact`: ~0.9 s of the embedded model's build). A block form is handed out only
+    while its name still maps to the very tensor widened from it, not modified in place since (torch's version
+    counter); otherwise the caller packs the tensor it finds, as for any other state dict."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._packed: Dict[str, Tuple[object, torch.Tensor, int]] = {}
+
+    def keep_packed(self, name: str, packed) -> None:
+        """Record ``packed`` (a :class:`~.linear.PackedWeight` whose ``dequantize()`` is ``self[name]``, the
+        caller's promise) as the block form of ``self[name]``. Tensors without a version counter (made under
+        ``torch.inference_mode``) keep none."""
+        t = self[name]
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor: no version counter to tell an in-place change
+            return
+        if tuple(packed.shape) != tuple(t.shape):
+            raise ValueError(f"packed: {name} is {tuple(t.shape)}, its block form {tuple(packed.shape)}")
+        self._packed[name] = (packed, t, version)
+
+    def packed_form(self, name: str):
+        """The block form of ``self[name]`` recorded by :meth:`keep_packed`, or None (none recorded, the name
+        now maps to another tensor, or the tensor was modified in place)."""
+        entry = self._packed.get(name)
+        if entry is None:
+            return None
+        packed, t, version = entry
+        if self.get(name) is not t or t._version != version:
+            return None
+        return packed
+
+    def subset(self, names) -> StateDict:
+        """The tensors ``names``, with their block forms."""
+        out = StateDict((n, self[n]) for n in names)
+        out._packed = {n: e for n, e in self._packed.items() if n in out}
+        return out
+
+
 @dataclass
 class Checkpoint:
     config: LlamaConfig
@@ -111,7 +154,10 @@ def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float
     except Exception as e:  # a file this runtime cannot make sense of: the readers raise many kinds of error
         raise ModelLoadError(f"model: {p} cannot be loaded ({type(e).__name__}: {e})") from None
     _check_layers(ck)
-    ck.state_dict = {k: v.to(dtype) for k, v in ck.state_dict.items()}
+    sd = StateDict((k, v.to(dtype)) for k, v in ck.state_dict.items())
+    if isinstance(ck.state_dict, StateDict):  # block forms of the tensors the cast left as they were
+        sd._packed = {n: e for n, e in ck.state_dict._packed.items() if sd[n] is e[1]}
+    ck.state_dict = sd
     return ck
 
 
@@ -168,29 +214,37 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 _GGUF_PACKABLE = {3: (20, "q4_1"), 8: (34, "q8_0")}  # Q4_1: fp16 d, fp16 m, 16 nibble bytes; Q8_0: fp16 d, 32 int8
 
 
-def dequantize_gguf(t) -> torch.Tensor:
-    """A GGUF tensor (:class:`~.gguf_file.GGUFTensor`) as fp32, rows as in the file (``reversed(t.shape)``). Q4_1 and
-    Q8_0 blocks are split into a :class:`~.linear.PackedWeight` (nibbles or int8, fp16 scales and mins as fp32) and
-    widened by the runtime's own pass (the C++ extension's, threaded; else torch): the values ``gguf.quants``
-    computes (d x q is exact for a binary16 d, so d x q + m rounds once either way), in a fraction of its time;
-    other types through ``gguf.quants``."""
+def gguf_blocks(t):
+    """A GGUF tensor's Q4_1 or Q8_0 blocks as a :class:`~.linear.PackedWeight` ``[rows, K]`` (nibbles or int8, the
+    fp16 scales and mins as fp32; rows: every dimension but the last, in the file's row order), or None for
+    other types."""
     import numpy as np
 
-    rows = tuple(reversed(t.shape))
-    if t.tensor_type in _GGUF_PACKABLE:
-        from .linear import BLOCK, PackedWeight
+    if t.tensor_type not in _GGUF_PACKABLE:
+        return None
+    from .linear import BLOCK, PackedWeight
 
-        size, fmt = _GGUF_PACKABLE[t.tensor_type]
-        K = rows[-1]
-        N, nb = int(np.prod(rows[:-1], dtype=np.int64)), K // BLOCK
-        blk = torch.from_numpy(np.array(t.data)).view(N, nb, size)  # (a copy: the file's map is read-only)
-        d = blk[..., 0:2].contiguous().view(torch.float16).view(N, nb).float()
-        if fmt == "q4_1":
-            m = blk[..., 2:4].contiguous().view(torch.float16).view(N, nb).float()
-            pw = PackedWeight(fmt, blk[..., 4:].contiguous().view(N, K // 2), d, m, (N, K))
-        else:
-            pw = PackedWeight(fmt, blk[..., 2:].contiguous().view(torch.int8).view(N, K), d, None, (N, K))
-        return pw.dequantize().view(rows)
+    size, fmt = _GGUF_PACKABLE[t.tensor_type]
+    rows = tuple(reversed(t.shape))
+    K = rows[-1]
+    N, nb = int(np.prod(rows[:-1], dtype=np.int64)), K // BLOCK
+    blk = torch.from_numpy(np.array(t.data)).view(N, nb, size)  # (a copy: the file's map is read-only)
+    d = blk[..., 0:2].contiguous().view(torch.float16).view(N, nb).float()
+    if fmt == "q4_1":
+        m = blk[..., 2:4].contiguous().view(torch.float16).view(N, nb).float()
+        return PackedWeight(fmt, blk[..., 4:].contiguous().view(N, K // 2), d, m, (N, K))
+    return PackedWeight(fmt, blk[..., 2:].contiguous().view(torch.int8).view(N, K), d, None, (N, K))
+
+
+def dequantize_gguf(t, blocks=None) -> torch.Tensor:
+    """A GGUF tensor (:class:`~.gguf_file.GGUFTensor`) as fp32, rows as in the file (``reversed(t.shape)``). Q4_1 and
+    Q8_0 blocks (:func:`gguf_blocks`, or ``blocks`` if the caller has them already) are widened by the runtime's own
+    pass (the C++ extension's, threaded; else torch): the values ``gguf.quants`` computes (d x q is exact for a
+    binary16 d, so d x q + m rounds once either way), in a fraction of its time; other types through
+    ``gguf.quants``."""
+    pw = gguf_blocks(t) if blocks is None else blocks
+    if pw is not None:
+        return pw.dequantize().view(tuple(reversed(t.shape)))
     import gguf
 
     return torch.from_numpy(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)).copy()).float()
@@ -253,26 +307,35 @@ def _load_gguf(p: Path) -> Checkpoint:
         eos_token_ids=[] if eos is None else [int(eos)],
         name=str(_field(reader, "general.name", p.stem)),
     )
-    sd = {}
+    sd = StateDict()
     for name, t in tensors.items():
-        w = dequantize_gguf(t)
+        blocks = gguf_blocks(t)
+        w = dequantize_gguf(t, blocks)
+        if w.dim() != 2:  # (a matrix's blocks only: vectors are not multiplied by)
+            blocks = None
         if name == "token_embd.weight":
-            sd["model.embed_tokens.weight"] = w
+            key = "model.embed_tokens.weight"
         elif name == "output_norm.weight":
-            sd["model.norm.weight"] = w
+            key = "model.norm.weight"
         elif name == "output.weight":
-            sd["lm_head.weight"] = w
+            key = "lm_head.weight"
         elif name.startswith("blk."):
             _, i, rest = name.split(".", 2)
             if rest not in _GGUF_LAYER_NAMES:
                 raise ModelLoadError(f"model: unexpected tensor {name} in {p}")
-            if arch == "llama" and rest.startswith("attn_q."):
-                w = unpermute_rotary(w, n_heads)
-            elif arch == "llama" and rest.startswith("attn_k."):
-                w = unpermute_rotary(w, n_kv)
-            sd[f"model.layers.{i}.{_GGUF_LAYER_NAMES[rest]}"] = w
+            heads = {"attn_q.": n_heads, "attn_k.": n_kv}.get(rest[:7]) if arch == "llama" else None
+            if heads is not None:
+                w = unpermute_rotary(w, heads)
+                if blocks is not None:  # the same row order for the blocks: a gather of whole rows
+                    blocks = blocks.index_rows(unpermute_rotary(torch.arange(w.shape[0]), heads))
+            key = f"model.layers.{i}.{_GGUF_LAYER_NAMES[rest]}"
         elif name == "rope_freqs.weight":
             raise ModelLoadError(f"model: rope scaling ({name}) is not supported yet")
+        else:
+            continue
+        sd[key] = w
+        if blocks is not None:
+            sd.keep_packed(key, blocks)
     tok = Tokenizer.from_gguf(reader)
     cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(tok.stop_token_ids))
     return Checkpoint(cfg, sd, tok, str(p))

@@ -70,7 +70,7 @@ from spdkernels._validate import is_int
 
 from ..engine import Request, append_tokens, collect_results
 from ..model import LlamaModel
-from ..weights import LlamaConfig
+from ..weights import LlamaConfig, StateDict
 from .pdm import PipelineDraftModule
 from .schedule import SPDEngine, SPDRunMetrics, _Entry, _SPDState
 
@@ -460,11 +460,12 @@ def _device_for(spec: PipelineSpec, rank: int):
 
 def _stage_weights(spec: PipelineSpec, state_dict: Dict[str, torch.Tensor], s: int) -> Dict[str, torch.Tensor]:
     a, b = spec.stages[s]
-    keep = {k: v for k, v in state_dict.items()
-            if k.startswith("model.layers.") and a <= int(k.split(".")[2]) < b}
+    keep = [k for k in state_dict if k.startswith("model.layers.") and a <= int(k.split(".")[2]) < b]
     if s == 0:
-        keep["model.embed_tokens.weight"] = state_dict["model.embed_tokens.weight"]
-    return keep
+        keep.append("model.embed_tokens.weight")
+    if isinstance(state_dict, StateDict):  # with a GGUF file's blocks, which the stage's model holds as they are
+        return state_dict.subset(keep)
+    return {k: state_dict[k] for k in keep}
 
 
 def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[Dict[str, torch.Tensor]],
