@@ -724,16 +724,17 @@ def test_packed_linear_equals_fp32_bitwise(isa, fmt, M, N, K):
 @pytest.mark.parametrize("isa", ["best"] + [b.partition("@")[2] for b in cpp_lower_isas()])
 @pytest.mark.parametrize("K", [576, 4096, 4128])
 def test_packed_linear_strided_rows_bias_and_long_k(isa, K):
-    """Every packed format against the fp32 kernel bit for bit for 1 to 7 token rows, with x rows strided (a column
-    slice of a wider tensor: row stride != K), a bias, N with a partial last block of 4 weight rows, and K at and
+    """Every packed format against the fp32 kernel bit for bit for 1 to 9 token rows, with x rows strided (a column
+    slice of a wider tensor: row stride != K), a bias, N with a partial last block of 3 weight rows, and K at and
     past the 4096 floats of the stack buffer (on AVX2 the first pass of up to 3 rows widens in registers at any K;
-    later passes use the stack buffer up to K = 4096, the heap beyond)."""
+    on AVX-512 up to 8 rows are widened in registers at any K, 5 to 8 two weight rows at a time, the 3rd of the
+    partial block alone; later passes use the stack buffer up to K = 4096, the heap beyond)."""
     from spdkernels import _cpp
     from spdkernels.runtime.linear import pack_exact
 
     g = torch.Generator().manual_seed(K)
-    N = 10
-    wide = torch.randn(7, K + 24, generator=g)
+    N = 11
+    wide = torch.randn(9, K + 24, generator=g)
     x = wide[:, 8:8 + K]
     assert x.stride(0) == K + 24 and x.stride(1) == 1
     b = torch.randn(N, generator=g)
@@ -743,7 +744,7 @@ def test_packed_linear_strided_rows_bias_and_long_k(isa, K):
         for fmt in ("q8_0", "q4_1", "f16"):
             w = _exact_weights(fmt, N, K, g)
             p = pack_exact(w, formats=(fmt,))
-            for M in range(1, 8):
+            for M in range(1, 10):
                 got = torch.ops.spdkernels._cpu_skinny_linear_packed.default(x[:M], p.format, p.data, p.scale, p.min, b)
                 want = torch.ops.spdkernels._cpu_skinny_linear.default(x[:M].contiguous(), w, b)
                 assert torch.equal(got, want), (fmt, M)
@@ -777,7 +778,7 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
     on AVX-512 and AVX2), so a decoding batch of that many rows gives each request its batch-1 logits. A row in
     a batch of more rows than that goes to BLAS, and is only close. Every row count up to 13 is checked, for Q8_0,
     f16 and fp32 weights too: the tiles take the token rows in passes of 1, 2 or 3 (AVX2) or of up to 4 (AVX-512)
-    by the count, and on AVX2 the first pass widens packed weights in registers."""
+    by the count, on AVX2 the first pass widens packed weights in registers, on AVX-512 up to 8 rows do."""
     from spdkernels import _cpp
     from spdkernels.runtime.linear import linear, pack_exact, packed_max_rows
 
