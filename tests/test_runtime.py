@@ -912,6 +912,10 @@ def test_packed_weight_cat_and_state_dict_block_forms():
     assert list(sub) == ["w"] and sub.packed_form("w") is a
     with pytest.raises(ValueError, match="packed"):
         sd.keep_packed("v", a)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(sd))  # another process gets a plain dict
+    assert type(again) is dict and sorted(again) == ["v", "w"] and torch.equal(again["w"], t)
     sub["w"] = t.clone()  # another tensor under the name
     assert sub.packed_form("w") is None and sd.packed_form("w") is a
     t[0, 0] += 1  # modified in place

@@ -105,6 +105,11 @@ class StateDict(dict):
             return None
         return packed
 
+    def __reduce__(self):
+        """Pickled (torch.save, another process) as a plain dict: a block form is trusted only beside the tensor it
+        was recorded for, in this process (and would double the tensors shared with a worker)."""
+        return dict, (dict(self),)
+
     def subset(self, names) -> StateDict:
         """The tensors ``names``, with their block forms."""
         out = StateDict((n, self[n]) for n in names)
