@@ -209,6 +209,26 @@ def test_ctrl_c_shuts_every_rank_down(tmp_path):
             os.kill(pid, 0)
 
 
+def test_killed_rank0_leaves_one_line_per_worker(tmp_path):
+    """rank 0 killed (SIGKILL) while decoding: each worker prints one line naming rank 0's closed connection and
+    exits; no C++ stack trace of the store's broken connection (each store call on a dead rank 0 printed ~25 lines)
+    and no two workers' lines run together."""
+    script = tmp_path / "killed.py"
+    script.write_text(_CTRL_C)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2 and p.stdout.readline().strip() == "decoding"
+    p.kill()
+    err = p.stderr.read()  # (at its end once every worker has exited)
+    p.wait(timeout=30)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert sorted(line.split(": error: ")[0] for line in lines) == ["spd rank 1 (stage 0)", "spd rank 2 (stage 1)"], err
+    assert all("rank 0 (control) closed its connection" in line for line in lines), err
+    for pid in pids:  # gone, or a zombie no one has reaped yet (their parent, the fork server, went with rank 0)
+        assert distributed._exited(pid, grace_s=10), f"worker {pid} still runs"
+
+
 def test_bad_input(tiny, prompts, capsys):
     sd, _, pdm = tiny
     with pytest.raises(ValueError, match="stages"):

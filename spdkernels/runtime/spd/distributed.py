@@ -468,9 +468,33 @@ def _stage_weights(spec: PipelineSpec, state_dict: Dict[str, torch.Tensor], s: i
     return {k: state_dict[k] for k in keep}
 
 
+def _exited(pid: Optional[int], grace_s: float = 0.25) -> bool:
+    """Whether process ``pid`` (rank 0, on this machine) has exited: gone from /proc, or a zombie there, within
+    ``grace_s`` (a killed process's connections close just before it turns zombie). False where that cannot be told
+    (no pid: under torchrun; no /proc)."""
+    if pid is None:
+        return False
+    end = time.monotonic() + grace_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+
+
 def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[Dict[str, torch.Tensor]],
-                 agent_store: bool = False) -> None:
-    """Entry point of a worker rank (spawned, or under torchrun with ``weights=None``)."""
+                 agent_store: bool = False, rank0_pid: Optional[int] = None) -> None:
+    """Entry point of a worker rank (spawned, or under torchrun with ``weights=None``). ``rank0_pid``: rank 0's
+    process (spawned workers), whose store is not called once it has exited (each call would print a C++ stack
+    trace of the broken connection)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 shuts us down
     # SIGTERM keeps its default action (the process dies at once): a Python handler would only run once the
     # C++ wait it is blocked in returns, i.e. not before its deadline
@@ -503,6 +527,8 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
     except _PeerError as e:
         msg = f"{_stage_name(e.peer)} {REASONS[e.reason]} ({e.detail})"
         reason = None
+        if e.peer == 0 and _exited(rank0_pid):  # its store went with it
+            store = None
         if store is not None and e.detail != "ABORT":  # our own finding (a timeout, say): rank 0 reads it at once
             _say(rank, msg, store, quiet=True)
         if store is not None:  # rank 0 stops the run by closing its connections: why is in the store
@@ -522,8 +548,9 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
 
 
 def _say(rank: int, msg: str, store=None, quiet: bool = False) -> None:
-    if not quiet:
-        print(f"spd {_stage_name(rank)}: error: {msg}", file=sys.stderr, flush=True)
+    if not quiet:  # one write (print writes the line's end apart: two workers' lines would interleave)
+        sys.stderr.write(f"spd {_stage_name(rank)}: error: {msg}\n")
+        sys.stderr.flush()
     if store is not None:
         try:
             store.set(f"error/{rank}", msg)
@@ -711,7 +738,7 @@ class DistributedSPD(SPDEngine):
                 ctx = mp.get_context("spawn")
             for r in range(1, world):
                 p = ctx.Process(target=_worker_main, args=(r, world, addr, port, _stage_weights(
-                    spec, self.state_dict, r - 1)), daemon=True, name=f"spd-rank{r}")
+                    spec, self.state_dict, r - 1), False, os.getpid()), daemon=True, name=f"spd-rank{r}")
                 p.start()
                 self.procs.append(p)
         # wait for every worker to load its stage (dead workers fail fast)
