@@ -890,8 +890,8 @@ def test_pack_exact_keeps_what_it_cannot_hold_exactly():
 
 def test_packed_weight_cat_and_state_dict_block_forms():
     """PackedWeight.cat stacks rows as torch.cat stacks the fp32 weights (None for parts of two formats or
-    widths); a StateDict hands out a block form only while its name maps to the tensor it was recorded for,
-    unmodified in place (a replaced or modified tensor, or one without a version counter, gets none)."""
+    widths); a StateDict hands out a block form only while it gives exactly the values of the fp32 tensor under its
+    name (modified through .data or numpy, which autograd's version counter does not see, it gets none)."""
     from spdkernels.runtime.linear import PackedWeight, pack_exact
     from spdkernels.runtime.weights import StateDict
 
@@ -916,13 +916,16 @@ def test_packed_weight_cat_and_state_dict_block_forms():
 
     again = pickle.loads(pickle.dumps(sd))  # another process gets a plain dict
     assert type(again) is dict and sorted(again) == ["v", "w"] and torch.equal(again["w"], t)
-    sub["w"] = t.clone()  # another tensor under the name
+    sub["w"] = t.clone()  # another tensor with the same values: still its blocks
+    assert sub.packed_form("w") is a
+    sub["w"] = t.double()  # not fp32
     assert sub.packed_form("w") is None and sd.packed_form("w") is a
-    t[0, 0] += 1  # modified in place
+    first = float(t[0, 0])
+    t.data[0, 0] += 1  # modified in place, even where autograd's version counter does not see it
     assert sd.packed_form("w") is None
-    with torch.inference_mode():
-        sd["w"] = a.dequantize()
-    sd.keep_packed("w", a)  # no version counter to trust: none kept
+    t.numpy()[0, 0] = first  # the same values again
+    assert sd.packed_form("w") is a
+    sd.drop_packed()
     assert sd.packed_form("w") is None
 
 

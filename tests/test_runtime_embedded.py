@@ -136,12 +136,15 @@ def test_model_holds_the_gguf_files_blocks(ck, model):
     assert torch.equal(prefill_logits(model, ids), prefill_logits(again, ids))
     changed = sd.subset(list(sd))
     name = "model.layers.3.self_attn.k_proj.weight"
-    changed[name] = sd[name] + 1e-3  # no longer the file's blocks
+    changed[name] = sd[name].clone()
+    changed[name].data[5, 7] += 1e-3  # no longer the file's blocks (autograd's version counter does not see it)
     m = LlamaModel(ck.config, changed)
     want = torch.cat([changed[f"model.layers.3.{p}"] for p in _Layer.MATRIX_PARTS["w_qkv"]])
     qkv = m.layers[3].w_qkv
     assert torch.equal(qkv.dequantize() if isinstance(qkv, PackedWeight) else qkv, want)
     assert m.layers[3].w_o is forms["model.layers.3.self_attn.o_proj.weight"]  # the other matrices: still the file's
+    fp32 = load_checkpoint(keep_blocks=False).state_dict  # (what --weights fp32 loads: no blocks kept)
+    assert not any(fp32.packed_form(n) for n in forms) and torch.equal(fp32[name], sd[name])
 
 
 def test_cli_weights_fp32_or_packed(tmp_path, capsys):

@@ -220,13 +220,11 @@ def test_killed_rank0_leaves_one_line_per_worker(tmp_path):
     pids = [int(x) for x in p.stdout.readline().split()]
     assert len(pids) == 2 and p.stdout.readline().strip() == "decoding"
     p.kill()
-    err = p.stderr.read()  # (at its end once every worker has exited)
-    p.wait(timeout=30)
+    # the workers hold the same stderr: it ends (communicate returns) once both have exited
+    _, err = p.communicate(timeout=30)
     lines = [line for line in err.splitlines() if line.strip()]
     assert sorted(line.split(": error: ")[0] for line in lines) == ["spd rank 1 (stage 0)", "spd rank 2 (stage 1)"], err
     assert all("rank 0 (control) closed its connection" in line for line in lines), err
-    for pid in pids:  # gone, or a zombie no one has reaped yet (their parent, the fork server, went with rank 0)
-        assert distributed._exited(pid, grace_s=10), f"worker {pid} still runs"
 
 
 def test_bad_input(tiny, prompts, capsys):

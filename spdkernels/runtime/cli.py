@@ -170,7 +170,7 @@ def _load(path: Optional[str], threads: Optional[int], device: str = "cpu", weig
             raise ValueError(f"--threads: expected >= 1, got {threads}")
         torch.set_num_threads(threads)
     dev = _device(device)
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, keep_blocks=model and weights == "packed" and dev.type == "cpu")
     return ck, LlamaModel(ck.config, ck.state_dict, device=dev, packed=weights == "packed") if model else None
 
 

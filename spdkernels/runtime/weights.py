@@ -73,37 +73,32 @@ class StateDict(dict):
     """A checkpoint's tensors by Hugging Face name: a dict that can also keep, for a matrix widened from a GGUF
     file's Q4_1 / Q8_0 blocks, those blocks (:meth:`packed_form`), so that a model holding packed weights
     (:class:`~.model.LlamaModel`'s ``packed``) takes them as they are instead of finding them again in the fp32
-    values (:func:`~.linear.pack_exact`: ~0.9 s of the embedded model's build). A block form is handed out only
-    while its name still maps to the very tensor widened from it, not modified in place since (torch's version
-    counter); otherwise the caller packs the tensor it finds, as for any other state dict."""
+    values (:func:`~.linear.pack_exact`: 0.8 s of the embedded model's build). A block form is handed out only when
+    it reproduces the tensor now under its name exactly, checked value by value (0.09 s for the embedded model's 211
+    matrices), so a tensor replaced or modified after loading, by any means, is packed from its own values."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._packed: Dict[str, Tuple[object, torch.Tensor, int]] = {}
+        self._packed: Dict[str, object] = {}
 
     def keep_packed(self, name: str, packed) -> None:
-        """Record ``packed`` (a :class:`~.linear.PackedWeight` whose ``dequantize()`` is ``self[name]``, the
-        caller's promise) as the block form of ``self[name]``. Tensors without a version counter (made under
-        ``torch.inference_mode``) keep none."""
-        t = self[name]
-        try:
-            version = t._version
-        except RuntimeError:  # an inference tensor: no version counter to tell an in-place change
-            return
-        if tuple(packed.shape) != tuple(t.shape):
-            raise ValueError(f"packed: {name} is {tuple(t.shape)}, its block form {tuple(packed.shape)}")
-        self._packed[name] = (packed, t, version)
+        """Record ``packed`` (a :class:`~.linear.PackedWeight` of ``self[name]``'s shape) as ``name``'s block form."""
+        if tuple(packed.shape) != tuple(self[name].shape):
+            raise ValueError(f"packed: {name} is {tuple(self[name].shape)}, its block form {tuple(packed.shape)}")
+        self._packed[name] = packed
 
     def packed_form(self, name: str):
-        """The block form of ``self[name]`` recorded by :meth:`keep_packed`, or None (none recorded, the name
-        now maps to another tensor, or the tensor was modified in place)."""
-        entry = self._packed.get(name)
-        if entry is None:
+        """The block form of ``self[name]`` recorded by :meth:`keep_packed` if it still gives exactly the values of
+        ``self[name]`` (fp32, on its device), else None."""
+        packed, t = self._packed.get(name), self.get(name)
+        if (packed is None or not isinstance(t, torch.Tensor) or t.dtype != torch.float32
+                or tuple(t.shape) != tuple(packed.shape) or t.device != packed.device):
             return None
-        packed, t, version = entry
-        if self.get(name) is not t or t._version != version:
-            return None
-        return packed
+        return packed if torch.equal(packed.dequantize(), t) else None
+
+    def drop_packed(self) -> None:
+        """Forget every block form (memory: 111 MB for the embedded model, beside its 538 MB of fp32 values)."""
+        self._packed = {}
 
     def __reduce__(self):
         """Pickled (torch.save, another process) as a plain dict: a block form is trusted only beside the tensor it
@@ -113,7 +108,7 @@ class StateDict(dict):
     def subset(self, names) -> StateDict:
         """The tensors ``names``, with their block forms."""
         out = StateDict((n, self[n]) for n in names)
-        out._packed = {n: e for n, e in self._packed.items() if n in out}
+        out._packed = {n: p for n, p in self._packed.items() if n in out}
         return out
 
 
@@ -140,9 +135,12 @@ def embedded_model_path() -> Path:
     raise ModelLoadError(f"no .gguf file in the '{EMBEDDED_DISTRIBUTION}' distribution")
 
 
-def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                    keep_blocks: bool = True) -> Checkpoint:
     """``path``: a ``.gguf`` file, a folder with ``config.json`` + ``*.safetensors`` + ``tokenizer.json``,
-    or ``None`` for the embedded SmolLM2-135M-Instruct."""
+    or ``None`` for the embedded SmolLM2-135M-Instruct. ``keep_blocks``: a GGUF file's Q4_1 / Q8_0 matrices keep their
+    blocks in the state dict (:class:`StateDict`) for a packed model to take as they are (with fp32 ``dtype``);
+    False saves their memory where no packed model is built (``--weights fp32``, a GPU)."""
     p = embedded_model_path() if path is None else Path(path)
     if not p.exists():
         raise ModelLoadError(f"model: no such file or folder: {p}")
@@ -160,8 +158,8 @@ def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float
         raise ModelLoadError(f"model: {p} cannot be loaded ({type(e).__name__}: {e})") from None
     _check_layers(ck)
     sd = StateDict((k, v.to(dtype)) for k, v in ck.state_dict.items())
-    if isinstance(ck.state_dict, StateDict):  # block forms of the tensors the cast left as they were
-        sd._packed = {n: e for n, e in ck.state_dict._packed.items() if sd[n] is e[1]}
+    if isinstance(ck.state_dict, StateDict) and keep_blocks and dtype == torch.float32:
+        sd._packed = ck.state_dict._packed
     ck.state_dict = sd
     return ck
 

@@ -463,12 +463,12 @@ def _stage_weights(spec: PipelineSpec, state_dict: Dict[str, torch.Tensor], s: i
     keep = [k for k in state_dict if k.startswith("model.layers.") and a <= int(k.split(".")[2]) < b]
     if s == 0:
         keep.append("model.embed_tokens.weight")
-    if isinstance(state_dict, StateDict):  # with a GGUF file's blocks, which the stage's model holds as they are
-        return state_dict.subset(keep)
+    if isinstance(state_dict, StateDict):  # with a GGUF file's blocks (a worker that loads the checkpoint itself;
+        return state_dict.subset(keep)      # a spawned one is sent a plain dict: StateDict.__reduce__)
     return {k: state_dict[k] for k in keep}
 
 
-def _exited(pid: Optional[int], grace_s: float = 0.25) -> bool:
+def _exited(pid: Optional[int], grace_s: float = 0.1) -> bool:
     """Whether process ``pid`` (rank 0, on this machine) has exited: gone from /proc, or a zombie there, within
     ``grace_s`` (a killed process's connections close just before it turns zombie). False where that cannot be told
     (no pid: under torchrun; no /proc)."""
@@ -527,8 +527,8 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
     except _PeerError as e:
         msg = f"{_stage_name(e.peer)} {REASONS[e.reason]} ({e.detail})"
         reason = None
-        if e.peer == 0 and _exited(rank0_pid):  # its store went with it
-            store = None
+        if e.peer == 0 and e.reason == 2 and _exited(rank0_pid):  # its connection closed: if it died, its store
+            store = None                                                # went with it
         if store is not None and e.detail != "ABORT":  # our own finding (a timeout, say): rank 0 reads it at once
             _say(rank, msg, store, quiet=True)
         if store is not None:  # rank 0 stops the run by closing its connections: why is in the store
