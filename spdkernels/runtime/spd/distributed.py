@@ -516,7 +516,8 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
         if weights is None:  # torchrun: load the checkpoint (unless the CLI did), keep this stage's tensors
             from ..weights import load_checkpoint
 
-            ck = _PRELOADED.pop(spec.model_source, None) or load_checkpoint(spec.model_source, dtype=spec.torch_dtype)
+            ck = _PRELOADED.pop(spec.model_source, None) or load_checkpoint(
+                spec.model_source, dtype=spec.torch_dtype, keep_blocks=spec.packed and device.type == "cpu")
             weights = _stage_weights(spec, ck.state_dict, rank - 1)
             del ck
         store.set(f"ready/{rank}", "1")
