@@ -145,6 +145,17 @@ def test_model_holds_the_gguf_files_blocks(ck, model):
     assert m.layers[3].w_o is forms["model.layers.3.self_attn.o_proj.weight"]  # the other matrices: still the file's
     fp32 = load_checkpoint(keep_blocks=False).state_dict  # (what --weights fp32 loads: no blocks kept)
     assert not any(fp32.packed_form(n) for n in forms) and torch.equal(fp32[name], sd[name])
+    # the CLI keeps them where a packed CPU model is built: train-pdm's target too (its model is built later)
+    from argparse import Namespace
+
+    from spdkernels.runtime.cli import _dist_blocks, _load
+
+    probe = "model.layers.0.mlp.down_proj.weight"
+    for weights, kept in (("packed", True), ("fp32", False)):
+        got = _load(None, None, "cpu", weights, model=False)[0].state_dict
+        assert (got.packed_form(probe) is not None) == kept, weights
+    assert [_dist_blocks(Namespace(weights=w, dist_backend=b)) for w, b in
+            (("packed", "gloo"), ("packed", "nccl"), ("fp32", "gloo"))] == [True, False, False]
 
 
 def test_cli_weights_fp32_or_packed(tmp_path, capsys):

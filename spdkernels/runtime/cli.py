@@ -157,9 +157,15 @@ def _device(arg: str):
     return dev
 
 
+def _dist_blocks(args) -> bool:
+    """Whether distributed SPD's ranks build packed CPU models (and so keep a GGUF file's blocks)."""
+    return args.weights == "packed" and args.dist_backend != "nccl"
+
+
 def _load(path: Optional[str], threads: Optional[int], device: str = "cpu", weights: str = "packed",
           model: bool = True):
-    """The checkpoint and (``model``) its model on ``device``."""
+    """The checkpoint (with a GGUF file's blocks where a packed CPU model is built from it: ``weights`` "packed" on
+    the CPU) and (``model``) its model on ``device``."""
     import torch
 
     from .model import LlamaModel
@@ -170,7 +176,7 @@ def _load(path: Optional[str], threads: Optional[int], device: str = "cpu", weig
             raise ValueError(f"--threads: expected >= 1, got {threads}")
         torch.set_num_threads(threads)
     dev = _device(device)
-    ck = load_checkpoint(path, keep_blocks=model and weights == "packed" and dev.type == "cpu")
+    ck = load_checkpoint(path, keep_blocks=weights == "packed" and dev.type == "cpu")
     return ck, LlamaModel(ck.config, ck.state_dict, device=dev, packed=weights == "packed") if model else None
 
 
@@ -330,7 +336,7 @@ def _check_args(args) -> None:
 
             # the prompts' token counts need the tokenizer, which comes with the checkpoint: load it once here
             # (every rank needs it anyway) and hand it on
-            ck = load_checkpoint(args.model)
+            ck = load_checkpoint(args.model, keep_blocks=_dist_blocks(args))
             _check_stages_fit(args.stages, ck)
             for i, r in enumerate(_requests(args, ck.tokenizer)):
                 if len(r.prompt_ids) < args.stages:
@@ -432,7 +438,8 @@ def _generate_distributed(args) -> int:
     from .spd.distributed import DistributedSPD, SPDDistributedError, _local_rank, format_report, take_preloaded
     from .weights import load_checkpoint
 
-    ck = take_preloaded(args.model) or load_checkpoint(args.model)  # --threads etc. checked in _check_args
+    # (--threads etc. checked in _check_args)
+    ck = take_preloaded(args.model) or load_checkpoint(args.model, keep_blocks=_dist_blocks(args))
     _check_stages_fit(args.stages, ck)
     tok = ck.tokenizer
     # rank 0: embedding, final norm, LM head (and the PDM) only
@@ -566,7 +573,8 @@ def cmd_train_pdm(args) -> int:
     check_output_folder(args.out, "--out")
     if args.work is not None:
         check_output_folder(args.work, "--work")
-    ck, _ = _load(args.model, args.threads, model=False)  # (train_pdm builds the target where it trains)
+    # (train_pdm builds the target where it trains)
+    ck, _ = _load(args.model, args.threads, args.device, args.weights, model=False)
     if args.stages > ck.config.num_layers:
         raise ValueError(f"--stages: expected at most the target's {ck.config.num_layers} layers, got {args.stages}")
     if args.tower_init is not None and not 0 <= args.tower_init < ck.config.num_layers:
