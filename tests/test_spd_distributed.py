@@ -271,7 +271,7 @@ def cli_checkpoint(embedded, monkeypatch):
     """The CLI loads the embedded checkpoint through this cached copy (one load for the module)."""
     import spdkernels.runtime.weights as weights
 
-    monkeypatch.setattr(weights, "load_checkpoint", lambda path=None, dtype=torch.float32: embedded)
+    monkeypatch.setattr(weights, "load_checkpoint", lambda path=None, dtype=torch.float32, keep_blocks=True: embedded)
     return embedded
 
 
