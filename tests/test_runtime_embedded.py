@@ -110,6 +110,8 @@ def test_cli_sampling_seeds_fresh_unless_given(tmp_path):
     assert [(r["seed"], r["output_ids"]) for r in e] == [(r["seed"], r["output_ids"]) for r in c]
 
 
+@pytest.mark.skipif("cpp" not in __import__("conftest").backends_here(), reason="the C++ extension is not built "
+                    "here (SPDKERNELS_SKIP_CPP): models are not packed without it")
 def test_model_holds_the_gguf_files_blocks(ck, model):
     """The checkpoint keeps every Q4_1 / Q8_0 matrix's blocks (the rows of Q and K reordered as their fp32 values
     are) and the packed model holds them as they are (q / k / v and gate / up stacked) instead of packing the fp32
@@ -158,6 +160,8 @@ def test_model_holds_the_gguf_files_blocks(ck, model):
             (("packed", "gloo"), ("packed", "nccl"), ("fp32", "gloo"))] == [True, False, False]
 
 
+@pytest.mark.skipif("cpp" not in __import__("conftest").backends_here(), reason="the C++ extension is not built "
+                    "here (SPDKERNELS_SKIP_CPP): models are not packed without it")
 def test_cli_weights_fp32_or_packed(tmp_path, capsys):
     """--weights packed (the default on CPU fp32) keeps the GGUF file's Q4_1 / Q8_0 blocks, --weights fp32 expands
     them; one decoding row per forward gives the same tokens either way (the logits are equal bit for bit), for

@@ -191,11 +191,11 @@ class LlamaModel:
                  device="cpu", layers: Optional[Tuple[int, int]] = None, head: bool = True, packed: bool = True):
         """``layers=(start, end)`` loads only decoder layers ``start .. end - 1`` (a pipeline stage: the
         state dict needs only those); ``head=False`` skips the embedding, final norm and LM head.
-        ``packed`` (CPU fp32 only): hold each matrix that a compact format reproduces exactly in that format
-        (:func:`~spdkernels.runtime.linear.pack_exact`: a GGUF checkpoint's Q4_1 / Q8_0 blocks, fp16 values),
-        which the skinny GEMM widens block by block: the same outputs bit for bit, 2-6x fewer weight bytes per
-        decoding step. ``lm_head`` and ``embed`` stay fp32 tensors (for indexing); the forward's head
-        product reads ``head_weight``."""
+        ``packed`` (CPU fp32 with the C++ extension only): hold each matrix that a compact format reproduces
+        exactly in that format (:func:`~spdkernels.runtime.linear.pack_exact`: a GGUF checkpoint's Q4_1 / Q8_0
+        blocks, fp16 values), which the skinny GEMM widens block by block: the same outputs bit for bit, 2-6x
+        fewer weight bytes per decoding step. ``lm_head`` and ``embed`` stay fp32 tensors (for indexing); the
+        forward's head product reads ``head_weight``."""
         self.config = c = config
         self.dtype, self.device = dtype, torch.device(device)
         start, end = (0, c.num_layers) if layers is None else layers
@@ -217,7 +217,9 @@ class LlamaModel:
             self.norm = get("model.norm.weight", (c.hidden_size,))
             self.lm_head = self.embed if c.tie_word_embeddings else get("lm_head.weight",
                                                                         (c.vocab_size, c.hidden_size))
-        self.packed = packed and self.device.type == "cpu" and dtype == torch.float32
+        # (packed weights need the C++ skinny GEMM: without the extension every product would widen the whole
+        # matrix first, 2.8x the time of fp32 weights)
+        self.packed = packed and self.device.type == "cpu" and dtype == torch.float32 and _cpp.load()
         blocks = state_dict.packed_form if self.packed and isinstance(state_dict, StateDict) else None
 
         def matrix(names, tensors):
