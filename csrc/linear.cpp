@@ -10,14 +10,16 @@
 // the lanes summed as a fixed tree, then the K tail): the result depends neither on the number of threads nor on M.
 //
 // Compact weights (skinny_linear_packed): each block of 4 weight rows is read in a smaller exact form (fp16, or
-// GGUF-style blocks of 32 along K: Q8_0 = int8 x scale, Q4_1 = 4-bit x scale + min) and widened once into a per-thread
-// fp32 buffer that the same fp32 tile then reads; on AVX2 the first pass of 1 to 3 token rows widens in registers as it
-// multiplies instead (block_row1; block_pass, fp16 too, for K % 32 == 0), and on AVX-512 the first pass of 1 to 4 rows
-// (block_pass16, K % 32 == 0), storing to the buffer only for later passes. Widening is exact given GGUF's binary16 scales: an fp16 value is an fp32 value; scale x int8 is one
-// rounded product (exact for a binary16 scale); scale x nibble is exact for a binary16 scale, so Q4_1 adds its min
-// with one rounding, FMA or not (with other fp32 scales the AVX paths round scale x nibble + min once and the baseline
-// path twice). The accumulation order is the fp32 kernel's, so y is bit for bit what the fp32 kernel gives for the
-// widened weights, with 2x (fp16), ~3.8x (Q8_0) or ~6.4x (Q4_1) fewer bytes to stream.
+// GGUF-style blocks of 32 along K: Q8_0 = int8 x scale, Q4_1 = 4-bit x scale + min) and widened once into a
+// per-thread fp32 buffer that the same fp32 tile then reads; on AVX2 the first pass of 1 to 3 token rows widens in
+// registers as it multiplies instead (block_row1; block_pass, fp16 too, for K % 32 == 0), and on AVX-512 (K % 32 ==
+// 0) 1 to 8 rows (block_pass16 for 1-4, block_pairs16 for 5-8), else a first pass of 4 rows (block_pass16),
+// storing to the buffer only for later passes. Widening is exact given GGUF's binary16 scales: an fp16 value is an
+// fp32 value; scale x int8 is one rounded product (exact for a binary16 scale); scale x nibble is exact for a
+// binary16 scale, so Q4_1 adds its min with one rounding, FMA or not (with other fp32 scales the AVX paths round
+// scale x nibble + min once and the baseline path twice). The accumulation order is the fp32 kernel's, so y is bit
+// for bit what the fp32 kernel gives for the widened weights, with 2x (fp16), ~3.8x (Q8_0) or ~6.4x (Q4_1) fewer
+// bytes to stream.
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

@@ -3,14 +3,14 @@ CPU inputs with few rows (decode, verification, drafting), ``torch.nn.functional
 
 ``w`` may be a :class:`PackedWeight`: the same fp32 values held in a smaller exact form (fp16, or blocks of 32 along K
 as Q8_0 = int8 x scale or Q4_1 = 4-bit x scale + min, the layouts of GGUF checkpoints). The kernel widens each block
-of 4 weight rows once to fp32 (into a buffer, or in registers for the first pass of up to 3 token rows on AVX2, up to
-4 on AVX-512) and accumulates in the fp32 kernel's order, so for a contiguous ``w`` and up to ``SKINNY_MAX_ROWS`` rows
-``linear(x, pack_exact(w))`` equals ``linear(x, w)`` bit for bit while streaming 2-6x fewer bytes; :func:`pack_exact`
-only packs a matrix whose values it reproduces exactly. Packed weights stay in the skinny GEMM up to
-:func:`packed_max_rows` rows (192 on AVX-512 and AVX2; fp32 weights go to BLAS above ``SKINNY_MAX_ROWS``: a packed
-matrix would first have to be dequantised, which costs more than the skinny GEMM's lower peak up to there), so each
-row's result is the fp32 kernel's, whatever the other rows, up to that many rows. Beyond it (long prefills) the matrix
-is widened to fp32 for each call (one threaded C++ pass, ``_cpu_widen_packed``) and multiplied by BLAS, as
+of 4 weight rows once to fp32 (into a buffer, or in registers for the first pass of up to 3 token rows on AVX2, for up
+to 8 token rows on AVX-512) and accumulates in the fp32 kernel's order, so for a contiguous ``w`` and up to
+``SKINNY_MAX_ROWS`` rows ``linear(x, pack_exact(w))`` equals ``linear(x, w)`` bit for bit while streaming 2-6x fewer
+bytes; :func:`pack_exact` only packs a matrix whose values it reproduces exactly. Packed weights stay in the skinny
+GEMM up to :func:`packed_max_rows` rows (192 on AVX-512 and AVX2; fp32 weights go to BLAS above ``SKINNY_MAX_ROWS``: a
+packed matrix would first have to be dequantised, which costs more than the skinny GEMM's lower peak up to there), so
+each row's result is the fp32 kernel's, whatever the other rows, up to that many rows. Beyond it (long prefills) the
+matrix is widened to fp32 for each call (one threaded C++ pass, ``_cpu_widen_packed``) and multiplied by BLAS, as
 ``F.linear`` on the fp32 values."""
 from __future__ import annotations
 

@@ -528,8 +528,8 @@ def _worker_main(rank: int, world: int, addr: str, port: int, weights: Optional[
     except _PeerError as e:
         msg = f"{_stage_name(e.peer)} {REASONS[e.reason]} ({e.detail})"
         reason = None
-        if e.peer == 0 and e.reason == 2 and _exited(rank0_pid):  # its connection closed: if it died, its store
-            store = None                                                # went with it
+        if e.peer == 0 and e.reason == 2 and _exited(rank0_pid):  # rank 0 died: its store went with it
+            store = None
         if store is not None and e.detail != "ABORT":  # our own finding (a timeout, say): rank 0 reads it at once
             _say(rank, msg, store, quiet=True)
         if store is not None:  # rank 0 stops the run by closing its connections: why is in the store
